@@ -1,0 +1,340 @@
+//! `type: file`: each run's records written as one JSONL, CSV or Parquet file, on a local
+//! directory or any object_store URL.
+//!
+//! ```yaml
+//! destinations:
+//!   exports:
+//!     type: file
+//!     url: exports/              # or s3://bucket/prefix, gs://…, az://…
+//!     format: jsonl              # jsonl (default), csv or parquet
+//! ```
+//!
+//! A run writes `<url>/<mapping>/<UTC start time>-<run id>.<ext>` and nothing when it has no
+//! records. The file appears only when the run's delivery completes (an object store upload is
+//! completed, a local file renamed into place). JSONL lines are sluice's envelope
+//! (`{"op":…,"message_id":…,"key":{…},"data":{…}}`); CSV and Parquet have the columns `_op`,
+//! `_message_id`, `_key` (the key as JSON) and then the mapped fields, dotted names kept as
+//! column names; nested values become JSON text in CSV.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use object_store::buffered::BufWriter;
+use parquet::arrow::AsyncArrowWriter;
+use serde::Deserialize;
+use sluice_engine::destination::{
+    DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, RetryPolicy, RunInfo, SendOutcome,
+};
+use sluice_engine::json::encode_column;
+use sluice_engine::source::ConnectorEnv;
+use sluice_engine::{ConfigString, DestinationError};
+use sluice_snapshots::SnapshotStore;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Directory or object_store URL the files go under.
+    #[serde(alias = "path")]
+    pub url: ConfigString,
+    #[serde(default)]
+    pub format: FileFormat,
+    /// Options for the object_store builder (credentials, region, endpoint).
+    #[serde(default)]
+    pub options: IndexMap<String, ConfigString>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    #[default]
+    #[serde(alias = "ndjson", alias = "json")]
+    Jsonl,
+    Csv,
+    Parquet,
+}
+
+impl FileFormat {
+    fn extension(self) -> &'static str {
+        match self {
+            FileFormat::Jsonl => "jsonl",
+            FileFormat::Csv => "csv",
+            FileFormat::Parquet => "parquet",
+        }
+    }
+}
+
+pub struct FileDestination {
+    name: String,
+    store: SnapshotStore,
+    format: FileFormat,
+}
+
+impl FileDestination {
+    pub fn new(name: &str, config: FileConfig, env: &ConnectorEnv) -> Result<Self, String> {
+        let options = config
+            .options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_string()));
+        let store =
+            SnapshotStore::open(config.url.expose(), &env.base_dir, options).map_err(|e| e.to_string())?;
+        Ok(Self {
+            name: name.to_string(),
+            store,
+            format: config.format,
+        })
+    }
+}
+
+#[async_trait]
+impl Destination for FileDestination {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn policy(&self) -> DeliveryPolicy {
+        // One writer, in order; a batch is written whole.
+        DeliveryPolicy {
+            max_records: 8192,
+            max_bytes: usize::MAX,
+            concurrency: 1,
+            retry: RetryPolicy {
+                max_attempts: 1,
+                ..RetryPolicy::default()
+            },
+        }
+    }
+
+    async fn check(&self) -> Result<(), DestinationError> {
+        let probe = format!(".sluice-check-{}", uuid_like());
+        self.store
+            .put(&probe, bytes::Bytes::from_static(b"ok"))
+            .await
+            .and(self.store.delete(&probe).await)
+            .map_err(|e| DestinationError::Unreachable {
+                destination: self.name.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    async fn open(&self, run: &RunInfo) -> Result<Box<dyn DestinationWriter>, DestinationError> {
+        let relative = format!(
+            "{}/{}-{}.{}",
+            run.mapping,
+            run.started_at.format("%Y%m%dT%H%M%SZ"),
+            run.run_id,
+            self.format.extension()
+        );
+        Ok(Box::new(FileWriter {
+            destination: self.name.clone(),
+            store: self.store.clone(),
+            relative,
+            format: self.format,
+            sink: Mutex::new(None),
+        }))
+    }
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
+
+enum Sink {
+    Jsonl(BufWriter),
+    Csv {
+        writer: BufWriter,
+        header_written: bool,
+    },
+    Parquet {
+        writer: AsyncArrowWriter<BufWriter>,
+        schema: SchemaRef,
+    },
+}
+
+struct FileWriter {
+    destination: String,
+    store: SnapshotStore,
+    relative: String,
+    format: FileFormat,
+    sink: Mutex<Option<Sink>>,
+}
+
+impl FileWriter {
+    fn buf_writer(&self) -> BufWriter {
+        BufWriter::new(self.store.object_store(), self.store.path(&self.relative))
+    }
+
+    async fn write(&self, batch: &OutgoingBatch, range: Range<usize>) -> Result<(), String> {
+        let mut guard = self.sink.lock().await;
+        match self.format {
+            FileFormat::Jsonl => {
+                let mut out = Vec::with_capacity(batch.approximate_bytes(range.clone()));
+                for record in batch.records(range) {
+                    record.write_envelope(&mut out);
+                    out.push(b'\n');
+                }
+                let sink = guard.get_or_insert_with(|| Sink::Jsonl(self.buf_writer()));
+                let Sink::Jsonl(writer) = sink else {
+                    return Err("internal: sink of another format".into());
+                };
+                writer.write_all(&out).await.map_err(|e| e.to_string())
+            }
+            FileFormat::Csv => {
+                let rows = columns_of(batch, range, true)?;
+                let sink = guard.get_or_insert_with(|| Sink::Csv {
+                    writer: self.buf_writer(),
+                    header_written: false,
+                });
+                let Sink::Csv {
+                    writer,
+                    header_written,
+                } = sink
+                else {
+                    return Err("internal: sink of another format".into());
+                };
+                let mut out = Vec::new();
+                {
+                    let mut csv = arrow::csv::WriterBuilder::new()
+                        .with_header(!*header_written)
+                        .build(&mut out);
+                    csv.write(&rows).map_err(|e| e.to_string())?;
+                }
+                *header_written = true;
+                writer.write_all(&out).await.map_err(|e| e.to_string())
+            }
+            FileFormat::Parquet => {
+                let rows = columns_of(batch, range, false)?;
+                if guard.is_none() {
+                    let schema = rows.schema();
+                    let writer = AsyncArrowWriter::try_new(self.buf_writer(), schema.clone(), None)
+                        .map_err(|e| e.to_string())?;
+                    *guard = Some(Sink::Parquet { writer, schema });
+                }
+                let Some(Sink::Parquet { writer, schema }) = guard.as_mut() else {
+                    return Err("internal: sink of another format".into());
+                };
+                // Later batches (deleted rows of an older snapshot, say) take the file's types.
+                let rows = conform(&rows, schema)?;
+                writer.write(&rows).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl DestinationWriter for FileWriter {
+    async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+        match self.write(batch, range).await {
+            Ok(()) => SendOutcome::Accepted,
+            Err(reason) => SendOutcome::Rejected {
+                reason: format!("writing {}: {reason}", self.relative),
+            },
+        }
+    }
+
+    async fn finish(self: Box<Self>) -> Result<(), DestinationError> {
+        let failed = |e: String| DestinationError::Failed {
+            destination: self.destination.clone(),
+            message: format!("completing {}: {e}", self.relative),
+        };
+        match self.sink.into_inner() {
+            None => Ok(()),
+            Some(Sink::Jsonl(mut writer)) | Some(Sink::Csv { mut writer, .. }) => {
+                writer.shutdown().await.map_err(|e| failed(e.to_string()))
+            }
+            Some(Sink::Parquet { mut writer, .. }) => writer
+                .finish()
+                .await
+                .map(|_| ())
+                .map_err(|e| failed(e.to_string())),
+        }
+    }
+
+    async fn abort(self: Box<Self>) {
+        let result = match self.sink.into_inner() {
+            None => Ok(()),
+            Some(Sink::Jsonl(mut writer)) | Some(Sink::Csv { mut writer, .. }) => writer.abort().await,
+            Some(Sink::Parquet { writer, .. }) => writer.into_inner().abort().await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(file = self.relative, error = %e, "could not abandon a partly written file");
+        }
+    }
+}
+
+/// `_op`, `_message_id`, `_key` and the mapped fields of records `range`. With `flatten_nested`,
+/// lists, structs and maps become JSON text (CSV has no nested values).
+fn columns_of(
+    batch: &OutgoingBatch,
+    range: Range<usize>,
+    flatten_nested: bool,
+) -> Result<RecordBatch, String> {
+    let ops = StringArray::from_iter_values(batch.ops[range.clone()].iter().map(|op| op.as_str()));
+    let ids = StringArray::from_iter_values(batch.message_ids[range.clone()].iter().map(|id| id.as_str()));
+    let keys = StringArray::from_iter_values(
+        range
+            .clone()
+            .map(|i| String::from_utf8_lossy(batch.keys.get(i)).into_owned()),
+    );
+    let mut fields = vec![
+        Field::new("_op", DataType::Utf8, false),
+        Field::new("_message_id", DataType::Utf8, false),
+        Field::new("_key", DataType::Utf8, false),
+    ];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(ops), Arc::new(ids), Arc::new(keys)];
+    let mapped = batch.fields.slice(range.start, range.len());
+    for (field, column) in mapped.schema().fields().iter().zip(mapped.columns()) {
+        let nested = matches!(
+            field.data_type(),
+            DataType::List(_)
+                | DataType::LargeList(_)
+                | DataType::FixedSizeList(_, _)
+                | DataType::Struct(_)
+                | DataType::Map(_, _)
+        );
+        if flatten_nested && nested {
+            let json = encode_column(column).map_err(|e| e.to_string())?;
+            let text = StringArray::from_iter((0..json.len()).map(|i| {
+                let value = json.get(i);
+                (value != b"null").then(|| String::from_utf8_lossy(value).into_owned())
+            }));
+            fields.push(Field::new(field.name(), DataType::Utf8, true));
+            columns.push(Arc::new(text));
+        } else {
+            fields.push(Field::new(field.name(), column.data_type().clone(), true));
+            columns.push(column.clone());
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(|e| e.to_string())
+}
+
+/// Casts `rows` to `schema` (same column names in the same order).
+fn conform(rows: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+    if rows.schema().fields() == schema.fields() {
+        return Ok(rows.clone());
+    }
+    if rows.num_columns() != schema.fields().len() {
+        return Err("the mapped fields changed within a run".into());
+    }
+    let columns = rows
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| {
+            arrow::compute::cast(column, field.data_type())
+                .map_err(|e| format!("column `{}`: {e}", field.name()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+}

@@ -1,0 +1,81 @@
+//! sluice's connectors: sources and destinations, adapters over the engine's traits.
+//!
+//! Each connector parses its own options strictly (unknown keys are errors) and maps its
+//! system's errors to the engine's, with a hint where one helps.
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use sluice_engine::ConnectorConfig;
+use sluice_engine::destination::Destination;
+use sluice_engine::source::{ConnectorEnv, ConnectorFactory, Source};
+
+pub mod destinations;
+mod duration;
+pub mod sources;
+
+pub use duration::HumanDuration;
+
+/// Every connector this build of sluice has.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Connectors;
+
+/// Source types, as written in `type:`.
+pub const SOURCE_TYPES: &[&str] = &["files", "sqlite"];
+/// Destination types, as written in `type:`.
+pub const DESTINATION_TYPES: &[&str] = &["webhook", "file"];
+
+impl ConnectorFactory for Connectors {
+    fn source(
+        &self,
+        name: &str,
+        config: &ConnectorConfig,
+        env: &ConnectorEnv,
+    ) -> Result<Arc<dyn Source>, String> {
+        match config.kind.as_str() {
+            "files" => Ok(Arc::new(sources::files::FilesSource::new(
+                name,
+                parse(config)?,
+                env,
+            )?)),
+            "sqlite" => Ok(Arc::new(sources::sqlite::SqliteSource::new(
+                name,
+                parse(config)?,
+                env,
+            ))),
+            other => Err(unknown_type("source", other, SOURCE_TYPES)),
+        }
+    }
+
+    fn destination(
+        &self,
+        name: &str,
+        config: &ConnectorConfig,
+        env: &ConnectorEnv,
+    ) -> Result<Arc<dyn Destination>, String> {
+        match config.kind.as_str() {
+            "webhook" => Ok(Arc::new(destinations::webhook::WebhookDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "file" => Ok(Arc::new(destinations::file::FileDestination::new(
+                name,
+                parse(config)?,
+                env,
+            )?)),
+            other => Err(unknown_type("destination", other, DESTINATION_TYPES)),
+        }
+    }
+}
+
+fn unknown_type(kind: &str, name: &str, known: &[&str]) -> String {
+    format!(
+        "unknown {kind} type `{name}` (this build supports: {})",
+        known.join(", ")
+    )
+}
+
+/// Parses a connector's options into its typed config.
+fn parse<T: DeserializeOwned>(config: &ConnectorConfig) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::Object(config.options.clone())).map_err(|e| e.to_string())
+}

@@ -1,0 +1,298 @@
+//! `type: files`: DataFusion over Parquet, CSV and NDJSON files, local or on object storage.
+//!
+//! ```yaml
+//! sources:
+//!   lake:
+//!     type: files
+//!     tables:
+//!       users: data/users.parquet              # format from the extension
+//!       events: { path: s3://bucket/events/, format: parquet }
+//!     options: { aws_region: eu-west-1 }       # object_store options for URLs
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use serde::Deserialize;
+use sluice_engine::datafusion::error::DataFusionError;
+use sluice_engine::datafusion::prelude::{
+    CsvReadOptions, JsonReadOptions, ParquetReadOptions, SQLOptions, SessionConfig, SessionContext,
+};
+use sluice_engine::source::{ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source};
+use sluice_engine::{ConfigString, SourceError};
+use url::Url;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Table name -> file, directory or URL (or a table spec).
+    pub tables: IndexMap<String, TableSpec>,
+    /// Options for object_store builders (credentials, region, endpoint).
+    #[serde(default)]
+    pub options: IndexMap<String, ConfigString>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TableSpec {
+    Path(ConfigString),
+    Full(TableOptions),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableOptions {
+    pub path: ConfigString,
+    #[serde(default)]
+    pub format: Option<FileFormat>,
+    /// CSV only: whether the first line names the columns (default true).
+    #[serde(default)]
+    pub has_header: Option<bool>,
+    /// CSV only: field delimiter (default `,`).
+    #[serde(default)]
+    pub delimiter: Option<char>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    Parquet,
+    Csv,
+    #[serde(alias = "ndjson", alias = "jsonl")]
+    Json,
+}
+
+#[derive(Debug, Clone)]
+struct Table {
+    name: String,
+    location: String,
+    format: FileFormat,
+    has_header: bool,
+    delimiter: u8,
+}
+
+pub struct FilesSource {
+    name: String,
+    tables: Vec<Table>,
+    options: Vec<(String, String)>,
+}
+
+impl FilesSource {
+    pub fn new(name: &str, config: FilesConfig, env: &ConnectorEnv) -> Result<Self, String> {
+        if config.tables.is_empty() {
+            return Err("`tables` must name at least one table".into());
+        }
+        let mut tables = Vec::new();
+        for (table, spec) in config.tables {
+            let options = match spec {
+                TableSpec::Path(path) => TableOptions {
+                    path,
+                    format: None,
+                    has_header: None,
+                    delimiter: None,
+                },
+                TableSpec::Full(options) => options,
+            };
+            let location = resolve_location(options.path.expose(), &env.base_dir);
+            let format = match options.format {
+                Some(format) => format,
+                None => format_from_extension(&location).ok_or_else(|| {
+                    format!(
+                        "table `{table}`: cannot tell the format of `{}` from its extension; add `format: parquet`, `csv` or `json`",
+                        options.path
+                    )
+                })?,
+            };
+            let delimiter = options.delimiter.unwrap_or(',');
+            if !delimiter.is_ascii() {
+                return Err(format!(
+                    "table `{table}`: the CSV delimiter must be one ASCII character"
+                ));
+            }
+            tables.push(Table {
+                name: table,
+                location,
+                format,
+                has_header: options.has_header.unwrap_or(true),
+                delimiter: delimiter as u8,
+            });
+        }
+        Ok(Self {
+            name: name.to_string(),
+            tables,
+            options: config
+                .options
+                .into_iter()
+                .map(|(k, v)| (k, v.expose().to_string()))
+                .collect(),
+        })
+    }
+
+    /// A session with every table registered.
+    async fn session(&self) -> Result<SessionContext, SourceError> {
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+        for table in &self.tables {
+            let connect_error = |e: DataFusionError| SourceError::Connect {
+                source_name: self.name.clone(),
+                message: format!("table `{}` ({}): {}", table.name, table.location, first_line(&e)),
+                hint: hint_for(&e),
+            };
+            if table.location.contains("://") && !table.location.starts_with("file://") {
+                self.register_store(&ctx, &table.location)?;
+            }
+            let location = table.location.as_str();
+            match table.format {
+                FileFormat::Parquet => {
+                    ctx.register_parquet(&table.name, location, ParquetReadOptions::default())
+                        .await
+                }
+                FileFormat::Csv => {
+                    let options = CsvReadOptions::new()
+                        .has_header(table.has_header)
+                        .delimiter(table.delimiter)
+                        .file_extension(extension_of(location, ".csv"));
+                    ctx.register_csv(&table.name, location, options).await
+                }
+                FileFormat::Json => {
+                    let options = JsonReadOptions::default().file_extension(extension_of(location, ".json"));
+                    ctx.register_json(&table.name, location, options).await
+                }
+            }
+            .map_err(connect_error)?;
+        }
+        Ok(ctx)
+    }
+
+    fn register_store(&self, ctx: &SessionContext, location: &str) -> Result<(), SourceError> {
+        let error = |message: String| SourceError::Connect {
+            source_name: self.name.clone(),
+            message,
+            hint: None,
+        };
+        let url = Url::parse(location).map_err(|e| error(format!("`{location}` is not a valid URL: {e}")))?;
+        let (store, _) = object_store::parse_url_opts(&url, self.options.clone())
+            .map_err(|e| error(format!("cannot open `{location}`: {e}")))?;
+        let mut base = url.clone();
+        base.set_path("/");
+        base.set_query(None);
+        ctx.register_object_store(&base, Arc::from(store));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Source for FilesSource {
+    fn kind(&self) -> &'static str {
+        "files"
+    }
+
+    async fn check(&self) -> Result<(), SourceError> {
+        self.session().await.map(|_| ())
+    }
+
+    async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError> {
+        let ctx = self.session().await?;
+        let query_error = |e: DataFusionError| SourceError::Query {
+            model: query.model.clone(),
+            source_name: self.name.clone(),
+            message: first_line(&e),
+            hint: hint_for(&e),
+        };
+        // Models read; they never write or change the session.
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let frame = ctx
+            .sql_with_options(&query.sql, options)
+            .await
+            .map_err(query_error)?;
+        frame.execute_stream().await.map_err(query_error)
+    }
+}
+
+fn resolve_location(path: &str, base_dir: &Path) -> String {
+    if path.contains("://") {
+        return path.to_string();
+    }
+    let p = Path::new(path);
+    let absolute = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    };
+    let mut text = absolute.display().to_string();
+    if path.ends_with('/') && !text.ends_with('/') {
+        text.push('/');
+    }
+    text
+}
+
+fn format_from_extension(location: &str) -> Option<FileFormat> {
+    let lower = location.to_ascii_lowercase();
+    let lower = lower.trim_end_matches('/');
+    if lower.ends_with(".parquet") || lower.ends_with(".pq") {
+        Some(FileFormat::Parquet)
+    } else if lower.ends_with(".csv") || lower.ends_with(".tsv") {
+        Some(FileFormat::Csv)
+    } else if lower.ends_with(".json") || lower.ends_with(".jsonl") || lower.ends_with(".ndjson") {
+        Some(FileFormat::Json)
+    } else {
+        None
+    }
+}
+
+/// The file extension DataFusion should list: the path's own for a file, `default` for a
+/// directory.
+fn extension_of<'a>(location: &'a str, default: &'static str) -> &'a str {
+    let last = location.rsplit('/').next().unwrap_or("");
+    match last.rfind('.') {
+        Some(pos) if !last.is_empty() => &last[pos..],
+        _ => default,
+    }
+}
+
+fn first_line(e: &DataFusionError) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+fn hint_for(e: &DataFusionError) -> Option<String> {
+    let text = e.to_string();
+    if text.contains("No such file") || text.contains("not found") && text.contains("Object at location") {
+        Some("check the path; relative paths resolve against the directory of sluice.yaml".into())
+    } else if text.contains("table") && text.contains("not found") {
+        Some("tables of a files source are the names under its `tables:`".into())
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_come_from_extensions() {
+        assert_eq!(
+            format_from_extension("a/users.parquet"),
+            Some(FileFormat::Parquet)
+        );
+        assert_eq!(format_from_extension("s3://b/x.CSV"), Some(FileFormat::Csv));
+        assert_eq!(format_from_extension("events.ndjson"), Some(FileFormat::Json));
+        assert_eq!(format_from_extension("data/dir/"), None);
+        assert_eq!(extension_of("/x/users.jsonl", ".json"), ".jsonl");
+        assert_eq!(extension_of("/x/dir/", ".csv"), ".csv");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        assert_eq!(
+            resolve_location("data/u.parquet", Path::new("/srv")),
+            "/srv/data/u.parquet"
+        );
+        assert_eq!(resolve_location("s3://b/k", Path::new("/srv")), "s3://b/k");
+    }
+}

@@ -1,0 +1,609 @@
+//! `sluice.yaml`: sources, models, destinations and mappings as code.
+//!
+//! Parsing is strict (unknown keys are errors, with the line where serde can give it) and every
+//! cross-reference is checked before anything runs. Secrets are `${ENV_VAR}` references, resolved
+//! when the file is loaded into [`ConfigString`]s, which never print the resolved value.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// A whole project file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// Where the metadata store and the default snapshot store live, relative to the file.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: String,
+    /// Snapshot store location: a local path or an object_store URL (`s3://bucket/prefix`, ...).
+    /// Defaults to `<state_dir>/snapshots`.
+    #[serde(default)]
+    pub snapshot_store: Option<ConfigString>,
+    /// Options for the snapshot store's object_store builder (region, endpoint, credentials).
+    #[serde(default)]
+    pub snapshot_store_options: IndexMap<String, ConfigString>,
+    #[serde(default)]
+    pub sources: IndexMap<String, ConnectorConfig>,
+    #[serde(default)]
+    pub models: IndexMap<String, ModelConfig>,
+    #[serde(default)]
+    pub destinations: IndexMap<String, ConnectorConfig>,
+    #[serde(default)]
+    pub mappings: IndexMap<String, MappingConfig>,
+}
+
+fn default_state_dir() -> String {
+    ".sluice".to_string()
+}
+
+/// A source or destination: its `type` and the type's own options, which the connector that
+/// implements the type parses (strictly) when the project is opened.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    pub kind: String,
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl<'de> Deserialize<'de> for ConnectorConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut options = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let kind = match options.remove("type") {
+            Some(serde_json::Value::String(kind)) => kind,
+            Some(other) => {
+                return Err(de::Error::custom(format!("`type` must be a string, got {other}")));
+            }
+            None => return Err(de::Error::missing_field("type")),
+        };
+        Ok(Self { kind, options })
+    }
+}
+
+/// A model: a query against a source, with a primary key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub source: String,
+    pub sql: String,
+    pub primary_key: PrimaryKey,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// One column or a list of columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryKey(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for PrimaryKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(deserializer)
+            .map_err(|_| de::Error::custom("primary_key must be a column name or a list of column names"))?
+        {
+            OneOrMany::One(column) => Ok(Self(vec![column])),
+            OneOrMany::Many(columns) => Ok(Self(columns)),
+        }
+    }
+}
+
+/// Which diff results a mapping sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum Op {
+    Added = 1,
+    Updated = 2,
+    Deleted = 3,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Added => "added",
+            Op::Updated => "updated",
+            Op::Deleted => "deleted",
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Op::Added),
+            2 => Some(Op::Updated),
+            3 => Some(Op::Deleted),
+            _ => None,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "added" => Some(Op::Added),
+            "updated" => Some(Op::Updated),
+            "deleted" => Some(Op::Deleted),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A mapping: which records of a model go to which destination, with which fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    pub model: String,
+    pub destination: String,
+    #[serde(default = "all_ops")]
+    pub send: Vec<Op>,
+    /// Destination field <- model column. Dotted destination names nest. When absent, every
+    /// model column is sent under its own name.
+    #[serde(default)]
+    pub fields: Option<IndexMap<String, String>>,
+    /// Destination field <- constant value (any YAML scalar, list or map). Dotted names nest.
+    #[serde(default)]
+    pub constants: IndexMap<String, serde_json::Value>,
+}
+
+fn all_ops() -> Vec<Op> {
+    vec![Op::Added, Op::Updated, Op::Deleted]
+}
+
+/// A string from the config file in which `${ENV_VAR}` references are replaced by the
+/// environment's values when the file is loaded (`$${` writes a literal `${`). It shows (Debug,
+/// Display, Serialize) only its template, so a secret never reaches a log line or an API answer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConfigString {
+    template: String,
+    value: String,
+}
+
+impl ConfigString {
+    /// Resolves `${VAR}` references in `template` from the process environment.
+    pub fn resolve(template: &str) -> Result<Self, String> {
+        Self::resolve_with(template, |name| std::env::var(name).ok())
+    }
+
+    pub fn resolve_with(template: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let mut value = String::with_capacity(template.len());
+        let mut rest = template;
+        while let Some(pos) = rest.find('$') {
+            value.push_str(&rest[..pos]);
+            let after = &rest[pos..];
+            if let Some(stripped) = after.strip_prefix("$${") {
+                value.push_str("${");
+                rest = stripped;
+            } else if let Some(stripped) = after.strip_prefix("${") {
+                let end = stripped
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed `${{` in `{template}`"))?;
+                let name = &stripped[..end];
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!(
+                        "`${{{name}}}` is not a valid environment variable reference"
+                    ));
+                }
+                let resolved =
+                    lookup(name).ok_or_else(|| format!("environment variable `{name}` is not set"))?;
+                value.push_str(&resolved);
+                rest = &stripped[end + 1..];
+            } else {
+                value.push('$');
+                rest = &after[1..];
+            }
+        }
+        value.push_str(rest);
+        Ok(Self {
+            template: template.to_string(),
+            value,
+        })
+    }
+
+    /// A literal, with no references.
+    pub fn literal(value: impl Into<String>) -> Self {
+        let value = value.into();
+        Self {
+            template: value.replace("${", "$${"),
+            value,
+        }
+    }
+
+    /// The resolved value: use it, never print it.
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+
+    /// The text as written in the file, with `${VAR}` references unexpanded.
+    pub fn template(&self) -> &str {
+        &self.template
+    }
+
+    pub fn has_references(&self) -> bool {
+        self.template != self.value
+    }
+}
+
+impl fmt::Debug for ConfigString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.template)
+    }
+}
+
+impl fmt::Display for ConfigString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.template)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigString {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let template = String::deserialize(deserializer)?;
+        Self::resolve(&template).map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for ConfigString {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.template)
+    }
+}
+
+/// A loaded, validated project file.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub config: ProjectConfig,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Directory relative paths in the file resolve against.
+    pub base_dir: PathBuf,
+    /// The file's text, kept to point at lines in later errors.
+    text: String,
+}
+
+impl Project {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates a project from `text`, as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: ProjectConfig = serde_norway::from_str(text).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: e.location().map(|l| l.line()),
+            message: strip_location(&e.to_string()),
+        })?;
+        let absolute = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map(|d| d.join(path))
+                .unwrap_or_else(|_| path.to_path_buf())
+        };
+        let base_dir = absolute
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let project = Self {
+            config,
+            path: path.to_path_buf(),
+            base_dir,
+            text: text.to_string(),
+        };
+        project.validate()?;
+        Ok(project)
+    }
+
+    /// An error pointing at the line of `section.name[.key]` in the file, when it can be found.
+    pub fn error_at(&self, keys: &[&str], message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: self.path.clone(),
+            line: locate(&self.text, keys),
+            message: message.into(),
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        let dir = Path::new(&self.config.state_dir);
+        if dir.is_absolute() {
+            dir.to_path_buf()
+        } else {
+            self.base_dir.join(dir)
+        }
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.config.models.get(name)
+    }
+
+    pub fn mapping(&self, name: &str) -> Option<&MappingConfig> {
+        self.config.mappings.get(name)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.config;
+        for (section, names) in [
+            ("sources", c.sources.keys().collect::<Vec<_>>()),
+            ("models", c.models.keys().collect()),
+            ("destinations", c.destinations.keys().collect()),
+            ("mappings", c.mappings.keys().collect()),
+        ] {
+            for name in names {
+                check_name(name).map_err(|m| self.error_at(&[section, name], m))?;
+            }
+        }
+        for (name, model) in &c.models {
+            if !c.sources.contains_key(&model.source) {
+                return Err(self.error_at(
+                    &["models", name, "source"],
+                    format!(
+                        "model `{name}` uses source `{}`, which is not defined{}",
+                        model.source,
+                        defined(c.sources.keys())
+                    ),
+                ));
+            }
+            if model.sql.trim().is_empty() {
+                return Err(self.error_at(
+                    &["models", name, "sql"],
+                    format!("model `{name}` has an empty `sql`"),
+                ));
+            }
+            if model.primary_key.0.is_empty() {
+                return Err(self.error_at(
+                    &["models", name, "primary_key"],
+                    format!("model `{name}` needs at least one primary key column"),
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for key in &model.primary_key.0 {
+                if key.trim().is_empty() || !seen.insert(key) {
+                    return Err(self.error_at(
+                        &["models", name, "primary_key"],
+                        format!("model `{name}`: primary key column `{key}` is empty or listed twice"),
+                    ));
+                }
+            }
+        }
+        for (name, mapping) in &c.mappings {
+            if !c.models.contains_key(&mapping.model) {
+                return Err(self.error_at(
+                    &["mappings", name, "model"],
+                    format!(
+                        "mapping `{name}` uses model `{}`, which is not defined{}",
+                        mapping.model,
+                        defined(c.models.keys())
+                    ),
+                ));
+            }
+            if !c.destinations.contains_key(&mapping.destination) {
+                return Err(self.error_at(
+                    &["mappings", name, "destination"],
+                    format!(
+                        "mapping `{name}` uses destination `{}`, which is not defined{}",
+                        mapping.destination,
+                        defined(c.destinations.keys())
+                    ),
+                ));
+            }
+            if mapping.send.is_empty() {
+                return Err(self.error_at(
+                    &["mappings", name, "send"],
+                    format!("mapping `{name}`: `send` must list at least one of added, updated, deleted"),
+                ));
+            }
+            crate::mapping::FieldTree::build(name, mapping)
+                .map_err(|e| self.error_at(&["mappings", name], e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Names become paths in the snapshot store and identifiers in SQL, so keep them plain.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid name: use letters, digits, `_` and `-`, starting with a letter or `_` (at most 64 characters)"
+        ))
+    }
+}
+
+fn defined<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<_> = names.map(|n| format!("`{n}`")).collect();
+    if names.is_empty() {
+        " (none are defined)".to_string()
+    } else {
+        format!(" (defined: {})", names.join(", "))
+    }
+}
+
+/// serde_norway appends "at line X column Y" to messages; the line is reported separately.
+fn strip_location(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(pos) => message[..pos].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// Finds the 1-based line of a nested key in block-style YAML by following indentation, e.g.
+/// `["mappings", "users_to_crm", "model"]`. Best effort: flow-style maps are matched by the
+/// line of their parent key.
+pub fn locate(text: &str, keys: &[&str]) -> Option<usize> {
+    let mut min_indent: Option<usize> = None;
+    let mut line_no = None;
+    let mut start = 0usize;
+    let lines: Vec<&str> = text.lines().collect();
+    for key in keys {
+        let mut found = None;
+        for (i, line) in lines.iter().enumerate().skip(start) {
+            let trimmed = line.trim_start();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let indent = line.len() - trimmed.len();
+            if let Some(parent) = min_indent {
+                if indent <= parent {
+                    break; // left the parent's block
+                }
+            }
+            let bare = trimmed
+                .strip_prefix('"')
+                .and_then(|t| t.strip_prefix(*key))
+                .and_then(|t| t.strip_prefix('"'))
+                .or_else(|| trimmed.strip_prefix(*key));
+            if bare.is_some_and(|rest| rest.trim_start().starts_with(':')) {
+                found = Some((i, indent));
+                break;
+            }
+        }
+        match found {
+            Some((i, indent)) => {
+                line_no = Some(i + 1);
+                min_indent = Some(indent);
+                start = i + 1;
+            }
+            None => return line_no,
+        }
+    }
+    line_no
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+state_dir: .sluice                      # metadata store (SQLite) and default snapshot store live here
+# snapshot_store: s3://bucket/prefix    # optional: any object_store URL
+sources:
+  warehouse:
+    type: files                         # DataFusion over files: Parquet, CSV, NDJSON by extension; local paths or object_store URLs
+    tables:
+      users: data/users.parquet
+models:
+  users:
+    source: warehouse
+    sql: SELECT id, email, plan, lead_score FROM users
+    primary_key: id                     # or a list of columns for a composite key
+destinations:
+  crm:
+    type: webhook
+    url: http://127.0.0.1:9000/ingest
+mappings:
+  users_to_crm:
+    model: users
+    destination: crm
+    send: [added, updated, deleted]     # any of added, updated, deleted
+    fields: { email: email, "traits.plan": plan }   # destination field <- model column; dots nest
+    constants: { "context.source": "sluice" }
+"#;
+
+    fn parse(text: &str) -> Result<Project, ConfigError> {
+        Project::parse(text, Path::new("/srv/app/sluice.yaml"))
+    }
+
+    #[test]
+    fn the_readme_example_parses() {
+        let project = parse(EXAMPLE).unwrap();
+        let c = &project.config;
+        assert_eq!(c.sources["warehouse"].kind, "files");
+        assert_eq!(c.models["users"].primary_key, PrimaryKey(vec!["id".into()]));
+        let mapping = &c.mappings["users_to_crm"];
+        assert_eq!(mapping.send, vec![Op::Added, Op::Updated, Op::Deleted]);
+        let fields = mapping.fields.as_ref().unwrap();
+        assert_eq!(fields.keys().collect::<Vec<_>>(), ["email", "traits.plan"]);
+        assert_eq!(project.state_dir(), Path::new("/srv/app/.sluice"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line() {
+        let text = EXAMPLE.replace("    primary_key: id", "    primary_kee: id");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(13), "{err}");
+        assert!(err.to_string().contains("unknown field `primary_kee`"), "{err}");
+    }
+
+    #[test]
+    fn missing_references_name_what_is_missing_and_where() {
+        let text = EXAMPLE.replace("    model: users", "    model: userz");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(20), "{err}");
+        assert!(
+            err.message.contains(
+                "mapping `users_to_crm` uses model `userz`, which is not defined (defined: `users`)"
+            ),
+            "{err}"
+        );
+        let text = EXAMPLE.replace("destination: crm", "destination: nope");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("/srv/app/sluice.yaml:21: "), "{err}");
+        let text = EXAMPLE.replace("    source: warehouse", "    source: lake");
+        assert!(parse(&text).unwrap_err().to_string().contains("source `lake`"));
+    }
+
+    #[test]
+    fn bad_send_values_and_names_are_refused() {
+        let text = EXAMPLE.replace("[added, updated, deleted]", "[added, upserted]");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `upserted`"), "{err}");
+        let text = EXAMPLE.replace("  crm:", "  \"c r m\":");
+        assert!(parse(&text).unwrap_err().to_string().contains("not a valid name"));
+    }
+
+    #[test]
+    fn composite_keys_parse() {
+        let text = EXAMPLE.replace("primary_key: id ", "primary_key: [id, email] ");
+        let project = parse(&text).unwrap();
+        assert_eq!(project.config.models["users"].primary_key.0, ["id", "email"]);
+    }
+
+    #[test]
+    fn env_references_resolve_and_never_print() {
+        let lookup = |name: &str| (name == "TOKEN").then(|| "s3cret".to_string());
+        let s = ConfigString::resolve_with("Bearer ${TOKEN}", lookup).unwrap();
+        assert_eq!(s.expose(), "Bearer s3cret");
+        assert_eq!(format!("{s} {s:?}"), "Bearer ${TOKEN} \"Bearer ${TOKEN}\"");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"Bearer ${TOKEN}\"");
+        let escaped = ConfigString::resolve_with("cost: $5 and $${literal}", lookup).unwrap();
+        assert_eq!(escaped.expose(), "cost: $5 and ${literal}");
+        let err = ConfigString::resolve_with("${MISSING}", lookup).unwrap_err();
+        assert_eq!(err, "environment variable `MISSING` is not set");
+        assert!(ConfigString::resolve_with("${OPEN", lookup).is_err());
+    }
+
+    #[test]
+    fn locate_follows_indentation() {
+        assert_eq!(
+            locate(EXAMPLE, &["mappings", "users_to_crm", "destination"]),
+            Some(21)
+        );
+        assert_eq!(locate(EXAMPLE, &["models", "users", "sql"]), Some(12));
+        assert_eq!(locate(EXAMPLE, &["models", "nope"]), Some(9));
+    }
+}

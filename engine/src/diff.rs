@@ -1,0 +1,528 @@
+//! The diff: which records of a new snapshot a destination has not acknowledged yet.
+//!
+//! A mapping's **baseline** is what its destination last acknowledged: a snapshot, plus an
+//! optional **exceptions** file listing the keys whose acknowledged state differs from that
+//! snapshot (records whose delivery failed: for each, the hash and snapshot of the state the
+//! destination still has, or no hash when it has nothing). The effective baseline of a key is its
+//! exception when it has one, else its row in the baseline snapshot.
+//!
+//! The diff is a DataFusion full outer join on the primary key between the new snapshot and the
+//! effective baseline, reading only key and hash columns, bucket by bucket: both snapshots are
+//! split by key hash into nested power-of-two buckets, so bucket `b` of one only ever meets
+//! bucket `b` of the other, each bucket's join fits in memory, and buckets run in parallel.
+//! Rows whose hashes differ (or that exist on one side only) come out as change rows:
+//!
+//! | column | meaning |
+//! |---|---|
+//! | key columns | the record's key (the new snapshot's types) |
+//! | `__op` | 1 added, 2 updated, 3 deleted |
+//! | `__new_hash` | row hash in the new snapshot (null when deleted) |
+//! | `__base_hash` | row hash the destination has (null when it has none) |
+//! | `__base_snapshot` | snapshot holding the row the destination has |
+//! | `__attempts` | earlier failed deliveries of this record |
+//! | `__first_failed_at` | when it first failed, if it has |
+//!
+//! The full rows are then read only for changed keys ([`Differ::materialize`]).
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, UInt8Type};
+use datafusion::common::ScalarValue;
+use datafusion::datasource::MemTable;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::{Operator, binary_expr};
+use datafusion::prelude::{
+    DataFrame, Expr, JoinType, ParquetReadOptions, SessionConfig, SessionContext, cast, coalesce, ident, lit,
+    when,
+};
+use sluice_snapshots::{ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest, SnapshotStore, read_files};
+
+use crate::config::Op;
+
+pub const OP: &str = "__op";
+pub const NEW_HASH: &str = "__new_hash";
+pub const BASE_HASH: &str = "__base_hash";
+pub const BASE_SNAPSHOT: &str = "__base_snapshot";
+pub const ATTEMPTS: &str = "__attempts";
+pub const FIRST_FAILED_AT: &str = "__first_failed_at";
+/// Exceptions files also carry each key's hash (to filter by bucket) and its last error.
+pub const KEY_HASH: &str = "__sluice_key_hash";
+pub const LAST_ERROR: &str = "__last_error";
+
+/// Names of the change-row columns that follow the key columns.
+pub const CHANGE_COLUMNS: [&str; 6] = [OP, NEW_HASH, BASE_HASH, BASE_SNAPSHOT, ATTEMPTS, FIRST_FAILED_AT];
+
+/// Type of the `__first_failed_at` column.
+pub fn failed_at_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// A mapping's acknowledged state, as the diff reads it.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    pub snapshot: Arc<SnapshotManifest>,
+    /// Path (in the snapshot store) of the exceptions file, when there are exceptions.
+    pub exceptions: Option<String>,
+}
+
+/// Added, updated and deleted counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    pub added: u64,
+    pub updated: u64,
+    pub deleted: u64,
+}
+
+impl ChangeCounts {
+    pub fn total(&self) -> u64 {
+        self.added + self.updated + self.deleted
+    }
+
+    pub fn add(&mut self, other: ChangeCounts) {
+        self.added += other.added;
+        self.updated += other.updated;
+        self.deleted += other.deleted;
+    }
+
+    /// Counts the ops of change batches.
+    pub fn of(batches: &[RecordBatch]) -> Self {
+        let mut counts = Self::default();
+        for batch in batches {
+            if let Some(ops) = batch
+                .column_by_name(OP)
+                .and_then(|a| a.as_primitive_opt::<UInt8Type>())
+            {
+                for op in ops.values().iter() {
+                    match Op::from_code(*op) {
+                        Some(Op::Added) => counts.added += 1,
+                        Some(Op::Updated) => counts.updated += 1,
+                        Some(Op::Deleted) => counts.deleted += 1,
+                        None => {}
+                    }
+                }
+            }
+        }
+        counts
+    }
+}
+
+/// The diff between a new snapshot and a baseline, bucket by bucket.
+#[derive(Clone)]
+pub struct Differ {
+    ctx: SessionContext,
+    store: SnapshotStore,
+    new: Arc<SnapshotManifest>,
+    baseline: Option<Baseline>,
+    buckets: u32,
+    key_columns: Vec<String>,
+    /// The new snapshot's key fields (types the change rows use).
+    key_fields: Vec<Field>,
+}
+
+impl Differ {
+    /// Prepares the diff of `new` against `baseline` (`None`: every row is added).
+    pub async fn new(
+        store: SnapshotStore,
+        new: Arc<SnapshotManifest>,
+        baseline: Option<Baseline>,
+    ) -> Result<Self> {
+        let ctx = diff_context();
+        store.register_with(&ctx);
+        let buckets = match &baseline {
+            Some(b) => new.buckets.min(b.snapshot.buckets),
+            None => new.buckets,
+        };
+        let schema = snapshot_schema(&ctx, &store, &new).await?;
+        let key_fields = new
+            .key_columns
+            .iter()
+            .map(|k| schema.field_with_name(k).cloned().map_err(DataFusionError::from))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            ctx,
+            key_columns: new.key_columns.clone(),
+            store,
+            new,
+            baseline,
+            buckets,
+            key_fields,
+        })
+    }
+
+    /// Number of buckets the diff runs in.
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    pub fn new_snapshot(&self) -> &Arc<SnapshotManifest> {
+        &self.new
+    }
+
+    pub fn baseline(&self) -> Option<&Baseline> {
+        self.baseline.as_ref()
+    }
+
+    pub fn key_columns(&self) -> &[String] {
+        &self.key_columns
+    }
+
+    /// Schema of change rows.
+    pub fn change_schema(&self) -> SchemaRef {
+        let mut fields = self.key_fields.clone();
+        fields.extend(change_fields());
+        Arc::new(Schema::new(fields))
+    }
+
+    fn new_files(&self, bucket: u32) -> Vec<&SnapshotFile> {
+        self.new.files_covering(bucket, self.buckets).collect()
+    }
+
+    /// Change rows of one bucket. With no baseline every row of the new snapshot is added.
+    pub async fn changes(&self, bucket: u32) -> Result<Vec<RecordBatch>> {
+        self.changes_frame(bucket).await?.collect().await
+    }
+
+    async fn changes_frame(&self, bucket: u32) -> Result<DataFrame> {
+        let keys = &self.key_columns;
+        let new = match read_files(&self.ctx, &self.store, self.new_files(bucket))
+            .await
+            .map_err(external)?
+        {
+            Some(df) => {
+                let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
+                select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
+                df.select(select)?
+            }
+            None => self.empty_frame(&[(NEW_HASH, DataType::UInt64)])?,
+        };
+        let Some(baseline) = &self.baseline else {
+            let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
+            select.push(lit(Op::Added as u8).alias(OP));
+            select.push(ident(NEW_HASH));
+            select.push(lit(ScalarValue::UInt64(None)).alias(BASE_HASH));
+            select.push(lit(ScalarValue::Utf8(None)).alias(BASE_SNAPSHOT));
+            select.push(lit(0i64).alias(ATTEMPTS));
+            select.push(null_failed_at().alias(FIRST_FAILED_AT));
+            return new.select(select);
+        };
+        let base = self.baseline_frame(baseline, bucket).await?;
+        let with_extras = baseline.exceptions.is_some();
+
+        // Base keys are renamed (and cast to the new snapshot's types) so the join's two sides
+        // never share a column name.
+        let base_key = |i: usize| format!("__base_key_{i}");
+        let on: Vec<Expr> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ident(k).eq(ident(base_key(i))))
+            .collect();
+        let joined = new.join_on(base, JoinType::Full, on)?;
+        let changed = binary_expr(ident(NEW_HASH), Operator::IsDistinctFrom, ident(BASE_HASH));
+        let op = when(ident(BASE_HASH).is_null(), lit(Op::Added as u8))
+            .when(ident(NEW_HASH).is_null(), lit(Op::Deleted as u8))
+            .otherwise(lit(Op::Updated as u8))?;
+        let mut select: Vec<Expr> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| coalesce(vec![ident(k), ident(base_key(i))]).alias(k))
+            .collect();
+        select.push(op.alias(OP));
+        select.push(ident(NEW_HASH));
+        select.push(ident(BASE_HASH));
+        if with_extras {
+            select.push(ident(BASE_SNAPSHOT));
+            select.push(coalesce(vec![ident(ATTEMPTS), lit(0i64)]).alias(ATTEMPTS));
+            select.push(ident(FIRST_FAILED_AT));
+        } else {
+            // Without exceptions every baseline row comes from the baseline snapshot.
+            let snapshot = when(ident(BASE_HASH).is_null(), lit(ScalarValue::Utf8(None)))
+                .otherwise(lit(baseline.snapshot.id.as_str()))?;
+            select.push(snapshot.alias(BASE_SNAPSHOT));
+            select.push(lit(0i64).alias(ATTEMPTS));
+            select.push(null_failed_at().alias(FIRST_FAILED_AT));
+        }
+        joined.filter(changed)?.select(select)
+    }
+
+    /// The effective baseline of one bucket: key columns (renamed `__base_key_<i>`), `__base_hash`
+    /// and, when there are exceptions, `__base_snapshot`, `__attempts`, `__first_failed_at`.
+    async fn baseline_frame(&self, baseline: &Baseline, bucket: u32) -> Result<DataFrame> {
+        let renamed_keys = |df_has_keys: bool| -> Vec<Expr> {
+            self.key_fields
+                .iter()
+                .enumerate()
+                .map(|(i, field)| {
+                    let source = if df_has_keys {
+                        ident(field.name())
+                    } else {
+                        lit(ScalarValue::try_from(field.data_type()).unwrap_or(ScalarValue::Null))
+                    };
+                    cast(source, field.data_type().clone()).alias(format!("__base_key_{i}"))
+                })
+                .collect()
+        };
+        let files: Vec<&SnapshotFile> = baseline.snapshot.files_covering(bucket, self.buckets).collect();
+        let snapshot_rows = match read_files(&self.ctx, &self.store, files)
+            .await
+            .map_err(external)?
+        {
+            Some(df) => {
+                let mut select = renamed_keys(true);
+                select.push(ident(ROW_HASH_COLUMN).alias(BASE_HASH));
+                if baseline.exceptions.is_some() {
+                    select.push(lit(baseline.snapshot.id.as_str()).alias(BASE_SNAPSHOT));
+                    select.push(lit(0i64).alias(ATTEMPTS));
+                    select.push(null_failed_at().alias(FIRST_FAILED_AT));
+                }
+                df.select(select)?
+            }
+            None => {
+                let mut extra = vec![(BASE_HASH, DataType::UInt64)];
+                if baseline.exceptions.is_some() {
+                    extra.extend([
+                        (BASE_SNAPSHOT, DataType::Utf8),
+                        (ATTEMPTS, DataType::Int64),
+                        (FIRST_FAILED_AT, failed_at_type()),
+                    ]);
+                }
+                let empty = self.empty_frame(&extra)?;
+                let mut select = renamed_keys(true);
+                select.extend(extra.iter().map(|(name, _)| ident(*name)));
+                empty.select(select)?
+            }
+        };
+        let Some(exceptions_path) = &baseline.exceptions else {
+            return Ok(snapshot_rows);
+        };
+        let exceptions = self
+            .ctx
+            .read_parquet(
+                self.store.url(exceptions_path).to_string(),
+                ParquetReadOptions::default(),
+            )
+            .await?
+            .filter((ident(KEY_HASH) % lit(self.buckets as u64)).eq(lit(bucket as u64)))?;
+        let mut select = renamed_keys(true);
+        select.extend([
+            ident(BASE_HASH),
+            cast(ident(BASE_SNAPSHOT), DataType::Utf8).alias(BASE_SNAPSHOT),
+            ident(ATTEMPTS),
+            ident(FIRST_FAILED_AT),
+        ]);
+        let exceptions = exceptions.select(select)?;
+        // Keys with an exception take the exception's state instead of the snapshot's.
+        let exception_keys = exceptions.clone().select(
+            (0..self.key_fields.len())
+                .map(|i| ident(format!("__base_key_{i}")).alias(format!("__exc_key_{i}")))
+                .collect::<Vec<Expr>>(),
+        )?;
+        let on: Vec<Expr> = (0..self.key_fields.len())
+            .map(|i| ident(format!("__base_key_{i}")).eq(ident(format!("__exc_key_{i}"))))
+            .collect();
+        snapshot_rows
+            .join_on(exception_keys, JoinType::LeftAnti, on)?
+            .union(exceptions)
+    }
+
+    /// An empty frame with the key columns and `extra` columns.
+    fn empty_frame(&self, extra: &[(&str, DataType)]) -> Result<DataFrame> {
+        let mut fields = self.key_fields.clone();
+        fields.extend(extra.iter().map(|(n, t)| Field::new(*n, t.clone(), true)));
+        let schema = Arc::new(Schema::new(fields));
+        let table = MemTable::try_new(schema, vec![vec![]])?;
+        self.ctx.read_table(Arc::new(table))
+    }
+
+    /// Full rows for the change rows `changes` (all of one bucket): the new snapshot's rows for
+    /// added and updated records, the baseline's rows (from whichever snapshot holds them) for
+    /// deleted ones. Each stream's batches have the snapshot's columns followed by the change
+    /// columns; only ops in `ops` are read.
+    pub async fn materialize(
+        &self,
+        bucket: u32,
+        changes: &[RecordBatch],
+        ops: &[Op],
+        manifests: &dyn Fn(&str) -> Option<Arc<SnapshotManifest>>,
+    ) -> Result<Vec<SendableRecordBatchStream>> {
+        let mut streams = Vec::new();
+        let changes_schema = self.change_schema();
+        let table = |batches: Vec<RecordBatch>| -> Result<DataFrame> {
+            let table = MemTable::try_new(changes_schema.clone(), vec![batches])?;
+            self.ctx.read_table(Arc::new(table))
+        };
+        let wanted = |op: Op| ops.contains(&op);
+        let upserts: Vec<RecordBatch> =
+            filter_ops(changes, |op| matches!(op, Op::Added | Op::Updated) && wanted(op))?;
+        if upserts.iter().any(|b| b.num_rows() > 0) {
+            if let Some(rows) = read_files(&self.ctx, &self.store, self.new_files(bucket))
+                .await
+                .map_err(external)?
+            {
+                streams.push(self.join_rows(rows, table(upserts)?).await?);
+            }
+        }
+        if wanted(Op::Deleted) {
+            let deletes = filter_ops(changes, |op| op == Op::Deleted)?;
+            let mut by_snapshot: Vec<(String, Vec<RecordBatch>)> = Vec::new();
+            for batch in deletes.into_iter().filter(|b| b.num_rows() > 0) {
+                let snapshots = batch
+                    .column_by_name(BASE_SNAPSHOT)
+                    .ok_or_else(|| DataFusionError::Internal("change rows lack __base_snapshot".into()))?;
+                let snapshots = arrow::compute::cast(snapshots, &DataType::Utf8)?;
+                let snapshots = snapshots.as_string::<i32>();
+                let mut ids: Vec<&str> = (0..snapshots.len())
+                    .filter(|i| snapshots.is_valid(*i))
+                    .map(|i| snapshots.value(i))
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                for id in ids {
+                    let mask = arrow::compute::kernels::cmp::eq(
+                        snapshots,
+                        &arrow::array::Scalar::new(arrow::array::StringArray::from(vec![id])),
+                    )?;
+                    let part = arrow::compute::filter_record_batch(&batch, &mask)?;
+                    match by_snapshot.iter_mut().find(|(s, _)| s == id) {
+                        Some((_, parts)) => parts.push(part),
+                        None => by_snapshot.push((id.to_string(), vec![part])),
+                    }
+                }
+            }
+            for (id, parts) in by_snapshot {
+                let manifest = manifests(&id).ok_or_else(|| {
+                    DataFusionError::Execution(format!(
+                        "snapshot {id}, which holds rows the destination still has, is gone; run with --full to start a new baseline"
+                    ))
+                })?;
+                let files: Vec<&SnapshotFile> = manifest.files_covering(bucket, self.buckets).collect();
+                if let Some(rows) = read_files(&self.ctx, &self.store, files)
+                    .await
+                    .map_err(external)?
+                {
+                    streams.push(self.join_rows(rows, table(parts)?).await?);
+                }
+            }
+        }
+        Ok(streams)
+    }
+
+    /// Rows of `rows` whose keys are in `changes`, with the change columns appended.
+    async fn join_rows(&self, rows: DataFrame, changes: DataFrame) -> Result<SendableRecordBatchStream> {
+        let row_columns: Vec<String> = rows
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| n != ROW_HASH_COLUMN)
+            .collect();
+        let mut change_select: Vec<Expr> = self
+            .key_columns
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ident(k).alias(format!("__change_key_{i}")))
+            .collect();
+        change_select.extend(CHANGE_COLUMNS.iter().map(|c| ident(*c)));
+        let changes = changes.select(change_select)?;
+        let on: Vec<Expr> = self
+            .key_columns
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ident(k).eq(ident(format!("__change_key_{i}"))))
+            .collect();
+        let mut select: Vec<Expr> = row_columns.iter().map(|c| ident(c)).collect();
+        select.extend(CHANGE_COLUMNS.iter().map(|c| ident(*c)));
+        changes
+            .join_on(rows, JoinType::Inner, on)?
+            .select(select)?
+            .execute_stream()
+            .await
+    }
+
+    /// Every row of one bucket of the new snapshot as added (a first run or a full resync),
+    /// with the change columns appended.
+    pub async fn all_added(&self, bucket: u32) -> Result<Option<SendableRecordBatchStream>> {
+        let Some(rows) = read_files(&self.ctx, &self.store, self.new_files(bucket))
+            .await
+            .map_err(external)?
+        else {
+            return Ok(None);
+        };
+        let mut select: Vec<Expr> = rows
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| n != ROW_HASH_COLUMN)
+            .map(ident)
+            .collect();
+        select.push(lit(Op::Added as u8).alias(OP));
+        select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
+        select.push(lit(ScalarValue::UInt64(None)).alias(BASE_HASH));
+        select.push(lit(ScalarValue::Utf8(None)).alias(BASE_SNAPSHOT));
+        select.push(lit(0i64).alias(ATTEMPTS));
+        select.push(null_failed_at().alias(FIRST_FAILED_AT));
+        Ok(Some(rows.select(select)?.execute_stream().await?))
+    }
+}
+
+/// The session the diff runs in: one partition per bucket plan (buckets are the parallelism).
+pub fn diff_context() -> SessionContext {
+    let config = SessionConfig::new()
+        .with_target_partitions(1)
+        .with_batch_size(8192)
+        .with_information_schema(false);
+    SessionContext::new_with_config(config)
+}
+
+fn change_fields() -> Vec<Field> {
+    vec![
+        Field::new(OP, DataType::UInt8, false),
+        Field::new(NEW_HASH, DataType::UInt64, true),
+        Field::new(BASE_HASH, DataType::UInt64, true),
+        Field::new(BASE_SNAPSHOT, DataType::Utf8, true),
+        Field::new(ATTEMPTS, DataType::Int64, true),
+        Field::new(FIRST_FAILED_AT, failed_at_type(), true),
+    ]
+}
+
+fn null_failed_at() -> Expr {
+    lit(ScalarValue::TimestampMicrosecond(None, Some("UTC".into())))
+}
+
+/// The Arrow schema of a snapshot's data files (sluice's row hash column included).
+pub async fn snapshot_schema(
+    ctx: &SessionContext,
+    store: &SnapshotStore,
+    manifest: &SnapshotManifest,
+) -> Result<SchemaRef> {
+    let df = read_files(ctx, store, manifest.files.iter().take(1))
+        .await
+        .map_err(external)?
+        .ok_or_else(|| DataFusionError::Execution(format!("snapshot {} lists no data files", manifest.id)))?;
+    Ok(Arc::new(df.schema().as_arrow().clone()))
+}
+
+/// Keeps the rows of `batches` whose op satisfies `keep`.
+fn filter_ops(batches: &[RecordBatch], keep: impl Fn(Op) -> bool) -> Result<Vec<RecordBatch>> {
+    batches
+        .iter()
+        .map(|batch| {
+            let ops = batch
+                .column_by_name(OP)
+                .and_then(|a| a.as_primitive_opt::<UInt8Type>())
+                .ok_or_else(|| DataFusionError::Internal("change rows lack __op".into()))?;
+            let mask: arrow::array::BooleanArray = ops
+                .values()
+                .iter()
+                .map(|op| Some(Op::from_code(*op).is_some_and(&keep)))
+                .collect();
+            Ok(arrow::compute::filter_record_batch(batch, &mask)?)
+        })
+        .collect()
+}
+
+fn external(e: sluice_snapshots::SnapshotError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}

@@ -1,0 +1,31 @@
+//! sluice's engine: the domain of reverse ETL.
+//!
+//! - [`config`]: `sluice.yaml` (sources, models, destinations, mappings);
+//! - [`source`] and [`destination`]: the traits connectors implement;
+//! - [`diff`]: new snapshot against a mapping's baseline, in DataFusion;
+//! - [`mapping`] and [`json`]: rows to destination records, column at a time;
+//! - [`delivery`]: batching, concurrency, retries and per-record results for every destination;
+//! - [`run`]: extract, diff, deliver, commit;
+//! - [`metadata`]: runs, failures and baselines in SQLite.
+
+pub mod config;
+pub mod delivery;
+pub mod destination;
+pub mod diff;
+mod engine;
+mod error;
+pub mod exceptions;
+pub mod json;
+pub mod mapping;
+pub mod metadata;
+pub mod run;
+pub mod source;
+
+pub use config::{ConfigString, ConnectorConfig, Op, Project};
+pub use engine::{Engine, METADATA_FILE};
+pub use error::{ConfigError, DestinationError, EngineError, MappingError, Result, SourceError};
+pub use run::{Quiet, RunEvent, RunObserver, RunRequest};
+
+/// Re-exported so connectors build on the exact versions the engine uses.
+pub use arrow;
+pub use datafusion;

@@ -1,0 +1,725 @@
+//! Running mappings: extract, diff, deliver, commit.
+//!
+//! 1. **Extract**: each model that a requested mapping uses is queried once and streamed into a
+//!    new snapshot, committed by its manifest.
+//! 2. **Diff**: per mapping, the new snapshot against the mapping's baseline, bucket by bucket
+//!    (the next buckets' diffs run while the current bucket is delivered).
+//! 3. **Deliver**: the changed rows the mapping selects are read in full, mapped, encoded and
+//!    sent through the shared delivery layer; every record's result is kept. Records the
+//!    destination did not accept are appended to the run's exceptions file.
+//! 4. **Commit**: one metadata transaction records the run and moves the mapping's baseline to
+//!    the new snapshot plus the exceptions file. Until then the previous baseline stands, so a run
+//!    that fails or is killed part way is simply done again by the next run, and nothing the
+//!    destination has not acknowledged is ever marked as sent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::{Schema, UInt8Type, UInt64Type};
+use chrono::Utc;
+use datafusion::error::DataFusionError;
+use futures::{StreamExt, TryStreamExt};
+use sluice_snapshots::{ROW_HASH_COLUMN, SnapshotManifest, SnapshotSpec, SnapshotWriter};
+
+use crate::config::{MappingConfig, Op};
+use crate::delivery::deliver;
+use crate::destination::{DestinationWriter, RunInfo};
+use crate::diff::{BASE_HASH, Baseline, ChangeCounts, Differ, NEW_HASH, OP};
+use crate::engine::Engine;
+use crate::error::{EngineError, Result, SourceError};
+use crate::exceptions::{ExceptionsWriter, FailedRecord};
+use crate::mapping::MappingPlan;
+use crate::metadata::{FailureRow, MappingState, RunCounts, RunRecord, RunStatus, StageTimings};
+use crate::source::ModelQuery;
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    /// Mapping names; empty means every mapping in the project.
+    pub mappings: Vec<String>,
+    /// Ignore the baseline and send every row as added (a backfill).
+    pub full: bool,
+}
+
+/// Progress of a run, for a terminal or a log.
+#[derive(Debug, Clone)]
+pub enum RunEvent {
+    ExtractStarted {
+        model: String,
+    },
+    ExtractProgress {
+        model: String,
+        rows: u64,
+    },
+    ExtractFinished {
+        model: String,
+        rows: u64,
+        snapshot_id: String,
+    },
+    MappingStarted {
+        mapping: String,
+        buckets: u32,
+    },
+    /// Cumulative counts of a mapping's run so far.
+    MappingProgress {
+        mapping: String,
+        buckets_done: u32,
+        buckets: u32,
+        changes: ChangeCounts,
+        delivered: u64,
+        failed: u64,
+    },
+    MappingFinished {
+        run: Box<RunRecord>,
+    },
+}
+
+/// Receives [`RunEvent`]s.
+pub trait RunObserver: Send + Sync {
+    fn on_event(&self, event: RunEvent);
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+
+impl RunObserver for Quiet {
+    fn on_event(&self, _event: RunEvent) {}
+}
+
+impl Engine {
+    /// Runs the requested mappings and returns each one's recorded run. A mapping that fails
+    /// does not stop the others; its run says why.
+    pub async fn run(&self, request: &RunRequest, observer: &dyn RunObserver) -> Result<Vec<RunRecord>> {
+        let names: Vec<String> = if request.mappings.is_empty() {
+            self.project.config.mappings.keys().cloned().collect()
+        } else {
+            for name in &request.mappings {
+                if self.project.mapping(name).is_none() {
+                    return Err(EngineError::Unknown {
+                        kind: "mapping",
+                        name: name.clone(),
+                        available: self.project.config.mappings.keys().cloned().collect(),
+                    });
+                }
+            }
+            request.mappings.clone()
+        };
+        // Each model is extracted once for all of its mappings.
+        let mut by_model: Vec<(String, Vec<String>)> = Vec::new();
+        for name in names {
+            let model = self.project.config.mappings[&name].model.clone();
+            match by_model.iter_mut().find(|(m, _)| *m == model) {
+                Some((_, mappings)) => mappings.push(name),
+                None => by_model.push((model, vec![name])),
+            }
+        }
+        let mut records = Vec::new();
+        for (model, mappings) in by_model {
+            records.extend(self.run_model(&model, &mappings, request.full, observer).await?);
+        }
+        Ok(records)
+    }
+
+    async fn run_model(
+        &self,
+        model: &str,
+        mappings: &[String],
+        full: bool,
+        observer: &dyn RunObserver,
+    ) -> Result<Vec<RunRecord>> {
+        let mut runs = Vec::new();
+        for mapping in mappings {
+            let config = &self.project.config.mappings[mapping];
+            let run = RunRecord {
+                id: uuid::Uuid::now_v7().to_string(),
+                mapping: mapping.clone(),
+                model: model.to_string(),
+                destination: config.destination.clone(),
+                status: RunStatus::Running,
+                full_resync: full,
+                started_at: Utc::now(),
+                finished_at: None,
+                snapshot_id: None,
+                baseline_snapshot_id: None,
+                counts: RunCounts::default(),
+                timings: StageTimings::default(),
+                schema_change: None,
+                error: None,
+            };
+            self.metadata.start_run(&run).await?;
+            runs.push(run);
+        }
+        let started = Instant::now();
+        let extracted = self.extract(model, &runs[0].id, mappings, observer).await;
+        let extract_ms = started.elapsed().as_millis() as u64;
+        let manifest = match extracted {
+            Ok(manifest) => Arc::new(manifest),
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(model, error = %message, "extraction failed");
+                let mut finished = Vec::new();
+                for mut run in runs {
+                    run.status = RunStatus::Failed;
+                    run.finished_at = Some(Utc::now());
+                    run.timings.extract_ms = extract_ms;
+                    run.error = Some(message.clone());
+                    self.metadata.commit_run(&run, None).await?;
+                    observer.on_event(RunEvent::MappingFinished {
+                        run: Box::new(run.clone()),
+                    });
+                    finished.push(run);
+                }
+                return Ok(finished);
+            }
+        };
+        let mut finished = Vec::new();
+        for mut run in runs {
+            run.snapshot_id = Some(manifest.id.clone());
+            run.counts.extracted = manifest.rows;
+            run.timings.extract_ms = extract_ms;
+            let config = self.project.config.mappings[&run.mapping].clone();
+            let outcome = self
+                .run_mapping(&mut run, &config, manifest.clone(), full, observer)
+                .await;
+            if let Err(e) = outcome {
+                let message = e.to_string();
+                tracing::error!(mapping = run.mapping, error = %message, "run failed");
+                run.status = RunStatus::Failed;
+                run.finished_at = Some(Utc::now());
+                run.error = Some(message);
+                self.metadata.commit_run(&run, None).await?;
+            }
+            observer.on_event(RunEvent::MappingFinished {
+                run: Box::new(run.clone()),
+            });
+            finished.push(run);
+        }
+        Ok(finished)
+    }
+
+    /// Streams the model's rows into a new committed snapshot.
+    async fn extract(
+        &self,
+        model: &str,
+        run_id: &str,
+        mappings: &[String],
+        observer: &dyn RunObserver,
+    ) -> Result<SnapshotManifest> {
+        let config = self
+            .project
+            .model(model)
+            .ok_or_else(|| EngineError::Internal(format!("model `{model}` vanished")))?;
+        let source = self.source(&config.source)?;
+        observer.on_event(RunEvent::ExtractStarted {
+            model: model.to_string(),
+        });
+        // Size the snapshot's buckets from the last snapshot a mapping of this model committed.
+        let mut expected_rows = None;
+        for mapping in mappings {
+            if let Some(state) = self.metadata.mapping_state(mapping).await? {
+                if state.model == model {
+                    if let Ok(previous) = self.snapshots.snapshot(model, &state.baseline_snapshot_id).await {
+                        expected_rows = Some(previous.rows);
+                        break;
+                    }
+                }
+            }
+        }
+        let query = ModelQuery {
+            model: model.to_string(),
+            sql: config.sql.clone(),
+        };
+        let mut stream = source.extract(&query).await?;
+        let spec = SnapshotSpec {
+            model: model.to_string(),
+            run_id: run_id.to_string(),
+            key_columns: config.primary_key.0.clone(),
+            expected_rows,
+        };
+        let mut writer = SnapshotWriter::new(self.snapshots.clone(), spec);
+        let snapshot_error = |source| EngineError::Snapshot {
+            model: model.to_string(),
+            source,
+        };
+        let empty = RecordBatch::new_empty(stream.schema());
+        if let Err(e) = writer.write(empty).await {
+            writer.abort().await;
+            return Err(snapshot_error(e));
+        }
+        loop {
+            let next = stream.next().await;
+            let batch = match next {
+                None => break,
+                Some(Ok(batch)) => batch,
+                Some(Err(e)) => {
+                    writer.abort().await;
+                    return Err(source_failure(model, &config.source, e).into());
+                }
+            };
+            if let Err(e) = writer.write(batch).await {
+                writer.abort().await;
+                return Err(snapshot_error(e));
+            }
+            observer.on_event(RunEvent::ExtractProgress {
+                model: model.to_string(),
+                rows: writer.rows_written(),
+            });
+        }
+        let manifest = writer.commit().await.map_err(snapshot_error)?;
+        tracing::info!(
+            model,
+            rows = manifest.rows,
+            snapshot = manifest.id,
+            "snapshot committed"
+        );
+        observer.on_event(RunEvent::ExtractFinished {
+            model: model.to_string(),
+            rows: manifest.rows,
+            snapshot_id: manifest.id.clone(),
+        });
+        Ok(manifest)
+    }
+
+    /// Diffs, delivers and commits one mapping against an extracted snapshot.
+    async fn run_mapping(
+        &self,
+        run: &mut RunRecord,
+        config: &MappingConfig,
+        manifest: Arc<SnapshotManifest>,
+        full: bool,
+        observer: &dyn RunObserver,
+    ) -> Result<()> {
+        let mapping = run.mapping.clone();
+        let destination = self.destination(&config.destination)?.clone();
+        let state = self.metadata.mapping_state(&mapping).await?;
+        let mut manifests: HashMap<String, Arc<SnapshotManifest>> = HashMap::new();
+        manifests.insert(manifest.id.clone(), manifest.clone());
+        let baseline = match (&state, full) {
+            (Some(state), false) => Some(
+                self.load_baseline(&mapping, state, &manifest, &mut manifests)
+                    .await?,
+            ),
+            _ => None,
+        };
+        if let Some(baseline) = &baseline {
+            run.baseline_snapshot_id = Some(baseline.snapshot.id.clone());
+            run.schema_change = manifest.schema_change_since(&baseline.snapshot);
+            if let Some(change) = &run.schema_change {
+                tracing::info!(mapping, change, "the model's columns changed since the baseline");
+            }
+        }
+        let diff_err = |source: DataFusionError| EngineError::Diff {
+            mapping: mapping.clone(),
+            source,
+        };
+        let differ = Differ::new(self.snapshots.clone(), manifest.clone(), baseline.clone())
+            .await
+            .map_err(diff_err)?;
+        let model_schema = self.model_schema(&differ).await.map_err(diff_err)?;
+        let plan = MappingPlan::compile(&mapping, config, &run.model, &model_schema, &manifest.key_columns)?;
+        let send: Vec<Op> = config.send.clone();
+        let policy = destination.policy();
+        let info = RunInfo {
+            run_id: run.id.clone(),
+            mapping: mapping.clone(),
+            model: run.model.clone(),
+            started_at: run.started_at,
+        };
+        let writer = destination.open(&info).await?;
+        let key_fields: Vec<arrow::datatypes::Field> = differ
+            .change_schema()
+            .fields()
+            .iter()
+            .take(manifest.key_columns.len())
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let mut exceptions = ExceptionsWriter::new(self.snapshots.clone(), &mapping, &run.id, key_fields);
+        let mut delivery = Delivery {
+            engine: self,
+            run,
+            plan: &plan,
+            writer: writer.as_ref(),
+            policy: &policy,
+            exceptions: &mut exceptions,
+            failures: Vec::new(),
+        };
+        let buckets = differ.buckets();
+        observer.on_event(RunEvent::MappingStarted {
+            mapping: mapping.clone(),
+            buckets,
+        });
+        let outcome = delivery
+            .all_buckets(&differ, &send, &manifests, observer, baseline.is_none())
+            .await;
+        let result = match outcome {
+            Ok(()) => delivery.flush_failures().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            writer.abort().await;
+            exceptions.abort().await;
+            return Err(e);
+        }
+        let started = Instant::now();
+        if let Err(e) = writer.finish().await {
+            exceptions.abort().await;
+            return Err(e.into());
+        }
+        run.timings.deliver_ms += started.elapsed().as_millis() as u64;
+        let (exceptions_path, exceptions_rows) = match exceptions.finish().await? {
+            Some((path, rows)) => (Some(path), rows),
+            None => (None, 0),
+        };
+        run.status = if run.counts.failed > 0 {
+            RunStatus::Partial
+        } else {
+            RunStatus::Succeeded
+        };
+        run.finished_at = Some(Utc::now());
+        let new_state = MappingState {
+            mapping: mapping.clone(),
+            model: run.model.clone(),
+            baseline_snapshot_id: manifest.id.clone(),
+            exceptions_path,
+            exceptions_rows,
+            last_run_id: run.id.clone(),
+            last_success_at: run.started_at,
+        };
+        self.metadata.commit_run(run, Some(&new_state)).await?;
+        Ok(())
+    }
+
+    /// The mapping's committed baseline, checked against the new snapshot.
+    async fn load_baseline(
+        &self,
+        mapping: &str,
+        state: &MappingState,
+        manifest: &SnapshotManifest,
+        manifests: &mut HashMap<String, Arc<SnapshotManifest>>,
+    ) -> Result<Baseline> {
+        let incompatible = |reason: String| EngineError::IncompatibleBaseline {
+            mapping: mapping.to_string(),
+            reason,
+        };
+        if state.model != manifest.model {
+            return Err(incompatible(format!(
+                "it was sent from model `{}`, and the mapping now uses model `{}`",
+                state.model, manifest.model
+            )));
+        }
+        let snapshot = self
+            .snapshots
+            .snapshot(&state.model, &state.baseline_snapshot_id)
+            .await
+            .map_err(|e| incompatible(e.to_string()))?;
+        if snapshot.key_columns != manifest.key_columns {
+            return Err(incompatible(format!(
+                "the primary key changed from ({}) to ({})",
+                snapshot.key_columns.join(", "),
+                manifest.key_columns.join(", ")
+            )));
+        }
+        let snapshot = Arc::new(snapshot);
+        manifests.insert(snapshot.id.clone(), snapshot.clone());
+        if let Some(path) = &state.exceptions_path {
+            // Deleted records may need rows from older snapshots the exceptions point at.
+            let ctx = crate::diff::diff_context();
+            self.snapshots.register_with(&ctx);
+            let ids = ctx
+                .read_parquet(
+                    self.snapshots.url(path).to_string(),
+                    datafusion::prelude::ParquetReadOptions::default(),
+                )
+                .await
+                .and_then(|df| {
+                    df.select(vec![datafusion::prelude::cast(
+                        datafusion::prelude::ident(crate::diff::BASE_SNAPSHOT),
+                        arrow::datatypes::DataType::Utf8,
+                    )])?
+                    .distinct()
+                })
+                .map_err(|e| incompatible(format!("its exceptions file {path} is unreadable: {e}")))?
+                .collect()
+                .await
+                .map_err(|e| incompatible(format!("its exceptions file {path} is unreadable: {e}")))?;
+            for id in crate::exceptions::referenced_snapshots(&ids) {
+                if !manifests.contains_key(&id) {
+                    if let Ok(old) = self.snapshots.snapshot(&state.model, &id).await {
+                        manifests.insert(id, Arc::new(old));
+                    }
+                }
+            }
+        }
+        Ok(Baseline {
+            snapshot,
+            exceptions: state.exceptions_path.clone(),
+        })
+    }
+
+    /// The model's columns (the snapshot's schema without sluice's row hash).
+    async fn model_schema(&self, differ: &Differ) -> std::result::Result<Schema, DataFusionError> {
+        let ctx = crate::diff::diff_context();
+        let schema = crate::diff::snapshot_schema(&ctx, &self.snapshots, differ.new_snapshot()).await?;
+        Ok(Schema::new(
+            schema
+                .fields()
+                .iter()
+                .filter(|f| f.name() != ROW_HASH_COLUMN)
+                .cloned()
+                .collect::<Vec<_>>(),
+        ))
+    }
+}
+
+/// Turns an error met while streaming a model's rows into the source's own words.
+fn source_failure(model: &str, source_name: &str, error: DataFusionError) -> SourceError {
+    let mut current: &(dyn std::error::Error + 'static) = &error;
+    loop {
+        if let Some(source_error) = current.downcast_ref::<SourceError>() {
+            return match source_error {
+                SourceError::Connect {
+                    source_name,
+                    message,
+                    hint,
+                } => SourceError::Connect {
+                    source_name: source_name.clone(),
+                    message: message.clone(),
+                    hint: hint.clone(),
+                },
+                SourceError::Query {
+                    model,
+                    source_name,
+                    message,
+                    hint,
+                } => SourceError::Query {
+                    model: model.clone(),
+                    source_name: source_name.clone(),
+                    message: message.clone(),
+                    hint: hint.clone(),
+                },
+                SourceError::UnsupportedType {
+                    model,
+                    column,
+                    database_type,
+                    hint,
+                } => SourceError::UnsupportedType {
+                    model: model.clone(),
+                    column: column.clone(),
+                    database_type: database_type.clone(),
+                    hint: hint.clone(),
+                },
+                SourceError::Config { source_name, message } => SourceError::Config {
+                    source_name: source_name.clone(),
+                    message: message.clone(),
+                },
+            };
+        }
+        match current.source() {
+            Some(next) => current = next,
+            None => break,
+        }
+    }
+    SourceError::Query {
+        model: model.to_string(),
+        source_name: source_name.to_string(),
+        message: error.to_string(),
+        hint: None,
+    }
+}
+
+/// One mapping's delivery in progress.
+struct Delivery<'a> {
+    engine: &'a Engine,
+    run: &'a mut RunRecord,
+    plan: &'a MappingPlan,
+    writer: &'a dyn DestinationWriter,
+    policy: &'a crate::destination::DeliveryPolicy,
+    exceptions: &'a mut ExceptionsWriter,
+    /// Failed records not yet written to the metadata store.
+    failures: Vec<FailureRow>,
+}
+
+impl Delivery<'_> {
+    async fn all_buckets(
+        &mut self,
+        differ: &Differ,
+        send: &[Op],
+        manifests: &HashMap<String, Arc<SnapshotManifest>>,
+        observer: &dyn RunObserver,
+        everything_added: bool,
+    ) -> Result<()> {
+        let buckets = differ.buckets();
+        let mapping = self.run.mapping.clone();
+        let diff_err = |source: DataFusionError| EngineError::Diff {
+            mapping: mapping.clone(),
+            source,
+        };
+        let mut changes = ChangeCounts::default();
+        if everything_added {
+            // First run or full resync: no join, every row of the snapshot is added.
+            changes.added = differ.new_snapshot().rows;
+            self.run.counts.added = changes.added;
+            if !send.contains(&Op::Added) {
+                self.run.counts.skipped += changes.added;
+                return Ok(());
+            }
+            for bucket in 0..buckets {
+                if let Some(stream) = differ.all_added(bucket).await.map_err(&diff_err)? {
+                    self.deliver_stream(stream).await?;
+                }
+                self.progress(observer, bucket + 1, buckets, changes);
+            }
+            return Ok(());
+        }
+        // Diffs of the next buckets run (in parallel, on their own tasks) while the current
+        // bucket is delivered.
+        let parallelism = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(2);
+        let mut diffs = futures::stream::iter(0..buckets)
+            .map(|bucket| {
+                let differ = differ.clone();
+                async move {
+                    let started = Instant::now();
+                    let result = tokio::spawn(async move { differ.changes(bucket).await })
+                        .await
+                        .map_err(|e| DataFusionError::External(Box::new(e)))
+                        .and_then(|r| r);
+                    (bucket, started.elapsed(), result)
+                }
+            })
+            .buffered(parallelism);
+        let lookup = |id: &str| manifests.get(id).cloned();
+        while let Some((bucket, elapsed, result)) = diffs.next().await {
+            self.run.timings.diff_ms += elapsed.as_millis() as u64;
+            let bucket_changes = result.map_err(&diff_err)?;
+            let counts = ChangeCounts::of(&bucket_changes);
+            changes.add(counts);
+            self.run.counts.added = changes.added;
+            self.run.counts.updated = changes.updated;
+            self.run.counts.deleted = changes.deleted;
+            for (op, n) in [
+                (Op::Added, counts.added),
+                (Op::Updated, counts.updated),
+                (Op::Deleted, counts.deleted),
+            ] {
+                if !send.contains(&op) {
+                    self.run.counts.skipped += n;
+                }
+            }
+            if counts.total() > 0 {
+                let streams = differ
+                    .materialize(bucket, &bucket_changes, send, &lookup)
+                    .await
+                    .map_err(&diff_err)?;
+                for stream in streams {
+                    self.deliver_stream(stream).await?;
+                }
+            }
+            self.progress(observer, bucket + 1, buckets, changes);
+        }
+        Ok(())
+    }
+
+    fn progress(&self, observer: &dyn RunObserver, buckets_done: u32, buckets: u32, changes: ChangeCounts) {
+        observer.on_event(RunEvent::MappingProgress {
+            mapping: self.run.mapping.clone(),
+            buckets_done,
+            buckets,
+            changes,
+            delivered: self.run.counts.delivered,
+            failed: self.run.counts.failed,
+        });
+    }
+
+    async fn deliver_stream(
+        &mut self,
+        stream: datafusion::execution::SendableRecordBatchStream,
+    ) -> Result<()> {
+        let mapping = self.run.mapping.clone();
+        let mut stream = stream.map_err(|source| EngineError::Diff {
+            mapping: mapping.clone(),
+            source,
+        });
+        while let Some(batch) = stream.try_next().await? {
+            if batch.num_rows() > 0 {
+                self.deliver_batch(&batch).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver_batch(&mut self, batch: &RecordBatch) -> Result<()> {
+        let internal = |what: &str| EngineError::Internal(format!("materialised rows lack {what}"));
+        let ops_array = batch
+            .column_by_name(OP)
+            .and_then(|a| a.as_primitive_opt::<UInt8Type>())
+            .ok_or_else(|| internal(OP))?;
+        let new_hash = batch.column_by_name(NEW_HASH).ok_or_else(|| internal(NEW_HASH))?;
+        let new_hash = new_hash
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(|| internal(NEW_HASH))?;
+        let base_hash = batch
+            .column_by_name(BASE_HASH)
+            .ok_or_else(|| internal(BASE_HASH))?;
+        let base_hash = base_hash
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(|| internal(BASE_HASH))?;
+        let mut ops = Vec::with_capacity(batch.num_rows());
+        let mut hashes = Vec::with_capacity(batch.num_rows());
+        for i in 0..batch.num_rows() {
+            let op = Op::from_code(ops_array.value(i)).ok_or_else(|| internal("a valid op"))?;
+            ops.push(op);
+            // A deleted record is identified by the state the destination has.
+            hashes.push(if op == Op::Deleted {
+                base_hash.value(i)
+            } else {
+                new_hash.value(i)
+            });
+        }
+        let outgoing = self.plan.encode(batch, ops, &hashes)?;
+        let started = Instant::now();
+        let result = deliver(self.writer, &outgoing, self.policy).await;
+        self.run.timings.deliver_ms += started.elapsed().as_millis() as u64;
+        let failed = result.failures.len() as u64;
+        self.run.counts.delivered += outgoing.len() as u64 - failed;
+        self.run.counts.failed += failed;
+        if result.failures.is_empty() {
+            return Ok(());
+        }
+        let failed_records: Vec<FailedRecord> = result
+            .failures
+            .iter()
+            .map(|f| FailedRecord {
+                row: f.index,
+                error: f.error.clone(),
+            })
+            .collect();
+        let now = Utc::now();
+        let attempts = self.exceptions.append(batch, &failed_records, now).await?;
+        for (failure, (attempts, first_failed_at)) in result.failures.iter().zip(attempts) {
+            self.failures.push(FailureRow {
+                record_key: String::from_utf8_lossy(outgoing.keys.get(failure.index)).into_owned(),
+                op: outgoing.ops[failure.index].as_str().to_string(),
+                error: failure.error.clone(),
+                attempts,
+                first_failed_at,
+            });
+        }
+        if self.failures.len() >= 1000 {
+            self.flush_failures().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_failures(&mut self) -> Result<()> {
+        if !self.failures.is_empty() {
+            let failures = std::mem::take(&mut self.failures);
+            self.engine.metadata.add_failures(&self.run.id, &failures).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+//! sluice's snapshot store: every extraction of a model kept as Parquet on object storage,
+//! split into key-hash buckets, committed atomically by a manifest, and readable as DataFusion
+//! tables.
+
+mod error;
+pub mod hash;
+mod manifest;
+mod store;
+mod table;
+mod writer;
+
+pub use error::{Result, SnapshotError};
+pub use manifest::{
+    ColumnInfo, FORMAT_VERSION, RESERVED_PREFIX, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest,
+    column_infos,
+};
+pub use store::SnapshotStore;
+pub use table::{read_files, read_snapshot, register_snapshot};
+pub use writer::{
+    DEFAULT_BUCKETS, ROWS_PER_BUCKET, SIZING_BUFFER_ROWS, SnapshotSpec, SnapshotWriter, buckets_for, quoted,
+};

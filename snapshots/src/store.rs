@@ -1,0 +1,346 @@
+//! Where snapshots live: an object_store location (a local directory by default, or any
+//! `s3://`, `gs://`, `az://`, `memory://` URL) and the layout under it:
+//!
+//! ```text
+//! <root>/models/<model>/snapshots/<id>/bucket-0003-of-0016.parquet   data, one file per bucket
+//! <root>/models/<model>/snapshots/<id>.json                          manifest: commits the snapshot
+//! <root>/mappings/<mapping>/...                                      per-mapping state files
+//! ```
+//!
+//! A snapshot is visible only once its manifest exists; the manifest is written with a single
+//! atomic `put` after every data file is complete, so a reader never sees a half-written snapshot.
+//! Retiring deletes the manifest first, then the data.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use datafusion::prelude::SessionContext;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use url::Url;
+
+use crate::error::{Result, SnapshotError};
+use crate::manifest::SnapshotManifest;
+
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    /// URL of the root, always ending in `/`.
+    root_url: Url,
+    store: Arc<dyn ObjectStore>,
+    /// Path of the root inside `store`.
+    prefix: Path,
+}
+
+impl SnapshotStore {
+    /// Opens a store from a local path (relative paths resolve against `base_dir`) or an
+    /// object_store URL. `options` are passed to object_store's builder for that scheme
+    /// (credentials, region, endpoint, ...); object_store also reads its usual environment
+    /// variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    pub fn open(
+        location: &str,
+        base_dir: &FsPath,
+        options: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self> {
+        let url = location_url(location, base_dir)?;
+        if url.scheme() == "file" {
+            let dir = url.to_file_path().map_err(|_| SnapshotError::InvalidLocation {
+                location: location.to_string(),
+                reason: "not a valid local path".into(),
+            })?;
+            std::fs::create_dir_all(&dir).map_err(|e| SnapshotError::InvalidLocation {
+                location: dir.display().to_string(),
+                reason: format!("cannot create the directory: {e}"),
+            })?;
+        }
+        let (store, prefix) =
+            object_store::parse_url_opts(&url, options).map_err(|e| SnapshotError::InvalidLocation {
+                location: location.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            root_url: url,
+            store: Arc::from(store),
+            prefix,
+        })
+    }
+
+    /// Wraps an existing object store (tests, or stores built by hand).
+    pub fn from_parts(root_url: Url, store: Arc<dyn ObjectStore>, prefix: Path) -> Self {
+        Self {
+            root_url: with_trailing_slash(root_url),
+            store,
+            prefix,
+        }
+    }
+
+    pub fn root_url(&self) -> &Url {
+        &self.root_url
+    }
+
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    /// Makes this store's URLs readable by `ctx` (DataFusion resolves object stores by the
+    /// scheme and authority of a table's URL).
+    pub fn register_with(&self, ctx: &SessionContext) {
+        if self.root_url.scheme() != "file" {
+            let mut base = self.root_url.clone();
+            base.set_path("/");
+            ctx.register_object_store(&base, self.store.clone());
+        }
+    }
+
+    /// Full path inside the object store of a path relative to the root.
+    pub fn path(&self, relative: &str) -> Path {
+        let mut path = self.prefix.clone();
+        for part in relative.split('/').filter(|p| !p.is_empty()) {
+            path = path.clone().join(part);
+        }
+        path
+    }
+
+    /// URL of a path relative to the root, as DataFusion wants it.
+    pub fn url(&self, relative: &str) -> Url {
+        let mut url = self.root_url.clone();
+        let joined = format!("{}{}", url.path(), relative.trim_start_matches('/'));
+        url.set_path(&joined);
+        url
+    }
+
+    pub(crate) fn store_error(&self, source: object_store::Error) -> SnapshotError {
+        SnapshotError::Store {
+            location: self.root_url.to_string(),
+            source,
+        }
+    }
+
+    pub async fn put(&self, relative: &str, bytes: Bytes) -> Result<()> {
+        self.store
+            .put(&self.path(relative), PutPayload::from_bytes(bytes))
+            .await
+            .map_err(|e| self.store_error(e))?;
+        Ok(())
+    }
+
+    /// Reads a whole object, or `None` when it does not exist.
+    pub async fn get(&self, relative: &str) -> Result<Option<Bytes>> {
+        match self.store.get(&self.path(relative)).await {
+            Ok(result) => Ok(Some(result.bytes().await.map_err(|e| self.store_error(e))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_error(e)),
+        }
+    }
+
+    /// Deletes an object; deleting one that is already gone is not an error, so retiring can be
+    /// interrupted and repeated, or run from two processes at once.
+    pub async fn delete(&self, relative: &str) -> Result<()> {
+        match self.store.delete(&self.path(relative)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store_error(e)),
+        }
+    }
+
+    /// Paths (relative to the root) of every object under `relative_prefix`.
+    pub async fn list(&self, relative_prefix: &str) -> Result<Vec<String>> {
+        let prefix = self.path(relative_prefix);
+        let root_parts = self.prefix.parts().count();
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.store_error(e))?;
+        Ok(metas
+            .into_iter()
+            .map(|m| {
+                m.location
+                    .parts()
+                    .skip(root_parts)
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .collect())
+    }
+
+    pub(crate) fn manifest_path(model: &str, id: &str) -> String {
+        format!("models/{model}/snapshots/{id}.json")
+    }
+
+    pub(crate) fn data_dir(model: &str, id: &str) -> String {
+        format!("models/{model}/snapshots/{id}")
+    }
+
+    /// Committed snapshots of `model`, oldest first.
+    pub async fn list_snapshots(&self, model: &str) -> Result<Vec<SnapshotManifest>> {
+        let mut ids: Vec<String> = self
+            .list(&format!("models/{model}/snapshots"))
+            .await?
+            .into_iter()
+            .filter_map(|p| {
+                let name = p.rsplit('/').next()?;
+                // Only top-level manifests: `<id>.json` directly under `snapshots/`.
+                let parent_is_snapshots = p.split('/').rev().nth(1) == Some("snapshots");
+                name.strip_suffix(".json")
+                    .filter(|_| parent_is_snapshots)
+                    .map(str::to_string)
+            })
+            .collect();
+        ids.sort();
+        let manifests = futures::stream::iter(ids)
+            .map(|id| async move { self.snapshot(model, &id).await })
+            .buffered(8)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(manifests)
+    }
+
+    /// The manifest of one committed snapshot.
+    pub async fn snapshot(&self, model: &str, id: &str) -> Result<SnapshotManifest> {
+        let path = Self::manifest_path(model, id);
+        let bytes = self.get(&path).await?.ok_or_else(|| SnapshotError::NotFound {
+            model: model.to_string(),
+            id: id.to_string(),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| SnapshotError::BadManifest {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Retires a snapshot: the manifest goes first so the snapshot stops being visible, then its
+    /// data files. Safe to interrupt and to repeat.
+    pub async fn retire(&self, model: &str, id: &str) -> Result<()> {
+        self.delete(&Self::manifest_path(model, id)).await?;
+        for path in self.list(&Self::data_dir(model, id)).await? {
+            self.delete(&path).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes data directories of `model` that no manifest commits (left by a writer that was
+    /// killed or failed) and that were created before `older_than`.
+    pub async fn remove_uncommitted(
+        &self,
+        model: &str,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize> {
+        let prefix = self.path(&format!("models/{model}/snapshots"));
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let committed: std::collections::HashSet<String> = metas
+            .iter()
+            .filter_map(|m| m.location.filename())
+            .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+            .collect();
+        let mut removed = 0;
+        for meta in metas {
+            let parts: Vec<_> = meta.location.parts().map(|p| p.as_ref().to_string()).collect();
+            let Some(dir) = parts.iter().rev().nth(1) else {
+                continue;
+            };
+            let is_data = meta.location.extension() == Some("parquet");
+            if is_data && !committed.contains(dir) && meta.last_modified < older_than {
+                match self.store.delete(&meta.location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+                    Err(e) => return Err(self.store_error(e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn with_trailing_slash(mut url: Url) -> Url {
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    url
+}
+
+/// Turns a configured location into a URL: anything with a `scheme://` is a URL, anything else
+/// a local path.
+fn location_url(location: &str, base_dir: &FsPath) -> Result<Url> {
+    if location.contains("://") {
+        let url = Url::parse(location).map_err(|e| SnapshotError::InvalidLocation {
+            location: location.to_string(),
+            reason: e.to_string(),
+        })?;
+        return Ok(with_trailing_slash(url));
+    }
+    let path = FsPath::new(location);
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    };
+    let absolute = normalize(&absolute);
+    Url::from_directory_path(&absolute).map_err(|_| SnapshotError::InvalidLocation {
+        location: location.to_string(),
+        reason: "cannot turn the path into a file URL (is the base directory absolute?)".into(),
+    })
+}
+
+/// Removes `.` and `..` components without touching the file system (the directory may not
+/// exist yet).
+fn normalize(path: &FsPath) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_become_directory_urls() {
+        let url = location_url(".sluice/snapshots", FsPath::new("/srv/app")).unwrap();
+        assert_eq!(url.as_str(), "file:///srv/app/.sluice/snapshots/");
+        let url = location_url("../shared/snaps", FsPath::new("/srv/app")).unwrap();
+        assert_eq!(url.as_str(), "file:///srv/shared/snaps/");
+        let url = location_url("s3://bucket/prefix", FsPath::new("/srv/app")).unwrap();
+        assert_eq!(url.as_str(), "s3://bucket/prefix/");
+    }
+
+    #[tokio::test]
+    async fn put_get_list_delete_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open("snaps", dir.path(), []).unwrap();
+        store.put("a/b.txt", Bytes::from_static(b"hi")).await.unwrap();
+        assert_eq!(store.get("a/b.txt").await.unwrap().unwrap(), "hi");
+        assert_eq!(store.list("a").await.unwrap(), vec!["a/b.txt".to_string()]);
+        store.delete("a/b.txt").await.unwrap();
+        store.delete("a/b.txt").await.unwrap();
+        assert!(store.get("a/b.txt").await.unwrap().is_none());
+        assert!(dir.path().join("snaps").is_dir());
+    }
+
+    #[tokio::test]
+    async fn memory_urls_work() {
+        let store = SnapshotStore::open("memory:///root", FsPath::new("/"), []).unwrap();
+        store.put("x", Bytes::from_static(b"1")).await.unwrap();
+        assert_eq!(store.list("").await.unwrap(), vec!["x".to_string()]);
+        assert_eq!(
+            store.url("models/m/a.parquet").as_str(),
+            "memory:///root/models/m/a.parquet"
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! The `sluice` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use sluice_connectors::Connectors;
+use sluice_engine::metadata::RunStatus;
+use sluice_engine::{Engine, Project, RunRequest};
+
+mod progress;
+mod quickstart;
+mod report;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Reverse ETL: SQL models snapshotted to Parquet, diffed by DataFusion, delivered to business tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The project file.
+    #[arg(
+        long,
+        short = 'c',
+        default_value = "sluice.yaml",
+        env = "SLUICE_CONFIG",
+        global = true
+    )]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run mappings now: extract their models, diff, deliver what changed.
+    Run {
+        /// Mappings to run (all when none is named).
+        mappings: Vec<String>,
+        /// Ignore what was sent before and send every row as added (a backfill).
+        #[arg(long)]
+        full: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Connect to sources and destinations and report what fails (all when none is named).
+    Check {
+        names: Vec<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show recent runs and their load results.
+    Runs {
+        /// Only this mapping's runs.
+        mapping: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Also list each run's failed records (up to this many per run).
+        #[arg(long, default_value_t = 0)]
+        failures: u32,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Create a demo project (a SQLite warehouse and a file destination), sync it, change some
+    /// rows, and sync again.
+    Quickstart {
+        /// Directory to create the demo in.
+        #[arg(long, default_value = "sluice-quickstart")]
+        dir: PathBuf,
+        /// Rows in the demo warehouse.
+        #[arg(long, default_value_t = 1000)]
+        rows: u32,
+    },
+    /// Serve the HTTP API (health and readiness for now).
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+async fn open(config: &Path) -> Result<Engine> {
+    let project = Project::load(config)?;
+    Ok(Engine::open(project, &Connectors).await?)
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run {
+            mappings,
+            full,
+            config,
+        } => {
+            let engine = open(&config.config).await?;
+            let runs = run(&engine, RunRequest { mappings, full }).await?;
+            engine.close().await;
+            Ok(exit_code(&runs))
+        }
+        Command::Check { names, config } => check(&config.config, &names).await,
+        Command::Runs {
+            mapping,
+            limit,
+            failures,
+            config,
+        } => {
+            let engine = open(&config.config).await?;
+            let runs = engine.metadata().runs(mapping.as_deref(), limit).await?;
+            report::print_runs(&runs);
+            if failures > 0 {
+                for run in runs.iter().filter(|r| r.counts.failed > 0) {
+                    let rows = engine.metadata().failures(&run.id, failures).await?;
+                    report::print_failures(run, &rows);
+                }
+            }
+            engine.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Quickstart { dir, rows } => quickstart::run(&dir, rows).await,
+        Command::Serve { listen, config } => {
+            let engine = Arc::new(open(&config.config).await?);
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!("sluice API listening on http://{}", listener.local_addr()?);
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            sluice_api::serve(listener, engine.clone(), shutdown).await?;
+            engine.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Runs mappings with progress on the terminal and prints their load results.
+pub async fn run(engine: &Engine, request: RunRequest) -> Result<Vec<sluice_engine::metadata::RunRecord>> {
+    let observer = progress::TerminalProgress::new();
+    let runs = engine.run(&request, &observer).await?;
+    observer.finish();
+    report::print_runs(&runs);
+    Ok(runs)
+}
+
+fn exit_code(runs: &[sluice_engine::metadata::RunRecord]) -> ExitCode {
+    if runs
+        .iter()
+        .any(|r| matches!(r.status, RunStatus::Failed | RunStatus::Interrupted))
+    {
+        ExitCode::FAILURE
+    } else if runs.iter().any(|r| r.status == RunStatus::Partial) {
+        // Committed, but some records failed and wait for the next run.
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn check(config: &Path, names: &[String]) -> Result<ExitCode> {
+    let engine = open(config).await?;
+    let project = engine.project();
+    let wanted = |name: &String| names.is_empty() || names.contains(name);
+    for name in names {
+        if !project.config.sources.contains_key(name) && !project.config.destinations.contains_key(name) {
+            anyhow::bail!(
+                "`{name}` is neither a source nor a destination in {}",
+                config.display()
+            );
+        }
+    }
+    let mut failed = false;
+    for name in project.config.sources.keys().filter(|n| wanted(n)) {
+        match engine.source(name)?.check().await {
+            Ok(()) => println!("ok      source {name}"),
+            Err(e) => {
+                failed = true;
+                println!("FAILED  source {name}: {e}");
+            }
+        }
+    }
+    for name in project.config.destinations.keys().filter(|n| wanted(n)) {
+        match engine.destination(name)?.check().await {
+            Ok(()) => println!("ok      destination {name}"),
+            Err(e) => {
+                failed = true;
+                println!("FAILED  destination {name}: {e}");
+            }
+        }
+    }
+    engine.close().await;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
