@@ -28,11 +28,20 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, UInt8Type};
+use datafusion::arrow::compute::SortOptions;
 use datafusion::common::ScalarValue;
+use datafusion::common::{DFSchema, NullEquality};
 use datafusion::datasource::MemTable;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::logical_expr::{Operator, binary_expr};
+use datafusion::logical_expr::{Operator, SortExpr, binary_expr};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::projection::ProjectionExpr;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::expressions::Column;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::joins::SortMergeJoinExec;
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::{
     DataFrame, Expr, JoinType, ParquetReadOptions, SessionConfig, SessionContext, cast, coalesce, ident, lit,
     when,
@@ -181,22 +190,27 @@ impl Differ {
 
     /// Change rows of one bucket. With no baseline every row of the new snapshot is added.
     pub async fn changes(&self, bucket: u32) -> Result<Vec<RecordBatch>> {
-        self.changes_frame(bucket).await?.collect().await
+        let plan = self.changes_plan(bucket).await?;
+        datafusion::physical_plan::collect(plan, self.ctx.task_ctx()).await
     }
 
-    async fn changes_frame(&self, bucket: u32) -> Result<DataFrame> {
+    /// The physical plan of one bucket's diff: a full outer sort-merge join on the key of the
+    /// new snapshot's bucket and the effective baseline's, both read sorted from their files,
+    /// then the rows whose hashes differ, classified.
+    pub async fn changes_plan(&self, bucket: u32) -> Result<Arc<dyn ExecutionPlan>> {
         let keys = &self.key_columns;
-        let new = match read_files(&self.ctx, &self.store, self.new_files(bucket))
-            .await
-            .map_err(external)?
-        {
-            Some(df) => {
-                let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
-                select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
-                df.select(select)?
-            }
-            None => self.empty_frame(&[(NEW_HASH, DataType::UInt64)])?,
-        };
+        let new = self
+            .sorted_side(
+                self.new_files(bucket),
+                |_| {
+                    let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
+                    select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
+                    select
+                },
+                &[(NEW_HASH, DataType::UInt64)],
+                false,
+            )
+            .await?;
         let Some(baseline) = &self.baseline else {
             let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
             select.push(lit(Op::Added as u8).alias(OP));
@@ -205,94 +219,169 @@ impl Differ {
             select.push(lit(ScalarValue::Utf8(None)).alias(BASE_SNAPSHOT));
             select.push(lit(0i64).alias(ATTEMPTS));
             select.push(null_failed_at().alias(FIRST_FAILED_AT));
-            return new.select(select);
+            return new.select(select)?.create_physical_plan().await;
         };
-        let base = self.baseline_frame(baseline, bucket).await?;
+        let base = self.baseline_side(baseline, bucket).await?;
         let with_extras = baseline.exceptions.is_some();
 
-        // Base keys are renamed (and cast to the new snapshot's types) so the join's two sides
-        // never share a column name.
-        let base_key = |i: usize| format!("__base_key_{i}");
-        let on: Vec<Expr> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| ident(k).eq(ident(base_key(i))))
+        let new_plan = new.create_physical_plan().await?;
+        let base_plan = base.create_physical_plan().await?;
+        let on = (0..keys.len())
+            .map(|i| {
+                let left: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&keys[i], i));
+                let right: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&base_key(i), i));
+                (left, right)
+            })
             .collect();
-        let joined = new.join_on(base, JoinType::Full, on)?;
-        let changed = binary_expr(ident(NEW_HASH), Operator::IsDistinctFrom, ident(BASE_HASH));
+        let ascending = SortOptions {
+            descending: false,
+            nulls_first: false,
+        };
+        let joined: Arc<dyn ExecutionPlan> = Arc::new(SortMergeJoinExec::try_new(
+            new_plan,
+            base_plan,
+            on,
+            None,
+            JoinType::Full,
+            vec![ascending; keys.len()],
+            NullEquality::NullEqualsNothing,
+        )?);
+
+        // Classify, with the same expressions a SQL query would use, planned against the join's
+        // output.
+        let schema = DFSchema::try_from(joined.schema().as_ref().clone())?;
+        let physical = |expr: Expr| self.ctx.create_physical_expr(expr, &schema);
+        let changed = physical(binary_expr(
+            ident(NEW_HASH),
+            Operator::IsDistinctFrom,
+            ident(BASE_HASH),
+        ))?;
+        let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(changed, joined)?);
         let op = when(ident(BASE_HASH).is_null(), lit(Op::Added as u8))
             .when(ident(NEW_HASH).is_null(), lit(Op::Deleted as u8))
             .otherwise(lit(Op::Updated as u8))?;
-        let mut select: Vec<Expr> = keys
+        // (`coalesce` written as the CASE it stands for: physical planning does not simplify.)
+        let first_of = |a: Expr, b: Expr| when(a.clone().is_not_null(), a).otherwise(b);
+        let mut select: Vec<(Expr, String)> = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| coalesce(vec![ident(k), ident(base_key(i))]).alias(k))
-            .collect();
-        select.push(op.alias(OP));
-        select.push(ident(NEW_HASH));
-        select.push(ident(BASE_HASH));
+            .map(|(i, k)| Ok((first_of(ident(k), ident(base_key(i)))?, k.clone())))
+            .collect::<Result<_>>()?;
+        select.push((op, OP.into()));
+        select.push((ident(NEW_HASH), NEW_HASH.into()));
+        select.push((ident(BASE_HASH), BASE_HASH.into()));
         if with_extras {
-            select.push(ident(BASE_SNAPSHOT));
-            select.push(coalesce(vec![ident(ATTEMPTS), lit(0i64)]).alias(ATTEMPTS));
-            select.push(ident(FIRST_FAILED_AT));
+            select.push((ident(BASE_SNAPSHOT), BASE_SNAPSHOT.into()));
+            select.push((first_of(ident(ATTEMPTS), lit(0i64))?, ATTEMPTS.into()));
+            select.push((ident(FIRST_FAILED_AT), FIRST_FAILED_AT.into()));
         } else {
             // Without exceptions every baseline row comes from the baseline snapshot.
             let snapshot = when(ident(BASE_HASH).is_null(), lit(ScalarValue::Utf8(None)))
                 .otherwise(lit(baseline.snapshot.id.as_str()))?;
-            select.push(snapshot.alias(BASE_SNAPSHOT));
-            select.push(lit(0i64).alias(ATTEMPTS));
-            select.push(null_failed_at().alias(FIRST_FAILED_AT));
+            select.push((snapshot, BASE_SNAPSHOT.into()));
+            select.push((lit(0i64), ATTEMPTS.into()));
+            select.push((null_failed_at(), FIRST_FAILED_AT.into()));
         }
-        joined.filter(changed)?.select(select)
+        let projection = select
+            .into_iter()
+            .map(|(expr, name)| Ok(ProjectionExpr::from((physical(expr)?, name))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(ProjectionExec::try_new(projection, filtered)?))
     }
 
-    /// The effective baseline of one bucket: key columns (renamed `__base_key_<i>`), `__base_hash`
-    /// and, when there are exceptions, `__base_snapshot`, `__attempts`, `__first_failed_at`.
-    async fn baseline_frame(&self, baseline: &Baseline, bucket: u32) -> Result<DataFrame> {
-        let renamed_keys = |df_has_keys: bool| -> Vec<Expr> {
-            self.key_fields
-                .iter()
-                .enumerate()
-                .map(|(i, field)| {
-                    let source = if df_has_keys {
-                        ident(field.name())
-                    } else {
-                        lit(ScalarValue::try_from(field.data_type()).unwrap_or(ScalarValue::Null))
-                    };
-                    cast(source, field.data_type().clone()).alias(format!("__base_key_{i}"))
-                })
-                .collect()
-        };
-        let files: Vec<&SnapshotFile> = baseline.snapshot.files_covering(bucket, self.buckets).collect();
-        let snapshot_rows = match read_files(&self.ctx, &self.store, files)
-            .await
-            .map_err(external)?
-        {
-            Some(df) => {
-                let mut select = renamed_keys(true);
-                select.push(ident(ROW_HASH_COLUMN).alias(BASE_HASH));
-                if baseline.exceptions.is_some() {
-                    select.push(lit(baseline.snapshot.id.as_str()).alias(BASE_SNAPSHOT));
-                    select.push(lit(0i64).alias(ATTEMPTS));
-                    select.push(null_failed_at().alias(FIRST_FAILED_AT));
-                }
-                df.select(select)?
-            }
-            None => {
-                let mut extra = vec![(BASE_HASH, DataType::UInt64)];
-                if baseline.exceptions.is_some() {
-                    extra.extend([
-                        (BASE_SNAPSHOT, DataType::Utf8),
-                        (ATTEMPTS, DataType::Int64),
-                        (FIRST_FAILED_AT, failed_at_type()),
-                    ]);
-                }
-                let empty = self.empty_frame(&extra)?;
-                let mut select = renamed_keys(true);
-                select.extend(extra.iter().map(|(name, _)| ident(*name)));
+    /// One side of the join: the files' rows in key order, through `select`. A bucket made of
+    /// several files (a snapshot with more buckets than the diff) is merged, not re-sorted,
+    /// since every file is sorted by key.
+    async fn sorted_side(
+        &self,
+        files: Vec<&SnapshotFile>,
+        select: impl Fn(&DataFrame) -> Vec<Expr>,
+        empty_columns: &[(&str, DataType)],
+        rename_keys: bool,
+    ) -> Result<DataFrame> {
+        let order: Vec<SortExpr> = self
+            .key_columns
+            .iter()
+            .map(|k| ident(k).sort(true, false))
+            .collect();
+        let mut frames = Vec::new();
+        for file in files {
+            let options = ParquetReadOptions::default().file_sort_order(vec![order.clone()]);
+            let df = self
+                .ctx
+                .read_parquet(self.store.url(&file.path).to_string(), options)
+                .await?;
+            let select = select(&df);
+            frames.push(df.select(select)?);
+        }
+        let side = match frames.len() {
+            0 => {
+                let empty = self.empty_frame(empty_columns)?;
+                let mut select: Vec<Expr> = self.key_columns.iter().map(|k| ident(k)).collect();
+                select.extend(empty_columns.iter().map(|(name, _)| ident(*name)));
                 empty.select(select)?
             }
+            1 => frames.remove(0),
+            _ => {
+                let mut union = frames.remove(0);
+                for frame in frames {
+                    union = union.union(frame)?;
+                }
+                union.sort(order.clone())?
+            }
         };
+        if !rename_keys {
+            return Ok(side);
+        }
+        let columns: Vec<String> = side.schema().fields().iter().map(|f| f.name().clone()).collect();
+        let select: Vec<Expr> = columns
+            .iter()
+            .map(|c| match self.key_columns.iter().position(|k| k == c) {
+                Some(i) => cast(ident(c), self.key_fields[i].data_type().clone()).alias(base_key(i)),
+                None => ident(c),
+            })
+            .collect();
+        // A cast that changes the key's order (a number retyped as text, say) needs a re-sort;
+        // widening casts keep the order and the sort is planned away.
+        let renamed_order: Vec<SortExpr> = (0..self.key_columns.len())
+            .map(|i| ident(base_key(i)).sort(true, false))
+            .collect();
+        side.select(select)?.sort(renamed_order)
+    }
+
+    /// The effective baseline of one bucket, sorted by key: key columns renamed `__base_key_<i>`
+    /// (cast to the new snapshot's key types), `__base_hash` and, when there are exceptions,
+    /// `__base_snapshot`, `__attempts`, `__first_failed_at`.
+    async fn baseline_side(&self, baseline: &Baseline, bucket: u32) -> Result<DataFrame> {
+        let with_extras = baseline.exceptions.is_some();
+        let snapshot_id = baseline.snapshot.id.clone();
+        let keys = self.key_columns.clone();
+        let mut extra = vec![(BASE_HASH, DataType::UInt64)];
+        if with_extras {
+            extra.extend([
+                (BASE_SNAPSHOT, DataType::Utf8),
+                (ATTEMPTS, DataType::Int64),
+                (FIRST_FAILED_AT, failed_at_type()),
+            ]);
+        }
+        let files: Vec<&SnapshotFile> = baseline.snapshot.files_covering(bucket, self.buckets).collect();
+        let snapshot_rows = self
+            .sorted_side(
+                files,
+                |_| {
+                    let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
+                    select.push(ident(ROW_HASH_COLUMN).alias(BASE_HASH));
+                    if with_extras {
+                        select.push(lit(snapshot_id.as_str()).alias(BASE_SNAPSHOT));
+                        select.push(lit(0i64).alias(ATTEMPTS));
+                        select.push(null_failed_at().alias(FIRST_FAILED_AT));
+                    }
+                    select
+                },
+                &extra,
+                true,
+            )
+            .await?;
         let Some(exceptions_path) = &baseline.exceptions else {
             return Ok(snapshot_rows);
         };
@@ -304,7 +393,12 @@ impl Differ {
             )
             .await?
             .filter((ident(KEY_HASH) % lit(self.buckets as u64)).eq(lit(bucket as u64)))?;
-        let mut select = renamed_keys(true);
+        let mut select: Vec<Expr> = self
+            .key_fields
+            .iter()
+            .enumerate()
+            .map(|(i, field)| cast(ident(field.name()), field.data_type().clone()).alias(base_key(i)))
+            .collect();
         select.extend([
             ident(BASE_HASH),
             cast(ident(BASE_SNAPSHOT), DataType::Utf8).alias(BASE_SNAPSHOT),
@@ -312,18 +406,24 @@ impl Differ {
             ident(FIRST_FAILED_AT),
         ]);
         let exceptions = exceptions.select(select)?;
-        // Keys with an exception take the exception's state instead of the snapshot's.
+        // Keys with an exception take the exception's state instead of the snapshot's: the
+        // snapshot's rows minus those keys (a hash anti join probing the sorted rows with the
+        // few exception keys, which keeps their order), merged with the exceptions.
         let exception_keys = exceptions.clone().select(
             (0..self.key_fields.len())
-                .map(|i| ident(format!("__base_key_{i}")).alias(format!("__exc_key_{i}")))
+                .map(|i| ident(base_key(i)).alias(format!("__exc_key_{i}")))
                 .collect::<Vec<Expr>>(),
         )?;
         let on: Vec<Expr> = (0..self.key_fields.len())
-            .map(|i| ident(format!("__base_key_{i}")).eq(ident(format!("__exc_key_{i}"))))
+            .map(|i| ident(format!("__exc_key_{i}")).eq(ident(base_key(i))))
             .collect();
-        snapshot_rows
-            .join_on(exception_keys, JoinType::LeftAnti, on)?
-            .union(exceptions)
+        let order: Vec<SortExpr> = (0..self.key_fields.len())
+            .map(|i| ident(base_key(i)).sort(true, false))
+            .collect();
+        exception_keys
+            .join_on(snapshot_rows, JoinType::RightAnti, on)?
+            .union(exceptions)?
+            .sort(order)
     }
 
     /// An empty frame with the key columns and `extra` columns.
@@ -347,7 +447,11 @@ impl Differ {
         manifests: &dyn Fn(&str) -> Option<Arc<SnapshotManifest>>,
     ) -> Result<Vec<SendableRecordBatchStream>> {
         let mut streams = Vec::new();
-        let changes_schema = self.change_schema();
+        // The change rows' own schema (the plan that produced them decides nullability).
+        let changes_schema = changes
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| self.change_schema());
         let table = |batches: Vec<RecordBatch>| -> Result<DataFrame> {
             let table = MemTable::try_new(changes_schema.clone(), vec![batches])?;
             self.ctx.read_table(Arc::new(table))
@@ -467,12 +571,23 @@ impl Differ {
     }
 }
 
+fn base_key(i: usize) -> String {
+    format!("__base_key_{i}")
+}
+
 /// The session the diff runs in: one partition per bucket plan (buckets are the parallelism).
 pub fn diff_context() -> SessionContext {
-    let config = SessionConfig::new()
+    let batch: usize = std::env::var("XB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8192);
+    let mut config = SessionConfig::new()
         .with_target_partitions(1)
-        .with_batch_size(8192)
+        .with_batch_size(batch)
         .with_information_schema(false);
+    if let Some(d) = std::env::var("XD").ok().and_then(|v| v.parse::<f64>().ok()) {
+        config.options_mut().execution.perfect_hash_join_min_key_density = d;
+    }
     SessionContext::new_with_config(config)
 }
 

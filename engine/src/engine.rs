@@ -54,7 +54,8 @@ impl Engine {
             .iter()
             .map(|(k, v)| (k.clone(), v.expose().to_string()));
         let snapshots = SnapshotStore::open(&snapshot_location, &project.base_dir, options)
-            .map_err(|e| project.error_at(&["snapshot_store"], e.to_string()))?;
+            .map_err(|e| project.error_at(&["snapshot_store"], e.to_string()))?
+            .with_temp_dir(state_dir.join("tmp"));
         let metadata = MetadataStore::open_sqlite(&state_dir.join(METADATA_FILE)).await?;
         Ok(Self {
             project: Arc::new(project),

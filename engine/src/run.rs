@@ -152,7 +152,7 @@ impl Engine {
             runs.push(run);
         }
         let started = Instant::now();
-        let extracted = self.extract(model, &runs[0].id, mappings, observer).await;
+        let extracted = self.extract(model, &runs[0].id, observer).await;
         let extract_ms = started.elapsed().as_millis() as u64;
         let manifest = match extracted {
             Ok(manifest) => Arc::new(manifest),
@@ -204,7 +204,6 @@ impl Engine {
         &self,
         model: &str,
         run_id: &str,
-        mappings: &[String],
         observer: &dyn RunObserver,
     ) -> Result<SnapshotManifest> {
         let config = self
@@ -215,18 +214,6 @@ impl Engine {
         observer.on_event(RunEvent::ExtractStarted {
             model: model.to_string(),
         });
-        // Size the snapshot's buckets from the last snapshot a mapping of this model committed.
-        let mut expected_rows = None;
-        for mapping in mappings {
-            if let Some(state) = self.metadata.mapping_state(mapping).await? {
-                if state.model == model {
-                    if let Ok(previous) = self.snapshots.snapshot(model, &state.baseline_snapshot_id).await {
-                        expected_rows = Some(previous.rows);
-                        break;
-                    }
-                }
-            }
-        }
         let query = ModelQuery {
             model: model.to_string(),
             sql: config.sql.clone(),
@@ -236,7 +223,7 @@ impl Engine {
             model: model.to_string(),
             run_id: run_id.to_string(),
             key_columns: config.primary_key.0.clone(),
-            expected_rows,
+            buckets: None,
         };
         let mut writer = SnapshotWriter::new(self.snapshots.clone(), spec);
         let snapshot_error = |source| EngineError::Snapshot {

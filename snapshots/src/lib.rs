@@ -16,6 +16,4 @@ pub use manifest::{
 };
 pub use store::SnapshotStore;
 pub use table::{read_files, read_snapshot, register_snapshot};
-pub use writer::{
-    DEFAULT_BUCKETS, ROWS_PER_BUCKET, SIZING_BUFFER_ROWS, SnapshotSpec, SnapshotWriter, buckets_for, quoted,
-};
+pub use writer::{PARTITIONS, ROWS_PER_BUCKET, SnapshotSpec, SnapshotWriter, buckets_for};

@@ -31,6 +31,8 @@ pub struct SnapshotStore {
     store: Arc<dyn ObjectStore>,
     /// Path of the root inside `store`.
     prefix: Path,
+    /// Local directory for spill files while a snapshot is written.
+    temp_dir: std::path::PathBuf,
 }
 
 impl SnapshotStore {
@@ -63,6 +65,7 @@ impl SnapshotStore {
             root_url: url,
             store: Arc::from(store),
             prefix,
+            temp_dir: std::env::temp_dir().join("sluice"),
         })
     }
 
@@ -72,7 +75,19 @@ impl SnapshotStore {
             root_url: with_trailing_slash(root_url),
             store,
             prefix,
+            temp_dir: std::env::temp_dir().join("sluice"),
         }
+    }
+
+    /// Uses `dir` (on local disk) for spill files while snapshots are written.
+    pub fn with_temp_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.temp_dir = dir.into();
+        self
+    }
+
+    /// The local directory spill files go under.
+    pub fn temp_dir(&self) -> std::path::PathBuf {
+        self.temp_dir.clone()
     }
 
     pub fn root_url(&self) -> &Url {

@@ -1,30 +1,41 @@
 //! Streams a model's record batches into a new snapshot.
 //!
-//! Each batch gets its row hash column, is split by key-hash bucket and handed to one background
-//! task per bucket that encodes Parquet, so buckets are encoded in parallel while the source keeps
-//! producing. Memory is bounded by the channel depth and one in-progress row group per bucket.
+//! A snapshot is split into key-hash buckets, and each bucket's file is **sorted by the primary
+//! key**. Both properties serve the diff: bucket `b` of one snapshot only ever meets bucket `b`
+//! of another, and two sorted buckets are diffed by a streaming merge join, with no hash table
+//! at all. Sorted keys also make the Parquet statistics on the key tight, so looking up a key in
+//! the snapshot history skips almost every row group.
 //!
-//! The bucket count is chosen once per snapshot: from the previous snapshot's size when there is
-//! one; otherwise the writer holds back the first batches (up to [`SIZING_BUFFER_ROWS`]) and a
-//! model that ends within them is written as a single file.
+//! Writing happens in two phases, so memory stays bounded however large the model:
+//! 1. **Spill** (while the source streams): each batch gets its row hash column and is cut by
+//!    key hash into [`PARTITIONS`] fine partitions, appended to local Arrow IPC files.
+//! 2. **Sort and write** (at commit, when the row count is known): the bucket count is chosen from
+//!    the actual row count; each bucket (the union of the fine partitions that nest into it) is
+//!    sorted by DataFusion — which spills to disk beyond its memory budget — and encoded as
+//!    Parquet, two buckets at a time. Equal keys end up adjacent, so duplicate keys are found on
+//!    the way, without a second pass.
 
+use std::fs::File;
+use std::io::BufWriter as FileBuffer;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, UInt32Array, UInt64Array};
-use arrow::compute::take_record_batch;
+use arrow::compute::BatchCoalescer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::ipc::writer::FileWriter as IpcWriter;
+use arrow::row::{RowConverter, SortField};
 use chrono::Utc;
-use datafusion::functions_aggregate::expr_fn::count;
-use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext, ident, lit};
+use datafusion::execution::options::ArrowReadOptions;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext, ident};
 use futures::{StreamExt, TryStreamExt};
 use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, Encoding};
-use parquet::file::metadata::KeyValue;
+use parquet::file::metadata::{KeyValue, SortingColumn};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::error::{Result, SnapshotError};
 use crate::hash::{bucket_of, key_hashes, row_hashes};
@@ -33,15 +44,19 @@ use crate::manifest::{
 };
 use crate::store::SnapshotStore;
 
-/// Rows held back to size a first snapshot before any file is written.
-pub const SIZING_BUFFER_ROWS: usize = 512 * 1024;
-/// Bucket count for a large first snapshot.
-pub const DEFAULT_BUCKETS: u32 = 16;
-/// Target rows per bucket: small enough that one bucket's diff fits comfortably in memory.
+/// Fine partitions rows are spilled into while streaming. Final buckets nest into them, so a
+/// snapshot has at most this many buckets.
+pub const PARTITIONS: u32 = 64;
+/// Target rows per bucket: small enough that one bucket's sort and merge stay cheap.
 pub const ROWS_PER_BUCKET: u64 = 1_000_000;
-const MAX_BUCKETS: u32 = 1024;
-/// Rows of in-progress row groups across all bucket writers.
-const ROW_GROUP_BUDGET_ROWS: usize = 2 * 1024 * 1024;
+/// Rows per spilled IPC batch.
+const SPILL_BATCH_ROWS: usize = 8192;
+/// Rows per Parquet row group of a bucket file.
+const ROW_GROUP_ROWS: usize = 128 * 1024;
+/// Memory the bucket sorts may use together before spilling to disk.
+const SORT_MEMORY_BYTES: usize = 512 * 1024 * 1024;
+/// Buckets sorted and encoded at once.
+const PARALLEL_BUCKETS: usize = 2;
 
 /// What to snapshot.
 #[derive(Debug, Clone)]
@@ -49,13 +64,14 @@ pub struct SnapshotSpec {
     pub model: String,
     pub run_id: String,
     pub key_columns: Vec<String>,
-    /// Rows in the model's previous snapshot, if any; sizes the buckets.
-    pub expected_rows: Option<u64>,
+    /// A fixed bucket count (a power of two, at most [`PARTITIONS`]) instead of one sized from
+    /// the row count.
+    pub buckets: Option<u32>,
 }
 
-/// Bucket count for a snapshot of about `rows` rows: a power of two near `rows / ROWS_PER_BUCKET`.
+/// Bucket count for a snapshot of `rows` rows: a power of two near `rows / ROWS_PER_BUCKET`.
 pub fn buckets_for(rows: u64) -> u32 {
-    let wanted = rows.div_ceil(ROWS_PER_BUCKET).clamp(1, MAX_BUCKETS as u64);
+    let wanted = rows.div_ceil(ROWS_PER_BUCKET).clamp(1, PARTITIONS as u64);
     wanted.next_power_of_two() as u32
 }
 
@@ -66,29 +82,34 @@ pub struct SnapshotWriter {
     extracted_at: chrono::DateTime<Utc>,
     /// The model's schema (first batch), and the stored schema with the row hash column.
     schema: Option<(SchemaRef, SchemaRef)>,
-    pending: Vec<RecordBatch>,
-    pending_rows: usize,
-    workers: Option<Workers>,
+    spill: Option<Spill>,
     rows: u64,
 }
 
-struct Workers {
-    buckets: u32,
-    senders: Vec<mpsc::Sender<RecordBatch>>,
-    handles: Vec<JoinHandle<Result<Option<SnapshotFile>>>>,
+/// Phase one: fine partitions on local disk.
+struct Spill {
+    dir: tempfile::TempDir,
+    partitions: Vec<SpillPartition>,
+}
+
+struct SpillPartition {
+    coalescer: BatchCoalescer,
+    writer: Option<IpcWriter<FileBuffer<File>>>,
+    path: PathBuf,
+    rows: u64,
 }
 
 impl SnapshotWriter {
-    pub fn new(store: SnapshotStore, spec: SnapshotSpec) -> Self {
+    /// A writer for a new snapshot. A fixed bucket count is rounded up to a power of two.
+    pub fn new(store: SnapshotStore, mut spec: SnapshotSpec) -> Self {
+        spec.buckets = spec.buckets.map(|b| b.clamp(1, PARTITIONS).next_power_of_two());
         Self {
             store,
             spec,
             id: uuid::Uuid::now_v7().to_string(),
             extracted_at: Utc::now(),
             schema: None,
-            pending: Vec::new(),
-            pending_rows: 0,
-            workers: None,
+            spill: None,
             rows: 0,
         }
     }
@@ -103,12 +124,6 @@ impl SnapshotWriter {
 
     /// Adds a batch of model rows.
     pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
-        if batch.num_rows() == 0 {
-            if self.schema.is_none() {
-                self.set_schema(batch.schema())?;
-            }
-            return Ok(());
-        }
         let stored_schema = match &self.schema {
             Some((model_schema, stored)) => {
                 if model_schema.fields() != batch.schema().fields() {
@@ -121,28 +136,46 @@ impl SnapshotWriter {
             }
             None => self.set_schema(batch.schema())?,
         };
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
         self.check_keys_not_null(&batch)?;
         let hashes = row_hashes(&batch, &self.spec.key_columns)?;
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(UInt64Array::from(hashes)) as ArrayRef);
-        let batch = RecordBatch::try_new(stored_schema, columns)?;
+        let batch = RecordBatch::try_new(stored_schema.clone(), columns)?;
         self.rows += batch.num_rows() as u64;
 
-        if self.workers.is_none() {
-            self.pending_rows += batch.num_rows();
-            self.pending.push(batch);
-            let known = self.spec.expected_rows.is_some();
-            if known || self.pending_rows >= SIZING_BUFFER_ROWS {
-                let buckets = match self.spec.expected_rows {
-                    Some(rows) => buckets_for(rows.max(self.pending_rows as u64)),
-                    None => DEFAULT_BUCKETS,
-                };
-                self.start_workers(buckets);
-                self.flush_pending().await?;
-            }
-            return Ok(());
+        let key_hashes = key_hashes(&batch, &self.spec.key_columns)?;
+        let spill = match self.spill.as_mut() {
+            Some(spill) => spill,
+            None => self.spill.insert(Spill::new(&self.store, &stored_schema)?),
+        };
+        // Counting sort of row indices by partition, then one take per non-empty partition.
+        let partitions = PARTITIONS as usize;
+        let ids: Vec<u32> = key_hashes.iter().map(|h| bucket_of(*h, PARTITIONS)).collect();
+        let mut starts = vec![0usize; partitions + 1];
+        for p in &ids {
+            starts[*p as usize + 1] += 1;
         }
-        self.dispatch(batch).await
+        for p in 0..partitions {
+            starts[p + 1] += starts[p];
+        }
+        let mut cursor = starts.clone();
+        let mut order = vec![0u32; ids.len()];
+        for (row, p) in ids.iter().enumerate() {
+            order[cursor[*p as usize]] = row as u32;
+            cursor[*p as usize] += 1;
+        }
+        let order = UInt32Array::from(order);
+        for p in 0..partitions {
+            let (start, end) = (starts[p], starts[p + 1]);
+            if start < end {
+                let indices = order.slice(start, end - start);
+                spill.partitions[p].push(batch.clone(), &indices)?;
+            }
+        }
+        Ok(())
     }
 
     fn set_schema(&mut self, schema: SchemaRef) -> Result<SchemaRef> {
@@ -181,145 +214,95 @@ impl SnapshotWriter {
         Ok(())
     }
 
-    fn start_workers(&mut self, buckets: u32) {
-        let stored = self
-            .schema
-            .as_ref()
-            .map(|(_, s)| s.clone())
-            .unwrap_or_else(|| Arc::new(Schema::empty()));
-        let row_group_rows = (ROW_GROUP_BUDGET_ROWS / buckets as usize).clamp(32 * 1024, 1024 * 1024);
-        let props = Arc::new(writer_properties(&self.spec, &self.id, row_group_rows));
-        let mut senders = Vec::with_capacity(buckets as usize);
-        let mut handles = Vec::with_capacity(buckets as usize);
-        for bucket in 0..buckets {
-            let (tx, rx) = mpsc::channel::<RecordBatch>(2);
-            let relative = format!(
-                "{}/bucket-{bucket:04}-of-{buckets:04}.parquet",
-                SnapshotStore::data_dir(&self.spec.model, &self.id)
-            );
-            let worker = BucketWorker {
-                store: self.store.clone(),
-                model: self.spec.model.clone(),
-                relative,
-                bucket,
-                schema: stored.clone(),
-                props: props.clone(),
-            };
-            senders.push(tx);
-            handles.push(tokio::spawn(worker.run(rx)));
-        }
-        self.workers = Some(Workers {
-            buckets,
-            senders,
-            handles,
-        });
-    }
-
-    async fn flush_pending(&mut self) -> Result<()> {
-        for batch in std::mem::take(&mut self.pending) {
-            self.dispatch(batch).await?;
-        }
-        self.pending_rows = 0;
-        Ok(())
-    }
-
-    async fn dispatch(&mut self, batch: RecordBatch) -> Result<()> {
-        let Some(workers) = &self.workers else {
-            return Err(SnapshotError::Task("writer not started".into()));
-        };
-        if workers.buckets == 1 {
-            return send(&workers.senders[0], batch).await;
-        }
-        let key_hashes = key_hashes(&batch, &self.spec.key_columns)?;
-        // Counting sort of row indices by bucket: one pass to count, one to place, then one
-        // `take` per non-empty bucket.
-        let buckets = workers.buckets as usize;
-        let bucket_ids: Vec<u32> = key_hashes
-            .iter()
-            .map(|h| bucket_of(*h, workers.buckets))
-            .collect();
-        let mut starts = vec![0usize; buckets + 1];
-        for b in &bucket_ids {
-            starts[*b as usize + 1] += 1;
-        }
-        for b in 0..buckets {
-            starts[b + 1] += starts[b];
-        }
-        let mut cursor = starts.clone();
-        let mut order = vec![0u32; bucket_ids.len()];
-        for (row, b) in bucket_ids.iter().enumerate() {
-            order[cursor[*b as usize]] = row as u32;
-            cursor[*b as usize] += 1;
-        }
-        let order = UInt32Array::from(order);
-        for b in 0..buckets {
-            let (start, end) = (starts[b], starts[b + 1]);
-            if start == end {
-                continue;
-            }
-            let indices = order.slice(start, end - start);
-            let part = take_record_batch(&batch, &indices)?;
-            send(&workers.senders[b], part).await?;
-        }
-        Ok(())
-    }
-
-    /// Finishes every file, checks the primary key is unique, and commits the snapshot by
-    /// writing its manifest. On error the partly written data is removed.
+    /// Sorts and writes every bucket, checks the primary key is unique, and commits the
+    /// snapshot by writing its manifest. On error the partly written data is removed.
     pub async fn commit(mut self) -> Result<SnapshotManifest> {
         match self.finish().await {
             Ok(manifest) => Ok(manifest),
             Err(e) => {
-                self.abort_files().await;
+                self.remove_data().await;
                 Err(e)
             }
         }
     }
 
     async fn finish(&mut self) -> Result<SnapshotManifest> {
-        if self.schema.is_none() {
+        let Some((model_schema, stored_schema)) = self.schema.clone() else {
             // No batch at all, not even an empty one: nothing tells us the columns.
             return Err(SnapshotError::SchemaMismatch {
                 expected: "a schema from the source".into(),
                 got: "no record batches".into(),
             });
-        }
-        if self.workers.is_none() {
-            let buckets = buckets_for(self.pending_rows as u64);
-            self.start_workers(buckets);
-            self.flush_pending().await?;
-        }
-        let workers = self
-            .workers
-            .take()
-            .ok_or_else(|| SnapshotError::Task("writer not started".into()))?;
-        drop(workers.senders);
-        let mut files = Vec::new();
-        let mut first_error = None;
-        for handle in workers.handles {
-            match handle.await {
-                Ok(Ok(Some(file))) => files.push(file),
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                Err(e) => {
-                    first_error.get_or_insert(SnapshotError::Task(e.to_string()));
+        };
+        let buckets = self.spec.buckets.unwrap_or_else(|| buckets_for(self.rows));
+        let mut bucket_inputs: Vec<Vec<PathBuf>> = vec![Vec::new(); buckets as usize];
+        if let Some(spill) = self.spill.as_mut() {
+            for (p, partition) in spill.partitions.iter_mut().enumerate() {
+                if let Some(path) = partition.finish()? {
+                    bucket_inputs[p % buckets as usize].push(path);
                 }
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
+        let props = Arc::new(writer_properties(&self.spec, &self.id, &stored_schema));
+        let sort_dir = match &self.spill {
+            Some(spill) => spill.dir.path().to_path_buf(),
+            None => self.store.temp_dir(),
+        };
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(SORT_MEMORY_BYTES, 1.0)
+            .with_temp_file_path(sort_dir)
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(
+            SessionConfig::new()
+                .with_target_partitions(1)
+                .with_batch_size(8192),
+            runtime,
+        );
+        let jobs = bucket_inputs
+            .into_iter()
+            .enumerate()
+            .filter(|(_, inputs)| !inputs.is_empty())
+            .map(|(bucket, inputs)| BucketJob {
+                ctx: ctx.clone(),
+                store: self.store.clone(),
+                model: self.spec.model.clone(),
+                key_columns: self.spec.key_columns.clone(),
+                relative: format!(
+                    "{}/bucket-{bucket:04}-of-{buckets:04}.parquet",
+                    SnapshotStore::data_dir(&self.spec.model, &self.id)
+                ),
+                bucket: bucket as u32,
+                inputs,
+                schema: stored_schema.clone(),
+                props: props.clone(),
+            });
+        let outcomes: Vec<Result<BucketOutcome>> = futures::stream::iter(jobs)
+            .map(|job| async move {
+                tokio::spawn(job.run())
+                    .await
+                    .map_err(|e| SnapshotError::Task(e.to_string()))?
+            })
+            .buffer_unordered(PARALLEL_BUCKETS)
+            .collect()
+            .await;
+        let mut files = Vec::new();
+        let mut duplicates = Duplicates::default();
+        for outcome in outcomes {
+            let outcome = outcome?;
+            duplicates.merge(outcome.duplicates);
+            files.push(outcome.file);
+        }
+        if duplicates.keys > 0 {
+            return Err(SnapshotError::DuplicateKeys {
+                duplicate_keys: duplicates.keys,
+                examples: duplicates.examples.join(", "),
+            });
         }
         if files.is_empty() {
             // An empty snapshot still records its schema in one empty file.
-            files.push(self.write_empty_file(workers.buckets).await?);
+            files.push(self.write_empty_file(buckets, &stored_schema, &props).await?);
         }
         files.sort_by_key(|f| f.bucket);
-        let (model_schema, _) = self.schema.clone().unwrap_or_else(|| {
-            let empty = Arc::new(Schema::empty());
-            (empty.clone(), empty)
-        });
         let manifest = SnapshotManifest {
             format_version: FORMAT_VERSION,
             id: self.id.clone(),
@@ -327,64 +310,54 @@ impl SnapshotWriter {
             run_id: self.spec.run_id.clone(),
             extracted_at: self.extracted_at,
             key_columns: self.spec.key_columns.clone(),
-            buckets: workers.buckets,
+            buckets,
             rows: self.rows,
             columns: column_infos(&model_schema),
             files,
         };
-        check_unique_keys(&self.store, &manifest).await?;
+        let path = SnapshotStore::manifest_path(&manifest.model, &manifest.id);
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::BadManifest {
-            path: SnapshotStore::manifest_path(&manifest.model, &manifest.id),
+            path: path.clone(),
             reason: e.to_string(),
         })?;
-        self.store
-            .put(
-                &SnapshotStore::manifest_path(&manifest.model, &manifest.id),
-                bytes.into(),
-            )
-            .await?;
+        self.store.put(&path, bytes.into()).await?;
         Ok(manifest)
     }
 
-    async fn write_empty_file(&self, buckets: u32) -> Result<SnapshotFile> {
-        let stored = self
-            .schema
-            .as_ref()
-            .map(|(_, s)| s.clone())
-            .unwrap_or_else(|| Arc::new(Schema::empty()));
+    async fn write_empty_file(
+        &self,
+        buckets: u32,
+        schema: &SchemaRef,
+        props: &WriterProperties,
+    ) -> Result<SnapshotFile> {
         let relative = format!(
             "{}/bucket-0000-of-{buckets:04}.parquet",
             SnapshotStore::data_dir(&self.spec.model, &self.id)
         );
-        let props = writer_properties(&self.spec, &self.id, 1024);
         let sink = BufWriter::new(self.store.object_store(), self.store.path(&relative));
         let parquet_err = |source| SnapshotError::Parquet {
             model: self.spec.model.clone(),
             source,
         };
-        let mut writer = AsyncArrowWriter::try_new(sink, stored, Some(props)).map_err(parquet_err)?;
+        let mut writer =
+            AsyncArrowWriter::try_new(sink, schema.clone(), Some(props.clone())).map_err(parquet_err)?;
         writer.finish().await.map_err(parquet_err)?;
-        let bytes = writer.bytes_written() as u64;
         Ok(SnapshotFile {
             path: relative,
             bucket: 0,
             rows: 0,
-            bytes,
+            bytes: writer.bytes_written() as u64,
         })
     }
 
-    /// Abandons the snapshot: stops the writers and deletes what they wrote.
+    /// Abandons the snapshot: nothing it wrote stays.
     pub async fn abort(mut self) {
-        self.abort_files().await;
+        self.remove_data().await;
     }
 
-    async fn abort_files(&mut self) {
-        if let Some(workers) = self.workers.take() {
-            drop(workers.senders);
-            for handle in workers.handles {
-                let _ = handle.await;
-            }
-        }
+    async fn remove_data(&mut self) {
+        // The spill directory goes with `self.spill`.
+        self.spill = None;
         let dir = SnapshotStore::data_dir(&self.spec.model, &self.id);
         if let Ok(paths) = self.store.list(&dir).await {
             for path in paths {
@@ -396,18 +369,156 @@ impl SnapshotWriter {
     }
 }
 
-async fn send(sender: &mpsc::Sender<RecordBatch>, batch: RecordBatch) -> Result<()> {
-    sender
-        .send(batch)
-        .await
-        .map_err(|_| SnapshotError::Task("a bucket writer stopped early (see the error above)".into()))
+impl Spill {
+    fn new(store: &SnapshotStore, schema: &SchemaRef) -> Result<Self> {
+        let base = store.temp_dir();
+        std::fs::create_dir_all(&base).map_err(|e| spill_error(&base, e))?;
+        let dir = tempfile::Builder::new()
+            .prefix("snapshot-")
+            .tempdir_in(&base)
+            .map_err(|e| spill_error(&base, e))?;
+        let partitions = (0..PARTITIONS)
+            .map(|p| SpillPartition {
+                coalescer: BatchCoalescer::new(schema.clone(), SPILL_BATCH_ROWS),
+                writer: None,
+                path: dir.path().join(format!("part-{p:04}.arrow")),
+                rows: 0,
+            })
+            .collect();
+        Ok(Self { dir, partitions })
+    }
 }
 
-fn writer_properties(spec: &SnapshotSpec, id: &str, row_group_rows: usize) -> WriterProperties {
+impl SpillPartition {
+    fn push(&mut self, batch: RecordBatch, indices: &UInt32Array) -> Result<()> {
+        self.coalescer.push_batch_with_indices(batch, indices)?;
+        while let Some(full) = self.coalescer.next_completed_batch() {
+            self.write(&full)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let writer = match self.writer.as_mut() {
+            Some(w) => w,
+            None => {
+                let file = File::create(&self.path).map_err(|e| spill_error(&self.path, e))?;
+                self.writer
+                    .insert(IpcWriter::try_new(FileBuffer::new(file), &batch.schema())?)
+            }
+        };
+        writer.write(batch)?;
+        self.rows += batch.num_rows() as u64;
+        Ok(())
+    }
+
+    /// Flushes what is buffered; returns the file, or `None` when the partition is empty.
+    fn finish(&mut self) -> Result<Option<PathBuf>> {
+        self.coalescer.finish_buffered_batch()?;
+        while let Some(batch) = self.coalescer.next_completed_batch() {
+            self.write(&batch)?;
+        }
+        match self.writer.take() {
+            Some(mut writer) => {
+                writer.finish()?;
+                Ok(Some(self.path.clone()))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn spill_error(path: &std::path::Path, e: std::io::Error) -> SnapshotError {
+    SnapshotError::InvalidLocation {
+        location: path.display().to_string(),
+        reason: format!("cannot write spill files: {e}"),
+    }
+}
+
+/// Phase two for one bucket.
+struct BucketJob {
+    ctx: SessionContext,
+    store: SnapshotStore,
+    model: String,
+    key_columns: Vec<String>,
+    relative: String,
+    bucket: u32,
+    inputs: Vec<PathBuf>,
+    schema: SchemaRef,
+    props: Arc<WriterProperties>,
+}
+
+struct BucketOutcome {
+    file: SnapshotFile,
+    duplicates: Duplicates,
+}
+
+impl BucketJob {
+    async fn run(self) -> Result<BucketOutcome> {
+        let paths: Vec<String> = self.inputs.iter().map(|p| p.display().to_string()).collect();
+        let sort: Vec<_> = self
+            .key_columns
+            .iter()
+            .map(|k| ident(k).sort(true, false))
+            .collect();
+        let options = ArrowReadOptions {
+            schema: Some(&self.schema),
+            ..Default::default()
+        };
+        let mut stream = self
+            .ctx
+            .read_arrow(paths, options)
+            .await?
+            .sort(sort)?
+            .execute_stream()
+            .await?;
+        let parquet_err = |source| SnapshotError::Parquet {
+            model: self.model.clone(),
+            source,
+        };
+        let sink = BufWriter::new(self.store.object_store(), self.store.path(&self.relative));
+        let mut writer = AsyncArrowWriter::try_new(sink, self.schema.clone(), Some((*self.props).clone()))
+            .map_err(parquet_err)?;
+        let mut detector = DuplicateDetector::new(&self.schema, &self.key_columns)?;
+        let mut rows = 0u64;
+        while let Some(batch) = stream.try_next().await? {
+            detector.check(&batch)?;
+            rows += batch.num_rows() as u64;
+            writer.write(&batch).await.map_err(parquet_err)?;
+        }
+        writer.finish().await.map_err(parquet_err)?;
+        Ok(BucketOutcome {
+            file: SnapshotFile {
+                path: self.relative,
+                bucket: self.bucket,
+                rows,
+                bytes: writer.bytes_written() as u64,
+            },
+            duplicates: detector.finish(),
+        })
+    }
+}
+
+fn writer_properties(spec: &SnapshotSpec, id: &str, schema: &Schema) -> WriterProperties {
+    let key_indices: Vec<usize> = spec
+        .key_columns
+        .iter()
+        .filter_map(|k| schema.index_of(k).ok())
+        .collect();
     let mut builder = WriterProperties::builder()
-        .set_max_row_group_row_count(Some(row_group_rows))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_compression(Compression::SNAPPY)
         .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")))
+        .set_sorting_columns(Some(
+            key_indices
+                .iter()
+                .map(|i| SortingColumn {
+                    column_idx: *i as i32,
+                    descending: false,
+                    nulls_first: false,
+                })
+                .collect(),
+        ))
         .set_key_value_metadata(Some(vec![
             KeyValue::new("sluice.format_version".into(), FORMAT_VERSION.to_string()),
             KeyValue::new("sluice.snapshot_id".into(), id.to_string()),
@@ -421,133 +532,135 @@ fn writer_properties(spec: &SnapshotSpec, id: &str, row_group_rows: usize) -> Wr
         .set_column_encoding(hash.clone(), Encoding::PLAIN)
         .set_column_compression(hash.clone(), Compression::UNCOMPRESSED)
         .set_column_statistics_enabled(hash, EnabledStatistics::None);
-    // Keys are unique within a snapshot, so a dictionary never pays off.
+    // Keys are unique, so dictionaries never pay off; the diff reads them on every run, so
+    // fixed-width keys stay plain and uncompressed (decoding is a copy).
     for key in &spec.key_columns {
-        builder = builder.set_column_dictionary_enabled(ColumnPath::from(key.as_str()), false);
+        let path = ColumnPath::from(key.as_str());
+        builder = builder.set_column_dictionary_enabled(path.clone(), false);
+        let fixed_width = schema
+            .field_with_name(key)
+            .is_ok_and(|f| f.data_type().is_primitive() || f.data_type() == &DataType::Boolean);
+        if fixed_width {
+            builder = builder
+                .set_column_encoding(path.clone(), Encoding::PLAIN)
+                .set_column_compression(path, Compression::UNCOMPRESSED);
+        }
     }
     builder.build()
 }
 
-struct BucketWorker {
-    store: SnapshotStore,
-    model: String,
-    relative: String,
-    bucket: u32,
-    schema: SchemaRef,
-    props: Arc<WriterProperties>,
+/// Duplicate keys found in one bucket.
+#[derive(Debug, Default)]
+struct Duplicates {
+    /// Distinct key values that occur more than once.
+    keys: u64,
+    /// A few of them, described as `id=2 (×3)`.
+    examples: Vec<String>,
 }
 
-impl BucketWorker {
-    async fn run(self, mut rx: mpsc::Receiver<RecordBatch>) -> Result<Option<SnapshotFile>> {
-        let parquet_err = |source| SnapshotError::Parquet {
-            model: self.model.clone(),
-            source,
-        };
-        let mut writer: Option<AsyncArrowWriter<BufWriter>> = None;
-        let mut rows = 0u64;
-        while let Some(batch) = rx.recv().await {
-            let w = match writer.as_mut() {
-                Some(w) => w,
-                None => {
-                    let sink = BufWriter::new(self.store.object_store(), self.store.path(&self.relative));
-                    writer.insert(
-                        AsyncArrowWriter::try_new(sink, self.schema.clone(), Some((*self.props).clone()))
-                            .map_err(parquet_err)?,
-                    )
-                }
-            };
-            rows += batch.num_rows() as u64;
-            w.write(&batch).await.map_err(parquet_err)?;
-        }
-        let Some(mut writer) = writer else {
-            return Ok(None);
-        };
-        writer.finish().await.map_err(parquet_err)?;
-        Ok(Some(SnapshotFile {
-            path: self.relative,
-            bucket: self.bucket,
-            rows,
-            bytes: writer.bytes_written() as u64,
-        }))
-    }
-}
-
-/// Fails when any primary key value occurs more than once. Runs bucket by bucket (a key's
-/// duplicates always share its bucket), so memory is bounded by one bucket.
-async fn check_unique_keys(store: &SnapshotStore, manifest: &SnapshotManifest) -> Result<()> {
-    if manifest.rows <= 1 {
-        return Ok(());
-    }
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-    store.register_with(&ctx);
-    let keys: Vec<_> = manifest.key_columns.iter().map(ident).collect();
-    let per_bucket = futures::stream::iter(manifest.files.iter().filter(|f| f.rows > 1))
-        .map(|file| {
-            let ctx = ctx.clone();
-            let keys = keys.clone();
-            async move {
-                let df = ctx
-                    .read_parquet(store.url(&file.path).to_string(), ParquetReadOptions::default())
-                    .await?
-                    .aggregate(keys, vec![count(lit(1)).alias("__n")])?
-                    .filter(ident("__n").gt(lit(1)))?;
-                let batches = df.collect().await?;
-                Ok::<_, SnapshotError>(batches)
+impl Duplicates {
+    fn merge(&mut self, other: Duplicates) {
+        self.keys += other.keys;
+        for example in other.examples {
+            if self.examples.len() < 5 {
+                self.examples.push(example);
             }
+        }
+    }
+}
+
+/// Finds runs of equal keys in a key-sorted stream of batches.
+struct DuplicateDetector {
+    key_indices: Vec<usize>,
+    key_names: Vec<String>,
+    converter: RowConverter,
+    /// The last key seen, as comparable row bytes, with its description and run length.
+    last: Option<(Vec<u8>, String, u64)>,
+    found: Duplicates,
+}
+
+impl DuplicateDetector {
+    fn new(schema: &Schema, key_columns: &[String]) -> Result<Self> {
+        let mut key_indices = Vec::new();
+        let mut fields = Vec::new();
+        for key in key_columns {
+            let index = schema
+                .index_of(key)
+                .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })?;
+            fields.push(SortField::new(schema.field(index).data_type().clone()));
+            key_indices.push(index);
+        }
+        Ok(Self {
+            key_indices,
+            key_names: key_columns.to_vec(),
+            converter: RowConverter::new(fields)?,
+            last: None,
+            found: Duplicates::default(),
         })
-        .buffer_unordered(2)
-        .try_collect::<Vec<_>>()
-        .await?;
-    let mut duplicate_keys = 0u64;
-    let mut examples = Vec::new();
-    for batch in per_bucket.into_iter().flatten() {
-        duplicate_keys += batch.num_rows() as u64;
-        for row in 0..batch.num_rows() {
-            if examples.len() >= 5 {
-                break;
+    }
+
+    fn check(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let columns: Vec<ArrayRef> = self
+            .key_indices
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        let rows = self.converter.convert_columns(&columns)?;
+        for i in 0..rows.num_rows() {
+            let row = rows.row(i);
+            match &mut self.last {
+                Some((bytes, _, count)) if bytes.as_slice() == row.as_ref() => *count += 1,
+                _ => {
+                    self.close_run();
+                    self.last = Some((
+                        row.as_ref().to_vec(),
+                        describe_key(&columns, &self.key_names, i)?,
+                        1,
+                    ));
+                }
             }
-            examples.push(describe_key(&batch, &manifest.key_columns, row)?);
+        }
+        Ok(())
+    }
+
+    fn close_run(&mut self) {
+        if let Some((_, description, count)) = self.last.take() {
+            if count > 1 {
+                self.found.keys += 1;
+                if self.found.examples.len() < 5 {
+                    self.found.examples.push(format!("{description} (×{count})"));
+                }
+            }
         }
     }
-    if duplicate_keys > 0 {
-        return Err(SnapshotError::DuplicateKeys {
-            duplicate_keys,
-            examples: examples.join(", "),
-        });
+
+    fn finish(mut self) -> Duplicates {
+        self.close_run();
+        self.found
     }
-    Ok(())
 }
 
-/// Quotes a column name for DataFusion's `col`, which otherwise lowercases and splits on dots.
-pub fn quoted(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `id=42` or `(a=1, b='x') ×3` style description of one key row of an aggregated batch that
-/// has the key columns followed by a count column `__n`.
-fn describe_key(batch: &RecordBatch, key_columns: &[String], row: usize) -> Result<String> {
+/// `id=42` or `a=1, b=x` for row `row` of the key columns.
+fn describe_key(columns: &[ArrayRef], names: &[String], row: usize) -> Result<String> {
     use arrow::util::display::{ArrayFormatter, FormatOptions};
     let options = FormatOptions::default().with_null("NULL");
-    let mut parts = Vec::new();
-    for key in key_columns {
-        let array = batch
-            .column_by_name(key)
-            .ok_or_else(|| SnapshotError::MissingKeyColumn { column: key.clone() })?;
-        let formatter = ArrayFormatter::try_new(array.as_ref(), &options)?;
-        parts.push(format!("{key}={}", formatter.value(row)));
+    let mut parts = Vec::with_capacity(columns.len());
+    for (column, name) in columns.iter().zip(names) {
+        let formatter = ArrayFormatter::try_new(column.as_ref(), &options)?;
+        parts.push(format!("{name}={}", formatter.value(row)));
     }
-    let count = batch
-        .column_by_name("__n")
-        .and_then(|a| a.as_any().downcast_ref::<arrow::array::Int64Array>())
-        .map(|a| a.value(row))
-        .unwrap_or(2);
-    Ok(format!("{} (×{count})", parts.join(", ")))
+    Ok(parts.join(", "))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Int64Array, StringArray};
+    use arrow::array::{AsArray, Int64Array, StringArray};
+    use arrow::datatypes::Int64Type;
+    use datafusion::prelude::ParquetReadOptions;
 
     fn users(ids: &[i64]) -> RecordBatch {
         let names: Vec<String> = ids.iter().map(|i| format!("user {i}")).collect();
@@ -558,13 +671,19 @@ mod tests {
         .unwrap()
     }
 
-    fn spec(expected_rows: Option<u64>) -> SnapshotSpec {
+    fn spec(buckets: Option<u32>) -> SnapshotSpec {
         SnapshotSpec {
             model: "users".into(),
             run_id: "run-1".into(),
             key_columns: vec!["id".into()],
-            expected_rows,
+            buckets,
         }
+    }
+
+    fn store(dir: &tempfile::TempDir) -> SnapshotStore {
+        SnapshotStore::open("s", dir.path(), [])
+            .unwrap()
+            .with_temp_dir(dir.path().join("tmp"))
     }
 
     #[test]
@@ -573,30 +692,53 @@ mod tests {
         assert_eq!(buckets_for(999_999), 1);
         assert_eq!(buckets_for(10_000_000), 16);
         assert_eq!(buckets_for(30_000_000), 32);
-        assert_eq!(buckets_for(u64::MAX), MAX_BUCKETS);
+        assert_eq!(buckets_for(u64::MAX), PARTITIONS);
     }
 
     #[tokio::test]
-    async fn small_snapshot_is_one_file_and_commits_with_a_manifest() {
+    async fn small_snapshot_is_one_sorted_file_and_commits_with_a_manifest() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open("s", dir.path(), []).unwrap();
+        let store = store(&dir);
         let mut w = SnapshotWriter::new(store.clone(), spec(None));
-        w.write(users(&[1, 2, 3])).await.unwrap();
-        w.write(users(&[4])).await.unwrap();
+        w.write(users(&[3, 1, 2])).await.unwrap();
+        w.write(users(&[0])).await.unwrap();
         let manifest = w.commit().await.unwrap();
         assert_eq!(manifest.rows, 4);
         assert_eq!(manifest.buckets, 1);
         assert_eq!(manifest.files.len(), 1);
         let listed = store.list_snapshots("users").await.unwrap();
-        assert_eq!(listed, vec![manifest]);
+        assert_eq!(listed, vec![manifest.clone()]);
+        let ctx = SessionContext::new();
+        let batches = ctx
+            .read_parquet(
+                store.url(&manifest.files[0].path).to_string(),
+                ParquetReadOptions::default(),
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let ids: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+            .collect();
+        assert_eq!(ids, [0, 1, 2, 3]);
+        assert!(
+            std::fs::read_dir(dir.path().join("tmp"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "spill files are removed"
+        );
     }
 
     #[tokio::test]
-    async fn bucketed_snapshot_places_every_row_in_its_bucket() {
+    async fn bucketed_snapshot_places_every_row_in_its_bucket_in_key_order() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open("s", dir.path(), []).unwrap();
-        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4_000_000)));
-        let ids: Vec<i64> = (0..5000).collect();
+        let store = store(&dir);
+        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4)));
+        let ids: Vec<i64> = (0..5000).rev().collect();
         w.write(users(&ids)).await.unwrap();
         let manifest = w.commit().await.unwrap();
         assert_eq!(manifest.buckets, 4);
@@ -610,9 +752,14 @@ mod tests {
                 .collect()
                 .await
                 .unwrap();
+            let mut previous = i64::MIN;
             for batch in batches {
                 let keys = key_hashes(&batch, &["id".to_string()]).unwrap();
                 assert!(keys.iter().all(|k| bucket_of(*k, 4) == file.bucket));
+                for id in batch.column(0).as_primitive::<Int64Type>().values() {
+                    assert!(*id > previous, "sorted by key");
+                    previous = *id;
+                }
             }
         }
     }
@@ -620,9 +767,10 @@ mod tests {
     #[tokio::test]
     async fn duplicate_keys_are_refused_and_nothing_is_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open("s", dir.path(), []).unwrap();
+        let store = store(&dir);
         let mut w = SnapshotWriter::new(store.clone(), spec(None));
-        w.write(users(&[1, 2, 2, 3, 3, 3])).await.unwrap();
+        w.write(users(&[1, 2, 3, 3])).await.unwrap();
+        w.write(users(&[2, 3])).await.unwrap();
         let err = w.commit().await.unwrap_err().to_string();
         assert!(
             err.contains("2 primary key value(s) occur more than once"),
@@ -636,7 +784,7 @@ mod tests {
     #[tokio::test]
     async fn null_keys_and_reserved_names_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open("s", dir.path(), []).unwrap();
+        let store = store(&dir);
         let batch = RecordBatch::try_from_iter(vec![(
             "id",
             Arc::new(Int64Array::from(vec![Some(1), None])) as ArrayRef,
@@ -662,7 +810,7 @@ mod tests {
     #[tokio::test]
     async fn empty_model_still_records_its_schema() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open("s", dir.path(), []).unwrap();
+        let store = store(&dir);
         let mut w = SnapshotWriter::new(store.clone(), spec(None));
         w.write(users(&[])).await.unwrap();
         let manifest = w.commit().await.unwrap();

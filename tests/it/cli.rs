@@ -1,0 +1,436 @@
+//! End to end through the `sluice` binary, against a local HTTP receiver.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+
+use crate::common::{Receiver, TestProject, User, result_row, stderr, stdout, user, webhook_config};
+
+fn users() -> Vec<User> {
+    vec![
+        user(1, "ada@example.com", "free", 10),
+        user(2, "grace@example.com", "pro", 20),
+        user(3, "linus@example.com", "free", 30),
+        user(4, "ken@example.com", "starter", 40),
+        user(5, "barbara@example.com", "pro", 50),
+    ]
+}
+
+fn ids(records: &[Value]) -> Vec<(String, i64)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r["op"].as_str().unwrap_or_default().to_string(),
+                r["key"]["id"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Answers 200 with the records whose key is in `fail` listed as failed (by index).
+fn fail_keys(fail: HashSet<i64>) -> impl FnMut(&Value) -> axum::response::Response + Send + 'static {
+    move |body: &Value| {
+        let failed: Vec<Value> = body["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, r)| r["key"]["id"].as_i64().is_some_and(|id| fail.contains(&id)))
+            .map(|(i, _)| json!({"index": i, "error": "invalid email"}))
+            .collect();
+        (StatusCode::OK, axum::Json(json!({ "failed": failed }))).into_response()
+    }
+}
+
+#[tokio::test]
+async fn second_run_sends_exactly_the_changes() {
+    let receiver = Receiver::start().await;
+    let project = TestProject::new(&webhook_config(&receiver.url, ""));
+    project.write_users(&users());
+
+    let first = project.sluice(&["run"]).await;
+    assert!(first.status.success(), "{}\n{}", stdout(&first), stderr(&first));
+    let row = result_row(&first, "users_to_crm");
+    assert_eq!(
+        row[1..9],
+        ["succeeded", "5", "5", "0", "0", "5", "0", "0"],
+        "{}",
+        stdout(&first)
+    );
+    let requests = receiver.take();
+    assert_eq!(requests.len(), 3, "batch_size 2 makes 3 requests for 5 records");
+    assert_eq!(requests[0].headers["x-sluice-mapping"], "users_to_crm");
+
+    // Grace upgrades, Linus leaves, Barbara's score changes, Edsger signs up.
+    let mut changed = users();
+    changed[1].plan = "enterprise";
+    changed.remove(2);
+    changed[3].lead_score = 55;
+    changed.push(user(6, "edsger@example.com", "free", 60));
+    project.write_users(&changed);
+
+    let second = project.sluice(&["run"]).await;
+    assert!(
+        second.status.success(),
+        "{}\n{}",
+        stdout(&second),
+        stderr(&second)
+    );
+    let row = result_row(&second, "users_to_crm");
+    assert_eq!(
+        row[1..9],
+        ["succeeded", "5", "1", "2", "1", "4", "0", "0"],
+        "{}",
+        stdout(&second)
+    );
+    insta::assert_json_snapshot!("second_run_payloads", receiver.take_records());
+
+    let third = project.sluice(&["run"]).await;
+    assert!(third.status.success());
+    assert!(receiver.take().is_empty(), "nothing changed, nothing is sent");
+}
+
+#[tokio::test]
+async fn failed_records_are_sent_again_and_nothing_else() {
+    let receiver = Receiver::start().await;
+    let project = TestProject::new(&webhook_config(&receiver.url, ""));
+    project.write_users(&users());
+
+    receiver.respond_with(fail_keys(HashSet::from([2, 4])));
+    let first = project.sluice(&["run"]).await;
+    assert_eq!(
+        first.status.code(),
+        Some(2),
+        "partial runs exit with 2: {}",
+        stdout(&first)
+    );
+    let row = result_row(&first, "users_to_crm");
+    assert_eq!(
+        row[1..9],
+        ["partial", "5", "5", "0", "0", "3", "2", "0"],
+        "{}",
+        stdout(&first)
+    );
+    assert!(
+        stdout(&first).contains("2 record(s) failed and will be sent again"),
+        "{}",
+        stdout(&first)
+    );
+    let first_records = receiver.take_records();
+    let first_ids: Vec<&Value> = first_records
+        .iter()
+        .filter(|r| [2, 4].contains(&r["key"]["id"].as_i64().unwrap_or(0)))
+        .collect();
+
+    // Nothing changed in the model: only the two failed records go again, still as added, with
+    // the same message ids.
+    receiver.respond_with(|_: &Value| StatusCode::OK.into_response());
+    let second = project.sluice(&["run"]).await;
+    assert!(second.status.success(), "{}", stdout(&second));
+    let retried = receiver.take_records();
+    assert_eq!(
+        ids(&retried),
+        [("added".to_string(), 2), ("added".to_string(), 4)]
+    );
+    assert_eq!(
+        retried.iter().collect::<Vec<_>>(),
+        first_ids,
+        "the retried records are the same messages"
+    );
+
+    // An update and a delete that fail are an update and a delete next time.
+    let mut changed = users();
+    changed[0].plan = "pro";
+    changed.remove(4);
+    project.write_users(&changed);
+    receiver.respond_with(fail_keys(HashSet::from([1, 5])));
+    let third = project.sluice(&["run"]).await;
+    assert_eq!(third.status.code(), Some(2), "{}", stdout(&third));
+    let failed = receiver.take_records();
+    assert_eq!(
+        ids(&failed),
+        [("deleted".to_string(), 5), ("updated".to_string(), 1)]
+    );
+
+    receiver.respond_with(|_: &Value| StatusCode::OK.into_response());
+    let fourth = project.sluice(&["run"]).await;
+    assert!(fourth.status.success(), "{}", stdout(&fourth));
+    let retried = receiver.take_records();
+    assert_eq!(
+        retried, failed,
+        "the same update and delete, the delete carrying the old row"
+    );
+    assert_eq!(retried[0]["data"]["email"], "barbara@example.com");
+
+    let fifth = project.sluice(&["run"]).await;
+    assert!(fifth.status.success());
+    assert!(
+        receiver.take().is_empty(),
+        "everything acknowledged: nothing more to send"
+    );
+
+    let history = project.sluice(&["runs", "--failures", "10"]).await;
+    let text = stdout(&history);
+    assert!(
+        text.contains("invalid email") && text.contains("{\"id\":5}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_and_server_errors_are_retried_then_reported() {
+    let receiver = Receiver::start().await;
+    let project = TestProject::new(&webhook_config(&receiver.url, ""));
+    project.write_users(&users()[..2]);
+
+    // Two 429s with Retry-After, then success: delivered, nothing failed.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    receiver.respond_with(move |_: &Value| {
+        if counter.fetch_add(1, Ordering::SeqCst) < 2 {
+            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "0")], "slow down").into_response()
+        } else {
+            StatusCode::OK.into_response()
+        }
+    });
+    let first = project.sluice(&["run"]).await;
+    assert!(first.status.success(), "{}", stdout(&first));
+    assert_eq!(result_row(&first, "users_to_crm")[6..8], ["2", "0"]);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    receiver.take();
+
+    // A destination that stays down: every attempt fails, the records are reported and kept.
+    project.write_users(&users()[..3]);
+    receiver.respond_with(|_: &Value| (StatusCode::SERVICE_UNAVAILABLE, "maintenance").into_response());
+    let second = project.sluice(&["run"]).await;
+    assert_eq!(second.status.code(), Some(2), "{}", stdout(&second));
+    assert_eq!(result_row(&second, "users_to_crm")[6..8], ["0", "1"]);
+    assert_eq!(receiver.take().len(), 3, "max_attempts is 3");
+    let history = stdout(&project.sluice(&["runs", "--failures", "5"]).await);
+    assert!(
+        history.contains("HTTP 503 Service Unavailable: maintenance (gave up after 3 attempts)"),
+        "{history}"
+    );
+
+    // A 400 is not retried.
+    receiver.respond_with(|_: &Value| (StatusCode::BAD_REQUEST, "bad payload").into_response());
+    let third = project.sluice(&["run"]).await;
+    assert_eq!(third.status.code(), Some(2));
+    assert_eq!(receiver.take().len(), 1);
+
+    receiver.respond_with(|_: &Value| StatusCode::OK.into_response());
+    let fourth = project.sluice(&["run"]).await;
+    assert!(fourth.status.success());
+    assert_eq!(ids(&receiver.take_records()), [("added".to_string(), 3)]);
+}
+
+#[tokio::test]
+async fn bad_input_fails_clearly_and_sends_nothing() {
+    let receiver = Receiver::start().await;
+    let project = TestProject::new(&webhook_config(&receiver.url, ""));
+
+    let mut duplicated = users();
+    duplicated.push(user(2, "again@example.com", "free", 1));
+    duplicated.push(user(2, "thrice@example.com", "free", 1));
+    duplicated.push(user(4, "twice@example.com", "free", 1));
+    project.write_users(&duplicated);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(
+        text.contains("2 primary key value(s) occur more than once"),
+        "{text}"
+    );
+    assert!(text.contains("id=2 (×3)") && text.contains("id=4 (×2)"), "{text}");
+
+    let mut null_key = users();
+    null_key[0].email = None;
+    project.write_users(&null_key);
+    let config = webhook_config(&receiver.url, "").replace("primary_key: id", "primary_key: email");
+    std::fs::write(project.config_path(), &config).expect("config");
+    let text = stdout(&project.sluice(&["run"]).await);
+    assert!(
+        text.contains("primary key column `email` is NULL in 1 row(s)"),
+        "{text}"
+    );
+
+    project.write_users(&users());
+    std::fs::write(
+        project.config_path(),
+        config.replace("primary_key: email", "primary_key: uid"),
+    )
+    .expect("config");
+    let text = stdout(&project.sluice(&["run"]).await);
+    assert!(
+        text.contains("primary key column `uid` is not among the columns the query returns"),
+        "{text}"
+    );
+
+    let config = webhook_config(&receiver.url, "").replace("SELECT id, email", "SELECT id, emial");
+    std::fs::write(project.config_path(), config).expect("config");
+    let text = stdout(&project.sluice(&["run"]).await);
+    assert!(
+        text.contains("model `users`: the query failed in source `warehouse`"),
+        "{text}"
+    );
+    assert!(text.contains("emial"), "{text}");
+
+    let config = webhook_config(&receiver.url, "").replace("    send:", "    sned:");
+    std::fs::write(project.config_path(), config).expect("config");
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert!(
+        text.contains("sluice.yaml:25: mappings.users_to_crm: unknown field `sned`"),
+        "{text}"
+    );
+
+    let config = webhook_config(&receiver.url, "").replace("destination: crm", "destination: hubspot");
+    std::fs::write(project.config_path(), config).expect("config");
+    let text = stderr(&project.sluice(&["run"]).await);
+    assert!(
+        text.contains(
+            "mapping `users_to_crm` uses destination `hubspot`, which is not defined (defined: `crm`)"
+        ),
+        "{text}"
+    );
+
+    let config = webhook_config(&receiver.url, "").replace("\"traits.plan\": plan", "\"traits.plan\": plann");
+    std::fs::write(project.config_path(), config).expect("config");
+    let text = stdout(&project.sluice(&["run"]).await);
+    assert!(
+        text.contains("maps column `plann`, which model `users` does not return"),
+        "{text}"
+    );
+
+    assert!(
+        receiver.take().is_empty(),
+        "no bad input ever reaches the destination"
+    );
+}
+
+#[tokio::test]
+async fn a_changed_model_schema_is_not_an_error() {
+    let receiver = Receiver::start().await;
+    let project = TestProject::new(&webhook_config(&receiver.url, ""));
+    project.write_users(&users());
+    assert!(project.sluice(&["run"]).await.status.success());
+    receiver.take();
+
+    // The model stops returning lifetime_value: every row's hash changes, so every row is an
+    // update, and the run says why.
+    let config = webhook_config(&receiver.url, "").replace(", lifetime_value FROM", " FROM");
+    std::fs::write(project.config_path(), config).expect("config");
+    let output = project.sluice(&["run"]).await;
+    assert!(output.status.success(), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("the model's columns changed since the last sync: removed `lifetime_value`")
+    );
+    assert_eq!(result_row(&output, "users_to_crm")[3..6], ["0", "5", "0"]);
+}
+
+#[tokio::test]
+async fn full_resync_sends_every_row_as_added() {
+    let receiver = Receiver::start().await;
+    let project = TestProject::new(&webhook_config(&receiver.url, ""));
+    project.write_users(&users());
+    assert!(project.sluice(&["run"]).await.status.success());
+    let first = receiver.take_records();
+    let full = project.sluice(&["run", "--full", "users_to_crm"]).await;
+    assert!(full.status.success(), "{}", stdout(&full));
+    assert_eq!(
+        receiver.take_records(),
+        first,
+        "a backfill resends the same messages"
+    );
+    assert!(project.sluice(&["run"]).await.status.success());
+    assert!(receiver.take().is_empty());
+    let unknown = project.sluice(&["run", "nope"]).await;
+    assert!(
+        stderr(&unknown).contains("unknown mapping `nope` (defined: users_to_crm)"),
+        "{}",
+        stderr(&unknown)
+    );
+}
+
+#[tokio::test]
+async fn file_destination_writes_each_runs_records() {
+    let receiver = Receiver::start().await;
+    let extra = "  archive:\n    type: file\n    url: exports\n    format: csv\n";
+    let config = format!(
+        "{}  users_to_archive:\n    model: users\n    destination: archive\n",
+        webhook_config(&receiver.url, extra)
+    );
+    let project = TestProject::new(&config);
+    project.write_users(&users());
+    let output = project.sluice(&["run", "users_to_archive"]).await;
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let dir = project.path().join("exports/users_to_archive");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("exports")
+        .filter_map(|e| e.ok())
+        .collect();
+    assert_eq!(files.len(), 1);
+    let csv = std::fs::read_to_string(files[0].path()).expect("csv");
+    let mut lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines.remove(0),
+        "_op,_message_id,_key,id,email,plan,lead_score,lifetime_value"
+    );
+    assert_eq!(lines.len(), 5);
+    let ada = lines.iter().find(|l| l.contains("ada@")).expect("ada's row");
+    assert!(
+        ada.starts_with("added,") && ada.ends_with(",\"{\"\"id\"\":1}\",1,ada@example.com,free,10,10.5"),
+        "{ada}"
+    );
+    assert!(receiver.take().is_empty(), "only the named mapping ran");
+    // No changes: no file.
+    assert!(
+        project
+            .sluice(&["run", "users_to_archive"])
+            .await
+            .status
+            .success()
+    );
+    assert_eq!(std::fs::read_dir(&dir).expect("exports").count(), 1);
+}
+
+#[tokio::test]
+async fn quickstart_runs_on_a_fresh_machine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("demo");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["quickstart", "--dir"])
+        .arg(&target)
+        .output()
+        .await
+        .expect("quickstart");
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}\n{}", stderr(&output));
+    assert!(text.contains("== first sync: every user is new =="), "{text}");
+    assert!(text.contains("\"op\":\"deleted\""), "{text}");
+    assert_eq!(
+        std::fs::read_dir(target.join("out/users_to_crm"))
+            .expect("out")
+            .count(),
+        2
+    );
+    let again = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["quickstart", "--dir"])
+        .arg(&target)
+        .output()
+        .await
+        .expect("quickstart");
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("already exists"));
+}

@@ -1,0 +1,5 @@
+//! Integration tests, one binary (linking DataFusion once).
+
+mod cli;
+mod common;
+mod diff_properties;
