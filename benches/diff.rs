@@ -49,10 +49,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             )?;
             runtime.block_on(generate(&dir, rows, buckets))
         }
-        Some("sortexp") => {
-            let dir = absolute(PathBuf::from(flag("--dir").ok_or("--dir is required")?))?;
-            runtime.block_on(sort_experiment(&dir))
-        }
         Some("diff") => {
             let dir = absolute(PathBuf::from(flag("--dir").ok_or("--dir is required")?))?;
             runtime.block_on(diff(&dir))
@@ -263,7 +259,7 @@ async fn diff(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         exceptions: None,
     };
     let differ = Differ::new(store, Arc::new(new), Some(baseline)).await?;
-    let parallelism = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let parallelism = sluice_engine::diff::parallelism();
     let mut counts = ChangeCounts::default();
     let mut changed_rows_held = 0usize;
     let mut results = futures::stream::iter(0..differ.buckets())
@@ -290,139 +286,5 @@ async fn diff(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
             "seconds": seconds,
         })
     );
-    Ok(())
-}
-
-/// Experiment: sorted key+hash bucket files, SMJ vs hash join.
-pub async fn sort_experiment(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    use datafusion::prelude::*;
-    use sluice_engine::datafusion;
-    let pair: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("pair.json"))?)?;
-    let store = SnapshotStore::open(&dir.display().to_string(), Path::new("/"), [])?;
-    let old = store.snapshot("old", pair["old"].as_str().unwrap()).await?;
-    let new = store.snapshot("new", pair["new"].as_str().unwrap()).await?;
-    let out = dir.join("sorted");
-    if !out.exists() {
-        let ctx = SessionContext::new();
-        for (name, m) in [("old", &old), ("new", &new)] {
-            for f in &m.files {
-                let df = ctx
-                    .read_parquet(store.url(&f.path).to_string(), ParquetReadOptions::default())
-                    .await?
-                    .select(vec![ident("id"), ident("__sluice_row_hash")])?
-                    .sort(vec![ident("id").sort(true, false)])?;
-                let target = out.join(name).join(format!("b{:04}.parquet", f.bucket));
-                std::fs::create_dir_all(target.parent().unwrap())?;
-                let batches = df.collect().await?;
-                let file = std::fs::File::create(&target)?;
-                let props = parquet::file::properties::WriterProperties::builder()
-                    .set_compression(parquet::basic::Compression::UNCOMPRESSED)
-                    .set_dictionary_enabled(false)
-                    .set_max_row_group_row_count(Some(1 << 20))
-                    .build();
-                let mut w = parquet::arrow::ArrowWriter::try_new(file, batches[0].schema(), Some(props))?;
-                for b in &batches {
-                    w.write(b)?;
-                }
-                w.close()?;
-            }
-        }
-    }
-    let buckets = new.buckets;
-    for round in 0..3 {
-        for smj in [false, true] {
-            let started = Instant::now();
-            let mut results = futures::stream::iter(0..buckets)
-                .map(|b| {
-                    let out = out.clone();
-                    tokio::spawn(async move {
-                        use datafusion::physical_plan::{ExecutionPlan, expressions::Column as PCol};
-                        let config = SessionConfig::new()
-                            .with_target_partitions(1)
-                            .with_batch_size(65536);
-                        let ctx = SessionContext::new_with_config(config);
-                        let opts = || {
-                            ParquetReadOptions::default()
-                                .file_sort_order(vec![vec![ident("id").sort(true, false)]])
-                        };
-                        let n = ctx
-                            .read_parquet(
-                                out.join("new")
-                                    .join(format!("b{b:04}.parquet"))
-                                    .display()
-                                    .to_string(),
-                                opts(),
-                            )
-                            .await?
-                            .select(vec![ident("id"), ident("__sluice_row_hash").alias("nh")])?;
-                        let o = ctx
-                            .read_parquet(
-                                out.join("old")
-                                    .join(format!("b{b:04}.parquet"))
-                                    .display()
-                                    .to_string(),
-                                opts(),
-                            )
-                            .await?
-                            .select(vec![
-                                ident("id").alias("oid"),
-                                ident("__sluice_row_hash").alias("oh"),
-                            ])?;
-                        let rows: usize = if smj {
-                            let np = n.create_physical_plan().await?;
-                            let op = o.create_physical_plan().await?;
-                            let on = vec![(
-                                Arc::new(PCol::new("id", 0)) as _,
-                                Arc::new(PCol::new("oid", 0)) as _,
-                            )];
-                            let j: Arc<dyn ExecutionPlan> =
-                                Arc::new(datafusion::physical_plan::joins::SortMergeJoinExec::try_new(
-                                    np,
-                                    op,
-                                    on,
-                                    None,
-                                    JoinType::Full,
-                                    vec![Default::default()],
-                                    datafusion::common::NullEquality::NullEqualsNothing,
-                                )?);
-                            let batches = datafusion::physical_plan::collect(j, ctx.task_ctx()).await?;
-                            let mut changed = 0;
-                            for b in &batches {
-                                let f = datafusion::arrow::compute::kernels::cmp::distinct(
-                                    b.column(1),
-                                    b.column(3),
-                                )?;
-                                changed += f.true_count();
-                            }
-                            changed
-                        } else {
-                            let df = n
-                                .join_on(o, JoinType::Full, vec![ident("id").eq(ident("oid"))])?
-                                .filter(datafusion::logical_expr::binary_expr(
-                                    ident("nh"),
-                                    datafusion::logical_expr::Operator::IsDistinctFrom,
-                                    ident("oh"),
-                                ))?
-                                .select(vec![
-                                    coalesce(vec![ident("id"), ident("oid")]).alias("id"),
-                                    ident("nh"),
-                                    ident("oh"),
-                                ])?;
-                            df.collect().await?.iter().map(|b| b.num_rows()).sum()
-                        };
-                        Ok::<usize, datafusion::error::DataFusionError>(rows)
-                    })
-                })
-                .buffer_unordered(2);
-            let mut total = 0;
-            while let Some(r) = results.next().await {
-                total += r??;
-            }
-            println!(
-                "round {round} smj={smj} rows={total} seconds={:.3}",
-                started.elapsed().as_secs_f64()
-            );
-        }
-    }
     Ok(())
 }

@@ -43,8 +43,7 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::joins::SortMergeJoinExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::{
-    DataFrame, Expr, JoinType, ParquetReadOptions, SessionConfig, SessionContext, cast, coalesce, ident, lit,
-    when,
+    DataFrame, Expr, JoinType, ParquetReadOptions, SessionConfig, SessionContext, cast, ident, lit, when,
 };
 use sluice_snapshots::{ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest, SnapshotStore, read_files};
 
@@ -128,6 +127,9 @@ pub struct Differ {
     key_columns: Vec<String>,
     /// The new snapshot's key fields (types the change rows use).
     key_fields: Vec<Field>,
+    /// The data files' schemas, so planning a bucket reads no footers.
+    new_schema: SchemaRef,
+    base_schema: Option<SchemaRef>,
 }
 
 impl Differ {
@@ -144,6 +146,10 @@ impl Differ {
             None => new.buckets,
         };
         let schema = snapshot_schema(&ctx, &store, &new).await?;
+        let base_schema = match &baseline {
+            Some(b) => Some(snapshot_schema(&ctx, &store, &b.snapshot).await?),
+            None => None,
+        };
         let key_fields = new
             .key_columns
             .iter()
@@ -157,6 +163,8 @@ impl Differ {
             baseline,
             buckets,
             key_fields,
+            new_schema: schema,
+            base_schema,
         })
     }
 
@@ -202,6 +210,7 @@ impl Differ {
         let new = self
             .sorted_side(
                 self.new_files(bucket),
+                &self.new_schema,
                 |_| {
                     let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
                     select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
@@ -226,7 +235,7 @@ impl Differ {
 
         let new_plan = new.create_physical_plan().await?;
         let base_plan = base.create_physical_plan().await?;
-        let on = (0..keys.len())
+        let on: Vec<(Arc<dyn PhysicalExpr>, Arc<dyn PhysicalExpr>)> = (0..keys.len())
             .map(|i| {
                 let left: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&keys[i], i));
                 let right: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&base_key(i), i));
@@ -237,15 +246,17 @@ impl Differ {
             descending: false,
             nulls_first: false,
         };
-        let joined: Arc<dyn ExecutionPlan> = Arc::new(SortMergeJoinExec::try_new(
-            new_plan,
-            base_plan,
-            on,
-            None,
-            JoinType::Full,
-            vec![ascending; keys.len()],
-            NullEquality::NullEqualsNothing,
-        )?);
+        let joined: Arc<dyn ExecutionPlan> = {
+            Arc::new(SortMergeJoinExec::try_new(
+                new_plan,
+                base_plan,
+                on,
+                None,
+                JoinType::Full,
+                vec![ascending; keys.len()],
+                NullEquality::NullEqualsNothing,
+            )?)
+        };
 
         // Classify, with the same expressions a SQL query would use, planned against the join's
         // output.
@@ -295,6 +306,7 @@ impl Differ {
     async fn sorted_side(
         &self,
         files: Vec<&SnapshotFile>,
+        schema: &SchemaRef,
         select: impl Fn(&DataFrame) -> Vec<Expr>,
         empty_columns: &[(&str, DataType)],
         rename_keys: bool,
@@ -306,7 +318,9 @@ impl Differ {
             .collect();
         let mut frames = Vec::new();
         for file in files {
-            let options = ParquetReadOptions::default().file_sort_order(vec![order.clone()]);
+            let options = ParquetReadOptions::default()
+                .schema(schema)
+                .file_sort_order(vec![order.clone()]);
             let df = self
                 .ctx
                 .read_parquet(self.store.url(&file.path).to_string(), options)
@@ -365,9 +379,14 @@ impl Differ {
             ]);
         }
         let files: Vec<&SnapshotFile> = baseline.snapshot.files_covering(bucket, self.buckets).collect();
+        let schema = self
+            .base_schema
+            .clone()
+            .ok_or_else(|| DataFusionError::Internal("a baseline without its schema".into()))?;
         let snapshot_rows = self
             .sorted_side(
                 files,
+                &schema,
                 |_| {
                     let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
                     select.push(ident(ROW_HASH_COLUMN).alias(BASE_HASH));
@@ -573,6 +592,12 @@ impl Differ {
 
 fn base_key(i: usize) -> String {
     format!("__base_key_{i}")
+}
+
+/// Buckets diffed at once: twice the cores, so one bucket computes while another waits for its
+/// reads.
+pub fn parallelism() -> usize {
+    2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// The session the diff runs in: one partition per bucket plan (buckets are the parallelism).

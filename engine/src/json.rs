@@ -158,36 +158,15 @@ pub fn encode_column(array: &ArrayRef) -> Result<JsonColumn, ArrowError> {
         }
         DataType::Utf8 => {
             let values = array.as_string::<i32>();
-            for i in 0..rows {
-                if is_null(i) {
-                    out.push(b"null");
-                } else {
-                    write_json_string(out.buffer(), values.value(i));
-                    out.end_row();
-                }
-            }
+            encode_strings(rows, &is_null, |i| values.value(i), &mut out);
         }
         DataType::LargeUtf8 => {
             let values = array.as_string::<i64>();
-            for i in 0..rows {
-                if is_null(i) {
-                    out.push(b"null");
-                } else {
-                    write_json_string(out.buffer(), values.value(i));
-                    out.end_row();
-                }
-            }
+            encode_strings(rows, &is_null, |i| values.value(i), &mut out);
         }
         DataType::Utf8View => {
             let values = array.as_string_view();
-            for i in 0..rows {
-                if is_null(i) {
-                    out.push(b"null");
-                } else {
-                    write_json_string(out.buffer(), values.value(i));
-                    out.end_row();
-                }
-            }
+            encode_strings(rows, &is_null, |i| values.value(i), &mut out);
         }
         DataType::Binary | DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_) => {
             let engine = base64::engine::general_purpose::STANDARD;
@@ -295,6 +274,22 @@ pub fn encode_column(array: &ArrayRef) -> Result<JsonColumn, ArrowError> {
 /// A column of `rows` nulls (a mapped column missing from an older snapshot's rows).
 pub fn null_column(rows: usize) -> JsonColumn {
     JsonColumn::all_null(rows)
+}
+
+fn encode_strings<'a>(
+    rows: usize,
+    is_null: &dyn Fn(usize) -> bool,
+    value: impl Fn(usize) -> &'a str,
+    out: &mut JsonColumn,
+) {
+    for i in 0..rows {
+        if is_null(i) {
+            out.push(b"null");
+        } else {
+            write_json_string(out.buffer(), value(i));
+            out.end_row();
+        }
+    }
 }
 
 fn encode_floats<T: ArrowPrimitiveType>(

@@ -110,6 +110,28 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
+impl RunRecord {
+    /// A run about to start.
+    pub fn starting(mapping: &str, model: &str, destination: &str, full_resync: bool) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            mapping: mapping.to_string(),
+            model: model.to_string(),
+            destination: destination.to_string(),
+            status: RunStatus::Running,
+            full_resync,
+            started_at: Utc::now(),
+            finished_at: None,
+            snapshot_id: None,
+            baseline_snapshot_id: None,
+            counts: RunCounts::default(),
+            timings: StageTimings::default(),
+            schema_change: None,
+            error: None,
+        }
+    }
+}
+
 /// A failed record of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FailureRow {
@@ -407,19 +429,8 @@ mod tests {
     fn record(id: &str, status: RunStatus) -> RunRecord {
         RunRecord {
             id: id.into(),
-            mapping: "m".into(),
-            model: "users".into(),
-            destination: "crm".into(),
             status,
-            full_resync: false,
-            started_at: Utc::now(),
-            finished_at: None,
-            snapshot_id: None,
-            baseline_snapshot_id: None,
-            counts: RunCounts::default(),
-            timings: StageTimings::default(),
-            schema_change: None,
-            error: None,
+            ..RunRecord::starting("m", "users", "crm", false)
         }
     }
 

@@ -31,7 +31,7 @@ use crate::engine::Engine;
 use crate::error::{EngineError, Result, SourceError};
 use crate::exceptions::{ExceptionsWriter, FailedRecord};
 use crate::mapping::MappingPlan;
-use crate::metadata::{FailureRow, MappingState, RunCounts, RunRecord, RunStatus, StageTimings};
+use crate::metadata::{FailureRow, MappingState, RunRecord, RunStatus};
 use crate::source::ModelQuery;
 
 /// What to run.
@@ -132,22 +132,7 @@ impl Engine {
         let mut runs = Vec::new();
         for mapping in mappings {
             let config = &self.project.config.mappings[mapping];
-            let run = RunRecord {
-                id: uuid::Uuid::now_v7().to_string(),
-                mapping: mapping.clone(),
-                model: model.to_string(),
-                destination: config.destination.clone(),
-                status: RunStatus::Running,
-                full_resync: full,
-                started_at: Utc::now(),
-                finished_at: None,
-                snapshot_id: None,
-                baseline_snapshot_id: None,
-                counts: RunCounts::default(),
-                timings: StageTimings::default(),
-                schema_change: None,
-                error: None,
-            };
+            let run = RunRecord::starting(mapping, model, &config.destination, full);
             self.metadata.start_run(&run).await?;
             runs.push(run);
         }
@@ -562,10 +547,7 @@ impl Delivery<'_> {
         }
         // Diffs of the next buckets run (in parallel, on their own tasks) while the current
         // bucket is delivered.
-        let parallelism = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .max(2);
+        let parallelism = crate::diff::parallelism();
         let mut diffs = futures::stream::iter(0..buckets)
             .map(|bucket| {
                 let differ = differ.clone();

@@ -158,27 +158,30 @@ impl SnapshotStore {
         }
     }
 
-    /// Paths (relative to the root) of every object under `relative_prefix`.
-    pub async fn list(&self, relative_prefix: &str) -> Result<Vec<String>> {
-        let prefix = self.path(relative_prefix);
-        let root_parts = self.prefix.parts().count();
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
+    /// Metadata of every object under `relative_prefix`.
+    async fn list_objects(&self, relative_prefix: &str) -> Result<Vec<object_store::ObjectMeta>> {
+        self.store
+            .list(Some(&self.path(relative_prefix)))
             .try_collect()
             .await
-            .map_err(|e| self.store_error(e))?;
-        Ok(metas
-            .into_iter()
-            .map(|m| {
-                m.location
-                    .parts()
-                    .skip(root_parts)
-                    .map(|p| p.as_ref().to_string())
-                    .collect::<Vec<_>>()
-                    .join("/")
-            })
-            .collect())
+            .map_err(|e| self.store_error(e))
+    }
+
+    /// A path inside the object store, relative to the root.
+    fn relative(&self, location: &Path) -> String {
+        let root_parts = self.prefix.parts().count();
+        location
+            .parts()
+            .skip(root_parts)
+            .map(|p| p.as_ref().to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    /// Paths (relative to the root) of every object under `relative_prefix`.
+    pub async fn list(&self, relative_prefix: &str) -> Result<Vec<String>> {
+        let metas = self.list_objects(relative_prefix).await?;
+        Ok(metas.iter().map(|m| self.relative(&m.location)).collect())
     }
 
     pub(crate) fn manifest_path(model: &str, id: &str) -> String {
@@ -243,13 +246,7 @@ impl SnapshotStore {
         model: &str,
         older_than: chrono::DateTime<chrono::Utc>,
     ) -> Result<usize> {
-        let prefix = self.path(&format!("models/{model}/snapshots"));
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.store_error(e))?;
+        let metas = self.list_objects(&format!("models/{model}/snapshots")).await?;
         let committed: std::collections::HashSet<String> = metas
             .iter()
             .filter_map(|m| m.location.filename())
@@ -263,10 +260,8 @@ impl SnapshotStore {
             };
             let is_data = meta.location.extension() == Some("parquet");
             if is_data && !committed.contains(dir) && meta.last_modified < older_than {
-                match self.store.delete(&meta.location).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
-                    Err(e) => return Err(self.store_error(e)),
-                }
+                self.delete(&self.relative(&meta.location)).await?;
+                removed += 1;
             }
         }
         Ok(removed)

@@ -69,9 +69,20 @@ pub struct SnapshotSpec {
     pub buckets: Option<u32>,
 }
 
-/// Bucket count for a snapshot of `rows` rows: a power of two near `rows / ROWS_PER_BUCKET`.
+/// Rows from which a snapshot gets at least [`MIN_PARALLEL_BUCKETS`] buckets, so its diff runs
+/// on several cores.
+const PARALLEL_FROM_ROWS: u64 = 256 * 1024;
+const MIN_PARALLEL_BUCKETS: u64 = 4;
+
+/// Bucket count for a snapshot of `rows` rows: a power of two near `rows / ROWS_PER_BUCKET`, at
+/// least four once there is enough work to share between cores.
 pub fn buckets_for(rows: u64) -> u32 {
-    let wanted = rows.div_ceil(ROWS_PER_BUCKET).clamp(1, PARTITIONS as u64);
+    let floor = if rows >= PARALLEL_FROM_ROWS {
+        MIN_PARALLEL_BUCKETS
+    } else {
+        1
+    };
+    let wanted = rows.div_ceil(ROWS_PER_BUCKET).max(floor).min(PARTITIONS as u64);
     wanted.next_power_of_two() as u32
 }
 
@@ -627,12 +638,12 @@ impl DuplicateDetector {
     }
 
     fn close_run(&mut self) {
-        if let Some((_, description, count)) = self.last.take() {
-            if count > 1 {
-                self.found.keys += 1;
-                if self.found.examples.len() < 5 {
-                    self.found.examples.push(format!("{description} (×{count})"));
-                }
+        if let Some((_, description, count)) = self.last.take()
+            && count > 1
+        {
+            self.found.keys += 1;
+            if self.found.examples.len() < 5 {
+                self.found.examples.push(format!("{description} (×{count})"));
             }
         }
     }
@@ -689,7 +700,8 @@ mod tests {
     #[test]
     fn bucket_counts_grow_with_rows() {
         assert_eq!(buckets_for(0), 1);
-        assert_eq!(buckets_for(999_999), 1);
+        assert_eq!(buckets_for(200_000), 1);
+        assert_eq!(buckets_for(999_999), 4);
         assert_eq!(buckets_for(10_000_000), 16);
         assert_eq!(buckets_for(30_000_000), 32);
         assert_eq!(buckets_for(u64::MAX), PARTITIONS);

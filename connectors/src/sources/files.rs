@@ -296,3 +296,81 @@ mod tests {
         assert_eq!(resolve_location("s3://b/k", Path::new("/srv")), "s3://b/k");
     }
 }
+
+#[cfg(test)]
+mod extract_tests {
+    use futures::TryStreamExt;
+
+    use super::*;
+
+    fn source(dir: &Path, tables: serde_json::Value) -> FilesSource {
+        let config: FilesConfig = serde_json::from_value(serde_json::json!({ "tables": tables })).unwrap();
+        FilesSource::new(
+            "lake",
+            config,
+            &ConnectorEnv {
+                base_dir: dir.to_path_buf(),
+            },
+        )
+        .unwrap()
+    }
+
+    async fn rows(source: &FilesSource, sql: &str) -> Result<usize, String> {
+        let query = ModelQuery {
+            model: "m".into(),
+            sql: sql.into(),
+        };
+        let stream = source.extract(&query).await.map_err(|e| e.to_string())?;
+        let batches: Vec<_> = stream.try_collect().await.map_err(|e| e.to_string())?;
+        Ok(batches.iter().map(|b| b.num_rows()).sum())
+    }
+
+    #[tokio::test]
+    async fn csv_and_ndjson_tables_are_queryable_together() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("users.csv"), "id,email\n1,a@x.io\n2,b@x.io\n").unwrap();
+        std::fs::write(
+            dir.path().join("plans.jsonl"),
+            "{\"id\":1,\"plan\":\"pro\"}\n{\"id\":2,\"plan\":\"free\"}\n",
+        )
+        .unwrap();
+        let s = source(
+            dir.path(),
+            serde_json::json!({ "users": "users.csv", "plans": "plans.jsonl" }),
+        );
+        let n = rows(
+            &s,
+            "SELECT u.id, u.email, p.plan FROM users u JOIN plans p ON u.id = p.id",
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 2);
+    }
+
+    #[tokio::test]
+    async fn models_cannot_write_and_missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("users.csv"), "id\n1\n").unwrap();
+        let s = source(dir.path(), serde_json::json!({ "users": "users.csv" }));
+        let err = rows(&s, "CREATE TABLE x AS SELECT 1").await.unwrap_err();
+        assert!(err.contains("model `m`"), "{err}");
+        let err = rows(&s, "SELEC 1").await.unwrap_err();
+        assert!(err.contains("the query failed in source `lake`"), "{err}");
+        let missing = source(dir.path(), serde_json::json!({ "users": "nope.parquet" }));
+        let err = missing.check().await.unwrap_err().to_string();
+        assert!(
+            err.contains("table `users`") && err.contains("nope.parquet"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_path_without_a_known_extension_needs_a_format() {
+        let config: FilesConfig =
+            serde_json::from_value(serde_json::json!({ "tables": { "t": "data/dir/" } })).unwrap();
+        let err = FilesSource::new("lake", config, &ConnectorEnv { base_dir: "/".into() })
+            .err()
+            .unwrap();
+        assert!(err.contains("add `format: parquet`"), "{err}");
+    }
+}

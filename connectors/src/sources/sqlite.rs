@@ -17,10 +17,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch,
-    StringBuilder,
-};
+use arrow::array::{ArrayRef, BinaryArray, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -164,16 +161,6 @@ impl Kind {
             _ => None, // NULL (an expression) or NUMERIC: decided by the values
         }
     }
-
-    fn builder(self) -> Box<dyn ArrayBuilder> {
-        match self {
-            Kind::Integer => Box::new(Int64Builder::with_capacity(BATCH_ROWS)),
-            Kind::Real => Box::new(Float64Builder::with_capacity(BATCH_ROWS)),
-            Kind::Text => Box::new(StringBuilder::with_capacity(BATCH_ROWS, BATCH_ROWS * 16)),
-            Kind::Blob => Box::new(BinaryBuilder::with_capacity(BATCH_ROWS, BATCH_ROWS * 16)),
-            Kind::Boolean => Box::new(BooleanBuilder::with_capacity(BATCH_ROWS)),
-        }
-    }
 }
 
 struct Reader {
@@ -271,8 +258,8 @@ impl Reader {
     }
 
     fn to_batch(&self, columns: &[(String, Kind)], rows: &[SqliteRow]) -> Result<RecordBatch, SourceError> {
-        let mut builders: Vec<Box<dyn ArrayBuilder>> = columns.iter().map(|(_, k)| k.builder()).collect();
-        for (i, ((name, kind), builder)) in columns.iter().zip(builders.iter_mut()).enumerate() {
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len());
+        for (i, (name, kind)) in columns.iter().enumerate() {
             let mismatch = |found: &str| SourceError::UnsupportedType {
                 model: self.model.clone(),
                 column: name.clone(),
@@ -281,122 +268,39 @@ impl Reader {
                     "SQLite stores values of any type in any column; CAST(\"{name}\" AS TEXT) or another type in the model's SQL makes them uniform"
                 ),
             };
-            match kind {
-                Kind::Integer => {
-                    let b = downcast::<Int64Builder>(builder);
-                    for row in rows {
-                        let value = row.try_get_raw(i).map_err(|e| mismatch(&e.to_string()))?;
-                        if value.is_null() {
-                            b.append_null();
-                            continue;
-                        }
-                        match value.type_info().name() {
-                            "INTEGER" | "BOOLEAN" => {
-                                b.append_value(decode::<i64>(value).map_err(|e| mismatch(&e))?)
-                            }
-                            "REAL" => {
-                                let v: f64 = decode(value).map_err(|e| mismatch(&e))?;
-                                if v.fract() != 0.0 || !v.is_finite() {
-                                    return Err(mismatch("REAL"));
-                                }
-                                b.append_value(v as i64);
-                            }
-                            "TEXT" => {
-                                let text: String = decode(value).map_err(|e| mismatch(&e))?;
-                                b.append_value(text.trim().parse::<i64>().map_err(|_| mismatch("TEXT"))?);
-                            }
-                            other => return Err(mismatch(other)),
-                        }
-                    }
-                }
-                Kind::Real => {
-                    let b = downcast::<Float64Builder>(builder);
-                    for row in rows {
-                        let value = row.try_get_raw(i).map_err(|e| mismatch(&e.to_string()))?;
-                        if value.is_null() {
-                            b.append_null();
-                            continue;
-                        }
-                        match value.type_info().name() {
-                            "INTEGER" | "BOOLEAN" => {
-                                b.append_value(decode::<i64>(value).map_err(|e| mismatch(&e))? as f64)
-                            }
-                            "REAL" => b.append_value(decode::<f64>(value).map_err(|e| mismatch(&e))?),
-                            "TEXT" => {
-                                let text: String = decode(value).map_err(|e| mismatch(&e))?;
-                                b.append_value(text.trim().parse::<f64>().map_err(|_| mismatch("TEXT"))?);
-                            }
-                            other => return Err(mismatch(other)),
-                        }
-                    }
-                }
-                Kind::Boolean => {
-                    let b = downcast::<BooleanBuilder>(builder);
-                    for row in rows {
-                        let value = row.try_get_raw(i).map_err(|e| mismatch(&e.to_string()))?;
-                        if value.is_null() {
-                            b.append_null();
-                            continue;
-                        }
-                        match value.type_info().name() {
-                            "INTEGER" | "BOOLEAN" => {
-                                b.append_value(decode::<i64>(value).map_err(|e| mismatch(&e))? != 0)
-                            }
-                            "TEXT" => {
-                                let text: String = decode(value).map_err(|e| mismatch(&e))?;
-                                b.append_value(match text.trim().to_ascii_lowercase().as_str() {
-                                    "1" | "true" | "t" | "yes" => true,
-                                    "0" | "false" | "f" | "no" => false,
-                                    _ => return Err(mismatch("TEXT")),
-                                });
-                            }
-                            other => return Err(mismatch(other)),
-                        }
-                    }
-                }
-                Kind::Text => {
-                    let b = downcast::<StringBuilder>(builder);
-                    for row in rows {
-                        let value = row.try_get_raw(i).map_err(|e| mismatch(&e.to_string()))?;
-                        if value.is_null() {
-                            b.append_null();
-                            continue;
-                        }
-                        match value.type_info().name() {
-                            "INTEGER" | "BOOLEAN" => {
-                                b.append_value(decode::<i64>(value).map_err(|e| mismatch(&e))?.to_string())
-                            }
-                            "REAL" => {
-                                b.append_value(decode::<f64>(value).map_err(|e| mismatch(&e))?.to_string())
-                            }
-                            "BLOB" => {
-                                let bytes: Vec<u8> = decode(value).map_err(|e| mismatch(&e))?;
-                                b.append_value(String::from_utf8(bytes).map_err(|_| mismatch("BLOB"))?);
-                            }
-                            _ => b.append_value(decode::<&str>(value).map_err(|e| mismatch(&e))?),
-                        }
-                    }
-                }
-                Kind::Blob => {
-                    let b = downcast::<BinaryBuilder>(builder);
-                    for row in rows {
-                        let value = row.try_get_raw(i).map_err(|e| mismatch(&e.to_string()))?;
-                        if value.is_null() {
-                            b.append_null();
-                            continue;
-                        }
-                        match value.type_info().name() {
-                            "BLOB" => b.append_value(decode::<&[u8]>(value).map_err(|e| mismatch(&e))?),
-                            "TEXT" => {
-                                b.append_value(decode::<&str>(value).map_err(|e| mismatch(&e))?.as_bytes())
-                            }
-                            other => return Err(mismatch(other)),
-                        }
-                    }
-                }
-            }
+            let values = rows.iter().map(|row| {
+                let value = row.try_get_raw(i).map_err(|e| mismatch(&e.to_string()))?;
+                Ok((!value.is_null()).then_some(value))
+            });
+            let array: ArrayRef = match kind {
+                Kind::Integer => Arc::new(
+                    values
+                        .map(|v| v?.map(|v| as_i64(v).map_err(|t| mismatch(&t))).transpose())
+                        .collect::<Result<Int64Array, _>>()?,
+                ),
+                Kind::Real => Arc::new(
+                    values
+                        .map(|v| v?.map(|v| as_f64(v).map_err(|t| mismatch(&t))).transpose())
+                        .collect::<Result<Float64Array, _>>()?,
+                ),
+                Kind::Boolean => Arc::new(
+                    values
+                        .map(|v| v?.map(|v| as_bool(v).map_err(|t| mismatch(&t))).transpose())
+                        .collect::<Result<BooleanArray, _>>()?,
+                ),
+                Kind::Text => Arc::new(
+                    values
+                        .map(|v| v?.map(|v| as_text(v).map_err(|t| mismatch(&t))).transpose())
+                        .collect::<Result<StringArray, _>>()?,
+                ),
+                Kind::Blob => Arc::new(
+                    values
+                        .map(|v| v?.map(|v| as_bytes(v).map_err(|t| mismatch(&t))).transpose())
+                        .collect::<Result<BinaryArray, _>>()?,
+                ),
+            };
+            arrays.push(array);
         }
-        let arrays: Vec<ArrayRef> = builders.iter_mut().map(|b| b.finish()).collect();
         let schema = Arc::new(Schema::new(
             columns
                 .iter()
@@ -404,6 +308,70 @@ impl Reader {
                 .collect::<Vec<_>>(),
         ));
         RecordBatch::try_new(schema, arrays).map_err(|e| self.query_error(e.to_string(), None))
+    }
+}
+
+type Value<'r> = sqlx::sqlite::SqliteValueRef<'r>;
+
+/// The SQLite storage class of a value, for messages.
+fn storage_class(value: &Value<'_>) -> String {
+    value.type_info().name().to_string()
+}
+
+fn as_i64(value: Value<'_>) -> Result<i64, String> {
+    let class = storage_class(&value);
+    match class.as_str() {
+        "INTEGER" | "BOOLEAN" => decode::<i64>(value),
+        // A REAL that holds a whole number, or text that spells one.
+        "REAL" => decode::<f64>(value)
+            .ok()
+            .filter(|v| v.fract() == 0.0 && v.is_finite())
+            .map(|v| v as i64)
+            .ok_or(class),
+        "TEXT" => decode::<&str>(value)?.trim().parse().map_err(|_| class),
+        _ => Err(class),
+    }
+}
+
+fn as_f64(value: Value<'_>) -> Result<f64, String> {
+    let class = storage_class(&value);
+    match class.as_str() {
+        "INTEGER" | "BOOLEAN" => decode::<i64>(value).map(|v| v as f64),
+        "REAL" => decode::<f64>(value),
+        "TEXT" => decode::<&str>(value)?.trim().parse().map_err(|_| class),
+        _ => Err(class),
+    }
+}
+
+fn as_bool(value: Value<'_>) -> Result<bool, String> {
+    let class = storage_class(&value);
+    match class.as_str() {
+        "INTEGER" | "BOOLEAN" => decode::<i64>(value).map(|v| v != 0),
+        "TEXT" => match decode::<&str>(value)?.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "t" | "yes" => Ok(true),
+            "0" | "false" | "f" | "no" => Ok(false),
+            _ => Err(class),
+        },
+        _ => Err(class),
+    }
+}
+
+fn as_text(value: Value<'_>) -> Result<String, String> {
+    let class = storage_class(&value);
+    match class.as_str() {
+        "INTEGER" | "BOOLEAN" => decode::<i64>(value).map(|v| v.to_string()),
+        "REAL" => decode::<f64>(value).map(|v| v.to_string()),
+        "BLOB" => String::from_utf8(decode::<Vec<u8>>(value)?).map_err(|_| class),
+        _ => decode::<String>(value),
+    }
+}
+
+fn as_bytes(value: Value<'_>) -> Result<Vec<u8>, String> {
+    let class = storage_class(&value);
+    match class.as_str() {
+        "BLOB" => decode::<Vec<u8>>(value),
+        "TEXT" => decode::<String>(value).map(String::into_bytes),
+        _ => Err(class),
     }
 }
 
@@ -448,13 +416,6 @@ fn decide_columns(described: &[(String, Option<Kind>)], rows: &[SqliteRow]) -> V
         .collect()
 }
 
-fn downcast<T: 'static>(builder: &mut Box<dyn ArrayBuilder>) -> &mut T {
-    builder
-        .as_any_mut()
-        .downcast_mut::<T>()
-        .unwrap_or_else(|| unreachable!("builders are made from the same kind"))
-}
-
 fn decode<'r, T: sqlx::Decode<'r, sqlx::Sqlite>>(
     value: sqlx::sqlite::SqliteValueRef<'r>,
 ) -> Result<T, String> {
@@ -478,5 +439,137 @@ fn sqlite_hint(e: &sqlx::Error) -> Option<String> {
         Some("the model's SQL runs in SQLite, so it must be SQLite's dialect".into())
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use arrow::array::{AsArray, RecordBatch};
+    use arrow::datatypes::{Float64Type, Int64Type};
+    use futures::TryStreamExt;
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::{ConnectOptions, Connection};
+
+    use super::*;
+
+    async fn database(statements: &[&str]) -> (tempfile::TempDir, SqliteSource) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let mut conn = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .unwrap()
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap();
+        for statement in statements {
+            sqlx::query(AssertSqlSafe(statement.to_string()))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        conn.close().await.unwrap();
+        let env = ConnectorEnv {
+            base_dir: dir.path().to_path_buf(),
+        };
+        let config = SqliteConfig {
+            path: ConfigString::literal("w.db"),
+        };
+        (dir, SqliteSource::new("app", config, &env))
+    }
+
+    async fn extract(source: &SqliteSource, sql: &str) -> Result<Vec<RecordBatch>, String> {
+        let query = ModelQuery {
+            model: "m".into(),
+            sql: sql.into(),
+        };
+        let stream = source.extract(&query).await.map_err(|e| e.to_string())?;
+        stream.try_collect().await.map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn declared_types_and_expressions_become_arrow_types() {
+        let (_dir, source) = database(&[
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, score REAL, active BOOLEAN, born DATE, photo BLOB)",
+            "INSERT INTO t VALUES (1, 'Ada', 1.5, 1, '1815-12-10', x'00ff'), (2, NULL, NULL, 0, NULL, NULL)",
+        ])
+        .await;
+        let batches = extract(&source, "SELECT id, name, score, active, born, photo, id * 2 AS twice, score + 1 AS plus FROM t ORDER BY id").await.unwrap();
+        let schema = batches[0].schema();
+        let types: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| format!("{}:{}", f.name(), f.data_type()))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "id:Int64",
+                "name:Utf8",
+                "score:Float64",
+                "active:Boolean",
+                "born:Utf8",
+                "photo:Binary",
+                "twice:Int64",
+                "plus:Float64"
+            ]
+        );
+        let batch = &batches[0];
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(batch.column(0).as_primitive::<Int64Type>().values(), &[1, 2]);
+        assert_eq!(batch.column(1).as_string::<i32>().value(0), "Ada");
+        assert!(batch.column(1).is_null(1));
+        assert_eq!(batch.column(2).as_primitive::<Float64Type>().value(0), 1.5);
+        assert!(batch.column(3).as_boolean().value(0));
+        assert_eq!(batch.column(5).as_binary::<i32>().value(0), &[0, 255]);
+        assert_eq!(batch.column(6).as_primitive::<Int64Type>().values(), &[2, 4]);
+    }
+
+    #[tokio::test]
+    async fn an_empty_result_still_has_its_columns() {
+        let (_dir, source) = database(&["CREATE TABLE t (id INTEGER, name TEXT)"]).await;
+        let query = ModelQuery {
+            model: "m".into(),
+            sql: "SELECT id, name FROM t".into(),
+        };
+        let stream = source.extract(&query).await.unwrap();
+        assert_eq!(stream.schema().fields().len(), 2);
+        assert_eq!(stream.schema().field(0).data_type(), &DataType::Int64);
+    }
+
+    #[tokio::test]
+    async fn values_that_do_not_fit_their_column_fail_with_the_column_name() {
+        let (_dir, source) =
+            database(&["CREATE TABLE t (id INTEGER, v)", "INSERT INTO t VALUES (1, 5)"]).await;
+        // 8,192 integers decide the column's type; then a text value arrives.
+        let sql = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 9000) \
+                   SELECT i AS id, CASE WHEN i = 9000 THEN 'nine thousand' ELSE i END AS v FROM n";
+        let err = extract(&source, sql).await.unwrap_err();
+        assert!(
+            err.contains("column `v`") && err.contains("CAST(\"v\" AS TEXT)"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sqlite_errors_come_with_hints() {
+        let (_dir, source) = database(&["CREATE TABLE t (id INTEGER)"]).await;
+        let err = extract(&source, "SELECT * FROM users").await.unwrap_err();
+        assert!(
+            err.contains("no such table: users") && err.contains("hint"),
+            "{err}"
+        );
+        let missing = SqliteSource::new(
+            "app",
+            SqliteConfig {
+                path: ConfigString::literal("nope.db"),
+            },
+            &ConnectorEnv {
+                base_dir: std::env::temp_dir(),
+            },
+        );
+        let err = missing.check().await.unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
     }
 }
