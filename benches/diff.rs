@@ -147,7 +147,7 @@ fn batch(ids: &[i64], version: impl Fn(i64) -> u64) -> RecordBatch {
                 .map(|id| (mix(*id as u64 ^ 6) % 100) as i32 + version(*id) as i32),
         )),
         Arc::new(BooleanArray::from_iter(
-            ids.iter().map(|id| Some(mix(*id as u64 ^ 7) % 5 != 0)),
+            ids.iter().map(|id| Some(!mix(*id as u64 ^ 7).is_multiple_of(5))),
         )),
         Arc::new(
             TimestampMicrosecondArray::from_iter_values(
@@ -219,8 +219,8 @@ async fn generate(dir: &Path, rows: u64, buckets: Option<u32>) -> Result<(), Box
     let started = Instant::now();
     let old = write(&store, "old", buckets, (0..rows as i64).map(|i| i + 1), |_| 0).await?;
     // The new snapshot: ids 1..=n minus 1% deleted, plus 1% new ids, 2% updated, shuffled.
-    let deleted = |id: i64| mix(id as u64 ^ 0xdead) % 100 == 0;
-    let updated = |id: i64| mix(id as u64 ^ 0xbeef) % 50 == 0;
+    let deleted = |id: i64| mix(id as u64 ^ 0xdead).is_multiple_of(100);
+    let updated = |id: i64| mix(id as u64 ^ 0xbeef).is_multiple_of(50);
     let added = rows / 100;
     let total = rows + added;
     let order = (0..total)

@@ -467,10 +467,10 @@ pub fn locate(text: &str, keys: &[&str]) -> Option<usize> {
                 continue;
             }
             let indent = line.len() - trimmed.len();
-            if let Some(parent) = min_indent {
-                if indent <= parent {
-                    break; // left the parent's block
-                }
+            if let Some(parent) = min_indent
+                && indent <= parent
+            {
+                break; // left the parent's block
             }
             let bare = trimmed
                 .strip_prefix('"')

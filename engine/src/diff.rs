@@ -212,7 +212,7 @@ impl Differ {
                 self.new_files(bucket),
                 &self.new_schema,
                 |_| {
-                    let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
+                    let mut select: Vec<Expr> = keys.iter().map(ident).collect();
                     select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
                     select
                 },
@@ -221,7 +221,7 @@ impl Differ {
             )
             .await?;
         let Some(baseline) = &self.baseline else {
-            let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
+            let mut select: Vec<Expr> = keys.iter().map(ident).collect();
             select.push(lit(Op::Added as u8).alias(OP));
             select.push(ident(NEW_HASH));
             select.push(lit(ScalarValue::UInt64(None)).alias(BASE_HASH));
@@ -331,7 +331,7 @@ impl Differ {
         let side = match frames.len() {
             0 => {
                 let empty = self.empty_frame(empty_columns)?;
-                let mut select: Vec<Expr> = self.key_columns.iter().map(|k| ident(k)).collect();
+                let mut select: Vec<Expr> = self.key_columns.iter().map(ident).collect();
                 select.extend(empty_columns.iter().map(|(name, _)| ident(*name)));
                 empty.select(select)?
             }
@@ -388,7 +388,7 @@ impl Differ {
                 files,
                 &schema,
                 |_| {
-                    let mut select: Vec<Expr> = keys.iter().map(|k| ident(k)).collect();
+                    let mut select: Vec<Expr> = keys.iter().map(ident).collect();
                     select.push(ident(ROW_HASH_COLUMN).alias(BASE_HASH));
                     if with_extras {
                         select.push(lit(snapshot_id.as_str()).alias(BASE_SNAPSHOT));
@@ -478,13 +478,12 @@ impl Differ {
         let wanted = |op: Op| ops.contains(&op);
         let upserts: Vec<RecordBatch> =
             filter_ops(changes, |op| matches!(op, Op::Added | Op::Updated) && wanted(op))?;
-        if upserts.iter().any(|b| b.num_rows() > 0) {
-            if let Some(rows) = read_files(&self.ctx, &self.store, self.new_files(bucket))
+        if upserts.iter().any(|b| b.num_rows() > 0)
+            && let Some(rows) = read_files(&self.ctx, &self.store, self.new_files(bucket))
                 .await
                 .map_err(external)?
-            {
-                streams.push(self.join_rows(rows, table(upserts)?).await?);
-            }
+        {
+            streams.push(self.join_rows(rows, table(upserts)?).await?);
         }
         if wanted(Op::Deleted) {
             let deletes = filter_ops(changes, |op| op == Op::Deleted)?;
@@ -554,7 +553,7 @@ impl Differ {
             .enumerate()
             .map(|(i, k)| ident(k).eq(ident(format!("__change_key_{i}"))))
             .collect();
-        let mut select: Vec<Expr> = row_columns.iter().map(|c| ident(c)).collect();
+        let mut select: Vec<Expr> = row_columns.iter().map(ident).collect();
         select.extend(CHANGE_COLUMNS.iter().map(|c| ident(*c)));
         changes
             .join_on(rows, JoinType::Inner, on)?

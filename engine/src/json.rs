@@ -459,9 +459,9 @@ fn write_time(out: &mut Vec<u8>, nanos_of_day: i64) {
     push_digits(out, (secs % 60) as u64, 2);
     if nanos != 0 {
         out.push(b'.');
-        if nanos % 1_000_000 == 0 {
+        if nanos.is_multiple_of(1_000_000) {
             push_digits(out, nanos / 1_000_000, 3);
-        } else if nanos % 1_000 == 0 {
+        } else if nanos.is_multiple_of(1_000) {
             push_digits(out, nanos / 1_000, 6);
         } else {
             push_digits(out, nanos, 9);

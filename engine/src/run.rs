@@ -417,10 +417,10 @@ impl Engine {
                 .await
                 .map_err(|e| incompatible(format!("its exceptions file {path} is unreadable: {e}")))?;
             for id in crate::exceptions::referenced_snapshots(&ids) {
-                if !manifests.contains_key(&id) {
-                    if let Ok(old) = self.snapshots.snapshot(&state.model, &id).await {
-                        manifests.insert(id, Arc::new(old));
-                    }
+                if !manifests.contains_key(&id)
+                    && let Ok(old) = self.snapshots.snapshot(&state.model, &id).await
+                {
+                    manifests.insert(id, Arc::new(old));
                 }
             }
         }

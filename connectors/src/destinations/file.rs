@@ -157,7 +157,7 @@ enum Sink {
         header_written: bool,
     },
     Parquet {
-        writer: AsyncArrowWriter<BufWriter>,
+        writer: Box<AsyncArrowWriter<BufWriter>>,
         schema: SchemaRef,
     },
 }
@@ -219,7 +219,10 @@ impl FileWriter {
                     let schema = rows.schema();
                     let writer = AsyncArrowWriter::try_new(self.buf_writer(), schema.clone(), None)
                         .map_err(|e| e.to_string())?;
-                    *guard = Some(Sink::Parquet { writer, schema });
+                    *guard = Some(Sink::Parquet {
+                        writer: Box::new(writer),
+                        schema,
+                    });
                 }
                 let Some(Sink::Parquet { writer, schema }) = guard.as_mut() else {
                     return Err("internal: sink of another format".into());

@@ -235,20 +235,20 @@ impl Reader {
                         .map(|(name, kind)| Field::new(name, kind.data_type(), true))
                         .collect::<Vec<_>>(),
                 ));
-                if let Some(tx) = schema_tx.take() {
-                    if tx.send(Ok(schema)).is_err() {
-                        return Ok(()); // the run gave up
-                    }
+                if let Some(tx) = schema_tx.take()
+                    && tx.send(Ok(schema)).is_err()
+                {
+                    return Ok(()); // the run gave up
                 }
                 columns = Some(decided);
             }
-            if let Some(columns) = &columns {
-                if !pending.is_empty() {
-                    let batch = self.to_batch(columns, &pending)?;
-                    pending.clear();
-                    if batch_tx.send(Ok(batch)).await.is_err() {
-                        return Ok(());
-                    }
+            if let Some(columns) = &columns
+                && !pending.is_empty()
+            {
+                let batch = self.to_batch(columns, &pending)?;
+                pending.clear();
+                if batch_tx.send(Ok(batch)).await.is_err() {
+                    return Ok(());
                 }
             }
             if done {
