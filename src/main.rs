@@ -50,7 +50,28 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Connect to sources and destinations and report what fails (all when none is named).
+    /// Print a model's first rows and column types, without writing a snapshot.
+    Preview {
+        model: String,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Extract a model into a new snapshot without delivering anything (for snapshot history,
+    /// and to measure extraction alone).
+    Extract {
+        model: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Manage the SSH keys sources use to reach databases through a bastion.
+    SshKey {
+        #[command(subcommand)]
+        action: SshKeyAction,
+    },
+    /// Connect to sources and destinations, and check models' queries; report what fails (all
+    /// when none is named).
     Check {
         names: Vec<String>,
         #[command(flatten)]
@@ -82,6 +103,17 @@ enum Command {
     Serve {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum SshKeyAction {
+    /// Create a new key pair for SOURCE and print its public key for the bastion's
+    /// authorized_keys. The new key replaces the current one once a connection with it works.
+    Generate {
+        source: String,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -134,6 +166,49 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(exit_code(&runs))
         }
         Command::Check { names, config } => check(&config.config, &names).await,
+        Command::Preview { model, limit, config } => {
+            let engine = open(&config.config).await?;
+            let preview = engine.preview(&model, limit).await?;
+            report::print_preview(&preview)?;
+            engine.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Extract { model, config } => {
+            let engine = open(&config.config).await?;
+            let observer = progress::TerminalProgress::new();
+            let started = std::time::Instant::now();
+            let manifest = engine.snapshot_model(&model, &observer).await;
+            observer.finish();
+            let manifest = manifest?;
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "model {model}: snapshot {} committed, {} rows in {seconds:.2} s ({:.0} rows/s)",
+                manifest.id,
+                manifest.rows,
+                manifest.rows as f64 / seconds.max(1e-9)
+            );
+            engine.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SshKey {
+            action: SshKeyAction::Generate { source, config },
+        } => {
+            let project = Project::load(&config.config)?;
+            match project.config.sources.get(&source) {
+                None => anyhow::bail!("`{source}` is not a source in {}", config.config.display()),
+                Some(s) if !s.options.contains_key("ssh_tunnel") => {
+                    eprintln!("note: source `{source}` has no `ssh_tunnel` yet; add one to use this key")
+                }
+                Some(_) => {}
+            }
+            let public = sluice_connectors::tunnel::generate_key(&project.state_dir(), &source)
+                .map_err(anyhow::Error::msg)?;
+            println!("{public}");
+            eprintln!(
+                "Add this line to ~/.ssh/authorized_keys of the tunnel user on the bastion, then run `sluice check {source}`.\nThe new key is used once a connection with it succeeds; until then the current key (if any) stays in use."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Runs {
             mapping,
             limit,
@@ -197,9 +272,12 @@ async fn check(config: &Path, names: &[String]) -> Result<ExitCode> {
     let project = engine.project();
     let wanted = |name: &String| names.is_empty() || names.contains(name);
     for name in names {
-        if !project.config.sources.contains_key(name) && !project.config.destinations.contains_key(name) {
+        if !project.config.sources.contains_key(name)
+            && !project.config.destinations.contains_key(name)
+            && !project.config.models.contains_key(name)
+        {
             anyhow::bail!(
-                "`{name}` is neither a source nor a destination in {}",
+                "`{name}` is not a source, model or destination in {}",
                 config.display()
             );
         }
@@ -211,6 +289,23 @@ async fn check(config: &Path, names: &[String]) -> Result<ExitCode> {
             Err(e) => {
                 failed = true;
                 println!("FAILED  source {name}: {e}");
+            }
+        }
+    }
+    // A model is checked when named, or with its source, or when nothing is named.
+    let models: Vec<&String> = project
+        .config
+        .models
+        .iter()
+        .filter(|(name, model)| wanted(name) || (!names.is_empty() && names.contains(&model.source)))
+        .map(|(name, _)| name)
+        .collect();
+    for name in models {
+        match engine.check_model(name).await {
+            Ok(()) => println!("ok      model {name}"),
+            Err(e) => {
+                failed = true;
+                println!("FAILED  model {name}: {e}");
             }
         }
     }

@@ -76,3 +76,25 @@ pub fn print_failures(run: &RunRecord, failures: &[FailureRow]) {
     }
     println!("{table}");
 }
+
+/// A model's column types, then its first rows.
+pub fn print_preview(preview: &sluice_engine::Preview) -> anyhow::Result<()> {
+    let mut types = Table::new();
+    types.load_style(UTF8_FULL_CONDENSED);
+    types.set_header(vec!["column", "type"]);
+    for field in preview.schema.fields() {
+        types.add_row(vec![field.name().clone(), field.data_type().to_string()]);
+    }
+    println!("{types}");
+    let rows: usize = preview.batches.iter().map(|b| b.num_rows()).sum();
+    if rows == 0 {
+        println!("(the query returned no rows)");
+    } else {
+        println!(
+            "{}",
+            sluice_engine::arrow::util::pretty::pretty_format_batches(&preview.batches)?
+        );
+        println!("{rows} row(s)");
+    }
+    Ok(())
+}

@@ -13,6 +13,7 @@ use sluice_engine::source::{ConnectorEnv, ConnectorFactory, Source};
 pub mod destinations;
 mod duration;
 pub mod sources;
+pub mod tunnel;
 
 pub use duration::HumanDuration;
 
@@ -21,7 +22,7 @@ pub use duration::HumanDuration;
 pub struct Connectors;
 
 /// Source types, as written in `type:`.
-pub const SOURCE_TYPES: &[&str] = &["files", "sqlite"];
+pub const SOURCE_TYPES: &[&str] = &["files", "sqlite", "postgres", "mysql"];
 /// Destination types, as written in `type:`.
 pub const DESTINATION_TYPES: &[&str] = &["webhook", "file"];
 
@@ -43,6 +44,16 @@ impl ConnectorFactory for Connectors {
                 parse(config)?,
                 env,
             ))),
+            "postgres" => Ok(Arc::new(sources::postgres::PostgresSource::new(
+                name,
+                parse(config)?,
+                env,
+            )?)),
+            "mysql" | "mariadb" => Ok(Arc::new(sources::mysql::MysqlSource::new(
+                name,
+                parse(config)?,
+                env,
+            )?)),
             other => Err(unknown_type("source", other, SOURCE_TYPES)),
         }
     }

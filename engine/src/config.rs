@@ -12,6 +12,7 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+pub use crate::model::Limits;
 
 /// A whole project file.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,6 +36,9 @@ pub struct ProjectConfig {
     pub destinations: IndexMap<String, ConnectorConfig>,
     #[serde(default)]
     pub mappings: IndexMap<String, MappingConfig>,
+    /// Guards on models and records (see [`Limits`]).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 fn default_state_dir() -> String {
@@ -72,6 +76,9 @@ pub struct ModelConfig {
     pub primary_key: PrimaryKey,
     #[serde(default)]
     pub description: Option<String>,
+    /// Overrides `limits.max_records_per_run` for this model.
+    #[serde(default)]
+    pub max_records_per_run: Option<u64>,
 }
 
 /// One column or a list of columns.
@@ -364,6 +371,15 @@ impl Project {
                     format!("model `{name}` has an empty `sql`"),
                 ));
             }
+            c.limits
+                .check_query(&model.sql)
+                .map_err(|m| self.error_at(&["models", name, "sql"], format!("model `{name}`: {m}")))?;
+            let probe = crate::model::TemplateValues {
+                last_sync_time: None,
+                run_started_at: chrono::Utc::now(),
+            };
+            crate::model::render_sql(&model.sql, &probe)
+                .map_err(|m| self.error_at(&["models", name, "sql"], format!("model `{name}`: {m}")))?;
             if model.primary_key.0.is_empty() {
                 return Err(self.error_at(
                     &["models", name, "primary_key"],

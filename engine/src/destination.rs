@@ -178,6 +178,24 @@ impl OutgoingBatch {
         range.map(|i| self.record(i))
     }
 
+    /// The records at `indices`, in that order, as a batch of their own.
+    pub fn select(&self, indices: &[usize]) -> Result<OutgoingBatch, arrow::error::ArrowError> {
+        let mut keys = JsonColumn::with_capacity(indices.len(), 0);
+        let mut bodies = JsonColumn::with_capacity(indices.len(), 0);
+        for &i in indices {
+            keys.push(self.keys.get(i));
+            bodies.push(self.bodies.get(i));
+        }
+        let take = arrow::array::UInt32Array::from_iter_values(indices.iter().map(|&i| i as u32));
+        Ok(OutgoingBatch {
+            ops: indices.iter().map(|&i| self.ops[i]).collect(),
+            message_ids: indices.iter().map(|&i| self.message_ids[i]).collect(),
+            keys,
+            bodies,
+            fields: arrow::compute::take_record_batch(&self.fields, &take)?,
+        })
+    }
+
     /// Approximate JSON size of records `range`, to keep requests under a byte limit.
     pub fn approximate_bytes(&self, range: Range<usize>) -> usize {
         self.bodies.bytes_of(range.clone()) + self.keys.bytes_of(range.clone()) + range.len() * 80

@@ -9,7 +9,8 @@
 //! The diff is a DataFusion full outer join on the primary key between the new snapshot and the
 //! effective baseline, reading only key and hash columns, bucket by bucket: both snapshots are
 //! split by key hash into nested power-of-two buckets, so bucket `b` of one only ever meets
-//! bucket `b` of the other, each bucket's join fits in memory, and buckets run in parallel.
+//! bucket `b` of the other, and every bucket file is sorted by key, so the join is a streaming
+//! sort-merge join (`SortMergeJoinExec`) that holds no hash table; buckets run in parallel.
 //! Rows whose hashes differ (or that exist on one side only) come out as change rows:
 //!
 //! | column | meaning |

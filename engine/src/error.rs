@@ -13,7 +13,7 @@ pub struct ConfigError {
 }
 
 /// What a source reports when it cannot connect or a model's query fails.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum SourceError {
     #[error("cannot connect to source `{source_name}`: {message}{}", hint_suffix(hint))]
     Connect {
@@ -42,6 +42,9 @@ pub enum SourceError {
     },
     #[error("source `{source_name}` is misconfigured: {message}")]
     Config { source_name: String, message: String },
+    /// The model's output broke one of sluice's limits (`limits:` in sluice.yaml).
+    #[error("model `{model}`: {message}")]
+    Limit { model: String, message: String },
 }
 
 /// What a destination reports outside of per-record results.

@@ -1,6 +1,7 @@
 //! sluice's engine: the domain of reverse ETL.
 //!
 //! - [`config`]: `sluice.yaml` (sources, models, destinations, mappings);
+//! - [`model`]: model SQL templates and limits;
 //! - [`source`] and [`destination`]: the traits connectors implement;
 //! - [`diff`]: new snapshot against a mapping's baseline, in DataFusion;
 //! - [`mapping`] and [`json`]: rows to destination records, column at a time;
@@ -18,12 +19,14 @@ pub mod exceptions;
 pub mod json;
 pub mod mapping;
 pub mod metadata;
+pub mod model;
 pub mod run;
 pub mod source;
 
 pub use config::{ConfigString, ConnectorConfig, Op, Project};
-pub use engine::{Engine, METADATA_FILE};
+pub use engine::{Engine, METADATA_FILE, Preview};
 pub use error::{ConfigError, DestinationError, EngineError, MappingError, Result, SourceError};
+pub use model::Limits;
 pub use run::{Quiet, RunEvent, RunObserver, RunRequest};
 
 /// Re-exported so connectors build on the exact versions the engine uses.

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Schema, UInt8Type, UInt64Type};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use datafusion::error::DataFusionError;
 use futures::{StreamExt, TryStreamExt};
 use sluice_snapshots::{ROW_HASH_COLUMN, SnapshotManifest, SnapshotSpec, SnapshotWriter};
@@ -32,6 +32,7 @@ use crate::error::{EngineError, Result, SourceError};
 use crate::exceptions::{ExceptionsWriter, FailedRecord};
 use crate::mapping::MappingPlan;
 use crate::metadata::{FailureRow, MappingState, RunRecord, RunStatus};
+use crate::model::{TemplateValues, render_sql};
 use crate::source::ModelQuery;
 
 /// What to run.
@@ -136,8 +137,9 @@ impl Engine {
             self.metadata.start_run(&run).await?;
             runs.push(run);
         }
+        let template = self.template_values(model, runs[0].started_at).await?;
         let started = Instant::now();
-        let extracted = self.extract(model, &runs[0].id, observer).await;
+        let extracted = self.extract(model, &runs[0].id, &template, observer).await;
         let extract_ms = started.elapsed().as_millis() as u64;
         let manifest = match extracted {
             Ok(manifest) => Arc::new(manifest),
@@ -184,11 +186,80 @@ impl Engine {
         Ok(finished)
     }
 
+    /// Extracts a model into a new committed snapshot without running any mapping: for
+    /// snapshot history, and to measure extraction alone.
+    pub async fn snapshot_model(&self, model: &str, observer: &dyn RunObserver) -> Result<SnapshotManifest> {
+        if self.project.model(model).is_none() {
+            return Err(EngineError::Unknown {
+                kind: "model",
+                name: model.to_string(),
+                available: self.project.config.models.keys().cloned().collect(),
+            });
+        }
+        let started_at = Utc::now();
+        let template = self.template_values(model, started_at).await?;
+        let id = format!("extract-{}", uuid::Uuid::now_v7());
+        self.extract(model, &id, &template, observer).await
+    }
+
+    /// The values a model's SQL template is rendered with: `last_sync_time` is the earliest
+    /// previous successful run among the model's mappings (none if any never ran), so no
+    /// mapping misses a row.
+    pub async fn template_values(
+        &self,
+        model: &str,
+        run_started_at: DateTime<Utc>,
+    ) -> Result<TemplateValues> {
+        let mut earliest: Option<DateTime<Utc>> = None;
+        for (name, mapping) in &self.project.config.mappings {
+            if mapping.model != model {
+                continue;
+            }
+            match self.metadata.mapping_state(name).await? {
+                Some(state) => {
+                    earliest = Some(earliest.map_or(state.last_success_at, |t| t.min(state.last_success_at)));
+                }
+                None => {
+                    earliest = None;
+                    break;
+                }
+            }
+        }
+        Ok(TemplateValues {
+            last_sync_time: earliest,
+            run_started_at,
+        })
+    }
+
+    /// The model's query as it runs now: its template rendered and its length checked.
+    pub fn model_query(&self, model: &str, template: &TemplateValues) -> Result<ModelQuery> {
+        let config = self.project.model(model).ok_or_else(|| EngineError::Unknown {
+            kind: "model",
+            name: model.to_string(),
+            available: self.project.config.models.keys().cloned().collect(),
+        })?;
+        let limit_error = |message: String| SourceError::Limit {
+            model: model.to_string(),
+            message,
+        };
+        let sql = render_sql(&config.sql, template).map_err(limit_error)?;
+        self.project
+            .config
+            .limits
+            .check_query(&sql)
+            .map_err(limit_error)?;
+        Ok(ModelQuery {
+            model: model.to_string(),
+            sql,
+        })
+    }
+
     /// Streams the model's rows into a new committed snapshot.
     async fn extract(
         &self,
         model: &str,
         run_id: &str,
+        template: &TemplateValues,
         observer: &dyn RunObserver,
     ) -> Result<SnapshotManifest> {
         let config = self
@@ -199,11 +270,16 @@ impl Engine {
         observer.on_event(RunEvent::ExtractStarted {
             model: model.to_string(),
         });
-        let query = ModelQuery {
-            model: model.to_string(),
-            sql: config.sql.clone(),
-        };
+        let query = self.model_query(model, template)?;
+        let limits = self.project.config.limits;
+        let max_records = config.max_records_per_run.unwrap_or(limits.max_records_per_run);
         let mut stream = source.extract(&query).await?;
+        limits
+            .check_schema(&stream.schema())
+            .map_err(|message| SourceError::Limit {
+                model: model.to_string(),
+                message,
+            })?;
         let spec = SnapshotSpec {
             model: model.to_string(),
             run_id: run_id.to_string(),
@@ -233,6 +309,16 @@ impl Engine {
             if let Err(e) = writer.write(batch).await {
                 writer.abort().await;
                 return Err(snapshot_error(e));
+            }
+            if writer.rows_written() > max_records {
+                writer.abort().await;
+                return Err(SourceError::Limit {
+                    model: model.to_string(),
+                    message: format!(
+                        "the query returned more than {max_records} rows (limits.max_records_per_run); filter the model, or raise `max_records_per_run` on it"
+                    ),
+                }
+                .into());
             }
             observer.on_event(RunEvent::ExtractProgress {
                 model: model.to_string(),
@@ -450,43 +536,7 @@ fn source_failure(model: &str, source_name: &str, error: DataFusionError) -> Sou
     let mut current: &(dyn std::error::Error + 'static) = &error;
     loop {
         if let Some(source_error) = current.downcast_ref::<SourceError>() {
-            return match source_error {
-                SourceError::Connect {
-                    source_name,
-                    message,
-                    hint,
-                } => SourceError::Connect {
-                    source_name: source_name.clone(),
-                    message: message.clone(),
-                    hint: hint.clone(),
-                },
-                SourceError::Query {
-                    model,
-                    source_name,
-                    message,
-                    hint,
-                } => SourceError::Query {
-                    model: model.clone(),
-                    source_name: source_name.clone(),
-                    message: message.clone(),
-                    hint: hint.clone(),
-                },
-                SourceError::UnsupportedType {
-                    model,
-                    column,
-                    database_type,
-                    hint,
-                } => SourceError::UnsupportedType {
-                    model: model.clone(),
-                    column: column.clone(),
-                    database_type: database_type.clone(),
-                    hint: hint.clone(),
-                },
-                SourceError::Config { source_name, message } => SourceError::Config {
-                    source_name: source_name.clone(),
-                    message: message.clone(),
-                },
-            };
+            return source_error.clone();
         }
         match current.source() {
             Some(next) => current = next,
@@ -650,8 +700,23 @@ impl Delivery<'_> {
             });
         }
         let outgoing = self.plan.encode(batch, ops, &hashes)?;
+        // Records over the size limits fail alone, unsent; the rest of the batch goes on.
+        let oversized = self.engine.project.config.limits.oversized_records(&outgoing);
         let started = Instant::now();
-        let result = deliver(self.writer, &outgoing, self.policy).await;
+        let mut result = if oversized.is_empty() {
+            deliver(self.writer, &outgoing, self.policy).await
+        } else {
+            let kept: Vec<usize> = (0..outgoing.len())
+                .filter(|i| oversized.binary_search_by_key(i, |f| f.index).is_err())
+                .collect();
+            let mut result = deliver(self.writer, &outgoing.select(&kept)?, self.policy).await;
+            for failure in &mut result.failures {
+                failure.index = kept[failure.index];
+            }
+            result.failures.extend(oversized);
+            result
+        };
+        result.failures.sort_by_key(|f| f.index);
         self.run.timings.deliver_ms += started.elapsed().as_millis() as u64;
         let failed = result.failures.len() as u64;
         self.run.counts.delivered += outgoing.len() as u64 - failed;

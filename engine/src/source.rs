@@ -30,6 +30,33 @@ pub trait Source: Send + Sync + 'static {
     /// them; it never holds the whole result. Errors met while streaming are
     /// `DataFusionError::External` wrapping a [`SourceError`].
     async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError>;
+
+    /// Checks that a model's query is valid and readable here, without reading its rows: the
+    /// tables exist and the user may read them. By default the query is run with `LIMIT 0`.
+    async fn check_query(&self, query: &ModelQuery) -> Result<(), SourceError> {
+        let probe = ModelQuery {
+            model: query.model.clone(),
+            sql: limit_sql(&query.sql, 0),
+        };
+        let mut stream = self.extract(&probe).await?;
+        while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+            batch.map_err(|e| SourceError::Query {
+                model: query.model.clone(),
+                source_name: String::new(),
+                message: e.to_string(),
+                hint: None,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Wraps a model's SQL so that at most `limit` rows come back. Every SQL source sluice has
+/// (DataFusion, SQLite, PostgreSQL, MySQL) accepts this form.
+pub fn limit_sql(sql: &str, limit: u64) -> String {
+    let body = sql.trim_end_matches(|c: char| c.is_whitespace() || c == ';');
+    // The newline keeps a trailing `-- comment` in the model from swallowing the wrapper.
+    format!("SELECT * FROM (\n{body}\n) AS sluice_limited LIMIT {limit}")
 }
 
 /// What connectors need to know about the project they are built for.
@@ -37,6 +64,29 @@ pub trait Source: Send + Sync + 'static {
 pub struct ConnectorEnv {
     /// Directory relative paths in `sluice.yaml` resolve against.
     pub base_dir: PathBuf,
+    /// The project's state directory (metadata store, SSH keys).
+    pub state_dir: PathBuf,
+}
+
+impl ConnectorEnv {
+    /// For tests and tools: a project rooted at `base_dir` with the default state directory.
+    pub fn rooted_at(base_dir: impl Into<PathBuf>) -> Self {
+        let base_dir = base_dir.into();
+        Self {
+            state_dir: base_dir.join(".sluice"),
+            base_dir,
+        }
+    }
+
+    /// A path from the config file: absolute as written, else relative to `sluice.yaml`.
+    pub fn resolve_path(&self, path: &str) -> PathBuf {
+        let path = PathBuf::from(path);
+        if path.is_absolute() {
+            path
+        } else {
+            self.base_dir.join(path)
+        }
+    }
 }
 
 /// Builds sources and destinations from their config. Implemented by `sluice-connectors`; the

@@ -354,3 +354,87 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod retire_tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array, RecordBatch};
+
+    use super::*;
+    use crate::{SnapshotSpec, SnapshotWriter};
+
+    async fn snapshot(store: &SnapshotStore) -> SnapshotManifest {
+        let spec = SnapshotSpec {
+            model: "m".into(),
+            run_id: "r".into(),
+            key_columns: vec!["id".into()],
+            buckets: Some(2),
+        };
+        let mut writer = SnapshotWriter::new(store.clone(), spec);
+        let batch = RecordBatch::try_from_iter(vec![(
+            "id",
+            Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef,
+        )])
+        .unwrap();
+        writer.write(batch).await.unwrap();
+        writer.commit().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn retiring_removes_the_manifest_then_the_data_and_can_be_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open("s", dir.path(), [])
+            .unwrap()
+            .with_temp_dir(dir.path().join("tmp"));
+        let kept = snapshot(&store).await;
+        let retired = snapshot(&store).await;
+        store.retire("m", &retired.id).await.unwrap();
+        store.retire("m", &retired.id).await.unwrap();
+        assert_eq!(store.list_snapshots("m").await.unwrap(), vec![kept.clone()]);
+        assert!(
+            store
+                .list(&SnapshotStore::data_dir("m", &retired.id))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(matches!(
+            store.snapshot("m", &retired.id).await,
+            Err(SnapshotError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn data_no_manifest_commits_is_removed_once_old_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open("s", dir.path(), [])
+            .unwrap()
+            .with_temp_dir(dir.path().join("tmp"));
+        let kept = snapshot(&store).await;
+        // A writer killed before its manifest: data files, no manifest.
+        store
+            .put(
+                "models/m/snapshots/orphan/bucket-0000-of-0001.parquet",
+                Bytes::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        let now = chrono::Utc::now();
+        assert_eq!(
+            store
+                .remove_uncommitted("m", now - chrono::Duration::hours(1))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            store
+                .remove_uncommitted("m", now + chrono::Duration::seconds(5))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.list_snapshots("m").await.unwrap(), vec![kept]);
+    }
+}

@@ -4,3 +4,6 @@ mod cli;
 mod common;
 mod convergence;
 mod diff_properties;
+mod mysql;
+mod postgres;
+mod services;

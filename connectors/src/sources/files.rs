@@ -13,6 +13,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use arrow::datatypes::DataType;
 use async_trait::async_trait;
 use indexmap::IndexMap;
 use serde::Deserialize;
@@ -53,6 +54,43 @@ pub struct TableOptions {
     /// CSV only: field delimiter (default `,`).
     #[serde(default)]
     pub delimiter: Option<char>,
+    /// Hive-style partition columns (`.../year=2025/month=11/part.parquet`), outermost first:
+    /// a list of names (read as strings) or a map of name to type (`string`, `int`, `bigint`,
+    /// `date`).
+    #[serde(default)]
+    pub partitions: Option<Partitions>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Partitions {
+    Names(Vec<String>),
+    Typed(IndexMap<String, String>),
+}
+
+impl Partitions {
+    fn columns(&self) -> Result<Vec<(String, DataType)>, String> {
+        match self {
+            Partitions::Names(names) => Ok(names.iter().map(|n| (n.clone(), DataType::Utf8)).collect()),
+            Partitions::Typed(types) => types
+                .iter()
+                .map(|(name, ty)| {
+                    let data_type = match ty.to_ascii_lowercase().as_str() {
+                        "string" | "text" | "varchar" => DataType::Utf8,
+                        "int" | "integer" => DataType::Int32,
+                        "bigint" | "long" => DataType::Int64,
+                        "date" => DataType::Date32,
+                        other => {
+                            return Err(format!(
+                                "partition column `{name}`: unknown type `{other}` (use string, int, bigint or date)"
+                            ));
+                        }
+                    };
+                    Ok((name.clone(), data_type))
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -71,6 +109,7 @@ struct Table {
     format: FileFormat,
     has_header: bool,
     delimiter: u8,
+    partitions: Vec<(String, DataType)>,
 }
 
 pub struct FilesSource {
@@ -92,6 +131,7 @@ impl FilesSource {
                     format: None,
                     has_header: None,
                     delimiter: None,
+                    partitions: None,
                 },
                 TableSpec::Full(options) => options,
             };
@@ -111,12 +151,17 @@ impl FilesSource {
                     "table `{table}`: the CSV delimiter must be one ASCII character"
                 ));
             }
+            let partitions = match &options.partitions {
+                Some(p) => p.columns().map_err(|e| format!("table `{table}`: {e}"))?,
+                None => Vec::new(),
+            };
             tables.push(Table {
                 name: table,
                 location,
                 format,
                 has_header: options.has_header.unwrap_or(true),
                 delimiter: delimiter as u8,
+                partitions,
             });
         }
         Ok(Self {
@@ -145,18 +190,23 @@ impl FilesSource {
             let location = table.location.as_str();
             match table.format {
                 FileFormat::Parquet => {
-                    ctx.register_parquet(&table.name, location, ParquetReadOptions::default())
-                        .await
+                    let options = ParquetReadOptions::default()
+                        .file_extension(extension_of(location, ".parquet"))
+                        .table_partition_cols(table.partitions.clone());
+                    ctx.register_parquet(&table.name, location, options).await
                 }
                 FileFormat::Csv => {
                     let options = CsvReadOptions::new()
                         .has_header(table.has_header)
                         .delimiter(table.delimiter)
-                        .file_extension(extension_of(location, ".csv"));
+                        .file_extension(extension_of(location, ".csv"))
+                        .table_partition_cols(table.partitions.clone());
                     ctx.register_csv(&table.name, location, options).await
                 }
                 FileFormat::Json => {
-                    let options = JsonReadOptions::default().file_extension(extension_of(location, ".json"));
+                    let options = JsonReadOptions::default()
+                        .file_extension(extension_of(location, ".json"))
+                        .table_partition_cols(table.partitions.clone());
                     ctx.register_json(&table.name, location, options).await
                 }
             }
@@ -305,14 +355,7 @@ mod extract_tests {
 
     fn source(dir: &Path, tables: serde_json::Value) -> FilesSource {
         let config: FilesConfig = serde_json::from_value(serde_json::json!({ "tables": tables })).unwrap();
-        FilesSource::new(
-            "lake",
-            config,
-            &ConnectorEnv {
-                base_dir: dir.to_path_buf(),
-            },
-        )
-        .unwrap()
+        FilesSource::new("lake", config, &ConnectorEnv::rooted_at(dir)).unwrap()
     }
 
     async fn rows(source: &FilesSource, sql: &str) -> Result<usize, String> {
@@ -364,11 +407,70 @@ mod extract_tests {
         );
     }
 
+    fn write_parquet(path: &Path, ids: &[i64]) {
+        use arrow::array::{ArrayRef, Int64Array, RecordBatch};
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let batch =
+            RecordBatch::try_from_iter(vec![("id", Arc::new(Int64Array::from(ids.to_vec())) as ArrayRef)])
+                .unwrap();
+        let file = std::fs::File::create(path).unwrap();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn globs_and_hive_partitions_read_a_lakehouse_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        write_parquet(&dir.path().join("shards/part-0.parquet"), &[1, 2]);
+        write_parquet(&dir.path().join("shards/part-1.parquet"), &[3]);
+        write_parquet(&dir.path().join("shards/skip.parquet"), &[99]);
+        write_parquet(
+            &dir.path().join("events/year=2025/month=11/part-0.parquet"),
+            &[1, 2],
+        );
+        write_parquet(&dir.path().join("events/year=2025/month=12/part-0.parquet"), &[3]);
+        write_parquet(&dir.path().join("events/year=2026/month=1/part-0.parquet"), &[4]);
+        let s = source(
+            dir.path(),
+            serde_json::json!({
+                "shards": "shards/part-*.parquet",
+                "events": { "path": "events/", "format": "parquet", "partitions": { "year": "int", "month": "int" } },
+                "events_text": { "path": "events/", "format": "parquet", "partitions": ["year", "month"] },
+            }),
+        );
+        assert_eq!(rows(&s, "SELECT id FROM shards").await.unwrap(), 3);
+        assert_eq!(
+            rows(&s, "SELECT id FROM events WHERE year = 2025").await.unwrap(),
+            3
+        );
+        assert_eq!(
+            rows(&s, "SELECT id FROM events WHERE year * 100 + month >= 202512")
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            rows(&s, "SELECT id FROM events_text WHERE month = '1'")
+                .await
+                .unwrap(),
+            1
+        );
+        let config: FilesConfig = serde_json::from_value(serde_json::json!({
+            "tables": { "t": { "path": "events/", "format": "parquet", "partitions": { "year": "decimal" } } }
+        }))
+        .unwrap();
+        let err = FilesSource::new("lake", config, &ConnectorEnv::rooted_at("/"))
+            .err()
+            .unwrap();
+        assert!(err.contains("unknown type `decimal`"), "{err}");
+    }
+
     #[test]
     fn a_path_without_a_known_extension_needs_a_format() {
         let config: FilesConfig =
             serde_json::from_value(serde_json::json!({ "tables": { "t": "data/dir/" } })).unwrap();
-        let err = FilesSource::new("lake", config, &ConnectorEnv { base_dir: "/".into() })
+        let err = FilesSource::new("lake", config, &ConnectorEnv::rooted_at("/"))
             .err()
             .unwrap();
         assert!(err.contains("add `format: parquet`"), "{err}");

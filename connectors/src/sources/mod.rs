@@ -1,2 +1,4 @@
 pub mod files;
+pub mod mysql;
+pub mod postgres;
 pub mod sqlite;

@@ -470,9 +470,7 @@ mod tests {
                 .unwrap();
         }
         conn.close().await.unwrap();
-        let env = ConnectorEnv {
-            base_dir: dir.path().to_path_buf(),
-        };
+        let env = ConnectorEnv::rooted_at(dir.path());
         let config = SqliteConfig {
             path: ConfigString::literal("w.db"),
         };
@@ -565,9 +563,7 @@ mod tests {
             SqliteConfig {
                 path: ConfigString::literal("nope.db"),
             },
-            &ConnectorEnv {
-                base_dir: std::env::temp_dir(),
-            },
+            &ConnectorEnv::rooted_at(std::env::temp_dir()),
         );
         let err = missing.check().await.unwrap_err().to_string();
         assert!(err.contains("does not exist"), "{err}");

@@ -1,0 +1,671 @@
+//! `type: postgres`: PostgreSQL and every Postgres-wire warehouse (Redshift, ...).
+//!
+//! ```yaml
+//! sources:
+//!   app_db:
+//!     type: postgres
+//!     url: postgres://sluice:${PGPASSWORD}@db.internal:5432/app   # or the fields below
+//!     # host: db.internal
+//!     # port: 5432
+//!     # user: sluice
+//!     # password: ${PGPASSWORD}
+//!     # database: app
+//!     sslmode: verify-full           # disable | prefer (default) | require | verify-ca | verify-full
+//!     # sslrootcert: /etc/ssl/rds.pem  # CA bundle for verify-*; default: the Mozilla roots
+//!     # ssh_tunnel: { host: bastion.example.com, port: 22, user: sluice }
+//! ```
+//!
+//! A model runs inside `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`, so it sees one
+//! consistent state and cannot change anything. The query is described first (its columns'
+//! types decide the Arrow schema; a type sluice cannot carry fails here, naming the column),
+//! then streamed with `COPY (query) TO STDOUT (FORMAT binary)` and decoded straight into
+//! Arrow builders ([`decode`]), a batch at a time: memory does not grow with the result.
+
+pub mod decode;
+mod tls;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Field, Schema};
+use async_trait::async_trait;
+use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use serde::Deserialize;
+use sluice_engine::datafusion::error::DataFusionError;
+use sluice_engine::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use sluice_engine::source::{ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source};
+use sluice_engine::{ConfigString, SourceError};
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use self::decode::{ColumnKind, CopyDecoder, Progress};
+use crate::HumanDuration;
+use crate::tunnel::{SshTunnel, SshTunnelConfig};
+
+const DEFAULT_BATCH_ROWS: usize = 65_536;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database?options`; fields below override its parts.
+    #[serde(default)]
+    pub url: Option<ConfigString>,
+    #[serde(default)]
+    pub host: Option<ConfigString>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub user: Option<ConfigString>,
+    #[serde(default)]
+    pub password: Option<ConfigString>,
+    #[serde(default)]
+    pub database: Option<ConfigString>,
+    #[serde(default)]
+    pub sslmode: Option<SslMode>,
+    /// PEM file of the certificate authorities to trust for `verify-ca` / `verify-full`.
+    #[serde(default)]
+    pub sslrootcert: Option<ConfigString>,
+    #[serde(default)]
+    pub connect_timeout: Option<HumanDuration>,
+    /// Rows per Arrow batch (default 65,536).
+    #[serde(default)]
+    pub batch_rows: Option<usize>,
+    #[serde(default)]
+    pub ssh_tunnel: Option<SshTunnelConfig>,
+}
+
+/// libpq's `sslmode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disable" => Ok(Self::Disable),
+            "allow" | "prefer" => Ok(Self::Prefer),
+            "require" => Ok(Self::Require),
+            "verify-ca" => Ok(Self::VerifyCa),
+            "verify-full" => Ok(Self::VerifyFull),
+            other => Err(format!(
+                "unknown sslmode `{other}` (use disable, prefer, require, verify-ca or verify-full)"
+            )),
+        }
+    }
+}
+
+pub struct PostgresSource {
+    name: String,
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    batch_rows: usize,
+    tunnel: Option<SshTunnel>,
+}
+
+impl PostgresSource {
+    pub fn new(name: &str, options: PostgresConfig, env: &ConnectorEnv) -> Result<Self, String> {
+        let mut sslmode = options.sslmode;
+        let mut config = match &options.url {
+            Some(url) => {
+                let (url, url_sslmode) = split_sslmode(url.expose())?;
+                sslmode = sslmode.or(url_sslmode);
+                tokio_postgres::Config::from_str(&url)
+                    .map_err(|e| format!("`url` is not a valid Postgres URL: {e}"))?
+            }
+            None => tokio_postgres::Config::new(),
+        };
+        if let Some(host) = &options.host {
+            config.host(host.expose());
+        }
+        if let Some(port) = options.port {
+            config.port(port);
+        }
+        if let Some(user) = &options.user {
+            config.user(user.expose());
+        }
+        if let Some(password) = &options.password {
+            config.password(password.expose());
+        }
+        if let Some(database) = &options.database {
+            config.dbname(database.expose());
+        }
+        if config.get_hosts().is_empty() {
+            return Err("set `url` or `host`".into());
+        }
+        if config.get_user().is_none() {
+            return Err("set the user, in `url` or `user`".into());
+        }
+        if config.get_ports().is_empty() {
+            config.port(5432);
+        }
+        config.connect_timeout(options.connect_timeout.map_or(Duration::from_secs(10), |d| d.0));
+        if config.get_application_name().is_none() {
+            config.application_name("sluice");
+        }
+        let sslmode = sslmode.unwrap_or(SslMode::Prefer);
+        config.ssl_mode(match sslmode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
+        let root_cert = options
+            .sslrootcert
+            .as_ref()
+            .map(|path| env.resolve_path(path.expose()));
+        let tls = match sslmode {
+            SslMode::Disable => None,
+            mode => Some(tls::connector(mode, root_cert.as_deref())?),
+        };
+        let tunnel = match options.ssh_tunnel {
+            Some(tunnel) => {
+                let (host, port) = single_host(&config)?;
+                Some(SshTunnel::new(name, tunnel, host, port, env)?)
+            }
+            None => None,
+        };
+        let batch_rows = options.batch_rows.unwrap_or(DEFAULT_BATCH_ROWS);
+        if batch_rows == 0 {
+            return Err("`batch_rows` must be at least 1".into());
+        }
+        Ok(Self {
+            name: name.to_string(),
+            config,
+            tls,
+            batch_rows,
+            tunnel,
+        })
+    }
+
+    /// The SSH tunnel this source is reached through, if any.
+    pub fn tunnel(&self) -> Option<&SshTunnel> {
+        self.tunnel.as_ref()
+    }
+
+    async fn connect(&self) -> Result<Client, SourceError> {
+        let mut config = self.config.clone();
+        // Through a tunnel, connect to its local end; TLS still names the database host.
+        if let Some(tunnel) = &self.tunnel {
+            let local = tunnel.open().await.map_err(|message| SourceError::Connect {
+                source_name: self.name.clone(),
+                message,
+                hint: Some(crate::tunnel::HINT.into()),
+            })?;
+            let mut tunnelled = tokio_postgres::Config::new();
+            clone_settings(&self.config, &mut tunnelled);
+            if let Ok((host, _)) = single_host(&self.config) {
+                tunnelled.host(&host);
+            }
+            tunnelled.hostaddr(local.ip());
+            tunnelled.port(local.port());
+            config = tunnelled;
+        }
+        let connect_error = |e: tokio_postgres::Error| {
+            let (message, hint) = describe_error(&e, &self.config, None);
+            SourceError::Connect {
+                source_name: self.name.clone(),
+                message,
+                hint,
+            }
+        };
+        let client = match &self.tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "postgres connection closed with an error");
+                    }
+                });
+                client
+            }
+            Some(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await.map_err(connect_error)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "postgres connection closed with an error");
+                    }
+                });
+                client
+            }
+        };
+        Ok(client)
+    }
+
+    fn query_error(&self, model: &str, e: &tokio_postgres::Error, sql: &str) -> SourceError {
+        let (message, hint) = describe_error(e, &self.config, Some(sql));
+        SourceError::Query {
+            model: model.to_string(),
+            source_name: self.name.clone(),
+            message,
+            hint,
+        }
+    }
+
+    /// Opens the read-only, repeatable-read transaction and describes the query's columns.
+    async fn begin_and_describe(
+        &self,
+        query: &ModelQuery,
+    ) -> Result<(Client, String, Vec<ColumnKind>, Arc<Schema>), SourceError> {
+        let client = self.connect().await?;
+        let sql = strip_statement_end(&query.sql).to_string();
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| self.query_error(&query.model, &e, &sql))?;
+        let statement = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| self.query_error(&query.model, &e, &sql))?;
+        let mut kinds = Vec::with_capacity(statement.columns().len());
+        let mut fields = Vec::with_capacity(statement.columns().len());
+        for column in statement.columns() {
+            let Some(kind) = ColumnKind::for_type(column.type_(), column.type_modifier()) else {
+                return Err(SourceError::UnsupportedType {
+                    model: query.model.clone(),
+                    column: column.name().to_string(),
+                    database_type: type_description(column.type_(), column.type_modifier()),
+                    hint: cast_hint(column.type_(), column.name()),
+                });
+            };
+            fields.push(Field::new(column.name(), kind.data_type(), true));
+            kinds.push(kind);
+        }
+        Ok((client, sql, kinds, Arc::new(Schema::new(fields))))
+    }
+}
+
+#[async_trait]
+impl Source for PostgresSource {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn check(&self) -> Result<(), SourceError> {
+        let client = self.connect().await?;
+        client.simple_query("SELECT 1").await.map_err(|e| {
+            let (message, hint) = describe_error(&e, &self.config, None);
+            SourceError::Connect {
+                source_name: self.name.clone(),
+                message,
+                hint,
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn check_query(&self, query: &ModelQuery) -> Result<(), SourceError> {
+        let (client, sql, _, _) = self.begin_and_describe(query).await?;
+        // EXPLAIN starts the executor, which checks privileges on every table the query reads.
+        client
+            .batch_execute(&format!("EXPLAIN {sql}"))
+            .await
+            .map_err(|e| self.query_error(&query.model, &e, &sql))?;
+        client.batch_execute("ROLLBACK").await.ok();
+        Ok(())
+    }
+
+    async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError> {
+        let (client, sql, kinds, schema) = self.begin_and_describe(query).await?;
+        // A newline before the closing parenthesis keeps a trailing `-- comment` harmless.
+        let copy = format!("COPY (\n{sql}\n) TO STDOUT (FORMAT binary)");
+        let copy_stream = client
+            .copy_out(copy.as_str())
+            .await
+            .map_err(|e| self.query_error(&query.model, &e, &sql))?;
+        let (tx, rx) = mpsc::channel(2);
+        let reader = CopyReader {
+            model: query.model.clone(),
+            source: self.name.clone(),
+            schema: schema.clone(),
+            kinds,
+            batch_rows: self.batch_rows,
+        };
+        tokio::spawn(async move {
+            let result = reader.read(copy_stream, &tx).await;
+            match result {
+                Ok(()) => {
+                    client.batch_execute("COMMIT").await.ok();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(DataFusionError::External(Box::new(e)))).await;
+                }
+            }
+        });
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+}
+
+/// Reads the COPY stream into batches.
+struct CopyReader {
+    model: String,
+    source: String,
+    schema: Arc<Schema>,
+    kinds: Vec<ColumnKind>,
+    batch_rows: usize,
+}
+
+type BatchSender = mpsc::Sender<Result<RecordBatch, DataFusionError>>;
+
+impl CopyReader {
+    async fn read(&self, copy: tokio_postgres::CopyOutStream, tx: &BatchSender) -> Result<(), SourceError> {
+        let mut copy = std::pin::pin!(copy);
+        let mut decoder = CopyDecoder::new(&self.kinds, self.batch_rows);
+        let mut pending = BytesMut::new();
+        let mut rows_before = 0u64;
+        let mut finished = false;
+        while !finished {
+            let Some(chunk) = copy.next().await else {
+                break;
+            };
+            let chunk =
+                chunk.map_err(|e| self.error(format!("reading COPY data: {}", error_text(&e)), None))?;
+            let buffered = !pending.is_empty();
+            if buffered {
+                pending.extend_from_slice(&chunk);
+            }
+            let data: &[u8] = if buffered { &pending } else { &chunk };
+            let mut offset = 0;
+            loop {
+                let progress = decoder
+                    .decode(&data[offset..], self.batch_rows)
+                    .map_err(|e| self.field_error(e, rows_before + decoder.rows() as u64 + 1))?;
+                match progress {
+                    Progress::Finished => {
+                        finished = true;
+                        break;
+                    }
+                    Progress::Consumed(n) => offset += n,
+                }
+                if decoder.rows() < self.batch_rows {
+                    break;
+                }
+                rows_before += decoder.rows() as u64;
+                if !self.send(&mut decoder, tx).await? {
+                    return Ok(());
+                }
+            }
+            if buffered {
+                pending.advance(offset);
+            } else {
+                pending.extend_from_slice(&chunk[offset..]);
+            }
+        }
+        if !finished {
+            return Err(self.error("the COPY stream ended before its trailer".into(), None));
+        }
+        if decoder.rows() > 0 {
+            self.send(&mut decoder, tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the buffered rows; `false` when nobody is listening any more.
+    async fn send(&self, decoder: &mut CopyDecoder, tx: &BatchSender) -> Result<bool, SourceError> {
+        let columns = decoder.finish().map_err(|e| self.field_error(e, 0))?;
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| self.error(format!("assembling a batch: {e}"), None))?;
+        Ok(tx.send(Ok(batch)).await.is_ok())
+    }
+
+    fn field_error(&self, e: decode::FieldError, row: u64) -> SourceError {
+        let column = self.schema.fields().get(e.column).map(|f| f.name().as_str());
+        match column {
+            Some(column) => self.error(
+                format!("column `{column}`, row {row}: {}", e.message),
+                Some(format!(
+                    "cast `{column}` in the model's SQL to a type sluice can carry"
+                )),
+            ),
+            None => self.error(e.message, None),
+        }
+    }
+
+    fn error(&self, message: String, hint: Option<String>) -> SourceError {
+        SourceError::Query {
+            model: self.model.clone(),
+            source_name: self.source.clone(),
+            message,
+            hint,
+        }
+    }
+}
+
+/// Removes trailing whitespace and semicolons, which cannot stand inside `COPY (...)`.
+fn strip_statement_end(sql: &str) -> &str {
+    sql.trim_end_matches(|c: char| c.is_whitespace() || c == ';')
+}
+
+/// tokio-postgres does not know `verify-ca`/`verify-full`; take `sslmode` out of the URL.
+fn split_sslmode(url: &str) -> Result<(String, Option<SslMode>), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let mut sslmode = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("sslmode", value)) => sslmode = Some(value.parse()?),
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, sslmode))
+}
+
+fn single_host(config: &tokio_postgres::Config) -> Result<(String, u16), String> {
+    let host = match config.get_hosts() {
+        [tokio_postgres::config::Host::Tcp(host)] => host.clone(),
+        [] => return Err("set `host` or `url`".into()),
+        _ => return Err("an SSH tunnel needs exactly one TCP host".into()),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    Ok((host, port))
+}
+
+fn clone_settings(from: &tokio_postgres::Config, to: &mut tokio_postgres::Config) {
+    if let Some(user) = from.get_user() {
+        to.user(user);
+    }
+    if let Some(password) = from.get_password() {
+        to.password(password);
+    }
+    if let Some(db) = from.get_dbname() {
+        to.dbname(db);
+    }
+    if let Some(name) = from.get_application_name() {
+        to.application_name(name);
+    }
+    if let Some(timeout) = from.get_connect_timeout() {
+        to.connect_timeout(*timeout);
+    }
+    to.ssl_mode(from.get_ssl_mode());
+}
+
+/// The database's own message, and a hint for the failures people hit first.
+fn describe_error(
+    e: &tokio_postgres::Error,
+    config: &tokio_postgres::Config,
+    sql: Option<&str>,
+) -> (String, Option<String>) {
+    let target = target(config);
+    if let Some(db) = e.as_db_error() {
+        let mut message = format!("{}: {}", db.severity(), db.message());
+        if let Some(detail) = db.detail() {
+            message.push_str(&format!(" ({detail})"));
+        }
+        if let (Some(position), Some(sql)) = (db.position(), sql)
+            && let tokio_postgres::error::ErrorPosition::Original(pos) = position
+        {
+            message.push_str(&format!(" at: {}", excerpt(sql, *pos as usize)));
+        }
+        let code = db.code();
+        let hint = if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            Some(format!(
+                "authentication failed for user `{}`: check the user and password, and that pg_hba.conf admits this host",
+                config.get_user().unwrap_or("?")
+            ))
+        } else if *code == SqlState::INVALID_CATALOG_NAME {
+            Some(format!(
+                "database `{}` does not exist on {target}: check `database` or the URL's path",
+                config.get_dbname().unwrap_or("?")
+            ))
+        } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            Some(format!(
+                "permission denied: grant the user read access, e.g. GRANT SELECT ON <table> TO {}; GRANT USAGE ON SCHEMA <schema> TO {}",
+                config.get_user().unwrap_or("<user>"),
+                config.get_user().unwrap_or("<user>")
+            ))
+        } else if *code == SqlState::UNDEFINED_TABLE {
+            Some("the table does not exist, or is in a schema not on the user's search_path: qualify it as schema.table".into())
+        } else if *code == SqlState::UNDEFINED_COLUMN {
+            Some("a column in the model's SQL does not exist; `sluice preview` shows the columns a query returns".into())
+        } else if *code == SqlState::SYNTAX_ERROR {
+            Some("the model's SQL is not valid PostgreSQL".into())
+        } else if *code == SqlState::TOO_MANY_CONNECTIONS {
+            Some("the server has no free connections; try again later or raise max_connections".into())
+        } else {
+            None
+        };
+        return (message, hint);
+    }
+    let message = error_text(e);
+    let lower = message.to_lowercase();
+    let hint = if lower.contains("connection refused") {
+        Some(format!(
+            "nothing is listening on {target}: check the host and port, and that the server is running"
+        ))
+    } else if lower.contains("timed out") || lower.contains("timeout") {
+        Some(format!(
+            "{target} did not answer in time: the host may be unreachable or firewalled"
+        ))
+    } else if lower.contains("failed to lookup")
+        || lower.contains("name or service not known")
+        || lower.contains("resolve")
+    {
+        Some(format!("the host name of {target} could not be resolved"))
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("ssl") {
+        Some("the TLS handshake failed: check `sslmode` and `sslrootcert` (verify-full also checks the host name)".into())
+    } else if lower.contains("password missing") {
+        Some("the server asks for a password: set `password` or put it in the URL (as ${ENV_VAR})".into())
+    } else {
+        None
+    };
+    (message, hint)
+}
+
+/// An error with its chain of causes, as one line.
+fn error_text(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn target(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "?".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
+/// The SQL around a 1-based character position.
+fn excerpt(sql: &str, position: usize) -> String {
+    let chars: Vec<char> = sql.chars().collect();
+    let at = position.saturating_sub(1).min(chars.len());
+    let start = at.saturating_sub(20);
+    let end = (at + 20).min(chars.len());
+    let text: String = chars[start..end].iter().collect();
+    format!("`{}`", text.replace('\n', " "))
+}
+
+fn type_description(ty: &tokio_postgres::types::Type, type_modifier: i32) -> String {
+    if *ty == tokio_postgres::types::Type::NUMERIC && type_modifier >= 4 {
+        let m = type_modifier - 4;
+        return format!("numeric({}, {})", (m >> 16) & 0xffff, ((m & 0x7ff) ^ 1024) - 1024);
+    }
+    match ty.kind() {
+        tokio_postgres::types::Kind::Array(element) => format!("{}[]", element.name()),
+        _ => ty.name().to_string(),
+    }
+}
+
+fn cast_hint(ty: &tokio_postgres::types::Type, column: &str) -> String {
+    use tokio_postgres::types::{Kind, Type};
+    let name = ty.name();
+    let suggestion = match *ty {
+        Type::NUMERIC | Type::NUMERIC_ARRAY => {
+            format!("{column}::numeric(38, 10), or {column}::text to keep every digit")
+        }
+        Type::INTERVAL => format!("extract(epoch FROM {column}) for seconds, or {column}::text"),
+        Type::MONEY => format!("{column}::numeric(20, 2)"),
+        _ => match ty.kind() {
+            Kind::Array(_) => format!("array_to_json({column})::text to keep it as JSON"),
+            Kind::Composite(_) | Kind::Range(_) | Kind::Multirange(_) => format!("to_json({column})::text"),
+            _ => format!("{column}::text"),
+        },
+    };
+    format!("cast it in the model's SQL, e.g. {suggestion} (type {name})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_is_taken_out_of_urls() {
+        let (url, mode) = split_sslmode("postgres://u@h/db?sslmode=verify-full&application_name=x").unwrap();
+        assert_eq!(url, "postgres://u@h/db?application_name=x");
+        assert_eq!(mode, Some(SslMode::VerifyFull));
+        let (url, mode) = split_sslmode("postgres://u@h/db").unwrap();
+        assert_eq!((url.as_str(), mode), ("postgres://u@h/db", None));
+        assert!(split_sslmode("postgres://u@h/db?sslmode=sometimes").is_err());
+    }
+
+    #[test]
+    fn statement_ends_are_stripped_for_copy() {
+        assert_eq!(strip_statement_end("SELECT 1 ;\n  "), "SELECT 1");
+        assert_eq!(strip_statement_end("SELECT 1 -- note"), "SELECT 1 -- note");
+    }
+
+    #[test]
+    fn unsupported_types_get_a_cast_hint() {
+        use tokio_postgres::types::Type;
+        assert!(cast_hint(&Type::INTERVAL, "age").contains("extract(epoch FROM age)"));
+        assert!(cast_hint(&Type::INET, "ip").contains("ip::text"));
+        assert_eq!(
+            type_description(&Type::NUMERIC, ((50 << 16) | 2) + 4),
+            "numeric(50, 2)"
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! Real database servers for the source tests: PostgreSQL on 127.0.0.1:5432 and MariaDB on
+//! 127.0.0.1:3306. A test whose server is absent says so and skips, unless
+//! `SLUICE_REQUIRE_SERVICES=1` (set by `.ci/run`), which makes it fail.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use mysql_async::prelude::Queryable;
+
+pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
+
+fn required() -> bool {
+    std::env::var("SLUICE_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Skips (or, when services are required, fails) a test whose service is missing.
+pub fn unavailable(service: &str, error: impl std::fmt::Display) {
+    if required() {
+        panic!("{service} is required (SLUICE_REQUIRE_SERVICES=1) but unavailable: {error}");
+    }
+    eprintln!("SKIPPED: {service} is unavailable ({error}); set SLUICE_REQUIRE_SERVICES=1 to fail instead");
+}
+
+/// A connection to the local PostgreSQL with a fresh schema named `schema`.
+pub async fn postgres(schema: &str) -> Option<tokio_postgres::Client> {
+    let connected = tokio_postgres::connect(PG_URL, tokio_postgres::NoTls).await;
+    let (client, connection) = match connected {
+        Ok(pair) => pair,
+        Err(e) => {
+            unavailable("PostgreSQL on 127.0.0.1:5432", e);
+            return None;
+        }
+    };
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
+        ))
+        .await
+        .expect("create schema");
+    Some(client)
+}
+
+/// A connection to the local MariaDB/MySQL with a fresh database named `database`.
+pub async fn mysql(database: &str) -> Option<mysql_async::Conn> {
+    let opts = match mysql_async::Opts::from_url(MYSQL_URL) {
+        Ok(opts) => opts,
+        Err(e) => panic!("bad test URL: {e}"),
+    };
+    let mut conn = match mysql_async::Conn::new(opts).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            unavailable("MariaDB on 127.0.0.1:3306", e);
+            return None;
+        }
+    };
+    conn.query_drop(format!("DROP DATABASE IF EXISTS {database}"))
+        .await
+        .expect("drop database");
+    conn.query_drop(format!("CREATE DATABASE {database} CHARACTER SET utf8mb4"))
+        .await
+        .expect("create database");
+    conn.query_drop(format!("USE {database}"))
+        .await
+        .expect("use database");
+    Some(conn)
+}
+
+/// An OpenSSH server on a free loopback port, for the tunnel tests; killed on drop.
+pub struct Sshd {
+    pub port: u16,
+    pub authorized_keys: PathBuf,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Sshd {
+    pub fn start() -> Option<Self> {
+        let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists());
+        let Some(sshd) = sshd else {
+            unavailable(
+                "OpenSSH server (sshd; Debian package openssh-server)",
+                "not installed",
+            );
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host_key = dir.path().join("host_ed25519");
+        let keygen = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key)
+            .status()
+            .expect("ssh-keygen");
+        assert!(keygen.success());
+        let authorized_keys = dir.path().join("authorized_keys");
+        std::fs::write(&authorized_keys, "").expect("authorized_keys");
+        std::fs::create_dir_all("/run/sshd").ok();
+        let port = free_port();
+        let config = dir.path().join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nLogLevel ERROR\n",
+                host_key.display(),
+                authorized_keys.display(),
+                dir.path().join("sshd.pid").display()
+            ),
+        )
+        .expect("sshd_config");
+        let child = std::process::Command::new(sshd)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sshd");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sshd did not start on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Some(Self {
+            port,
+            authorized_keys,
+            child,
+            _dir: dir,
+        })
+    }
+
+    pub fn authorize(&self, public_key: &str) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.authorized_keys)
+            .expect("authorized_keys");
+        writeln!(file, "{}", public_key.trim()).expect("authorize");
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Every record the `file` destination wrote for `mapping`, in file order.
+pub fn exported_records(project_dir: &Path, mapping: &str) -> Vec<serde_json::Value> {
+    let dir = project_dir.join("exports").join(mapping);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .expect("read export")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("jsonl"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Only the records of the newest export file of `mapping`.
+pub fn latest_export(project_dir: &Path, mapping: &str) -> Vec<serde_json::Value> {
+    let dir = project_dir.join("exports").join(mapping);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .last()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .expect("read export")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("jsonl"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The raw text of every export file of `mapping` (to check digits JSON parsing would round).
+pub fn raw_exports(project_dir: &Path, mapping: &str) -> String {
+    let dir = project_dir.join("exports").join(mapping);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).expect("read export"))
+        .collect()
+}
