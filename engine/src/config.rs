@@ -73,6 +73,12 @@ impl<'de> Deserialize<'de> for ConnectorConfig {
 pub struct ModelConfig {
     pub source: String,
     pub sql: String,
+    /// `snapshot` (default): rows diffed against what each mapping last sent; `events`: each
+    /// row is one event, sent once.
+    #[serde(default)]
+    pub kind: ModelKind,
+    /// Required for snapshot models; an events model defaults to its `message_id` column.
+    #[serde(default)]
     pub primary_key: PrimaryKey,
     #[serde(default)]
     pub description: Option<String>,
@@ -81,8 +87,23 @@ pub struct ModelConfig {
     pub max_records_per_run: Option<u64>,
 }
 
+/// What a model's rows are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// The current state of some entities: each run sends what changed since the last.
+    #[default]
+    Snapshot,
+    /// Immutable events: each row is sent once, as `added`. The SQL selects a window with
+    /// `{{last_sync_time}}`; rows a buffered window returns again are not sent again.
+    Events,
+}
+
+/// The column an events model is keyed by when it names no primary key.
+pub const EVENT_ID_COLUMN: &str = "message_id";
+
 /// One column or a list of columns.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PrimaryKey(pub Vec<String>);
 
 impl<'de> Deserialize<'de> for PrimaryKey {
@@ -152,7 +173,11 @@ impl fmt::Display for Op {
 pub struct MappingConfig {
     pub model: String,
     pub destination: String,
-    #[serde(default = "all_ops")]
+    /// Which changes to send: every kind for a snapshot model, `added` for an events model,
+    /// unless `send:` says otherwise.
+    #[serde(default, rename = "send")]
+    send_option: Option<Vec<Op>>,
+    #[serde(skip)]
     pub send: Vec<Op>,
     /// Destination field <- model column. Dotted destination names nest. When absent, every
     /// model column is sent under its own name.
@@ -161,6 +186,17 @@ pub struct MappingConfig {
     /// Destination field <- constant value (any YAML scalar, list or map). Dotted names nest.
     #[serde(default)]
     pub constants: IndexMap<String, serde_json::Value>,
+}
+
+impl MappingConfig {
+    /// Sets `send` from what the file said, or the default for the model's kind.
+    pub fn resolve_send(&mut self, events_model: bool) {
+        self.send = match &self.send_option {
+            Some(send) => send.clone(),
+            None if events_model => vec![Op::Added],
+            None => all_ops(),
+        };
+    }
 }
 
 fn all_ops() -> Vec<Op> {
@@ -306,12 +342,13 @@ impl Project {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        let project = Self {
+        let mut project = Self {
             config,
             path: path.to_path_buf(),
             base_dir,
             text: text.to_string(),
         };
+        project.resolve_defaults();
         project.validate()?;
         Ok(project)
     }
@@ -340,6 +377,22 @@ impl Project {
 
     pub fn mapping(&self, name: &str) -> Option<&MappingConfig> {
         self.config.mappings.get(name)
+    }
+
+    /// Fills in defaults that depend on other parts of the file.
+    fn resolve_defaults(&mut self) {
+        for model in self.config.models.values_mut() {
+            if model.kind == ModelKind::Events && model.primary_key.0.is_empty() {
+                model.primary_key = PrimaryKey(vec![EVENT_ID_COLUMN.to_string()]);
+            }
+        }
+        let models = &self.config.models;
+        for mapping in self.config.mappings.values_mut() {
+            let events = models
+                .get(&mapping.model)
+                .is_some_and(|m| m.kind == ModelKind::Events);
+            mapping.resolve_send(events);
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -383,7 +436,7 @@ impl Project {
             if model.primary_key.0.is_empty() {
                 return Err(self.error_at(
                     &["models", name, "primary_key"],
-                    format!("model `{name}` needs at least one primary key column"),
+                    format!("model `{name}` needs `primary_key`: a column, or a list of columns, that identifies a row"),
                 ));
             }
             let mut seen = std::collections::HashSet::new();
@@ -414,6 +467,19 @@ impl Project {
                         "mapping `{name}` uses destination `{}`, which is not defined{}",
                         mapping.destination,
                         defined(c.destinations.keys())
+                    ),
+                ));
+            }
+            let events = c
+                .models
+                .get(&mapping.model)
+                .is_some_and(|m| m.kind == ModelKind::Events);
+            if events && mapping.send != [Op::Added] {
+                return Err(self.error_at(
+                    &["mappings", name, "send"],
+                    format!(
+                        "mapping `{name}`: model `{}` is an events model, whose rows are each sent once as `added`; `send` can only be [added]",
+                        mapping.model
                     ),
                 ));
             }

@@ -441,7 +441,9 @@ mod tests {
     use arrow::array::{Float64Array, Int64Array, StringArray};
 
     fn config(yaml: &str) -> MappingConfig {
-        serde_norway::from_str(yaml).unwrap()
+        let mut config: MappingConfig = serde_norway::from_str(yaml).unwrap();
+        config.resolve_send(false);
+        config
     }
 
     fn users() -> RecordBatch {

@@ -25,6 +25,8 @@ pub struct MappingState {
     pub exceptions_path: Option<String>,
     pub exceptions_rows: u64,
     pub last_run_id: String,
+    /// Start of the latest run after which nothing was left undelivered (the Unix epoch when
+    /// there has been none); what `{{last_sync_time}}` renders.
     pub last_success_at: DateTime<Utc>,
 }
 

@@ -3,8 +3,8 @@
 //! A model's SQL may use two variables, rendered as literals (never as text a value could
 //! break out of):
 //! - `{{last_sync_time}}`: Unix seconds (an integer) of the start of the previous successful
-//!   run; `0` before the first. When one extraction serves several mappings, the earliest of
-//!   their previous runs is used, so no mapping misses a row.
+//!   run, the latest one that left nothing undelivered; `0` before the first. When one
+//!   extraction serves several mappings, the earliest of theirs is used, so none misses a row.
 //! - `{{run_started_at}}`: the start of this run as a quoted UTC timestamp literal,
 //!   `'2026-11-22 09:30:00.000000+00:00'`, which PostgreSQL, MySQL, SQLite and DataFusion all
 //!   read as a timestamp (or compare as text in ISO order).

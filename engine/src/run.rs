@@ -436,6 +436,15 @@ impl Engine {
             RunStatus::Succeeded
         };
         run.finished_at = Some(Utc::now());
+        // `{{last_sync_time}}` advances only past runs that left nothing undelivered, so a
+        // templated window keeps returning a failed record until it is delivered.
+        let last_success_at = if run.status == RunStatus::Succeeded && exceptions_rows == 0 {
+            run.started_at
+        } else {
+            state
+                .as_ref()
+                .map_or(DateTime::<Utc>::UNIX_EPOCH, |s| s.last_success_at)
+        };
         let new_state = MappingState {
             mapping: mapping.clone(),
             model: run.model.clone(),
@@ -443,7 +452,7 @@ impl Engine {
             exceptions_path,
             exceptions_rows,
             last_run_id: run.id.clone(),
-            last_success_at: run.started_at,
+            last_success_at,
         };
         self.metadata.commit_run(run, Some(&new_state)).await?;
         Ok(())

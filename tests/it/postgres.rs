@@ -2,7 +2,10 @@
 
 use serde_json::Value;
 
-use crate::common::{TestProject, stderr, stdout};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+
+use crate::common::{Receiver, TestProject, stderr, stdout};
 use crate::services::{self, PG_URL, Sshd, exported_records, latest_export};
 
 fn project(schema: &str, sql: &str, source_extra: &str) -> TestProject {
@@ -377,4 +380,115 @@ async fn a_source_behind_an_ssh_bastion_is_reached_through_a_tunnel_and_keys_rot
             .expect("known_hosts")
             .contains("ssh-ed25519")
     );
+}
+
+#[tokio::test]
+async fn event_models_send_each_event_once_and_keep_failed_ones_in_the_window() {
+    let schema = "sluice_pg_events";
+    let Some(db) = services::postgres(schema).await else {
+        return;
+    };
+    db.batch_execute(&format!(
+        "CREATE TABLE {schema}.events (id text PRIMARY KEY, name text, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    ))
+    .await
+    .expect("table");
+    let receiver = Receiver::start().await;
+    let project = TestProject::new(&format!(
+        r#"sources:
+  app_db:
+    type: postgres
+    url: {PG_URL}
+    sslmode: disable
+models:
+  signups:
+    source: app_db
+    kind: events
+    # No buffer, so the window is exactly "since the last run that left nothing undelivered".
+    sql: SELECT id AS message_id, name, at FROM {schema}.events WHERE at > to_timestamp({{{{last_sync_time}}}})
+destinations:
+  crm:
+    type: webhook
+    url: {url}
+mappings:
+  signups_to_crm:
+    model: signups
+    destination: crm
+"#,
+        url = receiver.url
+    ));
+    let insert = |ids: &[&str]| {
+        let values: Vec<String> = ids.iter().map(|id| format!("('{id}', 'signed up')")).collect();
+        format!(
+            "INSERT INTO {schema}.events (id, name) VALUES {}",
+            values.join(", ")
+        )
+    };
+    let sent_ids = |receiver: &Receiver| -> Vec<String> {
+        let mut ids: Vec<String> = receiver
+            .take_records()
+            .iter()
+            .map(|r| {
+                assert_eq!(r["op"], "added");
+                r["key"]["message_id"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+
+    db.batch_execute(&insert(&["e1", "e2"])).await.expect("insert");
+    let output = project.sluice(&["run"]).await;
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    assert_eq!(sent_ids(&receiver), ["e1", "e2"]);
+
+    // e3 is refused: the run is partial, and the window does not move past it.
+    db.batch_execute(&insert(&["e3", "e4"])).await.expect("insert");
+    receiver.respond_with(|body: &Value| {
+        let failed: Vec<Value> = body["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, r)| r["key"]["message_id"] == "e3")
+            .map(|(i, _)| serde_json::json!({"index": i, "error": "rejected"}))
+            .collect();
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "failed": failed })),
+        )
+            .into_response()
+    });
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert_eq!(sent_ids(&receiver), ["e3", "e4"]);
+
+    // Next run: e3 again (still in the window, still undelivered), e5 new, e4 not again.
+    receiver.respond_with(|_: &Value| StatusCode::OK.into_response());
+    db.batch_execute(&insert(&["e5"])).await.expect("insert");
+    let output = project.sluice(&["run"]).await;
+    assert!(output.status.success(), "{}", stdout(&output));
+    assert_eq!(sent_ids(&receiver), ["e3", "e5"]);
+
+    // Everything delivered: the window moves on and nothing is sent twice.
+    let output = project.sluice(&["run"]).await;
+    assert!(output.status.success(), "{}", stdout(&output));
+    assert!(sent_ids(&receiver).is_empty());
+
+    // An events mapping cannot send updates or deletes.
+    let bad = std::fs::read_to_string(project.config_path())
+        .expect("config")
+        .replace(
+            "    destination: crm\n",
+            "    destination: crm\n    send: [added, deleted]\n",
+        );
+    std::fs::write(project.config_path(), bad).expect("write config");
+    let output = project.sluice(&["run"]).await;
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("events model"), "{}", stderr(&output));
 }
