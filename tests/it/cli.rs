@@ -434,3 +434,47 @@ async fn quickstart_runs_on_a_fresh_machine() {
     assert!(!again.status.success());
     assert!(stderr(&again).contains("already exists"));
 }
+
+#[tokio::test]
+async fn oversized_records_fail_alone_and_row_limits_stop_the_run() {
+    let receiver = Receiver::start().await;
+    let config = format!(
+        "{}limits:\n  max_value_bytes: 20\n  max_record_bytes: 120\n",
+        webhook_config(&receiver.url, "")
+    );
+    let project = TestProject::new(&config);
+    let mut rows = users();
+    rows[1].email = Some("a-very-long-address-indeed@example.com");
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let sent = receiver.take_records();
+    assert_eq!(sent.len(), 4, "the other records went: {sent:?}");
+    assert!(sent.iter().all(|r| r["key"]["id"] != 2));
+    let failures = project.sluice(&["runs", "--failures", "10"]).await;
+    let text = stdout(&failures);
+    assert!(
+        text.contains("field `email` holds 38 bytes, more than limits.max_value_bytes (20)"),
+        "{text}"
+    );
+
+    let limited = config.replace("limits:\n", "limits:\n  max_records_per_run: 3\n");
+    std::fs::write(project.config_path(), limited).expect("config");
+    let output = project.sluice(&["run", "--full"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let all = format!("{}{}", stdout(&output), stderr(&output));
+    assert!(
+        all.contains("more than 3 rows (limits.max_records_per_run)"),
+        "{all}"
+    );
+    assert!(
+        receiver.take_records().is_empty(),
+        "nothing is sent past the limit"
+    );
+}
