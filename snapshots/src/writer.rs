@@ -57,6 +57,8 @@ const ROW_GROUP_ROWS: usize = 128 * 1024;
 const SORT_MEMORY_BYTES: usize = 512 * 1024 * 1024;
 /// Buckets sorted and encoded at once.
 const PARALLEL_BUCKETS: usize = 2;
+/// Dictionary size from which a column chunk falls back to plain encoding.
+const DICTIONARY_PAGE_BYTES: usize = 64 * 1024;
 
 /// What to snapshot.
 #[derive(Debug, Clone)]
@@ -246,6 +248,12 @@ impl SnapshotWriter {
             });
         };
         let buckets = self.spec.buckets.unwrap_or_else(|| buckets_for(self.rows));
+        tracing::debug!(
+            model = self.spec.model,
+            rows = self.rows,
+            buckets,
+            "rows spilled; sorting and writing buckets"
+        );
         let mut bucket_inputs: Vec<Vec<PathBuf>> = vec![Vec::new(); buckets as usize];
         if let Some(spill) = self.spill.as_mut() {
             for (p, partition) in spill.partitions.iter_mut().enumerate() {
@@ -519,6 +527,10 @@ fn writer_properties(spec: &SnapshotSpec, id: &str, schema: &Schema) -> WriterPr
     let mut builder = WriterProperties::builder()
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_compression(Compression::SNAPPY)
+        // Low-cardinality columns (plans, countries) fit a small dictionary; high-cardinality
+        // ones (emails, names) give up on it after a few thousand values instead of hashing
+        // tens of thousands into a dictionary that is then thrown away.
+        .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES)
         .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")))
         .set_sorting_columns(Some(
             key_indices

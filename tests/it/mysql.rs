@@ -171,3 +171,55 @@ models:
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn a_mysql_source_is_reached_through_an_ssh_tunnel() {
+    let database = "sluice_my_tunnel";
+    let Some(mut db) = services::mysql(database).await else {
+        return;
+    };
+    let Some(sshd) = services::Sshd::start() else {
+        return;
+    };
+    db.query_drop("CREATE TABLE t (id INT PRIMARY KEY)")
+        .await
+        .expect("table");
+    db.query_drop("INSERT INTO t VALUES (1), (2), (3)")
+        .await
+        .expect("rows");
+    let project = TestProject::new(&format!(
+        r#"sources:
+  shop:
+    type: mysql
+    url: mysql://root@127.0.0.1:3306/{database}
+    ssl_mode: disabled
+    ssh_tunnel: {{ host: 127.0.0.1, port: {port}, user: root }}
+models:
+  things:
+    source: shop
+    sql: SELECT id FROM t
+    primary_key: id
+destinations:
+  exports:
+    type: file
+    url: exports/
+mappings:
+  things_out:
+    model: things
+    destination: exports
+"#,
+        port = sshd.port
+    ));
+    let output = project.sluice(&["ssh-key", "generate", "shop"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    sshd.authorize(&stdout(&output));
+    let output = project.sluice(&["run"]).await;
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    assert_eq!(exported_records(project.path(), "things_out").len(), 3);
+    assert!(project.path().join(".sluice/ssh/shop.key").exists());
+}

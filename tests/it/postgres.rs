@@ -492,3 +492,34 @@ mappings:
     assert!(!output.status.success());
     assert!(stderr(&output).contains("events model"), "{}", stderr(&output));
 }
+
+#[tokio::test]
+async fn tls_modes_encrypt_and_verify_as_libpq_does() {
+    let Some(db) = services::postgres("sluice_pg_tls").await else {
+        return;
+    };
+    let ssl = db.query_one("SHOW ssl", &[]).await.expect("show ssl");
+    if ssl.get::<_, String>(0) != "on" {
+        eprintln!("SKIPPED: the local PostgreSQL has ssl = off; TLS modes cannot be exercised");
+        return;
+    }
+    let project = TestProject::new(&format!(
+        r#"sources:
+  encrypted:
+    type: postgres
+    url: {PG_URL}?sslmode=require
+  verified:
+    type: postgres
+    url: {PG_URL}
+    sslmode: verify-full
+"#
+    ));
+    let output = project.sluice(&["check"]).await;
+    let out = stdout(&output);
+    assert!(out.contains("ok      source encrypted"), "{out}");
+    // The server's certificate is self-signed: verification refuses it and says why.
+    assert!(
+        out.contains("FAILED  source verified") && out.contains("TLS handshake failed"),
+        "{out}"
+    );
+}
