@@ -59,6 +59,11 @@ const SORT_MEMORY_BYTES: usize = 512 * 1024 * 1024;
 const PARALLEL_BUCKETS: usize = 2;
 /// Dictionary size from which a column chunk falls back to plain encoding.
 const DICTIONARY_PAGE_BYTES: usize = 64 * 1024;
+/// Spilled bytes up to which a bucket is sorted whole in memory (two run at once); larger
+/// buckets go through DataFusion's sort, which spills.
+const IN_MEMORY_SORT_BYTES: u64 = 96 * 1024 * 1024;
+/// Rows per batch gathered from an in-memory sorted bucket.
+const IN_MEMORY_SLICE_ROWS: usize = 16 * 1024;
 
 /// What to snapshot.
 #[derive(Debug, Clone)]
@@ -97,6 +102,8 @@ pub struct SnapshotWriter {
     schema: Option<(SchemaRef, SchemaRef)>,
     spill: Option<Spill>,
     rows: u64,
+    /// Spilled bytes up to which a bucket is sorted in memory.
+    in_memory_sort_bytes: u64,
 }
 
 /// Phase one: fine partitions on local disk.
@@ -124,7 +131,15 @@ impl SnapshotWriter {
             schema: None,
             spill: None,
             rows: 0,
+            in_memory_sort_bytes: IN_MEMORY_SORT_BYTES,
         }
+    }
+
+    /// Sorts buckets whose spilled data is larger than `bytes` with DataFusion's spilling
+    /// sort instead of in memory (the default is 96 MiB).
+    pub fn with_in_memory_sort_bytes(mut self, bytes: u64) -> Self {
+        self.in_memory_sort_bytes = bytes;
+        self
     }
 
     pub fn id(&self) -> &str {
@@ -282,6 +297,7 @@ impl SnapshotWriter {
             .enumerate()
             .filter(|(_, inputs)| !inputs.is_empty())
             .map(|(bucket, inputs)| BucketJob {
+                in_memory_sort_bytes: self.in_memory_sort_bytes,
                 ctx: ctx.clone(),
                 store: self.store.clone(),
                 model: self.spec.model.clone(),
@@ -456,6 +472,7 @@ fn spill_error(path: &std::path::Path, e: std::io::Error) -> SnapshotError {
 
 /// Phase two for one bucket.
 struct BucketJob {
+    in_memory_sort_bytes: u64,
     ctx: SessionContext,
     store: SnapshotStore,
     model: String,
@@ -474,6 +491,15 @@ struct BucketOutcome {
 
 impl BucketJob {
     async fn run(self) -> Result<BucketOutcome> {
+        let spilled_bytes: u64 = self
+            .inputs
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        if spilled_bytes <= self.in_memory_sort_bytes {
+            return self.sort_in_memory().await;
+        }
         let paths: Vec<String> = self.inputs.iter().map(|p| p.display().to_string()).collect();
         let sort: Vec<_> = self
             .key_columns
@@ -484,13 +510,66 @@ impl BucketJob {
             schema: Some(&self.schema),
             ..Default::default()
         };
-        let mut stream = self
+        let stream = self
             .ctx
             .read_arrow(paths, options)
             .await?
             .sort(sort)?
             .execute_stream()
             .await?;
+        self.write_sorted(stream).await
+    }
+
+    /// A bucket that fits the budget: read whole, one argsort on the key, then gathered in
+    /// row-group-sized slices. Cheaper than sorting batch by batch and merging them.
+    async fn sort_in_memory(self) -> Result<BucketOutcome> {
+        let mut batches = Vec::new();
+        for path in &self.inputs {
+            let file = File::open(path).map_err(|e| spill_error(path, e))?;
+            let reader = arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)?;
+            for batch in reader {
+                batches.push(batch?);
+            }
+        }
+        let all = arrow::compute::concat_batches(&self.schema, &batches)?;
+        drop(batches);
+        let key_columns: Vec<arrow::compute::SortColumn> = self
+            .key_columns
+            .iter()
+            .map(|k| {
+                Ok(arrow::compute::SortColumn {
+                    values: all.column(all.schema().index_of(k)?).clone(),
+                    options: None,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let order = if key_columns.len() == 1 {
+            arrow::compute::sort_to_indices(&key_columns[0].values, None, None)?
+        } else {
+            arrow::compute::lexsort_to_indices(&key_columns, None)?
+        };
+        drop(key_columns);
+        let schema = self.schema.clone();
+        let slices: Vec<Result<RecordBatch, datafusion::error::DataFusionError>> = (0..order.len())
+            .step_by(IN_MEMORY_SLICE_ROWS)
+            .map(|start| {
+                let len = IN_MEMORY_SLICE_ROWS.min(order.len() - start);
+                arrow::compute::take_record_batch(&all, &order.slice(start, len))
+                    .map_err(datafusion::error::DataFusionError::from)
+            })
+            .collect();
+        let stream: datafusion::execution::SendableRecordBatchStream =
+            Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                schema,
+                futures::stream::iter(slices),
+            ));
+        self.write_sorted(stream).await
+    }
+
+    async fn write_sorted(
+        self,
+        mut stream: datafusion::execution::SendableRecordBatchStream,
+    ) -> Result<BucketOutcome> {
         let parquet_err = |source| SnapshotError::Parquet {
             model: self.model.clone(),
             source,
@@ -759,9 +838,17 @@ mod tests {
 
     #[tokio::test]
     async fn bucketed_snapshot_places_every_row_in_its_bucket_in_key_order() {
+        // Both ways of sorting a bucket: whole in memory, and DataFusion's spilling sort.
+        for in_memory_limit in [u64::MAX, 0] {
+            bucketed_snapshot_in_key_order(in_memory_limit).await;
+        }
+    }
+
+    async fn bucketed_snapshot_in_key_order(in_memory_limit: u64) {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir);
-        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4)));
+        let mut w =
+            SnapshotWriter::new(store.clone(), spec(Some(4))).with_in_memory_sort_bytes(in_memory_limit);
         let ids: Vec<i64> = (0..5000).rev().collect();
         w.write(users(&ids)).await.unwrap();
         let manifest = w.commit().await.unwrap();

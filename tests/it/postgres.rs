@@ -61,7 +61,8 @@ async fn every_type_in_the_table_round_trips_into_payloads() {
             born date, wakes time, wakes_tz timetz, seen timestamp, seen_tz timestamptz,
             uid uuid, doc json, docb jsonb,
             tags text[], nums int4[], empty_arr int4[],
-            raw bytea, mood {schema}.mood
+            raw bytea, mood {schema}.mood,
+            doc_xml xml, ident name, letter "char", ts_arr timestamptz[], dec_arr numeric(6, 2)[]
         );
         INSERT INTO {schema}.everything VALUES (
             1,
@@ -73,7 +74,8 @@ async fn every_type_in_the_table_round_trips_into_payloads() {
             '1969-07-20', '23:59:59.999999', '12:00:00+02', '1900-01-01 00:00:00', '1960-06-01 12:00:00+02',
             'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{{"a": [1, 2]}}', '{{"b": {{"c": true}}}}',
             ARRAY['x', 'y,z'], ARRAY[1, NULL, 3], '{{}}',
-            '\x00ff'::bytea, 'happy'
+            '\x00ff'::bytea, 'happy',
+            '<a>1</a>', 'pg_class', 'z', ARRAY['1950-01-01 00:00:00+00'::timestamptz], ARRAY[1.5, -2.25]
         );
         INSERT INTO {schema}.everything (id) VALUES (2);
         "#
