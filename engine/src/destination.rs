@@ -65,6 +65,23 @@ impl Default for DeliveryPolicy {
     }
 }
 
+/// The canonical text of a UUID (`8-4-4-4-12` lower-case hex digits).
+pub fn uuid_text(bytes: &[u8; 16]) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 36];
+    let mut pos = 0;
+    for (i, byte) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text[pos] = b'-';
+            pos += 1;
+        }
+        text[pos] = HEX[(byte >> 4) as usize];
+        text[pos + 1] = HEX[(byte & 0xf) as usize];
+        pos += 2;
+    }
+    text
+}
+
 /// A message id: a UUID-formatted digest of the mapping, the record's key, its row hash and its
 /// operation, so a record sent twice is the same message to a destination that de-duplicates.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,19 +101,7 @@ impl MessageId {
         // Shape it as an RFC 9562 version 8 (custom) UUID.
         digest[6] = (digest[6] & 0x0f) | 0x80;
         digest[8] = (digest[8] & 0x3f) | 0x80;
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut text = [0u8; 36];
-        let mut pos = 0;
-        for (i, byte) in digest.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                text[pos] = b'-';
-                pos += 1;
-            }
-            text[pos] = HEX[(byte >> 4) as usize];
-            text[pos + 1] = HEX[(byte & 0xf) as usize];
-            pos += 2;
-        }
-        Self(text)
+        Self(uuid_text(&digest))
     }
 
     pub fn as_str(&self) -> &str {

@@ -51,10 +51,16 @@ pub trait Source: Send + Sync + 'static {
     }
 }
 
+/// Removes trailing whitespace and semicolons, which cannot stand inside a subquery or
+/// `COPY (...)`.
+pub fn strip_statement_end(sql: &str) -> &str {
+    sql.trim_end_matches(|c: char| c.is_whitespace() || c == ';')
+}
+
 /// Wraps a model's SQL so that at most `limit` rows come back. Every SQL source sluice has
 /// (DataFusion, SQLite, PostgreSQL, MySQL) accepts this form.
 pub fn limit_sql(sql: &str, limit: u64) -> String {
-    let body = sql.trim_end_matches(|c: char| c.is_whitespace() || c == ';');
+    let body = strip_statement_end(sql);
     // The newline keeps a trailing `-- comment` in the model from swallowing the wrapper.
     format!("SELECT * FROM (\n{body}\n) AS sluice_limited LIMIT {limit}")
 }

@@ -162,52 +162,44 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// Every record the `file` destination wrote for `mapping`, in file order.
-pub fn exported_records(project_dir: &Path, mapping: &str) -> Vec<serde_json::Value> {
+/// The export files the `file` destination wrote for `mapping`, oldest first (their names
+/// start with the run's UTC start time).
+fn export_files(project_dir: &Path, mapping: &str) -> Vec<PathBuf> {
     let dir = project_dir.join("exports").join(mapping);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
     files.sort();
     files
+}
+
+fn records_of(file: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .expect("read export")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("jsonl"))
+        .collect()
+}
+
+/// Every record the `file` destination wrote for `mapping`, in file order.
+pub fn exported_records(project_dir: &Path, mapping: &str) -> Vec<serde_json::Value> {
+    export_files(project_dir, mapping)
         .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .expect("read export")
-                .lines()
-                .map(|l| serde_json::from_str(l).expect("jsonl"))
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|f| records_of(f))
         .collect()
 }
 
 /// Only the records of the newest export file of `mapping`.
 pub fn latest_export(project_dir: &Path, mapping: &str) -> Vec<serde_json::Value> {
-    let dir = project_dir.join("exports").join(mapping);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    files
+    export_files(project_dir, mapping)
         .last()
-        .map(|f| {
-            std::fs::read_to_string(f)
-                .expect("read export")
-                .lines()
-                .map(|l| serde_json::from_str(l).expect("jsonl"))
-                .collect()
-        })
+        .map(|f| records_of(f))
         .unwrap_or_default()
 }
 
 /// The raw text of every export file of `mapping` (to check digits JSON parsing would round).
 pub fn raw_exports(project_dir: &Path, mapping: &str) -> String {
-    let dir = project_dir.join("exports").join(mapping);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    files
+    export_files(project_dir, mapping)
         .iter()
         .map(|f| std::fs::read_to_string(f).expect("read export"))
         .collect()

@@ -33,8 +33,9 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Column, Conn, Opts, OptsBuilder, SslOpts, Value};
 use serde::Deserialize;
 use sluice_engine::datafusion::error::DataFusionError;
-use sluice_engine::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use sluice_engine::source::{ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source};
+use sluice_engine::source::{
+    ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source, strip_statement_end,
+};
 use sluice_engine::{ConfigString, SourceError};
 use tokio::sync::{mpsc, oneshot};
 
@@ -306,10 +307,7 @@ impl Source for MysqlSource {
 
     async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError> {
         let mut conn = self.connect().await?;
-        let sql = query
-            .sql
-            .trim_end_matches(|c: char| c.is_whitespace() || c == ';')
-            .to_string();
+        let sql = strip_statement_end(&query.sql).to_string();
         conn.query_drop("START TRANSACTION READ ONLY, WITH CONSISTENT SNAPSHOT")
             .await
             .map_err(|e| self.query_error(&query.model, e, &sql))?;
@@ -365,9 +363,7 @@ impl Source for MysqlSource {
             }
             Err(_) => {}
         }
-        let stream =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+        Ok(super::receiver_stream(schema, rx))
     }
 }
 

@@ -23,7 +23,6 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use serde::Deserialize;
 use sluice_engine::datafusion::error::DataFusionError;
-use sluice_engine::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use sluice_engine::source::{ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source};
 use sluice_engine::{ConfigString, SourceError};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteRow};
@@ -119,15 +118,8 @@ impl Source for SqliteSource {
             message: "the reader stopped before producing a schema".into(),
             hint: None,
         })??;
-        let stream = tokio_stream_from(batch_rx);
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+        Ok(super::receiver_stream(schema, batch_rx))
     }
-}
-
-fn tokio_stream_from(
-    mut rx: mpsc::Receiver<Result<RecordBatch, DataFusionError>>,
-) -> impl futures::Stream<Item = Result<RecordBatch, DataFusionError>> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// How a column's values are carried.

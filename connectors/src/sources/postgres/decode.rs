@@ -17,6 +17,7 @@ use arrow::array::{
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, FieldRef, TimeUnit};
+use sluice_engine::destination::uuid_text;
 use tokio_postgres::types::{Kind, Type};
 
 /// Seconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
@@ -247,7 +248,11 @@ impl ColumnDecoder {
                 Some((version, _)) => return Err(format!("unknown jsonb binary version {version}")),
                 None => return Err("empty jsonb value".into()),
             },
-            Self::Uuid(b) => b.append_value(format_uuid(&fixed::<16>(bytes)?).as_str()),
+            Self::Uuid(b) => {
+                let text = uuid_text(&fixed::<16>(bytes)?);
+                // Only ASCII hex digits and dashes are written.
+                b.append_value(std::str::from_utf8(&text).map_err(|e| e.to_string())?)
+            }
             Self::Bytea(b) => b.append_value(bytes),
             Self::Date(b) => {
                 let days = i32::from_be_bytes(fixed(bytes)?);
@@ -463,31 +468,6 @@ pub fn numeric_to_i128(bytes: &[u8], scale: i8) -> Result<i128, String> {
         return Err(overflow());
     }
     Ok(if sign == 0x4000 { -unscaled } else { unscaled })
-}
-
-fn format_uuid(bytes: &[u8; 16]) -> UuidText {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 36];
-    let mut pos = 0;
-    for (i, byte) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out[pos] = b'-';
-            pos += 1;
-        }
-        out[pos] = HEX[(byte >> 4) as usize];
-        out[pos + 1] = HEX[(byte & 0xf) as usize];
-        pos += 2;
-    }
-    UuidText(out)
-}
-
-struct UuidText([u8; 36]);
-
-impl UuidText {
-    fn as_str(&self) -> &str {
-        // Only ASCII hex digits and dashes were written.
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
 }
 
 fn fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N], String> {

@@ -35,8 +35,9 @@ use bytes::{Buf, BytesMut};
 use futures::StreamExt;
 use serde::Deserialize;
 use sluice_engine::datafusion::error::DataFusionError;
-use sluice_engine::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use sluice_engine::source::{ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source};
+use sluice_engine::source::{
+    ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source, strip_statement_end,
+};
 use sluice_engine::{ConfigString, SourceError};
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
@@ -222,25 +223,10 @@ impl PostgresSource {
             }
         };
         let client = match &self.tls {
-            None => {
-                let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "postgres connection closed with an error");
-                    }
-                });
-                client
-            }
-            Some(tls) => {
-                let (client, connection) = config.connect(tls.clone()).await.map_err(connect_error)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "postgres connection closed with an error");
-                    }
-                });
-                client
-            }
-        };
+            None => open_connection(&config, NoTls).await,
+            Some(tls) => open_connection(&config, tls.clone()).await,
+        }
+        .map_err(connect_error)?;
         Ok(client)
     }
 
@@ -344,10 +330,23 @@ impl Source for PostgresSource {
                 }
             }
         });
-        let stream =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+        Ok(super::receiver_stream(schema, rx))
     }
+}
+
+/// Connects, and drives the connection on its own task for as long as the client lives.
+async fn open_connection<T>(config: &tokio_postgres::Config, tls: T) -> Result<Client, tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection closed with an error");
+        }
+    });
+    Ok(client)
 }
 
 /// Reads the COPY stream into batches.
@@ -443,11 +442,6 @@ impl CopyReader {
             hint,
         }
     }
-}
-
-/// Removes trailing whitespace and semicolons, which cannot stand inside `COPY (...)`.
-fn strip_statement_end(sql: &str) -> &str {
-    sql.trim_end_matches(|c: char| c.is_whitespace() || c == ';')
 }
 
 /// tokio-postgres does not know `verify-ca`/`verify-full`; take `sslmode` out of the URL.
