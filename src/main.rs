@@ -47,6 +47,26 @@ enum Command {
         /// Ignore what was sent before and send every row as added (a backfill).
         #[arg(long)]
         full: bool,
+        /// Compute the diff and write the exact requests each mapping would send, one JSON
+        /// object per line; send nothing, commit nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: write the requests to this file instead of stdout.
+        #[arg(long, requires = "dry_run")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show the payload a mapping would send for one record of its model (a test record):
+    /// the row with primary key KEY, or the model's first row.
+    PreviewPayload {
+        mapping: String,
+        /// The record's primary key; give it once per key column, in order.
+        #[arg(long)]
+        key: Vec<String>,
+        /// Show the record as this change: added, updated or deleted.
+        #[arg(long, default_value = "added")]
+        op: String,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -158,12 +178,46 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Run {
             mappings,
             full,
+            dry_run: false,
             config,
+            ..
         } => {
             let engine = open(&config.config).await?;
             let runs = run(&engine, RunRequest { mappings, full }).await?;
             engine.close().await;
             Ok(exit_code(&runs))
+        }
+        Command::Run {
+            mappings,
+            full,
+            dry_run: true,
+            output,
+            config,
+        } => {
+            let engine = open(&config.config).await?;
+            let result = dry_run(&engine, mappings, full, output.as_deref()).await;
+            engine.close().await;
+            result
+        }
+        Command::PreviewPayload {
+            mapping,
+            key,
+            op,
+            config,
+        } => {
+            let op = sluice_engine::Op::parse(&op)
+                .with_context(|| format!("`--op {op}`: choose added, updated or deleted"))?;
+            let engine = open(&config.config).await?;
+            let key = (!key.is_empty()).then_some(key);
+            let preview = engine.preview_payload(&mapping, key.as_deref(), op).await;
+            engine.close().await;
+            let preview = preview?;
+            println!("{}", serde_json::to_string_pretty(&preview)?);
+            Ok(if preview.unsendable.is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Check { names, config } => check(&config.config, &names).await,
         Command::Preview { model, limit, config } => {
@@ -242,6 +296,47 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Writes what the mappings would send, and a summary per mapping on stderr.
+async fn dry_run(
+    engine: &Engine,
+    mappings: Vec<String>,
+    full: bool,
+    output: Option<&Path>,
+) -> Result<ExitCode> {
+    let names: Vec<String> = if mappings.is_empty() {
+        engine.project().config.mappings.keys().cloned().collect()
+    } else {
+        mappings
+    };
+    let out: Box<dyn std::io::Write + Send> = match output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout()),
+    };
+    let sink = sluice_engine::DryRunSink::new(out);
+    let observer = progress::TerminalProgress::new();
+    let mut summaries = Vec::new();
+    for name in &names {
+        let before = sink.requests();
+        let run = engine.dry_run(name, full, &sink, &observer).await?;
+        summaries.push((name.clone(), run, sink.requests() - before));
+    }
+    observer.finish();
+    for (name, run, requests) in summaries {
+        eprintln!(
+            "dry run {name}: {} extracted, {} added, {} updated, {} deleted; would send {} record(s) in {requests} request(s), {} would fail unsent; nothing was sent or committed",
+            run.counts.extracted,
+            run.counts.added,
+            run.counts.updated,
+            run.counts.deleted,
+            run.counts.delivered,
+            run.counts.failed
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs mappings with progress on the terminal and prints their load results.

@@ -24,7 +24,7 @@ pub struct Connectors;
 /// Source types, as written in `type:`.
 pub const SOURCE_TYPES: &[&str] = &["files", "sqlite", "postgres", "mysql"];
 /// Destination types, as written in `type:`.
-pub const DESTINATION_TYPES: &[&str] = &["webhook", "file"];
+pub const DESTINATION_TYPES: &[&str] = &["webhook", "file", "segment", "mixpanel", "hubspot", "postgres"];
 
 impl ConnectorFactory for Connectors {
     fn source(
@@ -70,6 +70,23 @@ impl ConnectorFactory for Connectors {
                 parse(config)?,
             )?)),
             "file" => Ok(Arc::new(destinations::file::FileDestination::new(
+                name,
+                parse(config)?,
+                env,
+            )?)),
+            "segment" => Ok(Arc::new(destinations::segment::SegmentDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "hubspot" => Ok(Arc::new(destinations::hubspot::HubspotDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "mixpanel" => Ok(Arc::new(destinations::mixpanel::MixpanelDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "postgres" => Ok(Arc::new(destinations::postgres::PostgresDestination::new(
                 name,
                 parse(config)?,
                 env,

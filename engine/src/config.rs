@@ -11,6 +11,7 @@ use indexmap::IndexMap;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
+pub use crate::destination::{SyncMode, ValueFormat};
 use crate::error::ConfigError;
 pub use crate::model::Limits;
 
@@ -173,29 +174,148 @@ impl fmt::Display for Op {
 pub struct MappingConfig {
     pub model: String,
     pub destination: String,
-    /// Which changes to send: every kind for a snapshot model, `added` for an events model,
-    /// unless `send:` says otherwise.
+    /// What the destination writes (`identify`, `track`, `upsert`, ...), for destinations that
+    /// offer several; each destination documents its actions and its default.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// How records the destination already has are treated: `upsert` (default), `update`,
+    /// `insert` or `mirror`, where the destination's action supports it.
+    #[serde(default)]
+    pub mode: Option<SyncMode>,
+    /// Which changes to send. Defaults: every kind for destinations that take sluice's envelope;
+    /// otherwise by `mode` (`upsert`/`update`: added and updated; `insert`: added; `mirror`:
+    /// all three); `added` for an events model.
     #[serde(default, rename = "send")]
     send_option: Option<Vec<Op>>,
     #[serde(skip)]
     pub send: Vec<Op>,
-    /// Destination field <- model column. Dotted destination names nest. When absent, every
-    /// model column is sent under its own name.
+    /// Destination field <- model column (or `{column: c, as: json|string|unix_ms|unix_seconds}`).
+    /// Dotted destination names nest.
     #[serde(default)]
-    pub fields: Option<IndexMap<String, String>>,
+    pub fields: Option<IndexMap<String, FieldSpec>>,
+    /// Which model columns are sent under their own names besides `fields`: `all` (the
+    /// default when `fields` is not given), `{include: [..]}` or `{exclude: [..]}`.
+    #[serde(default)]
+    pub columns: Option<ColumnSelection>,
     /// Destination field <- constant value (any YAML scalar, list or map). Dotted names nest.
     #[serde(default)]
     pub constants: IndexMap<String, serde_json::Value>,
+    /// Settings of this mapping that belong to its destination type (HubSpot's object type,
+    /// a database table, ...), documented per destination.
+    #[serde(default)]
+    pub options: serde_json::Map<String, serde_json::Value>,
 }
 
 impl MappingConfig {
-    /// Sets `send` from what the file said, or the default for the model's kind.
+    /// Sets `send` from what the file said, or the default for destinations that take sluice's
+    /// envelope. [`Self::resolve_send_for`] refines it once the destination's action is known.
     pub fn resolve_send(&mut self, events_model: bool) {
         self.send = match &self.send_option {
             Some(send) => send.clone(),
             None if events_model => vec![Op::Added],
             None => all_ops(),
         };
+    }
+
+    /// Sets `send` from what the file said, or the default for `mode` of an action.
+    pub fn resolve_send_for(&mut self, events_model: bool, events_action: bool, mode: SyncMode) {
+        self.send = match &self.send_option {
+            Some(send) => send.clone(),
+            None if events_model || events_action => vec![Op::Added],
+            None => mode.default_send(),
+        };
+    }
+
+    /// Whether `send:` was written in the file.
+    pub fn send_given(&self) -> bool {
+        self.send_option.is_some()
+    }
+
+    /// The columns sent under their own names, resolved against the default.
+    pub fn column_selection(&self) -> ColumnSelection {
+        match (&self.columns, &self.fields) {
+            (Some(selection), _) => selection.clone(),
+            (None, None) => ColumnSelection::All,
+            (None, Some(_)) => ColumnSelection::Include(Vec::new()),
+        }
+    }
+}
+
+/// A mapped field's source: a model column, and how its value is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldSpec {
+    pub column: String,
+    pub format: Option<ValueFormat>,
+}
+
+impl FieldSpec {
+    pub fn column(column: impl Into<String>) -> Self {
+        Self {
+            column: column.into(),
+            format: None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            column: String,
+            #[serde(rename = "as")]
+            format: Option<ValueFormat>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Column(String),
+            Full(Full),
+        }
+        match Either::deserialize(deserializer).map_err(|_| {
+            de::Error::custom(
+                "a field maps a model column: `field: column`, or `field: {column: c, as: json|string|unix_ms|unix_seconds}`",
+            )
+        })? {
+            Either::Column(column) => Ok(Self::column(column)),
+            Either::Full(full) => Ok(Self {
+                column: full.column,
+                format: full.format,
+            }),
+        }
+    }
+}
+
+/// Model columns a mapping sends under their own names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnSelection {
+    All,
+    Include(Vec<String>),
+    Exclude(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for ColumnSelection {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "lowercase")]
+        enum List {
+            Include(Vec<String>),
+            Exclude(Vec<String>),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Word(String),
+            List(List),
+        }
+        let message = "`columns` is `all`, `none`, `{include: [column, ...]}` or `{exclude: [column, ...]}`";
+        match Either::deserialize(deserializer).map_err(|_| de::Error::custom(message))? {
+            Either::Word(word) if word == "all" => Ok(Self::All),
+            Either::Word(word) if word == "none" => Ok(Self::Include(Vec::new())),
+            Either::Word(_) => Err(de::Error::custom(message)),
+            Either::List(List::Include(columns)) => Ok(Self::Include(columns)),
+            Either::List(List::Exclude(columns)) => Ok(Self::Exclude(columns)),
+        }
     }
 }
 

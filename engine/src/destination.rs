@@ -4,12 +4,16 @@
 //! Batching, concurrency, retries with backoff and the bookkeeping of what failed live once, in
 //! [`crate::delivery`], for every destination.
 
+use std::num::NonZeroU32;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+
+use serde::{Deserialize, Serialize};
 
 use crate::config::Op;
 use crate::error::DestinationError;
@@ -22,6 +26,209 @@ pub struct RunInfo {
     pub mapping: String,
     pub model: String,
     pub started_at: DateTime<Utc>,
+    /// The model's primary key columns.
+    pub primary_key: Vec<String>,
+    /// The mapping's action (`identify`, `track`, ...), for destinations that offer several.
+    pub action: Option<String>,
+    pub mode: SyncMode,
+    /// The mapping's destination-specific `options`, as written.
+    pub options: serde_json::Map<String, serde_json::Value>,
+    /// Compute requests without sending them (`sluice run --dry-run`, `preview-payload`):
+    /// the writer must not connect anywhere or leave anything behind.
+    pub dry_run: bool,
+}
+
+/// How a mapping writes records its destination already has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Create records that are missing, update those that exist.
+    #[default]
+    Upsert,
+    /// Only update records that exist; never create one.
+    Update,
+    /// Only create records (added rows).
+    Insert,
+    /// Upsert, and delete records that left the model.
+    Mirror,
+}
+
+impl SyncMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Upsert => "upsert",
+            SyncMode::Update => "update",
+            SyncMode::Insert => "insert",
+            SyncMode::Mirror => "mirror",
+        }
+    }
+
+    /// The changes a mapping in this mode sends when its `send` is not given.
+    pub fn default_send(self) -> Vec<Op> {
+        match self {
+            SyncMode::Upsert | SyncMode::Update => vec![Op::Added, Op::Updated],
+            SyncMode::Insert => vec![Op::Added],
+            SyncMode::Mirror => vec![Op::Added, Op::Updated, Op::Deleted],
+        }
+    }
+
+    /// What a change becomes in this mode.
+    pub fn action_for(self, op: Op) -> RecordAction {
+        match (self, op) {
+            (_, Op::Deleted) => RecordAction::Delete,
+            (SyncMode::Update, _) => RecordAction::Update,
+            (SyncMode::Insert, _) => RecordAction::Insert,
+            (SyncMode::Upsert | SyncMode::Mirror, _) => RecordAction::Upsert,
+        }
+    }
+}
+
+impl std::fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a destination is asked to do with one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordAction {
+    /// Create or update.
+    Upsert,
+    /// Update only if it exists (mode `update`, or a row whose `_update` column is true).
+    Update,
+    /// Create.
+    Insert,
+    /// Remove.
+    Delete,
+}
+
+impl RecordAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordAction::Upsert => "upsert",
+            RecordAction::Update => "update",
+            RecordAction::Insert => "insert",
+            RecordAction::Delete => "delete",
+        }
+    }
+}
+
+/// A model column that, when it is true for a row, makes that row an update only.
+pub const UPDATE_FLAG_COLUMN: &str = "_update";
+
+/// How a value is written into a payload (`as:` of a mapped field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueFormat {
+    /// Text holding JSON, sent as the JSON value it holds (an object, not a string).
+    Json,
+    /// Any value as a JSON string.
+    String,
+    /// A timestamp, date or ISO 8601 text as integer milliseconds since the Unix epoch.
+    UnixMs,
+    /// The same, in whole seconds.
+    UnixSeconds,
+}
+
+/// What one action of a destination writes, so the engine can compile mappings for it.
+#[derive(Debug, Clone)]
+pub struct ActionSpec {
+    pub name: String,
+    /// Modes the action supports; the first is the default.
+    pub modes: Vec<SyncMode>,
+    /// Whether deleted records can be sent.
+    pub deletes: bool,
+    /// Each record is an event that cannot be updated: changed rows are sent again as new
+    /// events only when `send` lists `updated`, and the default `send` is `[added]`.
+    pub events: bool,
+    pub shape: PayloadShape,
+}
+
+impl ActionSpec {
+    pub fn new(name: &str, shape: PayloadShape) -> Self {
+        Self {
+            name: name.to_string(),
+            modes: vec![SyncMode::Upsert],
+            deletes: false,
+            events: false,
+            shape,
+        }
+    }
+
+    pub fn modes(mut self, modes: &[SyncMode]) -> Self {
+        self.modes = modes.to_vec();
+        self
+    }
+
+    pub fn deletes(mut self) -> Self {
+        self.deletes = true;
+        self
+    }
+
+    pub fn events(mut self) -> Self {
+        self.events = true;
+        self
+    }
+}
+
+/// The layout of a destination's record: which fields sit at the top level, where every other
+/// field goes, and what each record must carry.
+#[derive(Debug, Clone, Default)]
+pub struct PayloadShape {
+    /// Top-level fields the destination defines (`userId`, `context`, ...). A mapped field whose
+    /// first name part is one of these (or is the container) stays where it was written.
+    pub top_level: Vec<String>,
+    /// Where every other field goes (`traits`, `properties`); `None` keeps them at the top.
+    pub container: Option<String>,
+    /// Model column names taken as a top-level field when that field is not mapped explicitly
+    /// (`user_id` -> `userId`).
+    pub aliases: Vec<(String, String)>,
+    /// Fields every record carries (`type: identify`), first in the record.
+    pub fixed: Vec<(String, serde_json::Value)>,
+    /// The field that carries the deterministic message id unless the mapping fills it.
+    pub message_id: Option<String>,
+    /// Fields of which a record needs at least one with a value (`userId` or `anonymousId`); a
+    /// record without is a failed record. Also what [`OutgoingBatch::ids`] holds.
+    pub identity: Vec<String>,
+    /// Fields the mapping must fill, by a column or a constant (`event` for `track`).
+    pub required: Vec<String>,
+    /// Formats applied to fields mapped without an explicit `as:` (Mixpanel's `time` in ms).
+    pub formats: Vec<(String, ValueFormat)>,
+}
+
+impl PayloadShape {
+    pub fn top_level(mut self, names: &[&str]) -> Self {
+        self.top_level = names.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn container(mut self, name: &str) -> Self {
+        self.container = Some(name.to_string());
+        self
+    }
+    pub fn alias(mut self, column: &str, field: &str) -> Self {
+        self.aliases.push((column.to_string(), field.to_string()));
+        self
+    }
+    pub fn fixed(mut self, field: &str, value: serde_json::Value) -> Self {
+        self.fixed.push((field.to_string(), value));
+        self
+    }
+    pub fn message_id(mut self, field: &str) -> Self {
+        self.message_id = Some(field.to_string());
+        self
+    }
+    pub fn identity(mut self, fields: &[&str]) -> Self {
+        self.identity = fields.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn required(mut self, fields: &[&str]) -> Self {
+        self.required = fields.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn format(mut self, field: &str, format: ValueFormat) -> Self {
+        self.formats.push((field.to_string(), format));
+        self
+    }
 }
 
 /// How the delivery layer should batch and pace requests to a destination.
@@ -31,17 +238,24 @@ pub struct DeliveryPolicy {
     pub max_records: usize,
     /// Approximate payload bytes per request at most.
     pub max_bytes: usize,
+    /// The destination's own limit on one record's size in bytes (Segment's 32 KB); a record
+    /// over it fails alone, unsent.
+    pub max_record_bytes: Option<usize>,
     /// Requests in flight at once.
     pub concurrency: usize,
     pub retry: RetryPolicy,
+    /// Requests per period, shared by every run that uses the destination in this process.
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Attempts per request, the first included.
+    /// Attempts per request, the first included. Rate-limited attempts do not count.
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long one request may wait in total on a destination that keeps rate limiting it.
+    pub max_rate_limited_wait: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -50,6 +264,7 @@ impl Default for RetryPolicy {
             max_attempts: 5,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            max_rate_limited_wait: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -59,9 +274,48 @@ impl Default for DeliveryPolicy {
         Self {
             max_records: 500,
             max_bytes: 4 * 1024 * 1024,
+            max_record_bytes: None,
             concurrency: 4,
             retry: RetryPolicy::default(),
+            rate_limit: None,
         }
+    }
+}
+
+type Limiter = governor::DefaultDirectRateLimiter;
+
+/// A request rate limit (a token bucket), shared by clones.
+#[derive(Clone)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: Duration,
+    limiter: Arc<Limiter>,
+}
+
+impl RateLimit {
+    /// `requests` per `per`, in bursts of up to `requests`. `None` when either is zero.
+    pub fn new(requests: u32, per: Duration) -> Option<Self> {
+        let burst = NonZeroU32::new(requests)?;
+        if per.is_zero() {
+            return None;
+        }
+        let quota = governor::Quota::with_period(per / requests)?.allow_burst(burst);
+        Some(Self {
+            requests,
+            per,
+            limiter: Arc::new(governor::RateLimiter::direct(quota)),
+        })
+    }
+
+    /// Waits until one more request is allowed.
+    pub async fn acquire(&self) {
+        self.limiter.until_ready().await;
+    }
+}
+
+impl std::fmt::Debug for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} requests per {:?}", self.requests, self.per)
     }
 }
 
@@ -126,11 +380,18 @@ impl std::fmt::Display for MessageId {
 #[derive(Debug, Clone)]
 pub struct OutgoingBatch {
     pub ops: Vec<Op>,
+    /// What the destination should do with each record (from the op, the mapping's mode and
+    /// the row's `_update` column).
+    pub actions: Vec<RecordAction>,
     pub message_ids: Vec<MessageId>,
     /// The record's primary key as a JSON object (`{"id":42}`).
     pub keys: JsonColumn,
-    /// The mapped record as a JSON object, nested by dotted field names.
+    /// The mapped record as a JSON object, nested by dotted field names, laid out as the
+    /// destination's action wants it (see [`PayloadShape`]).
     pub bodies: JsonColumn,
+    /// The record's identifying fields (the action's [`PayloadShape::identity`]) as a JSON
+    /// object in the same layout (`{"userId":"u1"}`); `{}` when the action has none.
+    pub ids: JsonColumn,
     /// The mapped fields as Arrow columns named by destination field (dotted names kept flat),
     /// constants included, for destinations that write columns (CSV, Parquet, databases).
     pub fields: RecordBatch,
@@ -140,9 +401,11 @@ pub struct OutgoingBatch {
 #[derive(Debug, Clone, Copy)]
 pub struct RecordRef<'a> {
     pub op: Op,
+    pub action: RecordAction,
     pub message_id: &'a MessageId,
     pub key: &'a [u8],
     pub body: &'a [u8],
+    pub ids: &'a [u8],
 }
 
 impl RecordRef<'_> {
@@ -173,9 +436,11 @@ impl OutgoingBatch {
     pub fn record(&self, i: usize) -> RecordRef<'_> {
         RecordRef {
             op: self.ops[i],
+            action: self.actions[i],
             message_id: &self.message_ids[i],
             key: self.keys.get(i),
             body: self.bodies.get(i),
+            ids: self.ids.get(i),
         }
     }
 
@@ -187,16 +452,20 @@ impl OutgoingBatch {
     pub fn select(&self, indices: &[usize]) -> Result<OutgoingBatch, arrow::error::ArrowError> {
         let mut keys = JsonColumn::with_capacity(indices.len(), 0);
         let mut bodies = JsonColumn::with_capacity(indices.len(), 0);
+        let mut ids = JsonColumn::with_capacity(indices.len(), 0);
         for &i in indices {
             keys.push(self.keys.get(i));
             bodies.push(self.bodies.get(i));
+            ids.push(self.ids.get(i));
         }
         let take = arrow::array::UInt32Array::from_iter_values(indices.iter().map(|&i| i as u32));
         Ok(OutgoingBatch {
             ops: indices.iter().map(|&i| self.ops[i]).collect(),
+            actions: indices.iter().map(|&i| self.actions[i]).collect(),
             message_ids: indices.iter().map(|&i| self.message_ids[i]).collect(),
             keys,
             bodies,
+            ids,
             fields: arrow::compute::take_record_batch(&self.fields, &take)?,
         })
     }
@@ -221,11 +490,32 @@ pub enum SendOutcome {
     Accepted,
     /// The request went through but these records were refused; the rest were accepted.
     Partial(Vec<RecordFailure>),
-    /// Nothing was accepted, and trying the same request again may work (rate limited,
-    /// unavailable, timed out). `after` is the destination's own hint (`Retry-After`).
+    /// Nothing was accepted, and trying the same request again may work (unavailable, timed
+    /// out, connection lost). `after` is the destination's own hint (`Retry-After`).
     Retry { reason: String, after: Option<Duration> },
-    /// Nothing was accepted and the same request will fail again.
+    /// Nothing was accepted because the destination is rate limiting: wait and send again.
+    /// Does not count as a failed attempt.
+    RateLimited { reason: String, after: Option<Duration> },
+    /// The destination refused the request for its content as a whole (HTTP 400, 413, 422):
+    /// one record may be the cause, so the delivery layer splits the request to find it.
+    Invalid { reason: String },
+    /// Nothing was accepted and the same records will fail again however they are sent.
     Rejected { reason: String },
+    /// Nothing can be delivered in this run (credentials refused, the object does not exist):
+    /// the run stops, and every record it did not deliver is sent by the next run.
+    Fatal { reason: String },
+}
+
+/// One request as a destination would send it, for dry runs and test records.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PreparedRequest {
+    /// `POST`, `PATCH`, ... or what the destination does instead (`COPY`, `WRITE`).
+    pub method: String,
+    /// URL (without credentials), table or file.
+    pub target: String,
+    /// Records the request carries.
+    pub records: usize,
+    pub body: serde_json::Value,
 }
 
 /// A destination type's connection, built from its config by a connector.
@@ -234,8 +524,27 @@ pub trait Destination: Send + Sync + 'static {
     /// The `type` in `sluice.yaml`.
     fn kind(&self) -> &'static str;
 
-    fn policy(&self) -> DeliveryPolicy {
-        DeliveryPolicy::default()
+    /// The action a mapping asks for (`action:` and `options:` in the mapping), checked. `None`
+    /// for destinations that write sluice's envelope (every change with its op), which take no
+    /// `action`, `mode` or `options`.
+    fn action(
+        &self,
+        action: Option<&str>,
+        options: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<ActionSpec>, String> {
+        if let Some(action) = action {
+            return Err(format!(
+                "destination type `{}` has no actions (got `action: {action}`); it sends every change with its operation",
+                self.kind()
+            ));
+        }
+        if let Some(key) = options.keys().next() {
+            return Err(format!(
+                "destination type `{}` takes no mapping `options` (got `{key}`)",
+                self.kind()
+            ));
+        }
+        Ok(None)
     }
 
     /// Checks the destination can be reached with its credentials.
@@ -248,6 +557,29 @@ pub trait Destination: Send + Sync + 'static {
 /// One run's session with a destination.
 #[async_trait]
 pub trait DestinationWriter: Send + Sync {
+    /// Batching, pacing and retries for this session's requests.
+    fn policy(&self) -> DeliveryPolicy {
+        DeliveryPolicy::default()
+    }
+
+    /// The requests [`Self::send`] would make for records `range`, without making them.
+    async fn prepare(&self, batch: &OutgoingBatch, range: Range<usize>) -> Vec<PreparedRequest> {
+        let records: Vec<serde_json::Value> = batch
+            .records(range.clone())
+            .map(|record| {
+                let mut text = Vec::new();
+                record.write_envelope(&mut text);
+                serde_json::from_slice(&text).unwrap_or(serde_json::Value::Null)
+            })
+            .collect();
+        vec![PreparedRequest {
+            method: "SEND".into(),
+            target: String::new(),
+            records: range.len(),
+            body: serde_json::Value::Array(records),
+        }]
+    }
+
     /// Sends records `range` of `batch` in one request (one attempt; the delivery layer
     /// retries). Indexes in a [`SendOutcome::Partial`] are relative to `range.start`.
     async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome;

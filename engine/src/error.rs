@@ -111,6 +111,9 @@ pub enum EngineError {
     },
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// A request that cannot be served as asked (no such record, wrong number of values).
+    #[error("{0}")]
+    Usage(String),
     #[error("{0}")]
     Internal(String),
 }

@@ -271,6 +271,133 @@ pub fn encode_column(array: &ArrayRef) -> Result<JsonColumn, ArrowError> {
     Ok(out)
 }
 
+/// Encodes `array` as a mapped field's `as:` asks. Values that cannot be written that way are
+/// returned as `(row, reason)` and written as `null`; their records are not sent.
+pub fn encode_formatted(
+    array: &ArrayRef,
+    format: Option<crate::destination::ValueFormat>,
+) -> Result<(JsonColumn, Vec<(usize, String)>), ArrowError> {
+    use crate::destination::ValueFormat;
+    let mut problems = Vec::new();
+    let column = match format {
+        None => encode_column(array)?,
+        Some(ValueFormat::Json) => match array.data_type() {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+                let text = arrow::compute::cast(array, &DataType::Utf8)?;
+                let text = text.as_string::<i32>();
+                let mut out = JsonColumn::with_capacity(text.len(), text.value_data().len() + 8);
+                for i in 0..text.len() {
+                    if text.is_null(i) {
+                        out.push(b"null");
+                        continue;
+                    }
+                    let value = text.value(i).trim();
+                    match serde_json::from_str::<serde::de::IgnoredAny>(value) {
+                        Ok(_) => out.push(value.as_bytes()),
+                        Err(e) => {
+                            problems.push((i, format!("is not valid JSON ({e})")));
+                            out.push(b"null");
+                        }
+                    }
+                }
+                out
+            }
+            // Lists, structs and maps already are JSON values; other types are sent as is.
+            _ => encode_column(array)?,
+        },
+        Some(ValueFormat::String) => {
+            let encoded = encode_column(array)?;
+            let mut out = JsonColumn::with_capacity(encoded.len(), encoded.total_bytes() + encoded.len() * 2);
+            for i in 0..encoded.len() {
+                let fragment = encoded.get(i);
+                if fragment.first() == Some(&b'"') || fragment == b"null" {
+                    out.push(fragment);
+                } else {
+                    write_json_string(out.buffer(), &String::from_utf8_lossy(fragment));
+                    out.end_row();
+                }
+            }
+            out
+        }
+        Some(format @ (ValueFormat::UnixMs | ValueFormat::UnixSeconds)) => {
+            let divisor = if format == ValueFormat::UnixMs { 1 } else { 1000 };
+            match array.data_type() {
+                dt if dt.is_integer() => encode_column(array)?,
+                DataType::Timestamp(..)
+                | DataType::Date32
+                | DataType::Date64
+                | DataType::Utf8
+                | DataType::LargeUtf8
+                | DataType::Utf8View => {
+                    let target = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+                    let millis = arrow::compute::cast(array, &target)?;
+                    let millis = millis.as_primitive::<TimestampMillisecondType>();
+                    let mut out = JsonColumn::with_capacity(millis.len(), millis.len() * 14);
+                    let mut buf = itoa::Buffer::new();
+                    for i in 0..millis.len() {
+                        if millis.is_null(i) {
+                            if array.is_valid(i) {
+                                problems.push((i, "is not a date or timestamp".to_string()));
+                            }
+                            out.push(b"null");
+                        } else {
+                            out.push(buf.format(millis.value(i).div_euclid(divisor)).as_bytes());
+                        }
+                    }
+                    out
+                }
+                other => {
+                    return Err(ArrowError::CastError(format!(
+                        "a {other} column cannot be written as a Unix time"
+                    )));
+                }
+            }
+        }
+    };
+    Ok((column, problems))
+}
+
+/// Each row of `batch` as a flat JSON object keyed by column name (`{"id":1,"traits.plan":"pro"}`),
+/// column at a time like every other payload.
+pub fn encode_rows(batch: &arrow::array::RecordBatch) -> Result<JsonColumn, ArrowError> {
+    let rows = batch.num_rows();
+    let columns = batch
+        .columns()
+        .iter()
+        .map(encode_column)
+        .collect::<Result<Vec<_>, _>>()?;
+    let keys: Vec<Vec<u8>> = batch
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, field)| {
+            let mut key = Vec::with_capacity(field.name().len() + 4);
+            key.push(if i == 0 { b'{' } else { b',' });
+            write_json_string(&mut key, field.name());
+            key.push(b':');
+            key
+        })
+        .collect();
+    let bytes: usize = columns.iter().map(JsonColumn::total_bytes).sum::<usize>()
+        + keys.iter().map(Vec::len).sum::<usize>() * rows
+        + rows * 2;
+    let mut out = JsonColumn::with_capacity(rows, bytes);
+    for row in 0..rows {
+        let buf = out.buffer();
+        if keys.is_empty() {
+            buf.push(b'{');
+        }
+        for (key, column) in keys.iter().zip(&columns) {
+            buf.extend_from_slice(key);
+            buf.extend_from_slice(column.get(row));
+        }
+        buf.push(b'}');
+        out.end_row();
+    }
+    Ok(out)
+}
+
 /// A column of `rows` nulls (a mapped column missing from an older snapshot's rows).
 pub fn null_column(rows: usize) -> JsonColumn {
     JsonColumn::all_null(rows)

@@ -24,10 +24,10 @@ pub mod run;
 pub mod source;
 
 pub use config::{ConfigString, ConnectorConfig, Op, Project};
-pub use engine::{Engine, METADATA_FILE, Preview};
+pub use engine::{Engine, METADATA_FILE, PayloadPreview, Preview};
 pub use error::{ConfigError, DestinationError, EngineError, MappingError, Result, SourceError};
 pub use model::Limits;
-pub use run::{Quiet, RunEvent, RunObserver, RunRequest};
+pub use run::{DryRunSink, Quiet, RunEvent, RunObserver, RunRequest};
 
 /// Re-exported so connectors build on the exact versions the engine uses.
 pub use arrow;

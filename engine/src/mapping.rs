@@ -1,29 +1,36 @@
 //! Mappings: from a model's rows to a destination's records.
 //!
-//! A mapping's `fields` (destination field <- model column) and `constants` form a tree by their
-//! dotted names (`traits.address.city`). The tree is compiled once per run against the model's
-//! schema into a template: literal JSON text (keys, braces, constants) interleaved with column
-//! slots. Encoding a batch renders each used column once ([`crate::json`]) and then copies
+//! A mapping's `fields` (destination field <- model column), its pass-through `columns`, its
+//! `constants` and what its destination's action fixes (`type: identify`, the message id) form a
+//! tree by their dotted names (`traits.address.city`). Names are placed by the action's
+//! [`PayloadShape`]: reserved names stay at the top level, every other field goes into the
+//! action's container (`traits`, `properties`). The tree is compiled once per run against the
+//! model's schema into a template: literal JSON text (keys, braces, constants) interleaved with
+//! column slots. Encoding a batch renders each used column once ([`crate::json`]) and then copies
 //! fragments into the template, record after record.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_null_array};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema, UInt64Type};
 use datafusion::scalar::ScalarValue;
 use indexmap::IndexMap;
 
-use crate::config::{MappingConfig, Op};
-use crate::destination::{MessageId, OutgoingBatch};
+use crate::config::{ColumnSelection, FieldSpec, MappingConfig, Op};
+use crate::destination::{
+    ActionSpec, MessageId, OutgoingBatch, RecordAction, RecordFailure, SyncMode, UPDATE_FLAG_COLUMN,
+    ValueFormat,
+};
 use crate::error::MappingError;
-use crate::json::{JsonColumn, encode_column, null_column, write_json_string};
+use crate::json::{JsonColumn, encode_formatted, null_column, write_json_string};
 
 /// Where a destination field's value comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FieldSource {
-    Column(String),
+    Column(FieldSpec),
     Constant(serde_json::Value),
+    /// The record's deterministic message id.
+    MessageId,
 }
 
 /// The nested shape of a mapping's output.
@@ -34,13 +41,13 @@ pub enum FieldTree {
 }
 
 impl FieldTree {
-    /// Builds the tree of a mapping's explicit fields and constants. With no `fields`, the
-    /// columns are added at compile time (every model column under its own name).
+    /// Builds the tree of a mapping's explicit fields and constants, as written (no action
+    /// placement, no pass-through columns): the checks `sluice.yaml` gets when it is loaded.
     pub fn build(mapping: &str, config: &MappingConfig) -> Result<Self, MappingError> {
         let mut root = FieldTree::Object(IndexMap::new());
         if let Some(fields) = &config.fields {
-            for (destination, column) in fields {
-                root.insert(mapping, destination, FieldSource::Column(column.clone()))?;
+            for (destination, spec) in fields {
+                root.insert(mapping, destination, FieldSource::Column(spec.clone()))?;
             }
         }
         for (destination, value) in &config.constants {
@@ -83,15 +90,38 @@ impl FieldTree {
         Ok(())
     }
 
-    fn columns(&self, out: &mut Vec<String>) {
+    /// The node at a dotted path.
+    fn get(&self, path: &str) -> Option<&FieldTree> {
+        let mut node = self;
+        for part in path.split('.') {
+            let FieldTree::Object(children) = node else {
+                return None;
+            };
+            node = children.get(part)?;
+        }
+        Some(node)
+    }
+
+    fn get_mut(&mut self, path: &str) -> Option<&mut FieldTree> {
+        let mut node = self;
+        for part in path.split('.') {
+            let FieldTree::Object(children) = node else {
+                return None;
+            };
+            node = children.get_mut(part)?;
+        }
+        Some(node)
+    }
+
+    fn slots(&self, out: &mut Vec<FieldSpec>) {
         match self {
-            FieldTree::Leaf(FieldSource::Column(c)) => {
-                if !out.contains(c) {
-                    out.push(c.clone());
+            FieldTree::Leaf(FieldSource::Column(spec)) => {
+                if !out.contains(spec) {
+                    out.push(spec.clone());
                 }
             }
-            FieldTree::Leaf(FieldSource::Constant(_)) => {}
-            FieldTree::Object(children) => children.values().for_each(|c| c.columns(out)),
+            FieldTree::Leaf(_) => {}
+            FieldTree::Object(children) => children.values().for_each(|c| c.slots(out)),
         }
     }
 
@@ -116,8 +146,9 @@ impl FieldTree {
 #[derive(Debug, Clone, PartialEq)]
 enum Segment {
     Literal(Vec<u8>),
-    /// Index into the plan's columns.
+    /// Index into the plan's slots.
     Column(usize),
+    MessageId,
 }
 
 /// A sequence of segments that renders one JSON object per row.
@@ -125,13 +156,14 @@ enum Segment {
 struct Template(Vec<Segment>);
 
 impl Template {
-    fn render(&self, columns: &[JsonColumn], rows: usize) -> JsonColumn {
+    fn render(&self, columns: &[JsonColumn], message_ids: &[MessageId], rows: usize) -> JsonColumn {
         let estimate: usize = self
             .0
             .iter()
             .map(|s| match s {
                 Segment::Literal(l) => l.len() * rows,
                 Segment::Column(c) => columns[*c].total_bytes(),
+                Segment::MessageId => 38 * rows,
             })
             .sum();
         let mut out = JsonColumn::with_capacity(rows, estimate);
@@ -141,6 +173,14 @@ impl Template {
                 match segment {
                     Segment::Literal(bytes) => buf.extend_from_slice(bytes),
                     Segment::Column(c) => buf.extend_from_slice(columns[*c].get(row)),
+                    Segment::MessageId => match message_ids.get(row) {
+                        Some(id) => {
+                            buf.push(b'"');
+                            buf.extend_from_slice(id.as_str().as_bytes());
+                            buf.push(b'"');
+                        }
+                        None => buf.extend_from_slice(b"null"),
+                    },
                 }
             }
             out.end_row();
@@ -166,12 +206,12 @@ impl TemplateBuilder {
         self.literal.extend_from_slice(bytes);
     }
 
-    fn column(&mut self, index: usize) {
+    fn segment(&mut self, segment: Segment) {
         if !self.literal.is_empty() {
             self.segments
                 .push(Segment::Literal(std::mem::take(&mut self.literal)));
         }
-        self.segments.push(Segment::Column(index));
+        self.segments.push(segment);
     }
 
     fn finish(mut self) -> Template {
@@ -186,83 +226,190 @@ impl TemplateBuilder {
 #[derive(Debug, Clone)]
 pub struct MappingPlan {
     mapping: String,
-    /// Model columns the payload uses, in first-use order.
-    columns: Vec<String>,
+    /// Model columns and how they are written, in first-use order: mapped fields, then the
+    /// key columns.
+    slots: Vec<FieldSpec>,
     key_columns: Vec<String>,
     body: Template,
     key: Template,
+    ids: Template,
+    /// Slots of the identity fields when every record needs one of them, with the action's
+    /// name for the error (`None`: no such requirement, or a constant fills it).
+    identity: Option<(Vec<usize>, String)>,
     /// Destination fields in order, flattened (`traits.plan`), with their source.
     flat_fields: Vec<(String, FieldSource)>,
     send: Vec<Op>,
+    mode: SyncMode,
+    /// Whether the model's `_update` column turns rows into updates.
+    update_flag: bool,
+}
+
+/// Records of one batch, ready to send, and those that cannot be sent (with why).
+#[derive(Debug, Clone)]
+pub struct EncodedBatch {
+    pub records: OutgoingBatch,
+    /// Records the mapping cannot turn into a valid payload (no identifier, a JSON column that
+    /// does not parse), by index, ascending; they are failed records, never sent.
+    pub unsendable: Vec<RecordFailure>,
 }
 
 impl MappingPlan {
-    /// Compiles `config` for a model whose rows have `schema` and primary key `key_columns`.
+    /// Compiles `config` for a model whose rows have `schema` and primary key `key_columns`,
+    /// laid out for `action` (none for destinations that take sluice's envelope).
     pub fn compile(
         mapping: &str,
         config: &MappingConfig,
         model: &str,
         schema: &Schema,
         key_columns: &[String],
+        action: Option<&ActionSpec>,
     ) -> Result<Self, MappingError> {
         let err = |message: String| MappingError {
             mapping: mapping.to_string(),
             message,
         };
-        let mut tree = FieldTree::build(mapping, config)?;
         let model_columns: Vec<&String> = schema
             .fields()
             .iter()
             .map(|f| f.name())
             .filter(|n| !n.starts_with(sluice_snapshots::RESERVED_PREFIX))
             .collect();
-        if config.fields.is_none() {
-            // Every model column under its own name, before the constants.
-            let FieldTree::Object(constants) = tree else {
-                return Err(err("internal: mapping tree is not an object".into()));
-            };
-            let mut root = FieldTree::Object(IndexMap::new());
-            for column in &model_columns {
-                root.insert(mapping, column, FieldSource::Column((*column).clone()))
-                    .map_err(|e| {
-                        err(format!(
-                            "{} (model column names are used as field names when `fields` is not given)",
-                            e.message
-                        ))
-                    })?;
-            }
-            let mut flat = Vec::new();
-            FieldTree::Object(constants).flatten("", &mut flat);
-            for (path, source) in flat {
-                root.insert(mapping, &path, source)?;
-            }
-            tree = root;
-        }
-        let mut columns = Vec::new();
-        tree.columns(&mut columns);
-        for column in &columns {
-            if schema.field_with_name(column).is_err() {
-                let available: Vec<&str> = model_columns.iter().map(|s| s.as_str()).collect();
+        let update_flag = action.is_some() && model_columns.iter().any(|c| *c == UPDATE_FLAG_COLUMN);
+        if update_flag {
+            let field = schema
+                .field_with_name(UPDATE_FLAG_COLUMN)
+                .map_err(|e| err(e.to_string()))?;
+            if !matches!(field.data_type(), DataType::Boolean | DataType::Null) {
                 return Err(err(format!(
-                    "maps column `{column}`, which model `{model}` does not return (its columns: {})",
-                    available.join(", ")
+                    "model `{model}`'s column `{UPDATE_FLAG_COLUMN}` is {}, but it must be boolean: true makes the row an update only",
+                    field.data_type()
                 )));
             }
         }
-        let mut all_columns = columns.clone();
-        for key in key_columns {
-            if !all_columns.contains(key) {
-                all_columns.push(key.clone());
+        let shape = action.map(|a| &a.shape);
+        let place = |path: &str| -> String {
+            let Some(shape) = shape else {
+                return path.to_string();
+            };
+            let first = path.split('.').next().unwrap_or(path);
+            match &shape.container {
+                Some(container) if first != container && !shape.top_level.iter().any(|t| t == first) => {
+                    format!("{container}.{path}")
+                }
+                _ => path.to_string(),
+            }
+        };
+
+        let mut entries: Vec<(String, FieldSource)> = Vec::new();
+        if let Some(shape) = shape {
+            for (path, value) in &shape.fixed {
+                entries.push((path.clone(), FieldSource::Constant(value.clone())));
             }
         }
-        let index: HashMap<&str, usize> = all_columns
+        let mut explicit: Vec<&str> = Vec::new();
+        if let Some(fields) = &config.fields {
+            for (path, spec) in fields {
+                explicit.push(&spec.column);
+                entries.push((place(path), FieldSource::Column(spec.clone())));
+            }
+        }
+        let selection = config.column_selection();
+        if let ColumnSelection::Include(columns) | ColumnSelection::Exclude(columns) = &selection {
+            for column in columns {
+                if !model_columns.contains(&column) {
+                    return Err(err(format!(
+                        "`columns` names `{column}`, which model `{model}` does not return (its columns: {})",
+                        join(&model_columns)
+                    )));
+                }
+            }
+        }
+        let passed: Vec<&String> = model_columns
             .iter()
-            .enumerate()
-            .map(|(i, c)| (c.as_str(), i))
+            .copied()
+            .filter(|c| match &selection {
+                ColumnSelection::All => true,
+                ColumnSelection::Include(list) => list.contains(c),
+                ColumnSelection::Exclude(list) => !list.contains(c),
+            })
+            .filter(|c| !explicit.contains(&c.as_str()))
+            .filter(|c| !(update_flag && *c == UPDATE_FLAG_COLUMN))
             .collect();
+        let mut taken: Vec<String> = entries.iter().map(|(p, _)| p.clone()).collect();
+        for column in passed {
+            let alias = shape.and_then(|s| {
+                s.aliases
+                    .iter()
+                    .find(|(from, to)| from == column && !taken.iter().any(|t| t == to))
+                    .map(|(_, to)| to.clone())
+            });
+            let path = alias.unwrap_or_else(|| place(column));
+            taken.push(path.clone());
+            entries.push((path, FieldSource::Column(FieldSpec::column(column.clone()))));
+        }
+        for (path, value) in &config.constants {
+            entries.push((place(path), FieldSource::Constant(value.clone())));
+        }
+
+        let mut tree = FieldTree::Object(IndexMap::new());
+        for (path, source) in entries {
+            tree.insert(mapping, &path, source).map_err(|e| {
+                if config.fields.is_none() {
+                    err(format!(
+                        "{} (model columns are sent under their own names unless `fields` or `columns` say otherwise)",
+                        e.message
+                    ))
+                } else {
+                    e
+                }
+            })?;
+        }
+        if let Some(shape) = shape {
+            if let Some(path) = &shape.message_id
+                && tree.get(path).is_none()
+            {
+                tree.insert(mapping, path, FieldSource::MessageId)?;
+            }
+            for (path, format) in &shape.formats {
+                if let Some(FieldTree::Leaf(FieldSource::Column(spec))) = tree.get_mut(path)
+                    && spec.format.is_none()
+                {
+                    spec.format = Some(*format);
+                }
+            }
+        }
+        let action_name = action.map(|a| a.name.as_str()).unwrap_or_default();
+        if let Some(shape) = shape {
+            for required in &shape.required {
+                if tree.get(required).is_none() {
+                    return Err(err(format!(
+                        "action `{action_name}` needs `{required}`: map a column to it (`fields: {{{required}: column}}`) or give it a constant"
+                    )));
+                }
+            }
+        }
+
+        let mut slots = Vec::new();
+        tree.slots(&mut slots);
+        for spec in &slots {
+            if schema.field_with_name(&spec.column).is_err() {
+                return Err(err(format!(
+                    "maps column `{}`, which model `{model}` does not return (its columns: {})",
+                    spec.column,
+                    join(&model_columns)
+                )));
+            }
+        }
+        for key in key_columns {
+            let spec = FieldSpec::column(key.clone());
+            if !slots.contains(&spec) {
+                slots.push(spec);
+            }
+        }
+        let slot_of = |spec: &FieldSpec| slots.iter().position(|s| s == spec);
 
         let mut body = TemplateBuilder::new();
-        render_tree(&tree, &index, &mut body).map_err(err)?;
+        render_tree(&tree, &slot_of, &mut body).map_err(err)?;
 
         let mut key = TemplateBuilder::new();
         key.literal(b"{");
@@ -272,20 +419,78 @@ impl MappingPlan {
             }
             write_json_string(&mut key.literal, column);
             key.literal(b":");
-            key.column(index[column.as_str()]);
+            let slot = slot_of(&FieldSpec::column(column.clone()))
+                .ok_or_else(|| err(format!("internal: key column `{column}` has no slot")))?;
+            key.segment(Segment::Column(slot));
         }
         key.literal(b"}");
+
+        // The identity fields: rendered on their own for deletes, and checked per record.
+        let mut id_tree = FieldTree::Object(IndexMap::new());
+        let mut identity = None;
+        if let Some(shape) = shape {
+            let mut id_slots = Vec::new();
+            let mut constant = false;
+            for path in &shape.identity {
+                match tree.get(path) {
+                    Some(FieldTree::Leaf(source)) => {
+                        match source {
+                            FieldSource::Column(spec) => id_slots.extend(slot_of(spec)),
+                            _ => constant = true,
+                        }
+                        id_tree.insert(mapping, path, source.clone())?;
+                    }
+                    Some(FieldTree::Object(_)) => {
+                        return Err(err(format!(
+                            "`{path}` identifies the record and must be a single value, not an object"
+                        )));
+                    }
+                    None => {}
+                }
+            }
+            if !shape.identity.is_empty() && id_slots.is_empty() && !constant {
+                let names: Vec<String> = shape.identity.iter().map(|p| format!("`{p}`")).collect();
+                let aliases: Vec<String> = shape
+                    .aliases
+                    .iter()
+                    .filter(|(_, to)| shape.identity.contains(to))
+                    .map(|(from, _)| format!("`{from}`"))
+                    .collect();
+                let hint = if aliases.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", or have the model return a column named {}",
+                        aliases.join(" or ")
+                    )
+                };
+                return Err(err(format!(
+                    "action `{action_name}` identifies records by {}: map a column to one of them (`fields: {{{}: column}}`){hint}",
+                    names.join(" or "),
+                    shape.identity[0]
+                )));
+            }
+            if !constant && !id_slots.is_empty() {
+                identity = Some((id_slots, shape.identity.join(" or ")));
+            }
+        }
+        let mut ids = TemplateBuilder::new();
+        render_tree(&id_tree, &slot_of, &mut ids).map_err(err)?;
 
         let mut flat_fields = Vec::new();
         tree.flatten("", &mut flat_fields);
         Ok(Self {
             mapping: mapping.to_string(),
-            columns: all_columns,
+            slots,
             key_columns: key_columns.to_vec(),
             body: body.finish(),
             key: key.finish(),
+            ids: ids.finish(),
+            identity,
             flat_fields,
             send: config.send.clone(),
+            mode: config.mode.unwrap_or_default(),
+            update_flag,
         })
     }
 
@@ -301,9 +506,23 @@ impl MappingPlan {
         &self.key_columns
     }
 
-    /// Model columns the payload reads (mapped columns, then key columns).
-    pub fn used_columns(&self) -> &[String] {
-        &self.columns
+    /// Model columns the payload reads (mapped columns, then key columns), once each.
+    pub fn used_columns(&self) -> Vec<String> {
+        let mut columns: Vec<String> = Vec::new();
+        for slot in &self.slots {
+            if !columns.contains(&slot.column) {
+                columns.push(slot.column.clone());
+            }
+        }
+        if self.update_flag {
+            columns.push(UPDATE_FLAG_COLUMN.to_string());
+        }
+        columns
+    }
+
+    /// Destination fields in order, flattened (`traits.plan`), with their source.
+    pub fn fields(&self) -> &[(String, FieldSource)] {
+        &self.flat_fields
     }
 
     /// Encodes the rows of `batch` as outgoing records. `ops[i]` and `row_hashes[i]` describe
@@ -314,45 +533,105 @@ impl MappingPlan {
         batch: &RecordBatch,
         ops: Vec<Op>,
         row_hashes: &[u64],
-    ) -> Result<OutgoingBatch, MappingError> {
+    ) -> Result<EncodedBatch, MappingError> {
         let rows = batch.num_rows();
         let err = |message: String| MappingError {
             mapping: self.mapping.clone(),
             message,
         };
-        let mut rendered = Vec::with_capacity(self.columns.len());
-        for column in &self.columns {
-            match batch.column_by_name(column) {
-                Some(array) => rendered.push(
-                    encode_column(array)
-                        .map_err(|e| err(format!("cannot encode column `{column}` as JSON: {e}")))?,
-                ),
+        let mut problems: Vec<RecordFailure> = Vec::new();
+        let mut rendered = Vec::with_capacity(self.slots.len());
+        for spec in &self.slots {
+            match batch.column_by_name(&spec.column) {
+                Some(array) => {
+                    let (column, bad) = encode_formatted(array, spec.format)
+                        .map_err(|e| err(format!("cannot encode column `{}` as JSON: {e}", spec.column)))?;
+                    problems.extend(bad.into_iter().map(|(index, reason)| RecordFailure {
+                        index,
+                        error: format!(
+                            "column `{}` {reason}; it is mapped `as: {}`",
+                            spec.column,
+                            format_name(spec.format)
+                        ),
+                    }));
+                    rendered.push(column);
+                }
                 None => rendered.push(null_column(rows)),
             }
         }
-        let bodies = self.body.render(&rendered, rows);
-        let keys = self.key.render(&rendered, rows);
-        let message_ids = (0..rows)
+        let keys = self.key.render(&rendered, &[], rows);
+        let message_ids: Vec<MessageId> = (0..rows)
             .map(|i| MessageId::new(&self.mapping, keys.get(i), row_hashes[i], ops[i]))
             .collect();
-        let fields = self.field_columns(batch)?;
-        Ok(OutgoingBatch {
-            ops,
-            message_ids,
-            keys,
-            bodies,
-            fields,
+        let bodies = self.body.render(&rendered, &message_ids, rows);
+        let ids = self.ids.render(&rendered, &message_ids, rows);
+        if let Some((slots, names)) = &self.identity {
+            for row in 0..rows {
+                let present = slots.iter().any(|&s| {
+                    let value = rendered[s].get(row);
+                    value != b"null" && value != b"\"\""
+                });
+                if !present {
+                    problems.push(RecordFailure {
+                        index: row,
+                        error: format!(
+                            "the record has no value for {names}, which the destination needs to identify it"
+                        ),
+                    });
+                }
+            }
+        }
+        let update_flags = if self.update_flag {
+            batch
+                .column_by_name(UPDATE_FLAG_COLUMN)
+                .and_then(|a| a.as_boolean_opt().cloned())
+        } else {
+            None
+        };
+        let actions = ops
+            .iter()
+            .enumerate()
+            .map(|(row, &op)| {
+                let action = self.mode.action_for(op);
+                let flagged = update_flags
+                    .as_ref()
+                    .is_some_and(|flags| flags.is_valid(row) && flags.value(row));
+                if flagged && action != RecordAction::Delete {
+                    RecordAction::Update
+                } else {
+                    action
+                }
+            })
+            .collect();
+        let fields = self.field_columns(batch, &message_ids)?;
+        problems.sort_by_key(|p| p.index);
+        problems.dedup_by_key(|p| p.index);
+        Ok(EncodedBatch {
+            records: OutgoingBatch {
+                ops,
+                actions,
+                message_ids,
+                keys,
+                bodies,
+                ids,
+                fields,
+            },
+            unsendable: problems,
         })
     }
 
     /// The mapped fields as Arrow columns named by destination field.
-    fn field_columns(&self, batch: &RecordBatch) -> Result<RecordBatch, MappingError> {
+    fn field_columns(
+        &self,
+        batch: &RecordBatch,
+        message_ids: &[MessageId],
+    ) -> Result<RecordBatch, MappingError> {
         let rows = batch.num_rows();
         let mut fields = Vec::with_capacity(self.flat_fields.len());
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.flat_fields.len());
         for (name, source) in &self.flat_fields {
             let array = match source {
-                FieldSource::Column(column) => match batch.column_by_name(column) {
+                FieldSource::Column(spec) => match batch.column_by_name(&spec.column) {
                     Some(array) => array.clone(),
                     None => new_null_array(&DataType::Null, rows),
                 },
@@ -364,6 +643,9 @@ impl MappingPlan {
                             message: format!("constant `{name}`: {e}"),
                         })?
                 }
+                FieldSource::MessageId => Arc::new(StringArray::from_iter_values(
+                    message_ids.iter().map(|id| id.as_str()),
+                )),
             };
             fields.push(Field::new(name, array.data_type().clone(), true));
             arrays.push(array);
@@ -378,6 +660,20 @@ impl MappingPlan {
             message: e.to_string(),
         })
     }
+}
+
+fn format_name(format: Option<ValueFormat>) -> &'static str {
+    match format {
+        None => "is",
+        Some(ValueFormat::Json) => "json",
+        Some(ValueFormat::String) => "string",
+        Some(ValueFormat::UnixMs) => "unix_ms",
+        Some(ValueFormat::UnixSeconds) => "unix_seconds",
+    }
+}
+
+fn join(names: &[&String]) -> String {
+    names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 /// A constant as an Arrow scalar: strings, booleans and numbers keep their type; lists and
@@ -397,20 +693,19 @@ fn constant_scalar(value: &serde_json::Value) -> ScalarValue {
 
 fn render_tree(
     tree: &FieldTree,
-    index: &HashMap<&str, usize>,
+    slot_of: &dyn Fn(&FieldSpec) -> Option<usize>,
     out: &mut TemplateBuilder,
 ) -> Result<(), String> {
     match tree {
-        FieldTree::Leaf(FieldSource::Column(column)) => {
-            let i = index
-                .get(column.as_str())
-                .ok_or_else(|| format!("internal: column `{column}` has no slot"))?;
-            out.column(*i);
+        FieldTree::Leaf(FieldSource::Column(spec)) => {
+            let i = slot_of(spec).ok_or_else(|| format!("internal: column `{}` has no slot", spec.column))?;
+            out.segment(Segment::Column(i));
         }
         FieldTree::Leaf(FieldSource::Constant(value)) => {
             let text = serde_json::to_vec(value).map_err(|e| e.to_string())?;
             out.literal(&text);
         }
+        FieldTree::Leaf(FieldSource::MessageId) => out.segment(Segment::MessageId),
         FieldTree::Object(children) => {
             out.literal(b"{");
             for (i, (name, child)) in children.iter().enumerate() {
@@ -419,7 +714,7 @@ fn render_tree(
                 }
                 write_json_string(&mut out.literal, name);
                 out.literal(b":");
-                render_tree(child, index, out)?;
+                render_tree(child, slot_of, out)?;
             }
             out.literal(b"}");
         }
@@ -469,7 +764,8 @@ mod tests {
                 vec![Op::Added; batch.num_rows()],
                 &vec![7; batch.num_rows()],
             )
-            .unwrap();
+            .unwrap()
+            .records;
         let text = |c: &JsonColumn| {
             (0..c.len())
                 .map(|i| String::from_utf8(c.get(i).to_vec()).unwrap())
@@ -484,7 +780,7 @@ mod tests {
             r#"{model: users, destination: crm, fields: {email: email, "traits.plan": plan, "traits.score": score}, constants: {"context.source": sluice, "context.version": 2}}"#,
         );
         let batch = users();
-        let plan = MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()]).unwrap();
+        let plan = MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()], None).unwrap();
         let (bodies, keys) = bodies(&plan, &batch);
         assert_eq!(
             bodies[0],
@@ -504,7 +800,7 @@ mod tests {
     fn without_fields_every_column_is_sent() {
         let c = config("{model: users, destination: crm, constants: {source: sluice}}");
         let batch = users();
-        let plan = MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()]).unwrap();
+        let plan = MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()], None).unwrap();
         let (bodies, _) = bodies(&plan, &batch);
         assert_eq!(
             bodies[0],
@@ -517,8 +813,8 @@ mod tests {
         let c =
             config(r#"{model: users, destination: crm, fields: {"traits.plan": plan}, constants: {n: 1}}"#);
         let batch = users();
-        let plan = MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()]).unwrap();
-        let out = plan.encode(&batch, vec![Op::Added; 2], &[1, 2]).unwrap();
+        let plan = MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()], None).unwrap();
+        let out = plan.encode(&batch, vec![Op::Added; 2], &[1, 2]).unwrap().records;
         let names: Vec<_> = out
             .fields
             .schema()
@@ -533,7 +829,7 @@ mod tests {
     #[test]
     fn unknown_columns_and_conflicts_are_reported() {
         let c = config("{model: users, destination: crm, fields: {email: emial}}");
-        let err = MappingPlan::compile("m", &c, "users", &users().schema(), &["id".into()])
+        let err = MappingPlan::compile("m", &c, "users", &users().schema(), &["id".into()], None)
             .unwrap_err()
             .to_string();
         assert_eq!(
@@ -553,7 +849,7 @@ mod tests {
     #[test]
     fn missing_columns_in_old_rows_are_null() {
         let c = config("{model: users, destination: crm, fields: {email: email, plan: plan}}");
-        let plan = MappingPlan::compile("m", &c, "users", &users().schema(), &["id".into()]).unwrap();
+        let plan = MappingPlan::compile("m", &c, "users", &users().schema(), &["id".into()], None).unwrap();
         let old = RecordBatch::try_from_iter(vec![
             ("id", Arc::new(Int64Array::from(vec![9])) as ArrayRef),
             ("email", Arc::new(StringArray::from(vec!["o@x.io"])) as ArrayRef),

@@ -13,6 +13,7 @@
 //!    destination has not acknowledged is ever marked as sent.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -42,6 +43,43 @@ pub struct RunRequest {
     pub mappings: Vec<String>,
     /// Ignore the baseline and send every row as added (a backfill).
     pub full: bool,
+}
+
+/// Where a dry run writes the requests it would send: one JSON object per line,
+/// `{"request": {"method", "target", "records", "body"}}` or, for a record that would fail
+/// without being sent, `{"unsent": {"key", "op", "error"}}`.
+pub struct DryRunSink {
+    out: std::sync::Mutex<Box<dyn std::io::Write + Send>>,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+impl DryRunSink {
+    pub fn new(out: Box<dyn std::io::Write + Send>) -> Self {
+        Self {
+            out: std::sync::Mutex::new(out),
+            requests: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn write(&self, lines: &[serde_json::Value]) -> std::io::Result<()> {
+        let mut out = self
+            .out
+            .lock()
+            .map_err(|_| std::io::Error::other("the dry run's output is poisoned"))?;
+        for line in lines {
+            if line.get("request").is_some() {
+                self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            serde_json::to_writer(&mut *out, line)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()
+    }
+
+    /// Requests written so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Progress of a run, for a terminal or a log.
@@ -168,7 +206,7 @@ impl Engine {
             run.timings.extract_ms = extract_ms;
             let config = self.project.config.mappings[&run.mapping].clone();
             let outcome = self
-                .run_mapping(&mut run, &config, manifest.clone(), full, observer)
+                .run_mapping(&mut run, &config, manifest.clone(), full, observer, None)
                 .await;
             if let Err(e) = outcome {
                 let message = e.to_string();
@@ -184,6 +222,39 @@ impl Engine {
             finished.push(run);
         }
         Ok(finished)
+    }
+
+    /// Computes what a run of `mapping` would send and writes it to `sink`: the model is
+    /// extracted and diffed as in a run, but nothing is sent, no failed record is kept, and the
+    /// mapping's baseline does not move. Returns the run as it would have been counted
+    /// (`delivered` is what would be sent).
+    pub async fn dry_run(
+        &self,
+        mapping: &str,
+        full: bool,
+        sink: &DryRunSink,
+        observer: &dyn RunObserver,
+    ) -> Result<RunRecord> {
+        let config = self
+            .project
+            .mapping(mapping)
+            .ok_or_else(|| EngineError::Unknown {
+                kind: "mapping",
+                name: mapping.to_string(),
+                available: self.project.config.mappings.keys().cloned().collect(),
+            })?
+            .clone();
+        let mut run = RunRecord::starting(mapping, &config.model, &config.destination, full);
+        let template = self.template_values(&config.model, run.started_at).await?;
+        let started = Instant::now();
+        let manifest = self.extract(&config.model, &run.id, &template, observer).await?;
+        run.timings.extract_ms = started.elapsed().as_millis() as u64;
+        run.snapshot_id = Some(manifest.id.clone());
+        run.counts.extracted = manifest.rows;
+        self.run_mapping(&mut run, &config, Arc::new(manifest), full, observer, Some(sink))
+            .await?;
+        run.status = RunStatus::Succeeded;
+        Ok(run)
     }
 
     /// Extracts a model into a new committed snapshot without running any mapping: for
@@ -348,6 +419,7 @@ impl Engine {
         manifest: Arc<SnapshotManifest>,
         full: bool,
         observer: &dyn RunObserver,
+        dry_run: Option<&DryRunSink>,
     ) -> Result<()> {
         let mapping = run.mapping.clone();
         let destination = self.destination(&config.destination)?.clone();
@@ -376,16 +448,19 @@ impl Engine {
             .await
             .map_err(diff_err)?;
         let model_schema = self.model_schema(&differ).await.map_err(diff_err)?;
-        let plan = MappingPlan::compile(&mapping, config, &run.model, &model_schema, &manifest.key_columns)?;
+        let action = self.action(&mapping);
+        let plan = MappingPlan::compile(
+            &mapping,
+            config,
+            &run.model,
+            &model_schema,
+            &manifest.key_columns,
+            action,
+        )?;
         let send: Vec<Op> = config.send.clone();
-        let policy = destination.policy();
-        let info = RunInfo {
-            run_id: run.id.clone(),
-            mapping: mapping.clone(),
-            model: run.model.clone(),
-            started_at: run.started_at,
-        };
+        let info = self.run_info(&mapping, config, run, dry_run.is_some());
         let writer = destination.open(&info).await?;
+        let policy = writer.policy();
         let key_fields: Vec<arrow::datatypes::Field> = differ
             .change_schema()
             .fields()
@@ -399,9 +474,11 @@ impl Engine {
             run,
             plan: &plan,
             writer: writer.as_ref(),
+            destination: config.destination.clone(),
             policy: &policy,
             exceptions: &mut exceptions,
             failures: Vec::new(),
+            dry_run,
         };
         let buckets = differ.buckets();
         observer.on_event(RunEvent::MappingStarted {
@@ -419,6 +496,13 @@ impl Engine {
             writer.abort().await;
             exceptions.abort().await;
             return Err(e);
+        }
+        if dry_run.is_some() {
+            // Nothing was sent, so nothing is finished or committed.
+            writer.abort().await;
+            exceptions.abort().await;
+            run.finished_at = Some(Utc::now());
+            return Ok(());
         }
         let started = Instant::now();
         if let Err(e) = writer.finish().await {
@@ -456,6 +540,57 @@ impl Engine {
         };
         self.metadata.commit_run(run, Some(&new_state)).await?;
         Ok(())
+    }
+
+    /// The records of `outgoing` that must not be sent: those the mapping could not encode and
+    /// those over a size limit (sluice's `limits`, or the destination's own per-record limit).
+    pub(crate) fn blocked_records(
+        &self,
+        unsendable: Vec<crate::destination::RecordFailure>,
+        outgoing: &crate::destination::OutgoingBatch,
+        policy: &crate::destination::DeliveryPolicy,
+    ) -> Vec<crate::destination::RecordFailure> {
+        let mut blocked = unsendable;
+        blocked.extend(self.project.config.limits.oversized_records(outgoing));
+        if let Some(limit) = policy.max_record_bytes {
+            blocked.extend((0..outgoing.len()).filter_map(|i| {
+                let bytes = outgoing.bodies.get(i).len();
+                (bytes > limit).then(|| crate::destination::RecordFailure {
+                    index: i,
+                    error: format!(
+                        "the record is {bytes} bytes, more than the destination accepts in one record ({limit} bytes); the record was not sent"
+                    ),
+                })
+            }));
+        }
+        blocked.sort_by_key(|f| f.index);
+        blocked.dedup_by_key(|f| f.index);
+        blocked
+    }
+
+    /// What a destination is told about a mapping's run.
+    pub(crate) fn run_info(
+        &self,
+        mapping: &str,
+        config: &MappingConfig,
+        run: &RunRecord,
+        dry_run: bool,
+    ) -> RunInfo {
+        RunInfo {
+            run_id: run.id.clone(),
+            mapping: mapping.to_string(),
+            model: run.model.clone(),
+            started_at: run.started_at,
+            primary_key: self
+                .project
+                .model(&config.model)
+                .map(|m| m.primary_key.0.clone())
+                .unwrap_or_default(),
+            action: config.action.clone(),
+            mode: config.mode.unwrap_or_default(),
+            options: config.options.clone(),
+            dry_run,
+        }
     }
 
     /// The mapping's committed baseline, checked against the new snapshot.
@@ -566,10 +701,13 @@ struct Delivery<'a> {
     run: &'a mut RunRecord,
     plan: &'a MappingPlan,
     writer: &'a dyn DestinationWriter,
+    destination: String,
     policy: &'a crate::destination::DeliveryPolicy,
     exceptions: &'a mut ExceptionsWriter,
     /// Failed records not yet written to the metadata store.
     failures: Vec<FailureRow>,
+    /// Set for `--dry-run`: requests are written here instead of being sent.
+    dry_run: Option<&'a DryRunSink>,
 }
 
 impl Delivery<'_> {
@@ -708,23 +846,48 @@ impl Delivery<'_> {
                 new_hash.value(i)
             });
         }
-        let outgoing = self.plan.encode(batch, ops, &hashes)?;
-        // Records over the size limits fail alone, unsent; the rest of the batch goes on.
-        let oversized = self.engine.project.config.limits.oversized_records(&outgoing);
+        let encoded = self.plan.encode(batch, ops, &hashes)?;
+        let outgoing = encoded.records;
+        // Records that cannot be sent (no identifier, over a size limit) fail alone, unsent;
+        // the rest of the batch goes on.
+        let blocked = self
+            .engine
+            .blocked_records(encoded.unsendable, &outgoing, self.policy);
+        if let Some(sink) = self.dry_run {
+            return self.write_dry_run(sink, &outgoing, &blocked).await;
+        }
         let started = Instant::now();
-        let mut result = if oversized.is_empty() {
+        let delivered = if blocked.is_empty() {
             deliver(self.writer, &outgoing, self.policy).await
         } else {
             let kept: Vec<usize> = (0..outgoing.len())
-                .filter(|i| oversized.binary_search_by_key(i, |f| f.index).is_err())
+                .filter(|i| blocked.binary_search_by_key(i, |f| f.index).is_err())
                 .collect();
-            let mut result = deliver(self.writer, &outgoing.select(&kept)?, self.policy).await;
-            for failure in &mut result.failures {
-                failure.index = kept[failure.index];
-            }
-            result.failures.extend(oversized);
-            result
+            deliver(self.writer, &outgoing.select(&kept)?, self.policy)
+                .await
+                .map(|mut result| {
+                    for failure in &mut result.failures {
+                        failure.index = kept[failure.index];
+                    }
+                    result.failures.extend(blocked);
+                    result
+                })
         };
+        let mut result = delivered.map_err(|stopped| crate::error::DestinationError::Failed {
+            destination: self.destination.clone(),
+            message: format!(
+                "{}; the run stopped, and every record it did not deliver will be sent again by the next run",
+                stopped.reason
+            ),
+        })?;
+        if result.retries + result.rate_limited > 0 {
+            tracing::debug!(
+                mapping = self.run.mapping,
+                retries = result.retries,
+                rate_limited = result.rate_limited,
+                "requests were sent again"
+            );
+        }
         result.failures.sort_by_key(|f| f.index);
         self.run.timings.deliver_ms += started.elapsed().as_millis() as u64;
         let failed = result.failures.len() as u64;
@@ -756,6 +919,51 @@ impl Delivery<'_> {
             self.flush_failures().await?;
         }
         Ok(())
+    }
+
+    /// Writes the requests a batch would be sent as, and the records that would fail unsent.
+    async fn write_dry_run(
+        &mut self,
+        sink: &DryRunSink,
+        outgoing: &crate::destination::OutgoingBatch,
+        blocked: &[crate::destination::RecordFailure],
+    ) -> Result<()> {
+        let kept: Vec<usize> = (0..outgoing.len())
+            .filter(|i| blocked.binary_search_by_key(i, |f| f.index).is_err())
+            .collect();
+        let sendable = outgoing.select(&kept)?;
+        // Grouped by action as the delivery layer groups them.
+        let mut groups: Vec<(crate::destination::RecordAction, Vec<usize>)> = Vec::new();
+        for (i, action) in sendable.actions.iter().enumerate() {
+            match groups.iter_mut().find(|(a, _)| a == action) {
+                Some((_, indices)) => indices.push(i),
+                None => groups.push((*action, vec![i])),
+            }
+        }
+        let mut lines = Vec::new();
+        for (_, indices) in groups {
+            let group = sendable.select(&indices)?;
+            for range in crate::delivery::request_ranges(&group, self.policy) {
+                for request in self.writer.prepare(&group, range).await {
+                    lines.push(serde_json::json!({ "request": request }));
+                }
+            }
+        }
+        for failure in blocked {
+            let key: serde_json::Value =
+                serde_json::from_slice(outgoing.keys.get(failure.index)).unwrap_or(serde_json::Value::Null);
+            lines.push(serde_json::json!({
+                "unsent": {
+                    "key": key,
+                    "op": outgoing.ops[failure.index].as_str(),
+                    "error": failure.error,
+                }
+            }));
+        }
+        self.run.counts.delivered += kept.len() as u64;
+        self.run.counts.failed += blocked.len() as u64;
+        sink.write(&lines)
+            .map_err(|e| EngineError::Internal(format!("writing the dry run's output: {e}")))
     }
 
     async fn flush_failures(&mut self) -> Result<()> {

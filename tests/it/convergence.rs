@@ -40,17 +40,6 @@ impl Destination for MemoryDestination {
     fn kind(&self) -> &'static str {
         "memory"
     }
-    fn policy(&self) -> DeliveryPolicy {
-        DeliveryPolicy {
-            max_records: 3,
-            max_bytes: usize::MAX,
-            concurrency: 2,
-            retry: RetryPolicy {
-                max_attempts: 1,
-                ..RetryPolicy::default()
-            },
-        }
-    }
     async fn check(&self) -> Result<(), DestinationError> {
         Ok(())
     }
@@ -61,6 +50,18 @@ impl Destination for MemoryDestination {
 
 #[async_trait]
 impl DestinationWriter for MemoryDestination {
+    fn policy(&self) -> DeliveryPolicy {
+        DeliveryPolicy {
+            max_records: 3,
+            max_bytes: usize::MAX,
+            concurrency: 2,
+            retry: RetryPolicy {
+                max_attempts: 1,
+                ..RetryPolicy::default()
+            },
+            ..DeliveryPolicy::default()
+        }
+    }
     async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
         let mut memory = self.0.lock().expect("lock");
         let mut failures = Vec::new();

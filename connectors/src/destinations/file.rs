@@ -27,7 +27,8 @@ use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
 use serde::Deserialize;
 use sluice_engine::destination::{
-    DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, RetryPolicy, RunInfo, SendOutcome,
+    DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, PreparedRequest, RetryPolicy, RunInfo,
+    SendOutcome,
 };
 use sluice_engine::json::encode_column;
 use sluice_engine::source::ConnectorEnv;
@@ -95,19 +96,6 @@ impl FileDestination {
 impl Destination for FileDestination {
     fn kind(&self) -> &'static str {
         "file"
-    }
-
-    fn policy(&self) -> DeliveryPolicy {
-        // One writer, in order; a batch is written whole.
-        DeliveryPolicy {
-            max_records: 8192,
-            max_bytes: usize::MAX,
-            concurrency: 1,
-            retry: RetryPolicy {
-                max_attempts: 1,
-                ..RetryPolicy::default()
-            },
-        }
     }
 
     async fn check(&self) -> Result<(), DestinationError> {
@@ -237,6 +225,53 @@ impl FileWriter {
 
 #[async_trait]
 impl DestinationWriter for FileWriter {
+    fn policy(&self) -> DeliveryPolicy {
+        // One writer, in order; a batch is written whole.
+        DeliveryPolicy {
+            max_records: 8192,
+            max_bytes: usize::MAX,
+            concurrency: 1,
+            retry: RetryPolicy {
+                max_attempts: 1,
+                ..RetryPolicy::default()
+            },
+            ..DeliveryPolicy::default()
+        }
+    }
+
+    async fn prepare(&self, batch: &OutgoingBatch, range: Range<usize>) -> Vec<PreparedRequest> {
+        let body = match self.format {
+            FileFormat::Jsonl => {
+                let mut out = Vec::new();
+                for record in batch.records(range.clone()) {
+                    record.write_envelope(&mut out);
+                    out.push(b'\n');
+                }
+                serde_json::Value::String(String::from_utf8_lossy(&out).into_owned())
+            }
+            FileFormat::Csv | FileFormat::Parquet => match columns_of(batch, range.clone(), true) {
+                Ok(rows) => {
+                    let mut out = Vec::new();
+                    let written = {
+                        let mut writer = arrow::json::ArrayWriter::new(&mut out);
+                        writer.write(&rows).and_then(|_| writer.finish())
+                    };
+                    match written {
+                        Ok(()) => serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null),
+                        Err(e) => serde_json::Value::String(e.to_string()),
+                    }
+                }
+                Err(e) => serde_json::Value::String(e),
+            },
+        };
+        vec![PreparedRequest {
+            method: "WRITE".into(),
+            target: self.store.path(&self.relative).to_string(),
+            records: range.len(),
+            body,
+        }]
+    }
+
     async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
         match self.write(batch, range).await {
             Ok(()) => SendOutcome::Accepted,

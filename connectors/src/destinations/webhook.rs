@@ -30,12 +30,13 @@ use indexmap::IndexMap;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use serde::Deserialize;
 use sluice_engine::destination::{
-    DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, RecordFailure, RetryPolicy, RunInfo,
-    SendOutcome,
+    DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, PreparedRequest, RecordFailure,
+    RetryPolicy, RunInfo, SendOutcome,
 };
 use sluice_engine::{ConfigString, DestinationError};
 
 use crate::HumanDuration;
+use crate::destinations::http::{describe_reqwest_error, parse_retry_after, redact_url, snippet};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,7 +132,9 @@ impl WebhookDestination {
                     max_attempts: config.max_attempts,
                     initial_backoff: config.initial_backoff.0,
                     max_backoff: config.max_backoff.0,
+                    ..RetryPolicy::default()
                 },
+                ..DeliveryPolicy::default()
             },
         })
     }
@@ -141,10 +144,6 @@ impl WebhookDestination {
 impl Destination for WebhookDestination {
     fn kind(&self) -> &'static str {
         "webhook"
-    }
-
-    fn policy(&self) -> DeliveryPolicy {
-        self.policy.clone()
     }
 
     /// Any HTTP answer means the endpoint is reachable (a webhook may refuse a bare GET).
@@ -175,6 +174,7 @@ impl Destination for WebhookDestination {
             url: self.url.clone(),
             client: self.client.clone(),
             headers,
+            policy: self.policy.clone(),
         }))
     }
 }
@@ -183,20 +183,42 @@ struct WebhookWriter {
     url: reqwest::Url,
     client: reqwest::Client,
     headers: HeaderMap,
+    policy: DeliveryPolicy,
 }
 
-#[async_trait]
-impl DestinationWriter for WebhookWriter {
-    async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+impl WebhookWriter {
+    fn body(batch: &OutgoingBatch, range: Range<usize>) -> Vec<u8> {
         let mut body = Vec::with_capacity(batch.approximate_bytes(range.clone()) + 16);
         body.extend_from_slice(b"{\"records\":[");
-        for (i, record) in batch.records(range.clone()).enumerate() {
+        for (i, record) in batch.records(range).enumerate() {
             if i > 0 {
                 body.push(b',');
             }
             record.write_envelope(&mut body);
         }
         body.extend_from_slice(b"]}");
+        body
+    }
+}
+
+#[async_trait]
+impl DestinationWriter for WebhookWriter {
+    fn policy(&self) -> DeliveryPolicy {
+        self.policy.clone()
+    }
+
+    async fn prepare(&self, batch: &OutgoingBatch, range: Range<usize>) -> Vec<PreparedRequest> {
+        let body = Self::body(batch, range.clone());
+        vec![PreparedRequest {
+            method: "POST".into(),
+            target: redact_url(&self.url),
+            records: range.len(),
+            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        }]
+    }
+
+    async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+        let body = Self::body(batch, range.clone());
         let response = match self
             .client
             .post(self.url.clone())
@@ -228,7 +250,12 @@ impl DestinationWriter for WebhookWriter {
             };
         }
         let reason = format!("HTTP {status}{}", snippet(&text));
-        if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
+        if status.as_u16() == 429 {
+            SendOutcome::RateLimited {
+                reason,
+                after: retry_after,
+            }
+        } else if status.as_u16() == 408 || status.is_server_error() {
             SendOutcome::Retry {
                 reason,
                 after: retry_after,
@@ -305,59 +332,9 @@ fn per_record_failures(
     Ok(failures)
 }
 
-/// `Retry-After` as seconds or an HTTP date.
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    if let Ok(seconds) = value.trim().parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let date = chrono::DateTime::parse_from_rfc2822(value.trim()).ok()?;
-    let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(wait.to_std().unwrap_or(Duration::ZERO))
-}
-
-fn snippet(text: &str) -> String {
-    let text = text.trim();
-    if text.is_empty() {
-        return String::new();
-    }
-    let cut: String = text.chars().take(300).collect();
-    if cut.len() < text.len() {
-        format!(": {cut}…")
-    } else {
-        format!(": {cut}")
-    }
-}
-
-fn describe_reqwest_error(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
-    };
-    let mut message = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(inner) = source {
-        message.push_str(&format!(": {inner}"));
-        source = inner.source();
-    }
-    message
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_accepts_seconds_and_dates() {
-        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("soon"), None);
-    }
 
     #[test]
     fn config_is_strict() {

@@ -196,6 +196,12 @@ impl PostgresSource {
         self.tunnel.as_ref()
     }
 
+    /// A new connection, through the tunnel when there is one (the `postgres` destination
+    /// connects the same way).
+    pub(crate) async fn connect_client(&self) -> Result<Client, SourceError> {
+        self.connect().await
+    }
+
     async fn connect(&self) -> Result<Client, SourceError> {
         let mut config = self.config.clone();
         // Through a tunnel, connect to its local end; TLS still names the database host.
