@@ -858,4 +858,286 @@ mod tests {
         let (bodies, _) = bodies(&plan, &old);
         assert_eq!(bodies[0], r#"{"email":"o@x.io","plan":null}"#);
     }
+
+    fn identify() -> ActionSpec {
+        use crate::destination::PayloadShape;
+        ActionSpec::new(
+            "identify",
+            PayloadShape::default()
+                .top_level(&["type", "userId", "anonymousId", "messageId", "context", "traits"])
+                .container("traits")
+                .fixed("type", serde_json::json!("identify"))
+                .message_id("messageId")
+                .identity(&["userId", "anonymousId"])
+                .alias("user_id", "userId")
+                .alias("message_id", "messageId"),
+        )
+    }
+
+    fn encode_with(
+        yaml: &str,
+        batch: &RecordBatch,
+        action: Option<&ActionSpec>,
+    ) -> Result<EncodedBatch, MappingError> {
+        let c = config(yaml);
+        let plan = MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()], action)?;
+        plan.encode(batch, vec![Op::Added; batch.num_rows()], &vec![7; batch.num_rows()])
+    }
+
+    fn body(encoded: &EncodedBatch, row: usize) -> serde_json::Value {
+        serde_json::from_slice(encoded.records.bodies.get(row)).unwrap()
+    }
+
+    #[test]
+    fn reserved_fields_stay_on_top_and_the_rest_goes_into_the_container() {
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
+            ("user_id", Arc::new(StringArray::from(vec!["u1", "u2"])) as ArrayRef),
+            ("plan", Arc::new(StringArray::from(vec!["pro", "free"])) as ArrayRef),
+            ("ip", Arc::new(StringArray::from(vec!["10.0.0.1", "10.0.0.2"])) as ArrayRef),
+        ])
+        .unwrap();
+        let encoded = encode_with(
+            r#"{model: users, destination: s, fields: {"context.ip": ip}, columns: all, constants: {"address.city": Paris}}"#,
+            &batch,
+            Some(&identify()),
+        )
+        .unwrap();
+        assert!(encoded.unsendable.is_empty());
+        let first = body(&encoded, 0);
+        let message_id = encoded.records.message_ids[0].to_string();
+        assert_eq!(
+            first,
+            serde_json::json!({
+                "type": "identify",
+                "context": {"ip": "10.0.0.1"},
+                "traits": {"id": 1, "plan": "pro", "address": {"city": "Paris"}},
+                "userId": "u1",
+                "messageId": message_id,
+            })
+        );
+        // Key order: fixed fields first.
+        assert!(std::str::from_utf8(encoded.records.bodies.get(0)).unwrap().starts_with(r#"{"type":"identify","#));
+        assert_eq!(encoded.records.ids.get(1), br#"{"userId":"u2"}"#);
+    }
+
+    #[test]
+    fn a_model_supplied_message_id_is_sent_verbatim() {
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
+            ("user_id", Arc::new(StringArray::from(vec!["u1"])) as ArrayRef),
+            ("message_id", Arc::new(StringArray::from(vec!["evt-42"])) as ArrayRef),
+        ])
+        .unwrap();
+        let encoded = encode_with("{model: users, destination: s}", &batch, Some(&identify())).unwrap();
+        assert_eq!(body(&encoded, 0)["messageId"], "evt-42");
+        assert!(body(&encoded, 0)["traits"].get("message_id").is_none());
+    }
+
+    #[test]
+    fn records_without_an_identifier_fail_alone_and_mappings_without_one_do_not_compile() {
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
+            ("user_id", Arc::new(StringArray::from(vec![Some("u1"), None, Some("")])) as ArrayRef),
+        ])
+        .unwrap();
+        let encoded = encode_with("{model: users, destination: s}", &batch, Some(&identify())).unwrap();
+        let failed: Vec<usize> = encoded.unsendable.iter().map(|f| f.index).collect();
+        assert_eq!(failed, [1, 2]);
+        assert!(encoded.unsendable[0].error.contains("userId or anonymousId"), "{:?}", encoded.unsendable);
+
+        let err = encode_with(
+            "{model: users, destination: s, fields: {email: user_id}}",
+            &batch,
+            Some(&identify()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("identifies records by `userId` or `anonymousId`"), "{err}");
+        assert!(err.contains("`user_id`"), "{err}");
+    }
+
+    #[test]
+    fn json_columns_become_objects_and_invalid_json_fails_the_record() {
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
+            (
+                "address",
+                Arc::new(StringArray::from(vec![
+                    Some(r#" {"city": "Paris", "zip": ["75001"]} "#),
+                    Some("{not json"),
+                    None,
+                ])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let encoded = encode_with(
+            "{model: users, destination: s, fields: {address: {column: address, as: json}, raw: address}}",
+            &batch,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            body(&encoded, 0)["address"],
+            serde_json::json!({"city": "Paris", "zip": ["75001"]})
+        );
+        assert!(body(&encoded, 0)["raw"].is_string());
+        assert_eq!(encoded.unsendable.len(), 1);
+        assert_eq!(encoded.unsendable[0].index, 1);
+        assert!(
+            encoded.unsendable[0].error.contains("column `address` is not valid JSON"),
+            "{}",
+            encoded.unsendable[0].error
+        );
+        assert_eq!(body(&encoded, 2)["address"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn values_can_be_written_as_strings_and_unix_times() {
+        use arrow::array::TimestampMicrosecondArray;
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
+            (
+                "at",
+                Arc::new(TimestampMicrosecondArray::from(vec![1_700_000_000_123_456, 0]).with_timezone("UTC"))
+                    as ArrayRef,
+            ),
+            ("when", Arc::new(StringArray::from(vec!["2024-01-02T03:04:05Z", "yesterday"])) as ArrayRef),
+        ])
+        .unwrap();
+        let encoded = encode_with(
+            "{model: users, destination: s, fields: {uid: {column: id, as: string}, ms: {column: at, as: unix_ms}, s: {column: at, as: unix_seconds}, w: {column: when, as: unix_ms}}}",
+            &batch,
+            None,
+        )
+        .unwrap();
+        let first = body(&encoded, 0);
+        assert_eq!(first["uid"], "1");
+        assert_eq!(first["ms"], 1_700_000_000_123i64);
+        assert_eq!(first["s"], 1_700_000_000i64);
+        assert_eq!(first["w"], 1_704_164_645_000i64);
+        assert_eq!(encoded.unsendable.len(), 1);
+        assert!(encoded.unsendable[0].error.contains("not a date or timestamp"));
+    }
+
+    #[test]
+    fn the_update_column_turns_rows_into_updates_and_is_not_sent() {
+        use arrow::array::BooleanArray;
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
+            ("user_id", Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef),
+            (
+                "_update",
+                Arc::new(BooleanArray::from(vec![Some(true), Some(false), None])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let c = config("{model: users, destination: s}");
+        let plan =
+            MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()], Some(&identify())).unwrap();
+        let encoded = plan
+            .encode(&batch, vec![Op::Added, Op::Updated, Op::Deleted], &[1, 2, 3])
+            .unwrap();
+        assert_eq!(
+            encoded.records.actions,
+            [RecordAction::Update, RecordAction::Upsert, RecordAction::Delete]
+        );
+        assert!(body(&encoded, 0)["traits"].get("_update").is_none());
+
+        let bad = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
+            ("user_id", Arc::new(StringArray::from(vec!["a"])) as ArrayRef),
+            ("_update", Arc::new(StringArray::from(vec!["yes"])) as ArrayRef),
+        ])
+        .unwrap();
+        let err = MappingPlan::compile("m", &c, "users", &bad.schema(), &["id".into()], Some(&identify()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be boolean"), "{err}");
+    }
+
+    #[test]
+    fn columns_can_be_included_or_excluded() {
+        let batch = users();
+        let encoded = encode_with(
+            "{model: users, destination: s, columns: {exclude: [score, email]}}",
+            &batch,
+            None,
+        )
+        .unwrap();
+        assert_eq!(body(&encoded, 0), serde_json::json!({"id": 1, "plan": "pro"}));
+        let encoded = encode_with(
+            "{model: users, destination: s, fields: {e: email}, columns: {include: [plan]}}",
+            &batch,
+            None,
+        )
+        .unwrap();
+        assert_eq!(body(&encoded, 0), serde_json::json!({"e": "a@x.io", "plan": "pro"}));
+        let err = encode_with("{model: users, destination: s, columns: {include: [nope]}}", &batch, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`columns` names `nope`"), "{err}");
+    }
+
+    #[test]
+    fn required_fields_are_checked_when_compiling() {
+        use crate::destination::PayloadShape;
+        let track = ActionSpec::new(
+            "track",
+            PayloadShape::default()
+                .top_level(&["event", "userId"])
+                .container("properties")
+                .required(&["event"])
+                .identity(&["userId"]),
+        );
+        let batch = users();
+        let err = encode_with("{model: users, destination: s, fields: {userId: email}}", &batch, Some(&track))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("action `track` needs `event`"), "{err}");
+        let encoded = encode_with(
+            "{model: users, destination: s, fields: {userId: email}, constants: {event: Signed Up}}",
+            &batch,
+            Some(&track),
+        )
+        .unwrap();
+        assert_eq!(body(&encoded, 0)["event"], "Signed Up");
+        assert_eq!(encoded.unsendable.len(), 1, "row 2 has no email");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Rendering never panics, whatever the values and whatever `as:` asks, and every
+        /// rendered record is valid JSON.
+        #[test]
+        fn rendering_never_panics_on_any_value(
+            ints in proptest::collection::vec(proptest::option::of(proptest::num::i64::ANY), 1..20),
+            floats in proptest::collection::vec(proptest::option::of(proptest::num::f64::ANY), 1..20),
+            texts in proptest::collection::vec(proptest::option::of(".{0,12}"), 1..20),
+            micros in proptest::collection::vec(proptest::option::of(-10_000_000_000_000_000i64..10_000_000_000_000_000), 1..20),
+        ) {
+            use arrow::array::{Date32Array, TimestampMicrosecondArray};
+            let rows = ints.len().min(floats.len()).min(texts.len()).min(micros.len());
+            let batch = RecordBatch::try_from_iter(vec![
+                ("id", Arc::new(Int64Array::from_iter_values(0..rows as i64)) as ArrayRef),
+                ("i", Arc::new(Int64Array::from(ints[..rows].to_vec())) as ArrayRef),
+                ("f", Arc::new(Float64Array::from(floats[..rows].to_vec())) as ArrayRef),
+                ("t", Arc::new(StringArray::from(texts[..rows].to_vec())) as ArrayRef),
+                ("ts", Arc::new(TimestampMicrosecondArray::from(micros[..rows].to_vec()).with_timezone("UTC")) as ArrayRef),
+                ("d", Arc::new(Date32Array::from(micros[..rows].iter().map(|m| m.map(|m| (m / 86_400_000_000) as i32)).collect::<Vec<_>>())) as ArrayRef),
+            ]).unwrap();
+            for format in ["json", "string", "unix_ms", "unix_seconds"] {
+                let yaml = format!(
+                    "{{model: users, destination: s, columns: all, fields: {{a: {{column: t, as: {format}}}, b: {{column: ts, as: {format}}}, c: {{column: d, as: {format}}}, e: {{column: f, as: {}}}}}}}",
+                    if format.starts_with("unix") { "string" } else { format }
+                );
+                let encoded = encode_with(&yaml, &batch, None).unwrap();
+                for row in 0..rows {
+                    let text = encoded.records.bodies.get(row);
+                    proptest::prop_assert!(serde_json::from_slice::<serde_json::Value>(text).is_ok(), "{}", String::from_utf8_lossy(text));
+                }
+            }
+        }
+    }
 }
