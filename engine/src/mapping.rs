@@ -310,7 +310,18 @@ impl MappingPlan {
         if let Some(fields) = &config.fields {
             for (path, spec) in fields {
                 explicit.push(&spec.column);
-                entries.push((place(path), FieldSource::Column(spec.clone())));
+                // A field written under an alias's name (`distinct_id`) is the field it stands
+                // for (`$distinct_id`), unless that one is mapped too.
+                let alias = shape.and_then(|s| {
+                    s.aliases
+                        .iter()
+                        .find(|(from, to)| from == path && !fields.contains_key(to))
+                        .map(|(_, to)| to.clone())
+                });
+                entries.push((
+                    alias.unwrap_or_else(|| place(path)),
+                    FieldSource::Column(spec.clone()),
+                ));
             }
         }
         let selection = config.column_selection();
@@ -881,7 +892,11 @@ mod tests {
     ) -> Result<EncodedBatch, MappingError> {
         let c = config(yaml);
         let plan = MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()], action)?;
-        plan.encode(batch, vec![Op::Added; batch.num_rows()], &vec![7; batch.num_rows()])
+        plan.encode(
+            batch,
+            vec![Op::Added; batch.num_rows()],
+            &vec![7; batch.num_rows()],
+        )
     }
 
     fn body(encoded: &EncodedBatch, row: usize) -> serde_json::Value {
@@ -892,9 +907,18 @@ mod tests {
     fn reserved_fields_stay_on_top_and_the_rest_goes_into_the_container() {
         let batch = RecordBatch::try_from_iter(vec![
             ("id", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
-            ("user_id", Arc::new(StringArray::from(vec!["u1", "u2"])) as ArrayRef),
-            ("plan", Arc::new(StringArray::from(vec!["pro", "free"])) as ArrayRef),
-            ("ip", Arc::new(StringArray::from(vec!["10.0.0.1", "10.0.0.2"])) as ArrayRef),
+            (
+                "user_id",
+                Arc::new(StringArray::from(vec!["u1", "u2"])) as ArrayRef,
+            ),
+            (
+                "plan",
+                Arc::new(StringArray::from(vec!["pro", "free"])) as ArrayRef,
+            ),
+            (
+                "ip",
+                Arc::new(StringArray::from(vec!["10.0.0.1", "10.0.0.2"])) as ArrayRef,
+            ),
         ])
         .unwrap();
         let encoded = encode_with(
@@ -917,7 +941,11 @@ mod tests {
             })
         );
         // Key order: fixed fields first.
-        assert!(std::str::from_utf8(encoded.records.bodies.get(0)).unwrap().starts_with(r#"{"type":"identify","#));
+        assert!(
+            std::str::from_utf8(encoded.records.bodies.get(0))
+                .unwrap()
+                .starts_with(r#"{"type":"identify","#)
+        );
         assert_eq!(encoded.records.ids.get(1), br#"{"userId":"u2"}"#);
     }
 
@@ -926,7 +954,10 @@ mod tests {
         let batch = RecordBatch::try_from_iter(vec![
             ("id", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
             ("user_id", Arc::new(StringArray::from(vec!["u1"])) as ArrayRef),
-            ("message_id", Arc::new(StringArray::from(vec!["evt-42"])) as ArrayRef),
+            (
+                "message_id",
+                Arc::new(StringArray::from(vec!["evt-42"])) as ArrayRef,
+            ),
         ])
         .unwrap();
         let encoded = encode_with("{model: users, destination: s}", &batch, Some(&identify())).unwrap();
@@ -938,13 +969,20 @@ mod tests {
     fn records_without_an_identifier_fail_alone_and_mappings_without_one_do_not_compile() {
         let batch = RecordBatch::try_from_iter(vec![
             ("id", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
-            ("user_id", Arc::new(StringArray::from(vec![Some("u1"), None, Some("")])) as ArrayRef),
+            (
+                "user_id",
+                Arc::new(StringArray::from(vec![Some("u1"), None, Some("")])) as ArrayRef,
+            ),
         ])
         .unwrap();
         let encoded = encode_with("{model: users, destination: s}", &batch, Some(&identify())).unwrap();
         let failed: Vec<usize> = encoded.unsendable.iter().map(|f| f.index).collect();
         assert_eq!(failed, [1, 2]);
-        assert!(encoded.unsendable[0].error.contains("userId or anonymousId"), "{:?}", encoded.unsendable);
+        assert!(
+            encoded.unsendable[0].error.contains("userId or anonymousId"),
+            "{:?}",
+            encoded.unsendable
+        );
 
         let err = encode_with(
             "{model: users, destination: s, fields: {email: user_id}}",
@@ -953,7 +991,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("identifies records by `userId` or `anonymousId`"), "{err}");
+        assert!(
+            err.contains("identifies records by `userId` or `anonymousId`"),
+            "{err}"
+        );
         assert!(err.contains("`user_id`"), "{err}");
     }
 
@@ -985,7 +1026,9 @@ mod tests {
         assert_eq!(encoded.unsendable.len(), 1);
         assert_eq!(encoded.unsendable[0].index, 1);
         assert!(
-            encoded.unsendable[0].error.contains("column `address` is not valid JSON"),
+            encoded.unsendable[0]
+                .error
+                .contains("column `address` is not valid JSON"),
             "{}",
             encoded.unsendable[0].error
         );
@@ -1002,7 +1045,10 @@ mod tests {
                 Arc::new(TimestampMicrosecondArray::from(vec![1_700_000_000_123_456, 0]).with_timezone("UTC"))
                     as ArrayRef,
             ),
-            ("when", Arc::new(StringArray::from(vec!["2024-01-02T03:04:05Z", "yesterday"])) as ArrayRef),
+            (
+                "when",
+                Arc::new(StringArray::from(vec!["2024-01-02T03:04:05Z", "yesterday"])) as ArrayRef,
+            ),
         ])
         .unwrap();
         let encoded = encode_with(
@@ -1025,7 +1071,10 @@ mod tests {
         use arrow::array::BooleanArray;
         let batch = RecordBatch::try_from_iter(vec![
             ("id", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
-            ("user_id", Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef),
+            (
+                "user_id",
+                Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef,
+            ),
             (
                 "_update",
                 Arc::new(BooleanArray::from(vec![Some(true), Some(false), None])) as ArrayRef,
@@ -1033,8 +1082,15 @@ mod tests {
         ])
         .unwrap();
         let c = config("{model: users, destination: s}");
-        let plan =
-            MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()], Some(&identify())).unwrap();
+        let plan = MappingPlan::compile(
+            "m",
+            &c,
+            "users",
+            &batch.schema(),
+            &["id".into()],
+            Some(&identify()),
+        )
+        .unwrap();
         let encoded = plan
             .encode(&batch, vec![Op::Added, Op::Updated, Op::Deleted], &[1, 2, 3])
             .unwrap();
@@ -1072,10 +1128,17 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(body(&encoded, 0), serde_json::json!({"e": "a@x.io", "plan": "pro"}));
-        let err = encode_with("{model: users, destination: s, columns: {include: [nope]}}", &batch, None)
-            .unwrap_err()
-            .to_string();
+        assert_eq!(
+            body(&encoded, 0),
+            serde_json::json!({"e": "a@x.io", "plan": "pro"})
+        );
+        let err = encode_with(
+            "{model: users, destination: s, columns: {include: [nope]}}",
+            &batch,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("`columns` names `nope`"), "{err}");
     }
 
@@ -1091,9 +1154,13 @@ mod tests {
                 .identity(&["userId"]),
         );
         let batch = users();
-        let err = encode_with("{model: users, destination: s, fields: {userId: email}}", &batch, Some(&track))
-            .unwrap_err()
-            .to_string();
+        let err = encode_with(
+            "{model: users, destination: s, fields: {userId: email}}",
+            &batch,
+            Some(&track),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("action `track` needs `event`"), "{err}");
         let encoded = encode_with(
             "{model: users, destination: s, fields: {userId: email}, constants: {event: Signed Up}}",

@@ -6,4 +6,6 @@ mod convergence;
 mod diff_properties;
 mod mysql;
 mod postgres;
+mod postgres_destination;
 mod services;
+mod vendors;

@@ -1,0 +1,769 @@
+//! Vendor destinations end to end through the `sluice` binary, against local servers (on
+//! 127.0.0.1, started by the test) that check each vendor's request shape and answer with the
+//! vendor's own response shapes: success, partial failure, 429 and 5xx. Mixpanel's requests
+//! are validated against Mixpanel's published OpenAPI document.
+
+use std::collections::HashSet;
+use std::io::Read as _;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::common::{TestProject, User, result_row, stderr, stdout, user};
+
+/// One request a mock vendor received.
+#[derive(Debug, Clone)]
+pub struct VendorRequest {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+    /// The body, gunzipped when it was sent gzipped, parsed as JSON.
+    pub body: Value,
+    pub gzipped: bool,
+}
+
+impl VendorRequest {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+}
+
+type VendorResponder = Box<dyn FnMut(&VendorRequest) -> Response + Send>;
+
+#[derive(Clone)]
+struct VendorState {
+    received: Arc<Mutex<Vec<VendorRequest>>>,
+    responder: Arc<Mutex<VendorResponder>>,
+}
+
+/// A local stand-in for a vendor's API: records every request, answers as told.
+pub struct MockVendor {
+    pub url: String,
+    state: VendorState,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl MockVendor {
+    pub async fn start(responder: impl FnMut(&VendorRequest) -> Response + Send + 'static) -> Self {
+        let state = VendorState {
+            received: Arc::new(Mutex::new(Vec::new())),
+            responder: Arc::new(Mutex::new(Box::new(responder))),
+        };
+        let app = Router::new().fallback(record).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("mock vendor");
+        });
+        Self {
+            url,
+            state,
+            _server: server,
+        }
+    }
+
+    pub fn respond_with(&self, responder: impl FnMut(&VendorRequest) -> Response + Send + 'static) {
+        *self.state.responder.lock().expect("lock") = Box::new(responder);
+    }
+
+    pub fn take(&self) -> Vec<VendorRequest> {
+        std::mem::take(&mut *self.state.received.lock().expect("lock"))
+    }
+}
+
+async fn record(
+    State(state): State<VendorState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let gzipped = headers.get("content-encoding").and_then(|v| v.to_str().ok()) == Some("gzip");
+    let bytes = if gzipped {
+        let mut out = Vec::new();
+        if flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut out)
+            .is_err()
+        {
+            return (StatusCode::BAD_REQUEST, "bad gzip").into_response();
+        }
+        out
+    } else {
+        body.to_vec()
+    };
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(body) => body,
+            Err(_) => return (StatusCode::BAD_REQUEST, "Invalid JSON").into_response(),
+        }
+    };
+    let request = VendorRequest {
+        method,
+        path: uri.path().to_string(),
+        query: uri.query().unwrap_or_default().to_string(),
+        headers,
+        body,
+        gzipped,
+    };
+    let response = (state.responder.lock().expect("lock"))(&request);
+    state.received.lock().expect("lock").push(request);
+    response
+}
+
+fn users() -> Vec<User> {
+    vec![
+        user(1, "ada@example.com", "free", 10),
+        user(2, "grace@example.com", "pro", 20),
+        user(3, "linus@example.com", "free", 30),
+        user(4, "ken@example.com", "starter", 40),
+    ]
+}
+
+fn project(destination: &str, mapping: &str) -> TestProject {
+    TestProject::new(&format!(
+        r#"sources:
+  warehouse:
+    type: files
+    tables:
+      users: data/users.parquet
+models:
+  users:
+    source: warehouse
+    sql: SELECT id, email, plan, lead_score, lifetime_value FROM users
+    primary_key: id
+destinations:
+{destination}
+mappings:
+{mapping}
+"#
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segment
+
+fn segment_project(url: &str) -> TestProject {
+    project(
+        &format!(
+            r#"  segment:
+    type: segment
+    write_key: wk_test
+    url: {url}
+    delivery: {{ batch_size: 2, initial_backoff: 10ms, max_backoff: 20ms }}"#
+        ),
+        r#"  users_to_segment:
+    model: users
+    destination: segment
+    action: identify
+    fields: { userId: email, "context.source": plan }
+    columns: { include: [lead_score] }"#,
+    )
+}
+
+/// Segment's own answer to a batch: 200 `{"success": true}`, or 400 for a bad message.
+fn segment_ok(request: &VendorRequest) -> Response {
+    let batch = request.body["batch"].as_array().cloned().unwrap_or_default();
+    let well_formed = request.method == Method::POST
+        && request.path == "/v1/batch"
+        && request.header("authorization") == "Basic d2tfdGVzdDo="
+        && request.header("content-type") == "application/json"
+        && request.body["sentAt"].is_string()
+        && !batch.is_empty()
+        && batch.iter().all(|m| {
+            m["type"] == "identify"
+                && (m["userId"].is_string() || m["anonymousId"].is_string())
+                && m["messageId"].as_str().is_some_and(|id| id.len() == 36)
+                && m["traits"].is_object()
+        });
+    if well_formed {
+        Json(json!({"success": true}))
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": "invalid_request", "message": "Invalid message"})),
+        )
+            .into_response()
+    }
+}
+
+#[allow(non_snake_case)]
+fn Json(value: Value) -> Response {
+    axum::Json(value).into_response()
+}
+
+fn messages(requests: &[VendorRequest]) -> Vec<Value> {
+    let mut all: Vec<Value> = requests
+        .iter()
+        .flat_map(|r| r.body["batch"].as_array().cloned().unwrap_or_default())
+        .collect();
+    all.sort_by_key(|m| m["userId"].as_str().unwrap_or_default().to_string());
+    all
+}
+
+#[tokio::test]
+async fn segment_identify_sends_spec_messages_and_splits_a_refused_batch() {
+    let vendor = MockVendor::start(segment_ok).await;
+    let project = segment_project(&vendor.url);
+    let mut rows = users();
+    rows[3].email = None; // no userId: fails unsent
+    project.write_users(&rows);
+
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let requests = vendor.take();
+    let sent = messages(&requests);
+    assert_eq!(sent.len(), 3);
+    let ada = &sent[0];
+    assert_eq!(ada["userId"], "ada@example.com");
+    assert_eq!(ada["context"], json!({"source": "free"}));
+    assert_eq!(ada["traits"], json!({"lead_score": 10}));
+    assert_eq!(ada["type"], "identify");
+    // The record without an identifier is a failed record with the reason.
+    let runs = project.sluice(&["runs", "--failures", "5"]).await;
+    assert!(
+        stdout(&runs).contains("no value for userId or anonymousId"),
+        "{}",
+        stdout(&runs)
+    );
+
+    // Second run: ken gets an email; grace changes plan, and Segment refuses grace's message
+    // (a batch holding it gets a 400): the batch is split and only grace fails.
+    rows[3].email = Some("ken@example.com");
+    rows[1].plan = "enterprise";
+    project.write_users(&rows);
+    vendor.respond_with(|request: &VendorRequest| {
+        let has_grace = request.body["batch"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|m| m["userId"] == "grace@example.com"));
+        if has_grace {
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"code": "invalid", "message": "bad message"})),
+            )
+                .into_response()
+        } else {
+            segment_ok(request)
+        }
+    });
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let requests = vendor.take();
+    let (refused, accepted): (Vec<VendorRequest>, Vec<VendorRequest>) = requests
+        .into_iter()
+        .partition(|r| r.body["batch"].to_string().contains("grace@example.com"));
+    // [grace, ken] refused, then split: [grace] refused, [ken] accepted.
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    let accepted = messages(&accepted);
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0]["userId"], "ken@example.com");
+    let row = result_row(&output, "users_to_segment");
+    assert!(row.contains(&"1".to_string()), "{row:?}");
+
+    // Third run: rate limited twice (429 with Retry-After), then accepted: grace is retried
+    // and delivered, and the 429s are not failures.
+    let limited = Arc::new(Mutex::new(0));
+    let count = limited.clone();
+    vendor.respond_with(move |request: &VendorRequest| {
+        let mut n = count.lock().expect("lock");
+        if *n < 2 {
+            *n += 1;
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "0")],
+                Json(json!({"code": "rate_limited"})),
+            )
+                .into_response();
+        }
+        segment_ok(request)
+    });
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    // The same request three times: twice rate limited, then accepted.
+    let sent = messages(&vendor.take());
+    assert_eq!(sent.len(), 3);
+    assert!(
+        sent.iter()
+            .all(|m| m["userId"] == "grace@example.com" && m["messageId"] == sent[0]["messageId"])
+    );
+    assert_eq!(sent[0]["context"]["source"], "enterprise");
+    assert_eq!(*limited.lock().expect("lock"), 2);
+}
+
+#[tokio::test]
+async fn segment_validation_names_the_mapping_and_the_problem() {
+    let vendor = MockVendor::start(segment_ok).await;
+    let project = project(
+        &format!(
+            "  segment:\n    type: segment\n    write_key: wk_test\n    url: {}",
+            vendor.url
+        ),
+        "  m:\n    model: users\n    destination: segment\n    action: alias\n",
+    );
+    project.write_users(&users());
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(
+        err.contains("mapping `m`: unknown action `alias`; the segment destination offers identify, track, group, page, screen"),
+        "{err}"
+    );
+
+    let project = self::project(
+        &format!(
+            "  segment:\n    type: segment\n    write_key: wk_test\n    url: {}",
+            vendor.url
+        ),
+        "  m:\n    model: users\n    destination: segment\n    action: track\n    send: [added, deleted]\n",
+    );
+    project.write_users(&users());
+    let output = project.sluice(&["run"]).await;
+    let err = stderr(&output);
+    assert!(err.contains("cannot delete records"), "{err}");
+    assert!(vendor.take().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// HubSpot
+
+fn hubspot_project(url: &str, mode: &str) -> TestProject {
+    project(
+        &format!(
+            r#"  hubspot:
+    type: hubspot
+    token: pat-na1-test
+    url: {url}
+    delivery: {{ batch_size: 2, initial_backoff: 10ms, max_backoff: 20ms }}"#
+        ),
+        &format!(
+            r#"  contacts:
+    model: users
+    destination: hubspot
+    mode: {mode}
+    options: {{ object: contacts, id_property: email }}
+    fields: {{ email: email, plan: plan, hs_lead_score: lead_score }}"#
+        ),
+    )
+}
+
+/// HubSpot's batch endpoints, holding contacts by email.
+fn hubspot_server(
+    contacts: Arc<Mutex<std::collections::BTreeMap<String, Value>>>,
+    refuse: HashSet<String>,
+) -> impl FnMut(&VendorRequest) -> Response + Send + 'static {
+    move |request: &VendorRequest| {
+        if request.header("authorization") != "Bearer pat-na1-test" {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"status": "error", "message": "Authentication credentials not found.", "category": "INVALID_AUTHENTICATION", "correlationId": "c0"})),
+            )
+                .into_response();
+        }
+        let inputs = request.body["inputs"].as_array().cloned().unwrap_or_default();
+        let mut contacts = contacts.lock().expect("lock");
+        match request.path.as_str() {
+            "/crm/v3/objects/contacts/batch/upsert" => {
+                let mut results = Vec::new();
+                let mut errors = Vec::new();
+                for input in &inputs {
+                    assert_eq!(input["idProperty"], "email", "{input}");
+                    let id = input["id"].as_str().expect("id").to_string();
+                    assert_eq!(input["properties"]["email"], id.as_str());
+                    if refuse.contains(&id) {
+                        errors.push(json!({"status": "error", "category": "VALIDATION_ERROR", "message": format!("Property values were not valid: {id}"), "context": {"ids": [id]}}));
+                        continue;
+                    }
+                    contacts.insert(id.clone(), input["properties"].clone());
+                    results.push(json!({"id": format!("hs-{id}"), "properties": input["properties"], "new": true, "archived": false}));
+                }
+                let body = json!({"status": "COMPLETE", "results": results, "startedAt": "2026-11-22T00:00:00Z", "completedAt": "2026-11-22T00:00:01Z", "numErrors": errors.len(), "errors": errors});
+                let status = if errors.is_empty() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::MULTI_STATUS
+                };
+                (status, Json(body)).into_response()
+            }
+            "/crm/v3/objects/contacts/batch/read" => {
+                assert_eq!(request.body["idProperty"], "email");
+                let results: Vec<Value> = inputs
+                    .iter()
+                    .filter_map(|i| i["id"].as_str())
+                    .filter(|id| contacts.contains_key(*id))
+                    .map(|id| json!({"id": format!("hs-{id}"), "properties": {"email": id}}))
+                    .collect();
+                Json(json!({"status": "COMPLETE", "results": results}))
+            }
+            "/crm/v3/objects/contacts/batch/archive" => {
+                for input in &inputs {
+                    let id = input["id"].as_str().expect("id");
+                    let email = id.strip_prefix("hs-").expect("internal id");
+                    contacts.remove(email);
+                }
+                StatusCode::NO_CONTENT.into_response()
+            }
+            _ => (
+                StatusCode::NOT_FOUND,
+                Json(json!({"status": "error", "message": "not found"})),
+            )
+                .into_response(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn hubspot_mirror_upserts_archives_and_maps_207_errors_to_records() {
+    let contacts = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let refuse: HashSet<String> = ["linus@example.com".to_string()].into();
+    let vendor = MockVendor::start(hubspot_server(contacts.clone(), refuse)).await;
+    let project = hubspot_project(&vendor.url, "mirror");
+    let mut rows = users();
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    assert_eq!(
+        contacts.lock().expect("lock").keys().cloned().collect::<Vec<_>>(),
+        ["ada@example.com", "grace@example.com", "ken@example.com"]
+    );
+    assert_eq!(
+        contacts.lock().expect("lock")["ada@example.com"],
+        json!({"email": "ada@example.com", "plan": "free", "hs_lead_score": 10})
+    );
+    let runs = project.sluice(&["runs", "--failures", "5"]).await;
+    assert!(stdout(&runs).contains("VALIDATION_ERROR"), "{}", stdout(&runs));
+    vendor.take();
+
+    // Ada leaves the model: mirror archives her (looked up by email first).
+    rows.remove(0);
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    let paths: Vec<String> = vendor.take().into_iter().map(|r| r.path).collect();
+    assert!(
+        paths.contains(&"/crm/v3/objects/contacts/batch/read".to_string()),
+        "{paths:?}"
+    );
+    assert!(
+        paths.contains(&"/crm/v3/objects/contacts/batch/archive".to_string()),
+        "{paths:?}"
+    );
+    assert!(
+        !contacts.lock().expect("lock").contains_key("ada@example.com"),
+        "{}",
+        stdout(&output)
+    );
+}
+
+#[tokio::test]
+async fn hubspot_refused_credentials_stop_the_run_with_what_to_do() {
+    let contacts = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let vendor = MockVendor::start(hubspot_server(contacts, HashSet::new())).await;
+    let project = hubspot_project(&vendor.url, "upsert");
+    let config = std::fs::read_to_string(project.config_path()).expect("config");
+    let config = config
+        .replace("pat-na1-test", "pat-na1-expired")
+        .replace("batch_size: 2,", "batch_size: 2, concurrency: 1,");
+    std::fs::write(project.config_path(), config).expect("write");
+    project.write_users(&users());
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let runs = project.sluice(&["runs"]).await;
+    let text = format!("{}{}", stdout(&output), stdout(&runs));
+    assert!(text.contains("401"), "{text}");
+    // Stopped at the first refusal, not one request per batch.
+    assert_eq!(vendor.take().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mixpanel, validated against Mixpanel's OpenAPI document
+
+/// OpenAPI 3.0's `nullable: true` as JSON Schema's `type: [T, "null"]`.
+fn nullable_to_json_schema(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            if map.remove("nullable") == Some(Value::Bool(true))
+                && let Some(Value::String(t)) = map.get("type").cloned()
+            {
+                map.insert("type".into(), json!([t, "null"]));
+            }
+            map.remove("example");
+            map.values_mut().for_each(nullable_to_json_schema);
+        }
+        Value::Array(items) => items.iter_mut().for_each(nullable_to_json_schema),
+        _ => {}
+    }
+}
+
+/// The request body schema of `path` (`/import`, `/engage#profile-set`) in Mixpanel's spec.
+fn mixpanel_schema(path: &str) -> jsonschema::Validator {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/vendor-specs/mixpanel-ingestion.openapi.yaml"
+    );
+    let text = std::fs::read_to_string(file).expect("Mixpanel's OpenAPI document in ../shared/vendor-specs");
+    let mut spec: Value = serde_norway::from_str(&text).expect("spec parses");
+    nullable_to_json_schema(&mut spec);
+    let mut schema =
+        spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"].clone();
+    assert!(schema.is_object(), "no request schema for {path}");
+    schema["components"] = spec["components"].clone();
+    jsonschema::validator_for(&schema).expect("schema compiles")
+}
+
+fn assert_valid(validator: &jsonschema::Validator, body: &Value) {
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "request does not match Mixpanel's spec: {errors:?}\n{body:#}"
+    );
+}
+
+#[tokio::test]
+async fn mixpanel_import_matches_the_spec_and_reports_refused_events() {
+    let import = mixpanel_schema("/import");
+    let vendor = MockVendor::start(move |request: &VendorRequest| {
+        assert_eq!(request.path, "/import");
+        assert!(request.query.contains("strict=1") && request.query.contains("project_id=42"), "{}", request.query);
+        assert_eq!(request.header("authorization"), "Basic c3ZjOnMzY3JldA==");
+        assert!(request.gzipped, "events are gzipped");
+        assert_valid(&import, &request.body);
+        let events = request.body.as_array().cloned().unwrap_or_default();
+        let failed: Vec<Value> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e["properties"]["distinct_id"] == "3")
+            .map(|(i, e)| json!({"index": i, "insert_id": e["properties"]["$insert_id"], "field": "properties.plan", "message": "'properties.plan' is invalid"}))
+            .collect();
+        if failed.is_empty() {
+            Json(json!({"code": 200, "num_records_imported": events.len(), "status": "OK"}))
+        } else {
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"code": 400, "num_records_imported": events.len() - failed.len(), "status": "Bad Request", "failed_records": failed})),
+            )
+                .into_response()
+        }
+    })
+    .await;
+    let project = project(
+        &format!(
+            r#"  mixpanel:
+    type: mixpanel
+    url: {}
+    project_id: "42"
+    service_account: {{ username: svc, secret: s3cret }}"#,
+            vendor.url
+        ),
+        r#"  signups:
+    model: users
+    destination: mixpanel
+    action: track
+    fields: { distinct_id: id, time: signed_up_at }
+    constants: { event: Signed Up }
+    columns: { include: [plan] }"#,
+    );
+    let config = std::fs::read_to_string(project.config_path()).expect("config");
+    std::fs::write(
+        project.config_path(),
+        config.replace(
+            "SELECT id, email, plan, lead_score, lifetime_value FROM users",
+            "SELECT id, email, plan, to_timestamp_seconds(1793527200 + id * 3600) AS signed_up_at FROM users",
+        ),
+    )
+    .expect("write");
+    project.write_users(&users());
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let requests = vendor.take();
+    let events: Vec<Value> = requests
+        .iter()
+        .flat_map(|r| r.body.as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(events.len(), 4);
+    let first = events
+        .iter()
+        .find(|e| e["properties"]["distinct_id"] == "1")
+        .expect("event of user 1");
+    assert_eq!(first["event"], "Signed Up");
+    assert_eq!(first["properties"]["time"], 1_793_527_200_000i64 + 3_600_000);
+    assert_eq!(first["properties"]["plan"], "free");
+    let runs = project.sluice(&["runs", "--failures", "5"]).await;
+    assert!(
+        stdout(&runs).contains("'properties.plan' is invalid"),
+        "{}",
+        stdout(&runs)
+    );
+}
+
+#[tokio::test]
+async fn mixpanel_profiles_set_and_delete_match_the_spec() {
+    let set = mixpanel_schema("/engage#profile-set");
+    let delete = mixpanel_schema("/engage#profile-delete");
+    let vendor = MockVendor::start(move |request: &VendorRequest| {
+        assert_eq!(request.path, "/engage");
+        for item in request.body.as_array().cloned().unwrap_or_default() {
+            assert_eq!(item["$token"], "tok");
+            let validator = if item.get("$delete").is_some() {
+                &delete
+            } else {
+                &set
+            };
+            assert_valid(validator, &json!([item]));
+        }
+        Json(json!({"status": 1, "error": null}))
+    })
+    .await;
+    let project = project(
+        &format!(
+            "  mixpanel:\n    type: mixpanel\n    url: {}\n    project_token: tok",
+            vendor.url
+        ),
+        "  profiles:\n    model: users\n    destination: mixpanel\n    action: profile\n    mode: mirror\n    fields: { distinct_id: email, $email: email, plan: plan }\n",
+    );
+    let mut rows = users();
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let items: Vec<Value> = vendor
+        .take()
+        .iter()
+        .flat_map(|r| r.body.as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(items.len(), 4);
+    assert_eq!(items[0]["$distinct_id"], "ada@example.com");
+    assert_eq!(
+        items[0]["$set"],
+        json!({"$email": "ada@example.com", "plan": "free"})
+    );
+
+    rows.remove(0);
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let items: Vec<Value> = vendor
+        .take()
+        .iter()
+        .flat_map(|r| r.body.as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        items,
+        [json!({"$token": "tok", "$delete": null, "$distinct_id": "ada@example.com"})]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dry runs and test records
+
+#[tokio::test]
+async fn dry_run_writes_the_requests_and_sends_and_commits_nothing() {
+    let vendor = MockVendor::start(segment_ok).await;
+    let project = segment_project(&vendor.url);
+    project.write_users(&users());
+    let output = project.sluice(&["run", "--dry-run", "users_to_segment"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let lines: Vec<Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "4 records in batches of 2");
+    let request = &lines[0]["request"];
+    assert_eq!(request["method"], "POST");
+    assert!(
+        request["target"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("/v1/batch")
+    );
+    assert_eq!(request["records"], 2);
+    assert_eq!(request["body"]["batch"][0]["type"], "identify");
+    assert!(
+        !request.to_string().contains("d2tfdGVzdDo"),
+        "no credentials in the output"
+    );
+    assert!(
+        stderr(&output).contains("would send 4 record(s) in 2 request(s)"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(vendor.take().is_empty(), "a dry run sends nothing");
+
+    // Nothing was committed: a real run still sends everything.
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(messages(&vendor.take()).len(), 4);
+
+    // The test record for key 2.
+    let output = project
+        .sluice(&["preview-payload", "users_to_segment", "--key", "2"])
+        .await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let preview: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(preview["key"], json!({"id": 2}));
+    let message = &preview["requests"][0]["body"]["batch"][0];
+    assert_eq!(message["userId"], "grace@example.com");
+    assert_eq!(message["traits"], json!({"lead_score": 20}));
+    let output = project
+        .sluice(&["preview-payload", "users_to_segment", "--key", "99"])
+        .await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("no row with key 99"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(vendor.take().is_empty());
+}
