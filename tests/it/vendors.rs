@@ -767,3 +767,51 @@ async fn dry_run_writes_the_requests_and_sends_and_commits_nothing() {
     );
     assert!(vendor.take().is_empty());
 }
+
+/// The exact requests of each vendor for the same rows, pinned (reviewed with `cargo insta`).
+#[tokio::test]
+async fn vendor_payloads_are_pinned() {
+    let project = project(
+        r#"  hubspot:
+    type: hubspot
+    token: pat-na1-test
+    url: http://127.0.0.1:9
+  mixpanel:
+    type: mixpanel
+    url: http://127.0.0.1:9
+    project_token: tok
+    api_secret: secret
+  app_db:
+    type: postgres
+    url: postgres://postgres@127.0.0.1:9/test"#,
+        r#"  contacts:
+    model: users
+    destination: hubspot
+    options: { object: contacts }
+    fields: { email: email, plan: plan, hs_lead_score: lead_score }
+  profiles:
+    model: users
+    destination: mixpanel
+    action: profile
+    fields: { distinct_id: id, plan: plan, ltv: lifetime_value }
+  events:
+    model: users
+    destination: mixpanel
+    action: track
+    fields: { distinct_id: id, time: lead_score }
+    constants: { event: Lead Scored, "properties.source": sluice }
+  table:
+    model: users
+    destination: app_db
+    mode: mirror
+    fields: { id: id, email: email, "traits.plan": plan }"#,
+    );
+    project.write_users(&users()[..2]);
+    let output = project.sluice(&["run", "--dry-run"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let lines: Vec<Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    insta::assert_json_snapshot!(lines);
+}
