@@ -24,7 +24,17 @@ pub struct Connectors;
 /// Source types, as written in `type:`.
 pub const SOURCE_TYPES: &[&str] = &["files", "sqlite", "postgres", "mysql"];
 /// Destination types, as written in `type:`.
-pub const DESTINATION_TYPES: &[&str] = &["webhook", "file", "segment", "mixpanel", "hubspot", "postgres"];
+pub const DESTINATION_TYPES: &[&str] = &[
+    "webhook",
+    "file",
+    "segment",
+    "mixpanel",
+    "hubspot",
+    "braze",
+    "iterable",
+    "customerio",
+    "postgres",
+];
 
 impl ConnectorFactory for Connectors {
     fn source(
@@ -90,6 +100,18 @@ impl ConnectorFactory for Connectors {
                 name,
                 parse(config)?,
                 env,
+            )?)),
+            "braze" => Ok(Arc::new(destinations::braze::BrazeDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "iterable" => Ok(Arc::new(destinations::iterable::IterableDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "customerio" => Ok(Arc::new(destinations::customerio::CustomerioDestination::new(
+                name,
+                parse(config)?,
             )?)),
             other => Err(unknown_type("destination", other, DESTINATION_TYPES)),
         }

@@ -103,7 +103,10 @@ async fn deliver_uniform(
 
 /// Cuts `batch` into consecutive ranges of at most `max_records` records and about `max_bytes`.
 pub fn request_ranges(batch: &OutgoingBatch, policy: &DeliveryPolicy) -> Vec<Range<usize>> {
-    let max_records = policy.max_records.max(1);
+    let max_records = match batch.actions.first() {
+        Some(action) => policy.max_records_for(*action),
+        None => policy.max_records.max(1),
+    };
     let mut ranges = Vec::new();
     let mut start = 0;
     while start < batch.len() {
@@ -312,6 +315,7 @@ mod tests {
     fn fast_policy(max_records: usize) -> DeliveryPolicy {
         DeliveryPolicy {
             max_records,
+            max_records_by_action: Vec::new(),
             max_bytes: usize::MAX,
             max_record_bytes: None,
             concurrency: 2,

@@ -236,6 +236,8 @@ impl PayloadShape {
 pub struct DeliveryPolicy {
     /// Records per request at most.
     pub max_records: usize,
+    /// Lower limits for some actions (a vendor whose delete endpoint takes 50 ids, or one).
+    pub max_records_by_action: Vec<(RecordAction, usize)>,
     /// Approximate payload bytes per request at most.
     pub max_bytes: usize,
     /// The destination's own limit on one record's size in bytes (Segment's 32 KB); a record
@@ -273,12 +275,24 @@ impl Default for DeliveryPolicy {
     fn default() -> Self {
         Self {
             max_records: 500,
+            max_records_by_action: Vec::new(),
             max_bytes: 4 * 1024 * 1024,
             max_record_bytes: None,
             concurrency: 4,
             retry: RetryPolicy::default(),
             rate_limit: None,
         }
+    }
+}
+
+impl DeliveryPolicy {
+    /// Records per request for records of `action`.
+    pub fn max_records_for(&self, action: RecordAction) -> usize {
+        self.max_records_by_action
+            .iter()
+            .find(|(a, _)| *a == action)
+            .map_or(self.max_records, |(_, n)| (*n).min(self.max_records))
+            .max(1)
     }
 }
 

@@ -359,7 +359,16 @@ impl MappingPlan {
             entries.push((path, FieldSource::Column(FieldSpec::column(column.clone()))));
         }
         for (path, value) in &config.constants {
-            entries.push((place(path), FieldSource::Constant(value.clone())));
+            let alias = shape.and_then(|s| {
+                s.aliases
+                    .iter()
+                    .find(|(from, to)| from == path && !taken.iter().any(|t| t == to))
+                    .map(|(_, to)| to.clone())
+            });
+            entries.push((
+                alias.unwrap_or_else(|| place(path)),
+                FieldSource::Constant(value.clone()),
+            ));
         }
 
         let mut tree = FieldTree::Object(IndexMap::new());

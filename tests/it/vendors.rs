@@ -815,3 +815,203 @@ async fn vendor_payloads_are_pinned() {
         .collect();
     insta::assert_json_snapshot!(lines);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Braze, Iterable, Customer.io
+
+fn items(requests: &[VendorRequest], array: &str) -> Vec<Value> {
+    requests
+        .iter()
+        .flat_map(|r| r.body[array].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn braze_attributes_update_only_flags_per_object_errors_and_deletes() {
+    let vendor = MockVendor::start(|request: &VendorRequest| {
+        assert_eq!(request.header("authorization"), "Bearer braze-key");
+        match request.path.as_str() {
+            "/users/track" => {
+                let attributes = request.body["attributes"].as_array().cloned().unwrap_or_default();
+                assert!(attributes.len() <= 75);
+                let errors: Vec<Value> = attributes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| a["email"] == "linus@example.com")
+                    .map(|(i, _)| json!({"type": "'email' is not valid", "input_array": "attributes", "index": i}))
+                    .collect();
+                let mut body = json!({"message": "success", "attributes_processed": attributes.len() - errors.len()});
+                if !errors.is_empty() {
+                    body["errors"] = json!(errors);
+                }
+                Json(body)
+            }
+            "/users/delete" => Json(json!({"deleted": request.body["external_ids"].as_array().map_or(0, Vec::len), "message": "success"})),
+            _ => StatusCode::NOT_FOUND.into_response(),
+        }
+    })
+    .await;
+    let project = project(
+        &format!(
+            "  braze:\n    type: braze\n    api_key: braze-key\n    url: {}",
+            vendor.url
+        ),
+        "  users_to_braze:\n    model: users\n    destination: braze\n    action: attributes\n    mode: mirror\n    fields: { external_id: {column: id, as: string}, email: email, plan: plan }\n",
+    );
+    let mut rows = users();
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let sent = items(&vendor.take(), "attributes");
+    assert_eq!(sent.len(), 4);
+    assert_eq!(
+        sent[0],
+        json!({"_update_existing_only": false, "external_id": "1", "email": "ada@example.com", "plan": "free"})
+    );
+    let runs = project.sluice(&["runs", "--failures", "5"]).await;
+    assert!(
+        stdout(&runs).contains("'email' is not valid"),
+        "{}",
+        stdout(&runs)
+    );
+
+    rows.remove(0);
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    let requests = vendor.take();
+    let deletes: Vec<&VendorRequest> = requests.iter().filter(|r| r.path == "/users/delete").collect();
+    assert_eq!(deletes.len(), 1, "{}", stdout(&output));
+    assert_eq!(deletes[0].body, json!({"external_ids": ["1"]}));
+}
+
+#[tokio::test]
+async fn iterable_bulk_updates_map_failed_updates_back_to_records() {
+    let vendor = MockVendor::start(|request: &VendorRequest| {
+        assert_eq!(request.header("api-key"), "it-key");
+        match (request.method.as_str(), request.path.as_str()) {
+            ("POST", "/api/users/bulkUpdate") => {
+                let users = request.body["users"].as_array().cloned().unwrap_or_default();
+                assert!(users.iter().all(|u| u["preferUserId"] == true && u["dataFields"].is_object()));
+                let invalid: Vec<Value> = users
+                    .iter()
+                    .filter(|u| u["email"] == "ken@example.com")
+                    .map(|u| u["email"].clone())
+                    .collect();
+                Json(json!({
+                    "successCount": users.len() - invalid.len(),
+                    "failCount": invalid.len(),
+                    "failedUpdates": {"invalidEmails": invalid, "invalidUserIds": [], "notFoundEmails": []},
+                    "filteredOutFields": [], "createdFields": []
+                }))
+            }
+            ("DELETE", "/api/users/byUserId/1") => Json(json!({"msg": "All users associated with 1 were successfully deleted", "code": "Success", "params": null})),
+            _ => (StatusCode::BAD_REQUEST, Json(json!({"msg": "unexpected", "code": "BadParams", "params": null}))).into_response(),
+        }
+    })
+    .await;
+    let project = project(
+        &format!(
+            "  iterable:\n    type: iterable\n    api_key: it-key\n    url: {}",
+            vendor.url
+        ),
+        "  users_to_iterable:\n    model: users\n    destination: iterable\n    action: users\n    mode: mirror\n    fields: { email: email, userId: id, plan: plan }\n",
+    );
+    let mut rows = users();
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let sent = items(&vendor.take(), "users");
+    assert_eq!(
+        sent[0],
+        json!({"preferUserId": true, "email": "ada@example.com", "userId": "1", "dataFields": {"plan": "free"}})
+    );
+    let runs = project.sluice(&["runs", "--failures", "5"]).await;
+    assert!(
+        stdout(&runs).contains("invalidEmails: ken@example.com"),
+        "{}",
+        stdout(&runs)
+    );
+
+    rows.remove(0);
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert!(
+        vendor
+            .take()
+            .iter()
+            .any(|r| r.method == Method::DELETE && r.path == "/api/users/byUserId/1"),
+        "{}",
+        stdout(&output)
+    );
+}
+
+#[tokio::test]
+async fn customerio_people_identify_delete_and_report_by_batch_index() {
+    let vendor = MockVendor::start(|request: &VendorRequest| {
+        assert_eq!(request.path, "/api/v2/batch");
+        // Basic base64("site:key").
+        assert_eq!(request.header("authorization"), "Basic c2l0ZTprZXk=");
+        let batch = request.body["batch"].as_array().cloned().unwrap_or_default();
+        let errors: Vec<Value> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e["identifiers"]["id"] == "3")
+            .map(|(i, _)| json!({"batch_index": i, "reason": "invalid", "field": "plan", "message": "Attribute value too long"}))
+            .collect();
+        if errors.is_empty() {
+            Json(json!({}))
+        } else {
+            (StatusCode::MULTI_STATUS, Json(json!({"errors": errors}))).into_response()
+        }
+    })
+    .await;
+    let project = project(
+        &format!(
+            "  cio:\n    type: customerio\n    site_id: site\n    api_key: key\n    url: {}",
+            vendor.url
+        ),
+        "  people:\n    model: users\n    destination: cio\n    action: person\n    mode: mirror\n    fields: { identifiers.id: id, email: email, plan: plan }\n",
+    );
+    let mut rows = users();
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let sent = items(&vendor.take(), "batch");
+    assert_eq!(
+        sent[0],
+        json!({"type": "person", "action": "identify", "identifiers": {"id": "1"}, "attributes": {"email": "ada@example.com", "plan": "free"}})
+    );
+    let runs = project.sluice(&["runs", "--failures", "5"]).await;
+    assert!(
+        stdout(&runs).contains("Attribute value too long"),
+        "{}",
+        stdout(&runs)
+    );
+
+    rows.remove(0);
+    project.write_users(&rows);
+    project.sluice(&["run"]).await;
+    let sent = items(&vendor.take(), "batch");
+    assert!(
+        sent.contains(&json!({"type": "person", "action": "delete", "identifiers": {"id": "1"}})),
+        "{sent:?}"
+    );
+}

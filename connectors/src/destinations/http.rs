@@ -86,6 +86,8 @@ impl RateSpec {
 #[derive(Debug, Clone)]
 pub struct VendorLimits {
     pub max_records: usize,
+    /// Lower record limits of some actions' endpoints (deletes).
+    pub per_action: Vec<(sluice_engine::destination::RecordAction, usize)>,
     pub max_bytes: usize,
     pub max_record_bytes: Option<usize>,
     pub concurrency: usize,
@@ -138,6 +140,7 @@ impl HttpDelivery {
         Ok(Self {
             policy: DeliveryPolicy {
                 max_records: batch_size,
+                max_records_by_action: vendor.per_action,
                 max_bytes: vendor.max_bytes,
                 max_record_bytes: vendor.max_record_bytes,
                 concurrency,

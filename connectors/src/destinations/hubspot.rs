@@ -112,6 +112,7 @@ impl HubspotDestination {
             &config.delivery,
             VendorLimits {
                 max_records: 100,
+                per_action: Vec::new(),
                 max_bytes: 3 * 1024 * 1024,
                 max_record_bytes: None,
                 concurrency: 4,

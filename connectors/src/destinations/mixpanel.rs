@@ -151,6 +151,7 @@ impl MixpanelDestination {
             &config.delivery,
             VendorLimits {
                 max_records: 2000,
+                per_action: Vec::new(),
                 // Mixpanel's cap applies to the uncompressed body.
                 max_bytes: 2 * 1024 * 1024 - 64 * 1024,
                 max_record_bytes: Some(1024 * 1024),
@@ -163,6 +164,7 @@ impl MixpanelDestination {
             &config.delivery,
             VendorLimits {
                 max_records: 2000,
+                per_action: Vec::new(),
                 max_bytes: 2 * 1024 * 1024 - 64 * 1024,
                 max_record_bytes: None,
                 concurrency: 4,

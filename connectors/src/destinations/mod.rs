@@ -1,6 +1,9 @@
+pub mod braze;
+pub mod customerio;
 pub mod file;
 pub mod http;
 pub mod hubspot;
+pub mod iterable;
 pub mod mixpanel;
 pub mod postgres;
 pub mod segment;

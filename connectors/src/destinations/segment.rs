@@ -129,6 +129,7 @@ impl SegmentDestination {
             VendorLimits {
                 // Segment: at most 2,500 messages and 500 KB a request, 32 KB a message.
                 max_records: 2500,
+                per_action: Vec::new(),
                 max_bytes: 475_000,
                 max_record_bytes: Some(32 * 1024),
                 concurrency: 4,
