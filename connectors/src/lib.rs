@@ -33,6 +33,7 @@ pub const DESTINATION_TYPES: &[&str] = &[
     "braze",
     "iterable",
     "customerio",
+    "klaviyo",
     "postgres",
 ];
 
@@ -110,6 +111,10 @@ impl ConnectorFactory for Connectors {
                 parse(config)?,
             )?)),
             "customerio" => Ok(Arc::new(destinations::customerio::CustomerioDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "klaviyo" => Ok(Arc::new(destinations::klaviyo::KlaviyoDestination::new(
                 name,
                 parse(config)?,
             )?)),

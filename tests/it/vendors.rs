@@ -557,6 +557,7 @@ fn assert_valid(validator: &jsonschema::Validator, body: &Value) {
 #[tokio::test]
 async fn mixpanel_import_matches_the_spec_and_reports_refused_events() {
     let import = mixpanel_schema("/import");
+    assert!(!import.is_valid(&json!([{"event": "x", "properties": {"distinct_id": "1"}}])));
     let vendor = MockVendor::start(move |request: &VendorRequest| {
         assert_eq!(request.path, "/import");
         assert!(request.query.contains("strict=1") && request.query.contains("project_id=42"), "{}", request.query);
@@ -1013,5 +1014,194 @@ async fn customerio_people_identify_delete_and_report_by_batch_index() {
     assert!(
         sent.contains(&json!({"type": "person", "action": "delete", "identifiers": {"id": "1"}})),
         "{sent:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Klaviyo, validated against Klaviyo's OpenAPI document
+
+/// OpenAPI 3.0 `nullable` as JSON Schema: `type: [T, "null"]`, or a null branch beside a `$ref`
+/// or a `oneOf`.
+fn openapi_nullable(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.remove("example");
+            map.remove("examples");
+            if map.remove("nullable") == Some(Value::Bool(true)) {
+                if let Some(Value::String(t)) = map.get("type").cloned() {
+                    map.insert("type".into(), json!([t, "null"]));
+                } else if let Some(reference) = map.remove("$ref") {
+                    map.insert("anyOf".into(), json!([{"$ref": reference}, {"type": "null"}]));
+                } else if let Some(Value::Array(branches)) = map.get_mut("oneOf") {
+                    branches.push(json!({"type": "null"}));
+                }
+            }
+            map.values_mut().for_each(openapi_nullable);
+        }
+        Value::Array(items) => items.iter_mut().for_each(openapi_nullable),
+        _ => {}
+    }
+}
+
+fn klaviyo_schemas() -> Value {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/vendor-specs/klaviyo-stable.openapi.json"
+    );
+    let text = std::fs::read_to_string(file).expect("Klaviyo's OpenAPI document in ../shared/vendor-specs");
+    let spec: Value = serde_json::from_str(&text).expect("spec parses");
+    let mut components = json!({"schemas": spec["components"]["schemas"].clone()});
+    openapi_nullable(&mut components);
+    components
+}
+
+fn klaviyo_validator(components: &Value, schema: &str) -> jsonschema::Validator {
+    let root = json!({"$ref": format!("#/components/schemas/{schema}"), "components": components});
+    jsonschema::validator_for(&root).expect("schema compiles")
+}
+
+#[tokio::test]
+async fn klaviyo_jobs_match_the_spec() {
+    let components = klaviyo_schemas();
+    let validators: Vec<(&str, jsonschema::Validator)> = [
+        ("/api/profile-bulk-import-jobs", "ProfileImportJobCreateQuery"),
+        (
+            "/api/data-privacy-deletion-jobs",
+            "DataPrivacyCreateDeletionJobQuery",
+        ),
+        ("/api/event-bulk-create-jobs", "EventsBulkCreateJob"),
+        (
+            "/api/profile-subscription-bulk-create-jobs",
+            "SubscriptionCreateJobCreateQuery",
+        ),
+        (
+            "/api/profile-subscription-bulk-delete-jobs",
+            "SubscriptionDeleteJobCreateQuery",
+        ),
+    ]
+    .into_iter()
+    .map(|(path, schema)| (path, klaviyo_validator(&components, schema)))
+    .collect();
+    // The validators are not vacuous.
+    assert!(
+        !validators[0]
+            .1
+            .is_valid(&json!({"data": {"type": "profile-bulk-import-job"}}))
+    );
+    assert!(
+        !validators[2]
+            .1
+            .is_valid(&json!({"data": {"type": "profile", "attributes": {}}}))
+    );
+    let vendor = MockVendor::start(move |request: &VendorRequest| {
+        assert_eq!(request.header("authorization"), "Klaviyo-API-Key pk_test");
+        assert_eq!(request.header("revision"), "2026-07-15");
+        assert_eq!(request.header("content-type"), "application/vnd.api+json");
+        let Some((_, validator)) = validators.iter().find(|(path, _)| *path == request.path) else {
+            return (StatusCode::NOT_FOUND, Json(json!({"errors": [{"id": "x", "code": "not_found", "title": "Not found", "detail": request.path}]}))).into_response();
+        };
+        let errors: Vec<String> = validator
+            .iter_errors(&request.body)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        if !errors.is_empty() {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"errors": [{"id": "e", "code": "invalid", "title": "Invalid input.", "detail": errors.join("; "), "source": {"pointer": "/data"}}]})),
+            )
+                .into_response();
+        }
+        (StatusCode::ACCEPTED, Json(json!({"data": {"type": "job", "id": "1"}}))).into_response()
+    })
+    .await;
+    let project = project(
+        &format!(
+            "  klaviyo:\n    type: klaviyo\n    api_key: pk_test\n    url: {}",
+            vendor.url
+        ),
+        r#"  profiles:
+    model: users
+    destination: klaviyo
+    action: profiles
+    mode: mirror
+    options: { list_id: Y6nRLr }
+    fields: { email: email, external_id: {column: id, as: string}, plan: plan, score: lead_score }
+  events:
+    model: users
+    destination: klaviyo
+    action: events
+    fields: { email: email, value: lifetime_value, plan: plan }
+    constants: { metric: Upgraded }
+  newsletter:
+    model: users
+    destination: klaviyo
+    action: subscribe
+    mode: mirror
+    options: { list_id: Y6nRLr }
+    fields: { email: email }"#,
+    );
+    let mut rows = users();
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let requests = vendor.take();
+    let import = requests
+        .iter()
+        .find(|r| r.path == "/api/profile-bulk-import-jobs")
+        .expect("an import job");
+    assert_eq!(
+        import.body["data"]["attributes"]["profiles"]["data"][0]["attributes"],
+        json!({"email": "ada@example.com", "external_id": "1", "properties": {"plan": "free", "score": 10}})
+    );
+    let events = requests
+        .iter()
+        .find(|r| r.path == "/api/event-bulk-create-jobs")
+        .expect("an events job");
+    let first = &events.body["data"]["attributes"]["events-bulk-create"]["data"][0]["attributes"];
+    assert_eq!(
+        first["profile"]["data"]["attributes"],
+        json!({"email": "ada@example.com"})
+    );
+    assert_eq!(
+        first["events"]["data"][0]["attributes"]["metric"]["data"]["attributes"]["name"],
+        "Upgraded"
+    );
+    assert_eq!(first["events"]["data"][0]["attributes"]["value"], 10.5);
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path == "/api/profile-subscription-bulk-create-jobs")
+    );
+
+    // Ada leaves the model: her profile deletion is requested and she is unsubscribed.
+    rows.remove(0);
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let requests = vendor.take();
+    let deletion = requests
+        .iter()
+        .find(|r| r.path == "/api/data-privacy-deletion-jobs")
+        .expect("a deletion job");
+    assert_eq!(
+        deletion.body["data"]["attributes"]["profile"]["data"]["attributes"],
+        json!({"email": "ada@example.com"})
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path == "/api/profile-subscription-bulk-delete-jobs")
     );
 }

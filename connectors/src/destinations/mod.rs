@@ -4,6 +4,7 @@ pub mod file;
 pub mod http;
 pub mod hubspot;
 pub mod iterable;
+pub mod klaviyo;
 pub mod mixpanel;
 pub mod postgres;
 pub mod segment;
