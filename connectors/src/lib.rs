@@ -34,6 +34,7 @@ pub const DESTINATION_TYPES: &[&str] = &[
     "iterable",
     "customerio",
     "klaviyo",
+    "salesforce",
     "postgres",
 ];
 
@@ -115,6 +116,10 @@ impl ConnectorFactory for Connectors {
                 parse(config)?,
             )?)),
             "klaviyo" => Ok(Arc::new(destinations::klaviyo::KlaviyoDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "salesforce" => Ok(Arc::new(destinations::salesforce::SalesforceDestination::new(
                 name,
                 parse(config)?,
             )?)),

@@ -100,8 +100,14 @@ async fn record(
     } else {
         body.to_vec()
     };
+    let form = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let body = if bytes.is_empty() {
         Value::Null
+    } else if form {
+        Value::String(String::from_utf8_lossy(&bytes).into_owned())
     } else {
         match serde_json::from_slice(&bytes) {
             Ok(body) => body,
@@ -1203,5 +1209,127 @@ async fn klaviyo_jobs_match_the_spec() {
         requests
             .iter()
             .any(|r| r.path == "/api/profile-subscription-bulk-delete-jobs")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Salesforce
+
+#[tokio::test]
+async fn salesforce_upserts_by_external_id_refreshes_tokens_and_deletes() {
+    let state = Arc::new(Mutex::new((
+        0usize,
+        std::collections::BTreeMap::<String, Value>::new(),
+    )));
+    let server = state.clone();
+    let vendor = MockVendor::start(move |request: &VendorRequest| {
+        let mut state = server.lock().expect("lock");
+        let (tokens, records) = &mut *state;
+        if request.path == "/services/oauth2/token" {
+            *tokens += 1;
+            let url = request.header("host").to_string();
+            return Json(json!({"access_token": format!("tok{tokens}"), "instance_url": format!("http://{url}"), "token_type": "Bearer", "issued_at": "1"}));
+        }
+        // The first token expires at once: Salesforce answers 401 and a new one is fetched.
+        if !request.header("authorization").starts_with("Bearer tok") || request.header("authorization") == "Bearer tok1" {
+            return (StatusCode::UNAUTHORIZED, Json(json!([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]))).into_response();
+        }
+        match (request.method.as_str(), request.path.as_str()) {
+            ("PATCH", "/services/data/v62.0/composite/sobjects/Contact/External_Id__c") => {
+                assert_eq!(request.body["allOrNone"], false);
+                let results: Vec<Value> = request.body["records"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|r| {
+                        assert_eq!(r["attributes"], json!({"type": "Contact"}));
+                        let ext = r["External_Id__c"].as_str().expect("external id").to_string();
+                        if r["Email"] == "linus@example.com" {
+                            return json!({"success": false, "errors": [{"statusCode": "INVALID_EMAIL_ADDRESS", "message": "Email: invalid email address", "fields": ["Email"]}]});
+                        }
+                        records.insert(ext.clone(), r.clone());
+                        json!({"id": format!("003{ext}"), "success": true, "errors": [], "created": true})
+                    })
+                    .collect();
+                Json(json!(results))
+            }
+            ("GET", "/services/data/v62.0/query") => {
+                let found: Vec<Value> = records
+                    .keys()
+                    .filter(|ext| request.query.contains(&format!("%27{ext}%27")))
+                    .map(|ext| json!({"attributes": {"type": "Contact"}, "Id": format!("003{ext}"), "External_Id__c": ext}))
+                    .collect();
+                Json(json!({"totalSize": found.len(), "done": true, "records": found}))
+            }
+            ("DELETE", "/services/data/v62.0/composite/sobjects") => {
+                let ids: Vec<String> = request
+                    .query
+                    .split('&')
+                    .find_map(|p| p.strip_prefix("ids="))
+                    .unwrap_or_default()
+                    .split("%2C")
+                    .map(str::to_string)
+                    .collect();
+                let results: Vec<Value> = ids
+                    .iter()
+                    .map(|id| {
+                        records.remove(id.trim_start_matches("003"));
+                        json!({"id": id, "success": true, "errors": []})
+                    })
+                    .collect();
+                Json(json!(results))
+            }
+            _ => (StatusCode::NOT_FOUND, Json(json!([{"message": "not found", "errorCode": "NOT_FOUND"}]))).into_response(),
+        }
+    })
+    .await;
+    let project = project(
+        &format!(
+            "  salesforce:\n    type: salesforce\n    login_url: {}\n    client_id: cid\n    client_secret: secret\n    delivery: {{ initial_backoff: 10ms, max_backoff: 20ms, concurrency: 1 }}",
+            vendor.url
+        ),
+        "  contacts:\n    model: users\n    destination: salesforce\n    mode: mirror\n    options: { object: Contact, external_id: External_Id__c }\n    fields: { External_Id__c: {column: id, as: string}, Email: email, LastName: plan }\n",
+    );
+    let mut rows = users();
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    {
+        let state = state.lock().expect("lock");
+        assert_eq!(state.0, 2, "a token, then a new one after the 401");
+        assert_eq!(state.1.keys().cloned().collect::<Vec<_>>(), ["1", "2", "4"]);
+    }
+    let requests = vendor.take();
+    let token = requests
+        .iter()
+        .find(|r| r.path == "/services/oauth2/token")
+        .expect("token request");
+    assert_eq!(token.header("content-type"), "application/x-www-form-urlencoded");
+    assert_eq!(
+        token.body,
+        "grant_type=client_credentials&client_id=cid&client_secret=secret"
+    );
+    let runs = project.sluice(&["runs", "--failures", "5"]).await;
+    assert!(
+        stdout(&runs).contains("INVALID_EMAIL_ADDRESS"),
+        "{}",
+        stdout(&runs)
+    );
+
+    rows.remove(0);
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert!(
+        !state.lock().expect("lock").1.contains_key("1"),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
     );
 }

@@ -211,6 +211,12 @@ pub trait VendorApi: Send + Sync + 'static {
     /// The vendor's name, for messages (`HubSpot`).
     fn vendor(&self) -> &'static str;
 
+    /// Gets what requests need before they are built (an OAuth token); a failure stops the
+    /// run. Not called for dry runs, whose requests are built without credentials.
+    async fn authorize(&self) -> Result<(), SendOutcome> {
+        Ok(())
+    }
+
     /// The request carrying records `range` of `batch`, which all have the same action.
     /// `Err` fails those records with the reason (nothing is sent).
     async fn request(&self, batch: &OutgoingBatch, range: Range<usize>) -> Result<ApiRequest, String>;
@@ -346,6 +352,9 @@ impl<V: VendorApi> DestinationWriter for HttpWriter<V> {
     }
 
     async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+        if let Err(outcome) = self.api.authorize().await {
+            return outcome;
+        }
         let request = match self.api.request(batch, range.clone()).await {
             Ok(request) => request,
             Err(reason) => return SendOutcome::Rejected { reason },

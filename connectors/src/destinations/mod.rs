@@ -7,5 +7,6 @@ pub mod iterable;
 pub mod klaviyo;
 pub mod mixpanel;
 pub mod postgres;
+pub mod salesforce;
 pub mod segment;
 pub mod webhook;

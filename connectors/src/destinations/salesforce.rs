@@ -1,0 +1,687 @@
+//! `type: salesforce`: sObject records through the composite sObject collections API (200
+//! records a request), with an OAuth 2.0 client-credentials or JWT bearer token.
+//!
+//! ```yaml
+//! destinations:
+//!   salesforce:
+//!     type: salesforce
+//!     login_url: https://acme.my.salesforce.com   # My Domain (client credentials), or
+//!                                                 # https://login.salesforce.com (JWT)
+//!     client_id: ${SF_CLIENT_ID}                  # the connected app's consumer key
+//!     client_secret: ${SF_CLIENT_SECRET}          # client-credentials flow, or:
+//!     # username: integration@acme.com            # JWT bearer flow, with
+//!     # private_key: ${SF_PRIVATE_KEY_PEM}        # the key whose certificate the app has
+//!     api_version: "62.0"
+//! mappings:
+//!   contacts:
+//!     model: users
+//!     destination: salesforce
+//!     mode: mirror
+//!     options: { object: Contact, external_id: External_Id__c }
+//!     fields: { External_Id__c: id, Email: email, LastName: last_name }
+//! ```
+//!
+//! Every field is a field of the sObject. `upsert` and `mirror` upsert by the external id field
+//! (`PATCH /composite/sobjects/{object}/{external_id}`), `insert` creates (`POST
+//! /composite/sobjects`); deleted records (mode `mirror`) are looked up by external id (SOQL)
+//! and deleted (`DELETE /composite/sobjects?ids=`). Requests use `allOrNone: false`, and each
+//! record's own result (`success`, `errors[].statusCode`, `message`) decides whether it failed.
+//! The token is fetched on first use and again when Salesforce answers 401.
+
+use std::ops::Range;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use reqwest::Method;
+use reqwest::header::{AUTHORIZATION, HeaderMap};
+use serde::Deserialize;
+use serde_json::json;
+use sluice_engine::destination::{
+    ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
+    RunInfo, SendOutcome, SyncMode,
+};
+use sluice_engine::{ConfigString, DestinationError};
+use tokio::sync::Mutex;
+
+use crate::destinations::http::{
+    ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits, classify,
+    describe_reqwest_error, secret_header, snippet,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesforceConfig {
+    pub login_url: ConfigString,
+    pub client_id: ConfigString,
+    #[serde(default)]
+    pub client_secret: Option<ConfigString>,
+    #[serde(default)]
+    pub username: Option<ConfigString>,
+    /// PEM (PKCS#8 or PKCS#1) RSA private key for the JWT bearer flow.
+    #[serde(default)]
+    pub private_key: Option<ConfigString>,
+    #[serde(default = "default_version")]
+    pub api_version: String,
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+}
+
+fn default_version() -> String {
+    "62.0".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SalesforceOptions {
+    object: String,
+    external_id: Option<String>,
+}
+
+fn parse_options(options: &serde_json::Map<String, serde_json::Value>) -> Result<SalesforceOptions, String> {
+    let parsed: SalesforceOptions = serde_json::from_value(serde_json::Value::Object(options.clone())).map_err(|e| {
+        format!("Salesforce mapping `options`: {e} (write `options: {{object: Contact, external_id: External_Id__c}}`)")
+    })?;
+    let plain = |name: &str| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !plain(&parsed.object) || parsed.external_id.as_deref().is_some_and(|e| !plain(e)) {
+        return Err(
+            "`options.object` and `options.external_id` must be API names (letters, digits, `_`)".into(),
+        );
+    }
+    Ok(parsed)
+}
+
+const AUTH_HINT: &str = "check the connected app's `client_id` and `client_secret` (or `username` and `private_key`), that its policies allow the flow, and the user's permission on the object";
+
+/// How tokens are obtained.
+#[derive(Clone)]
+enum Flow {
+    ClientCredentials {
+        secret: String,
+    },
+    Jwt {
+        username: String,
+        key: std::sync::Arc<ring::signature::RsaKeyPair>,
+    },
+}
+
+#[derive(Clone)]
+struct Token {
+    access_token: String,
+    instance_url: reqwest::Url,
+}
+
+pub struct SalesforceDestination {
+    name: String,
+    login_url: reqwest::Url,
+    client_id: String,
+    flow: Flow,
+    api_version: String,
+    delivery: HttpDelivery,
+    token: std::sync::Arc<Mutex<Option<Token>>>,
+}
+
+impl SalesforceDestination {
+    pub fn new(name: &str, config: SalesforceConfig) -> Result<Self, String> {
+        let login_url = reqwest::Url::parse(config.login_url.expose())
+            .map_err(|e| format!("`login_url` {} is not a valid URL: {e}", config.login_url))?;
+        let flow = match (&config.client_secret, &config.username, &config.private_key) {
+            (Some(secret), None, None) => Flow::ClientCredentials {
+                secret: secret.expose().to_string(),
+            },
+            (None, Some(username), Some(key)) => Flow::Jwt {
+                username: username.expose().to_string(),
+                key: std::sync::Arc::new(rsa_key(key.expose())?),
+            },
+            _ => {
+                return Err(
+                    "give `client_secret` (client-credentials flow) or `username` and `private_key` (JWT bearer flow)"
+                        .into(),
+                );
+            }
+        };
+        if !config.api_version.chars().all(|c| c.is_ascii_digit() || c == '.') {
+            return Err(format!(
+                "`api_version` `{}` is not a version like 62.0",
+                config.api_version
+            ));
+        }
+        let delivery = HttpDelivery::new(
+            &config.delivery,
+            VendorLimits {
+                max_records: 200,
+                per_action: Vec::new(),
+                max_bytes: 6 * 1024 * 1024,
+                max_record_bytes: None,
+                concurrency: 4,
+                rate: None,
+                gzip: false,
+            },
+        )?;
+        Ok(Self {
+            name: name.to_string(),
+            login_url,
+            client_id: config.client_id.expose().to_string(),
+            flow,
+            api_version: config.api_version,
+            delivery,
+            token: std::sync::Arc::new(Mutex::new(None)),
+        })
+    }
+}
+
+/// An RSA private key from PEM (`BEGIN PRIVATE KEY` or `BEGIN RSA PRIVATE KEY`).
+pub fn rsa_key(pem: &str) -> Result<ring::signature::RsaKeyPair, String> {
+    let pkcs1 = pem.contains("BEGIN RSA PRIVATE KEY");
+    let body: String = pem
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("-----") && !l.is_empty())
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|e| format!("`private_key` is not PEM: {e}"))?;
+    let key = if pkcs1 {
+        ring::signature::RsaKeyPair::from_der(&der)
+    } else {
+        ring::signature::RsaKeyPair::from_pkcs8(&der)
+    };
+    key.map_err(|e| format!("`private_key` is not an RSA private key: {e}"))
+}
+
+/// A signed RS256 JWT with `claims`.
+pub fn sign_jwt(key: &ring::signature::RsaKeyPair, claims: &serde_json::Value) -> Result<String, String> {
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let signing_input = format!(
+        "{}.{}",
+        engine.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+        engine.encode(claims.to_string())
+    );
+    let mut signature = vec![0; key.public().modulus_len()];
+    key.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| "signing the JWT failed".to_string())?;
+    Ok(format!("{signing_input}.{}", engine.encode(signature)))
+}
+
+#[async_trait]
+impl Destination for SalesforceDestination {
+    fn kind(&self) -> &'static str {
+        "salesforce"
+    }
+
+    fn action(
+        &self,
+        action: Option<&str>,
+        options: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<ActionSpec>, String> {
+        if let Some(action) = action
+            && action != "objects"
+        {
+            return Err(format!(
+                "unknown action `{action}`; the salesforce destination writes sObject records (`objects`, the default), chosen by `options.object`"
+            ));
+        }
+        let options = parse_options(options)?;
+        let mut shape = PayloadShape::default().fixed("attributes", json!({"type": options.object}));
+        let mut modes = vec![SyncMode::Insert];
+        if let Some(external_id) = &options.external_id {
+            shape = shape.identity(&[external_id]);
+            modes = vec![SyncMode::Upsert, SyncMode::Insert, SyncMode::Mirror];
+        }
+        let spec = ActionSpec::new("objects", shape).modes(&modes);
+        Ok(Some(if options.external_id.is_some() {
+            spec.deletes()
+        } else {
+            spec
+        }))
+    }
+
+    async fn check(&self) -> Result<(), DestinationError> {
+        let api = self.api(None);
+        api.fetch_token()
+            .await
+            .map_err(|message| DestinationError::Unreachable {
+                destination: self.name.clone(),
+                message,
+            })?;
+        Ok(())
+    }
+
+    async fn open(&self, run: &RunInfo) -> Result<Box<dyn DestinationWriter>, DestinationError> {
+        let options = parse_options(&run.options).map_err(|message| DestinationError::Config {
+            destination: self.name.clone(),
+            message,
+        })?;
+        Ok(HttpWriter::boxed(self.api(Some(options)), &self.delivery))
+    }
+}
+
+impl SalesforceDestination {
+    fn api(&self, options: Option<SalesforceOptions>) -> SalesforceApi {
+        SalesforceApi {
+            login_url: self.login_url.clone(),
+            client_id: self.client_id.clone(),
+            flow: self.flow.clone(),
+            version: self.api_version.clone(),
+            object: options.as_ref().map(|o| o.object.clone()).unwrap_or_default(),
+            external_id: options.and_then(|o| o.external_id),
+            client: self.delivery.client.clone(),
+            token: self.token.clone(),
+        }
+    }
+}
+
+struct SalesforceApi {
+    login_url: reqwest::Url,
+    client_id: String,
+    flow: Flow,
+    version: String,
+    object: String,
+    external_id: Option<String>,
+    client: reqwest::Client,
+    token: std::sync::Arc<Mutex<Option<Token>>>,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    instance_url: String,
+}
+
+#[derive(Deserialize)]
+struct RecordResult {
+    #[serde(default)]
+    id: Option<String>,
+    success: bool,
+    #[serde(default)]
+    errors: Vec<RecordError>,
+}
+
+#[derive(Deserialize)]
+struct RecordError {
+    #[serde(rename = "statusCode", default)]
+    status_code: String,
+    #[serde(default)]
+    message: String,
+}
+
+impl SalesforceApi {
+    async fn fetch_token(&self) -> Result<Token, String> {
+        let url = self
+            .login_url
+            .join("/services/oauth2/token")
+            .map_err(|e| e.to_string())?;
+        let form: Vec<(&str, String)> = match &self.flow {
+            Flow::ClientCredentials { secret } => vec![
+                ("grant_type", "client_credentials".into()),
+                ("client_id", self.client_id.clone()),
+                ("client_secret", secret.clone()),
+            ],
+            Flow::Jwt { username, key } => {
+                let audience = self.login_url.origin().ascii_serialization();
+                let claims = json!({
+                    "iss": self.client_id,
+                    "sub": username,
+                    "aud": audience,
+                    "exp": chrono::Utc::now().timestamp() + 180,
+                });
+                vec![
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer".into()),
+                    ("assertion", sign_jwt(key, &claims)?),
+                ]
+            }
+        };
+        let body = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", urlencode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let response = self
+            .client
+            .post(url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("Salesforce token request: {}", describe_reqwest_error(&e)))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(format!(
+                "Salesforce refused the token request: HTTP {status}{}; {AUTH_HINT}",
+                snippet(&text)
+            ));
+        }
+        let answer: TokenAnswer = serde_json::from_str(&text)
+            .map_err(|e| format!("unexpected token answer from Salesforce ({e})"))?;
+        let instance_url = reqwest::Url::parse(&answer.instance_url)
+            .map_err(|e| format!("Salesforce gave an invalid instance_url: {e}"))?;
+        Ok(Token {
+            access_token: answer.access_token,
+            instance_url,
+        })
+    }
+
+    async fn current_token(&self) -> Option<Token> {
+        self.token.lock().await.clone()
+    }
+
+    fn data_url(&self, instance: &reqwest::Url, path: &str) -> Result<reqwest::Url, String> {
+        instance
+            .join(&format!("/services/data/v{}/{path}", self.version))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Salesforce ids of the records with these external id values.
+    async fn lookup(
+        &self,
+        token: &Token,
+        external_id: &str,
+        values: &[String],
+    ) -> Result<Vec<(String, String)>, String> {
+        let quoted: Vec<String> = values
+            .iter()
+            .map(|v| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+            .collect();
+        let soql = format!(
+            "SELECT Id, {external_id} FROM {} WHERE {external_id} IN ({})",
+            self.object,
+            quoted.join(",")
+        );
+        let mut url = self.data_url(&token.instance_url, "query")?;
+        url.query_pairs_mut().append_pair("q", &soql);
+        let response = self
+            .client
+            .get(url)
+            .header(AUTHORIZATION, format!("Bearer {}", token.access_token))
+            .send()
+            .await
+            .map_err(|e| format!("looking up records to delete: {}", describe_reqwest_error(&e)))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(format!(
+                "looking up records to delete: HTTP {status}{}",
+                snippet(&text)
+            ));
+        }
+        let answer: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("unexpected query answer ({e})"))?;
+        Ok(answer["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                let id = r["Id"].as_str()?.to_string();
+                let value = match &r[external_id] {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => return None,
+                    other => other.to_string(),
+                };
+                Some((value, id))
+            })
+            .collect())
+    }
+
+    fn external_ids(&self, batch: &OutgoingBatch, range: Range<usize>) -> Result<Vec<String>, String> {
+        let field = self.external_id.as_deref().unwrap_or_default();
+        range
+            .map(|i| {
+                let ids: serde_json::Value =
+                    serde_json::from_slice(batch.ids.get(i)).map_err(|e| e.to_string())?;
+                match ids.get(field) {
+                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                    Some(serde_json::Value::Null) | None => Err(format!("the record has no `{field}`")),
+                    Some(other) => Ok(other.to_string()),
+                }
+            })
+            .collect()
+    }
+}
+
+fn urlencode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+#[async_trait]
+impl VendorApi for SalesforceApi {
+    fn vendor(&self) -> &'static str {
+        "Salesforce"
+    }
+
+    fn auth_hint(&self) -> &'static str {
+        AUTH_HINT
+    }
+
+    async fn authorize(&self) -> Result<(), SendOutcome> {
+        let mut token = self.token.lock().await;
+        if token.is_none() {
+            *token = Some(
+                self.fetch_token()
+                    .await
+                    .map_err(|reason| SendOutcome::Fatal { reason })?,
+            );
+        }
+        Ok(())
+    }
+
+    async fn request(&self, batch: &OutgoingBatch, range: Range<usize>) -> Result<ApiRequest, String> {
+        // A dry run has no token: it shows the requests against the login URL.
+        let token = self.current_token().await;
+        let (instance, mut headers) = match &token {
+            Some(token) => {
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    AUTHORIZATION,
+                    secret_header(&format!("Bearer {}", token.access_token))?,
+                );
+                (token.instance_url.clone(), headers)
+            }
+            None => (self.login_url.clone(), HeaderMap::new()),
+        };
+        headers.insert(
+            "sforce-call-options",
+            "client=sluice".parse().map_err(|_| "header")?,
+        );
+        match batch.actions[range.start] {
+            RecordAction::Delete => {
+                let field = self
+                    .external_id
+                    .clone()
+                    .ok_or("deletes need `options.external_id`")?;
+                let values = self.external_ids(batch, range.clone())?;
+                let ids: Vec<String> = match &token {
+                    Some(token) => {
+                        let found = self.lookup(token, &field, &values).await?;
+                        values
+                            .iter()
+                            .filter_map(|v| {
+                                found
+                                    .iter()
+                                    .find(|(value, _)| value == v)
+                                    .map(|(_, id)| id.clone())
+                            })
+                            .collect()
+                    }
+                    None => values,
+                };
+                let mut url = self.data_url(&instance, "composite/sobjects")?;
+                url.query_pairs_mut()
+                    .append_pair("ids", &ids.join(","))
+                    .append_pair("allOrNone", "false");
+                Ok(ApiRequest::json(Method::DELETE, url, headers, Vec::new()))
+            }
+            action => {
+                let mut body = Vec::with_capacity(batch.bodies.bytes_of(range.clone()) + range.len() + 32);
+                body.extend_from_slice(b"{\"allOrNone\":false,\"records\":");
+                crate::destinations::http::write_array(&mut body, range.map(|i| batch.bodies.get(i)));
+                body.push(b'}');
+                let (method, path) = match (&self.external_id, action) {
+                    (Some(field), RecordAction::Upsert | RecordAction::Update) => (
+                        Method::PATCH,
+                        format!("composite/sobjects/{}/{field}", self.object),
+                    ),
+                    _ => (Method::POST, "composite/sobjects".to_string()),
+                };
+                Ok(ApiRequest::json(
+                    method,
+                    self.data_url(&instance, &path)?,
+                    headers,
+                    body,
+                ))
+            }
+        }
+    }
+
+    /// One result per record, in request order (deletes: per id, so matched by id).
+    fn on_success(&self, answer: &HttpAnswer, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+        let results: Vec<RecordResult> = match serde_json::from_str(&answer.body) {
+            Ok(results) => results,
+            Err(_) if batch.actions[range.start] == RecordAction::Delete && answer.body.trim().is_empty() => {
+                return SendOutcome::Accepted;
+            }
+            Err(e) => {
+                return SendOutcome::Rejected {
+                    reason: format!("Salesforce answered with a body sluice cannot read ({e})"),
+                };
+            }
+        };
+        let describe = |r: &RecordResult| {
+            r.errors
+                .iter()
+                .map(|e| format!("{}: {}", e.status_code, e.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let failures: Vec<RecordFailure> = if batch.actions[range.start] == RecordAction::Delete {
+            // Results are per Salesforce id, which records were looked up by; a failure (other
+            // than a record already deleted) fails the request's records, to be deleted again.
+            let failed: Vec<String> = results
+                .iter()
+                .filter(|r| !r.success && !r.errors.iter().any(|e| e.status_code == "ENTITY_IS_DELETED"))
+                .map(|r| format!("{}: {}", r.id.as_deref().unwrap_or("?"), describe(r)))
+                .collect();
+            if failed.is_empty() {
+                Vec::new()
+            } else {
+                (0..range.len())
+                    .map(|index| RecordFailure {
+                        index,
+                        error: format!("Salesforce refused deletes: {}", failed.join("; ")),
+                    })
+                    .collect()
+            }
+        } else {
+            results
+                .iter()
+                .enumerate()
+                .filter(|(i, r)| !r.success && *i < range.len())
+                .map(|(index, r)| RecordFailure {
+                    index,
+                    error: format!("Salesforce: {}", describe(r)),
+                })
+                .collect()
+        };
+        if failures.is_empty() {
+            SendOutcome::Accepted
+        } else {
+            SendOutcome::Partial(failures)
+        }
+    }
+
+    fn on_error(&self, answer: &HttpAnswer, _batch: &OutgoingBatch, _range: Range<usize>) -> SendOutcome {
+        if answer.status.as_u16() == 401 {
+            // The session expired: drop the token so the retry fetches a new one.
+            if let Ok(mut token) = self.token.try_lock() {
+                *token = None;
+            }
+            return SendOutcome::Retry {
+                reason: format!(
+                    "{} from Salesforce (session expired; a new token is fetched)",
+                    answer.describe()
+                ),
+                after: None,
+            };
+        }
+        if answer.body.contains("REQUEST_LIMIT_EXCEEDED") {
+            return SendOutcome::Fatal {
+                reason: format!(
+                    "{} from Salesforce: the org's daily API request allocation is used up; runs resume when it frees up",
+                    answer.describe()
+                ),
+            };
+        }
+        classify("Salesforce", answer, AUTH_HINT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A throwaway 2048-bit key made for this test (`openssl genpkey -algorithm RSA`).
+    const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCXl75fqiNpSpRY\n948OT6m0PYDxyKbhzu9wSOK4yqz0Ijk5GRS/sfX0LfKhQYkji0lITh6VPL9fZRKN\ntYT7/ToabJAmbqUdmf8M9G+/fUFpPVn5jK2+wPhfFHUgP/2kXWYNJPcqLu9oJawx\nVimhkiEuYCM32JPfk4xn2I1FHJfPbM6c/LPnaJ3WBfpK/JJ60IxtRn0mDTLGYdCP\nMszHSTq61yuakcw3UnMGJRM73IlJPHJvU6HM/B9H7/llGhJ23heaftAwqGWn9ItI\nyfN3Zdr4zusX28n3DweEcNXgTPiOE7Cq/AhTJohEm7n+ABOawuGLZBGlQiKFOQip\nPKHcVaqxAgMBAAECggEACl52Bl+iH/Hav1IhniI7UqmRUBiAN7panOTTYz3zwhg0\nL1Bkn68Zynu5GKgdrAl7N/+l7mHTGkCU2g4UPFNIHeYWnxZa43E05aszmJbF+l+Y\nr63cdYuIAaLp1wyhehRsZlJEuMUwmYBYLKC+5L8U13H6freo97ZFOJYypYtM5AJr\nke8w2rsF8uEYEDCofTJikOvHvXSdumpGtnvhjwWSLEFDM2sjLJYfeKGhS65ckvJP\ngRUCGUOlBrXqPGFKMUMuekyft4Xb6jrD8Rt+ZsDVeJFQcCpIRHHxbmj51Rul86L+\nesWW4zssBzPBAXgvk3WWwnUZRVHX9LRMETib5SR89QKBgQDLWZsU391DaA7R0hyK\nQv1WDk5nqJd2VSrYXJRen8i9JbMmpQ0PSpfRpL5X9EBKtXOH9rlyAiYjsvCWPfFL\n3/VPy3WsHG5FG18QfNcqRXeMILrzbPd7VOptIeWyZQs/GCNTRyfYmYzJJ51dix1d\nCEa0U3CQqgYEjlhZw0dPQijeVQKBgQC+15NRKt9c5AiM+t5PAu+mvdzKn2A5el2y\nEZruFNH8jrSaxWLIOCMevwJtBjaBsJ3YXBrTcp51Fk6rl3XWrTeTV491IpmAL3WW\n5qZjs0uRBfn0W0G1+KKPttNdugTxrmvwf63i9CztVb4eBGZNHUaya3wbYIJNE1iC\nJzyZ0Mp+7QKBgQC6jFeCzOQVJG8D+bcI9++kdLdkzPs2KWeG2VebfwYOz3kMaLoU\nXx/ryTB9S6t3XgLApoz1lBcdBNlFW0nzi19mdoZbADIA391UKNLTCqtjN9uJ2Vso\nH3x35XLtN1kb5q7xhQN+506Kcvcgi7DCWgdTAoDvlaqzn0pZ/pV6ln0biQKBgQCK\ne1wHFhknCsG5q4ENzI+iazuAPM5SZxz+ThAimzEVF2iutnTL3RB/CxPzkQKUcVjY\n210L+qxJQnqrwShdMyyU2oDa+tRwU//8FDrBNiWrgq6yRlYUeetcZcpSxN05ktv4\nlG3VtmGzhviCR6cEZi4a4iwYoZtr2pHrQBWVeBC4sQKBgDBYmEYnn2ro/n1DXMTA\ntjbhlRNRJNFkZ+h9TfD/J590Pc+TjDM+VOUZ9Tcn//islIdz+mMFIDyPdBpvfS8J\nUg9mMGMz6+kcvN/jJlPD+GAY9uLqwu8KJxh1ExsJoFXGtlEL7o79+zy5NfvHLXZ8\nKihvYBgoBIcfvkanaM8A1dmc\n-----END PRIVATE KEY-----";
+
+    #[test]
+    fn jwts_are_signed_rs256_and_verify() {
+        let key = rsa_key(TEST_KEY).unwrap();
+        let jwt = sign_jwt(&key, &json!({"iss": "client", "sub": "user@example.com", "aud": "https://login.salesforce.com", "exp": 1})).unwrap();
+        let parts: Vec<&str> = jwt.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header: serde_json::Value = serde_json::from_slice(&engine.decode(parts[0]).unwrap()).unwrap();
+        assert_eq!(header["alg"], "RS256");
+        let claims: serde_json::Value = serde_json::from_slice(&engine.decode(parts[1]).unwrap()).unwrap();
+        assert_eq!(claims["sub"], "user@example.com");
+        let public = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            ring::signature::KeyPair::public_key(&key).as_ref().to_vec(),
+        );
+        let signed = format!("{}.{}", parts[0], parts[1]);
+        public
+            .verify(signed.as_bytes(), &engine.decode(parts[2]).unwrap())
+            .unwrap();
+        assert!(
+            public
+                .verify(b"tampered", &engine.decode(parts[2]).unwrap())
+                .is_err()
+        );
+        assert!(rsa_key("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----").is_err());
+    }
+
+    #[test]
+    fn options_and_credentials_are_checked() {
+        let config = |extra: serde_json::Value| -> SalesforceConfig {
+            let mut base = json!({"login_url": "https://acme.my.salesforce.com", "client_id": "c"});
+            base.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::from_value(base).unwrap()
+        };
+        assert!(SalesforceDestination::new("s", config(json!({}))).is_err());
+        let destination = SalesforceDestination::new("s", config(json!({"client_secret": "x"}))).unwrap();
+        let options = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let spec = destination
+            .action(
+                None,
+                &options(json!({"object": "Contact", "external_id": "Ext__c"})),
+            )
+            .unwrap()
+            .unwrap();
+        assert!(spec.deletes && spec.modes.contains(&SyncMode::Mirror));
+        let insert_only = destination
+            .action(None, &options(json!({"object": "Lead"})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(insert_only.modes, [SyncMode::Insert]);
+        assert!(
+            destination
+                .action(None, &options(json!({"object": "Contact; DROP"})))
+                .is_err()
+        );
+    }
+}
