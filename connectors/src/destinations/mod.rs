@@ -6,6 +6,7 @@ pub mod hubspot;
 pub mod iterable;
 pub mod klaviyo;
 pub mod mixpanel;
+pub mod oauth;
 pub mod postgres;
 pub mod salesforce;
 pub mod segment;

@@ -31,7 +31,6 @@
 use std::ops::Range;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, HeaderMap};
 use serde::Deserialize;
@@ -47,6 +46,7 @@ use crate::destinations::http::{
     ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits, classify,
     describe_reqwest_error, secret_header, snippet,
 };
+use crate::destinations::oauth::{rsa_key, sign_jwt};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,44 +167,6 @@ impl SalesforceDestination {
             token: std::sync::Arc::new(Mutex::new(None)),
         })
     }
-}
-
-/// An RSA private key from PEM (`BEGIN PRIVATE KEY` or `BEGIN RSA PRIVATE KEY`).
-pub fn rsa_key(pem: &str) -> Result<ring::signature::RsaKeyPair, String> {
-    let pkcs1 = pem.contains("BEGIN RSA PRIVATE KEY");
-    let body: String = pem
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with("-----") && !l.is_empty())
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .map_err(|e| format!("`private_key` is not PEM: {e}"))?;
-    let key = if pkcs1 {
-        ring::signature::RsaKeyPair::from_der(&der)
-    } else {
-        ring::signature::RsaKeyPair::from_pkcs8(&der)
-    };
-    key.map_err(|e| format!("`private_key` is not an RSA private key: {e}"))
-}
-
-/// A signed RS256 JWT with `claims`.
-pub fn sign_jwt(key: &ring::signature::RsaKeyPair, claims: &serde_json::Value) -> Result<String, String> {
-    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let signing_input = format!(
-        "{}.{}",
-        engine.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
-        engine.encode(claims.to_string())
-    );
-    let mut signature = vec![0; key.public().modulus_len()];
-    key.sign(
-        &ring::signature::RSA_PKCS1_SHA256,
-        &ring::rand::SystemRandom::new(),
-        signing_input.as_bytes(),
-        &mut signature,
-    )
-    .map_err(|_| "signing the JWT failed".to_string())?;
-    Ok(format!("{signing_input}.{}", engine.encode(signature)))
 }
 
 #[async_trait]
@@ -621,6 +583,8 @@ impl VendorApi for SalesforceApi {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine as _;
+
     use super::*;
 
     /// A throwaway 2048-bit key made for this test (`openssl genpkey -algorithm RSA`).
