@@ -35,6 +35,7 @@ pub const DESTINATION_TYPES: &[&str] = &[
     "customerio",
     "klaviyo",
     "salesforce",
+    "google_sheets",
     "postgres",
 ];
 
@@ -122,6 +123,11 @@ impl ConnectorFactory for Connectors {
             "salesforce" => Ok(Arc::new(destinations::salesforce::SalesforceDestination::new(
                 name,
                 parse(config)?,
+            )?)),
+            "google_sheets" => Ok(Arc::new(destinations::google_sheets::SheetsDestination::new(
+                name,
+                parse(config)?,
+                env,
             )?)),
             other => Err(unknown_type("destination", other, DESTINATION_TYPES)),
         }

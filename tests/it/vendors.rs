@@ -1333,3 +1333,177 @@ async fn salesforce_upserts_by_external_id_refreshes_tokens_and_deletes() {
         stderr(&output)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Google Sheets
+
+/// A spreadsheet with one sheet, `Users`, as the Sheets API keeps it.
+#[derive(Default)]
+struct Grid {
+    rows: Vec<Vec<Value>>,
+    row_count: usize,
+    tokens: usize,
+}
+
+fn sheets_server(grid: Arc<Mutex<Grid>>) -> impl FnMut(&VendorRequest) -> Response + Send + 'static {
+    move |request: &VendorRequest| {
+        let mut grid = grid.lock().expect("lock");
+        if request.path == "/token" {
+            let form = request.body.as_str().unwrap_or_default();
+            assert!(
+                form.starts_with(
+                    "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion="
+                ),
+                "{form}"
+            );
+            assert_eq!(
+                form.rsplit('=').next().unwrap_or_default().split('.').count(),
+                3,
+                "a JWT"
+            );
+            grid.tokens += 1;
+            return Json(json!({"access_token": "ya29.test", "expires_in": 3599, "token_type": "Bearer"}));
+        }
+        if request.header("authorization") != "Bearer ya29.test" {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": {"code": 401, "status": "UNAUTHENTICATED"}})),
+            )
+                .into_response();
+        }
+        let path = request.path.replace("%27", "'");
+        match (request.method.as_str(), path.as_str()) {
+            ("GET", "/v4/spreadsheets/SID") => Json(
+                json!({"sheets": [{"properties": {"sheetId": 7, "title": "Users", "gridProperties": {"rowCount": grid.row_count, "columnCount": 26}}}]}),
+            ),
+            ("GET", "/v4/spreadsheets/SID/values/'Users'!A:A") => {
+                let values: Vec<Value> = grid
+                    .rows
+                    .iter()
+                    .map(|r| json!([r.first().cloned().unwrap_or(Value::Null)]))
+                    .collect();
+                Json(json!({"range": "Users!A1:A1000", "majorDimension": "ROWS", "values": values}))
+            }
+            ("POST", "/v4/spreadsheets/SID/values:batchUpdate") => {
+                assert_eq!(request.body["valueInputOption"], "RAW");
+                for data in request.body["data"].as_array().cloned().unwrap_or_default() {
+                    let range = data["range"].as_str().unwrap_or_default();
+                    let row: usize = range
+                        .rsplit("!A")
+                        .next()
+                        .and_then(|r| r.parse().ok())
+                        .expect("A1 row");
+                    for (offset, values) in data["values"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let at = row + offset;
+                        if at > grid.row_count {
+                            return (StatusCode::BAD_REQUEST, Json(json!({"error": {"code": 400, "message": format!("Range ({range}) exceeds grid limits. Max rows: {}", grid.row_count), "status": "INVALID_ARGUMENT"}}))).into_response();
+                        }
+                        while grid.rows.len() < at {
+                            grid.rows.push(Vec::new());
+                        }
+                        grid.rows[at - 1] = values.as_array().cloned().unwrap_or_default();
+                    }
+                }
+                Json(json!({"spreadsheetId": "SID"}))
+            }
+            ("POST", "/v4/spreadsheets/SID:batchUpdate") => {
+                for r in request.body["requests"].as_array().cloned().unwrap_or_default() {
+                    if let Some(length) = r["appendDimension"]["length"].as_u64() {
+                        grid.row_count += length as usize;
+                    }
+                    if let Some(start) = r["deleteDimension"]["range"]["startIndex"].as_u64() {
+                        grid.rows.remove(start as usize);
+                        grid.row_count -= 1;
+                    }
+                }
+                Json(json!({"spreadsheetId": "SID", "replies": []}))
+            }
+            _ => (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": {"code": 404, "message": path}})),
+            )
+                .into_response(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn google_sheets_mirror_keeps_the_sheet_equal_to_the_model() {
+    let grid = Arc::new(Mutex::new(Grid {
+        row_count: 3,
+        ..Grid::default()
+    }));
+    let vendor = MockVendor::start(sheets_server(grid.clone())).await;
+    let key = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/test_rsa_key.pem"
+    ))
+    .expect("key");
+    let service_account = json!({
+        "type": "service_account",
+        "client_email": "sluice@project.iam.gserviceaccount.com",
+        "private_key": key,
+        "token_uri": format!("{}/token", vendor.url),
+    });
+    let project = project(
+        &format!(
+            "  sheets:\n    type: google_sheets\n    service_account: sa.json\n    url: {}",
+            vendor.url
+        ),
+        "  users_sheet:\n    model: users\n    destination: sheets\n    options: { spreadsheet_id: SID, sheet: Users }\n    fields: { email: email, plan: plan }\n",
+    );
+    std::fs::write(project.path().join("sa.json"), service_account.to_string()).expect("key file");
+    let mut rows = users();
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let cells = |grid: &Grid| -> Vec<Vec<Value>> { grid.rows.clone() };
+    assert_eq!(
+        cells(&grid.lock().expect("lock")),
+        vec![
+            vec![json!("id"), json!("email"), json!("plan")],
+            vec![json!("1"), json!("ada@example.com"), json!("free")],
+            vec![json!("2"), json!("grace@example.com"), json!("pro")],
+            vec![json!("3"), json!("linus@example.com"), json!("free")],
+            vec![json!("4"), json!("ken@example.com"), json!("starter")],
+        ]
+    );
+    assert!(grid.lock().expect("lock").row_count >= 5, "the grid grew");
+
+    // Grace changes plan, Ada leaves, Barbara arrives.
+    rows[1].plan = "enterprise";
+    rows.remove(0);
+    rows.push(user(5, "barbara@example.com", "pro", 50));
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let mut body: Vec<Vec<Value>> = cells(&grid.lock().expect("lock"))[1..].to_vec();
+    body.sort_by_key(|r| r[0].as_str().unwrap_or_default().to_string());
+    assert_eq!(
+        body,
+        vec![
+            vec![json!("2"), json!("grace@example.com"), json!("enterprise")],
+            vec![json!("3"), json!("linus@example.com"), json!("free")],
+            vec![json!("4"), json!("ken@example.com"), json!("starter")],
+            vec![json!("5"), json!("barbara@example.com"), json!("pro")],
+        ]
+    );
+}

@@ -1,6 +1,7 @@
 pub mod braze;
 pub mod customerio;
 pub mod file;
+pub mod google_sheets;
 pub mod http;
 pub mod hubspot;
 pub mod iterable;

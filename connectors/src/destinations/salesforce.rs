@@ -587,8 +587,8 @@ mod tests {
 
     use super::*;
 
-    /// A throwaway 2048-bit key made for this test (`openssl genpkey -algorithm RSA`).
-    const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCXl75fqiNpSpRY\n948OT6m0PYDxyKbhzu9wSOK4yqz0Ijk5GRS/sfX0LfKhQYkji0lITh6VPL9fZRKN\ntYT7/ToabJAmbqUdmf8M9G+/fUFpPVn5jK2+wPhfFHUgP/2kXWYNJPcqLu9oJawx\nVimhkiEuYCM32JPfk4xn2I1FHJfPbM6c/LPnaJ3WBfpK/JJ60IxtRn0mDTLGYdCP\nMszHSTq61yuakcw3UnMGJRM73IlJPHJvU6HM/B9H7/llGhJ23heaftAwqGWn9ItI\nyfN3Zdr4zusX28n3DweEcNXgTPiOE7Cq/AhTJohEm7n+ABOawuGLZBGlQiKFOQip\nPKHcVaqxAgMBAAECggEACl52Bl+iH/Hav1IhniI7UqmRUBiAN7panOTTYz3zwhg0\nL1Bkn68Zynu5GKgdrAl7N/+l7mHTGkCU2g4UPFNIHeYWnxZa43E05aszmJbF+l+Y\nr63cdYuIAaLp1wyhehRsZlJEuMUwmYBYLKC+5L8U13H6freo97ZFOJYypYtM5AJr\nke8w2rsF8uEYEDCofTJikOvHvXSdumpGtnvhjwWSLEFDM2sjLJYfeKGhS65ckvJP\ngRUCGUOlBrXqPGFKMUMuekyft4Xb6jrD8Rt+ZsDVeJFQcCpIRHHxbmj51Rul86L+\nesWW4zssBzPBAXgvk3WWwnUZRVHX9LRMETib5SR89QKBgQDLWZsU391DaA7R0hyK\nQv1WDk5nqJd2VSrYXJRen8i9JbMmpQ0PSpfRpL5X9EBKtXOH9rlyAiYjsvCWPfFL\n3/VPy3WsHG5FG18QfNcqRXeMILrzbPd7VOptIeWyZQs/GCNTRyfYmYzJJ51dix1d\nCEa0U3CQqgYEjlhZw0dPQijeVQKBgQC+15NRKt9c5AiM+t5PAu+mvdzKn2A5el2y\nEZruFNH8jrSaxWLIOCMevwJtBjaBsJ3YXBrTcp51Fk6rl3XWrTeTV491IpmAL3WW\n5qZjs0uRBfn0W0G1+KKPttNdugTxrmvwf63i9CztVb4eBGZNHUaya3wbYIJNE1iC\nJzyZ0Mp+7QKBgQC6jFeCzOQVJG8D+bcI9++kdLdkzPs2KWeG2VebfwYOz3kMaLoU\nXx/ryTB9S6t3XgLApoz1lBcdBNlFW0nzi19mdoZbADIA391UKNLTCqtjN9uJ2Vso\nH3x35XLtN1kb5q7xhQN+506Kcvcgi7DCWgdTAoDvlaqzn0pZ/pV6ln0biQKBgQCK\ne1wHFhknCsG5q4ENzI+iazuAPM5SZxz+ThAimzEVF2iutnTL3RB/CxPzkQKUcVjY\n210L+qxJQnqrwShdMyyU2oDa+tRwU//8FDrBNiWrgq6yRlYUeetcZcpSxN05ktv4\nlG3VtmGzhviCR6cEZi4a4iwYoZtr2pHrQBWVeBC4sQKBgDBYmEYnn2ro/n1DXMTA\ntjbhlRNRJNFkZ+h9TfD/J590Pc+TjDM+VOUZ9Tcn//islIdz+mMFIDyPdBpvfS8J\nUg9mMGMz6+kcvN/jJlPD+GAY9uLqwu8KJxh1ExsJoFXGtlEL7o79+zy5NfvHLXZ8\nKihvYBgoBIcfvkanaM8A1dmc\n-----END PRIVATE KEY-----";
+    /// A throwaway 2048-bit key made for tests (`openssl genpkey -algorithm RSA`).
+    const TEST_KEY: &str = include_str!("../../../tests/fixtures/test_rsa_key.pem");
 
     #[test]
     fn jwts_are_signed_rs256_and_verify() {
