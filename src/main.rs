@@ -370,9 +370,10 @@ async fn check(config: &Path, names: &[String]) -> Result<ExitCode> {
         if !project.config.sources.contains_key(name)
             && !project.config.destinations.contains_key(name)
             && !project.config.models.contains_key(name)
+            && !project.config.mappings.contains_key(name)
         {
             anyhow::bail!(
-                "`{name}` is not a source, model or destination in {}",
+                "`{name}` is not a source, model, destination or mapping in {}",
                 config.display()
             );
         }
@@ -401,6 +402,26 @@ async fn check(config: &Path, names: &[String]) -> Result<ExitCode> {
             Err(e) => {
                 failed = true;
                 println!("FAILED  model {name}: {e}");
+            }
+        }
+    }
+    // A mapping is checked when named, or with its model or destination, or when nothing is.
+    let mappings: Vec<&String> = project
+        .config
+        .mappings
+        .iter()
+        .filter(|(name, m)| {
+            wanted(name)
+                || (!names.is_empty() && (names.contains(&m.model) || names.contains(&m.destination)))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    for name in mappings {
+        match engine.check_mapping(name).await {
+            Ok(()) => println!("ok      mapping {name}"),
+            Err(e) => {
+                failed = true;
+                println!("FAILED  mapping {name}: {e}");
             }
         }
     }

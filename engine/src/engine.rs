@@ -244,6 +244,35 @@ impl Engine {
         Ok(preview)
     }
 
+    /// Checks a mapping against its model's columns (as the model's query returns them now) and
+    /// its destination's action: the checks a run makes before it sends anything.
+    pub async fn check_mapping(&self, mapping: &str) -> Result<()> {
+        let config = self
+            .project
+            .mapping(mapping)
+            .ok_or_else(|| EngineError::Unknown {
+                kind: "mapping",
+                name: mapping.to_string(),
+                available: self.project.config.mappings.keys().cloned().collect(),
+            })?
+            .clone();
+        let preview = self.preview(&config.model, 0).await?;
+        let key_columns = self
+            .project
+            .model(&config.model)
+            .map(|m| m.primary_key.0.clone())
+            .unwrap_or_default();
+        crate::mapping::MappingPlan::compile(
+            mapping,
+            &config,
+            &config.model,
+            &preview.schema,
+            &key_columns,
+            self.action(mapping),
+        )?;
+        Ok(())
+    }
+
     /// Checks that a model's query is valid and readable in its source, without reading rows.
     pub async fn check_model(&self, model: &str) -> Result<()> {
         let template = self.template_values(model, chrono::Utc::now()).await?;

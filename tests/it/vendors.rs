@@ -1507,3 +1507,26 @@ async fn google_sheets_mirror_keeps_the_sheet_equal_to_the_model() {
         ]
     );
 }
+
+#[tokio::test]
+async fn check_compiles_mappings_against_the_models_columns() {
+    let project = project(
+        "  segment:\n    type: segment\n    write_key: wk_test\n    url: http://127.0.0.1:9",
+        "  good:\n    model: users\n    destination: segment\n    action: identify\n    fields: { userId: email }\n  typo:\n    model: users\n    destination: segment\n    action: identify\n    fields: { userId: emial }\n  no_id:\n    model: users\n    destination: segment\n    action: track\n    fields: { plan: plan }\n    constants: { event: Seen }\n",
+    );
+    project.write_users(&users());
+    let output = project.sluice(&["check", "good", "typo", "no_id"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(text.contains("ok      mapping good"), "{text}");
+    assert!(
+        text.contains(
+            "FAILED  mapping typo: mapping `typo`: maps column `emial`, which model `users` does not return"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAILED  mapping no_id: mapping `no_id`: action `track` identifies records by `userId` or `anonymousId`"),
+        "{text}"
+    );
+}
