@@ -103,7 +103,7 @@ async fn record(
     let form = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded") || v.starts_with("text/csv"));
     let body = if bytes.is_empty() {
         Value::Null
     } else if form {
@@ -1529,4 +1529,75 @@ async fn check_compiles_mappings_against_the_models_columns() {
         text.contains("FAILED  mapping no_id: mapping `no_id`: action `track` identifies records by `userId` or `anonymousId`"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn salesforce_bulk_jobs_upload_csv_wait_and_read_failed_results() {
+    let polls = Arc::new(Mutex::new(0usize));
+    let counter = polls.clone();
+    let vendor = MockVendor::start(move |request: &VendorRequest| {
+        if request.path == "/services/oauth2/token" {
+            let url = request.header("host").to_string();
+            return Json(json!({"access_token": "tok", "instance_url": format!("http://{url}")}));
+        }
+        assert_eq!(request.header("authorization"), "Bearer tok");
+        let job = "/services/data/v62.0/jobs/ingest/750J1";
+        match (request.method.as_str(), request.path.as_str()) {
+            ("POST", "/services/data/v62.0/jobs/ingest") => {
+                assert_eq!(
+                    request.body,
+                    json!({"object": "Contact", "contentType": "CSV", "operation": "upsert", "lineEnding": "LF", "externalIdFieldName": "External_Id__c"})
+                );
+                Json(json!({"id": "750J1", "state": "Open", "object": "Contact", "operation": "upsert"}))
+            }
+            ("PUT", p) if p == format!("{job}/batches") => {
+                assert_eq!(request.header("content-type"), "text/csv");
+                let csv = request.body.as_str().unwrap_or_default();
+                assert!(csv.starts_with("External_Id__c,Email,LastName\n1,ada@example.com,free\n"), "{csv}");
+                assert_eq!(csv.lines().count(), 5);
+                StatusCode::CREATED.into_response()
+            }
+            ("PATCH", p) if p == job => {
+                assert_eq!(request.body, json!({"state": "UploadComplete"}));
+                Json(json!({"id": "750J1", "state": "UploadComplete"}))
+            }
+            ("GET", p) if p == job => {
+                let mut n = counter.lock().expect("lock");
+                *n += 1;
+                if *n < 2 {
+                    Json(json!({"id": "750J1", "state": "InProgress"}))
+                } else {
+                    Json(json!({"id": "750J1", "state": "JobComplete", "numberRecordsProcessed": 4, "numberRecordsFailed": 1}))
+                }
+            }
+            ("GET", p) if p == format!("{job}/failedResults/") => (
+                [("content-type", "text/csv")],
+                "\"sf__Id\",\"sf__Error\",External_Id__c,Email,LastName\n\"\",\"INVALID_EMAIL_ADDRESS:Email: invalid email address: linus:--\",3,linus@example.com,free\n",
+            )
+                .into_response(),
+            _ => (StatusCode::NOT_FOUND, Json(json!([{"message": request.path, "errorCode": "NOT_FOUND"}]))).into_response(),
+        }
+    })
+    .await;
+    let project = project(
+        &format!(
+            "  salesforce:\n    type: salesforce\n    login_url: {}\n    client_id: cid\n    client_secret: secret\n    bulk_poll_interval: 10ms",
+            vendor.url
+        ),
+        "  contacts:\n    model: users\n    destination: salesforce\n    options: { object: Contact, external_id: External_Id__c, api: bulk }\n    fields: { External_Id__c: {column: id, as: string}, Email: email, LastName: plan }\n",
+    );
+    project.write_users(&users());
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    assert_eq!(*polls.lock().expect("lock"), 2);
+    let runs = project.sluice(&["runs", "--failures", "5"]).await;
+    let text = stdout(&runs);
+    assert!(text.contains("INVALID_EMAIL_ADDRESS"), "{text}");
+    assert!(text.contains(r#"{"id":3}"#), "{text}");
 }

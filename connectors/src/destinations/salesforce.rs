@@ -62,6 +62,9 @@ pub struct SalesforceConfig {
     pub private_key: Option<ConfigString>,
     #[serde(default = "default_version")]
     pub api_version: String,
+    /// How often a Bulk API job's state is polled (default 2s).
+    #[serde(default)]
+    pub bulk_poll_interval: Option<crate::HumanDuration>,
     #[serde(default)]
     pub delivery: DeliverySettings,
 }
@@ -75,6 +78,18 @@ fn default_version() -> String {
 struct SalesforceOptions {
     object: String,
     external_id: Option<String>,
+    /// `composite` (default): sObject collections, 200 records a request, results at once;
+    /// `bulk`: Bulk API 2.0 ingest jobs of up to 10,000 records, for large runs.
+    #[serde(default)]
+    api: Api,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Api {
+    #[default]
+    Composite,
+    Bulk,
 }
 
 fn parse_options(options: &serde_json::Map<String, serde_json::Value>) -> Result<SalesforceOptions, String> {
@@ -118,7 +133,11 @@ pub struct SalesforceDestination {
     api_version: String,
     delivery: HttpDelivery,
     token: std::sync::Arc<Mutex<Option<Token>>>,
+    bulk_poll_interval: std::time::Duration,
 }
+
+/// Records per Bulk API 2.0 job.
+const BULK_RECORDS: usize = 10_000;
 
 impl SalesforceDestination {
     pub fn new(name: &str, config: SalesforceConfig) -> Result<Self, String> {
@@ -165,6 +184,9 @@ impl SalesforceDestination {
             api_version: config.api_version,
             delivery,
             token: std::sync::Arc::new(Mutex::new(None)),
+            bulk_poll_interval: config
+                .bulk_poll_interval
+                .map_or(std::time::Duration::from_secs(2), |d| d.0),
         })
     }
 }
@@ -188,7 +210,11 @@ impl Destination for SalesforceDestination {
             ));
         }
         let options = parse_options(options)?;
-        let mut shape = PayloadShape::default().fixed("attributes", json!({"type": options.object}));
+        let mut shape = if options.api == Api::Bulk {
+            PayloadShape::default()
+        } else {
+            PayloadShape::default().fixed("attributes", json!({"type": options.object}))
+        };
         let mut modes = vec![SyncMode::Insert];
         if let Some(external_id) = &options.external_id {
             shape = shape.identity(&[external_id]);
@@ -218,6 +244,16 @@ impl Destination for SalesforceDestination {
             destination: self.name.clone(),
             message,
         })?;
+        if options.api == Api::Bulk {
+            let mut policy = self.delivery.policy.clone();
+            policy.max_records = policy.max_records.max(BULK_RECORDS);
+            policy.max_bytes = 100 * 1024 * 1024;
+            return Ok(Box::new(BulkWriter {
+                api: self.api(Some(options)),
+                policy,
+                poll_interval: self.bulk_poll_interval,
+            }));
+        }
         Ok(HttpWriter::boxed(self.api(Some(options)), &self.delivery))
     }
 }
@@ -402,6 +438,324 @@ impl SalesforceApi {
                 }
             })
             .collect()
+    }
+}
+
+/// Bulk API 2.0: each request is one ingest job (create, upload CSV, close, wait, read the
+/// failed results), so per-record results are known when `send` returns.
+struct BulkWriter {
+    api: SalesforceApi,
+    policy: sluice_engine::destination::DeliveryPolicy,
+    poll_interval: std::time::Duration,
+}
+
+impl BulkWriter {
+    /// The CSV of records `range`: the mapped fields (nulls as `#N/A`, which clears a field), or
+    /// for deletes the Salesforce ids.
+    fn csv(
+        &self,
+        batch: &OutgoingBatch,
+        range: Range<usize>,
+        delete_ids: Option<&[String]>,
+    ) -> Result<Vec<u8>, String> {
+        if let Some(ids) = delete_ids {
+            let mut out = b"Id\n".to_vec();
+            for id in ids {
+                out.extend_from_slice(id.as_bytes());
+                out.push(b'\n');
+            }
+            return Ok(out);
+        }
+        let fields = batch.fields.slice(range.start, range.len());
+        let mut out = Vec::new();
+        {
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .with_null("#N/A".to_string())
+                .build(&mut out);
+            writer
+                .write(&fields)
+                .map_err(|e| format!("writing the job's CSV: {e}"))?;
+        }
+        Ok(out)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        url: reqwest::Url,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<String, SendOutcome> {
+        let token = self.api.current_token().await.ok_or_else(|| SendOutcome::Retry {
+            reason: "no Salesforce token".into(),
+            after: None,
+        })?;
+        let response = self
+            .api
+            .client
+            .request(method, url)
+            .header(AUTHORIZATION, format!("Bearer {}", token.access_token))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SendOutcome::Retry {
+                reason: format!("Salesforce: {}", describe_reqwest_error(&e)),
+                after: None,
+            })?;
+        let answer = HttpAnswer {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: response.text().await.unwrap_or_default(),
+        };
+        if answer.status.is_success() {
+            Ok(answer.body)
+        } else {
+            Err(self.api.on_error(&answer, &empty_batch(), 0..0))
+        }
+    }
+
+    async fn job(&self, batch: &OutgoingBatch, range: Range<usize>) -> Result<SendOutcome, SendOutcome> {
+        self.api.authorize().await?;
+        let token = self.api.current_token().await.ok_or_else(|| SendOutcome::Retry {
+            reason: "no Salesforce token".into(),
+            after: None,
+        })?;
+        let action = batch.actions[range.start];
+        let (operation, delete_ids) = match action {
+            RecordAction::Delete => {
+                let field = self.api.external_id.clone().unwrap_or_default();
+                let values = self
+                    .api
+                    .external_ids(batch, range.clone())
+                    .map_err(|reason| SendOutcome::Rejected { reason })?;
+                let found = self
+                    .api
+                    .lookup(&token, &field, &values)
+                    .await
+                    .map_err(|reason| SendOutcome::Retry { reason, after: None })?;
+                let ids: Vec<String> = found.into_iter().map(|(_, id)| id).collect();
+                if ids.is_empty() {
+                    return Ok(SendOutcome::Accepted);
+                }
+                ("delete", Some(ids))
+            }
+            RecordAction::Insert => ("insert", None),
+            _ if self.api.external_id.is_some() => ("upsert", None),
+            _ => ("insert", None),
+        };
+        let csv = self
+            .csv(batch, range.clone(), delete_ids.as_deref())
+            .map_err(|reason| SendOutcome::Rejected { reason })?;
+        let jobs = self
+            .api
+            .data_url(&token.instance_url, "jobs/ingest")
+            .map_err(|reason| SendOutcome::Fatal { reason })?;
+        let mut spec = json!({"object": self.api.object, "contentType": "CSV", "operation": operation, "lineEnding": "LF"});
+        if operation == "upsert" {
+            spec["externalIdFieldName"] = json!(self.api.external_id);
+        }
+        let created = self
+            .call(
+                Method::POST,
+                jobs.clone(),
+                "application/json",
+                spec.to_string().into_bytes(),
+            )
+            .await?;
+        let id = serde_json::from_str::<serde_json::Value>(&created)
+            .ok()
+            .and_then(|v| v["id"].as_str().map(str::to_string))
+            .ok_or_else(|| SendOutcome::Rejected {
+                reason: format!("Salesforce did not return a job id{}", snippet(&created)),
+            })?;
+        let job = jobs
+            .join(&format!("ingest/{id}/"))
+            .map_err(|e| SendOutcome::Fatal {
+                reason: e.to_string(),
+            })?;
+        let job_url = jobs
+            .join(&format!("ingest/{id}"))
+            .map_err(|e| SendOutcome::Fatal {
+                reason: e.to_string(),
+            })?;
+        let endpoint = |path: &str| {
+            job.join(path).map_err(|e| SendOutcome::Fatal {
+                reason: e.to_string(),
+            })
+        };
+        self.call(Method::PUT, endpoint("batches")?, "text/csv", csv)
+            .await?;
+        self.call(
+            Method::PATCH,
+            job_url.clone(),
+            "application/json",
+            br#"{"state":"UploadComplete"}"#.to_vec(),
+        )
+        .await?;
+        // Salesforce processes the job on its own schedule: wait for it, up to an hour.
+        let started = std::time::Instant::now();
+        let state = loop {
+            let answer = self
+                .call(Method::GET, job_url.clone(), "application/json", Vec::new())
+                .await?;
+            let status: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+            match status["state"].as_str().unwrap_or_default() {
+                "JobComplete" => break status,
+                "Failed" | "Aborted" => {
+                    return Ok(SendOutcome::Invalid {
+                        reason: format!(
+                            "Salesforce Bulk API job {id} {}: {}",
+                            status["state"].as_str().unwrap_or_default(),
+                            status["errorMessage"].as_str().unwrap_or("no message")
+                        ),
+                    });
+                }
+                _ if started.elapsed() > std::time::Duration::from_secs(3600) => {
+                    return Ok(SendOutcome::Retry {
+                        reason: format!("Salesforce Bulk API job {id} did not complete within an hour"),
+                        after: None,
+                    });
+                }
+                _ => tokio::time::sleep(self.poll_interval).await,
+            }
+        };
+        if state["numberRecordsFailed"].as_u64() == Some(0) {
+            return Ok(SendOutcome::Accepted);
+        }
+        let failed = self
+            .call(
+                Method::GET,
+                endpoint("failedResults/")?,
+                "application/json",
+                Vec::new(),
+            )
+            .await?;
+        Ok(self.failures(&failed, batch, range, operation == "delete"))
+    }
+
+    /// Maps the job's failed-results CSV (`"sf__Id","sf__Error",<columns>`) back to records, by
+    /// external id (or, for deletes, fails them all with the errors).
+    fn failures(&self, csv: &str, batch: &OutgoingBatch, range: Range<usize>, delete: bool) -> SendOutcome {
+        let mut lines = csv.lines();
+        let header = split_csv_line(lines.next().unwrap_or_default());
+        let error_column = header.iter().position(|h| h == "sf__Error");
+        let key_column = self
+            .api
+            .external_id
+            .as_ref()
+            .and_then(|field| header.iter().position(|h| h == field));
+        let rows: Vec<Vec<String>> = lines.filter(|l| !l.is_empty()).map(split_csv_line).collect();
+        if rows.is_empty() {
+            return SendOutcome::Accepted;
+        }
+        let error_of = |row: &Vec<String>| {
+            format!(
+                "Salesforce: {}",
+                error_column
+                    .and_then(|c| row.get(c))
+                    .map_or("refused", |e| e.as_str())
+            )
+        };
+        let values = self.api.external_ids(batch, range.clone()).unwrap_or_default();
+        let mut failures = Vec::new();
+        match key_column {
+            Some(column) if !delete => {
+                for row in &rows {
+                    if let Some(value) = row.get(column)
+                        && let Some(index) = values.iter().position(|v| v == value)
+                    {
+                        failures.push(RecordFailure {
+                            index,
+                            error: error_of(row),
+                        });
+                    }
+                }
+            }
+            _ => {
+                let errors: Vec<String> = rows.iter().map(error_of).collect();
+                failures.extend((0..range.len()).map(|index| RecordFailure {
+                    index,
+                    error: errors.join("; "),
+                }));
+            }
+        }
+        if failures.is_empty() {
+            SendOutcome::Accepted
+        } else {
+            SendOutcome::Partial(failures)
+        }
+    }
+}
+
+/// The fields of one CSV line (double-quoted fields with `""` escapes).
+fn split_csv_line(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => fields.push(std::mem::take(&mut field)),
+            (c, _) => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+}
+
+fn empty_batch() -> OutgoingBatch {
+    OutgoingBatch {
+        ops: Vec::new(),
+        actions: Vec::new(),
+        message_ids: Vec::new(),
+        keys: Default::default(),
+        bodies: Default::default(),
+        ids: Default::default(),
+        fields: arrow::array::RecordBatch::new_empty(std::sync::Arc::new(arrow::datatypes::Schema::empty())),
+    }
+}
+
+#[async_trait]
+impl DestinationWriter for BulkWriter {
+    fn policy(&self) -> sluice_engine::destination::DeliveryPolicy {
+        self.policy.clone()
+    }
+
+    async fn prepare(
+        &self,
+        batch: &OutgoingBatch,
+        range: Range<usize>,
+    ) -> Vec<sluice_engine::destination::PreparedRequest> {
+        let csv = self
+            .csv(batch, range.clone(), None)
+            .unwrap_or_else(|e| e.into_bytes());
+        vec![sluice_engine::destination::PreparedRequest {
+            method: "PUT".into(),
+            target: format!(
+                "Bulk API 2.0 ingest job ({}) on {}",
+                batch.actions[range.start].as_str(),
+                self.api.object
+            ),
+            records: range.len(),
+            body: serde_json::Value::String(String::from_utf8_lossy(&csv).into_owned()),
+        }]
+    }
+
+    async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+        match self.job(batch, range).await {
+            Ok(outcome) | Err(outcome) => outcome,
+        }
+    }
+
+    async fn finish(self: Box<Self>) -> Result<(), DestinationError> {
+        Ok(())
     }
 }
 
