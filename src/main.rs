@@ -97,6 +97,14 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Show each mapping's schedule, whether it is enabled, and its next run times.
+    Schedules {
+        /// How many upcoming run times to show.
+        #[arg(long, default_value_t = 3)]
+        next: usize,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Show recent runs and their load results.
     Runs {
         /// Only this mapping's runs.
@@ -278,6 +286,45 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                     report::print_failures(run, &rows);
                 }
             }
+            engine.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schedules { next, config } => {
+            let engine = open(&config.config).await?;
+            let now = chrono::Utc::now();
+            let mut table = comfy_table::Table::new();
+            table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+            table.set_header(["mapping", "schedule", "enabled", "last run", "next runs (UTC)"]);
+            for (name, mapping) in &engine.project().config.mappings {
+                let schedule = engine.project().schedule_of(name);
+                let last = engine
+                    .metadata()
+                    .runs(Some(name), 1)
+                    .await?
+                    .first()
+                    .map(|r| r.started_at);
+                let upcoming: Vec<String> = if mapping.enabled {
+                    schedule
+                        .upcoming(now, last, next)
+                        .iter()
+                        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                table.add_row([
+                    name.clone(),
+                    schedule.to_string(),
+                    if mapping.enabled { "yes" } else { "no" }.to_string(),
+                    last.map_or("never".into(), |t| t.format("%Y-%m-%d %H:%M").to_string()),
+                    if upcoming.is_empty() {
+                        "-".into()
+                    } else {
+                        upcoming.join(", ")
+                    },
+                ]);
+            }
+            println!("{table}");
             engine.close().await;
             Ok(ExitCode::SUCCESS)
         }

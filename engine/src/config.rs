@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::destination::{SyncMode, ValueFormat};
 use crate::error::ConfigError;
 pub use crate::model::Limits;
+pub use crate::schedule::Schedule;
 
 /// A whole project file.
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +87,9 @@ pub struct ModelConfig {
     /// Overrides `limits.max_records_per_run` for this model.
     #[serde(default)]
     pub max_records_per_run: Option<u64>,
+    /// When this model's mappings run, unless a mapping has its own `schedule`.
+    #[serde(default)]
+    pub schedule: Option<Schedule>,
 }
 
 /// What a model's rows are.
@@ -204,6 +208,17 @@ pub struct MappingConfig {
     /// a database table, ...), documented per destination.
     #[serde(default)]
     pub options: serde_json::Map<String, serde_json::Value>,
+    /// When the mapping runs (default: its model's schedule, else manual).
+    #[serde(default)]
+    pub schedule: Option<Schedule>,
+    /// A disabled mapping does not run; when enabled again, its next run sends everything that
+    /// changed since its last successful run.
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
 }
 
 impl MappingConfig {
@@ -497,6 +512,18 @@ impl Project {
 
     pub fn mapping(&self, name: &str) -> Option<&MappingConfig> {
         self.config.mappings.get(name)
+    }
+
+    /// A mapping's schedule: its own, else its model's, else manual.
+    pub fn schedule_of(&self, mapping: &str) -> Schedule {
+        let Some(config) = self.mapping(mapping) else {
+            return Schedule::Manual;
+        };
+        config
+            .schedule
+            .clone()
+            .or_else(|| self.model(&config.model).and_then(|m| m.schedule.clone()))
+            .unwrap_or(Schedule::Manual)
     }
 
     /// Fills in defaults that depend on other parts of the file.

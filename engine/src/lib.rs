@@ -7,7 +7,8 @@
 //! - [`mapping`] and [`json`]: rows to destination records, column at a time;
 //! - [`delivery`]: batching, concurrency, retries and per-record results for every destination;
 //! - [`run`]: extract, diff, deliver, commit;
-//! - [`metadata`]: runs, failures and baselines in SQLite.
+//! - [`metadata`]: runs, failures and baselines in SQLite;
+//! - [`schedule`]: when mappings run (intervals, days and times, cron) in their time zones.
 
 pub mod config;
 pub mod delivery;
@@ -21,6 +22,7 @@ pub mod mapping;
 pub mod metadata;
 pub mod model;
 pub mod run;
+pub mod schedule;
 pub mod source;
 
 pub use config::{ConfigString, ConnectorConfig, Op, Project};

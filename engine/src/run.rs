@@ -132,15 +132,35 @@ impl Engine {
     /// does not stop the others; its run says why.
     pub async fn run(&self, request: &RunRequest, observer: &dyn RunObserver) -> Result<Vec<RunRecord>> {
         let names: Vec<String> = if request.mappings.is_empty() {
-            self.project.config.mappings.keys().cloned().collect()
+            // Every enabled mapping; disabled ones are left out.
+            self.project
+                .config
+                .mappings
+                .iter()
+                .filter(|(name, m)| {
+                    if !m.enabled {
+                        tracing::info!(mapping = %name, "disabled (enabled: false); not run");
+                    }
+                    m.enabled
+                })
+                .map(|(name, _)| name.clone())
+                .collect()
         } else {
             for name in &request.mappings {
-                if self.project.mapping(name).is_none() {
-                    return Err(EngineError::Unknown {
-                        kind: "mapping",
-                        name: name.clone(),
-                        available: self.project.config.mappings.keys().cloned().collect(),
-                    });
+                match self.project.mapping(name) {
+                    None => {
+                        return Err(EngineError::Unknown {
+                            kind: "mapping",
+                            name: name.clone(),
+                            available: self.project.config.mappings.keys().cloned().collect(),
+                        });
+                    }
+                    Some(mapping) if !mapping.enabled => {
+                        return Err(EngineError::Usage(format!(
+                            "mapping `{name}` is disabled (`enabled: false` in the project file); enable it to run it"
+                        )));
+                    }
+                    Some(_) => {}
                 }
             }
             request.mappings.clone()

@@ -478,3 +478,44 @@ async fn oversized_records_fail_alone_and_row_limits_stop_the_run() {
         "nothing is sent past the limit"
     );
 }
+
+#[tokio::test]
+async fn schedules_are_listed_and_disabled_mappings_do_not_run() {
+    let receiver = Receiver::start().await;
+    let config = webhook_config(&receiver.url, "").replace(
+        "    primary_key: id\n",
+        "    primary_key: id\n    schedule: { days: [mon, thu], at: \"09:00\", timezone: Europe/Paris }\n",
+    ) + "  paused:\n    model: users\n    destination: crm\n    enabled: false\n    schedule: { every: 15m }\n";
+    let project = TestProject::new(&config);
+    project.write_users(&users());
+    let output = project.sluice(&["schedules"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("mon, thu at 09:00 (Europe/Paris)"), "{text}");
+    assert!(text.contains("every 15m"), "{text}");
+
+    // `run` with no names leaves the disabled mapping out; naming it says why it cannot run.
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(result_row(&output, "paused").is_empty(), "{}", stdout(&output));
+    assert!(!result_row(&output, "users_to_crm").is_empty());
+    let output = project.sluice(&["run", "paused"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("mapping `paused` is disabled"),
+        "{}",
+        stderr(&output)
+    );
+
+    let bad = TestProject::new(&webhook_config(&receiver.url, "").replace(
+        "    primary_key: id\n",
+        "    primary_key: id\n    schedule: { every: 10s }\n",
+    ));
+    let output = bad.sluice(&["run"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("shorter than the 1 minute minimum"),
+        "{}",
+        stderr(&output)
+    );
+}
