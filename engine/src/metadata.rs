@@ -30,6 +30,15 @@ pub struct MappingState {
     pub last_success_at: DateTime<Utc>,
 }
 
+/// Who holds a mapping's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub run_id: String,
+    /// `host:pid`
+    pub holder: String,
+    pub since: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunStatus {
     Running,
@@ -41,6 +50,8 @@ pub enum RunStatus {
     Failed,
     /// The process stopped before the run finished; nothing was committed.
     Interrupted,
+    /// Not run: a run of the same mapping was still going.
+    Skipped,
 }
 
 impl RunStatus {
@@ -51,6 +62,7 @@ impl RunStatus {
             RunStatus::Partial => "partial",
             RunStatus::Failed => "failed",
             RunStatus::Interrupted => "interrupted",
+            RunStatus::Skipped => "skipped",
         }
     }
 
@@ -61,6 +73,7 @@ impl RunStatus {
             "partial" => RunStatus::Partial,
             "failed" => RunStatus::Failed,
             "interrupted" => RunStatus::Interrupted,
+            "skipped" => RunStatus::Skipped,
             _ => return None,
         })
     }
@@ -215,6 +228,92 @@ impl MetadataStore {
                 .map_err(self.err())?;
             }
         }
+        Ok(())
+    }
+
+    /// Claims `mapping` for `run_id` for `ttl`. `Ok(None)` when claimed; otherwise the run that
+    /// holds it and where. A lease that lapsed, or that a dead process of this host held, is
+    /// taken over. Atomic: SQLite serialises the upsert.
+    pub async fn acquire_lease(
+        &self,
+        mapping: &str,
+        run_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<LeaseHolder>> {
+        let holder = format!("{}:{}", hostname(), std::process::id());
+        for _ in 0..2 {
+            let now = Utc::now();
+            let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
+            let claimed = sqlx::query(
+                "INSERT INTO leases (mapping, run_id, holder, acquired_at, expires_at) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (mapping) DO UPDATE SET run_id = excluded.run_id, holder = excluded.holder, \
+                 acquired_at = excluded.acquired_at, expires_at = excluded.expires_at \
+                 WHERE leases.expires_at < excluded.acquired_at",
+            )
+            .bind(mapping)
+            .bind(run_id)
+            .bind(&holder)
+            .bind(now.to_rfc3339())
+            .bind(expires.to_rfc3339())
+            .execute(&self.pool)
+            .await
+            .map_err(self.err())?
+            .rows_affected();
+            if claimed == 1 {
+                return Ok(None);
+            }
+            let row = sqlx::query("SELECT run_id, holder, acquired_at FROM leases WHERE mapping = ?")
+                .bind(mapping)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(self.err())?;
+            let Some(row) = row else { continue };
+            let current = LeaseHolder {
+                run_id: row.get("run_id"),
+                holder: row.get("holder"),
+                since: parse_time(row.get("acquired_at")),
+            };
+            // A holder on this host whose process is gone will never release it.
+            let dead = current
+                .holder
+                .rsplit_once(':')
+                .filter(|(host, _)| *host == hostname())
+                .and_then(|(_, pid)| pid.parse::<i64>().ok())
+                .is_some_and(|pid| pid != std::process::id() as i64 && !process_alive(pid));
+            if !dead {
+                return Ok(Some(current));
+            }
+            sqlx::query("DELETE FROM leases WHERE mapping = ? AND run_id = ?")
+                .bind(mapping)
+                .bind(&current.run_id)
+                .execute(&self.pool)
+                .await
+                .map_err(self.err())?;
+        }
+        Ok(None)
+    }
+
+    /// Extends a held lease; `false` when it is no longer this run's.
+    pub async fn renew_lease(&self, mapping: &str, run_id: &str, ttl: Duration) -> Result<bool> {
+        let expires = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
+        let renewed = sqlx::query("UPDATE leases SET expires_at = ? WHERE mapping = ? AND run_id = ?")
+            .bind(expires.to_rfc3339())
+            .bind(mapping)
+            .bind(run_id)
+            .execute(&self.pool)
+            .await
+            .map_err(self.err())?
+            .rows_affected();
+        Ok(renewed == 1)
+    }
+
+    pub async fn release_lease(&self, mapping: &str, run_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM leases WHERE mapping = ? AND run_id = ?")
+            .bind(mapping)
+            .bind(run_id)
+            .execute(&self.pool)
+            .await
+            .map_err(self.err())?;
         Ok(())
     }
 
@@ -494,5 +593,48 @@ mod tests {
         let store = MetadataStore::open_sqlite(&path).await.unwrap();
         let run = store.run("r1").await.unwrap().unwrap();
         assert_eq!(run.status, RunStatus::Interrupted);
+    }
+
+    #[tokio::test]
+    async fn a_mapping_is_leased_to_one_run_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetadataStore::open_sqlite(&dir.path().join("m.db"))
+            .await
+            .unwrap();
+        let ttl = Duration::from_secs(60);
+        assert_eq!(store.acquire_lease("m", "run-1", ttl).await.unwrap(), None);
+        let held = store
+            .acquire_lease("m", "run-2", ttl)
+            .await
+            .unwrap()
+            .expect("held");
+        assert_eq!(held.run_id, "run-1");
+        assert!(held.holder.ends_with(&format!(":{}", std::process::id())));
+        // Another mapping is independent.
+        assert_eq!(store.acquire_lease("other", "run-3", ttl).await.unwrap(), None);
+        assert!(store.renew_lease("m", "run-1", ttl).await.unwrap());
+        assert!(!store.renew_lease("m", "run-2", ttl).await.unwrap());
+        store.release_lease("m", "run-1").await.unwrap();
+        assert_eq!(store.acquire_lease("m", "run-2", ttl).await.unwrap(), None);
+
+        // A lapsed lease is taken over.
+        store.release_lease("m", "run-2").await.unwrap();
+        assert_eq!(
+            store
+                .acquire_lease("m", "run-4", Duration::from_millis(1))
+                .await
+                .unwrap(),
+            None
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(store.acquire_lease("m", "run-5", ttl).await.unwrap(), None);
+
+        // A lease of a process of this host that is gone is taken over at once.
+        sqlx::query("UPDATE leases SET holder = ?, run_id = 'run-dead' WHERE mapping = 'm'")
+            .bind(format!("{}:{}", hostname(), i32::MAX))
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(store.acquire_lease("m", "run-6", ttl).await.unwrap(), None);
     }
 }

@@ -36,6 +36,9 @@ use crate::metadata::{FailureRow, MappingState, RunRecord, RunStatus};
 use crate::model::{TemplateValues, render_sql};
 use crate::source::ModelQuery;
 
+/// How long a run's claim on its mapping lasts without renewal (renewed every third of it).
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What to run.
 #[derive(Debug, Clone, Default)]
 pub struct RunRequest {
@@ -188,13 +191,73 @@ impl Engine {
         full: bool,
         observer: &dyn RunObserver,
     ) -> Result<Vec<RunRecord>> {
+        // Each mapping's run first claims the mapping; one whose previous run is still going
+        // (in this process or another sharing the state) is recorded as skipped.
         let mut runs = Vec::new();
+        let mut skipped = Vec::new();
         for mapping in mappings {
             let config = &self.project.config.mappings[mapping];
-            let run = RunRecord::starting(mapping, model, &config.destination, full);
-            self.metadata.start_run(&run).await?;
-            runs.push(run);
+            let mut run = RunRecord::starting(mapping, model, &config.destination, full);
+            match self.metadata.acquire_lease(mapping, &run.id, LEASE_TTL).await? {
+                None => {
+                    self.metadata.start_run(&run).await?;
+                    runs.push(run);
+                }
+                Some(holder) => {
+                    run.status = RunStatus::Skipped;
+                    run.finished_at = Some(Utc::now());
+                    run.error = Some(format!(
+                        "skipped: run {} of this mapping is still going ({}, since {}); runs of one mapping never overlap",
+                        holder.run_id,
+                        holder.holder,
+                        holder.since.format("%Y-%m-%d %H:%M:%S UTC")
+                    ));
+                    tracing::warn!(mapping, holder = %holder.holder, "a run of this mapping is still going; skipped");
+                    self.metadata.start_run(&run).await?;
+                    self.metadata.commit_run(&run, None).await?;
+                    observer.on_event(RunEvent::MappingFinished {
+                        run: Box::new(run.clone()),
+                    });
+                    skipped.push(run);
+                }
+            }
         }
+        if runs.is_empty() {
+            return Ok(skipped);
+        }
+        let leases: Vec<(String, String)> = runs.iter().map(|r| (r.mapping.clone(), r.id.clone())).collect();
+        let metadata = self.metadata.clone();
+        let held = leases.clone();
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_TTL / 3).await;
+                for (mapping, run_id) in &held {
+                    if let Err(e) = metadata.renew_lease(mapping, run_id, LEASE_TTL).await {
+                        tracing::warn!(mapping, error = %e, "could not renew the run's lease");
+                    }
+                }
+            }
+        });
+        let result = self.run_leased(model, runs, full, observer).await;
+        heartbeat.abort();
+        for (mapping, run_id) in &leases {
+            if let Err(e) = self.metadata.release_lease(mapping, run_id).await {
+                tracing::warn!(mapping, error = %e, "could not release the run's lease; it lapses by itself");
+            }
+        }
+        let mut finished = result?;
+        finished.extend(skipped);
+        Ok(finished)
+    }
+
+    /// Runs mappings of one model whose leases this process holds.
+    async fn run_leased(
+        &self,
+        model: &str,
+        runs: Vec<RunRecord>,
+        full: bool,
+        observer: &dyn RunObserver,
+    ) -> Result<Vec<RunRecord>> {
         let template = self.template_values(model, runs[0].started_at).await?;
         let started = Instant::now();
         let extracted = self.extract(model, &runs[0].id, &template, observer).await;

@@ -519,3 +519,74 @@ async fn schedules_are_listed_and_disabled_mappings_do_not_run() {
         stderr(&output)
     );
 }
+
+/// Two processes on the same state: while one run of a mapping is going, another is skipped and
+/// recorded as such, never run alongside it.
+#[tokio::test]
+async fn a_run_while_the_same_mapping_runs_elsewhere_is_skipped() {
+    // A receiver that accepts connections and never answers: the first run waits on it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/ingest", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = webhook_config(&url, "").replace("max_attempts: 3", "max_attempts: 1\n    timeout: 4s");
+    let project = TestProject::new(&config);
+    project.write_users(&users());
+    let first = {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command.args(["run", "--config"]).arg(project.config_path());
+        command.spawn().expect("first run")
+    };
+    // Wait until the first run holds the mapping.
+    let db = project.path().join(".sluice/sluice.db");
+    let mut leased = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if let Ok(output) = std::process::Command::new("sqlite3")
+            .arg(&db)
+            .arg("SELECT count(*) FROM leases")
+            .output()
+            && String::from_utf8_lossy(&output.stdout).trim() == "1"
+        {
+            leased = true;
+            break;
+        }
+    }
+    if !leased {
+        // Without the sqlite3 CLI, give the first run time to start.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
+    let second = project.sluice(&["run"]).await;
+    assert_eq!(
+        second.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&second),
+        stderr(&second)
+    );
+    assert_eq!(
+        result_row(&second, "users_to_crm")[1],
+        "skipped",
+        "{}",
+        stdout(&second)
+    );
+    let first = first.wait_with_output().await.expect("first run ends");
+    // Its records timed out against the silent receiver: committed with failed records.
+    assert_eq!(first.status.code(), Some(2));
+    let runs = project.sluice(&["runs"]).await;
+    let text = stdout(&runs);
+    assert!(text.contains("skipped"), "{text}");
+    assert!(text.contains("is still going"), "{text}");
+    // The lease was released: a third run is not skipped.
+    let third = project.sluice(&["run"]).await;
+    assert_ne!(
+        result_row(&third, "users_to_crm")[1],
+        "skipped",
+        "{}",
+        stdout(&third)
+    );
+}
