@@ -74,6 +74,18 @@ impl Engine {
         })
     }
 
+    /// A mapping's config, or an error listing the mappings there are.
+    pub fn mapping_config(&self, mapping: &str) -> Result<crate::config::MappingConfig> {
+        self.project
+            .mapping(mapping)
+            .cloned()
+            .ok_or_else(|| EngineError::Unknown {
+                kind: "mapping",
+                name: mapping.to_string(),
+                available: self.project.config.mappings.keys().cloned().collect(),
+            })
+    }
+
     /// The destination action a mapping was checked against when the project was opened.
     pub fn action(&self, mapping: &str) -> Option<&ActionSpec> {
         self.actions.get(mapping).and_then(|a| a.as_ref())
@@ -153,15 +165,7 @@ impl Engine {
         key: Option<&[String]>,
         op: Op,
     ) -> Result<PayloadPreview> {
-        let config = self
-            .project
-            .mapping(mapping)
-            .ok_or_else(|| EngineError::Unknown {
-                kind: "mapping",
-                name: mapping.to_string(),
-                available: self.project.config.mappings.keys().cloned().collect(),
-            })?
-            .clone();
+        let config = self.mapping_config(mapping)?;
         let model = config.model.clone();
         let model_config = self
             .project
@@ -247,15 +251,7 @@ impl Engine {
     /// Checks a mapping against its model's columns (as the model's query returns them now) and
     /// its destination's action: the checks a run makes before it sends anything.
     pub async fn check_mapping(&self, mapping: &str) -> Result<()> {
-        let config = self
-            .project
-            .mapping(mapping)
-            .ok_or_else(|| EngineError::Unknown {
-                kind: "mapping",
-                name: mapping.to_string(),
-                available: self.project.config.mappings.keys().cloned().collect(),
-            })?
-            .clone();
+        let config = self.mapping_config(mapping)?;
         let preview = self.preview(&config.model, 0).await?;
         let key_columns = self
             .project

@@ -318,15 +318,7 @@ impl Engine {
         sink: &DryRunSink,
         observer: &dyn RunObserver,
     ) -> Result<RunRecord> {
-        let config = self
-            .project
-            .mapping(mapping)
-            .ok_or_else(|| EngineError::Unknown {
-                kind: "mapping",
-                name: mapping.to_string(),
-                available: self.project.config.mappings.keys().cloned().collect(),
-            })?
-            .clone();
+        let config = self.mapping_config(mapping)?;
         let mut run = RunRecord::starting(mapping, &config.model, &config.destination, full);
         let template = self.template_values(&config.model, run.started_at).await?;
         let started = Instant::now();

@@ -101,11 +101,7 @@ impl Destination for BrazeDestination {
         action: Option<&str>,
         options: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Option<ActionSpec>, String> {
-        if let Some(key) = options.keys().next() {
-            return Err(format!(
-                "the braze destination takes no mapping `options` (got `{key}`)"
-            ));
-        }
+        crate::destinations::http::no_options("braze", options)?;
         let action = action.ok_or_else(|| format!("choose an `action`: {}", ACTIONS.join(", ")))?;
         let base = PayloadShape::default()
             .identity(IDENTIFIERS)

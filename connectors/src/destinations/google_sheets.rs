@@ -38,9 +38,9 @@ use sluice_engine::source::ConnectorEnv;
 use tokio::sync::Mutex;
 
 use crate::destinations::http::{
-    DeliverySettings, HttpAnswer, HttpDelivery, VendorLimits, classify, describe_reqwest_error, snippet,
+    DeliverySettings, HttpAnswer, HttpDelivery, VendorLimits, classify, describe_reqwest_error,
 };
-use crate::destinations::oauth::{rsa_key, sign_jwt};
+use crate::destinations::oauth::{request_token, rsa_key, sign_jwt};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -171,34 +171,17 @@ async fn fetch_token(
     let now = chrono::Utc::now().timestamp();
     let claims = json!({"iss": client_email, "scope": SCOPE, "aud": token_uri.as_str(), "iat": now, "exp": now + 3600});
     let assertion = sign_jwt(key, &claims)?;
-    let body = format!(
-        "grant_type={}&assertion={assertion}",
-        url::form_urlencoded::byte_serialize(b"urn:ietf:params:oauth:grant-type:jwt-bearer")
-            .collect::<String>()
-    );
-    let response = client
-        .post(token_uri.clone())
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| format!("Google token request: {}", describe_reqwest_error(&e)))?;
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        return Err(format!(
-            "Google refused the token request: HTTP {status}{}; {AUTH_HINT}",
-            snippet(&text)
-        ));
-    }
     #[derive(Deserialize)]
     struct Answer {
         access_token: String,
         #[serde(default)]
         expires_in: Option<u64>,
     }
-    let answer: Answer =
-        serde_json::from_str(&text).map_err(|e| format!("unexpected token answer from Google ({e})"))?;
+    let form = [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+        ("assertion", assertion.as_str()),
+    ];
+    let answer: Answer = request_token(client, token_uri.clone(), &form, "Google", AUTH_HINT).await?;
     // Refreshed a minute before it expires.
     let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600).saturating_sub(60));
     *cached = Some((answer.access_token.clone(), Instant::now() + lifetime));

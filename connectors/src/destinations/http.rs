@@ -404,6 +404,16 @@ pub async fn check_request(
     })
 }
 
+/// Refuses mapping `options` for a destination type that takes none.
+pub fn no_options(kind: &str, options: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+    match options.keys().next() {
+        Some(key) => Err(format!(
+            "the {kind} destination takes no mapping `options` (got `{key}`)"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A URL without credentials or secret query values, for display.
 pub fn redact_url(url: &reqwest::Url) -> String {
     let mut shown = url.clone();

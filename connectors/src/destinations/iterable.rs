@@ -114,11 +114,7 @@ impl Destination for IterableDestination {
         action: Option<&str>,
         options: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Option<ActionSpec>, String> {
-        if let Some(key) = options.keys().next() {
-            return Err(format!(
-                "the iterable destination takes no mapping `options` (got `{key}`)"
-            ));
-        }
+        crate::destinations::http::no_options("iterable", options)?;
         let action = action.ok_or_else(|| format!("choose an `action`: {}", ACTIONS.join(", ")))?;
         let base = PayloadShape::default()
             .container("dataFields")

@@ -40,3 +40,45 @@ pub fn sign_jwt(key: &ring::signature::RsaKeyPair, claims: &serde_json::Value) -
     .map_err(|_| "signing the JWT failed".to_string())?;
     Ok(format!("{signing_input}.{}", engine.encode(signature)))
 }
+
+/// Posts an OAuth token request (a form) and returns the answer's JSON, or an error naming the
+/// vendor, the status and what to check.
+pub async fn request_token<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    form: &[(&str, &str)],
+    vendor: &str,
+    hint: &str,
+) -> Result<T, String> {
+    let body = form
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k}={}",
+                url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    let response = client
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "{vendor} token request: {}",
+                crate::destinations::http::describe_reqwest_error(&e)
+            )
+        })?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(format!(
+            "{vendor} refused the token request: HTTP {status}{}; {hint}",
+            crate::destinations::http::snippet(&text)
+        ));
+    }
+    serde_json::from_str(&text).map_err(|e| format!("unexpected token answer from {vendor} ({e})"))
+}

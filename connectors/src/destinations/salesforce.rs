@@ -46,7 +46,7 @@ use crate::destinations::http::{
     ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits, classify,
     describe_reqwest_error, secret_header, snippet,
 };
-use crate::destinations::oauth::{rsa_key, sign_jwt};
+use crate::destinations::oauth::{request_token, rsa_key, sign_jwt};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -333,29 +333,8 @@ impl SalesforceApi {
                 ]
             }
         };
-        let body = form
-            .iter()
-            .map(|(k, v)| format!("{k}={}", urlencode(v)))
-            .collect::<Vec<_>>()
-            .join("&");
-        let response = self
-            .client
-            .post(url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| format!("Salesforce token request: {}", describe_reqwest_error(&e)))?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Err(format!(
-                "Salesforce refused the token request: HTTP {status}{}; {AUTH_HINT}",
-                snippet(&text)
-            ));
-        }
-        let answer: TokenAnswer = serde_json::from_str(&text)
-            .map_err(|e| format!("unexpected token answer from Salesforce ({e})"))?;
+        let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let answer: TokenAnswer = request_token(&self.client, url, &form, "Salesforce", AUTH_HINT).await?;
         let instance_url = reqwest::Url::parse(&answer.instance_url)
             .map_err(|e| format!("Salesforce gave an invalid instance_url: {e}"))?;
         Ok(Token {
@@ -757,10 +736,6 @@ impl DestinationWriter for BulkWriter {
     async fn finish(self: Box<Self>) -> Result<(), DestinationError> {
         Ok(())
     }
-}
-
-fn urlencode(value: &str) -> String {
-    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
 #[async_trait]

@@ -167,11 +167,7 @@ impl Destination for SegmentDestination {
         action: Option<&str>,
         options: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Option<ActionSpec>, String> {
-        if let Some(key) = options.keys().next() {
-            return Err(format!(
-                "the segment destination takes no mapping `options` (got `{key}`)"
-            ));
-        }
+        crate::destinations::http::no_options("segment", options)?;
         let action = action.ok_or_else(|| format!("choose an `action`: {}", ACTIONS.join(", ")))?;
         segment_action(action).map(Some).ok_or_else(|| {
             format!(
