@@ -12,7 +12,7 @@ use backon::BackoffBuilder;
 use futures::StreamExt;
 
 use crate::destination::{
-    DeliveryPolicy, DestinationWriter, OutgoingBatch, RecordAction, RecordFailure, RetryPolicy, SendOutcome,
+    DeliveryPolicy, DestinationWriter, OutgoingBatch, RecordFailure, RetryPolicy, SendOutcome,
 };
 
 /// The longest a destination's `Retry-After` is honoured; beyond it the request gives up.
@@ -48,15 +48,8 @@ pub async fn deliver(
     if !batch.actions.windows(2).any(|w| w[0] != w[1]) {
         return deliver_uniform(writer, batch, policy).await;
     }
-    let mut groups: Vec<(RecordAction, Vec<usize>)> = Vec::new();
-    for (i, action) in batch.actions.iter().enumerate() {
-        match groups.iter_mut().find(|(a, _)| a == action) {
-            Some((_, indices)) => indices.push(i),
-            None => groups.push((*action, vec![i])),
-        }
-    }
     let mut result = BatchResult::default();
-    for (_, indices) in groups {
+    for (_, indices) in batch.action_groups() {
         let group = batch.select(&indices).map_err(|e| DeliveryStopped {
             reason: format!("internal: cannot group records by action: {e}"),
             delivered_before: result.requests,

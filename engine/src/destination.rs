@@ -484,6 +484,38 @@ impl OutgoingBatch {
         })
     }
 
+    /// Record indices grouped by action, in order of first appearance: a request carries one
+    /// action (upserts and deletes go to different endpoints).
+    pub fn action_groups(&self) -> Vec<(RecordAction, Vec<usize>)> {
+        let mut groups: Vec<(RecordAction, Vec<usize>)> = Vec::new();
+        for (i, action) in self.actions.iter().enumerate() {
+            match groups.iter_mut().find(|(a, _)| a == action) {
+                Some((_, indices)) => indices.push(i),
+                None => groups.push((*action, vec![i])),
+            }
+        }
+        groups
+    }
+
+    /// Record `i`'s identity field at dotted `path` as text (strings as they are, other values
+    /// as JSON); `None` when it is null or absent.
+    pub fn identity_text(&self, i: usize, path: &str) -> Result<Option<String>, String> {
+        let ids: serde_json::Value = serde_json::from_slice(self.ids.get(i))
+            .map_err(|e| format!("internal: identity of record {i} is not JSON: {e}"))?;
+        let mut value = &ids;
+        for part in path.split('.') {
+            match value.get(part) {
+                Some(inner) => value = inner,
+                None => return Ok(None),
+            }
+        }
+        Ok(match value {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        })
+    }
+
     /// Approximate JSON size of records `range`, to keep requests under a byte limit.
     pub fn approximate_bytes(&self, range: Range<usize>) -> usize {
         self.bodies.bytes_of(range.clone()) + self.keys.bytes_of(range.clone()) + range.len() * 80

@@ -1008,15 +1008,8 @@ impl Delivery<'_> {
             .collect();
         let sendable = outgoing.select(&kept)?;
         // Grouped by action as the delivery layer groups them.
-        let mut groups: Vec<(crate::destination::RecordAction, Vec<usize>)> = Vec::new();
-        for (i, action) in sendable.actions.iter().enumerate() {
-            match groups.iter_mut().find(|(a, _)| a == action) {
-                Some((_, indices)) => indices.push(i),
-                None => groups.push((*action, vec![i])),
-            }
-        }
         let mut lines = Vec::new();
-        for (_, indices) in groups {
+        for (_, indices) in sendable.action_groups() {
             let group = sendable.select(&indices)?;
             for range in crate::delivery::request_ranges(&group, self.policy) {
                 for request in self.writer.prepare(&group, range).await {

@@ -223,18 +223,15 @@ struct HubspotApi {
 impl HubspotApi {
     /// Each record's value of the id property (from its identity fields).
     fn ids(&self, batch: &OutgoingBatch, range: Range<usize>) -> Result<Vec<String>, String> {
+        let path = format!("properties.{}", self.id_property);
         range
             .map(|i| {
-                let ids: serde_json::Value = serde_json::from_slice(batch.ids.get(i))
-                    .map_err(|e| format!("internal: identity of record {i} is not JSON: {e}"))?;
-                match ids.get("properties").and_then(|p| p.get(&self.id_property)) {
-                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                    Some(serde_json::Value::Null) | None => Err(format!(
+                batch.identity_text(i, &path)?.ok_or_else(|| {
+                    format!(
                         "the record has no value for `{}`, which HubSpot matches records by",
                         self.id_property
-                    )),
-                    Some(other) => Ok(other.to_string()),
-                }
+                    )
+                })
             })
             .collect()
     }

@@ -212,12 +212,7 @@ struct IterableApi {
 fn identities(batch: &OutgoingBatch, range: Range<usize>) -> Vec<(Option<String>, Option<String>)> {
     range
         .map(|i| {
-            let ids: serde_json::Value = serde_json::from_slice(batch.ids.get(i)).unwrap_or_default();
-            let text = |key: &str| match ids.get(key) {
-                Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(serde_json::Value::Null) | None => None,
-                Some(other) => Some(other.to_string()),
-            };
+            let text = |key: &str| batch.identity_text(i, key).ok().flatten();
             (text("email"), text("userId"))
         })
         .collect()

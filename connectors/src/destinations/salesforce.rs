@@ -408,13 +408,9 @@ impl SalesforceApi {
         let field = self.external_id.as_deref().unwrap_or_default();
         range
             .map(|i| {
-                let ids: serde_json::Value =
-                    serde_json::from_slice(batch.ids.get(i)).map_err(|e| e.to_string())?;
-                match ids.get(field) {
-                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                    Some(serde_json::Value::Null) | None => Err(format!("the record has no `{field}`")),
-                    Some(other) => Ok(other.to_string()),
-                }
+                batch
+                    .identity_text(i, field)?
+                    .ok_or_else(|| format!("the record has no `{field}`"))
             })
             .collect()
     }
