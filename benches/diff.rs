@@ -255,7 +255,7 @@ async fn diff(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .snapshot("new", pair["new"].as_str().ok_or("bad pair.json")?)
         .await?;
     let baseline = Baseline {
-        snapshot: Arc::new(old),
+        snapshot: Some(Arc::new(old)),
         exceptions: None,
     };
     let differ = Differ::new(store, Arc::new(new), Some(baseline)).await?;

@@ -23,6 +23,22 @@ mod report;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or as JSON objects (one per line, with the run id and mapping of the
+    /// run they belong to). The level is set by RUST_LOG (default: warn; `sluice serve`: info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "SLUICE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -105,8 +121,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Show recent runs and their load results.
+    /// Show recent runs and their load results; `sluice runs show RUN` shows one run.
+    #[command(args_conflicts_with_subcommands = true)]
     Runs {
+        #[command(subcommand)]
+        action: Option<RunsAction>,
         /// Only this mapping's runs.
         mapping: Option<String>,
         #[arg(long, default_value_t = 20)]
@@ -114,6 +133,19 @@ enum Command {
         /// Also list each run's failed records (up to this many per run).
         #[arg(long, default_value_t = 0)]
         failures: u32,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List a run's failed records (key, operation, error, attempts, payload); with --csv, write
+    /// them all to a CSV file.
+    Failures {
+        run: String,
+        /// Write every failed record to this CSV file.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Records to print when not writing CSV.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -127,10 +159,32 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         rows: u32,
     },
-    /// Serve the HTTP API (health and readiness for now).
+    /// Run mappings on their schedules and serve the HTTP API (health, readiness, metrics)
+    /// until SIGTERM or Ctrl-C; runs in flight then stop at their next commit point.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Serve the API only; run nothing on a schedule.
+        #[arg(long)]
+        no_schedules: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Retire old snapshots by each model's `retain:` policy (all models when none is named);
+    /// `sluice serve` does this after scheduled runs.
+    Retire {
+        models: Vec<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsAction {
+    /// One run: its trigger, timings, counts, error with the recommended action, and its first
+    /// failed records.
+    Show {
+        run: String,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -148,8 +202,13 @@ enum SshKeyAction {
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_tracing(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -166,14 +225,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        // Every line carries the fields of its spans: run id, mapping, model, stage.
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .flatten_event(true)
+            .init(),
+    }
 }
 
 async fn open(config: &Path) -> Result<Engine> {
@@ -191,7 +259,13 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             ..
         } => {
             let engine = open(&config.config).await?;
-            let runs = run(&engine, RunRequest { mappings, full }).await?;
+            stop_on_signals(engine.shutdown().clone());
+            let request = RunRequest {
+                mappings,
+                full,
+                trigger: sluice_engine::Trigger::Manual,
+            };
+            let runs = run(&engine, request).await?;
             engine.close().await;
             Ok(exit_code(&runs))
         }
@@ -272,6 +346,52 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Runs {
+            action: Some(RunsAction::Show { run, config }),
+            ..
+        } => {
+            let engine = open(&config.config).await?;
+            let record = engine
+                .metadata()
+                .find_run(&run)
+                .await?
+                .with_context(|| format!("no run `{run}` (`sluice runs` lists them)"))?;
+            let failures = engine.metadata().failures(&record.id, 0, 20).await?;
+            report::print_run(&record, &failures);
+            engine.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Failures {
+            run,
+            csv,
+            limit,
+            config,
+        } => {
+            let engine = open(&config.config).await?;
+            let record = engine
+                .metadata()
+                .find_run(&run)
+                .await?
+                .with_context(|| format!("no run `{run}` (`sluice runs` lists them)"))?;
+            match csv {
+                Some(path) => {
+                    let written = write_failures_csv(&engine, &record.id, &path).await?;
+                    eprintln!(
+                        "wrote {written} failed record(s) of run {} ({}) to {}",
+                        record.id,
+                        record.mapping,
+                        path.display()
+                    );
+                }
+                None => {
+                    let rows = engine.metadata().failures(&record.id, 0, limit).await?;
+                    report::print_failures(&record, &rows);
+                }
+            }
+            engine.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs {
+            action: None,
             mapping,
             limit,
             failures,
@@ -282,7 +402,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             report::print_runs(&runs);
             if failures > 0 {
                 for run in runs.iter().filter(|r| r.counts.failed > 0) {
-                    let rows = engine.metadata().failures(&run.id, failures).await?;
+                    let rows = engine.metadata().failures(&run.id, 0, failures).await?;
                     report::print_failures(run, &rows);
                 }
             }
@@ -329,20 +449,130 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Quickstart { dir, rows } => quickstart::run(&dir, rows).await,
-        Command::Serve { listen, config } => {
+        Command::Serve {
+            listen,
+            no_schedules,
+            config,
+        } => {
             let engine = Arc::new(open(&config.config).await?);
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!("sluice API listening on http://{}", listener.local_addr()?);
-            let shutdown = async {
-                let _ = tokio::signal::ctrl_c().await;
+            let shutdown = engine.shutdown().clone();
+            stop_on_signals(shutdown.clone());
+            let scheduler = (!no_schedules).then(|| {
+                let observer: Arc<dyn sluice_engine::RunObserver> = Arc::new(progress::LogProgress);
+                tokio::spawn(engine.clone().run_schedules(observer))
+            });
+            let stopped = async move { shutdown.requested().await };
+            sluice_api::serve(listener, engine.clone(), stopped).await?;
+            if let Some(scheduler) = scheduler {
+                scheduler.await.context("the scheduler stopped unexpectedly")??;
+            }
+            engine.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retire { models, config } => {
+            let engine = open(&config.config).await?;
+            let models: Vec<String> = if models.is_empty() {
+                engine.project().config.models.keys().cloned().collect()
+            } else {
+                models
             };
-            sluice_api::serve(listener, engine.clone(), shutdown).await?;
+            for model in models {
+                let report = engine.retire_snapshots(&model).await?;
+                println!(
+                    "model {model}: {} snapshot(s) kept ({} only because a mapping still needs them), {} retired, {} orphaned file(s) removed",
+                    report.kept,
+                    report.protected.len(),
+                    report.retired.len(),
+                    report.orphan_files_removed
+                );
+            }
             engine.close().await;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// On SIGTERM or Ctrl-C, runs stop at their next commit point (the batch in flight finishes
+/// and is checkpointed); a second signal exits at once.
+fn stop_on_signals(shutdown: sluice_engine::Shutdown) {
+    tokio::spawn(async move {
+        let mut signals = 0;
+        loop {
+            termination_signal().await;
+            signals += 1;
+            if signals > 1 {
+                eprintln!("stopping now");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "stopping: runs finish the batch in flight and end interrupted; the next run goes on from there (signal again to stop at once)"
+            );
+            shutdown.request();
+        }
+    });
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Writes every failed record of a run as CSV; returns how many.
+async fn write_failures_csv(engine: &Engine, run_id: &str, path: &Path) -> Result<u64> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = csv::Writer::from_writer(std::io::BufWriter::new(file));
+    out.write_record([
+        "key",
+        "operation",
+        "error",
+        "attempts",
+        "first_failed_at",
+        "last_failed_at",
+        "payload",
+    ])?;
+    let mut offset = 0u64;
+    loop {
+        let page = engine.metadata().failures(run_id, offset, 10_000).await?;
+        if page.is_empty() {
+            break;
+        }
+        offset += page.len() as u64;
+        for f in &page {
+            out.write_record([
+                f.record_key.as_str(),
+                f.op.as_str(),
+                f.error.as_str(),
+                &f.attempts.to_string(),
+                &f.first_failed_at.to_rfc3339(),
+                &f.last_failed_at.to_rfc3339(),
+                f.payload.as_deref().unwrap_or(""),
+            ])?;
+        }
+    }
+    out.flush()?;
+    Ok(offset)
 }
 
 /// Writes what the mappings would send, and a summary per mapping on stderr.

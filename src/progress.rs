@@ -129,6 +129,41 @@ impl RunObserver for TerminalProgress {
     }
 }
 
+/// Progress as log lines, for `sluice serve` (no terminal to draw on).
+pub struct LogProgress;
+
+impl RunObserver for LogProgress {
+    fn on_event(&self, event: RunEvent) {
+        match event {
+            RunEvent::ExtractFinished {
+                model,
+                rows,
+                snapshot_id,
+            } => tracing::info!(model, rows, snapshot = snapshot_id, "extracted"),
+            RunEvent::MappingFinished { run } => {
+                let c = run.counts;
+                tracing::info!(
+                    run_id = run.id,
+                    mapping = run.mapping,
+                    trigger = %run.trigger,
+                    status = %run.status,
+                    extracted = c.extracted,
+                    added = c.added,
+                    updated = c.updated,
+                    deleted = c.deleted,
+                    sent = c.sent,
+                    delivered = c.delivered,
+                    failed = c.failed,
+                    retried = c.retried,
+                    error = run.error.as_deref().unwrap_or(""),
+                    "run finished"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1,5 +1,5 @@
-//! sluice's HTTP API: a thin axum shell over engine calls. This scope is the health
-//! route; the management API is built on the same router.
+//! sluice's HTTP API: a thin axum shell over engine calls. So far: health, readiness and
+//! Prometheus metrics; the management API is built on the same router.
 
 use std::sync::Arc;
 
@@ -22,11 +22,23 @@ pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(AppState { engine })
 }
 
 async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// Prometheus scrape endpoint (OpenMetrics text).
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            sluice_engine::metrics::CONTENT_TYPE,
+        )],
+        sluice_engine::metrics::encode(),
+    )
 }
 
 /// Ready when the metadata store answers and the snapshot store can be listed.

@@ -10,6 +10,7 @@ use sluice_engine::ConnectorConfig;
 use sluice_engine::destination::Destination;
 use sluice_engine::source::{ConnectorEnv, ConnectorFactory, Source};
 
+mod alerts;
 pub mod destinations;
 mod duration;
 pub mod sources;
@@ -40,6 +41,10 @@ pub const DESTINATION_TYPES: &[&str] = &[
 ];
 
 impl ConnectorFactory for Connectors {
+    fn alert_sender(&self) -> Option<Arc<dyn sluice_engine::alerts::AlertSender>> {
+        alerts::HttpAlerts::new().map(|a| Arc::new(a) as Arc<dyn sluice_engine::alerts::AlertSender>)
+    }
+
     fn source(
         &self,
         name: &str,

@@ -30,6 +30,10 @@ pub struct ProjectConfig {
     /// Options for the snapshot store's object_store builder (region, endpoint, credentials).
     #[serde(default)]
     pub snapshot_store_options: IndexMap<String, ConfigString>,
+    /// Metadata store: a `postgres://` URL for several machines sharing one state (with a
+    /// shared `snapshot_store`). Defaults to SQLite at `<state_dir>/sluice.db`.
+    #[serde(default)]
+    pub metadata_store: Option<ConfigString>,
     #[serde(default)]
     pub sources: IndexMap<String, ConnectorConfig>,
     #[serde(default)]
@@ -90,6 +94,40 @@ pub struct ModelConfig {
     /// When this model's mappings run, unless a mapping has its own `schedule`.
     #[serde(default)]
     pub schedule: Option<Schedule>,
+    /// How many of this model's snapshots are kept (see [`Retention`]).
+    #[serde(default)]
+    pub retain: Retention,
+}
+
+/// Which snapshots of a model are kept: the latest `runs`, and any younger than `days`. A
+/// snapshot some mapping still uses as its baseline, or that holds rows of records awaiting
+/// retry, is kept regardless. Default: the latest 10.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    #[serde(default, deserialize_with = "at_least_one")]
+    pub runs: Option<u32>,
+    #[serde(default)]
+    pub days: Option<u32>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            runs: Some(10),
+            days: None,
+        }
+    }
+}
+
+fn at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    let runs = Option::<u32>::deserialize(deserializer)?;
+    if runs == Some(0) {
+        return Err(de::Error::custom(
+            "retain.runs must be at least 1 (the latest snapshot is always kept)",
+        ));
+    }
+    Ok(runs)
 }
 
 /// What a model's rows are.
@@ -215,6 +253,9 @@ pub struct MappingConfig {
     /// changed since its last successful run.
     #[serde(default = "enabled_by_default")]
     pub enabled: bool,
+    /// Where and when to notify about this mapping's runs.
+    #[serde(default)]
+    pub alerts: Option<crate::alerts::AlertConfig>,
 }
 
 fn enabled_by_default() -> bool {

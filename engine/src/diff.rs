@@ -4,7 +4,8 @@
 //! optional **exceptions** file listing the keys whose acknowledged state differs from that
 //! snapshot (records whose delivery failed: for each, the hash and snapshot of the state the
 //! destination still has, or no hash when it has nothing). The effective baseline of a key is its
-//! exception when it has one, else its row in the baseline snapshot.
+//! exception when it has one, else its row in the baseline snapshot. A baseline may have no
+//! snapshot at all (a first run that was cut short): then the exceptions are all there is.
 //!
 //! The diff is a DataFusion full outer join on the primary key between the new snapshot and the
 //! effective baseline, reading only key and hash columns, bucket by bucket: both snapshots are
@@ -56,6 +57,10 @@ pub const BASE_HASH: &str = "__base_hash";
 pub const BASE_SNAPSHOT: &str = "__base_snapshot";
 pub const ATTEMPTS: &str = "__attempts";
 pub const FIRST_FAILED_AT: &str = "__first_failed_at";
+/// The base hash of a record whose add was in flight when its run stopped: the destination may
+/// or may not have it (see [`crate::checkpoint`]). A real row hash equals it with probability
+/// 2^-64.
+pub const UNCERTAIN_HASH: u64 = u64::MAX;
 /// Exceptions files also carry each key's hash (to filter by bucket) and its last error.
 pub const KEY_HASH: &str = "__sluice_key_hash";
 pub const LAST_ERROR: &str = "__last_error";
@@ -71,7 +76,8 @@ pub fn failed_at_type() -> DataType {
 /// A mapping's acknowledged state, as the diff reads it.
 #[derive(Debug, Clone)]
 pub struct Baseline {
-    pub snapshot: Arc<SnapshotManifest>,
+    /// `None`: the destination holds only what the exceptions list.
+    pub snapshot: Option<Arc<SnapshotManifest>>,
     /// Path (in the snapshot store) of the exceptions file, when there are exceptions.
     pub exceptions: Option<String>,
 }
@@ -143,12 +149,15 @@ impl Differ {
         let ctx = diff_context();
         store.register_with(&ctx);
         let buckets = match &baseline {
-            Some(b) => new.buckets.min(b.snapshot.buckets),
-            None => new.buckets,
+            Some(Baseline {
+                snapshot: Some(snapshot),
+                ..
+            }) => new.buckets.min(snapshot.buckets),
+            _ => new.buckets,
         };
         let schema = snapshot_schema(&ctx, &store, &new).await?;
-        let base_schema = match &baseline {
-            Some(b) => Some(snapshot_schema(&ctx, &store, &b.snapshot).await?),
+        let base_schema = match baseline.as_ref().and_then(|b| b.snapshot.as_ref()) {
+            Some(snapshot) => Some(snapshot_schema(&ctx, &store, snapshot).await?),
             None => None,
         };
         let key_fields = new
@@ -269,8 +278,11 @@ impl Differ {
             ident(BASE_HASH),
         ))?;
         let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(changed, joined)?);
+        // A record whose add was in flight when a run stopped may or may not be at the
+        // destination: it is added again while the model has it, and deleted once it does not.
         let op = when(ident(BASE_HASH).is_null(), lit(Op::Added as u8))
             .when(ident(NEW_HASH).is_null(), lit(Op::Deleted as u8))
+            .when(ident(BASE_HASH).eq(lit(UNCERTAIN_HASH)), lit(Op::Added as u8))
             .otherwise(lit(Op::Updated as u8))?;
         // (`coalesce` written as the CASE it stands for: physical planning does not simplify.)
         let first_of = |a: Expr, b: Expr| when(a.clone().is_not_null(), a).otherwise(b);
@@ -288,8 +300,9 @@ impl Differ {
             select.push((ident(FIRST_FAILED_AT), FIRST_FAILED_AT.into()));
         } else {
             // Without exceptions every baseline row comes from the baseline snapshot.
+            let id = baseline.snapshot.as_ref().map(|s| s.id.as_str());
             let snapshot = when(ident(BASE_HASH).is_null(), lit(ScalarValue::Utf8(None)))
-                .otherwise(lit(baseline.snapshot.id.as_str()))?;
+                .otherwise(lit(ScalarValue::Utf8(id.map(str::to_string))))?;
             select.push((snapshot, BASE_SNAPSHOT.into()));
             select.push((lit(0i64), ATTEMPTS.into()));
             select.push((null_failed_at(), FIRST_FAILED_AT.into()));
@@ -369,7 +382,11 @@ impl Differ {
     /// `__base_snapshot`, `__attempts`, `__first_failed_at`.
     async fn baseline_side(&self, baseline: &Baseline, bucket: u32) -> Result<DataFrame> {
         let with_extras = baseline.exceptions.is_some();
-        let snapshot_id = baseline.snapshot.id.clone();
+        let snapshot_id = baseline
+            .snapshot
+            .as_ref()
+            .map(|s| s.id.clone())
+            .unwrap_or_default();
         let keys = self.key_columns.clone();
         let mut extra = vec![(BASE_HASH, DataType::UInt64)];
         if with_extras {
@@ -379,11 +396,15 @@ impl Differ {
                 (FIRST_FAILED_AT, failed_at_type()),
             ]);
         }
-        let files: Vec<&SnapshotFile> = baseline.snapshot.files_covering(bucket, self.buckets).collect();
+        let files: Vec<&SnapshotFile> = match &baseline.snapshot {
+            Some(snapshot) => snapshot.files_covering(bucket, self.buckets).collect(),
+            None => Vec::new(),
+        };
+        // (With no snapshot there are no files, and the schema is not read.)
         let schema = self
             .base_schema
             .clone()
-            .ok_or_else(|| DataFusionError::Internal("a baseline without its schema".into()))?;
+            .unwrap_or_else(|| self.new_schema.clone());
         let snapshot_rows = self
             .sorted_side(
                 files,
@@ -464,7 +485,7 @@ impl Differ {
         bucket: u32,
         changes: &[RecordBatch],
         ops: &[Op],
-        manifests: &dyn Fn(&str) -> Option<Arc<SnapshotManifest>>,
+        manifests: &(dyn Fn(&str) -> Option<Arc<SnapshotManifest>> + Sync),
     ) -> Result<Vec<SendableRecordBatchStream>> {
         let mut streams = Vec::new();
         // The change rows' own schema (the plan that produced them decides nullability).

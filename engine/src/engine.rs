@@ -25,6 +25,9 @@ pub struct Engine {
     /// Each mapping's destination action, checked when the project was opened (`None` for
     /// destinations that take sluice's envelope).
     pub(crate) actions: IndexMap<String, Option<ActionSpec>>,
+    /// Set by SIGTERM/Ctrl-C: runs stop at their next commit point.
+    pub(crate) shutdown: crate::run::Shutdown,
+    pub(crate) alert_sender: Option<Arc<dyn crate::alerts::AlertSender>>,
 }
 
 impl Engine {
@@ -63,7 +66,11 @@ impl Engine {
         let snapshots = SnapshotStore::open(&snapshot_location, &project.base_dir, options)
             .map_err(|e| project.error_at(&["snapshot_store"], e.to_string()))?
             .with_temp_dir(state_dir.join("tmp"));
-        let metadata = MetadataStore::open_sqlite(&state_dir.join(METADATA_FILE)).await?;
+        let metadata = MetadataStore::open(
+            project.config.metadata_store.as_ref().map(|m| m.expose()),
+            &state_dir.join(METADATA_FILE),
+        )
+        .await?;
         Ok(Self {
             project: Arc::new(project),
             snapshots,
@@ -71,6 +78,8 @@ impl Engine {
             sources,
             destinations,
             actions,
+            shutdown: Default::default(),
+            alert_sender: connectors.alert_sender(),
         })
     }
 
@@ -97,6 +106,12 @@ impl Engine {
 
     pub fn snapshots(&self) -> &SnapshotStore {
         &self.snapshots
+    }
+
+    /// Requests that runs stop at their next commit point (the batch in flight finishes and is
+    /// checkpointed; the runs end `interrupted`).
+    pub fn shutdown(&self) -> &crate::run::Shutdown {
+        &self.shutdown
     }
 
     pub fn metadata(&self) -> &MetadataStore {

@@ -111,11 +111,81 @@ pub enum EngineError {
     },
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error(
+        "mapping `{mapping}`: run {run_id} lost its claim on the mapping (its lease lapsed, and another run took the mapping over); it stopped, and what it delivered since its last commit point is sent again"
+    )]
+    LeaseLost { mapping: String, run_id: String },
+    /// A shutdown was requested (SIGTERM, Ctrl-C); the run stopped at a commit point.
+    #[error("interrupted by a shutdown request: {0}")]
+    Interrupted(String),
     /// A request that cannot be served as asked (no such record, wrong number of values).
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl EngineError {
+    /// What a user can do about this error, when sluice can tell.
+    pub fn recommended_action(&self) -> Option<String> {
+        let text = self.to_string();
+        match self {
+            EngineError::Source(SourceError::Connect { .. }) => Some(
+                "check the source's connection settings and that the database is up; `sluice check` tests the connection".into(),
+            ),
+            EngineError::Source(SourceError::Query { .. }) => {
+                Some("fix the model's SQL; `sluice preview MODEL` runs it and shows the rows".into())
+            }
+            EngineError::Source(SourceError::UnsupportedType { .. }) => {
+                Some("cast the column in the model's SQL to a type sluice carries (text, number, timestamp)".into())
+            }
+            EngineError::Source(SourceError::Limit { .. }) => {
+                Some("narrow the model, or raise the limit named in the error under `limits:`".into())
+            }
+            EngineError::Config(_) | EngineError::Mapping(_) | EngineError::Unknown { .. } => {
+                Some("fix sluice.yaml where the error points, then `sluice check`".into())
+            }
+            EngineError::IncompatibleBaseline { .. } => {
+                Some("run the mapping once with --full (a backfill) to start a new baseline".into())
+            }
+            EngineError::Destination(DestinationError::Config { .. }) => {
+                Some("fix the destination's settings in sluice.yaml, then `sluice check`".into())
+            }
+            EngineError::Destination(DestinationError::Unreachable { .. }) => Some(
+                "check the network path to the destination; the next run sends every undelivered record".into(),
+            ),
+            EngineError::Destination(DestinationError::Failed { .. }) => Some(destination_action(&text)),
+            EngineError::Metadata { .. } | EngineError::Migration(_) => {
+                Some("check that the metadata store (state.metadata) is reachable and writable".into())
+            }
+            EngineError::Snapshot { .. } | EngineError::SnapshotStore(_) => Some(
+                "check that the snapshot store (state.snapshots) is reachable, writable and has space".into(),
+            ),
+            EngineError::LeaseLost { .. } => Some(
+                "the process was paused longer than the lease (60 s); nothing is lost, the next run goes on".into(),
+            ),
+            EngineError::Interrupted(_) => {
+                Some("nothing to do: the next run sends what this one did not".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The action for a destination that stopped a run, read from the status it answered.
+fn destination_action(message: &str) -> String {
+    let has = |needle: &str| message.contains(needle);
+    if has("401") || has("403") || has("nauthori") || has("orbidden") {
+        "the destination refused the credentials: renew the token or key, and check that it has the write scopes the error names".into()
+    } else if has("404") {
+        "the destination does not know the object or endpoint: check the mapping's action and options (object names, list ids)".into()
+    } else if has("429") || has("rate") {
+        "the destination kept limiting requests: lower `delivery.rate` or run less often".into()
+    } else if has("timed out") || has("timeout") || has("connection") {
+        "the destination did not answer in time: check its status page; the next run sends every undelivered record".into()
+    } else {
+        "read the destination's error above; the next run sends every record it did not acknowledge".into()
+    }
 }
 
 fn hint_suffix(hint: &Option<String>) -> String {

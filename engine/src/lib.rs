@@ -10,6 +10,8 @@
 //! - [`metadata`]: runs, failures and baselines in SQLite;
 //! - [`schedule`]: when mappings run (intervals, days and times, cron) in their time zones.
 
+pub mod alerts;
+pub mod checkpoint;
 pub mod config;
 pub mod delivery;
 pub mod destination;
@@ -20,16 +22,20 @@ pub mod exceptions;
 pub mod json;
 pub mod mapping;
 pub mod metadata;
+pub mod metrics;
 pub mod model;
+pub mod retention;
 pub mod run;
 pub mod schedule;
+pub mod scheduler;
 pub mod source;
 
 pub use config::{ConfigString, ConnectorConfig, Op, Project};
 pub use engine::{Engine, METADATA_FILE, PayloadPreview, Preview};
 pub use error::{ConfigError, DestinationError, EngineError, MappingError, Result, SourceError};
+pub use metadata::Trigger;
 pub use model::Limits;
-pub use run::{DryRunSink, Quiet, RunEvent, RunObserver, RunRequest};
+pub use run::{DryRunSink, Quiet, RunEvent, RunObserver, RunRequest, Shutdown};
 
 /// Re-exported so connectors build on the exact versions the engine uses.
 pub use arrow;

@@ -1,17 +1,18 @@
-//! The metadata store: runs, failed records and each mapping's committed state, in SQLite
-//! (through sqlx, so a Postgres store can sit beside it for several workers).
+//! The metadata store: runs, failed records and each mapping's committed state. SQLite in the
+//! state directory by default (one machine); Postgres, selected by a `postgres://` URL in
+//! `metadata_store:`, for several machines sharing one state. One code path serves both through
+//! sqlx's `Any` driver; queries are written with `?` placeholders and numbered for Postgres.
 //!
 //! The commit point of a mapping's run is [`MetadataStore::commit_run`]: one transaction that
 //! records the run's outcome and moves the mapping's baseline. Anything before it (snapshots,
 //! exception files, failure rows of a run still `running`) is invisible to the next run.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqlitePool};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor, Row};
 
 use crate::error::{EngineError, Result};
 
@@ -20,8 +21,11 @@ use crate::error::{EngineError, Result};
 pub struct MappingState {
     pub mapping: String,
     pub model: String,
-    pub baseline_snapshot_id: String,
-    /// Records whose acknowledged state differs from the baseline snapshot (failed deliveries).
+    /// `None` when the mapping's first run was cut short: the destination then holds only what
+    /// the exceptions file lists.
+    pub baseline_snapshot_id: Option<String>,
+    /// Records whose acknowledged state differs from the baseline snapshot (failed deliveries,
+    /// and records acknowledged by a run that never reached its own commit).
     pub exceptions_path: Option<String>,
     pub exceptions_rows: u64,
     pub last_run_id: String,
@@ -46,9 +50,10 @@ pub enum RunStatus {
     Succeeded,
     /// The run committed, but some records failed and will be retried.
     Partial,
-    /// Nothing was committed.
+    /// The run stopped on an error; what it delivered up to its last checkpoint is kept.
     Failed,
-    /// The process stopped before the run finished; nothing was committed.
+    /// The process stopped (or was stopped) before the run finished; what it delivered up to
+    /// its last checkpoint is kept.
     Interrupted,
     /// Not run: a run of the same mapping was still going.
     Skipped,
@@ -85,6 +90,47 @@ impl std::fmt::Display for RunStatus {
     }
 }
 
+/// What started a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Trigger {
+    /// `sluice run` (or a run started by hand in the console).
+    #[default]
+    Manual,
+    /// The scheduler of `sluice serve`.
+    Schedule,
+    /// A request to the HTTP API.
+    Api,
+    /// A full resync (`--full`): every row sent as added.
+    Backfill,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Schedule => "schedule",
+            Trigger::Api => "api",
+            Trigger::Backfill => "backfill",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "manual" => Trigger::Manual,
+            "schedule" => Trigger::Schedule,
+            "api" => Trigger::Api,
+            "backfill" => Trigger::Backfill,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Record counts of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunCounts {
@@ -92,8 +138,15 @@ pub struct RunCounts {
     pub added: u64,
     pub updated: u64,
     pub deleted: u64,
+    /// Records put in a request to the destination (a record that failed before it could be
+    /// sent is not counted).
+    pub sent: u64,
+    /// Records the destination acknowledged.
     pub delivered: u64,
+    /// Records not delivered (rejected by the destination, or unsendable); kept for retry.
     pub failed: u64,
+    /// Records that had failed in earlier runs and were tried again by this one.
+    pub retried: u64,
     /// Changes the mapping's `send` does not select.
     pub skipped: u64,
 }
@@ -114,6 +167,7 @@ pub struct RunRecord {
     pub model: String,
     pub destination: String,
     pub status: RunStatus,
+    pub trigger: Trigger,
     pub full_resync: bool,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -123,6 +177,8 @@ pub struct RunRecord {
     pub timings: StageTimings,
     pub schema_change: Option<String>,
     pub error: Option<String>,
+    /// What a user can do about `error`, when sluice knows.
+    pub recommended_action: Option<String>,
 }
 
 impl RunRecord {
@@ -134,6 +190,11 @@ impl RunRecord {
             model: model.to_string(),
             destination: destination.to_string(),
             status: RunStatus::Running,
+            trigger: if full_resync {
+                Trigger::Backfill
+            } else {
+                Trigger::Manual
+            },
             full_resync,
             started_at: Utc::now(),
             finished_at: None,
@@ -143,7 +204,13 @@ impl RunRecord {
             timings: StageTimings::default(),
             schema_change: None,
             error: None,
+            recommended_action: None,
         }
+    }
+
+    /// Wall-clock duration, once finished.
+    pub fn duration(&self) -> Option<chrono::Duration> {
+        self.finished_at.map(|end| end - self.started_at)
     }
 }
 
@@ -155,46 +222,166 @@ pub struct FailureRow {
     pub error: String,
     pub attempts: i64,
     pub first_failed_at: DateTime<Utc>,
+    pub last_failed_at: DateTime<Utc>,
+    /// The record as it was (or would have been) sent, truncated to a few KiB.
+    pub payload: Option<String>,
+}
+
+/// A commit point inside a run (see [`MetadataStore::checkpoint`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub run_id: String,
+    pub seq: i64,
+    /// Parquet file in the snapshot store.
+    pub path: String,
+    pub acknowledged: u64,
+    pub failed: u64,
 }
 
 #[derive(Debug, Clone)]
 pub struct MetadataStore {
-    pool: SqlitePool,
+    pool: AnyPool,
     location: String,
+    backend: Backend,
+}
+
+/// Which database holds the metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// `sql` with its `?` placeholders as the backend wants them (`$1`, `$2`, ... for Postgres;
+    /// `?N` keeps its number).
+    fn sql(self, sql: &str) -> AssertSqlSafe<String> {
+        if self == Backend::Sqlite {
+            return AssertSqlSafe(sql.to_string());
+        }
+        let mut out = String::with_capacity(sql.len() + 8);
+        let mut next = 0;
+        let mut quoted = false;
+        let mut chars = sql.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' => {
+                    quoted = !quoted;
+                    out.push(c);
+                }
+                '?' if !quoted => {
+                    let mut digits = String::new();
+                    while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                        digits.push(*d);
+                        chars.next();
+                    }
+                    if digits.is_empty() {
+                        next += 1;
+                        digits = next.to_string();
+                    }
+                    out.push('$');
+                    out.push_str(&digits);
+                }
+                _ => out.push(c),
+            }
+        }
+        AssertSqlSafe(out)
+    }
 }
 
 impl MetadataStore {
+    /// Opens the store `location` names: a `postgres://` (or `postgresql://`) URL, else the
+    /// SQLite file at `sqlite_path`.
+    pub async fn open(location: Option<&str>, sqlite_path: &Path) -> Result<Self> {
+        match location {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Self::open_postgres(url).await
+            }
+            Some(other) => Err(EngineError::Usage(format!(
+                "metadata_store `{}` is not a postgres:// URL; leave it out to use SQLite in the state directory",
+                redact(other)
+            ))),
+            None => Self::open_sqlite(sqlite_path).await,
+        }
+    }
+
     /// Opens (creating if needed) the SQLite metadata store at `path` and migrates it.
     pub async fn open_sqlite(path: &Path) -> Result<Self> {
+        sqlx::any::install_default_drivers();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| EngineError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         }
         let location = path.display().to_string();
-        let options = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(|e| EngineError::Metadata {
-                location: location.clone(),
-                source: e,
-            })?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // WAL with NORMAL survives a killed process; only an OS crash can lose the last commit.
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
+        let absolute = std::path::absolute(path)
+            .map_err(|e| EngineError::Internal(format!("cannot resolve {}: {e}", path.display())))?;
+        let file_url = url::Url::from_file_path(&absolute)
+            .map_err(|_| EngineError::Internal(format!("cannot turn {} into a URL", absolute.display())))?;
+        let pool = AnyPoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    // WAL with NORMAL survives a killed process; only an OS crash can lose the
+                    // last commit.
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect(&format!("sqlite://{}?mode=rwc", file_url.path()))
             .await
             .map_err(|e| EngineError::Metadata {
                 location: location.clone(),
                 source: e,
             })?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        let store = Self { pool, location };
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        let store = Self {
+            pool,
+            location,
+            backend: Backend::Sqlite,
+        };
         store.mark_dead_runs_interrupted().await?;
         Ok(store)
+    }
+
+    /// Opens the Postgres metadata store at `url` and migrates it (the database must exist).
+    pub async fn open_postgres(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let location = redact(url);
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
+            .await
+            .map_err(|e| EngineError::Metadata {
+                location: location.clone(),
+                source: e,
+            })?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let store = Self {
+            pool,
+            location,
+            backend: Backend::Postgres,
+        };
+        store.mark_dead_runs_interrupted().await?;
+        Ok(store)
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The store's location with any password hidden.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+        self.backend.sql(sql)
     }
 
     fn err(&self) -> impl Fn(sqlx::Error) -> EngineError + '_ {
@@ -207,7 +394,7 @@ impl MetadataStore {
     /// Runs left `running` by a process of this host that no longer exists were cut short.
     async fn mark_dead_runs_interrupted(&self) -> Result<()> {
         let host = hostname();
-        let rows = sqlx::query("SELECT id, pid FROM runs WHERE status = 'running' AND host = ?")
+        let rows = sqlx::query(self.sql("SELECT id, pid FROM runs WHERE status = 'running' AND host = ?"))
             .bind(&host)
             .fetch_all(&self.pool)
             .await
@@ -216,11 +403,11 @@ impl MetadataStore {
             let pid: i64 = row.get("pid");
             if pid != std::process::id() as i64 && !process_alive(pid) {
                 let id: String = row.get("id");
-                sqlx::query(
+                sqlx::query(self.sql(
                     "UPDATE runs SET status = 'interrupted', finished_at = ?, \
-                     error = 'the process running it stopped before the run finished; nothing was committed' \
+                     error = 'the process running it stopped before the run finished' \
                      WHERE id = ? AND status = 'running'",
-                )
+                ))
                 .bind(Utc::now().to_rfc3339())
                 .bind(&id)
                 .execute(&self.pool)
@@ -244,12 +431,12 @@ impl MetadataStore {
         for _ in 0..2 {
             let now = Utc::now();
             let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
-            let claimed = sqlx::query(
+            let claimed = sqlx::query(self.sql(
                 "INSERT INTO leases (mapping, run_id, holder, acquired_at, expires_at) VALUES (?, ?, ?, ?, ?) \
                  ON CONFLICT (mapping) DO UPDATE SET run_id = excluded.run_id, holder = excluded.holder, \
                  acquired_at = excluded.acquired_at, expires_at = excluded.expires_at \
                  WHERE leases.expires_at < excluded.acquired_at",
-            )
+            ))
             .bind(mapping)
             .bind(run_id)
             .bind(&holder)
@@ -262,11 +449,12 @@ impl MetadataStore {
             if claimed == 1 {
                 return Ok(None);
             }
-            let row = sqlx::query("SELECT run_id, holder, acquired_at FROM leases WHERE mapping = ?")
-                .bind(mapping)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(self.err())?;
+            let row =
+                sqlx::query(self.sql("SELECT run_id, holder, acquired_at FROM leases WHERE mapping = ?"))
+                    .bind(mapping)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(self.err())?;
             let Some(row) = row else { continue };
             let current = LeaseHolder {
                 run_id: row.get("run_id"),
@@ -283,7 +471,7 @@ impl MetadataStore {
             if !dead {
                 return Ok(Some(current));
             }
-            sqlx::query("DELETE FROM leases WHERE mapping = ? AND run_id = ?")
+            sqlx::query(self.sql("DELETE FROM leases WHERE mapping = ? AND run_id = ?"))
                 .bind(mapping)
                 .bind(&current.run_id)
                 .execute(&self.pool)
@@ -296,19 +484,20 @@ impl MetadataStore {
     /// Extends a held lease; `false` when it is no longer this run's.
     pub async fn renew_lease(&self, mapping: &str, run_id: &str, ttl: Duration) -> Result<bool> {
         let expires = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
-        let renewed = sqlx::query("UPDATE leases SET expires_at = ? WHERE mapping = ? AND run_id = ?")
-            .bind(expires.to_rfc3339())
-            .bind(mapping)
-            .bind(run_id)
-            .execute(&self.pool)
-            .await
-            .map_err(self.err())?
-            .rows_affected();
+        let renewed =
+            sqlx::query(self.sql("UPDATE leases SET expires_at = ? WHERE mapping = ? AND run_id = ?"))
+                .bind(expires.to_rfc3339())
+                .bind(mapping)
+                .bind(run_id)
+                .execute(&self.pool)
+                .await
+                .map_err(self.err())?
+                .rows_affected();
         Ok(renewed == 1)
     }
 
     pub async fn release_lease(&self, mapping: &str, run_id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM leases WHERE mapping = ? AND run_id = ?")
+        sqlx::query(self.sql("DELETE FROM leases WHERE mapping = ? AND run_id = ?"))
             .bind(mapping)
             .bind(run_id)
             .execute(&self.pool)
@@ -318,117 +507,246 @@ impl MetadataStore {
     }
 
     pub async fn mapping_state(&self, mapping: &str) -> Result<Option<MappingState>> {
-        let row = sqlx::query("SELECT * FROM mapping_state WHERE mapping = ?")
+        let row = sqlx::query(self.sql("SELECT * FROM mapping_state WHERE mapping = ?"))
             .bind(mapping)
             .fetch_optional(&self.pool)
             .await
             .map_err(self.err())?;
-        Ok(row.map(|row| MappingState {
-            mapping: row.get("mapping"),
-            model: row.get("model"),
-            baseline_snapshot_id: row.get("baseline_snapshot_id"),
-            exceptions_path: row.get("exceptions_path"),
-            exceptions_rows: row.get::<i64, _>("exceptions_rows") as u64,
-            last_run_id: row.get("last_run_id"),
-            last_success_at: parse_time(row.get("last_success_at")),
-        }))
+        Ok(row.as_ref().map(state_from_row))
+    }
+
+    /// Every mapping's committed state.
+    pub async fn mapping_states(&self) -> Result<Vec<MappingState>> {
+        let rows = sqlx::query(self.sql("SELECT * FROM mapping_state ORDER BY mapping"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err())?;
+        Ok(rows.iter().map(state_from_row).collect())
+    }
+
+    /// Runs whose results are not settled: still going, or stopped before their commit and not
+    /// yet taken in by a later run.
+    pub async fn unsettled_runs(&self) -> Result<Vec<RunRecord>> {
+        let rows = sqlx::query(self.sql("SELECT * FROM runs WHERE settled = 0"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err())?;
+        Ok(rows.iter().map(run_from_row).collect())
+    }
+
+    /// Records progress of a running run (its snapshot, counts so far).
+    pub async fn update_run(&self, run: &RunRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(self.err())?;
+        update_run(self.backend, &mut tx, run).await.map_err(self.err())?;
+        tx.commit().await.map_err(self.err())
     }
 
     /// Records the start of a run.
     pub async fn start_run(&self, run: &RunRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO runs (id, mapping, model, destination, status, full_resync, host, pid, started_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
+        sqlx::query(self.sql(
+            "INSERT INTO runs (id, mapping, model, destination, status, run_trigger, full_resync, host, pid, started_at, settled) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ))
         .bind(&run.id)
         .bind(&run.mapping)
         .bind(&run.model)
         .bind(&run.destination)
         .bind(run.status.as_str())
-        .bind(run.full_resync)
+        .bind(run.trigger.as_str())
+        .bind(run.full_resync as i64)
         .bind(hostname())
         .bind(std::process::id() as i64)
         .bind(run.started_at.to_rfc3339())
+        // A skipped run delivers nothing; any other may leave results to take in.
+        .bind((run.status == RunStatus::Skipped) as i64)
         .execute(&self.pool)
         .await
         .map_err(self.err())?;
         Ok(())
     }
 
-    /// Adds failed records of a running run (one statement per chunk, never one per record).
+    /// Adds failed records of a running run, outside of a checkpoint.
     pub async fn add_failures(&self, run_id: &str, failures: &[FailureRow]) -> Result<()> {
-        for chunk in failures.chunks(1000) {
-            let mut query = QueryBuilder::new(
-                "INSERT INTO run_failures (run_id, record_key, op, error, attempts, first_failed_at) ",
-            );
-            query.push_values(chunk, |mut row, f| {
-                row.push_bind(run_id)
-                    .push_bind(&f.record_key)
-                    .push_bind(&f.op)
-                    .push_bind(&f.error)
-                    .push_bind(f.attempts)
-                    .push_bind(f.first_failed_at.to_rfc3339());
-            });
-            query.build().execute(&self.pool).await.map_err(self.err())?;
-        }
-        Ok(())
+        let mut tx = self.pool.begin().await.map_err(self.err())?;
+        insert_failures(self.backend, &mut tx, run_id, failures)
+            .await
+            .map_err(self.err())?;
+        tx.commit().await.map_err(self.err())
     }
 
-    /// Records a run's outcome and, when `state` is given, moves the mapping's baseline, in one
-    /// transaction: the commit point of a run.
-    pub async fn commit_run(&self, run: &RunRecord, state: Option<&MappingState>) -> Result<()> {
+    /// A commit point inside a run, in one transaction: the checkpoint file (already written)
+    /// becomes part of the run's results, with the batch's failed records and the run's counts
+    /// so far. Fails with [`EngineError::LeaseLost`] when the run no longer holds its mapping.
+    pub async fn checkpoint(
+        &self,
+        run: &RunRecord,
+        checkpoint: &Checkpoint,
+        failures: &[FailureRow],
+        lease_ttl: Duration,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(self.err())?;
-        sqlx::query(
-            "UPDATE runs SET status = ?, finished_at = ?, snapshot_id = ?, baseline_snapshot_id = ?, \
-             extracted = ?, added = ?, updated = ?, deleted = ?, delivered = ?, failed = ?, skipped = ?, \
-             extract_ms = ?, diff_ms = ?, deliver_ms = ?, schema_change = ?, error = ? WHERE id = ?",
-        )
-        .bind(run.status.as_str())
-        .bind(run.finished_at.map(|t| t.to_rfc3339()))
-        .bind(&run.snapshot_id)
-        .bind(&run.baseline_snapshot_id)
-        .bind(run.counts.extracted as i64)
-        .bind(run.counts.added as i64)
-        .bind(run.counts.updated as i64)
-        .bind(run.counts.deleted as i64)
-        .bind(run.counts.delivered as i64)
-        .bind(run.counts.failed as i64)
-        .bind(run.counts.skipped as i64)
-        .bind(run.timings.extract_ms as i64)
-        .bind(run.timings.diff_ms as i64)
-        .bind(run.timings.deliver_ms as i64)
-        .bind(&run.schema_change)
-        .bind(&run.error)
-        .bind(&run.id)
+        // Renewing the lease first takes SQLite's write lock and proves the claim.
+        if !renew_in(self.backend, &mut tx, &run.mapping, &run.id, lease_ttl)
+            .await
+            .map_err(self.err())?
+        {
+            return Err(EngineError::LeaseLost {
+                mapping: run.mapping.clone(),
+                run_id: run.id.clone(),
+            });
+        }
+        sqlx::query(self.sql(
+            "INSERT INTO run_checkpoints (run_id, seq, path, acknowledged, failed, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        ))
+        .bind(&checkpoint.run_id)
+        .bind(checkpoint.seq)
+        .bind(&checkpoint.path)
+        .bind(checkpoint.acknowledged as i64)
+        .bind(checkpoint.failed as i64)
+        .bind(Utc::now().to_rfc3339())
         .execute(&mut *tx)
         .await
         .map_err(self.err())?;
+        insert_failures(self.backend, &mut tx, &run.id, failures)
+            .await
+            .map_err(self.err())?;
+        update_run(self.backend, &mut tx, run).await.map_err(self.err())?;
+        tx.commit().await.map_err(self.err())
+    }
+
+    /// The checkpoints of a run, in order.
+    pub async fn checkpoints(&self, run_id: &str) -> Result<Vec<Checkpoint>> {
+        let rows = sqlx::query(self.sql("SELECT * FROM run_checkpoints WHERE run_id = ? ORDER BY seq"))
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err())?;
+        Ok(rows
+            .iter()
+            .map(|r| Checkpoint {
+                run_id: r.get("run_id"),
+                seq: r.get("seq"),
+                path: r.get("path"),
+                acknowledged: r.get::<i64, _>("acknowledged") as u64,
+                failed: r.get::<i64, _>("failed") as u64,
+            })
+            .collect())
+    }
+
+    /// Earlier runs of `mapping` that never reached their commit and whose results are not yet
+    /// part of the mapping's state (the caller holds the mapping's lease, so they are over).
+    /// Oldest first.
+    pub async fn runs_to_recover(&self, mapping: &str, current_run: &str) -> Result<Vec<RunRecord>> {
+        let rows =
+            sqlx::query(self.sql(
+                "SELECT * FROM runs WHERE mapping = ? AND id <> ? AND settled = 0 ORDER BY started_at, id",
+            ))
+            .bind(mapping)
+            .bind(current_run)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err())?;
+        Ok(rows.iter().map(run_from_row).collect())
+    }
+
+    /// Ends the recovery of a cut-short run in one transaction: the mapping's state takes in
+    /// the run's checkpoints (when `state` is given), the checkpoints are dropped, and a run
+    /// still marked `running` becomes `interrupted` with `note`.
+    pub async fn finish_recovery(
+        &self,
+        run_id: &str,
+        state: Option<&MappingState>,
+        note: &str,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(self.err())?;
         if let Some(state) = state {
-            sqlx::query(
-                "INSERT INTO mapping_state (mapping, model, baseline_snapshot_id, exceptions_path, \
-                 exceptions_rows, last_run_id, last_success_at) VALUES (?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (mapping) DO UPDATE SET model = excluded.model, \
-                 baseline_snapshot_id = excluded.baseline_snapshot_id, \
-                 exceptions_path = excluded.exceptions_path, exceptions_rows = excluded.exceptions_rows, \
-                 last_run_id = excluded.last_run_id, last_success_at = excluded.last_success_at",
-            )
-            .bind(&state.mapping)
-            .bind(&state.model)
-            .bind(&state.baseline_snapshot_id)
-            .bind(&state.exceptions_path)
-            .bind(state.exceptions_rows as i64)
-            .bind(&state.last_run_id)
-            .bind(state.last_success_at.to_rfc3339())
+            upsert_state(self.backend, &mut tx, state)
+                .await
+                .map_err(self.err())?;
+        }
+        sqlx::query(self.sql("DELETE FROM run_checkpoints WHERE run_id = ?"))
+            .bind(run_id)
             .execute(&mut *tx)
             .await
             .map_err(self.err())?;
+        sqlx::query(self.sql(
+            "UPDATE runs SET status = 'interrupted', finished_at = COALESCE(finished_at, ?), \
+             error = COALESCE(error, 'the process running it stopped before the run finished') \
+             WHERE id = ? AND status = 'running'",
+        ))
+        .bind(Utc::now().to_rfc3339())
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(self.err())?;
+        sqlx::query(self.sql("UPDATE runs SET settled = 1, error = COALESCE(error, '') || ? WHERE id = ?"))
+            .bind(format!(" ({note})"))
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.err())?;
+        tx.commit().await.map_err(self.err())
+    }
+
+    /// Records a run's outcome and, when `state` is given, moves the mapping's baseline, in one
+    /// transaction: the commit point of a run. Moving the baseline needs the mapping's lease
+    /// (a run whose lease lapsed and was taken over commits nothing); the run's checkpoints,
+    /// now part of the state, are dropped.
+    pub async fn commit_run(&self, run: &RunRecord, state: Option<&MappingState>) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(self.err())?;
+        if let Some(state) = state {
+            if !renew_in(
+                self.backend,
+                &mut tx,
+                &run.mapping,
+                &run.id,
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(self.err())?
+            {
+                return Err(EngineError::LeaseLost {
+                    mapping: run.mapping.clone(),
+                    run_id: run.id.clone(),
+                });
+            }
+            upsert_state(self.backend, &mut tx, state)
+                .await
+                .map_err(self.err())?;
+            sqlx::query(self.sql("UPDATE runs SET settled = 1 WHERE id = ?"))
+                .bind(&run.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.err())?;
+            sqlx::query(self.sql("DELETE FROM run_checkpoints WHERE run_id = ?"))
+                .bind(&run.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.err())?;
         }
+        update_run(self.backend, &mut tx, run).await.map_err(self.err())?;
         tx.commit().await.map_err(self.err())?;
         Ok(())
     }
 
+    /// The latest run of each mapping (for the scheduler's interval anchors).
+    pub async fn last_runs(&self) -> Result<std::collections::HashMap<String, RunRecord>> {
+        let rows = sqlx::query(self.sql(
+            "SELECT * FROM runs r WHERE started_at = (SELECT MAX(started_at) FROM runs WHERE mapping = r.mapping)"),
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(rows
+            .iter()
+            .map(run_from_row)
+            .map(|r| (r.mapping.clone(), r))
+            .collect())
+    }
+
     pub async fn run(&self, id: &str) -> Result<Option<RunRecord>> {
-        let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
+        let row = sqlx::query(self.sql("SELECT * FROM runs WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await
@@ -436,23 +754,59 @@ impl MetadataStore {
         Ok(row.map(|r| run_from_row(&r)))
     }
 
-    /// Most recent runs first.
-    pub async fn runs(&self, mapping: Option<&str>, limit: u32) -> Result<Vec<RunRecord>> {
+    /// A run by its id or the tail of its id (as `sluice runs` shows it); `Err(Usage)` when the
+    /// tail fits several runs.
+    pub async fn find_run(&self, id: &str) -> Result<Option<RunRecord>> {
+        if let Some(run) = self.run(id).await? {
+            return Ok(Some(run));
+        }
+        if id.len() < 6 {
+            return Ok(None);
+        }
         let rows = sqlx::query(
-            "SELECT * FROM runs WHERE (?1 IS NULL OR mapping = ?1) ORDER BY started_at DESC, id DESC LIMIT ?2",
+            self.sql("SELECT * FROM runs WHERE id LIKE '%' || ? ORDER BY started_at DESC LIMIT 2"),
         )
-        .bind(mapping)
-        .bind(limit as i64)
+        .bind(id)
         .fetch_all(&self.pool)
         .await
         .map_err(self.err())?;
+        match rows.len() {
+            0 => Ok(None),
+            1 => Ok(Some(run_from_row(&rows[0]))),
+            _ => Err(EngineError::Usage(format!(
+                "`{id}` ends more than one run id; give more of it"
+            ))),
+        }
+    }
+
+    /// Most recent runs first.
+    pub async fn runs(&self, mapping: Option<&str>, limit: u32) -> Result<Vec<RunRecord>> {
+        let query = match mapping {
+            Some(mapping) => sqlx::query(
+                self.sql("SELECT * FROM runs WHERE mapping = ? ORDER BY started_at DESC, id DESC LIMIT ?"),
+            )
+            .bind(mapping),
+            None => sqlx::query(self.sql("SELECT * FROM runs ORDER BY started_at DESC, id DESC LIMIT ?")),
+        };
+        let rows = query
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err())?;
         Ok(rows.iter().map(run_from_row).collect())
     }
 
-    pub async fn failures(&self, run_id: &str, limit: u32) -> Result<Vec<FailureRow>> {
-        let rows = sqlx::query("SELECT * FROM run_failures WHERE run_id = ? ORDER BY rowid LIMIT ?")
+    /// A run's failed records, in the order they failed, from `offset`.
+    pub async fn failures(&self, run_id: &str, offset: u64, limit: u32) -> Result<Vec<FailureRow>> {
+        // (Failures are kept in insertion order: SQLite's rowid, Postgres's `seq`.)
+        let sql = match self.backend {
+            Backend::Sqlite => "SELECT * FROM run_failures WHERE run_id = ? ORDER BY rowid LIMIT ? OFFSET ?",
+            Backend::Postgres => "SELECT * FROM run_failures WHERE run_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+        };
+        let rows = sqlx::query(self.sql(sql))
             .bind(run_id)
             .bind(limit as i64)
+            .bind(offset as i64)
             .fetch_all(&self.pool)
             .await
             .map_err(self.err())?;
@@ -464,6 +818,11 @@ impl MetadataStore {
                 error: r.get("error"),
                 attempts: r.get("attempts"),
                 first_failed_at: parse_time(r.get("first_failed_at")),
+                last_failed_at: r
+                    .get::<Option<String>, _>("last_failed_at")
+                    .map(|t| parse_time(&t))
+                    .unwrap_or_else(|| parse_time(r.get("first_failed_at"))),
+                payload: r.get("payload"),
             })
             .collect())
     }
@@ -473,7 +832,128 @@ impl MetadataStore {
     }
 }
 
-fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
+async fn renew_in(
+    backend: Backend,
+    tx: &mut AnyConnection,
+    mapping: &str,
+    run_id: &str,
+    ttl: Duration,
+) -> sqlx::Result<bool> {
+    let expires = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
+    let renewed =
+        sqlx::query(backend.sql("UPDATE leases SET expires_at = ? WHERE mapping = ? AND run_id = ?"))
+            .bind(expires.to_rfc3339())
+            .bind(mapping)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    Ok(renewed == 1)
+}
+
+/// Failed records in bulk: one statement per thousand, never one per record.
+async fn insert_failures(
+    backend: Backend,
+    tx: &mut AnyConnection,
+    run_id: &str,
+    failures: &[FailureRow],
+) -> sqlx::Result<()> {
+    const COLUMNS: usize = 8;
+    for chunk in failures.chunks(1000) {
+        let mut sql = String::from(
+            "INSERT INTO run_failures (run_id, record_key, op, error, attempts, first_failed_at, last_failed_at, payload) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            sql.push_str(&["?"; COLUMNS].join(", "));
+            sql.push(')');
+        }
+        let mut query = sqlx::query(backend.sql(&sql));
+        for f in chunk {
+            query = query
+                .bind(run_id)
+                .bind(f.record_key.as_str())
+                .bind(f.op.as_str())
+                .bind(f.error.as_str())
+                .bind(f.attempts)
+                .bind(f.first_failed_at.to_rfc3339())
+                .bind(f.last_failed_at.to_rfc3339())
+                .bind(f.payload.as_deref());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+async fn update_run(backend: Backend, tx: &mut AnyConnection, run: &RunRecord) -> sqlx::Result<()> {
+    sqlx::query(backend.sql(
+        "UPDATE runs SET status = ?, finished_at = ?, snapshot_id = ?, baseline_snapshot_id = ?, \
+         extracted = ?, added = ?, updated = ?, deleted = ?, sent = ?, delivered = ?, failed = ?, \
+         retried = ?, skipped = ?, extract_ms = ?, diff_ms = ?, deliver_ms = ?, schema_change = ?, \
+         error = ?, recommended_action = ? WHERE id = ?",
+    ))
+    .bind(run.status.as_str())
+    .bind(run.finished_at.map(|t| t.to_rfc3339()))
+    .bind(&run.snapshot_id)
+    .bind(&run.baseline_snapshot_id)
+    .bind(run.counts.extracted as i64)
+    .bind(run.counts.added as i64)
+    .bind(run.counts.updated as i64)
+    .bind(run.counts.deleted as i64)
+    .bind(run.counts.sent as i64)
+    .bind(run.counts.delivered as i64)
+    .bind(run.counts.failed as i64)
+    .bind(run.counts.retried as i64)
+    .bind(run.counts.skipped as i64)
+    .bind(run.timings.extract_ms as i64)
+    .bind(run.timings.diff_ms as i64)
+    .bind(run.timings.deliver_ms as i64)
+    .bind(&run.schema_change)
+    .bind(&run.error)
+    .bind(&run.recommended_action)
+    .bind(&run.id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn upsert_state(backend: Backend, tx: &mut AnyConnection, state: &MappingState) -> sqlx::Result<()> {
+    sqlx::query(backend.sql(
+        "INSERT INTO mapping_state (mapping, model, baseline_snapshot_id, exceptions_path, \
+         exceptions_rows, last_run_id, last_success_at) VALUES (?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (mapping) DO UPDATE SET model = excluded.model, \
+         baseline_snapshot_id = excluded.baseline_snapshot_id, \
+         exceptions_path = excluded.exceptions_path, exceptions_rows = excluded.exceptions_rows, \
+         last_run_id = excluded.last_run_id, last_success_at = excluded.last_success_at",
+    ))
+    .bind(&state.mapping)
+    .bind(&state.model)
+    .bind(&state.baseline_snapshot_id)
+    .bind(&state.exceptions_path)
+    .bind(state.exceptions_rows as i64)
+    .bind(&state.last_run_id)
+    .bind(state.last_success_at.to_rfc3339())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+fn state_from_row(row: &AnyRow) -> MappingState {
+    MappingState {
+        mapping: row.get("mapping"),
+        model: row.get("model"),
+        baseline_snapshot_id: row.get("baseline_snapshot_id"),
+        exceptions_path: row.get("exceptions_path"),
+        exceptions_rows: row.get::<i64, _>("exceptions_rows") as u64,
+        last_run_id: row.get("last_run_id"),
+        last_success_at: parse_time(row.get("last_success_at")),
+    }
+}
+
+fn run_from_row(r: &AnyRow) -> RunRecord {
     let count = |name: &str| r.get::<i64, _>(name) as u64;
     let millis = |name: &str| r.get::<Option<i64>, _>(name).unwrap_or(0) as u64;
     RunRecord {
@@ -482,7 +962,8 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
         model: r.get("model"),
         destination: r.get("destination"),
         status: RunStatus::parse(r.get("status")).unwrap_or(RunStatus::Failed),
-        full_resync: r.get("full_resync"),
+        trigger: Trigger::parse(r.get("run_trigger")).unwrap_or_default(),
+        full_resync: r.get::<i64, _>("full_resync") != 0,
         started_at: parse_time(r.get("started_at")),
         finished_at: r.get::<Option<String>, _>("finished_at").map(|t| parse_time(&t)),
         snapshot_id: r.get("snapshot_id"),
@@ -492,8 +973,10 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
             added: count("added"),
             updated: count("updated"),
             deleted: count("deleted"),
+            sent: count("sent"),
             delivered: count("delivered"),
             failed: count("failed"),
+            retried: count("retried"),
             skipped: count("skipped"),
         },
         timings: StageTimings {
@@ -503,6 +986,18 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
         },
         schema_change: r.get("schema_change"),
         error: r.get("error"),
+        recommended_action: r.get("recommended_action"),
+    }
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -553,6 +1048,8 @@ mod tests {
                     error: "bad".into(),
                     attempts: 1,
                     first_failed_at: Utc::now(),
+                    last_failed_at: Utc::now(),
+                    payload: Some(r#"{"id":1}"#.into()),
                 }],
             )
             .await
@@ -563,20 +1060,32 @@ mod tests {
         let state = MappingState {
             mapping: "m".into(),
             model: "users".into(),
-            baseline_snapshot_id: "s1".into(),
+            baseline_snapshot_id: Some("s1".into()),
             exceptions_path: Some("mappings/m/exceptions/r1.parquet".into()),
             exceptions_rows: 1,
             last_run_id: "r1".into(),
             last_success_at: run.started_at,
         };
+        // Moving the baseline needs the mapping's lease.
+        assert!(matches!(
+            store.commit_run(&run, Some(&state)).await,
+            Err(EngineError::LeaseLost { .. })
+        ));
+        assert_eq!(
+            store
+                .acquire_lease("m", "r1", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            None
+        );
         store.commit_run(&run, Some(&state)).await.unwrap();
         let stored = store.mapping_state("m").await.unwrap().unwrap();
-        assert_eq!(stored.baseline_snapshot_id, "s1");
+        assert_eq!(stored.baseline_snapshot_id.as_deref(), Some("s1"));
         assert_eq!(stored.exceptions_rows, 1);
         let runs = store.runs(Some("m"), 10).await.unwrap();
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].status, RunStatus::Partial);
-        assert_eq!(store.failures("r1", 10).await.unwrap().len(), 1);
+        assert_eq!(store.failures("r1", 0, 10).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

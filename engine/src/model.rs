@@ -92,6 +92,9 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// Rows one extraction may return; more fails the run before anything is sent.
     pub max_records_per_run: u64,
+    /// Records delivered between two commit points of a run: after a crash at most this many
+    /// are sent again. Lower means fewer re-sends and more metadata writes.
+    pub records_per_checkpoint: usize,
 }
 
 impl Default for Limits {
@@ -103,6 +106,7 @@ impl Default for Limits {
             max_record_bytes: 512 * 1024,
             max_value_bytes: 128 * 1024,
             max_records_per_run: 150_000_000,
+            records_per_checkpoint: 8192,
         }
     }
 }

@@ -7,10 +7,15 @@
 //! 3. **Deliver**: the changed rows the mapping selects are read in full, mapped, encoded and
 //!    sent through the shared delivery layer; every record's result is kept. Records the
 //!    destination did not accept are appended to the run's exceptions file.
+//!    Every delivered batch (at most `limits.records_per_checkpoint` records) ends in a
+//!    **checkpoint** ([`crate::checkpoint`]): its results are written beside the snapshots and
+//!    recorded in one metadata transaction. That is the commit point of a batch.
 //! 4. **Commit**: one metadata transaction records the run and moves the mapping's baseline to
-//!    the new snapshot plus the exceptions file. Until then the previous baseline stands, so a run
-//!    that fails or is killed part way is simply done again by the next run, and nothing the
-//!    destination has not acknowledged is ever marked as sent.
+//!    the new snapshot plus the exceptions file: the commit point of the run. A run that stops
+//!    before it (killed, shut down, failed part way) leaves the previous baseline standing, and
+//!    the next run first folds the stopped run's checkpoints into it, so it sends only what the
+//!    destination had not acknowledged at the last checkpoint (at most the batch that was in
+//!    flight is sent again, with the same message ids).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -23,16 +28,18 @@ use chrono::{DateTime, Utc};
 use datafusion::error::DataFusionError;
 use futures::{StreamExt, TryStreamExt};
 use sluice_snapshots::{ROW_HASH_COLUMN, SnapshotManifest, SnapshotSpec, SnapshotWriter};
+use tracing::Instrument;
 
+use crate::checkpoint::{CheckpointWriter, fold};
 use crate::config::{MappingConfig, Op};
 use crate::delivery::deliver;
 use crate::destination::{DestinationWriter, RunInfo};
 use crate::diff::{BASE_HASH, Baseline, ChangeCounts, Differ, NEW_HASH, OP};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result, SourceError};
-use crate::exceptions::{ExceptionsWriter, FailedRecord};
+use crate::exceptions::{ExceptionsWriter, FailedRecord, StateRows};
 use crate::mapping::MappingPlan;
-use crate::metadata::{FailureRow, MappingState, RunRecord, RunStatus};
+use crate::metadata::{FailureRow, MappingState, RunRecord, RunStatus, Trigger};
 use crate::model::{TemplateValues, render_sql};
 use crate::source::ModelQuery;
 
@@ -46,6 +53,37 @@ pub struct RunRequest {
     pub mappings: Vec<String>,
     /// Ignore the baseline and send every row as added (a backfill).
     pub full: bool,
+    /// What started the run (a full run is recorded as a backfill).
+    pub trigger: Trigger,
+}
+
+/// A request to stop: runs finish the batch in flight, checkpoint it, and end `interrupted`.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    requested: Arc<std::sync::atomic::AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Shutdown {
+    pub fn request(&self) {
+        self.requested.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once a shutdown is requested.
+    pub async fn requested(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_requested() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Where a dry run writes the requests it would send: one JSON object per line,
@@ -179,7 +217,15 @@ impl Engine {
         }
         let mut records = Vec::new();
         for (model, mappings) in by_model {
-            records.extend(self.run_model(&model, &mappings, request.full, observer).await?);
+            let trigger = if request.full {
+                Trigger::Backfill
+            } else {
+                request.trigger
+            };
+            records.extend(
+                self.run_model(&model, &mappings, request.full, trigger, observer)
+                    .await?,
+            );
         }
         Ok(records)
     }
@@ -189,6 +235,7 @@ impl Engine {
         model: &str,
         mappings: &[String],
         full: bool,
+        trigger: Trigger,
         observer: &dyn RunObserver,
     ) -> Result<Vec<RunRecord>> {
         // Each mapping's run first claims the mapping; one whose previous run is still going
@@ -198,10 +245,28 @@ impl Engine {
         for mapping in mappings {
             let config = &self.project.config.mappings[mapping];
             let mut run = RunRecord::starting(mapping, model, &config.destination, full);
+            run.trigger = trigger;
             match self.metadata.acquire_lease(mapping, &run.id, LEASE_TTL).await? {
                 None => {
                     self.metadata.start_run(&run).await?;
-                    runs.push(run);
+                    // Whatever an earlier run delivered and did not commit becomes part of the
+                    // mapping's state first.
+                    match self.recover(mapping, &run.id).await {
+                        Ok(()) => runs.push(run),
+                        Err(e) => {
+                            tracing::error!(mapping, error = %e, "could not take in an earlier run's checkpoints");
+                            run.status = RunStatus::Failed;
+                            run.finished_at = Some(Utc::now());
+                            run.recommended_action = e.recommended_action();
+                            run.error = Some(format!(
+                                "taking in the results of an earlier run that did not finish: {e}"
+                            ));
+                            self.metadata.commit_run(&run, None).await?;
+                            self.metadata.release_lease(mapping, &run.id).await?;
+                            self.finish_run(observer, &run).await;
+                            skipped.push(run);
+                        }
+                    }
                 }
                 Some(holder) => {
                     run.status = RunStatus::Skipped;
@@ -215,9 +280,7 @@ impl Engine {
                     tracing::warn!(mapping, holder = %holder.holder, "a run of this mapping is still going; skipped");
                     self.metadata.start_run(&run).await?;
                     self.metadata.commit_run(&run, None).await?;
-                    observer.on_event(RunEvent::MappingFinished {
-                        run: Box::new(run.clone()),
-                    });
+                    self.finish_run(observer, &run).await;
                     skipped.push(run);
                 }
             }
@@ -245,66 +308,85 @@ impl Engine {
                 tracing::warn!(mapping, error = %e, "could not release the run's lease; it lapses by itself");
             }
         }
-        let mut finished = result?;
-        finished.extend(skipped);
-        Ok(finished)
+        let mut done = result?;
+        done.extend(skipped);
+        Ok(done)
     }
 
     /// Runs mappings of one model whose leases this process holds.
     async fn run_leased(
         &self,
         model: &str,
-        runs: Vec<RunRecord>,
+        mut runs: Vec<RunRecord>,
         full: bool,
         observer: &dyn RunObserver,
     ) -> Result<Vec<RunRecord>> {
         let template = self.template_values(model, runs[0].started_at).await?;
         let started = Instant::now();
-        let extracted = self.extract(model, &runs[0].id, &template, observer).await;
+        let run_ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        let span = tracing::info_span!("extract", model, run_ids = ?run_ids);
+        let extracted = self
+            .extract(model, &runs[0].id, &template, observer)
+            .instrument(span)
+            .await;
         let extract_ms = started.elapsed().as_millis() as u64;
         let manifest = match extracted {
             Ok(manifest) => Arc::new(manifest),
             Err(e) => {
                 let message = e.to_string();
                 tracing::error!(model, error = %message, "extraction failed");
-                let mut finished = Vec::new();
+                let status = stopped_status(&e);
+                let mut done = Vec::new();
                 for mut run in runs {
-                    run.status = RunStatus::Failed;
+                    run.status = status;
                     run.finished_at = Some(Utc::now());
                     run.timings.extract_ms = extract_ms;
                     run.error = Some(message.clone());
+                    run.recommended_action = e.recommended_action();
                     self.metadata.commit_run(&run, None).await?;
-                    observer.on_event(RunEvent::MappingFinished {
-                        run: Box::new(run.clone()),
-                    });
-                    finished.push(run);
+                    self.finish_run(observer, &run).await;
+                    done.push(run);
                 }
-                return Ok(finished);
+                return Ok(done);
             }
         };
-        let mut finished = Vec::new();
-        for mut run in runs {
+        let mut done = Vec::new();
+        for run in &mut runs {
             run.snapshot_id = Some(manifest.id.clone());
             run.counts.extracted = manifest.rows;
             run.timings.extract_ms = extract_ms;
+            // The snapshot is in use from now on (retention keeps snapshots of running runs).
+            self.metadata.update_run(run).await?;
+        }
+        for mut run in runs {
             let config = self.project.config.mappings[&run.mapping].clone();
+            // Every log line of the run carries its id and mapping.
+            let span =
+                tracing::info_span!("run", run_id = %run.id, mapping = %run.mapping, trigger = %run.trigger);
             let outcome = self
                 .run_mapping(&mut run, &config, manifest.clone(), full, observer, None)
+                .instrument(span)
                 .await;
             if let Err(e) = outcome {
                 let message = e.to_string();
-                tracing::error!(mapping = run.mapping, error = %message, "run failed");
-                run.status = RunStatus::Failed;
+                run.status = stopped_status(&e);
+                if run.status == RunStatus::Interrupted {
+                    tracing::warn!(
+                        mapping = run.mapping,
+                        "run stopped at a checkpoint by a shutdown request"
+                    );
+                } else {
+                    tracing::error!(mapping = run.mapping, error = %message, "run failed");
+                }
                 run.finished_at = Some(Utc::now());
+                run.recommended_action = e.recommended_action();
                 run.error = Some(message);
                 self.metadata.commit_run(&run, None).await?;
             }
-            observer.on_event(RunEvent::MappingFinished {
-                run: Box::new(run.clone()),
-            });
-            finished.push(run);
+            self.finish_run(observer, &run).await;
+            done.push(run);
         }
-        Ok(finished)
+        Ok(done)
     }
 
     /// Computes what a run of `mapping` would send and writes it to `sink`: the model is
@@ -443,6 +525,12 @@ impl Engine {
             return Err(snapshot_error(e));
         }
         loop {
+            if self.shutdown.is_requested() {
+                writer.abort().await;
+                return Err(EngineError::Interrupted(format!(
+                    "stopped while extracting model `{model}`; nothing was sent"
+                )));
+            }
             let next = stream.next().await;
             let batch = match next {
                 None => break,
@@ -508,9 +596,9 @@ impl Engine {
             ),
             _ => None,
         };
-        if let Some(baseline) = &baseline {
-            run.baseline_snapshot_id = Some(baseline.snapshot.id.clone());
-            run.schema_change = manifest.schema_change_since(&baseline.snapshot);
+        if let Some(snapshot) = baseline.as_ref().and_then(|b| b.snapshot.as_ref()) {
+            run.baseline_snapshot_id = Some(snapshot.id.clone());
+            run.schema_change = manifest.schema_change_since(snapshot);
             if let Some(change) = &run.schema_change {
                 tracing::info!(mapping, change, "the model's columns changed since the baseline");
             }
@@ -543,7 +631,18 @@ impl Engine {
             .take(manifest.key_columns.len())
             .map(|f| f.as_ref().clone())
             .collect();
+        let state_rows = StateRows::new(key_fields.clone());
         let mut exceptions = ExceptionsWriter::new(self.snapshots.clone(), &mapping, &run.id, key_fields);
+        // A dry run sends nothing, so it has nothing to checkpoint.
+        let checkpoints = dry_run.is_none().then(|| {
+            CheckpointWriter::new(
+                self.snapshots.clone(),
+                &mapping,
+                &run.id,
+                &manifest.id,
+                state_rows.clone(),
+            )
+        });
         let mut delivery = Delivery {
             engine: self,
             run,
@@ -551,7 +650,10 @@ impl Engine {
             writer: writer.as_ref(),
             destination: config.destination.clone(),
             policy: &policy,
+            state_rows,
             exceptions: &mut exceptions,
+            checkpoints,
+            records_per_checkpoint: self.project.config.limits.records_per_checkpoint.max(1),
             failures: Vec::new(),
             dry_run,
         };
@@ -563,11 +665,7 @@ impl Engine {
         let outcome = delivery
             .all_buckets(&differ, &send, &manifests, observer, baseline.is_none())
             .await;
-        let result = match outcome {
-            Ok(()) => delivery.flush_failures().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
+        if let Err(e) = outcome {
             writer.abort().await;
             exceptions.abort().await;
             return Err(e);
@@ -590,6 +688,10 @@ impl Engine {
             None => (None, 0),
         };
         run.status = if run.counts.failed > 0 {
+            run.recommended_action = Some(format!(
+                "{} record(s) failed and will be sent again by every later run; `sluice failures {}` lists them with the destination's errors",
+                run.counts.failed, run.id
+            ));
             RunStatus::Partial
         } else {
             RunStatus::Succeeded
@@ -607,13 +709,87 @@ impl Engine {
         let new_state = MappingState {
             mapping: mapping.clone(),
             model: run.model.clone(),
-            baseline_snapshot_id: manifest.id.clone(),
+            baseline_snapshot_id: Some(manifest.id.clone()),
             exceptions_path,
             exceptions_rows,
             last_run_id: run.id.clone(),
             last_success_at,
         };
         self.metadata.commit_run(run, Some(&new_state)).await?;
+        // The checkpoints are part of the committed state now.
+        self.remove_checkpoint_files(&mapping, &run.id).await;
+        Ok(())
+    }
+
+    async fn remove_checkpoint_files(&self, mapping: &str, run_id: &str) {
+        let dir = CheckpointWriter::dir(mapping, run_id);
+        match self.snapshots.list(&dir).await {
+            Ok(paths) => {
+                for path in paths {
+                    if let Err(e) = self.snapshots.delete(&path).await {
+                        tracing::debug!(path, error = %e, "could not remove a checkpoint file; retention removes it later");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(dir, error = %e, "could not list checkpoint files"),
+        }
+    }
+
+    /// Reports a finished run: metrics, alerts, and the observer.
+    async fn finish_run(&self, observer: &dyn RunObserver, run: &RunRecord) {
+        crate::metrics::run_finished(run);
+        if let (Some(sender), Some(config)) = (
+            &self.alert_sender,
+            self.project.mapping(&run.mapping).and_then(|m| m.alerts.as_ref()),
+        ) {
+            let recent = match self.metadata.runs(Some(&run.mapping), 7).await {
+                Ok(runs) => runs,
+                Err(e) => {
+                    tracing::warn!(mapping = run.mapping, error = %e, "cannot read recent runs for alerts");
+                    Vec::new()
+                }
+            };
+            let alerts = crate::alerts::evaluate(config, run, &recent);
+            crate::alerts::send(sender, config, &alerts).await;
+        }
+        observer.on_event(RunEvent::MappingFinished {
+            run: Box::new(run.clone()),
+        });
+    }
+
+    /// Takes the checkpoints of earlier runs of `mapping` that never committed into the
+    /// mapping's state (the caller holds the mapping's lease, so those runs are over).
+    pub(crate) async fn recover(&self, mapping: &str, current_run: &str) -> Result<()> {
+        for stopped in self.metadata.runs_to_recover(mapping, current_run).await? {
+            let checkpoints = self.metadata.checkpoints(&stopped.id).await?;
+            let intents: Vec<String> = self
+                .snapshots
+                .list(&CheckpointWriter::dir(mapping, &stopped.id))
+                .await?
+                .into_iter()
+                .filter(|p| p.ends_with(crate::checkpoint::INTENT_SUFFIX))
+                .collect();
+            let state = self.metadata.mapping_state(mapping).await?;
+            let folded = fold(&self.snapshots, state.as_ref(), &stopped, &checkpoints, &intents).await?;
+            let acknowledged: u64 = checkpoints.iter().map(|c| c.acknowledged).sum();
+            let note = if checkpoints.is_empty() {
+                "it had delivered nothing".to_string()
+            } else {
+                format!(
+                    "the {acknowledged} records it delivered up to its last checkpoint were kept; run {current_run} sends the rest"
+                )
+            };
+            tracing::info!(
+                mapping,
+                run = stopped.id,
+                acknowledged,
+                "took in the checkpoints of a run that did not finish"
+            );
+            self.metadata
+                .finish_recovery(&stopped.id, folded.as_ref(), &note)
+                .await?;
+            self.remove_checkpoint_files(mapping, &stopped.id).await;
+        }
         Ok(())
     }
 
@@ -686,42 +862,32 @@ impl Engine {
                 state.model, manifest.model
             )));
         }
-        let snapshot = self
-            .snapshots
-            .snapshot(&state.model, &state.baseline_snapshot_id)
-            .await
-            .map_err(|e| incompatible(e.to_string()))?;
-        if snapshot.key_columns != manifest.key_columns {
-            return Err(incompatible(format!(
-                "the primary key changed from ({}) to ({})",
-                snapshot.key_columns.join(", "),
-                manifest.key_columns.join(", ")
-            )));
-        }
-        let snapshot = Arc::new(snapshot);
-        manifests.insert(snapshot.id.clone(), snapshot.clone());
+        let snapshot = match &state.baseline_snapshot_id {
+            Some(id) => {
+                let snapshot = self
+                    .snapshots
+                    .snapshot(&state.model, id)
+                    .await
+                    .map_err(|e| incompatible(e.to_string()))?;
+                if snapshot.key_columns != manifest.key_columns {
+                    return Err(incompatible(format!(
+                        "the primary key changed from ({}) to ({})",
+                        snapshot.key_columns.join(", "),
+                        manifest.key_columns.join(", ")
+                    )));
+                }
+                let snapshot = Arc::new(snapshot);
+                manifests.insert(snapshot.id.clone(), snapshot.clone());
+                Some(snapshot)
+            }
+            None => None,
+        };
         if let Some(path) = &state.exceptions_path {
             // Deleted records may need rows from older snapshots the exceptions point at.
-            let ctx = crate::diff::diff_context();
-            self.snapshots.register_with(&ctx);
-            let ids = ctx
-                .read_parquet(
-                    self.snapshots.url(path).to_string(),
-                    datafusion::prelude::ParquetReadOptions::default(),
-                )
+            let ids = crate::exceptions::referenced_snapshot_ids(&self.snapshots, path)
                 .await
-                .and_then(|df| {
-                    df.select(vec![datafusion::prelude::cast(
-                        datafusion::prelude::ident(crate::diff::BASE_SNAPSHOT),
-                        arrow::datatypes::DataType::Utf8,
-                    )])?
-                    .distinct()
-                })
-                .map_err(|e| incompatible(format!("its exceptions file {path} is unreadable: {e}")))?
-                .collect()
-                .await
-                .map_err(|e| incompatible(format!("its exceptions file {path} is unreadable: {e}")))?;
-            for id in crate::exceptions::referenced_snapshots(&ids) {
+                .map_err(|e| incompatible(e.to_string()))?;
+            for id in ids {
                 if !manifests.contains_key(&id)
                     && let Ok(old) = self.snapshots.snapshot(&state.model, &id).await
                 {
@@ -747,6 +913,15 @@ impl Engine {
                 .cloned()
                 .collect::<Vec<_>>(),
         ))
+    }
+}
+
+/// How a run that stopped on `error` ends: interrupted when a shutdown stopped it, else failed.
+/// Either way its checkpoints stand, and the next run takes them in.
+fn stopped_status(error: &EngineError) -> RunStatus {
+    match error {
+        EngineError::Interrupted(_) => RunStatus::Interrupted,
+        _ => RunStatus::Failed,
     }
 }
 
@@ -778,8 +953,12 @@ struct Delivery<'a> {
     writer: &'a dyn DestinationWriter,
     destination: String,
     policy: &'a crate::destination::DeliveryPolicy,
+    state_rows: StateRows,
     exceptions: &'a mut ExceptionsWriter,
-    /// Failed records not yet written to the metadata store.
+    /// `None` for a dry run.
+    checkpoints: Option<CheckpointWriter>,
+    records_per_checkpoint: usize,
+    /// Failed records not yet written to the metadata store (they go with the next checkpoint).
     failures: Vec<FailureRow>,
     /// Set for `--dry-run`: requests are written here instead of being sent.
     dry_run: Option<&'a DryRunSink>,
@@ -886,8 +1065,22 @@ impl Delivery<'_> {
             source,
         });
         while let Some(batch) = stream.try_next().await? {
-            if batch.num_rows() > 0 {
-                self.deliver_batch(&batch).await?;
+            // A batch is a commit point; a shutdown stops the run between two of them.
+            let mut offset = 0;
+            while offset < batch.num_rows() {
+                if self.engine.shutdown.is_requested() {
+                    return Err(EngineError::Interrupted(format!(
+                        "mapping `{}` stopped after {} records; they are kept, and the next run sends the rest",
+                        self.run.mapping,
+                        self.run.counts.delivered + self.run.counts.failed
+                    )));
+                }
+                let length = self.records_per_checkpoint.min(batch.num_rows() - offset);
+                let span = tracing::debug_span!("batch", records = length);
+                self.deliver_batch(&batch.slice(offset, length))
+                    .instrument(span)
+                    .await?;
+                offset += length;
             }
         }
         Ok(())
@@ -928,8 +1121,17 @@ impl Delivery<'_> {
         let blocked = self
             .engine
             .blocked_records(encoded.unsendable, &outgoing, self.policy);
+        let blocked_count = blocked.len() as u64;
         if let Some(sink) = self.dry_run {
             return self.write_dry_run(sink, &outgoing, &blocked).await;
+        }
+        if let Some(checkpoints) = &self.checkpoints {
+            // What this batch adds is uncertain at the destination until its checkpoint.
+            let adding: Vec<usize> = (0..outgoing.len())
+                .filter(|i| outgoing.ops[*i] == Op::Added)
+                .filter(|i| blocked.binary_search_by_key(i, |f| f.index).is_err())
+                .collect();
+            checkpoints.write_intent(batch, &adding).await?;
         }
         let started = Instant::now();
         let delivered = if blocked.is_empty() {
@@ -948,6 +1150,15 @@ impl Delivery<'_> {
                     result
                 })
         };
+        let retried = batch
+            .column_by_name(crate::diff::ATTEMPTS)
+            .and_then(|a| arrow::compute::cast(a, &arrow::datatypes::DataType::Int64).ok())
+            .map_or(0, |a| {
+                a.as_primitive::<arrow::datatypes::Int64Type>()
+                    .iter()
+                    .filter(|n| n.unwrap_or(0) > 0)
+                    .count() as u64
+            });
         let mut result = delivered.map_err(|stopped| crate::error::DestinationError::Failed {
             destination: self.destination.clone(),
             message: format!(
@@ -956,6 +1167,11 @@ impl Delivery<'_> {
             ),
         })?;
         if result.retries + result.rate_limited > 0 {
+            crate::metrics::delivery_waits(
+                &self.destination,
+                result.retries as u64,
+                result.rate_limited as u64,
+            );
             tracing::debug!(
                 mapping = self.run.mapping,
                 retries = result.retries,
@@ -964,34 +1180,63 @@ impl Delivery<'_> {
             );
         }
         result.failures.sort_by_key(|f| f.index);
+        result.failures.dedup_by_key(|f| f.index);
         self.run.timings.deliver_ms += started.elapsed().as_millis() as u64;
         let failed = result.failures.len() as u64;
+        self.run.counts.sent += outgoing.len() as u64 - blocked_count;
         self.run.counts.delivered += outgoing.len() as u64 - failed;
         self.run.counts.failed += failed;
-        if result.failures.is_empty() {
-            return Ok(());
-        }
-        let failed_records: Vec<FailedRecord> = result
-            .failures
-            .iter()
-            .map(|f| FailedRecord {
-                row: f.index,
-                error: f.error.clone(),
-            })
-            .collect();
-        let now = Utc::now();
-        let attempts = self.exceptions.append(batch, &failed_records, now).await?;
-        for (failure, (attempts, first_failed_at)) in result.failures.iter().zip(attempts) {
-            self.failures.push(FailureRow {
-                record_key: String::from_utf8_lossy(outgoing.keys.get(failure.index)).into_owned(),
-                op: outgoing.ops[failure.index].as_str().to_string(),
-                error: failure.error.clone(),
-                attempts,
-                first_failed_at,
-            });
-        }
-        if self.failures.len() >= 1000 {
-            self.flush_failures().await?;
+        self.run.counts.retried += retried;
+        let failed_rows = if result.failures.is_empty() {
+            None
+        } else {
+            let failed_records: Vec<FailedRecord> = result
+                .failures
+                .iter()
+                .map(|f| FailedRecord {
+                    row: f.index,
+                    error: f.error.clone(),
+                })
+                .collect();
+            let now = Utc::now();
+            let (rows, attempts) = self.state_rows.failed(batch, &failed_records, now)?;
+            self.exceptions.write(&rows).await?;
+            for (failure, (attempts, first_failed_at)) in result.failures.iter().zip(attempts) {
+                self.failures.push(FailureRow {
+                    record_key: String::from_utf8_lossy(outgoing.keys.get(failure.index)).into_owned(),
+                    op: outgoing.ops[failure.index].as_str().to_string(),
+                    error: failure.error.clone(),
+                    attempts,
+                    first_failed_at,
+                    last_failed_at: now,
+                    payload: Some(sample_payload(outgoing.bodies.get(failure.index))),
+                });
+            }
+            Some(rows)
+        };
+        // The batch's commit point.
+        let acknowledged: Vec<usize> = {
+            let mut failed_at = result.failures.iter().map(|f| f.index).peekable();
+            (0..outgoing.len())
+                .filter(|i| {
+                    if failed_at.peek() == Some(i) {
+                        failed_at.next();
+                        false
+                    } else {
+                        true
+                    }
+                })
+                .collect()
+        };
+        if let Some(checkpoints) = self.checkpoints.as_mut() {
+            let checkpoint = checkpoints
+                .write(batch, &acknowledged, failed_rows.as_ref())
+                .await?;
+            let failures = std::mem::take(&mut self.failures);
+            self.engine
+                .metadata
+                .checkpoint(self.run, &checkpoint, &failures, LEASE_TTL)
+                .await?;
         }
         Ok(())
     }
@@ -1033,12 +1278,18 @@ impl Delivery<'_> {
         sink.write(&lines)
             .map_err(|e| EngineError::Internal(format!("writing the dry run's output: {e}")))
     }
+}
 
-    async fn flush_failures(&mut self) -> Result<()> {
-        if !self.failures.is_empty() {
-            let failures = std::mem::take(&mut self.failures);
-            self.engine.metadata.add_failures(&self.run.id, &failures).await?;
-        }
-        Ok(())
+/// A failed record's payload as kept for the failures list: the first 4 KiB.
+fn sample_payload(body: &[u8]) -> String {
+    const LIMIT: usize = 4096;
+    let text = String::from_utf8_lossy(body);
+    if text.len() <= LIMIT {
+        return text.into_owned();
     }
+    let mut end = LIMIT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }

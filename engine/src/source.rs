@@ -112,4 +112,9 @@ pub trait ConnectorFactory: Send + Sync {
         config: &ConnectorConfig,
         env: &ConnectorEnv,
     ) -> Result<Arc<dyn Destination>, String>;
+
+    /// What posts alerts (see [`crate::alerts`]); `None` when alerts cannot be sent.
+    fn alert_sender(&self) -> Option<Arc<dyn crate::alerts::AlertSender>> {
+        None
+    }
 }

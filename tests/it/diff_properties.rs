@@ -338,7 +338,7 @@ async fn datafusion_diff(case: &Case) -> (BTreeMap<Key, Op>, usize) {
         store,
         Arc::new(new.clone()),
         Some(Baseline {
-            snapshot: Arc::new(old.clone()),
+            snapshot: Some(Arc::new(old.clone())),
             exceptions: None,
         }),
     )

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod convergence;
 mod diff_properties;
+mod faults;
 mod mysql;
 mod postgres;
 mod postgres_destination;

@@ -295,6 +295,7 @@ impl<V: VendorApi> HttpWriter<V> {
         } else {
             request.body
         };
+        let started = std::time::Instant::now();
         let response = self
             .delivery
             .client
@@ -303,11 +304,19 @@ impl<V: VendorApi> HttpWriter<V> {
             .body(body)
             .send()
             .await
-            .map_err(|e| SendOutcome::Retry {
-                reason: format!("{}: {}", self.api.vendor(), describe_reqwest_error(&e)),
-                after: None,
+            .map_err(|e| {
+                sluice_engine::metrics::destination_request(self.api.vendor(), None, started.elapsed());
+                SendOutcome::Retry {
+                    reason: format!("{}: {}", self.api.vendor(), describe_reqwest_error(&e)),
+                    after: None,
+                }
             })?;
         let status = response.status();
+        sluice_engine::metrics::destination_request(
+            self.api.vendor(),
+            Some(status.as_u16()),
+            started.elapsed(),
+        );
         let headers = response.headers().clone();
         let body = response.text().await.map_err(|e| SendOutcome::Retry {
             reason: format!(

@@ -219,6 +219,7 @@ impl DestinationWriter for WebhookWriter {
 
     async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
         let body = Self::body(batch, range.clone());
+        let started = std::time::Instant::now();
         let response = match self
             .client
             .post(self.url.clone())
@@ -227,8 +228,16 @@ impl DestinationWriter for WebhookWriter {
             .send()
             .await
         {
-            Ok(response) => response,
+            Ok(response) => {
+                sluice_engine::metrics::destination_request(
+                    "webhook",
+                    Some(response.status().as_u16()),
+                    started.elapsed(),
+                );
+                response
+            }
             Err(e) => {
+                sluice_engine::metrics::destination_request("webhook", None, started.elapsed());
                 return SendOutcome::Retry {
                     reason: describe_reqwest_error(&e),
                     after: None,

@@ -1,0 +1,282 @@
+//! The scheduler of `sluice serve`: which mappings are due, and the loop that runs them.
+//!
+//! Each enabled mapping with a schedule has a next fire time. A tick compares the clock with
+//! them (a scan of plain timestamps, so a thousand mappings cost microseconds) and starts the
+//! due ones, grouped by model so that one extraction serves every due mapping of a model. A
+//! mapping whose previous run is still going is not started twice: the run's lease makes the
+//! new one record itself as skipped.
+//!
+//! Clocks: a fire time missed while sluice was down, or skipped over by a clock jumping
+//! forward, fires once (never replayed per missed slot); when the clock goes back, fire times
+//! are worked out again from the new time, so an interval schedule does not stall for the
+//! length of the jump.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::metadata::Trigger;
+use crate::run::{RunObserver, RunRequest};
+use crate::schedule::Schedule;
+
+/// One scheduled mapping.
+#[derive(Debug, Clone)]
+struct Entry {
+    mapping: String,
+    model: String,
+    schedule: Schedule,
+    /// Start of the latest run, the anchor of `every:` intervals.
+    last_start: Option<DateTime<Utc>>,
+    next_due: Option<DateTime<Utc>>,
+}
+
+/// Fire times of every scheduled mapping.
+#[derive(Debug, Clone, Default)]
+pub struct Scheduler {
+    entries: Vec<Entry>,
+    last_tick: Option<DateTime<Utc>>,
+}
+
+/// A mapping that is due, and its model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub mapping: String,
+    pub model: String,
+}
+
+impl Scheduler {
+    /// `mappings`: (mapping, model, schedule) of each enabled mapping; `last_starts`: when each
+    /// last ran.
+    pub fn new(
+        mappings: impl IntoIterator<Item = (String, String, Schedule)>,
+        last_starts: &HashMap<String, DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let entries = mappings
+            .into_iter()
+            .filter(|(_, _, schedule)| !matches!(schedule, Schedule::Manual))
+            .map(|(mapping, model, schedule)| {
+                let last_start = last_starts.get(&mapping).copied();
+                // A first interval run is due now; anything else at its next fire time.
+                let next_due = schedule.next_after(now, last_start);
+                Entry {
+                    mapping,
+                    model,
+                    schedule,
+                    last_start,
+                    next_due,
+                }
+            })
+            .collect();
+        Self {
+            entries,
+            last_tick: None,
+        }
+    }
+
+    /// The scheduled mappings of `engine`'s project (enabled ones only).
+    pub async fn for_engine(engine: &Engine, now: DateTime<Utc>) -> Result<Self> {
+        let last: HashMap<String, DateTime<Utc>> = engine
+            .metadata()
+            .last_runs()
+            .await?
+            .into_iter()
+            .map(|(mapping, run)| (mapping, run.started_at))
+            .collect();
+        let project = engine.project();
+        let mappings: Vec<(String, String, Schedule)> = project
+            .config
+            .mappings
+            .iter()
+            .filter(|(_, m)| m.enabled)
+            .map(|(name, m)| (name.clone(), m.model.clone(), project.schedule_of(name)))
+            .collect();
+        Ok(Self::new(mappings, &last, now))
+    }
+
+    /// Number of scheduled mappings.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The mappings due at `now`, and their next fire times set.
+    pub fn tick(&mut self, now: DateTime<Utc>) -> Vec<Due> {
+        if self.last_tick.is_some_and(|last| now < last) {
+            // The clock went back: fire times computed on the old clock would wait out the jump.
+            for entry in &mut self.entries {
+                entry.last_start = entry.last_start.map(|t| t.min(now));
+                entry.next_due = entry.schedule.next_after(now, entry.last_start);
+            }
+        }
+        self.last_tick = Some(now);
+        let mut due = Vec::new();
+        for entry in &mut self.entries {
+            if entry.next_due.is_some_and(|t| t <= now) {
+                due.push(Due {
+                    mapping: entry.mapping.clone(),
+                    model: entry.model.clone(),
+                });
+                entry.last_start = Some(now);
+                // The next fire time after `now`: one that was missed fires once, not per slot.
+                entry.next_due = entry.schedule.next_after(now, Some(now));
+            }
+        }
+        due
+    }
+
+    /// The earliest next fire time.
+    pub fn next_wake(&self) -> Option<DateTime<Utc>> {
+        self.entries.iter().filter_map(|e| e.next_due).min()
+    }
+
+    /// Each mapping's next fire time.
+    pub fn next_runs(&self) -> Vec<(String, Option<DateTime<Utc>>)> {
+        self.entries
+            .iter()
+            .map(|e| (e.mapping.clone(), e.next_due))
+            .collect()
+    }
+}
+
+/// Longest sleep between ticks: a clock change is noticed within this.
+const MAX_SLEEP: Duration = Duration::from_secs(15);
+
+impl Engine {
+    /// Runs scheduled mappings until a shutdown is requested ([`Engine::shutdown`]); then waits
+    /// for the runs in flight to stop at their next commit point. Snapshots are retired after
+    /// each model's scheduled runs.
+    pub async fn run_schedules(self: Arc<Self>, observer: Arc<dyn RunObserver>) -> Result<()> {
+        let mut scheduler = Scheduler::for_engine(&self, Utc::now()).await?;
+        tracing::info!(mappings = scheduler.len(), "scheduler started");
+        let mut running = tokio::task::JoinSet::new();
+        let shutdown = self.shutdown().clone();
+        while !shutdown.is_requested() {
+            let now = Utc::now();
+            let due = scheduler.tick(now);
+            let mut by_model: Vec<(String, Vec<String>)> = Vec::new();
+            for Due { mapping, model } in due {
+                match by_model.iter_mut().find(|(m, _)| *m == model) {
+                    Some((_, mappings)) => mappings.push(mapping),
+                    None => by_model.push((model, vec![mapping])),
+                }
+            }
+            for (model, mappings) in by_model {
+                let engine = self.clone();
+                let observer = observer.clone();
+                tracing::info!(model, ?mappings, "scheduled run due");
+                running.spawn(async move {
+                    let request = RunRequest {
+                        mappings,
+                        full: false,
+                        trigger: Trigger::Schedule,
+                    };
+                    if let Err(e) = engine.run(&request, observer.as_ref()).await {
+                        tracing::error!(model, error = %e, "scheduled run failed to start");
+                    }
+                    if let Err(e) = engine.retire_snapshots(&model).await {
+                        tracing::warn!(model, error = %e, "could not retire old snapshots");
+                    }
+                });
+            }
+            // Reap finished runs so the set does not grow.
+            while running.try_join_next().is_some() {}
+            let sleep = scheduler
+                .next_wake()
+                .and_then(|t| (t - Utc::now()).to_std().ok())
+                .unwrap_or(MAX_SLEEP)
+                .min(MAX_SLEEP);
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = shutdown.requested() => {}
+            }
+        }
+        tracing::info!(
+            runs = running.len(),
+            "scheduler stopping; waiting for runs to reach a commit point"
+        );
+        while running.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: u32, m: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 2, h, m, 0).single().unwrap()
+    }
+
+    fn every(minutes: u64) -> Schedule {
+        Schedule::Every(Duration::from_secs(minutes * 60))
+    }
+
+    fn names(due: Vec<Due>) -> Vec<String> {
+        due.into_iter().map(|d| d.mapping).collect()
+    }
+
+    #[test]
+    fn an_interval_fires_first_at_once_then_every_interval() {
+        let mut s = Scheduler::new([("a".into(), "m".into(), every(15))], &HashMap::new(), at(9, 0));
+        assert_eq!(names(s.tick(at(9, 0))), ["a"]);
+        assert!(s.tick(at(9, 14)).is_empty());
+        assert_eq!(names(s.tick(at(9, 15))), ["a"]);
+        assert_eq!(s.next_wake(), Some(at(9, 30)));
+    }
+
+    #[test]
+    fn an_interval_is_anchored_on_the_last_run() {
+        let last = HashMap::from([("a".to_string(), at(8, 55))]);
+        let mut s = Scheduler::new([("a".into(), "m".into(), every(15))], &last, at(9, 0));
+        assert!(s.tick(at(9, 0)).is_empty());
+        assert_eq!(names(s.tick(at(9, 10))), ["a"]);
+    }
+
+    #[test]
+    fn missed_fire_times_fire_once() {
+        let mut s = Scheduler::new([("a".into(), "m".into(), every(5))], &HashMap::new(), at(9, 0));
+        assert_eq!(names(s.tick(at(9, 0))), ["a"]);
+        // The clock jumps an hour forward (or the machine slept): one run, not twelve.
+        assert_eq!(names(s.tick(at(10, 0))), ["a"]);
+        assert!(s.tick(at(10, 1)).is_empty());
+        assert_eq!(names(s.tick(at(10, 5))), ["a"]);
+    }
+
+    #[test]
+    fn a_clock_that_goes_back_does_not_stall_an_interval() {
+        let mut s = Scheduler::new([("a".into(), "m".into(), every(5))], &HashMap::new(), at(10, 0));
+        assert_eq!(names(s.tick(at(10, 0))), ["a"]);
+        // An hour back: the run that just happened counts as now, so the next is five minutes
+        // on, not an hour and five minutes.
+        assert!(s.tick(at(9, 0)).is_empty());
+        assert_eq!(s.next_wake(), Some(at(9, 5)));
+        assert!(s.tick(at(9, 4)).is_empty());
+        assert_eq!(names(s.tick(at(9, 5))), ["a"]);
+    }
+
+    #[test]
+    fn cron_and_manual() {
+        let cron: Schedule = serde_norway::from_str("cron: '30 9 * * *'").unwrap();
+        let mut s = Scheduler::new(
+            [
+                ("c".into(), "m".into(), cron),
+                ("manual".into(), "m".into(), Schedule::Manual),
+            ],
+            &HashMap::new(),
+            at(9, 0),
+        );
+        assert_eq!(s.len(), 1);
+        assert!(s.tick(at(9, 29)).is_empty());
+        assert_eq!(names(s.tick(at(9, 30))), ["c"]);
+        assert!(s.tick(at(9, 31)).is_empty());
+    }
+}
