@@ -658,6 +658,11 @@ impl Engine {
             dry_run,
         };
         let buckets = differ.buckets();
+        tracing::info!(
+            buckets,
+            baseline = run_baseline_text(baseline.as_ref()),
+            "diffing and delivering"
+        );
         observer.on_event(RunEvent::MappingStarted {
             mapping: mapping.clone(),
             buckets,
@@ -716,6 +721,14 @@ impl Engine {
             last_success_at,
         };
         self.metadata.commit_run(run, Some(&new_state)).await?;
+        tracing::info!(
+            added = run.counts.added,
+            updated = run.counts.updated,
+            deleted = run.counts.deleted,
+            delivered = run.counts.delivered,
+            failed = run.counts.failed,
+            "run committed"
+        );
         // The checkpoints are part of the committed state now.
         self.remove_checkpoint_files(&mapping, &run.id).await;
         Ok(())
@@ -913,6 +926,22 @@ impl Engine {
                 .cloned()
                 .collect::<Vec<_>>(),
         ))
+    }
+}
+
+/// A baseline as a log field.
+fn run_baseline_text(baseline: Option<&crate::diff::Baseline>) -> String {
+    match baseline {
+        None => "none (every row is added)".into(),
+        Some(b) => format!(
+            "{}{}",
+            b.snapshot.as_ref().map_or("no snapshot", |s| s.id.as_str()),
+            if b.exceptions.is_some() {
+                " with exceptions"
+            } else {
+                ""
+            }
+        ),
     }
 }
 

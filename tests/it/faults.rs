@@ -22,17 +22,17 @@ use crate::common::{TestProject, stderr, stdout, webhook_config, write_parquet};
 
 /// One record as the receiver acknowledged it.
 #[derive(Debug, Clone)]
-struct Ack {
-    message_id: String,
-    id: i64,
-    op: String,
-    data: Value,
+pub struct Ack {
+    pub message_id: String,
+    pub id: i64,
+    pub op: String,
+    pub data: Value,
 }
 
 /// What the receiver does with a request.
 type Behaviour = Box<dyn FnMut(&[Value]) -> Answer + Send>;
 
-enum Answer {
+pub enum Answer {
     /// 200; the records at these indexes are refused, the rest acknowledged.
     Refuse(Vec<(usize, String)>),
     /// 200 with this raw body (malformed, say); every record acknowledged.
@@ -53,13 +53,13 @@ struct AckState {
 }
 
 /// A receiver of sluice's webhook envelope that records every acknowledged record.
-struct AckReceiver {
-    url: String,
+pub struct AckReceiver {
+    pub url: String,
     state: AckState,
 }
 
 impl AckReceiver {
-    async fn start(delay: Duration) -> Self {
+    pub async fn start(delay: Duration) -> Self {
         let state = AckState {
             acks: Arc::new(Mutex::new(Vec::new())),
             behaviour: Arc::new(Mutex::new(Box::new(|_: &[Value]| Answer::Refuse(Vec::new())))),
@@ -76,11 +76,11 @@ impl AckReceiver {
         Self { url, state }
     }
 
-    fn behave(&self, behaviour: impl FnMut(&[Value]) -> Answer + Send + 'static) {
+    pub fn behave(&self, behaviour: impl FnMut(&[Value]) -> Answer + Send + 'static) {
         *self.state.behaviour.lock().expect("lock") = Box::new(behaviour);
     }
 
-    fn acks(&self) -> Vec<Ack> {
+    pub fn acks(&self) -> Vec<Ack> {
         self.state.acks.lock().expect("lock").clone()
     }
 }
@@ -136,9 +136,9 @@ async fn receive(State(state): State<AckState>, body: Bytes) -> Response {
 }
 
 /// The model's rows: id -> plan (the other columns derive from id and plan).
-type Model = std::collections::BTreeMap<i64, String>;
+pub type Model = std::collections::BTreeMap<i64, String>;
 
-fn write_model(project: &TestProject, model: &Model) {
+pub fn write_model(project: &TestProject, model: &Model) {
     let ids: Vec<i64> = model.keys().copied().collect();
     let batch = RecordBatch::try_from_iter(vec![
         ("id", Arc::new(Int64Array::from(ids.clone())) as ArrayRef),
@@ -168,7 +168,7 @@ fn write_model(project: &TestProject, model: &Model) {
 }
 
 /// What the destination holds after applying `acks` in order: id -> plan.
-fn destination_state(acks: &[Ack]) -> Model {
+pub fn destination_state(acks: &[Ack]) -> Model {
     let mut state = Model::new();
     for ack in acks {
         if ack.op == "deleted" {
@@ -187,7 +187,7 @@ fn destination_state(acks: &[Ack]) -> Model {
 }
 
 /// The destination holds exactly the model; the message lists the first differences.
-fn assert_same_state(destination: &Model, model: &Model, context: &str) {
+pub fn assert_same_state(destination: &Model, model: &Model, context: &str) {
     let missing: Vec<i64> = model
         .keys()
         .filter(|id| !destination.contains_key(id))
@@ -221,7 +221,7 @@ fn assert_same_state(destination: &Model, model: &Model, context: &str) {
 
 /// A message id names one version of one record: the same content always carries the same id,
 /// and one id never carries two contents.
-fn assert_message_ids_are_deterministic(acks: &[Ack]) {
+pub fn assert_message_ids_are_deterministic(acks: &[Ack]) {
     let mut by_id: HashMap<&str, (i64, &str, &Value)> = HashMap::new();
     for ack in acks {
         let seen = by_id
@@ -236,7 +236,7 @@ fn assert_message_ids_are_deterministic(acks: &[Ack]) {
     }
 }
 
-fn project_config(url: &str, batch_size: usize, per_checkpoint: usize) -> String {
+pub fn project_config(url: &str, batch_size: usize, per_checkpoint: usize) -> String {
     format!(
         "{}limits:\n  records_per_checkpoint: {per_checkpoint}\n",
         webhook_config(url, "").replace("batch_size: 2", &format!("batch_size: {batch_size}"))
@@ -459,4 +459,68 @@ async fn a_misbehaving_destination_loses_nothing() {
     assert_message_ids_are_deterministic(&acks);
     assert_same_state(&destination_state(&acks), &model, "after the misbehaviour");
     assert!(*requests.lock().expect("lock") > 8, "every misbehaviour was met");
+}
+
+/// Sends SIGTERM to a child process.
+pub fn terminate(child: &tokio::process::Child) {
+    let pid = child.id().expect("a running child");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// SIGTERM during delivery: the run finishes the batch in flight, checkpoints it, ends
+/// `interrupted` within moments, and the next run sends exactly what was left, nothing twice.
+#[tokio::test]
+async fn sigterm_stops_a_run_at_a_commit_point_and_the_next_run_goes_on() {
+    let receiver = AckReceiver::start(Duration::from_millis(20)).await;
+    let project = TestProject::new(&project_config(&receiver.url, 10, 50));
+    let model: Model = (1..=1000).map(|id| (id, "free".to_string())).collect();
+    write_model(&project, &model);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(project.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    // Wait until delivery is under way.
+    for _ in 0..200 {
+        if receiver.acks().len() >= 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(receiver.acks().len() >= 100, "delivery started");
+    terminate(&child);
+    let stopped_at = std::time::Instant::now();
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the run stops within the batch in flight")
+        .expect("wait");
+    assert!(stopped_at.elapsed() < Duration::from_secs(5));
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let text = stdout(&output);
+    assert!(text.contains("interrupted"), "{text}");
+    assert!(text.contains("interrupted by a shutdown request"), "{text}");
+    let delivered_before = receiver.acks().len();
+    assert!(delivered_before < model.len(), "the run stopped before the end");
+
+    let next = project.sluice(&["run"]).await;
+    assert!(next.status.success(), "{}{}", stdout(&next), stderr(&next));
+    let acks = receiver.acks();
+    assert_same_state(&destination_state(&acks), &model, "after the interrupted run");
+    let distinct: HashSet<&str> = acks.iter().map(|a| a.message_id.as_str()).collect();
+    assert_eq!(
+        distinct.len(),
+        acks.len(),
+        "a graceful stop checkpoints the batch in flight: nothing is sent twice"
+    );
+    let runs = stdout(&project.sluice(&["runs"]).await);
+    assert!(
+        runs.contains("records it delivered up to its last checkpoint were kept"),
+        "{runs}"
+    );
 }

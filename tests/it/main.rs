@@ -8,5 +8,7 @@ mod faults;
 mod mysql;
 mod postgres;
 mod postgres_destination;
+mod postgres_metadata;
+mod serve;
 mod services;
 mod vendors;
