@@ -1019,7 +1019,8 @@ impl Delivery<'_> {
             }
             for bucket in 0..buckets {
                 if let Some(stream) = differ.all_added(bucket).await.map_err(&diff_err)? {
-                    self.deliver_stream(stream).await?;
+                    let span = tracing::info_span!("deliver", bucket);
+                    self.deliver_stream(stream).instrument(span).await?;
                 }
                 self.progress(observer, bucket + 1, buckets, changes);
             }
@@ -1033,7 +1034,9 @@ impl Delivery<'_> {
                 let differ = differ.clone();
                 async move {
                     let started = Instant::now();
-                    let result = tokio::spawn(async move { differ.changes(bucket).await })
+                    // The diff runs on its own task; the span carries the run's fields there.
+                    let span = tracing::info_span!("diff", bucket);
+                    let result = tokio::spawn(async move { differ.changes(bucket).await }.instrument(span))
                         .await
                         .map_err(|e| DataFusionError::External(Box::new(e)))
                         .and_then(|r| r);
@@ -1065,7 +1068,8 @@ impl Delivery<'_> {
                     .await
                     .map_err(&diff_err)?;
                 for stream in streams {
-                    self.deliver_stream(stream).await?;
+                    let span = tracing::info_span!("deliver", bucket);
+                    self.deliver_stream(stream).instrument(span).await?;
                 }
             }
             self.progress(observer, bucket + 1, buckets, changes);
@@ -1105,7 +1109,7 @@ impl Delivery<'_> {
                     )));
                 }
                 let length = self.records_per_checkpoint.min(batch.num_rows() - offset);
-                let span = tracing::debug_span!("batch", records = length);
+                let span = tracing::info_span!("batch", records = length);
                 self.deliver_batch(&batch.slice(offset, length))
                     .instrument(span)
                     .await?;

@@ -270,3 +270,43 @@ async fn alerts_fire_on_failure_ratios_and_row_count_swings_and_logs_are_json() 
     );
     assert!(lines.iter().any(|l| l["message"] == "alert sent"), "{logs}");
 }
+
+/// A disabled mapping does not run; enabled again, its next run sends everything that changed
+/// since its last successful run, and only that.
+#[tokio::test]
+async fn a_re_enabled_mapping_sends_what_changed_while_it_was_disabled() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let config = project_config(&receiver.url, 50, 8192);
+    let disabled = config.replace(
+        "    model: users\n    destination: crm\n",
+        "    model: users\n    destination: crm\n    enabled: false\n",
+    );
+    assert_ne!(config, disabled);
+    let project = TestProject::new(&config);
+    let mut model: Model = (1..=50).map(|id| (id, "free".to_string())).collect();
+    write_model(&project, &model);
+    assert!(project.sluice(&["run"]).await.status.success());
+    let first = receiver.acks().len();
+    assert_eq!(first, 50);
+
+    std::fs::write(project.config_path(), &disabled).expect("config");
+    for round in 0..2i64 {
+        for id in 1..=5 {
+            model.insert(id + round * 5, format!("pro-{round}"));
+        }
+        model.remove(&(40 + round));
+        model.insert(100 + round, "new".to_string());
+        write_model(&project, &model);
+        let run = project.sluice(&["run"]).await;
+        assert!(run.status.success(), "{}", stderr(&run));
+        assert_eq!(receiver.acks().len(), first, "a disabled mapping sends nothing");
+    }
+
+    std::fs::write(project.config_path(), &config).expect("config");
+    let run = project.sluice(&["run"]).await;
+    assert!(run.status.success(), "{}", stdout(&run));
+    let sent = receiver.acks().len() - first;
+    // 10 updated, 2 deleted, 2 added while it was disabled.
+    assert_eq!(sent, 14, "{}", stdout(&run));
+    assert_same_state(&destination_state(&receiver.acks()), &model, "after re-enabling");
+}
