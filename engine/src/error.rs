@@ -174,18 +174,26 @@ impl EngineError {
 
 /// The action for a destination that stopped a run, read from the status it answered.
 fn destination_action(message: &str) -> String {
-    let has = |needle: &str| message.contains(needle);
-    if has("401") || has("403") || has("nauthori") || has("orbidden") {
-        "the destination refused the credentials: renew the token or key, and check that it has the write scopes the error names".into()
-    } else if has("404") {
-        "the destination does not know the object or endpoint: check the mapping's action and options (object names, list ids)".into()
-    } else if has("429") || has("rate") {
-        "the destination kept limiting requests: lower `delivery.rate` or run less often".into()
-    } else if has("timed out") || has("timeout") || has("connection") {
-        "the destination did not answer in time: check its status page; the next run sends every undelivered record".into()
-    } else {
+    known_destination_action(message).unwrap_or_else(|| {
         "read the destination's error above; the next run sends every record it did not acknowledge".into()
-    }
+    })
+}
+
+/// The action for a destination's error, when its status or wording says what is wrong.
+pub(crate) fn known_destination_action(message: &str) -> Option<String> {
+    let has = |needle: &str| message.contains(needle);
+    let action = if has("401") || has("403") || has("nauthori") || has("orbidden") {
+        "the destination refused the credentials: renew the token or key, and check that it has the write scopes the error names"
+    } else if has("404") {
+        "the destination does not know the object or endpoint: check the mapping's action and options (object names, list ids)"
+    } else if has("429") || has("rate limit") {
+        "the destination kept limiting requests: lower `delivery.rate` or run less often"
+    } else if has("timed out") || has("timeout") || has("connection") {
+        "the destination did not answer in time: check its status page; the next run sends every undelivered record"
+    } else {
+        return None;
+    };
+    Some(action.to_string())
 }
 
 fn hint_suffix(hint: &Option<String>) -> String {
@@ -201,3 +209,33 @@ fn available_suffix(available: &[String]) -> String {
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recommended_actions_follow_the_error() {
+        let auth = known_destination_action("HTTP 401 Unauthorized from HubSpot: expired token");
+        assert!(auth.is_some_and(|a| a.contains("credentials")));
+        assert!(known_destination_action("invalid email").is_none());
+        let failed = EngineError::Destination(DestinationError::Failed {
+            destination: "crm".into(),
+            message: "HTTP 403 from Braze".into(),
+        });
+        assert!(
+            failed
+                .recommended_action()
+                .is_some_and(|a| a.contains("write scopes"))
+        );
+        let baseline = EngineError::IncompatibleBaseline {
+            mapping: "m".into(),
+            reason: "key changed".into(),
+        };
+        assert!(
+            baseline
+                .recommended_action()
+                .is_some_and(|a| a.contains("--full"))
+        );
+    }
+}

@@ -655,6 +655,7 @@ impl Engine {
             checkpoints,
             records_per_checkpoint: self.project.config.limits.records_per_checkpoint.max(1),
             failures: Vec::new(),
+            first_failure: None,
             dry_run,
         };
         let buckets = differ.buckets();
@@ -670,6 +671,7 @@ impl Engine {
         let outcome = delivery
             .all_buckets(&differ, &send, &manifests, observer, baseline.is_none())
             .await;
+        let first_failure = delivery.first_failure.take();
         if let Err(e) = outcome {
             writer.abort().await;
             exceptions.abort().await;
@@ -693,9 +695,15 @@ impl Engine {
             None => (None, 0),
         };
         run.status = if run.counts.failed > 0 {
+            let first = first_failure.unwrap_or_default();
+            let advice = crate::error::known_destination_action(&first)
+                .map(|a| format!("{a}. "))
+                .unwrap_or_default();
             run.recommended_action = Some(format!(
-                "{} record(s) failed and will be sent again by every later run; `sluice failures {}` lists them with the destination's errors",
-                run.counts.failed, run.id
+                "{advice}{} record(s) failed and will be sent again by every later run (the first: {}); `sluice failures {}` lists them with the destination's errors",
+                run.counts.failed,
+                first.chars().take(200).collect::<String>(),
+                run.id
             ));
             RunStatus::Partial
         } else {
@@ -989,6 +997,8 @@ struct Delivery<'a> {
     records_per_checkpoint: usize,
     /// Failed records not yet written to the metadata store (they go with the next checkpoint).
     failures: Vec<FailureRow>,
+    /// The first error a record failed with, for the run's recommended action.
+    first_failure: Option<String>,
     /// Set for `--dry-run`: requests are written here instead of being sent.
     dry_run: Option<&'a DryRunSink>,
 }
@@ -1232,6 +1242,9 @@ impl Delivery<'_> {
                 })
                 .collect();
             let now = Utc::now();
+            if self.first_failure.is_none() {
+                self.first_failure = result.failures.first().map(|f| f.error.clone());
+            }
             let (rows, attempts) = self.state_rows.failed(batch, &failed_records, now)?;
             self.exceptions.write(&rows).await?;
             for (failure, (attempts, first_failed_at)) in result.failures.iter().zip(attempts) {
