@@ -97,20 +97,33 @@ async fn main() {
         .collect();
     let mut spent = Duration::ZERO;
     let mut worst = Duration::ZERO;
+    let mut stages = [Duration::ZERO; 3];
     for batch in &batches {
         let all: Vec<usize> = (0..batch.num_rows()).collect();
         let started = Instant::now();
         writer.write_intent(batch, &all).await.expect("intent");
+        let intent = started.elapsed();
         let checkpoint = writer.write(batch, &all, None).await.expect("checkpoint");
+        let file = started.elapsed();
         run.counts.delivered += batch.num_rows() as u64;
         metadata
             .checkpoint(&run, &checkpoint, &[], Duration::from_secs(600))
             .await
             .expect("metadata");
         let elapsed = started.elapsed();
+        stages[0] += intent;
+        stages[1] += file - intent;
+        stages[2] += elapsed - file;
         spent += elapsed;
         worst = worst.max(elapsed);
     }
+    let n = batches.len() as u32;
+    println!(
+        "per checkpoint: intent file {:.2} ms, checkpoint file {:.2} ms, metadata transaction {:.2} ms",
+        (stages[0] / n).as_secs_f64() * 1e3,
+        (stages[1] / n).as_secs_f64() * 1e3,
+        (stages[2] / n).as_secs_f64() * 1e3
+    );
     let per = spent / batches.len() as u32;
     let delivery = records as f64 / delivery_rate;
     println!(

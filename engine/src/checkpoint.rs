@@ -117,7 +117,12 @@ impl CheckpointWriter {
         let error =
             |e: parquet::errors::ParquetError| EngineError::Internal(format!("checkpoint {path}: {e}"));
         let mut bytes = Vec::with_capacity(64 * 1024);
-        let mut writer = ArrowWriter::try_new(&mut bytes, self.rows.schema().clone(), None).map_err(error)?;
+        let mut writer = ArrowWriter::try_new(
+            &mut bytes,
+            self.rows.schema().clone(),
+            Some(checkpoint_properties()),
+        )
+        .map_err(error)?;
         for part in parts {
             writer.write(part).map_err(error)?;
         }
@@ -125,6 +130,16 @@ impl CheckpointWriter {
         self.store.put(path, bytes.into()).await?;
         Ok(())
     }
+}
+
+/// Checkpoint and intent files are small, written once and read once, and only if a run
+/// stops: plain encoding without statistics. (Dictionary-encoding their repeated strings and
+/// computing statistics took two thirds of a checkpoint's time; see BENCHMARKS.md.)
+fn checkpoint_properties() -> parquet::file::properties::WriterProperties {
+    parquet::file::properties::WriterProperties::builder()
+        .set_statistics_enabled(parquet::file::properties::EnabledStatistics::None)
+        .set_dictionary_enabled(false)
+        .build()
 }
 
 /// File name ending of intent files.

@@ -623,17 +623,10 @@ pub fn parallelism() -> usize {
 
 /// The session the diff runs in: one partition per bucket plan (buckets are the parallelism).
 pub fn diff_context() -> SessionContext {
-    let batch: usize = std::env::var("XB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8192);
-    let mut config = SessionConfig::new()
+    let config = SessionConfig::new()
         .with_target_partitions(1)
-        .with_batch_size(batch)
+        .with_batch_size(8192)
         .with_information_schema(false);
-    if let Some(d) = std::env::var("XD").ok().and_then(|v| v.parse::<f64>().ok()) {
-        config.options_mut().execution.perfect_hash_join_min_key_density = d;
-    }
     SessionContext::new_with_config(config)
 }
 
