@@ -149,6 +149,19 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Query snapshot history with SQL (read-only). Each model is a table of its latest
+    /// snapshot; `<model>_history` holds every snapshot, with `_snapshot_id`, `_run_id` and
+    /// `_extracted_at` columns.
+    Query {
+        sql: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: QueryFormat,
+        /// Rows returned at most.
+        #[arg(long, default_value_t = 10_000)]
+        max_rows: usize,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Create a demo project (a SQLite warehouse and a file destination), sync it, change some
     /// rows, and sync again.
     Quickstart {
@@ -177,6 +190,13 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum QueryFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -449,6 +469,22 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Quickstart { dir, rows } => quickstart::run(&dir, rows).await,
+        Command::Query {
+            sql,
+            format,
+            max_rows,
+            config,
+        } => {
+            let engine = open(&config.config).await?;
+            let limits = sluice_engine::query::QueryLimits {
+                max_rows,
+                ..Default::default()
+            };
+            let result = print_query(&engine, &sql, format, limits).await;
+            engine.close().await;
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve {
             listen,
             no_schedules,
@@ -537,6 +573,53 @@ async fn termination_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Streams a query's rows to stdout as a table, CSV or JSON lines.
+async fn print_query(
+    engine: &Engine,
+    sql: &str,
+    format: QueryFormat,
+    limits: sluice_engine::query::QueryLimits,
+) -> Result<()> {
+    use futures::TryStreamExt;
+    use sluice_engine::arrow;
+
+    let mut stream = engine.query(sql, limits).await?;
+    let stdout = std::io::stdout();
+    let mut rows = 0usize;
+    match format {
+        QueryFormat::Table => {
+            let batches: Vec<arrow::array::RecordBatch> = stream.try_collect().await?;
+            rows = batches.iter().map(|b| b.num_rows()).sum();
+            println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
+            println!("{rows} row(s)");
+        }
+        QueryFormat::Csv => {
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(stdout.lock());
+            while let Some(batch) = stream.try_next().await? {
+                rows += batch.num_rows();
+                writer.write(&batch)?;
+            }
+        }
+        QueryFormat::Json => {
+            let mut writer = arrow::json::LineDelimitedWriter::new(stdout.lock());
+            while let Some(batch) = stream.try_next().await? {
+                rows += batch.num_rows();
+                writer.write(&batch)?;
+            }
+            writer.finish()?;
+        }
+    }
+    if rows >= limits.max_rows {
+        eprintln!(
+            "(stopped at --max-rows {}; raise it to see more)",
+            limits.max_rows
+        );
+    }
+    Ok(())
 }
 
 /// Writes every failed record of a run as CSV; returns how many.

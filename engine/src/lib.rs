@@ -24,6 +24,7 @@ pub mod mapping;
 pub mod metadata;
 pub mod metrics;
 pub mod model;
+pub mod query;
 pub mod retention;
 pub mod run;
 pub mod schedule;

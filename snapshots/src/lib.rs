@@ -15,5 +15,8 @@ pub use manifest::{
     column_infos,
 };
 pub use store::SnapshotStore;
-pub use table::{read_files, read_snapshot, register_snapshot};
+pub use table::{
+    EXTRACTED_AT_COLUMN, RUN_ID_COLUMN, SNAPSHOT_ID_COLUMN, read_files, read_snapshot, register_history,
+    register_snapshot,
+};
 pub use writer::{PARTITIONS, ROWS_PER_BUCKET, SnapshotSpec, SnapshotWriter, buckets_for};

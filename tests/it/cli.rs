@@ -590,3 +590,64 @@ async fn a_run_while_the_same_mapping_runs_elsewhere_is_skipped() {
         stdout(&third)
     );
 }
+
+/// Snapshot history answers SQL: a row as each run saw it, the latest snapshot as the model's
+/// table, in every output format; anything but a read is refused.
+#[tokio::test]
+async fn snapshot_history_is_queryable_with_sql() {
+    let receiver = Receiver::start().await;
+    let project = TestProject::new(&webhook_config(&receiver.url, ""));
+    project.write_users(&users());
+    assert!(project.sluice(&["run"]).await.status.success());
+    let mut changed = users();
+    changed[0].plan = "enterprise";
+    changed.remove(4);
+    project.write_users(&changed);
+    assert!(project.sluice(&["run"]).await.status.success());
+
+    let history = project
+        .sluice(&[
+            "query",
+            "SELECT plan, _run_id FROM users_history WHERE id = 1 ORDER BY _extracted_at",
+            "--format",
+            "csv",
+        ])
+        .await;
+    assert!(history.status.success(), "{}", stderr(&history));
+    let text = stdout(&history);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "plan,_run_id");
+    assert!(
+        lines[1].starts_with("free,") && lines[2].starts_with("enterprise,"),
+        "{text}"
+    );
+    assert_ne!(lines[1].split(',').nth(1), lines[2].split(',').nth(1), "two runs");
+
+    let latest = project
+        .sluice(&["query", "SELECT count(*) AS users FROM users", "--format", "json"])
+        .await;
+    assert_eq!(stdout(&latest).trim(), r#"{"users":4}"#);
+    let table = project
+        .sluice(&[
+            "query",
+            "SELECT count(*) AS snapshots FROM (SELECT DISTINCT _snapshot_id FROM users_history)",
+        ])
+        .await;
+    assert!(stdout(&table).contains("| 2 "), "{}", stdout(&table));
+
+    for refused in [
+        "CREATE TABLE x AS SELECT 1",
+        "COPY (SELECT 1) TO '/tmp/sluice-copy.csv'",
+        "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
+        "INSERT INTO users VALUES (1)",
+    ] {
+        let output = project.sluice(&["query", refused]).await;
+        assert_eq!(output.status.code(), Some(1), "{refused}");
+        assert!(
+            stderr(&output).contains("the query was refused"),
+            "{refused}: {}",
+            stderr(&output)
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/sluice-copy.csv").exists());
+}
