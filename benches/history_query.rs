@@ -1,0 +1,130 @@
+//! Snapshot-history queries: `snapshots` snapshots of `rows` rows of a `users` model (id, email,
+//! plan, lead score), 5% of rows changing between snapshots, queried through the history tables
+//! the `sluice query` command and the API use. Prints the time to register the tables and to
+//! the first row (and to the end) of: one key's history across every snapshot, the rows that
+//! changed between two snapshots, and a plain scan of the history.
+//!
+//! `cargo bench --bench history_query -- [rows] [snapshots]` (defaults 1,000,000 and 10).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
+use futures::StreamExt;
+use sluice_engine::datafusion::prelude::SessionContext;
+use sluice_snapshots::{SnapshotSpec, SnapshotStore, SnapshotWriter, register_history};
+
+const BATCH: usize = 65_536;
+
+fn batch(ids: std::ops::Range<i64>, version: i64) -> RecordBatch {
+    let plans = ["free", "starter", "pro", "enterprise"];
+    // 5% of rows change plan in each version.
+    let plan = |i: i64| plans[((i + if i % 20 == 0 { version } else { 0 }) % 4) as usize];
+    RecordBatch::try_from_iter(vec![
+        (
+            "id",
+            Arc::new(Int64Array::from_iter_values(ids.clone())) as ArrayRef,
+        ),
+        (
+            "email",
+            Arc::new(StringArray::from_iter_values(
+                ids.clone().map(|i| format!("user{i}@example.com")),
+            )) as ArrayRef,
+        ),
+        (
+            "plan",
+            Arc::new(StringArray::from_iter_values(ids.clone().map(plan))) as ArrayRef,
+        ),
+        (
+            "lead_score",
+            Arc::new(Int32Array::from_iter_values(ids.map(|i| (i % 100) as i32))) as ArrayRef,
+        ),
+    ])
+    .expect("batch")
+}
+
+async fn first_row_and_total(ctx: &SessionContext, sql: &str) -> (f64, f64, usize) {
+    let started = Instant::now();
+    let mut stream = ctx
+        .sql(sql)
+        .await
+        .expect("plan")
+        .execute_stream()
+        .await
+        .expect("execute");
+    let mut first = None;
+    let mut rows = 0;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.expect("batch");
+        if first.is_none() && batch.num_rows() > 0 {
+            first = Some(started.elapsed().as_secs_f64());
+        }
+        rows += batch.num_rows();
+    }
+    let total = started.elapsed().as_secs_f64();
+    (first.unwrap_or(total), total, rows)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<i64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.replace('_', "").parse().ok())
+        .collect();
+    let rows = args.first().copied().unwrap_or(1_000_000);
+    let snapshots = args.get(1).copied().unwrap_or(10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SnapshotStore::open(dir.path().to_str().expect("path"), dir.path(), []).expect("store");
+    let generated = Instant::now();
+    for version in 0..snapshots {
+        let spec = SnapshotSpec {
+            model: "users".into(),
+            run_id: format!("run-{version}"),
+            key_columns: vec!["id".into()],
+            buckets: None,
+        };
+        let mut writer = SnapshotWriter::new(store.clone(), spec);
+        let mut start = 0;
+        while start < rows {
+            let end = (start + BATCH as i64).min(rows);
+            writer.write(batch(start..end, version)).await.expect("write");
+            start = end;
+        }
+        writer.commit().await.expect("commit");
+    }
+    println!(
+        "{snapshots} snapshots of {rows} rows written in {:.1} s",
+        generated.elapsed().as_secs_f64()
+    );
+    for _ in 0..3 {
+        let ctx = SessionContext::new();
+        let started = Instant::now();
+        register_history(&ctx, &store, "users").await.expect("register");
+        let register = started.elapsed().as_secs_f64();
+        let one_key = first_row_and_total(
+            &ctx,
+            "SELECT id, plan, _run_id, _extracted_at FROM users_history WHERE id = 4242 ORDER BY _extracted_at",
+        )
+        .await;
+        let changed = first_row_and_total(
+            &ctx,
+            "SELECT a.id, a.plan AS before, b.plan AS after FROM users_history a JOIN users_history b \
+             ON a.id = b.id AND a._run_id = 'run-3' AND b._run_id = 'run-4' WHERE a.plan <> b.plan",
+        )
+        .await;
+        let scan = first_row_and_total(&ctx, "SELECT * FROM users_history").await;
+        println!(
+            "register {:.3} s | one key's history: first row {:.3} s, all {:.3} s ({} rows) | changed between two runs: first row {:.3} s, all {:.3} s ({} rows) | full scan: first row {:.3} s, all {:.3} s ({} rows)",
+            register,
+            one_key.0,
+            one_key.1,
+            one_key.2,
+            changed.0,
+            changed.1,
+            changed.2,
+            scan.0,
+            scan.1,
+            scan.2
+        );
+    }
+}
