@@ -585,16 +585,7 @@ impl MetadataStore {
         lease_ttl: Duration,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(self.err())?;
-        // Renewing the lease first takes SQLite's write lock and proves the claim.
-        if !renew_in(self.backend, &mut tx, &run.mapping, &run.id, lease_ttl)
-            .await
-            .map_err(self.err())?
-        {
-            return Err(EngineError::LeaseLost {
-                mapping: run.mapping.clone(),
-                run_id: run.id.clone(),
-            });
-        }
+        self.hold_lease(&mut tx, run, lease_ttl).await?;
         sqlx::query(self.sql(
             "INSERT INTO run_checkpoints (run_id, seq, path, acknowledged, failed, created_at) \
              VALUES (?, ?, ?, ?, ?, ?)",
@@ -613,6 +604,22 @@ impl MetadataStore {
             .map_err(self.err())?;
         update_run(self.backend, &mut tx, run).await.map_err(self.err())?;
         tx.commit().await.map_err(self.err())
+    }
+
+    /// Inside a transaction, renews `run`'s lease on its mapping, or fails with
+    /// [`EngineError::LeaseLost`]. Renewing first also takes SQLite's write lock.
+    async fn hold_lease(&self, tx: &mut AnyConnection, run: &RunRecord, ttl: Duration) -> Result<()> {
+        if renew_in(self.backend, tx, &run.mapping, &run.id, ttl)
+            .await
+            .map_err(self.err())?
+        {
+            Ok(())
+        } else {
+            Err(EngineError::LeaseLost {
+                mapping: run.mapping.clone(),
+                run_id: run.id.clone(),
+            })
+        }
     }
 
     /// The checkpoints of a run, in order.
@@ -696,21 +703,7 @@ impl MetadataStore {
     pub async fn commit_run(&self, run: &RunRecord, state: Option<&MappingState>) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(self.err())?;
         if let Some(state) = state {
-            if !renew_in(
-                self.backend,
-                &mut tx,
-                &run.mapping,
-                &run.id,
-                Duration::from_secs(60),
-            )
-            .await
-            .map_err(self.err())?
-            {
-                return Err(EngineError::LeaseLost {
-                    mapping: run.mapping.clone(),
-                    run_id: run.id.clone(),
-                });
-            }
+            self.hold_lease(&mut tx, run, crate::run::LEASE_TTL).await?;
             upsert_state(self.backend, &mut tx, state)
                 .await
                 .map_err(self.err())?;

@@ -12,7 +12,6 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
-use crate::checkpoint::CheckpointWriter;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 
@@ -161,7 +160,6 @@ impl Engine {
                 {
                     continue;
                 }
-                debug_assert!(path.starts_with(&CheckpointWriter::dir(&mapping, run_id)));
                 self.snapshots.delete(&path).await?;
                 removed += 1;
             }

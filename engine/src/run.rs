@@ -1193,15 +1193,12 @@ impl Delivery<'_> {
                     result
                 })
         };
+        // Records that had failed before: attempts above zero.
         let retried = batch
             .column_by_name(crate::diff::ATTEMPTS)
             .and_then(|a| arrow::compute::cast(a, &arrow::datatypes::DataType::Int64).ok())
-            .map_or(0, |a| {
-                a.as_primitive::<arrow::datatypes::Int64Type>()
-                    .iter()
-                    .filter(|n| n.unwrap_or(0) > 0)
-                    .count() as u64
-            });
+            .and_then(|a| arrow::compute::kernels::cmp::gt(&a, &arrow::array::Int64Array::new_scalar(0)).ok())
+            .map_or(0, |earlier| earlier.true_count() as u64);
         let mut result = delivered.map_err(|stopped| crate::error::DestinationError::Failed {
             destination: self.destination.clone(),
             message: format!(

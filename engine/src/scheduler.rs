@@ -136,14 +136,6 @@ impl Scheduler {
     pub fn next_wake(&self) -> Option<DateTime<Utc>> {
         self.entries.iter().filter_map(|e| e.next_due).min()
     }
-
-    /// Each mapping's next fire time.
-    pub fn next_runs(&self) -> Vec<(String, Option<DateTime<Utc>>)> {
-        self.entries
-            .iter()
-            .map(|e| (e.mapping.clone(), e.next_due))
-            .collect()
-    }
 }
 
 /// Longest sleep between ticks: a clock change is noticed within this.

@@ -205,18 +205,30 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// The line of the load-results table for `mapping`, as its cells.
-pub fn result_row(output: &Output, mapping: &str) -> Vec<String> {
-    stdout(output)
-        .lines()
-        .find(|l| l.contains(&format!(" {mapping} ")))
+/// The lines of a load-results table for `mapping`, as their cells, newest first.
+pub fn table_rows(text: &str, mapping: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .filter(|l| l.contains(&format!(" {mapping} ")))
         .map(|l| {
             l.split(['│', '┆'])
                 .map(|c| c.trim().to_string())
                 .filter(|c| !c.is_empty())
                 .collect()
         })
+        .collect()
+}
+
+/// The line of the load-results table for `mapping`, as its cells.
+pub fn result_row(output: &Output, mapping: &str) -> Vec<String> {
+    table_rows(&stdout(output), mapping)
+        .into_iter()
+        .next()
         .unwrap_or_default()
+}
+
+/// The id (tail) of `mapping`'s newest run, from the last column of `sluice runs`.
+pub fn newest_run_id(runs: &Output, mapping: &str) -> String {
+    result_row(runs, mapping).pop().expect("a run")
 }
 
 /// The config the end-to-end tests use: the README's example shape against `url`.

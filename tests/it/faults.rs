@@ -18,7 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use crate::common::{TestProject, stderr, stdout, webhook_config, write_parquet};
+use crate::common::{TestProject, newest_run_id, stderr, stdout, webhook_config, write_parquet};
 
 /// One record as the receiver acknowledged it.
 #[derive(Debug, Clone)]
@@ -378,15 +378,7 @@ async fn random_record_failures_are_retried_until_the_destination_matches() {
     }
     // Failed records are listed with their attempts, and downloadable as CSV.
     let csv_path = project.path().join("errors.csv");
-    let last_run = {
-        let output = project.sluice(&["runs", "--limit", "1"]).await;
-        let text = stdout(&output);
-        text.lines()
-            .find(|l| l.contains("users_to_crm"))
-            .and_then(|l| l.split(['│', '┆']).map(str::trim).rfind(|c| !c.is_empty()))
-            .expect("a run id")
-            .to_string()
-    };
+    let last_run = newest_run_id(&project.sluice(&["runs", "--limit", "1"]).await, "users_to_crm");
     let failures = project
         .sluice(&["failures", &last_run, "--csv", csv_path.to_str().expect("utf-8")])
         .await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{TestProject, stderr, stdout};
+use crate::common::{TestProject, newest_run_id, stderr, stdout};
 use crate::faults::{
     AckReceiver, Answer, Model, assert_message_ids_are_deterministic, assert_same_state, destination_state,
     project_config, write_model,
@@ -69,13 +69,7 @@ async fn a_postgres_metadata_store_keeps_history_leases_and_recovers_killed_runs
         !project.path().join(".sluice/sluice.db").exists(),
         "no SQLite store beside a Postgres one"
     );
-    let runs = stdout(&project.sluice(&["runs"]).await);
-    let run_id = runs
-        .lines()
-        .find(|l| l.contains("users_to_crm"))
-        .and_then(|l| l.split(['│', '┆']).map(str::trim).rfind(|c| !c.is_empty()))
-        .expect("a run")
-        .to_string();
+    let run_id = newest_run_id(&project.sluice(&["runs"]).await, "users_to_crm");
     let csv = project.path().join("failed.csv");
     let failures = project
         .sluice(&["failures", &run_id, "--csv", csv.to_str().expect("utf-8")])

@@ -11,7 +11,7 @@ use axum::routing::post;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{TestProject, stderr, stdout};
+use crate::common::{TestProject, stderr, stdout, table_rows};
 use crate::faults::{
     AckReceiver, Answer, Model, assert_same_state, destination_state, project_config, terminate, write_model,
 };
@@ -30,19 +30,6 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
-}
-
-fn run_rows(project_runs: &str) -> Vec<Vec<String>> {
-    project_runs
-        .lines()
-        .filter(|l| l.contains(" users_to_crm "))
-        .map(|l| {
-            l.split(['│', '┆'])
-                .map(|c| c.trim().to_string())
-                .filter(|c| !c.is_empty())
-                .collect()
-        })
-        .collect()
 }
 
 /// A schedule every two seconds, and a first run that takes longer than that: `serve` runs the
@@ -77,7 +64,10 @@ async fn serve_runs_mappings_on_schedule_skips_overlaps_and_serves_metrics() {
     let mut rows = Vec::new();
     for _ in 0..150 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        rows = run_rows(&stdout(&project.sluice(&["runs", "--limit", "50"]).await));
+        rows = table_rows(
+            &stdout(&project.sluice(&["runs", "--limit", "50"]).await),
+            "users_to_crm",
+        );
         let succeeded = rows.iter().filter(|r| r[1] == "succeeded").count();
         let skipped = rows.iter().filter(|r| r[1] == "skipped").count();
         if succeeded >= 2 && skipped >= 1 {
