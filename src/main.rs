@@ -63,6 +63,10 @@ enum Command {
         /// Ignore what was sent before and send every row as added (a backfill).
         #[arg(long)]
         full: bool,
+        /// With --full: send again only rows matching this SQL predicate over the model's
+        /// columns (e.g. "plan = 'pro'"); everything else goes as in a normal run.
+        #[arg(long, requires = "full")]
+        filter: Option<String>,
         /// Compute the diff and write the exact requests each mapping would send, one JSON
         /// object per line; send nothing, commit nothing.
         #[arg(long)]
@@ -172,8 +176,9 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         rows: u32,
     },
-    /// Run mappings on their schedules and serve the HTTP API (health, readiness, metrics)
-    /// until SIGTERM or Ctrl-C; runs in flight then stop at their next commit point.
+    /// Run mappings on their schedules and serve the HTTP API (`/api/v1`, with its OpenAPI
+    /// document at `/api/v1/openapi.json`) until SIGTERM or Ctrl-C; runs in flight then stop at
+    /// their next commit point.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
@@ -182,6 +187,11 @@ enum Command {
         no_schedules: bool,
         #[command(flatten)]
         config: ConfigArg,
+    },
+    /// Manage the HTTP API's bearer tokens (kept in the metadata store as their SHA-256).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
     },
     /// Retire old snapshots by each model's `retain:` policy (all models when none is named);
     /// `sluice serve` does this after scheduled runs.
@@ -205,6 +215,31 @@ enum RunsAction {
     /// failed records.
     Show {
         run: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a token and print it (the only time it is shown).
+    Create {
+        /// A name to tell it by (who or what uses it).
+        name: String,
+        /// `read`: list, get, read runs, query; `admin`: also change, trigger and cancel.
+        #[arg(long, value_parser = ["read", "admin"], default_value = "read")]
+        scope: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List the tokens (names, scopes, when made; never the tokens).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Revoke a token; the API refuses it within ten seconds.
+    Revoke {
+        name: String,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -274,6 +309,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Run {
             mappings,
             full,
+            filter,
             dry_run: false,
             config,
             ..
@@ -284,6 +320,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 mappings,
                 full,
                 trigger: sluice_engine::Trigger::Manual,
+                filter,
             };
             let runs = run(&engine, request).await?;
             engine.close().await;
@@ -292,12 +329,13 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Run {
             mappings,
             full,
+            filter,
             dry_run: true,
             output,
             config,
         } => {
             let engine = open(&config.config).await?;
-            let result = dry_run(&engine, mappings, full, output.as_deref()).await;
+            let result = dry_run(&engine, mappings, full, filter.as_deref(), output.as_deref()).await;
             engine.close().await;
             result
         }
@@ -490,25 +528,26 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             no_schedules,
             config,
         } => {
-            let engine = Arc::new(open(&config.config).await?);
+            let engine = open(&config.config).await?;
+            let shutdown = engine.shutdown().clone();
+            let observer: Arc<dyn sluice_engine::RunObserver> = Arc::new(progress::LogProgress);
+            let service = sluice_engine::service::Service::new(engine, Arc::new(Connectors), observer);
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!("sluice API listening on http://{}", listener.local_addr()?);
-            let shutdown = engine.shutdown().clone();
             stop_on_signals(shutdown.clone());
-            let scheduler = (!no_schedules).then(|| {
-                let observer: Arc<dyn sluice_engine::RunObserver> = Arc::new(progress::LogProgress);
-                tokio::spawn(engine.clone().run_schedules(observer))
-            });
+            let scheduler = (!no_schedules).then(|| tokio::spawn(service.clone().run_schedules()));
             let stopped = async move { shutdown.requested().await };
-            sluice_api::serve(listener, engine.clone(), stopped).await?;
+            sluice_api::serve(listener, service.clone(), stopped).await?;
             if let Some(scheduler) = scheduler {
                 scheduler.await.context("the scheduler stopped unexpectedly")??;
             }
-            engine.close().await;
+            service.wait_for_runs().await;
+            service.engine().close().await;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Token { action } => token(action).await,
         Command::Retire { models, config } => {
             let engine = open(&config.config).await?;
             let models: Vec<String> = if models.is_empty() {
@@ -622,37 +661,23 @@ async fn print_query(
     Ok(())
 }
 
-/// Writes every failed record of a run as CSV; returns how many.
+/// Writes every failed record of a run as CSV (as the API's `Accept: text/csv` does); returns
+/// how many.
 async fn write_failures_csv(engine: &Engine, run_id: &str, path: &Path) -> Result<u64> {
+    use std::io::Write as _;
     let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut out = csv::Writer::from_writer(std::io::BufWriter::new(file));
-    out.write_record([
-        "key",
-        "operation",
-        "error",
-        "attempts",
-        "first_failed_at",
-        "last_failed_at",
-        "payload",
-    ])?;
+    let mut out = std::io::BufWriter::new(file);
     let mut offset = 0u64;
     loop {
         let page = engine.metadata().failures(run_id, offset, 10_000).await?;
+        if page.is_empty() && offset > 0 {
+            break;
+        }
+        out.write_all(&sluice_engine::metadata::failures_csv(&page, offset == 0))?;
         if page.is_empty() {
             break;
         }
         offset += page.len() as u64;
-        for f in &page {
-            out.write_record([
-                f.record_key.as_str(),
-                f.op.as_str(),
-                f.error.as_str(),
-                &f.attempts.to_string(),
-                &f.first_failed_at.to_rfc3339(),
-                &f.last_failed_at.to_rfc3339(),
-                f.payload.as_deref().unwrap_or(""),
-            ])?;
-        }
     }
     out.flush()?;
     Ok(offset)
@@ -663,6 +688,7 @@ async fn dry_run(
     engine: &Engine,
     mappings: Vec<String>,
     full: bool,
+    filter: Option<&str>,
     output: Option<&Path>,
 ) -> Result<ExitCode> {
     let names: Vec<String> = if mappings.is_empty() {
@@ -681,7 +707,7 @@ async fn dry_run(
     let mut summaries = Vec::new();
     for name in &names {
         let before = sink.requests();
-        let run = engine.dry_run(name, full, &sink, &observer).await?;
+        let run = engine.dry_run(name, full, filter, &sink, &observer).await?;
         summaries.push((name.clone(), run, sink.requests() - before));
     }
     observer.finish();
@@ -708,11 +734,66 @@ pub async fn run(engine: &Engine, request: RunRequest) -> Result<Vec<sluice_engi
     Ok(runs)
 }
 
+async fn token(action: TokenAction) -> Result<ExitCode> {
+    use sluice_engine::tokens::Scope;
+    match action {
+        TokenAction::Create { name, scope, config } => {
+            let engine = open(&config.config).await?;
+            let scope = Scope::parse(&scope).context("--scope is read or admin")?;
+            let created = engine.metadata().create_token(&name, scope).await;
+            engine.close().await;
+            println!("{}", created?);
+            eprintln!(
+                "token `{name}` ({scope}) created; it is shown only now. Send it as `Authorization: Bearer <token>`."
+            );
+        }
+        TokenAction::List { config } => {
+            let engine = open(&config.config).await?;
+            let tokens = engine.metadata().tokens().await;
+            engine.close().await;
+            let mut table = comfy_table::Table::new();
+            table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+            table.set_header(["name", "scope", "created (UTC)", "from"]);
+            for t in tokens? {
+                table.add_row([
+                    t.name,
+                    t.scope.to_string(),
+                    t.created_at.format("%Y-%m-%d %H:%M").to_string(),
+                    "sluice token create".to_string(),
+                ]);
+            }
+            for t in &engine.project().config.api.tokens {
+                table.add_row([
+                    t.name.clone(),
+                    t.scope.to_string(),
+                    "-".to_string(),
+                    format!("api.tokens in {} ({})", engine.project().path.display(), t.token),
+                ]);
+            }
+            println!("{table}");
+        }
+        TokenAction::Revoke { name, config } => {
+            let engine = open(&config.config).await?;
+            let revoked = engine.metadata().revoke_token(&name).await;
+            engine.close().await;
+            if !revoked? {
+                anyhow::bail!(
+                    "no token named `{name}` was made with `sluice token create` (`sluice token list` shows them)"
+                );
+            }
+            eprintln!("token `{name}` revoked");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn exit_code(runs: &[sluice_engine::metadata::RunRecord]) -> ExitCode {
-    if runs
-        .iter()
-        .any(|r| matches!(r.status, RunStatus::Failed | RunStatus::Interrupted))
-    {
+    if runs.iter().any(|r| {
+        matches!(
+            r.status,
+            RunStatus::Failed | RunStatus::Interrupted | RunStatus::Cancelled
+        )
+    }) {
         ExitCode::FAILURE
     } else if runs.iter().any(|r| r.status == RunStatus::Partial) {
         // Committed, but some records failed and wait for the next run.
@@ -739,6 +820,13 @@ async fn check(config: &Path, names: &[String]) -> Result<ExitCode> {
         }
     }
     let mut failed = false;
+    for problem in engine.problems().iter().filter(|p| wanted(&p.name)) {
+        failed = true;
+        println!(
+            "FAILED  {} {} (made through the API): {}",
+            problem.kind, problem.name, problem.message
+        );
+    }
     for name in project.config.sources.keys().filter(|n| wanted(n)) {
         match engine.source(name)?.check().await {
             Ok(()) => println!("ok      source {name}"),

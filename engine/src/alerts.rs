@@ -21,9 +21,11 @@ use serde::Deserialize;
 use crate::metadata::{RunRecord, RunStatus};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AlertConfig {
     /// Webhook URLs to POST alerts to.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub urls: Vec<crate::config::ConfigString>,
     #[serde(default = "yes")]
     pub on_failure: bool,

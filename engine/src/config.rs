@@ -45,6 +45,9 @@ pub struct ProjectConfig {
     /// Guards on models and records (see [`Limits`]).
     #[serde(default)]
     pub limits: Limits,
+    /// The HTTP API of `sluice serve`: its tokens.
+    #[serde(default)]
+    pub api: crate::tokens::ApiConfig,
 }
 
 fn default_state_dir() -> String {
@@ -53,7 +56,7 @@ fn default_state_dir() -> String {
 
 /// A source or destination: its `type` and the type's own options, which the connector that
 /// implements the type parses (strictly) when the project is opened.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConnectorConfig {
     pub kind: String,
     pub options: serde_json::Map<String, serde_json::Value>,
@@ -75,6 +78,7 @@ impl<'de> Deserialize<'de> for ConnectorConfig {
 
 /// A model: a query against a source, with a primary key.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub source: String,
@@ -103,6 +107,7 @@ pub struct ModelConfig {
 /// snapshot some mapping still uses as its baseline, or that holds rows of records awaiting
 /// retry, is kept regardless. Default: the latest 10.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Retention {
     #[serde(default, deserialize_with = "at_least_one")]
@@ -132,6 +137,7 @@ fn at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32
 
 /// What a model's rows are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
     /// The current state of some entities: each run sends what changed since the last.
@@ -168,6 +174,7 @@ impl<'de> Deserialize<'de> for PrimaryKey {
 
 /// Which diff results a mapping sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum Op {
@@ -212,6 +219,7 @@ impl fmt::Display for Op {
 
 /// A mapping: which records of a model go to which destination, with which fields.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MappingConfig {
     pub model: String,
@@ -230,6 +238,7 @@ pub struct MappingConfig {
     #[serde(default, rename = "send")]
     send_option: Option<Vec<Op>>,
     #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub send: Vec<Op>,
     /// Destination field <- model column (or `{column: c, as: json|string|unix_ms|unix_seconds}`).
     /// Dotted destination names nest.
@@ -245,6 +254,7 @@ pub struct MappingConfig {
     /// Settings of this mapping that belong to its destination type (HubSpot's object type,
     /// a database table, ...), documented per destination.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub options: serde_json::Map<String, serde_json::Value>,
     /// When the mapping runs (default: its model's schedule, else manual).
     #[serde(default)]
@@ -488,6 +498,10 @@ pub struct Project {
     pub base_dir: PathBuf,
     /// The file's text, kept to point at lines in later errors.
     text: String,
+    /// The file as JSON, to show each definition as it was written.
+    raw: std::sync::Arc<serde_json::Value>,
+    /// Definitions that came from the API (section, name): their errors name no file line.
+    api_defined: std::collections::HashSet<(String, String)>,
 }
 
 impl Project {
@@ -518,19 +532,35 @@ impl Project {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        // (Same text, parsed the same way; anything odd in it only costs the raw view.)
+        let raw = serde_norway::from_str::<serde_json::Value>(text).unwrap_or(serde_json::Value::Null);
         let mut project = Self {
             config,
             path: path.to_path_buf(),
             base_dir,
             text: text.to_string(),
+            raw: std::sync::Arc::new(raw),
+            api_defined: Default::default(),
         };
         project.resolve_defaults();
         project.validate()?;
         Ok(project)
     }
 
-    /// An error pointing at the line of `section.name[.key]` in the file, when it can be found.
+    /// An error pointing at the line of `section.name[.key]` in the file, when it can be found
+    /// (a definition made through the API is named instead).
     pub fn error_at(&self, keys: &[&str], message: impl Into<String>) -> ConfigError {
+        if let [section, name, ..] = keys
+            && self
+                .api_defined
+                .contains(&(section.to_string(), name.to_string()))
+        {
+            return ConfigError {
+                path: PathBuf::from(format!("api/{section}/{name}")),
+                line: None,
+                message: message.into(),
+            };
+        }
         ConfigError {
             path: self.path.clone(),
             line: locate(&self.text, keys),
@@ -545,6 +575,16 @@ impl Project {
         } else {
             self.base_dir.join(dir)
         }
+    }
+
+    /// A definition as `sluice.yaml` writes it (secrets included: redact before showing).
+    pub fn raw_definition(&self, section: &str, name: &str) -> Option<&serde_json::Value> {
+        self.raw.get(section)?.get(name)
+    }
+
+    /// Marks `section.name` as made through the API (see [`Self::error_at`]).
+    pub(crate) fn mark_api_defined(&mut self, section: &str, name: &str) {
+        self.api_defined.insert((section.to_string(), name.to_string()));
     }
 
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
@@ -568,7 +608,7 @@ impl Project {
     }
 
     /// Fills in defaults that depend on other parts of the file.
-    fn resolve_defaults(&mut self) {
+    pub(crate) fn resolve_defaults(&mut self) {
         for model in self.config.models.values_mut() {
             if model.kind == ModelKind::Events && model.primary_key.0.is_empty() {
                 model.primary_key = PrimaryKey(vec![EVENT_ID_COLUMN.to_string()]);
@@ -596,96 +636,123 @@ impl Project {
             }
         }
         for (name, model) in &c.models {
-            if !c.sources.contains_key(&model.source) {
+            self.validate_model(name, model)?;
+        }
+        for (name, mapping) in &c.mappings {
+            self.validate_mapping(name, mapping)?;
+        }
+        for (i, token) in c.api.tokens.iter().enumerate() {
+            if token.token.expose().len() < 16 {
                 return Err(self.error_at(
-                    &["models", name, "source"],
+                    &["api", "tokens"],
                     format!(
-                        "model `{name}` uses source `{}`, which is not defined{}",
-                        model.source,
-                        defined(c.sources.keys())
+                        "api.tokens[{i}] (`{}`): a token must be at least 16 characters; `sluice token create` makes strong ones",
+                        token.name
                     ),
                 ));
             }
-            if model.sql.trim().is_empty() {
-                return Err(self.error_at(
-                    &["models", name, "sql"],
-                    format!("model `{name}` has an empty `sql`"),
-                ));
-            }
-            c.limits
-                .check_query(&model.sql)
-                .map_err(|m| self.error_at(&["models", name, "sql"], format!("model `{name}`: {m}")))?;
-            let probe = crate::model::TemplateValues {
-                last_sync_time: None,
-                run_started_at: chrono::Utc::now(),
-            };
-            crate::model::render_sql(&model.sql, &probe)
-                .map_err(|m| self.error_at(&["models", name, "sql"], format!("model `{name}`: {m}")))?;
-            if model.primary_key.0.is_empty() {
-                return Err(self.error_at(
+        }
+        Ok(())
+    }
+
+    /// Checks one model against the rest of the project.
+    pub(crate) fn validate_model(&self, name: &str, model: &ModelConfig) -> Result<(), ConfigError> {
+        let c = &self.config;
+        check_name(name).map_err(|m| self.error_at(&["models", name], m))?;
+        if !c.sources.contains_key(&model.source) {
+            return Err(self.error_at(
+                &["models", name, "source"],
+                format!(
+                    "model `{name}` uses source `{}`, which is not defined{}",
+                    model.source,
+                    defined(c.sources.keys())
+                ),
+            ));
+        }
+        if model.sql.trim().is_empty() {
+            return Err(self.error_at(
+                &["models", name, "sql"],
+                format!("model `{name}` has an empty `sql`"),
+            ));
+        }
+        c.limits
+            .check_query(&model.sql)
+            .map_err(|m| self.error_at(&["models", name, "sql"], format!("model `{name}`: {m}")))?;
+        let probe = crate::model::TemplateValues {
+            last_sync_time: None,
+            run_started_at: chrono::Utc::now(),
+        };
+        crate::model::render_sql(&model.sql, &probe)
+            .map_err(|m| self.error_at(&["models", name, "sql"], format!("model `{name}`: {m}")))?;
+        if model.primary_key.0.is_empty() {
+            return Err(self.error_at(
                     &["models", name, "primary_key"],
                     format!("model `{name}` needs `primary_key`: a column, or a list of columns, that identifies a row"),
                 ));
-            }
-            let mut seen = std::collections::HashSet::new();
-            for key in &model.primary_key.0 {
-                if key.trim().is_empty() || !seen.insert(key) {
-                    return Err(self.error_at(
-                        &["models", name, "primary_key"],
-                        format!("model `{name}`: primary key column `{key}` is empty or listed twice"),
-                    ));
-                }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for key in &model.primary_key.0 {
+            if key.trim().is_empty() || !seen.insert(key) {
+                return Err(self.error_at(
+                    &["models", name, "primary_key"],
+                    format!("model `{name}`: primary key column `{key}` is empty or listed twice"),
+                ));
             }
         }
-        for (name, mapping) in &c.mappings {
-            if !c.models.contains_key(&mapping.model) {
-                return Err(self.error_at(
-                    &["mappings", name, "model"],
-                    format!(
-                        "mapping `{name}` uses model `{}`, which is not defined{}",
-                        mapping.model,
-                        defined(c.models.keys())
-                    ),
-                ));
-            }
-            if !c.destinations.contains_key(&mapping.destination) {
-                return Err(self.error_at(
-                    &["mappings", name, "destination"],
-                    format!(
-                        "mapping `{name}` uses destination `{}`, which is not defined{}",
-                        mapping.destination,
-                        defined(c.destinations.keys())
-                    ),
-                ));
-            }
-            let events = c
-                .models
-                .get(&mapping.model)
-                .is_some_and(|m| m.kind == ModelKind::Events);
-            if events && mapping.send != [Op::Added] {
-                return Err(self.error_at(
+        Ok(())
+    }
+
+    /// Checks one mapping against the rest of the project.
+    pub(crate) fn validate_mapping(&self, name: &str, mapping: &MappingConfig) -> Result<(), ConfigError> {
+        let c = &self.config;
+        check_name(name).map_err(|m| self.error_at(&["mappings", name], m))?;
+        if !c.models.contains_key(&mapping.model) {
+            return Err(self.error_at(
+                &["mappings", name, "model"],
+                format!(
+                    "mapping `{name}` uses model `{}`, which is not defined{}",
+                    mapping.model,
+                    defined(c.models.keys())
+                ),
+            ));
+        }
+        if !c.destinations.contains_key(&mapping.destination) {
+            return Err(self.error_at(
+                &["mappings", name, "destination"],
+                format!(
+                    "mapping `{name}` uses destination `{}`, which is not defined{}",
+                    mapping.destination,
+                    defined(c.destinations.keys())
+                ),
+            ));
+        }
+        let events = c
+            .models
+            .get(&mapping.model)
+            .is_some_and(|m| m.kind == ModelKind::Events);
+        if events && mapping.send != [Op::Added] {
+            return Err(self.error_at(
                     &["mappings", name, "send"],
                     format!(
                         "mapping `{name}`: model `{}` is an events model, whose rows are each sent once as `added`; `send` can only be [added]",
                         mapping.model
                     ),
                 ));
-            }
-            if mapping.send.is_empty() {
-                return Err(self.error_at(
-                    &["mappings", name, "send"],
-                    format!("mapping `{name}`: `send` must list at least one of added, updated, deleted"),
-                ));
-            }
-            crate::mapping::FieldTree::build(name, mapping)
-                .map_err(|e| self.error_at(&["mappings", name], e.to_string()))?;
         }
+        if mapping.send.is_empty() {
+            return Err(self.error_at(
+                &["mappings", name, "send"],
+                format!("mapping `{name}`: `send` must list at least one of added, updated, deleted"),
+            ));
+        }
+        crate::mapping::FieldTree::build(name, mapping)
+            .map_err(|e| self.error_at(&["mappings", name], e.to_string()))?;
         Ok(())
     }
 }
 
 /// Names become paths in the snapshot store and identifiers in SQL, so keep them plain.
-fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

@@ -40,6 +40,7 @@ pub struct RunInfo {
 
 /// How a mapping writes records its destination already has.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
     /// Create records that are missing, update those that exist.
@@ -118,6 +119,7 @@ pub const UPDATE_FLAG_COLUMN: &str = "_update";
 
 /// How a value is written into a payload (`as:` of a mapped field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ValueFormat {
     /// Text holding JSON, sent as the JSON value it holds (an object, not a string).

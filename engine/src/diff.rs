@@ -64,6 +64,8 @@ pub const UNCERTAIN_HASH: u64 = u64::MAX;
 /// Exceptions files also carry each key's hash (to filter by bucket) and its last error.
 pub const KEY_HASH: &str = "__sluice_key_hash";
 pub const LAST_ERROR: &str = "__last_error";
+/// Whether a new row matches a filtered backfill's predicate (inside the diff only).
+const RESEND: &str = "__resend";
 
 /// Names of the change-row columns that follow the key columns.
 pub const CHANGE_COLUMNS: [&str; 6] = [OP, NEW_HASH, BASE_HASH, BASE_SNAPSHOT, ATTEMPTS, FIRST_FAILED_AT];
@@ -137,6 +139,9 @@ pub struct Differ {
     /// The data files' schemas, so planning a bucket reads no footers.
     new_schema: SchemaRef,
     base_schema: Option<SchemaRef>,
+    /// A filtered backfill's predicate: new rows matching it are changes (added) whatever the
+    /// baseline holds.
+    resend: Option<Expr>,
 }
 
 impl Differ {
@@ -175,7 +180,50 @@ impl Differ {
             key_fields,
             new_schema: schema,
             base_schema,
+            resend: None,
         })
+    }
+
+    /// This diff with every new row matching `filter` (a SQL predicate over the model's
+    /// columns) sent again as added, on top of what changed. Refused unless `filter` is a
+    /// boolean expression of the new snapshot's columns, without subqueries or aggregates.
+    pub async fn resend_matching(mut self, filter: &str) -> Result<Self> {
+        let columns: Vec<Field> = self
+            .new_schema
+            .fields()
+            .iter()
+            .filter(|f| f.name() != ROW_HASH_COLUMN)
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let schema = DFSchema::try_from(Schema::new(columns))?;
+        use datafusion::common::tree_node::TreeNode;
+        use datafusion::logical_expr::ExprSchemable;
+        let expr = self.ctx.parse_sql_expr(filter, &schema)?;
+        let mut refused = None;
+        expr.apply(|e| {
+            match e {
+                Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) => {
+                    refused = Some("a subquery")
+                }
+                Expr::AggregateFunction(_) => refused = Some("an aggregate"),
+                Expr::WindowFunction(_) => refused = Some("a window function"),
+                _ => {}
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        })?;
+        if let Some(what) = refused {
+            return Err(DataFusionError::Plan(format!(
+                "it holds {what}; a filter is a condition on each row's own columns"
+            )));
+        }
+        let data_type = expr.get_type(&schema)?;
+        if data_type != DataType::Boolean {
+            return Err(DataFusionError::Plan(format!(
+                "it is of type {data_type}, not a condition (true or false)"
+            )));
+        }
+        self.resend = Some(expr);
+        Ok(self)
     }
 
     /// Number of buckets the diff runs in.
@@ -217,6 +265,11 @@ impl Differ {
     /// then the rows whose hashes differ, classified.
     pub async fn changes_plan(&self, bucket: u32) -> Result<Arc<dyn ExecutionPlan>> {
         let keys = &self.key_columns;
+        let resend = self.baseline.as_ref().and(self.resend.as_ref());
+        let mut new_columns = vec![(NEW_HASH, DataType::UInt64)];
+        if resend.is_some() {
+            new_columns.push((RESEND, DataType::Boolean));
+        }
         let new = self
             .sorted_side(
                 self.new_files(bucket),
@@ -224,9 +277,12 @@ impl Differ {
                 |_| {
                     let mut select: Vec<Expr> = keys.iter().map(ident).collect();
                     select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
+                    if let Some(resend) = resend {
+                        select.push(resend.clone().is_true().alias(RESEND));
+                    }
                     select
                 },
-                &[(NEW_HASH, DataType::UInt64)],
+                &new_columns,
                 false,
             )
             .await?;
@@ -272,15 +328,21 @@ impl Differ {
         // output.
         let schema = DFSchema::try_from(joined.schema().as_ref().clone())?;
         let physical = |expr: Expr| self.ctx.create_physical_expr(expr, &schema);
-        let changed = physical(binary_expr(
-            ident(NEW_HASH),
-            Operator::IsDistinctFrom,
-            ident(BASE_HASH),
-        ))?;
+        let mut changed = binary_expr(ident(NEW_HASH), Operator::IsDistinctFrom, ident(BASE_HASH));
+        if resend.is_some() {
+            changed = changed.or(ident(RESEND).is_true());
+        }
+        let changed = physical(changed)?;
         let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(changed, joined)?);
         // A record whose add was in flight when a run stopped may or may not be at the
         // destination: it is added again while the model has it, and deleted once it does not.
-        let op = when(ident(BASE_HASH).is_null(), lit(Op::Added as u8))
+        // (A filtered backfill's matching rows go as added, whatever the baseline has.)
+        let mut op = match resend {
+            Some(_) => when(ident(RESEND).is_true(), lit(Op::Added as u8))
+                .when(ident(BASE_HASH).is_null(), lit(Op::Added as u8)),
+            None => when(ident(BASE_HASH).is_null(), lit(Op::Added as u8)),
+        };
+        let op = op
             .when(ident(NEW_HASH).is_null(), lit(Op::Deleted as u8))
             .when(ident(BASE_HASH).eq(lit(UNCERTAIN_HASH)), lit(Op::Added as u8))
             .otherwise(lit(Op::Updated as u8))?;

@@ -6,18 +6,28 @@ use futures::StreamExt;
 use indexmap::IndexMap;
 use sluice_snapshots::SnapshotStore;
 
-use crate::config::Project;
-use crate::config::{ModelKind, Op};
+use crate::catalog::{CatalogState, Kind, Origin, Problem, StoredDefinition};
+use crate::config::{ConnectorConfig, MappingConfig, ModelConfig, ModelKind, Op, Project};
 use crate::destination::{ActionSpec, Destination, SyncMode};
 use crate::error::{EngineError, Result, SourceError};
 use crate::metadata::MetadataStore;
+use crate::secrets::SecretKey;
 use crate::source::{ConnectorEnv, ConnectorFactory, ModelQuery, Source};
 
 /// File name of the SQLite metadata store inside the state directory.
 pub const METADATA_FILE: &str = "sluice.db";
 
 pub struct Engine {
+    /// The project as it runs: `sluice.yaml` with the API's definitions taken in.
     pub(crate) project: Arc<Project>,
+    /// `sluice.yaml` alone, as loaded.
+    pub(crate) file: Arc<Project>,
+    /// The API's definitions this engine was built from.
+    pub(crate) catalog: Arc<CatalogState>,
+    /// API definitions that could not be taken in, and why.
+    pub(crate) problems: Vec<Problem>,
+    /// Seals and opens the API's secrets (`SLUICE_SECRET_KEY`).
+    pub(crate) secret_key: Option<SecretKey>,
     pub(crate) snapshots: SnapshotStore,
     pub(crate) metadata: MetadataStore,
     pub(crate) sources: IndexMap<String, Arc<dyn Source>>,
@@ -28,31 +38,26 @@ pub struct Engine {
     /// Set by SIGTERM/Ctrl-C: runs stop at their next commit point.
     pub(crate) shutdown: crate::run::Shutdown,
     pub(crate) alert_sender: Option<Arc<dyn crate::alerts::AlertSender>>,
+    /// Runs of this process and their stop switches, shared by every engine built from this
+    /// one (a run started before a definition changed can still be cancelled).
+    pub(crate) controls: Arc<crate::run::RunControls>,
 }
 
 impl Engine {
-    /// Builds every source and destination of `project` (so a misconfigured one is reported
-    /// before anything runs) and opens the stores.
-    pub async fn open(mut project: Project, connectors: &dyn ConnectorFactory) -> Result<Self> {
-        let env = ConnectorEnv {
-            base_dir: project.base_dir.clone(),
-            state_dir: project.state_dir(),
-        };
-        let mut sources = IndexMap::new();
-        for (name, config) in &project.config.sources {
-            let source = connectors
-                .source(name, config, &env)
-                .map_err(|m| project.error_at(&["sources", name], format!("source `{name}`: {m}")))?;
-            sources.insert(name.clone(), source);
-        }
-        let mut destinations = IndexMap::new();
-        for (name, config) in &project.config.destinations {
-            let destination = connectors.destination(name, config, &env).map_err(|m| {
-                project.error_at(&["destinations", name], format!("destination `{name}`: {m}"))
-            })?;
-            destinations.insert(name.clone(), destination);
-        }
-        let actions = resolve_actions(&mut project, &destinations)?;
+    /// Opens the stores, takes in the definitions made through the API, and builds every source
+    /// and destination (so a misconfigured one is reported before anything runs).
+    pub async fn open(project: Project, connectors: &dyn ConnectorFactory) -> Result<Self> {
+        let secret_key = SecretKey::from_env().map_err(|e| EngineError::Usage(e.to_string()))?;
+        Self::open_with_key(project, connectors, secret_key).await
+    }
+
+    /// [`Engine::open`] with `secret_key` sealing the API's secrets instead of the one in
+    /// `SLUICE_SECRET_KEY` (for embedding sluice, and tests).
+    pub async fn open_with_key(
+        project: Project,
+        connectors: &dyn ConnectorFactory,
+        secret_key: Option<SecretKey>,
+    ) -> Result<Self> {
         let state_dir = project.state_dir();
         let snapshot_location = match &project.config.snapshot_store {
             Some(location) => location.expose().to_string(),
@@ -71,16 +76,233 @@ impl Engine {
             &state_dir.join(METADATA_FILE),
         )
         .await?;
+        let catalog = Arc::new(metadata.catalog().await?);
+        let engine = Self::assemble(
+            Arc::new(project),
+            catalog,
+            Shared {
+                snapshots,
+                metadata,
+                secret_key,
+                shutdown: Default::default(),
+                alert_sender: connectors.alert_sender(),
+                controls: Default::default(),
+            },
+            connectors,
+            None,
+        )?;
+        for problem in &engine.problems {
+            tracing::warn!(
+                kind = %problem.kind,
+                name = problem.name,
+                "a definition made through the API is not in use: {}",
+                problem.message
+            );
+        }
+        Ok(engine)
+    }
+
+    /// This engine with `catalog` in place of its API definitions (sources and destinations
+    /// whose settings did not change are kept, with their connections and rate limits).
+    pub fn with_catalog(&self, catalog: CatalogState, connectors: &dyn ConnectorFactory) -> Result<Self> {
+        Self::assemble(
+            self.file.clone(),
+            Arc::new(catalog),
+            Shared {
+                snapshots: self.snapshots.clone(),
+                metadata: self.metadata.clone(),
+                secret_key: self.secret_key.clone(),
+                shutdown: self.shutdown.clone(),
+                alert_sender: self.alert_sender.clone(),
+                controls: self.controls.clone(),
+            },
+            connectors,
+            Some(self),
+        )
+    }
+
+    /// `sluice.yaml` with the API's definitions taken in; connectors built (or kept from
+    /// `previous` when their settings are the same).
+    fn assemble(
+        file: Arc<Project>,
+        catalog: Arc<CatalogState>,
+        shared: Shared,
+        connectors: &dyn ConnectorFactory,
+        previous: Option<&Engine>,
+    ) -> Result<Self> {
+        let mut project = (*file).clone();
+        let mut problems = Vec::new();
+        let mut from_api: Vec<(Kind, String)> = Vec::new();
+        let mut definitions: Vec<&StoredDefinition> = catalog.definitions.iter().collect();
+        definitions.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+        for definition in definitions {
+            let (kind, name) = (definition.kind, definition.name.clone());
+            if defines(&file, kind, &name) {
+                problems.push(Problem {
+                    kind,
+                    name,
+                    message: format!(
+                        "{file} defines a {kind} of this name too; the file's is used (delete this one through the API)",
+                        file = file.path.display()
+                    ),
+                });
+                continue;
+            }
+            match take_in(&mut project, definition, shared.secret_key.as_ref()) {
+                Ok(()) => {
+                    project.mark_api_defined(kind.section(), &name);
+                    from_api.push((kind, name));
+                }
+                Err(message) => problems.push(Problem { kind, name, message }),
+            }
+        }
+        for (mapping, enabled) in &catalog.switches {
+            if let Some(config) = project.config.mappings.get_mut(mapping) {
+                config.enabled = *enabled;
+            }
+        }
+        project.resolve_defaults();
+        let is_api = |kind: Kind, name: &str| from_api.iter().any(|(k, n)| *k == kind && n == name);
+        let leave_out =
+            |project: &mut Project, problems: &mut Vec<Problem>, kind: Kind, name: &str, message: String| {
+                remove(project, kind, name);
+                problems.push(Problem {
+                    kind,
+                    name: name.to_string(),
+                    message,
+                });
+            };
+
+        let env = ConnectorEnv {
+            base_dir: project.base_dir.clone(),
+            state_dir: project.state_dir(),
+        };
+        let mut sources = IndexMap::new();
+        for (name, config) in project.config.sources.clone() {
+            let kept = previous
+                .filter(|p| p.project.config.sources.get(&name) == Some(&config))
+                .and_then(|p| p.sources.get(&name).cloned());
+            match kept.map_or_else(|| connectors.source(&name, &config, &env), Ok) {
+                Ok(source) => {
+                    sources.insert(name, source);
+                }
+                Err(m) if is_api(Kind::Source, &name) => leave_out(
+                    &mut project,
+                    &mut problems,
+                    Kind::Source,
+                    &name,
+                    format!("source `{name}`: {m}"),
+                ),
+                Err(m) => {
+                    return Err(project
+                        .error_at(&["sources", &name], format!("source `{name}`: {m}"))
+                        .into());
+                }
+            }
+        }
+        let mut destinations = IndexMap::new();
+        for (name, config) in project.config.destinations.clone() {
+            let kept = previous
+                .filter(|p| p.project.config.destinations.get(&name) == Some(&config))
+                .and_then(|p| p.destinations.get(&name).cloned());
+            match kept.map_or_else(|| connectors.destination(&name, &config, &env), Ok) {
+                Ok(destination) => {
+                    destinations.insert(name, destination);
+                }
+                Err(m) if is_api(Kind::Destination, &name) => leave_out(
+                    &mut project,
+                    &mut problems,
+                    Kind::Destination,
+                    &name,
+                    format!("destination `{name}`: {m}"),
+                ),
+                Err(m) => {
+                    return Err(project
+                        .error_at(&["destinations", &name], format!("destination `{name}`: {m}"))
+                        .into());
+                }
+            }
+        }
+        // The API's models and mappings against what is left (a model whose source could not
+        // be built is left out, and so are its mappings).
+        for (kind, name) in &from_api {
+            let checked = match kind {
+                Kind::Model => project
+                    .config
+                    .models
+                    .get(name)
+                    .map(|m| project.validate_model(name, m)),
+                Kind::Mapping => project
+                    .config
+                    .mappings
+                    .get(name)
+                    .map(|m| project.validate_mapping(name, m)),
+                _ => None,
+            };
+            if let Some(Err(e)) = checked {
+                leave_out(&mut project, &mut problems, *kind, name, e.message);
+            }
+        }
+        let mut actions = IndexMap::new();
+        for name in project.config.mappings.keys().cloned().collect::<Vec<_>>() {
+            match resolve_action(&project, &name, &destinations) {
+                Ok(Some((resolved, spec))) => {
+                    project.config.mappings.insert(name.clone(), resolved);
+                    actions.insert(name, spec);
+                }
+                Ok(None) => {}
+                Err(e) if is_api(Kind::Mapping, &name) => {
+                    leave_out(&mut project, &mut problems, Kind::Mapping, &name, e.message)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(Self {
             project: Arc::new(project),
-            snapshots,
-            metadata,
+            file,
+            catalog,
+            problems,
+            secret_key: shared.secret_key,
+            snapshots: shared.snapshots,
+            metadata: shared.metadata,
             sources,
             destinations,
             actions,
-            shutdown: Default::default(),
-            alert_sender: connectors.alert_sender(),
+            shutdown: shared.shutdown,
+            alert_sender: shared.alert_sender,
+            controls: shared.controls,
         })
+    }
+
+    /// The API's definitions this engine was built from.
+    pub fn catalog(&self) -> &CatalogState {
+        &self.catalog
+    }
+
+    /// API definitions that are not in use, and why.
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    /// `sluice.yaml` alone, without the API's definitions.
+    pub fn file_project(&self) -> &Project {
+        &self.file
+    }
+
+    /// The key that seals the API's secrets, when `SLUICE_SECRET_KEY` is set.
+    pub fn secret_key(&self) -> Option<&SecretKey> {
+        self.secret_key.as_ref()
+    }
+
+    /// Where a definition comes from, if it exists (in use or not).
+    pub fn origin(&self, kind: Kind, name: &str) -> Option<Origin> {
+        if defines(&self.file, kind, name) {
+            Some(Origin::File)
+        } else if self.catalog.get(kind, name).is_some() {
+            Some(Origin::Api)
+        } else {
+            None
+        }
     }
 
     /// A mapping's config, or an error listing the mappings there are.
@@ -302,27 +524,28 @@ impl Engine {
     }
 }
 
-/// Checks every mapping's `action`, `mode`, `send` and `options` against what its destination
-/// offers, and settles each mapping's `send`.
-fn resolve_actions(
-    project: &mut Project,
+/// Checks a mapping's `action`, `mode`, `send` and `options` against what its destination
+/// offers, and settles its `send`: the mapping as it runs, and its action. `None` when its
+/// destination is not there (the mapping was already reported).
+fn resolve_action(
+    project: &Project,
+    name: &str,
     destinations: &IndexMap<String, Arc<dyn Destination>>,
-) -> Result<IndexMap<String, Option<ActionSpec>>> {
-    use crate::config::Op;
-    let mut actions = IndexMap::new();
-    let names: Vec<String> = project.config.mappings.keys().cloned().collect();
-    for name in names {
-        let config = project.config.mappings[&name].clone();
+) -> Result<Option<(MappingConfig, Option<ActionSpec>)>, crate::error::ConfigError> {
+    {
+        let Some(config) = project.config.mappings.get(name).cloned() else {
+            return Ok(None);
+        };
         let events_model = project
             .config
             .models
             .get(&config.model)
             .is_some_and(|m| m.kind == ModelKind::Events);
         let Some(destination) = destinations.get(&config.destination) else {
-            continue;
+            return Ok(None);
         };
         let at = |key: &str, message: String| {
-            project.error_at(&["mappings", &name, key], format!("mapping `{name}`: {message}"))
+            project.error_at(&["mappings", name, key], format!("mapping `{name}`: {message}"))
         };
         let spec = destination
             .action(config.action.as_deref(), &config.options)
@@ -347,8 +570,7 @@ fn resolve_actions(
                             config.destination,
                             destination.kind()
                         ),
-                    )
-                    .into());
+                    ));
                 }
                 resolved.resolve_send(events_model);
             }
@@ -364,8 +586,7 @@ fn resolve_actions(
                             config.destination,
                             modes.join(", ")
                         ),
-                    )
-                    .into());
+                    ));
                 }
                 resolved.mode = Some(mode);
                 resolved.resolve_send_for(events_model, spec.events, mode);
@@ -377,38 +598,104 @@ fn resolve_actions(
                             "action `{}` of destination `{}` cannot delete records; remove `deleted` from `send`",
                             spec.name, config.destination
                         ),
-                    )
-                    .into());
+                    ));
                 }
                 if mode == SyncMode::Insert && send.contains(&Op::Updated) {
                     return Err(at(
                         "send",
                         "mode `insert` only creates records, so it cannot send `updated` ones; use mode `upsert` or `update`".into(),
-                    )
-                    .into());
+                    ));
                 }
                 if mode == SyncMode::Mirror && resolved.send.len() != 3 {
                     return Err(at(
                         "send",
                         "mode `mirror` keeps the destination equal to the model, so it sends added, updated and deleted records; drop `send`, or use mode `upsert`".into(),
-                    )
-                    .into());
+                    ));
                 }
                 if config.send_given() && resolved.send.is_empty() {
                     return Err(at(
                         "send",
                         "`send` must list at least one of added, updated, deleted".into(),
-                    )
-                    .into());
+                    ));
                 }
             }
         }
-        project.config.mappings.insert(name.clone(), resolved);
-        actions.insert(name, spec);
+        Ok(Some((resolved, spec)))
     }
-    Ok(actions)
 }
 
+/// Whether `sluice.yaml` defines `kind` `name`.
+fn defines(file: &Project, kind: Kind, name: &str) -> bool {
+    let c = &file.config;
+    match kind {
+        Kind::Source => c.sources.contains_key(name),
+        Kind::Destination => c.destinations.contains_key(name),
+        Kind::Model => c.models.contains_key(name),
+        Kind::Mapping => c.mappings.contains_key(name),
+    }
+}
+
+/// Takes an API definition into the project, parsed as `sluice.yaml` would parse it.
+fn take_in(
+    project: &mut Project,
+    definition: &StoredDefinition,
+    key: Option<&SecretKey>,
+) -> Result<(), String> {
+    let name = &definition.name;
+    crate::config::check_name(name)?;
+    let opened = crate::secrets::open(&definition.spec, key).map_err(|e| e.to_string())?;
+    let kind = definition.kind;
+    let parse_error = |e: serde_json::Error| format!("{kind} `{name}`: {e}");
+    let c = &mut project.config;
+    match kind {
+        Kind::Source => {
+            let config: ConnectorConfig = serde_json::from_value(opened).map_err(parse_error)?;
+            c.sources.insert(name.clone(), config);
+        }
+        Kind::Destination => {
+            let config: ConnectorConfig = serde_json::from_value(opened).map_err(parse_error)?;
+            c.destinations.insert(name.clone(), config);
+        }
+        Kind::Model => {
+            let config: ModelConfig = serde_json::from_value(opened).map_err(parse_error)?;
+            c.models.insert(name.clone(), config);
+        }
+        Kind::Mapping => {
+            let config: MappingConfig = serde_json::from_value(opened).map_err(parse_error)?;
+            c.mappings.insert(name.clone(), config);
+        }
+    }
+    Ok(())
+}
+
+/// Leaves `kind` `name` out of the project.
+fn remove(project: &mut Project, kind: Kind, name: &str) {
+    let c = &mut project.config;
+    match kind {
+        Kind::Source => {
+            c.sources.shift_remove(name);
+        }
+        Kind::Destination => {
+            c.destinations.shift_remove(name);
+        }
+        Kind::Model => {
+            c.models.shift_remove(name);
+        }
+        Kind::Mapping => {
+            c.mappings.shift_remove(name);
+        }
+    }
+}
+
+/// What every engine built from one `Engine::open` shares.
+struct Shared {
+    snapshots: SnapshotStore,
+    metadata: MetadataStore,
+    secret_key: Option<SecretKey>,
+    shutdown: crate::run::Shutdown,
+    alert_sender: Option<Arc<dyn crate::alerts::AlertSender>>,
+    controls: Arc<crate::run::RunControls>,
+}
 /// The index of the first row of `batch` whose key columns, as text, equal `values`.
 fn find_row(
     batch: &arrow::array::RecordBatch,

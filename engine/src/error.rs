@@ -118,9 +118,25 @@ pub enum EngineError {
     /// A shutdown was requested (SIGTERM, Ctrl-C); the run stopped at a commit point.
     #[error("interrupted by a shutdown request: {0}")]
     Interrupted(String),
+    /// Someone cancelled the run; it stopped at a commit point.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// A request that cannot be served as asked (no such record, wrong number of values).
     #[error("{0}")]
     Usage(String),
+    /// A request that conflicts with the state things are in (a name the file defines, a
+    /// mapping that is running, a source models still use).
+    #[error("{message}")]
+    Conflict {
+        /// Machine-readable reason (`defined_in_file`, `run_in_progress`, `in_use`, ...).
+        code: &'static str,
+        message: String,
+        /// The run in the way, when it is one.
+        run_id: Option<String>,
+    },
+    /// A definition sent through the API that cannot be taken in as it is.
+    #[error("{message}")]
+    Invalid { message: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -164,7 +180,7 @@ impl EngineError {
             EngineError::LeaseLost { .. } => Some(
                 "the process was paused longer than the lease (60 s); nothing is lost, the next run goes on".into(),
             ),
-            EngineError::Interrupted(_) => {
+            EngineError::Interrupted(_) | EngineError::Cancelled(_) => {
                 Some("nothing to do: the next run sends what this one did not".into())
             }
             _ => None,

@@ -7,10 +7,15 @@
 //! - [`mapping`] and [`json`]: rows to destination records, column at a time;
 //! - [`delivery`]: batching, concurrency, retries and per-record results for every destination;
 //! - [`run`]: extract, diff, deliver, commit;
-//! - [`metadata`]: runs, failures and baselines in SQLite;
+//! - [`metadata`]: runs, failures and baselines in SQLite or Postgres;
+//! - [`catalog`], [`secrets`], [`tokens`]: definitions made through the API, their sealed
+//!   secrets, and the API's bearer tokens;
+//! - [`service`]: the control plane `sluice serve` and its API drive (definitions that change
+//!   while running, triggered and cancelled runs, the scheduler);
 //! - [`schedule`]: when mappings run (intervals, days and times, cron) in their time zones.
 
 pub mod alerts;
+pub mod catalog;
 pub mod checkpoint;
 pub mod config;
 pub mod delivery;
@@ -24,19 +29,24 @@ pub mod mapping;
 pub mod metadata;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 pub mod query;
 pub mod retention;
 pub mod run;
 pub mod schedule;
 pub mod scheduler;
+pub mod secrets;
+pub mod service;
 pub mod source;
+pub mod tokens;
 
 pub use config::{ConfigString, ConnectorConfig, Op, Project};
 pub use engine::{Engine, METADATA_FILE, PayloadPreview, Preview};
 pub use error::{ConfigError, DestinationError, EngineError, MappingError, Result, SourceError};
 pub use metadata::Trigger;
 pub use model::Limits;
-pub use run::{DryRunSink, Quiet, RunEvent, RunObserver, RunRequest, Shutdown};
+pub use run::{DryRunSink, Quiet, RunControls, RunEvent, RunObserver, RunRequest, Shutdown};
 
 /// Re-exported so connectors build on the exact versions the engine uses.
 pub use arrow;

@@ -57,9 +57,27 @@ pub enum RunStatus {
     Interrupted,
     /// Not run: a run of the same mapping was still going.
     Skipped,
+    /// Stopped at a commit point because someone asked (`POST /api/v1/runs/{id}/cancel`); what
+    /// it delivered up to its last checkpoint is kept, and the next run goes on from there.
+    Cancelled,
 }
 
 impl RunStatus {
+    /// Every status, in the order the API documents them.
+    pub const ALL: [RunStatus; 7] = [
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Partial,
+        RunStatus::Failed,
+        RunStatus::Interrupted,
+        RunStatus::Skipped,
+        RunStatus::Cancelled,
+    ];
+
+    pub fn is_finished(self) -> bool {
+        self != RunStatus::Running
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Running => "running",
@@ -68,6 +86,7 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::Interrupted => "interrupted",
             RunStatus::Skipped => "skipped",
+            RunStatus::Cancelled => "cancelled",
         }
     }
 
@@ -79,6 +98,7 @@ impl RunStatus {
             "failed" => RunStatus::Failed,
             "interrupted" => RunStatus::Interrupted,
             "skipped" => RunStatus::Skipped,
+            "cancelled" => RunStatus::Cancelled,
             _ => return None,
         })
     }
@@ -179,6 +199,12 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// What a user can do about `error`, when sluice knows.
     pub recommended_action: Option<String>,
+    /// A dry run: computed what it would send, sent and committed nothing.
+    pub dry_run: bool,
+    /// A backfill limited to the rows matching this SQL predicate.
+    pub filter: Option<String>,
+    /// Someone asked the run to stop (it stops at its next commit point).
+    pub cancel_requested: bool,
 }
 
 impl RunRecord {
@@ -205,6 +231,9 @@ impl RunRecord {
             schema_change: None,
             error: None,
             recommended_action: None,
+            dry_run: false,
+            filter: None,
+            cancel_requested: false,
         }
     }
 
@@ -212,6 +241,16 @@ impl RunRecord {
     pub fn duration(&self) -> Option<chrono::Duration> {
         self.finished_at.map(|end| end - self.started_at)
     }
+}
+
+/// Which runs [`MetadataStore::runs_page`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery {
+    pub mapping: Option<String>,
+    pub status: Option<RunStatus>,
+    /// Start and id of the last run of the previous page.
+    pub after: Option<(DateTime<Utc>, String)>,
+    pub limit: u32,
 }
 
 /// A failed record of a run.
@@ -225,6 +264,39 @@ pub struct FailureRow {
     pub last_failed_at: DateTime<Utc>,
     /// The record as it was (or would have been) sent, truncated to a few KiB.
     pub payload: Option<String>,
+}
+
+/// The columns of a run's failed records as CSV (`sluice failures --csv`, and the API's
+/// `Accept: text/csv`).
+pub const FAILURE_CSV_HEADER: [&str; 7] = [
+    "key",
+    "operation",
+    "error",
+    "attempts",
+    "first_failed_at",
+    "last_failed_at",
+    "payload",
+];
+
+/// Failed records as CSV lines, after the header line when `header`.
+pub fn failures_csv(rows: &[FailureRow], header: bool) -> Vec<u8> {
+    let mut out = csv::Writer::from_writer(Vec::new());
+    // (Writing to memory cannot fail.)
+    if header {
+        let _ = out.write_record(FAILURE_CSV_HEADER);
+    }
+    for f in rows {
+        let _ = out.write_record([
+            f.record_key.as_str(),
+            f.op.as_str(),
+            f.error.as_str(),
+            &f.attempts.to_string(),
+            &f.first_failed_at.to_rfc3339(),
+            &f.last_failed_at.to_rfc3339(),
+            f.payload.as_deref().unwrap_or(""),
+        ]);
+    }
+    out.into_inner().unwrap_or_default()
 }
 
 /// A commit point inside a run (see [`MetadataStore::checkpoint`]).
@@ -380,11 +452,15 @@ impl MetadataStore {
         &self.location
     }
 
-    fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+    pub(crate) fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
         self.backend.sql(sql)
     }
 
-    fn err(&self) -> impl Fn(sqlx::Error) -> EngineError + '_ {
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub(crate) fn err(&self) -> impl Fn(sqlx::Error) -> EngineError + '_ {
         move |source| EngineError::Metadata {
             location: self.location.clone(),
             source,
@@ -481,6 +557,23 @@ impl MetadataStore {
         Ok(None)
     }
 
+    /// Who holds `mapping`'s lease, if it is held and has not lapsed.
+    pub async fn lease(&self, mapping: &str) -> Result<Option<LeaseHolder>> {
+        let row = sqlx::query(
+            self.sql("SELECT run_id, holder, acquired_at FROM leases WHERE mapping = ? AND expires_at >= ?"),
+        )
+        .bind(mapping)
+        .bind(Utc::now().to_rfc3339())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(row.map(|row| LeaseHolder {
+            run_id: row.get("run_id"),
+            holder: row.get("holder"),
+            since: parse_time(row.get("acquired_at")),
+        }))
+    }
+
     /// Extends a held lease; `false` when it is no longer this run's.
     pub async fn renew_lease(&self, mapping: &str, run_id: &str, ttl: Duration) -> Result<bool> {
         let expires = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
@@ -544,8 +637,8 @@ impl MetadataStore {
     /// Records the start of a run.
     pub async fn start_run(&self, run: &RunRecord) -> Result<()> {
         sqlx::query(self.sql(
-            "INSERT INTO runs (id, mapping, model, destination, status, run_trigger, full_resync, host, pid, started_at, settled) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO runs (id, mapping, model, destination, status, run_trigger, full_resync, host, pid, started_at, settled, dry_run, row_filter) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ))
         .bind(&run.id)
         .bind(&run.mapping)
@@ -557,8 +650,10 @@ impl MetadataStore {
         .bind(hostname())
         .bind(std::process::id() as i64)
         .bind(run.started_at.to_rfc3339())
-        // A skipped run delivers nothing; any other may leave results to take in.
-        .bind((run.status == RunStatus::Skipped) as i64)
+        // A skipped run and a dry run deliver nothing; any other may leave results to take in.
+        .bind((run.status == RunStatus::Skipped || run.dry_run) as i64)
+        .bind(run.dry_run as i64)
+        .bind(&run.filter)
         .execute(&self.pool)
         .await
         .map_err(self.err())?;
@@ -789,6 +884,66 @@ impl MetadataStore {
         Ok(rows.iter().map(run_from_row).collect())
     }
 
+    /// A page of runs, most recent first: those of `query.mapping` and `query.status` when
+    /// given, strictly after `query.after` (the last run of the previous page) when given.
+    pub async fn runs_page(&self, query: &RunQuery) -> Result<Vec<RunRecord>> {
+        let mut sql = String::from("SELECT * FROM runs WHERE 1 = 1");
+        if query.mapping.is_some() {
+            sql.push_str(" AND mapping = ?");
+        }
+        if query.status.is_some() {
+            sql.push_str(" AND status = ?");
+        }
+        if query.after.is_some() {
+            sql.push_str(" AND (started_at < ? OR (started_at = ? AND id < ?))");
+        }
+        sql.push_str(" ORDER BY started_at DESC, id DESC LIMIT ?");
+        let mut q = sqlx::query(self.sql(&sql));
+        if let Some(mapping) = &query.mapping {
+            q = q.bind(mapping.as_str());
+        }
+        if let Some(status) = query.status {
+            q = q.bind(status.as_str());
+        }
+        if let Some((started_at, id)) = &query.after {
+            let started_at = started_at.to_rfc3339();
+            q = q.bind(started_at.clone()).bind(started_at).bind(id.as_str());
+        }
+        let rows = q
+            .bind(query.limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err())?;
+        Ok(rows.iter().map(run_from_row).collect())
+    }
+
+    /// Asks a running run to stop at its next commit point; `false` when it is not running.
+    pub async fn request_cancel(&self, run_id: &str) -> Result<bool> {
+        let marked =
+            sqlx::query(self.sql("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = 'running'"))
+                .bind(run_id)
+                .execute(&self.pool)
+                .await
+                .map_err(self.err())?
+                .rows_affected();
+        Ok(marked == 1)
+    }
+
+    /// Which of `run_ids` someone asked to stop.
+    pub async fn cancel_requests(&self, run_ids: &[String]) -> Result<Vec<String>> {
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; run_ids.len()].join(", ");
+        let sql = format!("SELECT id FROM runs WHERE cancel_requested = 1 AND id IN ({marks})");
+        let mut q = sqlx::query(self.sql(&sql));
+        for id in run_ids {
+            q = q.bind(id.as_str());
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(self.err())?;
+        Ok(rows.iter().map(|r| r.get::<String, _>("id")).collect())
+    }
+
     /// A run's failed records, in the order they failed, from `offset`.
     pub async fn failures(&self, run_id: &str, offset: u64, limit: u32) -> Result<Vec<FailureRow>> {
         // (Failures are kept in insertion order: SQLite's rowid, Postgres's `seq`.)
@@ -980,6 +1135,9 @@ fn run_from_row(r: &AnyRow) -> RunRecord {
         schema_change: r.get("schema_change"),
         error: r.get("error"),
         recommended_action: r.get("recommended_action"),
+        dry_run: r.get::<i64, _>("dry_run") != 0,
+        filter: r.get("row_filter"),
+        cancel_requested: r.get::<i64, _>("cancel_requested") != 0,
     }
 }
 
@@ -994,7 +1152,7 @@ fn redact(url: &str) -> String {
     }
 }
 
-fn parse_time(text: &str) -> DateTime<Utc> {
+pub(crate) fn parse_time(text: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or_default()

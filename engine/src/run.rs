@@ -55,6 +55,79 @@ pub struct RunRequest {
     pub full: bool,
     /// What started the run (a full run is recorded as a backfill).
     pub trigger: Trigger,
+    /// With `full`: only rows matching this SQL predicate (over the model's columns) are sent
+    /// again as added; everything else goes as in a normal run (see [`check_filter`]).
+    pub filter: Option<String>,
+}
+
+/// The stop switches of this process's runs, by run id: `POST /api/v1/runs/{id}/cancel` flips
+/// one, and the run stops at its next commit point.
+#[derive(Debug, Default)]
+pub struct RunControls {
+    runs: std::sync::Mutex<HashMap<String, Shutdown>>,
+}
+
+impl RunControls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Shutdown>> {
+        // A panic elsewhere cannot leave the map half-changed: every change is one call.
+        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn register(&self, run_id: &str) -> Shutdown {
+        self.lock().entry(run_id.to_string()).or_default().clone()
+    }
+
+    pub(crate) fn unregister(&self, run_id: &str) {
+        self.lock().remove(run_id);
+    }
+
+    /// The stop switch of a run of this process.
+    pub fn get(&self, run_id: &str) -> Option<Shutdown> {
+        self.lock().get(run_id).cloned()
+    }
+
+    /// Asks a run of this process to stop; `false` when it is not one.
+    pub fn cancel(&self, run_id: &str) -> bool {
+        match self.get(run_id) {
+            Some(stop) => {
+                stop.request();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Checks that a backfill's filter is one SQL expression (no subquery, no second statement):
+/// it is planned against the model's columns when the run has its snapshot.
+pub fn check_filter(filter: &str) -> std::result::Result<(), String> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    use datafusion::sql::sqlparser::tokenizer::Token;
+    if filter.trim().is_empty() {
+        return Err("the filter is empty".into());
+    }
+    if filter.len() > 4096 {
+        return Err("the filter is longer than 4,096 characters".into());
+    }
+    let dialect = GenericDialect {};
+    let mut parser = Parser::new(&dialect)
+        .try_with_sql(filter)
+        .map_err(|e| format!("the filter is not SQL: {e}"))?;
+    let expr = parser
+        .parse_expr()
+        .map_err(|e| format!("the filter is not a SQL expression: {e}"))?;
+    if parser.peek_token().token != Token::EOF {
+        return Err(
+            "the filter must be one SQL expression (a WHERE clause's condition), with nothing after it"
+                .into(),
+        );
+    }
+    let text = expr.to_string().to_ascii_uppercase();
+    if text.contains("SELECT ") {
+        return Err("the filter cannot hold a subquery; it is a condition on the model's columns".into());
+    }
+    Ok(())
 }
 
 /// A request to stop: runs finish the batch in flight, checkpoint it, and end `interrupted`.
@@ -215,6 +288,14 @@ impl Engine {
                 None => by_model.push((model, vec![name])),
             }
         }
+        if let Some(filter) = &request.filter {
+            if !request.full {
+                return Err(EngineError::Usage(
+                    "a filter limits a backfill: give it with --full (full: true)".into(),
+                ));
+            }
+            check_filter(filter).map_err(EngineError::Usage)?;
+        }
         let mut records = Vec::new();
         for (model, mappings) in by_model {
             let trigger = if request.full {
@@ -223,8 +304,15 @@ impl Engine {
                 request.trigger
             };
             records.extend(
-                self.run_model(&model, &mappings, request.full, trigger, observer)
-                    .await?,
+                self.run_model(
+                    &model,
+                    &mappings,
+                    request.full,
+                    trigger,
+                    request.filter.as_deref(),
+                    observer,
+                )
+                .await?,
             );
         }
         Ok(records)
@@ -236,6 +324,7 @@ impl Engine {
         mappings: &[String],
         full: bool,
         trigger: Trigger,
+        filter: Option<&str>,
         observer: &dyn RunObserver,
     ) -> Result<Vec<RunRecord>> {
         // Each mapping's run first claims the mapping; one whose previous run is still going
@@ -243,32 +332,9 @@ impl Engine {
         let mut runs = Vec::new();
         let mut skipped = Vec::new();
         for mapping in mappings {
-            let config = &self.project.config.mappings[mapping];
-            let mut run = RunRecord::starting(mapping, model, &config.destination, full);
-            run.trigger = trigger;
-            match self.metadata.acquire_lease(mapping, &run.id, LEASE_TTL).await? {
-                None => {
-                    self.metadata.start_run(&run).await?;
-                    // Whatever an earlier run delivered and did not commit becomes part of the
-                    // mapping's state first.
-                    match self.recover(mapping, &run.id).await {
-                        Ok(()) => runs.push(run),
-                        Err(e) => {
-                            tracing::error!(mapping, error = %e, "could not take in an earlier run's checkpoints");
-                            run.status = RunStatus::Failed;
-                            run.finished_at = Some(Utc::now());
-                            run.recommended_action = e.recommended_action();
-                            run.error = Some(format!(
-                                "taking in the results of an earlier run that did not finish: {e}"
-                            ));
-                            self.metadata.commit_run(&run, None).await?;
-                            self.metadata.release_lease(mapping, &run.id).await?;
-                            self.finish_run(observer, &run).await;
-                            skipped.push(run);
-                        }
-                    }
-                }
-                Some(holder) => {
+            match self.claim(mapping, full, trigger, filter).await? {
+                Ok(run) => runs.push(run),
+                Err((mut run, holder)) => {
                     run.status = RunStatus::Skipped;
                     run.finished_at = Some(Utc::now());
                     run.error = Some(format!(
@@ -285,32 +351,98 @@ impl Engine {
                 }
             }
         }
-        if runs.is_empty() {
-            return Ok(skipped);
+        let mut done = if runs.is_empty() {
+            Vec::new()
+        } else {
+            self.execute(model, runs, full, observer).await?
+        };
+        done.extend(skipped);
+        Ok(done)
+    }
+
+    /// Claims `mapping` for a new run: takes its lease and records the run as running (so it
+    /// can be watched and cancelled from then on). `Err` with the run that would have been
+    /// and the lease's holder when another run of the mapping is going.
+    pub async fn claim(
+        &self,
+        mapping: &str,
+        full: bool,
+        trigger: Trigger,
+        filter: Option<&str>,
+    ) -> Result<std::result::Result<RunRecord, (RunRecord, crate::metadata::LeaseHolder)>> {
+        let config = self.mapping_config(mapping)?;
+        let mut run = RunRecord::starting(mapping, &config.model, &config.destination, full);
+        run.trigger = if full { Trigger::Backfill } else { trigger };
+        run.filter = filter.map(str::to_string);
+        match self.metadata.acquire_lease(mapping, &run.id, LEASE_TTL).await? {
+            None => {
+                self.controls.register(&run.id);
+                if let Err(e) = self.metadata.start_run(&run).await {
+                    self.controls.unregister(&run.id);
+                    let _ = self.metadata.release_lease(mapping, &run.id).await;
+                    return Err(e);
+                }
+                Ok(Ok(run))
+            }
+            Some(holder) => Ok(Err((run, holder))),
         }
-        let leases: Vec<(String, String)> = runs.iter().map(|r| (r.mapping.clone(), r.id.clone())).collect();
-        let metadata = self.metadata.clone();
-        let held = leases.clone();
-        let heartbeat = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LEASE_TTL / 3).await;
-                for (mapping, run_id) in &held {
-                    if let Err(e) = metadata.renew_lease(mapping, run_id, LEASE_TTL).await {
-                        tracing::warn!(mapping, error = %e, "could not renew the run's lease");
+    }
+
+    /// Runs claimed mappings of one model (see [`Engine::claim`]): first takes in what earlier
+    /// runs of each left uncommitted, then extracts the model once, and diffs, delivers and
+    /// commits each mapping. Releases the leases at the end, whatever happened.
+    pub async fn execute(
+        &self,
+        model: &str,
+        claimed: Vec<RunRecord>,
+        full: bool,
+        observer: &dyn RunObserver,
+    ) -> Result<Vec<RunRecord>> {
+        let leases: Vec<(String, String)> = claimed
+            .iter()
+            .map(|r| (r.mapping.clone(), r.id.clone()))
+            .collect();
+        let heartbeat = tokio::spawn(heartbeat(
+            self.metadata.clone(),
+            self.controls.clone(),
+            leases.clone(),
+        ));
+        let result = async {
+            let mut runs = Vec::new();
+            let mut done = Vec::new();
+            for mut run in claimed {
+                // Whatever an earlier run delivered and did not commit becomes part of the
+                // mapping's state first.
+                match self.recover(&run.mapping, &run.id).await {
+                    Ok(()) => runs.push(run),
+                    Err(e) => {
+                        tracing::error!(mapping = run.mapping, error = %e, "could not take in an earlier run's checkpoints");
+                        run.status = RunStatus::Failed;
+                        run.finished_at = Some(Utc::now());
+                        run.recommended_action = e.recommended_action();
+                        run.error = Some(format!(
+                            "taking in the results of an earlier run that did not finish: {e}"
+                        ));
+                        self.metadata.commit_run(&run, None).await?;
+                        self.finish_run(observer, &run).await;
+                        done.push(run);
                     }
                 }
             }
-        });
-        let result = self.run_leased(model, runs, full, observer).await;
+            if !runs.is_empty() {
+                done.splice(0..0, self.run_leased(model, runs, full, observer).await?);
+            }
+            Ok(done)
+        }
+        .await;
         heartbeat.abort();
         for (mapping, run_id) in &leases {
+            self.controls.unregister(run_id);
             if let Err(e) = self.metadata.release_lease(mapping, run_id).await {
                 tracing::warn!(mapping, error = %e, "could not release the run's lease; it lapses by itself");
             }
         }
-        let mut done = result?;
-        done.extend(skipped);
-        Ok(done)
+        result
     }
 
     /// Runs mappings of one model whose leases this process holds.
@@ -325,8 +457,9 @@ impl Engine {
         let started = Instant::now();
         let run_ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
         let span = tracing::info_span!("extract", model, run_ids = ?run_ids);
+        let stops: Vec<Shutdown> = runs.iter().map(|r| self.controls.register(&r.id)).collect();
         let extracted = self
-            .extract(model, &runs[0].id, &template, observer)
+            .extract(model, &runs[0].id, &template, &stops, observer)
             .instrument(span)
             .await;
         let extract_ms = started.elapsed().as_millis() as u64;
@@ -375,6 +508,8 @@ impl Engine {
                         mapping = run.mapping,
                         "run stopped at a checkpoint by a shutdown request"
                     );
+                } else if run.status == RunStatus::Cancelled {
+                    tracing::warn!(mapping = run.mapping, "run cancelled; stopped at a checkpoint");
                 } else {
                     tracing::error!(mapping = run.mapping, error = %message, "run failed");
                 }
@@ -397,19 +532,51 @@ impl Engine {
         &self,
         mapping: &str,
         full: bool,
+        filter: Option<&str>,
         sink: &DryRunSink,
         observer: &dyn RunObserver,
     ) -> Result<RunRecord> {
         let config = self.mapping_config(mapping)?;
         let mut run = RunRecord::starting(mapping, &config.model, &config.destination, full);
-        let template = self.template_values(&config.model, run.started_at).await?;
-        let started = Instant::now();
-        let manifest = self.extract(&config.model, &run.id, &template, observer).await?;
-        run.timings.extract_ms = started.elapsed().as_millis() as u64;
-        run.snapshot_id = Some(manifest.id.clone());
-        run.counts.extracted = manifest.rows;
-        self.run_mapping(&mut run, &config, Arc::new(manifest), full, observer, Some(sink))
-            .await?;
+        run.dry_run = true;
+        run.filter = filter.map(str::to_string);
+        self.dry_run_as(run, sink, observer).await
+    }
+
+    /// [`Engine::dry_run`] of a run already recorded as a dry run (by the API).
+    pub async fn dry_run_as(
+        &self,
+        mut run: RunRecord,
+        sink: &DryRunSink,
+        observer: &dyn RunObserver,
+    ) -> Result<RunRecord> {
+        if let Some(filter) = &run.filter {
+            check_filter(filter).map_err(EngineError::Usage)?;
+        }
+        let config = self.mapping_config(&run.mapping)?;
+        let stop = self.controls.register(&run.id);
+        let result = async {
+            let template = self.template_values(&config.model, run.started_at).await?;
+            let started = Instant::now();
+            let manifest = self
+                .extract(
+                    &config.model,
+                    &run.id,
+                    &template,
+                    std::slice::from_ref(&stop),
+                    observer,
+                )
+                .await?;
+            run.timings.extract_ms = started.elapsed().as_millis() as u64;
+            run.snapshot_id = Some(manifest.id.clone());
+            run.counts.extracted = manifest.rows;
+            let full = run.full_resync;
+            self.run_mapping(&mut run, &config, Arc::new(manifest), full, observer, Some(sink))
+                .await
+        }
+        .await;
+        self.controls.unregister(&run.id);
+        result?;
         run.status = RunStatus::Succeeded;
         Ok(run)
     }
@@ -427,7 +594,7 @@ impl Engine {
         let started_at = Utc::now();
         let template = self.template_values(model, started_at).await?;
         let id = format!("extract-{}", uuid::Uuid::now_v7());
-        self.extract(model, &id, &template, observer).await
+        self.extract(model, &id, &template, &[], observer).await
     }
 
     /// The values a model's SQL template is rendered with: `last_sync_time` is the earliest
@@ -482,12 +649,14 @@ impl Engine {
         })
     }
 
-    /// Streams the model's rows into a new committed snapshot.
+    /// Streams the model's rows into a new committed snapshot. Stops when a shutdown is asked
+    /// for, or when every run in `stops` is cancelled.
     async fn extract(
         &self,
         model: &str,
         run_id: &str,
         template: &TemplateValues,
+        stops: &[Shutdown],
         observer: &dyn RunObserver,
     ) -> Result<SnapshotManifest> {
         let config = self
@@ -529,6 +698,12 @@ impl Engine {
                 writer.abort().await;
                 return Err(EngineError::Interrupted(format!(
                     "stopped while extracting model `{model}`; nothing was sent"
+                )));
+            }
+            if !stops.is_empty() && stops.iter().all(Shutdown::is_requested) {
+                writer.abort().await;
+                return Err(EngineError::Cancelled(format!(
+                    "cancelled while extracting model `{model}`; nothing was sent"
                 )));
             }
             let next = stream.next().await;
@@ -589,8 +764,11 @@ impl Engine {
         let state = self.metadata.mapping_state(&mapping).await?;
         let mut manifests: HashMap<String, Arc<SnapshotManifest>> = HashMap::new();
         manifests.insert(manifest.id.clone(), manifest.clone());
-        let baseline = match (&state, full) {
-            (Some(state), false) => Some(
+        // A plain backfill ignores the baseline; one with a filter diffs as usual, and sends the
+        // matching rows again on top.
+        let use_baseline = !full || run.filter.is_some();
+        let baseline = match (&state, use_baseline) {
+            (Some(state), true) => Some(
                 self.load_baseline(&mapping, state, &manifest, &mut manifests)
                     .await?,
             ),
@@ -607,9 +785,23 @@ impl Engine {
             mapping: mapping.clone(),
             source,
         };
-        let differ = Differ::new(self.snapshots.clone(), manifest.clone(), baseline.clone())
+        let stop = self.controls.register(&run.id);
+        if stop.is_requested() {
+            return Err(EngineError::Cancelled(format!(
+                "mapping `{mapping}` was cancelled before it sent anything"
+            )));
+        }
+        let mut differ = Differ::new(self.snapshots.clone(), manifest.clone(), baseline.clone())
             .await
             .map_err(diff_err)?;
+        if let Some(filter) = &run.filter {
+            differ = differ.resend_matching(filter).await.map_err(|e| {
+                EngineError::Usage(format!(
+                    "mapping `{mapping}`: the backfill's filter `{filter}` does not apply to model `{}`'s columns: {e}",
+                    run.model
+                ))
+            })?;
+        }
         let model_schema = self.model_schema(&differ).await.map_err(diff_err)?;
         let action = self.action(&mapping);
         let plan = MappingPlan::compile(
@@ -657,6 +849,7 @@ impl Engine {
             failures: Vec::new(),
             first_failure: None,
             dry_run,
+            stop,
         };
         let buckets = differ.buckets();
         tracing::info!(
@@ -958,6 +1151,7 @@ fn run_baseline_text(baseline: Option<&crate::diff::Baseline>) -> String {
 fn stopped_status(error: &EngineError) -> RunStatus {
     match error {
         EngineError::Interrupted(_) => RunStatus::Interrupted,
+        EngineError::Cancelled(_) => RunStatus::Cancelled,
         _ => RunStatus::Failed,
     }
 }
@@ -1001,6 +1195,8 @@ struct Delivery<'a> {
     first_failure: Option<String>,
     /// Set for `--dry-run`: requests are written here instead of being sent.
     dry_run: Option<&'a DryRunSink>,
+    /// This run's stop switch (a cancellation).
+    stop: Shutdown,
 }
 
 impl Delivery<'_> {
@@ -1056,6 +1252,7 @@ impl Delivery<'_> {
             .buffered(parallelism);
         let lookup = |id: &str| manifests.get(id).cloned();
         while let Some((bucket, elapsed, result)) = diffs.next().await {
+            self.check_stop()?;
             self.run.timings.diff_ms += elapsed.as_millis() as u64;
             let bucket_changes = result.map_err(&diff_err)?;
             let counts = ChangeCounts::of(&bucket_changes);
@@ -1087,6 +1284,24 @@ impl Delivery<'_> {
         Ok(())
     }
 
+    /// Between two commit points: stop when a shutdown or a cancellation was asked for.
+    fn check_stop(&self) -> Result<()> {
+        let handled = self.run.counts.delivered + self.run.counts.failed;
+        if self.engine.shutdown.is_requested() {
+            return Err(EngineError::Interrupted(format!(
+                "mapping `{}` stopped after {handled} records; they are kept, and the next run sends the rest",
+                self.run.mapping,
+            )));
+        }
+        if self.stop.is_requested() {
+            return Err(EngineError::Cancelled(format!(
+                "mapping `{}` was cancelled after {handled} records; they are kept, and the next run sends the rest",
+                self.run.mapping,
+            )));
+        }
+        Ok(())
+    }
+
     fn progress(&self, observer: &dyn RunObserver, buckets_done: u32, buckets: u32, changes: ChangeCounts) {
         observer.on_event(RunEvent::MappingProgress {
             mapping: self.run.mapping.clone(),
@@ -1111,13 +1326,7 @@ impl Delivery<'_> {
             // A batch is a commit point; a shutdown stops the run between two of them.
             let mut offset = 0;
             while offset < batch.num_rows() {
-                if self.engine.shutdown.is_requested() {
-                    return Err(EngineError::Interrupted(format!(
-                        "mapping `{}` stopped after {} records; they are kept, and the next run sends the rest",
-                        self.run.mapping,
-                        self.run.counts.delivered + self.run.counts.failed
-                    )));
-                }
+                self.check_stop()?;
                 let length = self.records_per_checkpoint.min(batch.num_rows() - offset);
                 let span = tracing::info_span!("batch", records = length);
                 self.deliver_batch(&batch.slice(offset, length))
@@ -1335,4 +1544,36 @@ fn sample_payload(body: &[u8]) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// Keeps a run's leases alive (every third of their lifetime) and passes on cancellations
+/// asked for in the metadata store (by the API of this process or another), every few seconds.
+async fn heartbeat(
+    metadata: crate::metadata::MetadataStore,
+    controls: Arc<RunControls>,
+    leases: Vec<(String, String)>,
+) {
+    const TICK: std::time::Duration = std::time::Duration::from_secs(5);
+    let run_ids: Vec<String> = leases.iter().map(|(_, id)| id.clone()).collect();
+    let mut since_renewal = std::time::Duration::ZERO;
+    loop {
+        tokio::time::sleep(TICK).await;
+        since_renewal += TICK;
+        if since_renewal >= LEASE_TTL / 3 {
+            since_renewal = std::time::Duration::ZERO;
+            for (mapping, run_id) in &leases {
+                if let Err(e) = metadata.renew_lease(mapping, run_id, LEASE_TTL).await {
+                    tracing::warn!(mapping, error = %e, "could not renew the run's lease");
+                }
+            }
+        }
+        match metadata.cancel_requests(&run_ids).await {
+            Ok(cancelled) => {
+                for run_id in cancelled {
+                    controls.cancel(&run_id);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "could not read cancellation requests"),
+        }
+    }
 }

@@ -12,15 +12,11 @@
 //! length of the jump.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::metadata::Trigger;
-use crate::run::{RunObserver, RunRequest};
 use crate::schedule::Schedule;
 
 /// One scheduled mapping.
@@ -98,6 +94,22 @@ impl Scheduler {
         Ok(Self::new(mappings, &last, now))
     }
 
+    /// Keeps the fire times of `previous` for mappings whose schedule did not change (when the
+    /// definitions change while `sluice serve` runs), so a run just started is not due again.
+    pub fn carry_over(&mut self, previous: &Scheduler) {
+        for entry in &mut self.entries {
+            if let Some(old) = previous
+                .entries
+                .iter()
+                .find(|e| e.mapping == entry.mapping && e.schedule == entry.schedule)
+            {
+                entry.last_start = old.last_start;
+                entry.next_due = old.next_due;
+            }
+        }
+        self.last_tick = previous.last_tick;
+    }
+
     /// Number of scheduled mappings.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -138,71 +150,11 @@ impl Scheduler {
     }
 }
 
-/// Longest sleep between ticks: a clock change is noticed within this.
-const MAX_SLEEP: Duration = Duration::from_secs(15);
-
-impl Engine {
-    /// Runs scheduled mappings until a shutdown is requested ([`Engine::shutdown`]); then waits
-    /// for the runs in flight to stop at their next commit point. Snapshots are retired after
-    /// each model's scheduled runs.
-    pub async fn run_schedules(self: Arc<Self>, observer: Arc<dyn RunObserver>) -> Result<()> {
-        let mut scheduler = Scheduler::for_engine(&self, Utc::now()).await?;
-        tracing::info!(mappings = scheduler.len(), "scheduler started");
-        let mut running = tokio::task::JoinSet::new();
-        let shutdown = self.shutdown().clone();
-        while !shutdown.is_requested() {
-            let now = Utc::now();
-            let due = scheduler.tick(now);
-            let mut by_model: Vec<(String, Vec<String>)> = Vec::new();
-            for Due { mapping, model } in due {
-                match by_model.iter_mut().find(|(m, _)| *m == model) {
-                    Some((_, mappings)) => mappings.push(mapping),
-                    None => by_model.push((model, vec![mapping])),
-                }
-            }
-            for (model, mappings) in by_model {
-                let engine = self.clone();
-                let observer = observer.clone();
-                tracing::info!(model, ?mappings, "scheduled run due");
-                running.spawn(async move {
-                    let request = RunRequest {
-                        mappings,
-                        full: false,
-                        trigger: Trigger::Schedule,
-                    };
-                    if let Err(e) = engine.run(&request, observer.as_ref()).await {
-                        tracing::error!(model, error = %e, "scheduled run failed to start");
-                    }
-                    if let Err(e) = engine.retire_snapshots(&model).await {
-                        tracing::warn!(model, error = %e, "could not retire old snapshots");
-                    }
-                });
-            }
-            // Reap finished runs so the set does not grow.
-            while running.try_join_next().is_some() {}
-            let sleep = scheduler
-                .next_wake()
-                .and_then(|t| (t - Utc::now()).to_std().ok())
-                .unwrap_or(MAX_SLEEP)
-                .min(MAX_SLEEP);
-            tokio::select! {
-                _ = tokio::time::sleep(sleep) => {}
-                _ = shutdown.requested() => {}
-            }
-        }
-        tracing::info!(
-            runs = running.len(),
-            "scheduler stopping; waiting for runs to reach a commit point"
-        );
-        while running.join_next().await.is_some() {}
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use std::time::Duration;
 
     fn at(h: u32, m: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 2, h, m, 0).single().unwrap()
@@ -253,6 +205,24 @@ mod tests {
         assert_eq!(s.next_wake(), Some(at(9, 5)));
         assert!(s.tick(at(9, 4)).is_empty());
         assert_eq!(names(s.tick(at(9, 5))), ["a"]);
+    }
+
+    #[test]
+    fn a_rebuilt_schedule_keeps_fire_times_of_unchanged_mappings() {
+        let mut s = Scheduler::new([("a".into(), "m".into(), every(15))], &HashMap::new(), at(9, 0));
+        assert_eq!(names(s.tick(at(9, 0))), ["a"]);
+        // Definitions change a second later: `a` must not be due again, `b` is new.
+        let mut rebuilt = Scheduler::new(
+            [
+                ("a".into(), "m".into(), every(15)),
+                ("b".into(), "m".into(), every(5)),
+            ],
+            &HashMap::new(),
+            at(9, 0),
+        );
+        rebuilt.carry_over(&s);
+        assert_eq!(names(rebuilt.tick(at(9, 0))), ["b"]);
+        assert_eq!(names(rebuilt.tick(at(9, 15))), ["a", "b"]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Integration tests, one binary (linking DataFusion once).
 
+mod api;
 mod cli;
 mod common;
 mod convergence;

@@ -22,10 +22,14 @@ async fn free_port() -> u16 {
     listener.local_addr().expect("addr").port()
 }
 
-/// `GET path` on 127.0.0.1:`port`; the response's body, once the server answers.
-async fn http_get(port: u16, path: &str) -> Option<String> {
+/// `GET path` on 127.0.0.1:`port` (with a bearer token when given); the response's body, once
+/// the server answers.
+async fn http_get(port: u16, path: &str, token: Option<&str>) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
@@ -50,6 +54,13 @@ async fn serve_runs_mappings_on_schedule_skips_overlaps_and_serves_metrics() {
     // about 3 s.
     let model: Model = (1..=900).map(|id| (id, "free".to_string())).collect();
     write_model(&project, &model);
+    // A read token for the scraper (shown once, on stdout).
+    let created = project
+        .sluice(&["token", "create", "prometheus", "--scope", "read"])
+        .await;
+    assert!(created.status.success(), "{}", stderr(&created));
+    let scrape_token = stdout(&created).trim().to_string();
+    let scrape_token = scrape_token.as_str();
     let port = free_port().await;
     let serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
@@ -92,7 +103,12 @@ async fn serve_runs_mappings_on_schedule_skips_overlaps_and_serves_metrics() {
         "after scheduled runs",
     );
 
-    let metrics = http_get(port, "/metrics").await.expect("metrics answer");
+    // Metrics need a token, like the rest of the API but the health checks.
+    let refused = http_get(port, "/metrics", None).await.expect("metrics answer");
+    assert!(refused.contains("unauthorized"), "{refused}");
+    let metrics = http_get(port, "/metrics", Some(scrape_token))
+        .await
+        .expect("metrics answer");
     assert!(
         metrics.contains(r#"sluice_runs_total{mapping="users_to_crm",status="succeeded"}"#),
         "{metrics}"
@@ -100,7 +116,7 @@ async fn serve_runs_mappings_on_schedule_skips_overlaps_and_serves_metrics() {
     assert!(metrics.contains(r#"sluice_runs_total{mapping="users_to_crm",status="skipped"}"#));
     assert!(metrics.contains(r#"sluice_destination_requests_total{vendor="webhook",status="200"}"#));
     assert!(metrics.contains("sluice_run_duration_seconds_bucket"));
-    let health = http_get(port, "/healthz").await.expect("health");
+    let health = http_get(port, "/healthz", None).await.expect("health");
     assert!(health.contains("\"ok\""), "{health}");
 
     terminate(&serve);

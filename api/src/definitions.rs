@@ -1,0 +1,413 @@
+//! Sources, models, destinations and mappings: list, get, create, update, delete; connection
+//! tests, model previews, enabling and disabling mappings. Every rule lives in the engine
+//! ([`sluice_engine::service::Service`]): these handlers only move JSON.
+
+use std::borrow::Cow;
+
+use axum::Extension;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::Value;
+use sluice_engine::catalog::Kind;
+use utoipa::openapi::{RefOr, schema::Schema};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::views::{Column, Definition, DefinitionPage, Preview, TestResult};
+
+/// Most items one page of definitions holds.
+const MAX_PAGE: usize = 1000;
+
+/// A source as sluice.yaml writes it: `type` and its options.
+pub struct SourceSpec;
+/// A destination as sluice.yaml writes it: `type` and its options.
+pub struct DestinationSpec;
+
+impl PartialSchema for SourceSpec {
+    fn schema() -> RefOr<Schema> {
+        sluice_engine::openapi::connector_schema("source")
+    }
+}
+impl ToSchema for SourceSpec {
+    fn name() -> Cow<'static, str> {
+        "SourceSpec".into()
+    }
+}
+impl PartialSchema for DestinationSpec {
+    fn schema() -> RefOr<Schema> {
+        sluice_engine::openapi::connector_schema("destination")
+    }
+}
+impl ToSchema for DestinationSpec {
+    fn name() -> Cow<'static, str> {
+        "DestinationSpec".into()
+    }
+}
+
+/// Paging of a list of definitions.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Items per page (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+fn page(
+    items: Vec<sluice_engine::service::DefinitionView>,
+    params: &ListParams,
+) -> ApiResult<DefinitionPage> {
+    let limit = params.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!("`limit` is 1 to {MAX_PAGE}")));
+    }
+    let after = params.cursor.as_deref().unwrap_or("");
+    let mut rest: Vec<Definition> = items
+        .into_iter()
+        .filter(|d| d.name.as_str() > after)
+        .take(limit + 1)
+        .map(Definition::from)
+        .collect();
+    let next_cursor = if rest.len() > limit {
+        rest.truncate(limit);
+        rest.last().map(|d| d.name.clone())
+    } else {
+        None
+    };
+    Ok(DefinitionPage {
+        items: rest,
+        next_cursor,
+    })
+}
+
+async fn list(state: &AppState, kind: Kind, params: &ListParams) -> ApiResult<axum::Json<DefinitionPage>> {
+    state.service.current().await?;
+    Ok(axum::Json(page(state.service.definitions(kind), params)?))
+}
+
+async fn get_one(state: &AppState, kind: Kind, name: &str) -> ApiResult<axum::Json<Definition>> {
+    state.service.current().await?;
+    Ok(axum::Json(state.service.definition(kind, name)?.into()))
+}
+
+async fn create(
+    state: &AppState,
+    kind: Kind,
+    name: String,
+    definition: Value,
+    who: &str,
+) -> ApiResult<Response> {
+    let view = state.service.put(kind, &name, definition, true).await?;
+    tracing::info!(kind = %kind, name, token = who, "definition created");
+    let location = format!("/api/v1/{}/{}", kind.section(), view.name);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(Definition::from(view)),
+    )
+        .into_response())
+}
+
+async fn update(
+    state: &AppState,
+    kind: Kind,
+    name: String,
+    definition: Value,
+    who: &str,
+) -> ApiResult<axum::Json<Definition>> {
+    let view = state.service.put(kind, &name, definition, false).await?;
+    tracing::info!(kind = %kind, name, token = who, "definition updated");
+    Ok(axum::Json(view.into()))
+}
+
+async fn delete(state: &AppState, kind: Kind, name: &str, who: &str) -> ApiResult<StatusCode> {
+    state.service.delete(kind, name).await?;
+    tracing::info!(kind = %kind, name, token = who, "definition deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+type Caller = Extension<std::sync::Arc<crate::auth::Caller>>;
+
+/// The five handlers of one kind of definition, with their documentation.
+macro_rules! collection {
+    (
+        $kind:expr, $section:literal, $tag:literal, $spec:ty,
+        $create_body:ident, $update_body:ident,
+        $list:ident, $get:ident, $create:ident, $update:ident, $delete:ident
+    ) => {
+        #[doc = concat!("Creates a ", $tag, " (`name` and its `definition`, as in sluice.yaml).")]
+        #[derive(Debug, Deserialize, ToSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $create_body {
+            /// Letters, digits, `_` and `-`, starting with a letter or `_`; at most 64.
+            pub name: String,
+            #[schema(value_type = $spec)]
+            pub definition: Value,
+        }
+
+        #[doc = concat!("Replaces a ", $tag, "'s definition.")]
+        #[derive(Debug, Deserialize, ToSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $update_body {
+            #[schema(value_type = $spec)]
+            pub definition: Value,
+        }
+
+        #[doc = concat!("Lists the ", $section, " (from sluice.yaml and the API), by name.")]
+        #[utoipa::path(get, path = concat!("/", $section), tag = $tag, params(ListParams),
+            responses((status = 200, description = "One page", body = DefinitionPage)))]
+        pub async fn $list(
+            State(state): State<AppState>,
+            ApiQuery(params): ApiQuery<ListParams>,
+        ) -> ApiResult<axum::Json<DefinitionPage>> {
+            list(&state, $kind, &params).await
+        }
+
+        #[doc = concat!("One ", $tag, ".")]
+        #[utoipa::path(get, path = concat!("/", $section, "/{name}"), tag = $tag,
+            params(("name" = String, Path)),
+            responses((status = 200, description = "The definition", body = Definition)))]
+        pub async fn $get(
+            State(state): State<AppState>,
+            ApiPath(name): ApiPath<String>,
+        ) -> ApiResult<axum::Json<Definition>> {
+            get_one(&state, $kind, &name).await
+        }
+
+        #[doc = concat!("Creates a ", $tag, "; it persists in the metadata store. Secrets are sealed at rest and never returned.")]
+        #[utoipa::path(post, path = concat!("/", $section), tag = $tag,
+            request_body = $create_body,
+            responses(
+                (status = 201, description = "Created", body = Definition),
+                (status = 409, description = "The name is taken (or defined in sluice.yaml)", body = crate::error::ErrorBody),
+                (status = 422, description = "The definition cannot be used as it is", body = crate::error::ErrorBody)))]
+        pub async fn $create(
+            State(state): State<AppState>,
+            Extension(caller): Caller,
+            ApiJson(body): ApiJson<$create_body>,
+        ) -> ApiResult<Response> {
+            create(&state, $kind, body.name, body.definition, &caller.token_name).await
+        }
+
+        #[doc = concat!("Replaces a ", $tag, " made through the API. A secret sent as `\"********\"` keeps its stored value.")]
+        #[utoipa::path(put, path = concat!("/", $section, "/{name}"), tag = $tag,
+            params(("name" = String, Path)),
+            request_body = $update_body,
+            responses(
+                (status = 200, description = "Replaced", body = Definition),
+                (status = 409, description = "Defined in sluice.yaml", body = crate::error::ErrorBody),
+                (status = 422, description = "The definition cannot be used as it is", body = crate::error::ErrorBody)))]
+        pub async fn $update(
+            State(state): State<AppState>,
+            Extension(caller): Caller,
+            ApiPath(name): ApiPath<String>,
+            ApiJson(body): ApiJson<$update_body>,
+        ) -> ApiResult<axum::Json<Definition>> {
+            update(&state, $kind, name, body.definition, &caller.token_name).await
+        }
+
+        #[doc = concat!("Deletes a ", $tag, " made through the API (refused while something uses it).")]
+        #[utoipa::path(delete, path = concat!("/", $section, "/{name}"), tag = $tag,
+            params(("name" = String, Path)),
+            responses(
+                (status = 204, description = "Deleted"),
+                (status = 409, description = "Defined in sluice.yaml, in use, or running", body = crate::error::ErrorBody)))]
+        pub async fn $delete(
+            State(state): State<AppState>,
+            Extension(caller): Caller,
+            ApiPath(name): ApiPath<String>,
+        ) -> ApiResult<StatusCode> {
+            delete(&state, $kind, &name, &caller.token_name).await
+        }
+    };
+}
+
+collection!(
+    Kind::Source,
+    "sources",
+    "sources",
+    SourceSpec,
+    CreateSource,
+    UpdateSource,
+    list_sources,
+    get_source,
+    create_source,
+    update_source,
+    delete_source
+);
+collection!(
+    Kind::Destination,
+    "destinations",
+    "destinations",
+    DestinationSpec,
+    CreateDestination,
+    UpdateDestination,
+    list_destinations,
+    get_destination,
+    create_destination,
+    update_destination,
+    delete_destination
+);
+collection!(
+    Kind::Model,
+    "models",
+    "models",
+    sluice_engine::config::ModelConfig,
+    CreateModel,
+    UpdateModel,
+    list_models,
+    get_model,
+    create_model,
+    update_model,
+    delete_model
+);
+collection!(
+    Kind::Mapping,
+    "mappings",
+    "mappings",
+    sluice_engine::config::MappingConfig,
+    CreateMapping,
+    UpdateMapping,
+    list_mappings,
+    get_mapping,
+    create_mapping,
+    update_mapping,
+    delete_mapping
+);
+
+/// Enables or disables a mapping.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSwitch {
+    /// `false`: neither the scheduler nor a trigger runs it; `true`: its next run sends
+    /// everything that changed since its last successful run.
+    pub enabled: bool,
+}
+
+/// Enables or disables a mapping (from sluice.yaml or the API).
+#[utoipa::path(patch, path = "/mappings/{name}", tag = "mappings",
+    params(("name" = String, Path)),
+    request_body = MappingSwitch,
+    responses((status = 200, description = "The mapping", body = Definition)))]
+pub async fn patch_mapping(
+    State(state): State<AppState>,
+    Extension(caller): Caller,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<MappingSwitch>,
+) -> ApiResult<axum::Json<Definition>> {
+    let view = state.service.set_enabled(&name, body.enabled).await?;
+    tracing::info!(
+        mapping = name,
+        enabled = body.enabled,
+        token = caller.token_name,
+        "mapping switched"
+    );
+    Ok(axum::Json(view.into()))
+}
+
+/// Connects to a source and reports its own error when it cannot.
+#[utoipa::path(post, path = "/sources/{name}/test", tag = "sources",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "The outcome (`ok: false` with the source's error when it failed)", body = TestResult)))]
+pub async fn test_source(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<axum::Json<TestResult>> {
+    let engine = state.service.current().await?;
+    let source = engine.source(&name)?;
+    Ok(axum::Json(match source.check().await {
+        Ok(()) => TestResult {
+            ok: true,
+            error: None,
+        },
+        Err(e) => TestResult {
+            ok: false,
+            error: Some(e.to_string()),
+        },
+    }))
+}
+
+/// Connects to a destination (and authenticates) and reports its error when it cannot.
+#[utoipa::path(post, path = "/destinations/{name}/test", tag = "destinations",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "The outcome (`ok: false` with the destination's error when it failed)", body = TestResult)))]
+pub async fn test_destination(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<axum::Json<TestResult>> {
+    let engine = state.service.current().await?;
+    let destination = engine.destination(&name)?;
+    Ok(axum::Json(match destination.check().await {
+        Ok(()) => TestResult {
+            ok: true,
+            error: None,
+        },
+        Err(e) => TestResult {
+            ok: false,
+            error: Some(e.to_string()),
+        },
+    }))
+}
+
+/// How many rows a preview shows.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewRequest {
+    /// Rows to show (default 10, at most 1000).
+    #[schema(minimum = 0, maximum = 1000)]
+    #[serde(default = "ten")]
+    pub limit: u32,
+}
+
+fn ten() -> u32 {
+    10
+}
+
+/// Runs a model's query and returns its first rows and column types (no snapshot is written).
+#[utoipa::path(post, path = "/models/{name}/preview", tag = "models",
+    params(("name" = String, Path)),
+    request_body(content = Option<PreviewRequest>, description = "Optional; `{\"limit\": 10}` by default"),
+    responses(
+        (status = 200, description = "Rows and column types", body = Preview),
+        (status = 422, description = "The query failed in its source", body = crate::error::ErrorBody)))]
+pub async fn preview_model(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    body: bytes::Bytes,
+) -> ApiResult<axum::Json<Preview>> {
+    let limit = if body.iter().all(u8::is_ascii_whitespace) {
+        10
+    } else {
+        serde_json::from_slice::<PreviewRequest>(&body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not a preview request: {e}")))?
+            .limit
+    };
+    if limit > 1000 {
+        return Err(ApiError::bad_request("`limit` is at most 1000"));
+    }
+    let engine = state.service.current().await?;
+    let preview = engine.preview(&name, limit as usize).await?;
+    let columns = preview
+        .schema
+        .fields()
+        .iter()
+        .map(|f| Column {
+            name: f.name().clone(),
+            data_type: f.data_type().to_string(),
+            nullable: f.is_nullable(),
+        })
+        .collect();
+    let rows = crate::rows::to_json_rows(&preview.batches)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unrenderable", e))?;
+    Ok(axum::Json(Preview {
+        sql: preview.sql,
+        columns,
+        rows,
+    }))
+}

@@ -1,0 +1,589 @@
+//! Secrets in definitions: which values are secrets, how they are shown (never: `"********"`),
+//! and how the ones created through the API are kept at rest (sealed with AES-256-GCM under a
+//! key from the environment, `SLUICE_SECRET_KEY`).
+//!
+//! A definition is the JSON of a source, model, destination or mapping as `sluice.yaml` writes
+//! it. In a source's or destination's options, a string is a secret when a key on its path
+//! names one (`password`, `api_key`, `token`, `client_secret`, `private_key`,
+//! `service_account`, anything under `headers`, ...); in a mapping, an alert's `urls`; and a
+//! URL's password is a secret wherever the URL is. The rule is by name so a connector added
+//! later is covered without a list to keep up to date; the tests name every secret option of
+//! every connector.
+//!
+//! Sealed, a secret becomes `{"$sealed": "v1.<key id>.<nonce+ciphertext, base64>", "display":
+//! "********"}`: the display form (a URL keeps everything but its password) is what the API
+//! returns, and sending the display form back in an update keeps the sealed value.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde_json::{Map, Value};
+
+use crate::catalog::Kind;
+
+/// What a secret is shown as.
+pub const REDACTED: &str = "********";
+/// The environment variable holding the key that seals secrets at rest.
+pub const KEY_ENV: &str = "SLUICE_SECRET_KEY";
+const SEALED: &str = "$sealed";
+const DISPLAY: &str = "display";
+
+/// Why a secret could not be sealed or opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error(
+        "secrets cannot be stored: set {KEY_ENV} in sluice's environment to 32 random bytes, base64-encoded (for example the output of `openssl rand -base64 32`), then restart it"
+    )]
+    NoKey,
+    #[error("{KEY_ENV} is not 32 bytes encoded as base64: {0}")]
+    BadKey(String),
+    #[error(
+        "`{path}` was sealed with another {KEY_ENV} (key id {found}; this process has {have}); set the key it was created with, or send the secret again"
+    )]
+    WrongKey {
+        path: String,
+        found: String,
+        have: String,
+    },
+    #[error("`{path}` is sealed, and {KEY_ENV} is not set; set the key it was created with")]
+    KeyNeeded { path: String },
+    #[error("`{path}` cannot be opened: {message}")]
+    Corrupt { path: String, message: String },
+    #[error(
+        "`{path}` is the placeholder for a secret (`{REDACTED}`), and there is no stored value to keep; send the secret itself"
+    )]
+    Placeholder { path: String },
+}
+
+/// The key that seals secrets at rest.
+#[derive(Clone)]
+pub struct SecretKey {
+    key: std::sync::Arc<LessSafeKey>,
+    /// First bytes of the key's SHA-256, to tell keys apart in messages.
+    id: String,
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretKey({})", self.id)
+    }
+}
+
+impl SecretKey {
+    /// The key in `SLUICE_SECRET_KEY`, if set.
+    pub fn from_env() -> Result<Option<Self>, SecretError> {
+        match std::env::var(KEY_ENV) {
+            Ok(text) if !text.trim().is_empty() => Self::from_base64(text.trim()).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn from_base64(text: &str) -> Result<Self, SecretError> {
+        let bytes = STANDARD
+            .decode(text)
+            .or_else(|_| URL_SAFE_NO_PAD.decode(text.trim_end_matches('=')))
+            .map_err(|e| SecretError::BadKey(e.to_string()))?;
+        Self::from_bytes(&bytes)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SecretError> {
+        if bytes.len() != 32 {
+            return Err(SecretError::BadKey(format!(
+                "it decodes to {} bytes",
+                bytes.len()
+            )));
+        }
+        let unbound = UnboundKey::new(&AES_256_GCM, bytes)
+            .map_err(|_| SecretError::BadKey("rejected by AES-256-GCM".into()))?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let id = hex(&digest.as_ref()[..4]);
+        Ok(Self {
+            key: std::sync::Arc::new(LessSafeKey::new(unbound)),
+            id,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `v1.<key id>.<base64 of nonce and ciphertext>`; the key id is authenticated too.
+    fn seal(&self, plaintext: &str) -> Result<String, SecretError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| SecretError::Corrupt {
+                path: String::new(),
+                message: "no randomness for a nonce".into(),
+            })?;
+        let mut data = plaintext.as_bytes().to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(self.id.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| SecretError::Corrupt {
+                path: String::new(),
+                message: "sealing failed".into(),
+            })?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(format!("v1.{}.{}", self.id, STANDARD.encode(out)))
+    }
+
+    fn open(&self, sealed: &str, path: &str) -> Result<String, SecretError> {
+        let corrupt = |message: &str| SecretError::Corrupt {
+            path: path.to_string(),
+            message: message.to_string(),
+        };
+        let mut parts = sealed.splitn(3, '.');
+        let (Some("v1"), Some(id), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(corrupt("not a sealed value sluice wrote"));
+        };
+        if id != self.id {
+            return Err(SecretError::WrongKey {
+                path: path.to_string(),
+                found: id.to_string(),
+                have: self.id.clone(),
+            });
+        }
+        let bytes = STANDARD.decode(body).map_err(|_| corrupt("not base64"))?;
+        if bytes.len() < NONCE_LEN {
+            return Err(corrupt("too short"));
+        }
+        let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| corrupt("bad nonce"))?;
+        let mut data = ciphertext.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(self.id.as_bytes()), &mut data)
+            .map_err(|_| corrupt("authentication failed (changed or damaged)"))?;
+        String::from_utf8(plain.to_vec()).map_err(|_| corrupt("not UTF-8"))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One step of a path into a definition.
+#[derive(Debug, Clone, Copy)]
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn path_text(path: &[Step]) -> String {
+    let mut out = String::new();
+    for step in path {
+        match step {
+            Step::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// Whether an option named `key` holds a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    // Public despite their names: an SSH server's public host key.
+    if key == "host_key" {
+        return false;
+    }
+    key.contains("password")
+        || key.contains("secret")
+        || key.contains("token")
+        || key.ends_with("_key")
+        || key.ends_with("_sas")
+        || key == "service_account"
+        || key == "credentials"
+        || key == "headers"
+}
+
+/// Whether the string at `path` of a `kind` definition is a secret as a whole.
+fn secret_path(kind: Kind, path: &[Step]) -> bool {
+    let keys: Vec<&str> = path
+        .iter()
+        .filter_map(|s| match s {
+            Step::Key(k) => Some(*k),
+            Step::Index(_) => None,
+        })
+        .collect();
+    match kind {
+        Kind::Source | Kind::Destination => keys.iter().any(|k| is_secret_key(k)),
+        // An alert's webhook URL is itself the credential (Slack's hooks.slack.com/services/...).
+        Kind::Mapping => keys.starts_with(&["alerts", "urls"]),
+        Kind::Model => false,
+    }
+}
+
+/// `url` with its password replaced by the placeholder, when it has one.
+fn url_display(text: &str) -> Option<String> {
+    let mut parsed = url::Url::parse(text).ok()?;
+    parsed.password()?;
+    parsed.set_password(Some(REDACTED)).ok()?;
+    Some(parsed.to_string())
+}
+
+/// How a plain string at `path` is shown: `None` when it is not secret.
+fn display_of(kind: Kind, path: &[Step], text: &str) -> Option<String> {
+    if secret_path(kind, path) {
+        Some(REDACTED.to_string())
+    } else {
+        url_display(text)
+    }
+}
+
+/// A definition as the API shows it: secrets (plain or sealed) replaced by their display form.
+pub fn redact(kind: Kind, value: &Value) -> Value {
+    fn walk<'a>(kind: Kind, value: &'a Value, path: &mut Vec<Step<'a>>) -> Value {
+        match value {
+            Value::String(text) => {
+                Value::String(display_of(kind, path, text).unwrap_or_else(|| text.clone()))
+            }
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    path.push(Step::Index(i));
+                    out.push(walk(kind, item, path));
+                    path.pop();
+                }
+                Value::Array(out)
+            }
+            Value::Object(map) => {
+                if let Some(display) = sealed_display(map) {
+                    return Value::String(display);
+                }
+                let mut out = Map::new();
+                for (key, item) in map {
+                    path.push(Step::Key(key));
+                    out.insert(key.clone(), walk(kind, item, path));
+                    path.pop();
+                }
+                Value::Object(out)
+            }
+            other => other.clone(),
+        }
+    }
+    walk(kind, value, &mut Vec::new())
+}
+
+fn sealed_display(map: &Map<String, Value>) -> Option<String> {
+    map.get(SEALED)?.as_str()?;
+    Some(
+        map.get(DISPLAY)
+            .and_then(Value::as_str)
+            .unwrap_or(REDACTED)
+            .to_string(),
+    )
+}
+
+fn sealed_value(value: &Value) -> Option<&str> {
+    value.as_object()?.get(SEALED)?.as_str()
+}
+
+fn visit_strings<'a>(value: &'a Value, path: &mut Vec<Step<'a>>, f: &mut dyn FnMut(&[Step<'a>], &'a str)) {
+    match value {
+        Value::String(text) => f(path, text),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(Step::Index(i));
+                visit_strings(item, path, f);
+                path.pop();
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map {
+                path.push(Step::Key(key));
+                visit_strings(item, path, f);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Seals the secrets of a definition sent to the API. A secret sent as its display form (the
+/// placeholder, or a URL with the placeholder for its password) keeps the sealed value that
+/// `previous` (the stored definition) has at the same path.
+pub fn seal(
+    kind: Kind,
+    value: &Value,
+    previous: Option<&Value>,
+    key: Option<&SecretKey>,
+) -> Result<Value, SecretError> {
+    fn walk<'a>(
+        kind: Kind,
+        value: &'a Value,
+        previous: Option<&Value>,
+        key: Option<&SecretKey>,
+        path: &mut Vec<Step<'a>>,
+    ) -> Result<Value, SecretError> {
+        match value {
+            Value::String(text) => {
+                let Some(display) = display_of(kind, path, text) else {
+                    return Ok(value.clone());
+                };
+                if *text == display || text == REDACTED {
+                    // The client sent back what it was shown: keep what is stored.
+                    return match previous.filter(|p| sealed_value(p).is_some()) {
+                        Some(kept) => Ok(kept.clone()),
+                        None => Err(SecretError::Placeholder {
+                            path: path_text(path),
+                        }),
+                    };
+                }
+                let key = key.ok_or(SecretError::NoKey)?;
+                let sealed = key.seal(text).map_err(|e| match e {
+                    SecretError::Corrupt { message, .. } => SecretError::Corrupt {
+                        path: path_text(path),
+                        message,
+                    },
+                    other => other,
+                })?;
+                let mut map = Map::new();
+                map.insert(SEALED.into(), Value::String(sealed));
+                map.insert(DISPLAY.into(), Value::String(display));
+                Ok(Value::Object(map))
+            }
+            Value::Array(items) => {
+                let before = previous.and_then(Value::as_array);
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    path.push(Step::Index(i));
+                    out.push(walk(kind, item, before.and_then(|b| b.get(i)), key, path)?);
+                    path.pop();
+                }
+                Ok(Value::Array(out))
+            }
+            Value::Object(map) => {
+                let before = previous.and_then(Value::as_object);
+                let mut out = Map::new();
+                for (k, item) in map {
+                    path.push(Step::Key(k));
+                    out.insert(
+                        k.clone(),
+                        walk(kind, item, before.and_then(|b| b.get(k)), key, path)?,
+                    );
+                    path.pop();
+                }
+                Ok(Value::Object(out))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+    walk(kind, value, previous, key, &mut Vec::new())
+}
+
+/// The definition with its sealed secrets opened, as the connectors read it. Opened secrets are
+/// literal text: `${` in them is written `$${` so that no environment reference is expanded.
+pub fn open(value: &Value, key: Option<&SecretKey>) -> Result<Value, SecretError> {
+    fn walk<'a>(
+        value: &'a Value,
+        key: Option<&SecretKey>,
+        path: &mut Vec<Step<'a>>,
+    ) -> Result<Value, SecretError> {
+        match value {
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    path.push(Step::Index(i));
+                    out.push(walk(item, key, path)?);
+                    path.pop();
+                }
+                Ok(Value::Array(out))
+            }
+            Value::Object(map) => {
+                if let Some(sealed) = sealed_value(value) {
+                    let key = key.ok_or_else(|| SecretError::KeyNeeded {
+                        path: path_text(path),
+                    })?;
+                    let plain = key.open(sealed, &path_text(path))?;
+                    return Ok(Value::String(plain.replace("${", "$${")));
+                }
+                let mut out = Map::new();
+                for (k, item) in map {
+                    path.push(Step::Key(k));
+                    out.insert(k.clone(), walk(item, key, path)?);
+                    path.pop();
+                }
+                Ok(Value::Object(out))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+    walk(value, key, &mut Vec::new())
+}
+
+/// The first plain (not secret) string of a connector definition that holds an environment
+/// reference: definitions made through the API are literal, so `${` there is refused rather
+/// than expanded (a reference would let a client read the server's environment).
+pub fn env_reference(kind: Kind, value: &Value) -> Option<String> {
+    let mut found = None;
+    visit_strings(value, &mut Vec::new(), &mut |path, text| {
+        if found.is_none() && display_of(kind, path, text).is_none() && text.contains("${") {
+            found = Some(path_text(path));
+        }
+    });
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key() -> SecretKey {
+        SecretKey::from_bytes(&[7u8; 32]).unwrap()
+    }
+
+    #[test]
+    fn every_connector_secret_is_recognised() {
+        // Each connector's secret options, as sluice.yaml names them.
+        for name in [
+            "password",
+            "write_key",
+            "token",
+            "api_key",
+            "api_secret",
+            "secret",
+            "client_secret",
+            "private_key",
+            "service_account",
+            "project_token",
+            "aws_secret_access_key",
+            "aws_session_token",
+            "google_service_account_key",
+            "azure_storage_account_key",
+            "azure_storage_sas",
+            "headers",
+        ] {
+            assert!(is_secret_key(name), "{name}");
+        }
+        for name in [
+            "host", "user", "url", "host_key", "site_id", "region", "object", "sql", "port",
+        ] {
+            assert!(!is_secret_key(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn redaction_hides_secrets_and_url_passwords_only() {
+        let spec = json!({
+            "type": "postgres",
+            "url": "postgres://app:hunter2@db.internal:5432/prod",
+            "password": "hunter2",
+            "ssh_tunnel": {"host": "bastion", "user": "tunnel", "host_key": "ssh-ed25519 AAAA"},
+            "headers": {"Authorization": "Bearer abc"},
+            "port": 5432
+        });
+        let shown = redact(Kind::Source, &spec);
+        assert_eq!(shown["password"], REDACTED);
+        assert_eq!(shown["url"], "postgres://app:********@db.internal:5432/prod");
+        assert_eq!(shown["ssh_tunnel"]["host_key"], "ssh-ed25519 AAAA");
+        assert_eq!(shown["ssh_tunnel"]["user"], "tunnel");
+        assert_eq!(shown["headers"]["Authorization"], REDACTED);
+        // Alerts are a mapping's; models hold no secrets at all (`primary_key` is a column).
+        let mapping = json!({"model": "m", "destination": "d", "alerts": {"urls": ["https://hooks.slack.com/services/T/B/X"]}});
+        assert_eq!(redact(Kind::Mapping, &mapping)["alerts"]["urls"][0], REDACTED);
+        let model = json!({"source": "s", "sql": "SELECT 1", "primary_key": "id"});
+        assert_eq!(redact(Kind::Model, &model), model);
+        assert_eq!(shown["port"], 5432);
+        assert!(!shown.to_string().contains("hunter2"));
+        assert!(!shown.to_string().contains("abc"));
+    }
+
+    #[test]
+    fn sealed_secrets_round_trip_and_never_show() {
+        let key = key();
+        let spec =
+            json!({"type": "hubspot", "token": "pat-na1-${not-a-ref}", "url": "https://api.hubapi.com"});
+        let sealed = seal(Kind::Destination, &spec, None, Some(&key)).unwrap();
+        let text = sealed.to_string();
+        assert!(!text.contains("pat-na1"), "{text}");
+        assert_eq!(sealed["url"], "https://api.hubapi.com");
+        assert_eq!(redact(Kind::Destination, &sealed)["token"], REDACTED);
+        let opened = open(&sealed, Some(&key)).unwrap();
+        // Literal: a `${` in a secret is escaped so it is never expanded.
+        assert_eq!(opened["token"], "pat-na1-$${not-a-ref}");
+        let resolved =
+            crate::ConfigString::resolve_with(opened["token"].as_str().unwrap(), |_| None).unwrap();
+        assert_eq!(resolved.expose(), "pat-na1-${not-a-ref}");
+    }
+
+    #[test]
+    fn the_placeholder_keeps_the_stored_secret() {
+        let key = key();
+        let first = seal(
+            Kind::Source,
+            &json!({"password": "one", "host": "a"}),
+            None,
+            Some(&key),
+        )
+        .unwrap();
+        let update = json!({"password": REDACTED, "host": "b"});
+        let second = seal(Kind::Source, &update, Some(&first), Some(&key)).unwrap();
+        assert_eq!(second["password"], first["password"]);
+        assert_eq!(open(&second, Some(&key)).unwrap()["password"], "one");
+        // With nothing stored, the placeholder is refused.
+        assert!(matches!(
+            seal(Kind::Source, &update, None, Some(&key)),
+            Err(SecretError::Placeholder { .. })
+        ));
+        // A URL sent back with its placeholder password keeps the stored URL.
+        let url = seal(
+            Kind::Source,
+            &json!({"url": "postgres://u:pw@h/db"}),
+            None,
+            Some(&key),
+        )
+        .unwrap();
+        let shown = redact(Kind::Source, &url);
+        let kept = seal(Kind::Source, &shown, Some(&url), Some(&key)).unwrap();
+        assert_eq!(open(&kept, Some(&key)).unwrap()["url"], "postgres://u:pw@h/db");
+    }
+
+    #[test]
+    fn keys_are_required_and_checked() {
+        assert_eq!(
+            seal(Kind::Destination, &json!({"api_key": "k"}), None, None),
+            Err(SecretError::NoKey)
+        );
+        let sealed = seal(Kind::Destination, &json!({"api_key": "k"}), None, Some(&key())).unwrap();
+        assert!(matches!(open(&sealed, None), Err(SecretError::KeyNeeded { .. })));
+        let other = SecretKey::from_bytes(&[8u8; 32]).unwrap();
+        assert!(matches!(
+            open(&sealed, Some(&other)),
+            Err(SecretError::WrongKey { .. })
+        ));
+        // A changed ciphertext is detected.
+        let mut tampered = sealed.clone();
+        let text = tampered["api_key"]["$sealed"].as_str().unwrap().to_string();
+        let mut bytes = text.into_bytes();
+        let last = bytes.len() - 3;
+        bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
+        tampered["api_key"]["$sealed"] = Value::String(String::from_utf8(bytes).unwrap());
+        assert!(open(&tampered, Some(&key())).is_err());
+        assert!(SecretKey::from_base64("c2hvcnQ=").is_err());
+    }
+
+    #[test]
+    fn environment_references_in_plain_options_are_found() {
+        assert_eq!(
+            env_reference(
+                Kind::Destination,
+                &json!({"url": "http://x/${HOME}", "token": "${T}"})
+            ),
+            Some("url".to_string())
+        );
+        assert_eq!(env_reference(Kind::Destination, &json!({"token": "${T}"})), None);
+    }
+}

@@ -1,0 +1,614 @@
+//! The control plane: what `sluice serve` runs and its HTTP API drives. It holds the engine of
+//! the moment and builds a new one when a definition changes (here, or in another process
+//! sharing the metadata store), so runs in flight keep the engine they started with while new
+//! runs and the scheduler take the new one. Triggered runs and schedules go through
+//! [`Engine::claim`] and [`Engine::execute`], as `sluice run` does; nothing is done a second way.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::catalog::{Kind, Origin, StoredDefinition};
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::metadata::{RunRecord, RunStatus, Trigger};
+use crate::run::{DryRunSink, RunObserver, RunRequest, check_filter};
+use crate::scheduler::{Due, Scheduler};
+use crate::source::ConnectorFactory;
+
+/// How often API reads look for changes other processes made to the definitions.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// Longest sleep of the scheduler between ticks: a clock change is noticed within this.
+const MAX_SLEEP: Duration = Duration::from_secs(15);
+
+/// A definition as the API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefinitionView {
+    pub kind: Kind,
+    pub name: String,
+    pub origin: Origin,
+    /// As `sluice.yaml` writes it, secrets replaced by `"********"`.
+    pub definition: Value,
+    /// For definitions made through the API.
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    /// Why the definition is not in use, when it is not.
+    pub problem: Option<String>,
+    /// Mappings: whether it runs (its definition, or the API's switch over it).
+    pub enabled: Option<bool>,
+}
+
+/// How a run is asked for through the API.
+#[derive(Debug, Clone, Default)]
+pub struct TriggerOptions {
+    /// A backfill: every row sent as added.
+    pub full: bool,
+    /// Compute what would be sent; send and commit nothing.
+    pub dry_run: bool,
+    /// With `full`: only rows matching this SQL predicate are sent again.
+    pub filter: Option<String>,
+}
+
+/// The control plane.
+pub struct Service {
+    connectors: Arc<dyn ConnectorFactory>,
+    observer: Arc<dyn RunObserver>,
+    current: RwLock<Arc<Engine>>,
+    /// Changes to definitions happen one at a time.
+    changes: tokio::sync::Mutex<()>,
+    /// Wakes the scheduler when the definitions change.
+    changed: tokio::sync::Notify,
+    last_refresh: Mutex<Instant>,
+    /// Runs started through the API, so a shutdown can wait for them.
+    tasks: Mutex<tokio::task::JoinSet<()>>,
+}
+
+impl Service {
+    pub fn new(
+        engine: Engine,
+        connectors: Arc<dyn ConnectorFactory>,
+        observer: Arc<dyn RunObserver>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            connectors,
+            observer,
+            current: RwLock::new(Arc::new(engine)),
+            changes: tokio::sync::Mutex::new(()),
+            changed: tokio::sync::Notify::new(),
+            last_refresh: Mutex::new(Instant::now()),
+            tasks: Mutex::new(tokio::task::JoinSet::new()),
+        })
+    }
+
+    /// The engine of the moment.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The engine of the moment, after taking in changes another process made to the
+    /// definitions (looked for at most once a second).
+    pub async fn current(&self) -> Result<Arc<Engine>> {
+        let due = {
+            let mut last = self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.elapsed() >= REFRESH_EVERY;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if due && let Err(e) = self.refresh().await {
+            tracing::warn!(error = %e, "could not look for changed definitions");
+        }
+        Ok(self.engine())
+    }
+
+    fn swap(&self, engine: Engine) -> Arc<Engine> {
+        let engine = Arc::new(engine);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = engine.clone();
+        self.changed.notify_waiters();
+        engine
+    }
+
+    /// Takes in changes to the definitions made by another process; `true` when there were.
+    pub async fn refresh(&self) -> Result<bool> {
+        let engine = self.engine();
+        if engine.metadata.catalog_version().await? == engine.catalog.version {
+            return Ok(false);
+        }
+        let _guard = self.changes.lock().await;
+        self.reload().await?;
+        Ok(true)
+    }
+
+    /// Builds the engine anew from the definitions in the store (the caller holds `changes`).
+    async fn reload(&self) -> Result<Arc<Engine>> {
+        let engine = self.engine();
+        let catalog = engine.metadata.catalog().await?;
+        if catalog.version == engine.catalog.version {
+            return Ok(engine);
+        }
+        let next = engine.with_catalog(catalog, self.connectors.as_ref())?;
+        for problem in next.problems.iter().filter(|p| !engine.problems.contains(p)) {
+            tracing::warn!(kind = %problem.kind, name = problem.name, "definition not in use: {}", problem.message);
+        }
+        Ok(self.swap(next))
+    }
+
+    /// Every definition of `kind` (from the file and the API, in use or not), by name.
+    pub fn definitions(&self, kind: Kind) -> Vec<DefinitionView> {
+        let engine = self.engine();
+        let c = &engine.file.config;
+        let mut names: Vec<String> = match kind {
+            Kind::Source => c.sources.keys().cloned().collect(),
+            Kind::Destination => c.destinations.keys().cloned().collect(),
+            Kind::Model => c.models.keys().cloned().collect(),
+            Kind::Mapping => c.mappings.keys().cloned().collect(),
+        };
+        names.extend(
+            engine
+                .catalog
+                .definitions
+                .iter()
+                .filter(|d| d.kind == kind)
+                .map(|d| d.name.clone()),
+        );
+        names.sort();
+        names.dedup();
+        names
+            .iter()
+            .filter_map(|name| view(&engine, kind, name))
+            .collect()
+    }
+
+    /// One definition, or [`EngineError::Unknown`].
+    pub fn definition(&self, kind: Kind, name: &str) -> Result<DefinitionView> {
+        let engine = self.engine();
+        view(&engine, kind, name).ok_or_else(|| unknown(&engine, kind, name))
+    }
+
+    /// Creates (`create`) or replaces a definition made through the API. `spec` is the JSON
+    /// `sluice.yaml` would hold for it; secrets in it are sealed, and a secret sent as
+    /// `"********"` keeps its stored value. The definition must be usable as it is (its
+    /// references exist, its connector's options parse, its mapping fits its destination), and
+    /// no other definition may stop working because of it.
+    pub async fn put(&self, kind: Kind, name: &str, spec: Value, create: bool) -> Result<DefinitionView> {
+        let _guard = self.changes.lock().await;
+        let engine = self.reload().await?;
+        crate::config::check_name(name).map_err(|message| EngineError::Invalid { message })?;
+        match (engine.origin(kind, name), create) {
+            (Some(Origin::File), _) => return Err(defined_in_file(&engine, kind, name)),
+            (Some(Origin::Api), true) => {
+                return Err(EngineError::Conflict {
+                    code: "already_exists",
+                    message: format!("{kind} `{name}` exists; update it with PUT, or pick another name"),
+                    run_id: None,
+                });
+            }
+            (None, false) => return Err(unknown(&engine, kind, name)),
+            _ => {}
+        }
+        if !spec.is_object() {
+            return Err(EngineError::Invalid {
+                message: format!("a {kind} is a JSON object, as in sluice.yaml"),
+            });
+        }
+        if kind.is_connector()
+            && let Some(path) = crate::secrets::env_reference(kind, &spec)
+        {
+            return Err(EngineError::Invalid {
+                message: format!(
+                    "`{path}`: definitions made through the API are taken literally, so `${{...}}` is not expanded; write the value itself (secrets are sealed at rest), or define the {kind} in sluice.yaml to use environment variables"
+                ),
+            });
+        }
+        let previous = engine.catalog.get(kind, name);
+        let sealed = crate::secrets::seal(kind, &spec, previous.map(|d| &d.spec), engine.secret_key.as_ref())
+            .map_err(|e| EngineError::Invalid {
+                message: e.to_string(),
+            })?;
+        let now = Utc::now();
+        let candidate = engine.catalog.with(StoredDefinition {
+            kind,
+            name: name.to_string(),
+            spec: sealed.clone(),
+            created_at: previous.map_or(now, |d| d.created_at),
+            updated_at: now,
+        });
+        let checked = engine.with_catalog(candidate, self.connectors.as_ref())?;
+        if let Some(problem) = checked.problems.iter().find(|p| p.kind == kind && p.name == name) {
+            return Err(EngineError::Invalid {
+                message: problem.message.clone(),
+            });
+        }
+        if let Some(broken) = checked.problems.iter().find(|p| !engine.problems.contains(p)) {
+            return Err(EngineError::Invalid {
+                message: format!(
+                    "this change would leave {} `{}` out of use: {}",
+                    broken.kind, broken.name, broken.message
+                ),
+            });
+        }
+        engine.metadata.put_definition(kind, name, &sealed).await?;
+        let engine = self.reload().await?;
+        view(&engine, kind, name).ok_or_else(|| unknown(&engine, kind, name))
+    }
+
+    /// Deletes a definition made through the API. Refused while something uses it (a model of
+    /// a source, a mapping of a model or destination) or while its mapping runs.
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<()> {
+        let _guard = self.changes.lock().await;
+        let engine = self.reload().await?;
+        match engine.origin(kind, name) {
+            Some(Origin::File) => return Err(defined_in_file(&engine, kind, name)),
+            None => return Err(unknown(&engine, kind, name)),
+            Some(Origin::Api) => {}
+        }
+        let c = &engine.project.config;
+        let users: Vec<String> = match kind {
+            Kind::Source => c
+                .models
+                .iter()
+                .filter(|(_, m)| m.source == name)
+                .map(|(n, _)| format!("model `{n}`"))
+                .collect(),
+            Kind::Destination => c
+                .mappings
+                .iter()
+                .filter(|(_, m)| m.destination == name)
+                .map(|(n, _)| format!("mapping `{n}`"))
+                .collect(),
+            Kind::Model => c
+                .mappings
+                .iter()
+                .filter(|(_, m)| m.model == name)
+                .map(|(n, _)| format!("mapping `{n}`"))
+                .collect(),
+            Kind::Mapping => Vec::new(),
+        };
+        if !users.is_empty() {
+            return Err(EngineError::Conflict {
+                code: "in_use",
+                message: format!(
+                    "{kind} `{name}` is used by {}; delete or change them first",
+                    users.join(", ")
+                ),
+                run_id: None,
+            });
+        }
+        if kind == Kind::Mapping
+            && let Some(holder) = engine.metadata.lease(name).await?
+        {
+            return Err(running(name, &holder));
+        }
+        engine.metadata.delete_definition(kind, name).await?;
+        self.reload().await?;
+        Ok(())
+    }
+
+    /// Enables or disables a mapping (from the file or the API): a disabled mapping is not run
+    /// by the scheduler, `sluice run` or a trigger; enabled again, its next run sends everything
+    /// that changed since its last successful run.
+    pub async fn set_enabled(&self, mapping: &str, enabled: bool) -> Result<DefinitionView> {
+        let _guard = self.changes.lock().await;
+        let engine = self.reload().await?;
+        if engine.origin(Kind::Mapping, mapping).is_none() {
+            return Err(unknown(&engine, Kind::Mapping, mapping));
+        }
+        engine.metadata.set_mapping_switch(mapping, enabled).await?;
+        let engine = self.reload().await?;
+        view(&engine, Kind::Mapping, mapping).ok_or_else(|| unknown(&engine, Kind::Mapping, mapping))
+    }
+
+    /// Starts a run of `mapping` and returns it at once, recorded as running; the run goes on
+    /// in the background. A conflict when a run of the mapping is going (with that run's id).
+    pub async fn trigger(&self, mapping: &str, options: TriggerOptions) -> Result<RunRecord> {
+        let engine = self.current().await?;
+        let config = engine.mapping_config(mapping)?;
+        if !config.enabled {
+            return Err(EngineError::Conflict {
+                code: "mapping_disabled",
+                message: format!(
+                    "mapping `{mapping}` is disabled; enable it (PATCH with {{\"enabled\": true}}) to run it"
+                ),
+                run_id: None,
+            });
+        }
+        if let Some(filter) = &options.filter {
+            if !options.full {
+                return Err(EngineError::Usage(
+                    "`filter` limits a backfill: send it with \"full\": true".into(),
+                ));
+            }
+            check_filter(filter).map_err(EngineError::Usage)?;
+        }
+        let observer = self.observer.clone();
+        if options.dry_run {
+            let mut run = RunRecord::starting(mapping, &config.model, &config.destination, options.full);
+            run.trigger = Trigger::Api;
+            run.dry_run = true;
+            run.filter = options.filter.clone();
+            engine.metadata.start_run(&run).await?;
+            let record = run.clone();
+            self.spawn(async move { dry_run_recorded(engine, record, observer).await });
+            return Ok(run);
+        }
+        let filter = options.filter.as_deref();
+        match engine.claim(mapping, options.full, Trigger::Api, filter).await? {
+            Ok(run) => {
+                let claimed = run.clone();
+                let model = config.model.clone();
+                let full = options.full;
+                self.spawn(async move {
+                    if let Err(e) = engine
+                        .execute(&model, vec![claimed], full, observer.as_ref())
+                        .await
+                    {
+                        tracing::error!(model, error = %e, "a triggered run could not be recorded");
+                    }
+                });
+                Ok(run)
+            }
+            Err((_, holder)) => Err(running(mapping, &holder)),
+        }
+    }
+
+    /// Asks a running run to stop at its next commit point (in this process at once, in
+    /// another within seconds). Conflict when it is not running.
+    pub async fn cancel(&self, run_id: &str) -> Result<RunRecord> {
+        let engine = self.engine();
+        let run = engine
+            .metadata
+            .run(run_id)
+            .await?
+            .ok_or_else(|| EngineError::Unknown {
+                kind: "run",
+                name: run_id.to_string(),
+                available: Vec::new(),
+            })?;
+        if run.status.is_finished() || !engine.metadata.request_cancel(run_id).await? {
+            return Err(EngineError::Conflict {
+                code: "run_finished",
+                message: format!(
+                    "run {run_id} is not running (it {}); there is nothing to cancel",
+                    run.status
+                ),
+                run_id: Some(run_id.to_string()),
+            });
+        }
+        engine.controls.cancel(run_id);
+        tracing::info!(run_id, mapping = run.mapping, "cancellation requested");
+        Ok(RunRecord {
+            cancel_requested: true,
+            ..run
+        })
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
+
+    /// Waits for the runs started through the API (after a shutdown request they stop at their
+    /// next commit point).
+    pub async fn wait_for_runs(&self) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Runs scheduled mappings until a shutdown is requested; then waits for the runs in flight
+    /// to stop at their next commit point. Definitions that change while it runs are taken in
+    /// at the next tick (at once when changed in this process). Snapshots are retired after each
+    /// model's scheduled runs.
+    pub async fn run_schedules(self: Arc<Self>) -> Result<()> {
+        let mut engine = self.engine();
+        let mut scheduler = Scheduler::for_engine(&engine, Utc::now()).await?;
+        tracing::info!(mappings = scheduler.len(), "scheduler started");
+        let mut running = tokio::task::JoinSet::new();
+        let shutdown = engine.shutdown().clone();
+        while !shutdown.is_requested() {
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "could not look for changed definitions");
+            }
+            let latest = self.engine();
+            if !Arc::ptr_eq(&latest, &engine) {
+                engine = latest;
+                let mut rebuilt = Scheduler::for_engine(&engine, Utc::now()).await?;
+                rebuilt.carry_over(&scheduler);
+                scheduler = rebuilt;
+                tracing::info!(
+                    mappings = scheduler.len(),
+                    "definitions changed; schedule rebuilt"
+                );
+            }
+            let now = Utc::now();
+            let mut by_model: Vec<(String, Vec<String>)> = Vec::new();
+            for Due { mapping, model } in scheduler.tick(now) {
+                match by_model.iter_mut().find(|(m, _)| *m == model) {
+                    Some((_, mappings)) => mappings.push(mapping),
+                    None => by_model.push((model, vec![mapping])),
+                }
+            }
+            for (model, mappings) in by_model {
+                let engine = engine.clone();
+                let observer = self.observer.clone();
+                tracing::info!(model, ?mappings, "scheduled run due");
+                running.spawn(async move {
+                    let request = RunRequest {
+                        mappings,
+                        full: false,
+                        trigger: Trigger::Schedule,
+                        filter: None,
+                    };
+                    if let Err(e) = engine.run(&request, observer.as_ref()).await {
+                        tracing::error!(model, error = %e, "scheduled run failed to start");
+                    }
+                    if let Err(e) = engine.retire_snapshots(&model).await {
+                        tracing::warn!(model, error = %e, "could not retire old snapshots");
+                    }
+                });
+            }
+            // Reap finished runs so the set does not grow.
+            while running.try_join_next().is_some() {}
+            let sleep = scheduler
+                .next_wake()
+                .and_then(|t| (t - Utc::now()).to_std().ok())
+                .unwrap_or(MAX_SLEEP)
+                .min(MAX_SLEEP);
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.changed.notified() => {}
+                _ = shutdown.requested() => {}
+            }
+        }
+        tracing::info!(
+            runs = running.len(),
+            "scheduler stopping; waiting for runs to reach a commit point"
+        );
+        while running.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Where an API dry run's requests are kept, in the snapshot store.
+pub fn dry_run_path(mapping: &str, run_id: &str) -> String {
+    format!("dry-runs/{mapping}/{run_id}.jsonl")
+}
+
+/// Runs a dry run recorded as a run, writes its requests to the snapshot store and records
+/// its outcome.
+async fn dry_run_recorded(engine: Arc<Engine>, run: RunRecord, observer: Arc<dyn RunObserver>) {
+    let run_id = run.id.clone();
+    let mapping = run.mapping.clone();
+    let temp_dir = engine.snapshots.temp_dir();
+    let outcome = async {
+        std::fs::create_dir_all(&temp_dir)
+            .map_err(|e| EngineError::Internal(format!("cannot create {}: {e}", temp_dir.display())))?;
+        let file = tempfile::NamedTempFile::new_in(&temp_dir).map_err(|e| {
+            EngineError::Internal(format!("cannot create a file in {}: {e}", temp_dir.display()))
+        })?;
+        let writer = file
+            .reopen()
+            .map_err(|e| EngineError::Internal(format!("cannot open {}: {e}", file.path().display())))?;
+        let sink = DryRunSink::new(Box::new(std::io::BufWriter::new(writer)));
+        let done = engine.dry_run_as(run.clone(), &sink, observer.as_ref()).await?;
+        drop(sink);
+        let bytes = tokio::fs::read(file.path())
+            .await
+            .map_err(|e| EngineError::Internal(format!("cannot read {}: {e}", file.path().display())))?;
+        engine
+            .snapshots
+            .put(&dry_run_path(&mapping, &run_id), bytes.into())
+            .await?;
+        Ok::<_, EngineError>(done)
+    }
+    .await;
+    let record = match outcome {
+        Ok(done) => done,
+        Err(e) => RunRecord {
+            status: match e {
+                EngineError::Cancelled(_) => RunStatus::Cancelled,
+                EngineError::Interrupted(_) => RunStatus::Interrupted,
+                _ => RunStatus::Failed,
+            },
+            finished_at: Some(Utc::now()),
+            recommended_action: e.recommended_action(),
+            error: Some(e.to_string()),
+            ..run
+        },
+    };
+    let record = RunRecord {
+        finished_at: record.finished_at.or_else(|| Some(Utc::now())),
+        ..record
+    };
+    if let Err(e) = engine.metadata.commit_run(&record, None).await {
+        tracing::error!(run_id, error = %e, "could not record the dry run's outcome");
+    }
+}
+
+fn view(engine: &Engine, kind: Kind, name: &str) -> Option<DefinitionView> {
+    let origin = engine.origin(kind, name)?;
+    let problem = engine
+        .problems
+        .iter()
+        .find(|p| p.kind == kind && p.name == name)
+        .map(|p| p.message.clone());
+    let (raw, created_at, updated_at) = match origin {
+        Origin::File => (
+            engine
+                .file
+                .raw_definition(kind.section(), name)
+                .cloned()
+                .unwrap_or(Value::Null),
+            None,
+            None,
+        ),
+        Origin::Api => {
+            let stored = engine.catalog.get(kind, name)?;
+            (
+                stored.spec.clone(),
+                Some(stored.created_at),
+                Some(stored.updated_at),
+            )
+        }
+    };
+    let enabled = (kind == Kind::Mapping).then(|| {
+        engine
+            .project
+            .mapping(name)
+            .map(|m| m.enabled)
+            .or_else(|| engine.catalog.switches.get(name).copied())
+            .unwrap_or_else(|| raw.get("enabled").and_then(Value::as_bool).unwrap_or(true))
+    });
+    Some(DefinitionView {
+        kind,
+        name: name.to_string(),
+        origin,
+        definition: crate::secrets::redact(kind, &raw),
+        created_at,
+        updated_at,
+        problem,
+        enabled,
+    })
+}
+
+fn unknown(engine: &Engine, kind: Kind, name: &str) -> EngineError {
+    let c = &engine.project.config;
+    let available: Vec<String> = match kind {
+        Kind::Source => c.sources.keys().cloned().collect(),
+        Kind::Destination => c.destinations.keys().cloned().collect(),
+        Kind::Model => c.models.keys().cloned().collect(),
+        Kind::Mapping => c.mappings.keys().cloned().collect(),
+    };
+    EngineError::Unknown {
+        kind: kind.as_str(),
+        name: name.to_string(),
+        available,
+    }
+}
+
+fn defined_in_file(engine: &Engine, kind: Kind, name: &str) -> EngineError {
+    EngineError::Conflict {
+        code: "defined_in_file",
+        message: format!(
+            "{kind} `{name}` is defined in {}; change it there (the API cannot change or delete what the file defines)",
+            engine.file.path.display()
+        ),
+        run_id: None,
+    }
+}
+
+fn running(mapping: &str, holder: &crate::metadata::LeaseHolder) -> EngineError {
+    EngineError::Conflict {
+        code: "run_in_progress",
+        message: format!(
+            "mapping `{mapping}` is running (run {}, on {}, since {}); wait for it to finish or cancel it",
+            holder.run_id,
+            holder.holder,
+            holder.since.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+        run_id: Some(holder.run_id.clone()),
+    }
+}

@@ -1,0 +1,184 @@
+//! API bearer tokens: made by `sluice token create` (kept in the metadata store as their
+//! SHA-256 only, shown once) or declared in `sluice.yaml` as `${ENV}` references. A token has a
+//! scope: `read` may list, get, read runs and query; `admin` may also change and trigger.
+//!
+//! Tokens are 32 random bytes, so a plain SHA-256 is as strong as a password hash would be, and
+//! checking one costs a microsecond (the API checks every request).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::config::ConfigString;
+use crate::error::{EngineError, Result};
+use crate::metadata::MetadataStore;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// List, get, read runs, query snapshot history.
+    Read,
+    /// Everything: also create, change, delete, trigger and cancel.
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "read" => Some(Scope::Read),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+
+    /// Whether a token of this scope may do what `needed` asks for.
+    pub fn allows(self, needed: Scope) -> bool {
+        self >= needed
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A token declared in `sluice.yaml` under `api.tokens`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    /// The token itself, as a `${ENV}` reference.
+    pub token: ConfigString,
+    pub scope: Scope,
+}
+
+/// The `api:` section of `sluice.yaml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// A token as the store knows it (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub name: String,
+    pub scope: Scope,
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Hex SHA-256 of a token.
+pub fn hash(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new random token: `sluice_` and 32 random bytes, base64url.
+pub fn generate() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| EngineError::Internal("no randomness for a token".into()))?;
+    Ok(format!("sluice_{}", URL_SAFE_NO_PAD.encode(bytes)))
+}
+
+impl MetadataStore {
+    /// Creates a token named `name` and returns it (the only time it is shown).
+    pub async fn create_token(&self, name: &str, scope: Scope) -> Result<String> {
+        if name.trim().is_empty() || name.len() > 64 {
+            return Err(EngineError::Usage("a token's name is 1 to 64 characters".into()));
+        }
+        let token = generate()?;
+        let inserted = sqlx::query(self.sql(
+            "INSERT INTO api_tokens (name, scope, token_hash, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (name) DO NOTHING",
+        ))
+        .bind(name)
+        .bind(scope.as_str())
+        .bind(hash(&token))
+        .bind(Utc::now().to_rfc3339())
+        .execute(self.pool())
+        .await
+        .map_err(self.err())?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(EngineError::Usage(format!(
+                "a token named `{name}` exists; revoke it first (`sluice token revoke {name}`) or pick another name"
+            )));
+        }
+        Ok(token)
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>> {
+        let rows = sqlx::query(self.sql("SELECT * FROM api_tokens ORDER BY name"))
+            .fetch_all(self.pool())
+            .await
+            .map_err(self.err())?;
+        Ok(rows
+            .iter()
+            .map(|r| TokenInfo {
+                name: r.get("name"),
+                scope: Scope::parse(r.get("scope")).unwrap_or(Scope::Read),
+                hash: r.get("token_hash"),
+                created_at: crate::metadata::parse_time(r.get("created_at")),
+            })
+            .collect())
+    }
+
+    /// Revokes a token; `false` when there was none of that name.
+    pub async fn revoke_token(&self, name: &str) -> Result<bool> {
+        let removed = sqlx::query(self.sql("DELETE FROM api_tokens WHERE name = ?"))
+            .bind(name)
+            .execute(self.pool())
+            .await
+            .map_err(self.err())?
+            .rows_affected();
+        Ok(removed > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tokens_are_shown_once_and_stored_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetadataStore::open_sqlite(&dir.path().join("m.db"))
+            .await
+            .unwrap();
+        let token = store.create_token("ci", Scope::Admin).await.unwrap();
+        assert!(token.starts_with("sluice_") && token.len() > 40, "{token}");
+        let listed = store.tokens().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].hash, hash(&token));
+        assert_ne!(listed[0].hash, token);
+        assert!(store.create_token("ci", Scope::Read).await.is_err());
+        assert!(store.revoke_token("ci").await.unwrap());
+        assert!(!store.revoke_token("ci").await.unwrap());
+        assert!(store.tokens().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn scopes_nest() {
+        assert!(Scope::Admin.allows(Scope::Read));
+        assert!(Scope::Admin.allows(Scope::Admin));
+        assert!(Scope::Read.allows(Scope::Read));
+        assert!(!Scope::Read.allows(Scope::Admin));
+    }
+}

@@ -1,0 +1,1333 @@
+//! The HTTP API: handler tests through `tower::ServiceExt::oneshot` on the router (in this
+//! process, against a real project directory, metadata store and local receiver), and an
+//! end-to-end test of `sluice serve` on a loopback port.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sluice_connectors::Connectors;
+use sluice_engine::secrets::SecretKey;
+use sluice_engine::service::Service;
+use sluice_engine::tokens::Scope;
+use sluice_engine::{Engine, Project, Quiet};
+use tower::ServiceExt;
+
+use crate::common::TestProject;
+use crate::faults::{AckReceiver, Answer, Model, project_config, write_model};
+
+/// A project (from `project_config`: source `warehouse`, model `users`, destination `crm`,
+/// mapping `users_to_crm`), its API router, and an admin and a read token.
+struct Api {
+    project: TestProject,
+    router: Router,
+    service: Arc<Service>,
+    admin: String,
+    read: String,
+}
+
+fn key() -> SecretKey {
+    SecretKey::from_bytes(&[42u8; 32]).expect("key")
+}
+
+impl Api {
+    async fn start(config: &str, rows: i64) -> Self {
+        let project = TestProject::new(config);
+        let model: Model = (1..=rows).map(|id| (id, "free".to_string())).collect();
+        write_model(&project, &model);
+        Self::open(project, Some(key())).await
+    }
+
+    async fn open(project: TestProject, secret_key: Option<SecretKey>) -> Self {
+        let loaded = Project::load(&project.config_path()).expect("config");
+        let engine = Engine::open_with_key(loaded, &Connectors, secret_key)
+            .await
+            .expect("engine");
+        let admin = token(&engine, "admin", Scope::Admin).await;
+        let read = token(&engine, "reader", Scope::Read).await;
+        let service = Service::new(engine, Arc::new(Connectors), Arc::new(Quiet));
+        let router = sluice_api::router(service.clone());
+        Self {
+            project,
+            router,
+            service,
+            admin,
+            read,
+        }
+    }
+
+    /// Sends a request with `token` (none when `None`); the status and the body (JSON when it
+    /// parses, else a JSON string).
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let (status, _, bytes) = self.raw(method, path, token, body, None).await;
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, value)
+    }
+
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        accept: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, bytes::Bytes) {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if let Some(accept) = accept {
+            request = request.header(header::ACCEPT, accept);
+        }
+        let request = match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => request.body(Body::empty()),
+        }
+        .expect("request");
+        let response = self.router.clone().oneshot(request).await.expect("response");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        (status, headers, bytes)
+    }
+
+    async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call(method, path, Some(&self.admin.clone()), body).await
+    }
+
+    /// Polls a run until it is no longer running.
+    async fn finished(&self, run_id: &str) -> Value {
+        for _ in 0..600 {
+            let (status, run) = self
+                .admin(Method::GET, &format!("/api/v1/runs/{run_id}"), None)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{run}");
+            if run["status"] != "running" {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("run {run_id} did not finish in 30 s");
+    }
+
+    /// Triggers a run of `mapping` and waits for it.
+    async fn run(&self, mapping: &str, body: Value) -> Value {
+        let (status, run) = self
+            .admin(
+                Method::POST,
+                &format!("/api/v1/mappings/{mapping}/runs"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        assert_eq!(run["status"], "running", "{run}");
+        self.finished(run["id"].as_str().expect("id")).await
+    }
+}
+
+async fn token(engine: &Engine, name: &str, scope: Scope) -> String {
+    // (A reopened project has the tokens of its first opening.)
+    engine.metadata().revoke_token(name).await.expect("revoke");
+    engine.metadata().create_token(name, scope).await.expect("token")
+}
+
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+fn config(url: &str) -> String {
+    project_config(url, 10, 10)
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_scopes_enforced_but_health_checks_answer() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let (status, body) = api.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = api.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["metadata_store"], "ok");
+
+    let (status, headers, bytes) = api.raw(Method::GET, "/api/v1/sources", None, None, None).await;
+    let body: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(headers.get(header::WWW_AUTHENTICATE).is_some());
+    let (status, body) = api
+        .call(Method::GET, "/api/v1/sources", Some("sluice_not-a-token"), None)
+        .await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    let (status, body) = api.call(Method::GET, "/metrics", None, None).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // A read token reads and queries, and may not change or trigger anything.
+    let (status, body) = api
+        .call(Method::GET, "/api/v1/sources", Some(&api.read), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["items"][0]["name"], "warehouse");
+    assert_eq!(body["items"][0]["origin"], "file");
+    let (status, body) = api
+        .call(
+            Method::POST,
+            "/api/v1/query",
+            Some(&api.read),
+            Some(json!({"sql": "SHOW TABLES"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = api
+        .call(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/runs",
+            Some(&api.read),
+            Some(json!({})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    let (status, body) = api
+        .call(
+            Method::POST,
+            "/api/v1/sources",
+            Some(&api.read),
+            Some(json!({"name": "x", "definition": {"type": "files", "tables": {}}})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    let (status, body) = api.call(Method::GET, "/metrics", Some(&api.read), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A token made by another process (here, straight in the store) is accepted at once; a
+    // revoked one stops working.
+    let engine = api.service.engine();
+    let late = token(&engine, "late", Scope::Read).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (status, _) = api.call(Method::GET, "/api/v1/runs", Some(&late), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(engine.metadata().revoke_token("late").await.expect("revoke"));
+}
+
+#[tokio::test]
+async fn definitions_are_created_listed_replaced_and_deleted_with_secrets_write_only() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let definition = json!({
+        "type": "webhook",
+        "url": receiver.url,
+        "headers": {"Authorization": "Bearer s3cret-value"},
+        "batch_size": 50
+    });
+    let (status, created) = api
+        .admin(
+            Method::POST,
+            "/api/v1/destinations",
+            Some(json!({"name": "hooks", "definition": definition})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["origin"], "api");
+    assert_eq!(created["definition"]["headers"]["Authorization"], "********");
+    assert_eq!(created["definition"]["batch_size"], 50);
+    assert!(!created.to_string().contains("s3cret"), "{created}");
+
+    // Listed beside the file's, by name; sealed at rest.
+    let (_, list) = api.admin(Method::GET, "/api/v1/destinations", None).await;
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|d| d["name"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["crm", "hooks"]);
+    let engine = api.service.engine();
+    let stored = engine.metadata().catalog().await.expect("catalog");
+    let text = stored.definitions[0].spec.to_string();
+    assert!(text.contains("$sealed") && !text.contains("s3cret"), "{text}");
+
+    // A replacement that sends the placeholder back keeps the secret.
+    let mut changed = created["definition"].clone();
+    changed["batch_size"] = json!(25);
+    let (status, replaced) = api
+        .admin(
+            Method::PUT,
+            "/api/v1/destinations/hooks",
+            Some(json!({"definition": changed})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replaced}");
+    assert_eq!(replaced["definition"]["batch_size"], 25);
+    let opened =
+        sluice_engine::secrets::open(&api.service.engine().catalog().definitions[0].spec, Some(&key()))
+            .expect("open");
+    assert_eq!(opened["headers"]["Authorization"], "Bearer s3cret-value");
+
+    // A model and a mapping on it; the mapping runs like the file's.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/models",
+            Some(json!({"name": "pro_users", "definition": {
+                "source": "warehouse",
+                "sql": "SELECT id, plan, email FROM users WHERE id <= 3",
+                "primary_key": "id"
+            }})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings",
+            Some(json!({"name": "pro_to_hooks", "definition": {
+                "model": "pro_users", "destination": "hooks", "fields": {"email": "email"}
+            }})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["enabled"], true);
+    let run = api.run("pro_to_hooks", json!({})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["counts"]["added"], 3, "{run}");
+    assert_eq!(run["trigger"], "api", "{run}");
+
+    // Things in use are not deleted; a mapping deleted forgets what it sent.
+    let (status, body) = api
+        .admin(Method::DELETE, "/api/v1/destinations/hooks", None)
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "in_use");
+    let (status, body) = api.admin(Method::DELETE, "/api/v1/models/pro_users", None).await;
+    assert_error(status, &body, StatusCode::CONFLICT, "in_use");
+    for path in [
+        "/api/v1/mappings/pro_to_hooks",
+        "/api/v1/models/pro_users",
+        "/api/v1/destinations/hooks",
+    ] {
+        let (status, body) = api.admin(Method::DELETE, path, None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{path}: {body}");
+        let (status, body) = api.admin(Method::GET, path, None).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    }
+    assert!(
+        api.service
+            .engine()
+            .metadata()
+            .mapping_state("pro_to_hooks")
+            .await
+            .expect("state")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn what_the_file_defines_cannot_be_changed_through_the_api() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let (status, body) = api.admin(Method::GET, "/api/v1/models/users", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["origin"], "file");
+    assert_eq!(body["definition"]["primary_key"], "id");
+    let (status, body) = api
+        .admin(
+            Method::PUT,
+            "/api/v1/models/users",
+            Some(json!({"definition": body["definition"]})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "defined_in_file");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("sluice.yaml"),
+        "{body}"
+    );
+    let (status, body) = api
+        .admin(Method::DELETE, "/api/v1/mappings/users_to_crm", None)
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "defined_in_file");
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/sources",
+            Some(json!({"name": "warehouse", "definition": {"type": "files", "tables": {}}})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "defined_in_file");
+    // Its secrets are redacted like the API's (a URL keeps all but its password).
+    let (status, body) = api.admin(Method::GET, "/api/v1/destinations/crm", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["definition"]["type"], "webhook");
+
+    // A file mapping can be disabled and enabled: operating it, not defining it.
+    let (status, body) = api
+        .admin(
+            Method::PATCH,
+            "/api/v1/mappings/users_to_crm",
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["enabled"], false);
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/runs",
+            Some(json!({})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "mapping_disabled");
+    // `sluice run` sees the switch too (the same metadata store).
+    let output = api.project.sluice(&["run", "users_to_crm"]).await;
+    assert!(!output.status.success());
+    assert!(
+        crate::common::stderr(&output).contains("disabled"),
+        "{}",
+        crate::common::stderr(&output)
+    );
+    let (status, body) = api
+        .admin(
+            Method::PATCH,
+            "/api/v1/mappings/users_to_crm",
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["enabled"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
+    let run = api.run("users_to_crm", json!({})).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_that_say_what_is_wrong() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let admin = api.admin.clone();
+    // A model of a source that does not exist; a mapping with an unknown key.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/models",
+            Some(json!({"name": "m", "definition": {"source": "nope", "sql": "SELECT 1 AS id", "primary_key": "id"}})),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("source `nope`"),
+        "{body}"
+    );
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings",
+            Some(json!({"name": "m", "definition": {"model": "users", "destination": "crm", "feilds": {}}})),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
+    assert!(
+        body["error"]["message"].as_str().unwrap_or("").contains("feilds"),
+        "{body}"
+    );
+    // A connector option the connector does not know.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/destinations",
+            Some(json!({"name": "d", "definition": {"type": "webhook", "url": "http://127.0.0.1:1/x", "bach_size": 3}})),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
+    // Environment references are not expanded for the API's definitions.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/destinations",
+            Some(
+                json!({"name": "d", "definition": {"type": "webhook", "url": "http://127.0.0.1:1/${HOME}"}}),
+            ),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
+    // Names become paths: refused when not plain.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/sources",
+            Some(json!({"name": "../etc", "definition": {"type": "files", "tables": {}}})),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
+
+    // Malformed bodies, missing fields, wrong content types, oversized bodies.
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/sources")
+        .header(header::AUTHORIZATION, format!("Bearer {admin}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{not json"))
+        .expect("request");
+    let response = api.router.clone().oneshot(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let (status, body) = api
+        .admin(Method::POST, "/api/v1/sources", Some(json!({"name": "x"})))
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/sources")
+        .header(header::AUTHORIZATION, format!("Bearer {admin}"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("{}"))
+        .expect("request");
+    let response = api.router.clone().oneshot(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let huge = json!({"name": "x", "definition": {"type": "files", "tables": {}, "pad": "a".repeat(2 * 1024 * 1024)}});
+    let (status, body) = api.admin(Method::POST, "/api/v1/sources", Some(huge)).await;
+    assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+
+    // Paging limits, unknown runs, routes and methods.
+    let (status, body) = api.admin(Method::GET, "/api/v1/runs?limit=100000", None).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, body) = api.admin(Method::GET, "/api/v1/runs?cursor=garbage", None).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, body) = api.admin(Method::GET, "/api/v1/runs?status=sleeping", None).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, body) = api.admin(Method::GET, "/api/v1/runs/no-such-run", None).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = api.admin(Method::GET, "/api/v1/nothing-here", None).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = api.admin(Method::DELETE, "/api/v1/runs", None).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/runs",
+            Some(json!({"filter": "plan = 'pro'"})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/runs",
+            Some(json!({"full": true, "filter": "plan = 'pro'; DROP TABLE users"})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/models/users/preview",
+            Some(json!({"limit": 5000})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+}
+
+#[tokio::test]
+async fn secrets_cannot_be_stored_without_a_key() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let project = TestProject::new(&config(&receiver.url));
+    let api = Api::open(project, None).await;
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/destinations",
+            Some(json!({"name": "hs", "definition": {"type": "hubspot", "token": "pat-123"}})),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("SLUICE_SECRET_KEY"),
+        "{body}"
+    );
+    // Without secrets, a definition needs no key.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/destinations",
+            Some(json!({"name": "plain", "definition": {"type": "webhook", "url": receiver.url}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+#[tokio::test]
+async fn definitions_made_through_the_api_survive_a_restart_and_the_cli_sees_them() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 4).await;
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings",
+            Some(json!({"name": "again", "definition": {"model": "users", "destination": "crm"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let project = api.project;
+    drop(api.router);
+    api.service.engine().close().await;
+    drop(api.service);
+
+    let api = Api::open(project, Some(key())).await;
+    let (status, body) = api.admin(Method::GET, "/api/v1/mappings/again", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["origin"], "api");
+    let output = api.project.sluice(&["run", "again"]).await;
+    assert!(output.status.success(), "{}", crate::common::stderr(&output));
+    let runs = api.project.sluice(&["runs", "again"]).await;
+    let row = crate::common::result_row(&runs, "again");
+    assert_eq!(row.get(1).map(String::as_str), Some("succeeded"), "{row:?}");
+}
+
+#[tokio::test]
+async fn previews_and_connection_tests_report_what_the_systems_say() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/models/users/preview",
+            Some(json!({"limit": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rows"].as_array().map(Vec::len), Some(2), "{body}");
+    assert_eq!(body["columns"][0]["name"], "id");
+    assert_eq!(body["columns"][0]["type"], "Int64");
+    assert_eq!(body["rows"][0]["id"], 1);
+    // No body: ten rows at most.
+    let (status, body) = api
+        .admin(Method::POST, "/api/v1/models/users/preview", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rows"].as_array().map(Vec::len), Some(5));
+    let (status, body) = api
+        .admin(Method::POST, "/api/v1/sources/warehouse/test", None)
+        .await;
+    assert_eq!((status, &body["ok"]), (StatusCode::OK, &json!(true)), "{body}");
+
+    // A destination nobody listens at: the test says so, with the system's error.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/destinations",
+            Some(json!({"name": "nowhere", "definition": {"type": "postgres", "url": "postgres://postgres@127.0.0.1:1/test"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = api
+        .admin(Method::POST, "/api/v1/destinations/nowhere/test", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ok"], false, "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("nowhere")),
+        "{body}"
+    );
+    // A model whose query fails: 422 with the source's error.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/models",
+            Some(json!({"name": "broken", "definition": {"source": "warehouse", "sql": "SELECT nope FROM users", "primary_key": "nope"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = api
+        .admin(Method::POST, "/api/v1/models/broken/preview", None)
+        .await;
+    assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "upstream_error");
+}
+
+#[tokio::test]
+async fn a_trigger_during_a_run_conflicts_and_a_cancelled_run_loses_nothing() {
+    // 400 records at 10 a request, 40 ms a request: about 1.6 s of delivery.
+    let receiver = AckReceiver::start(Duration::from_millis(40)).await;
+    let config = project_config(&receiver.url, 10, 10)
+        .replace("max_attempts: 3", "max_attempts: 3\n    concurrency: 1");
+    let api = Api::start(&config, 400).await;
+    let (status, run) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/runs",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    let run_id = run["id"].as_str().expect("id").to_string();
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/runs",
+            Some(json!({"full": true})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "run_in_progress");
+    assert_eq!(body["error"]["details"]["run_id"], run_id.as_str(), "{body}");
+
+    // Cancel once some records are through.
+    while receiver.acks().len() < 50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = api
+        .admin(Method::POST, &format!("/api/v1/runs/{run_id}/cancel"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["cancel_requested"], true);
+    let done = api.finished(&run_id).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    let delivered = done["counts"]["delivered"].as_u64().unwrap_or(0);
+    assert!((50..400).contains(&delivered), "{done}");
+    let (status, body) = api
+        .admin(Method::POST, &format!("/api/v1/runs/{run_id}/cancel"), None)
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "run_finished");
+
+    // The next run sends the rest, and only the rest (at most the batch in flight again).
+    let next = api.run("users_to_crm", json!({})).await;
+    assert_eq!(next["status"], "succeeded", "{next}");
+    let acks = receiver.acks();
+    let ids: std::collections::BTreeSet<i64> = acks.iter().map(|a| a.id).collect();
+    assert_eq!(ids.len(), 400);
+    assert!(acks.len() <= 410, "{} records were sent", acks.len());
+}
+
+#[tokio::test]
+async fn runs_page_by_cursor_and_failures_come_as_json_pages_or_csv() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 30).await;
+    // The receiver refuses records of even ids.
+    receiver.behave(|records: &[Value]| {
+        Answer::Refuse(
+            records
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r["key"]["id"].as_i64().unwrap_or(0) % 2 == 0)
+                .map(|(i, _)| (i, "invalid email".to_string()))
+                .collect(),
+        )
+    });
+    let first = api.run("users_to_crm", json!({})).await;
+    assert_eq!(first["status"], "partial", "{first}");
+    assert_eq!(first["counts"]["failed"], 15, "{first}");
+    assert!(
+        first["recommended_action"]
+            .as_str()
+            .is_some_and(|a| a.contains("invalid email")),
+        "{first}"
+    );
+    receiver.behave(|_: &[Value]| Answer::Refuse(Vec::new()));
+    let second = api.run("users_to_crm", json!({})).await;
+    assert_eq!(second["status"], "succeeded", "{second}");
+    assert_eq!(second["counts"]["retried"], 15, "{second}");
+    let third = api.run("users_to_crm", json!({"full": true})).await;
+    assert_eq!(third["trigger"], "backfill", "{third}");
+    assert_eq!(third["counts"]["added"], 30, "{third}");
+
+    // Pages of one, newest first, through the cursor.
+    let mut ids = Vec::new();
+    let mut path = "/api/v1/runs?limit=1&mapping=users_to_crm".to_string();
+    loop {
+        let (status, page) = api.call(Method::GET, &path, Some(&api.read.clone()), None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        ids.extend(
+            page["runs"]
+                .as_array()
+                .expect("runs")
+                .iter()
+                .map(|r| r["id"].as_str().unwrap_or("").to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/v1/runs?limit=1&mapping=users_to_crm&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = [&third, &second, &first]
+        .iter()
+        .map(|r| r["id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(ids, expected);
+    let (_, partial) = api.admin(Method::GET, "/api/v1/runs?status=partial", None).await;
+    assert_eq!(partial["runs"].as_array().map(Vec::len), Some(1), "{partial}");
+
+    // Failures: JSON pages, then all of them as CSV.
+    let failures_path = format!("/api/v1/runs/{}/failures", first["id"].as_str().unwrap_or(""));
+    let (status, page) = api
+        .admin(Method::GET, &format!("{failures_path}?limit=10"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["failures"].as_array().map(Vec::len), Some(10));
+    assert_eq!(page["failures"][0]["error"], "invalid email");
+    assert_eq!(page["failures"][0]["operation"], "added");
+    assert!(page["failures"][0]["key"]["id"].is_i64(), "{page}");
+    assert!(
+        page["failures"][0]["payload"]
+            .as_str()
+            .is_some_and(|p| p.contains("user2@example.com")),
+        "{page}"
+    );
+    let cursor = page["next_cursor"].as_str().expect("a second page").to_string();
+    let (_, rest) = api
+        .admin(
+            Method::GET,
+            &format!("{failures_path}?limit=10&cursor={cursor}"),
+            None,
+        )
+        .await;
+    assert_eq!(rest["failures"].as_array().map(Vec::len), Some(5));
+    assert!(rest["next_cursor"].is_null());
+    let (status, headers, csv) = api
+        .raw(
+            Method::GET,
+            &failures_path,
+            Some(&api.read.clone()),
+            None,
+            Some("text/csv"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/csv")
+    );
+    let mut reader = csv::Reader::from_reader(csv.as_ref());
+    assert_eq!(
+        reader.headers().expect("header").iter().collect::<Vec<_>>(),
+        [
+            "key",
+            "operation",
+            "error",
+            "attempts",
+            "first_failed_at",
+            "last_failed_at",
+            "payload"
+        ]
+    );
+    let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.expect("row")).collect();
+    assert_eq!(rows.len(), 15);
+    assert_eq!(&rows[0][2], "invalid email");
+}
+
+#[tokio::test]
+async fn a_filtered_backfill_resends_matching_rows_and_a_dry_run_keeps_its_requests() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 20).await;
+    let first = api.run("users_to_crm", json!({})).await;
+    assert_eq!(first["counts"]["added"], 20, "{first}");
+    // Nothing changed; a backfill of ids 1-5 sends exactly those again, as added.
+    let before = receiver.acks().len();
+    let backfill = api
+        .run("users_to_crm", json!({"full": true, "filter": "id <= 5"}))
+        .await;
+    assert_eq!(backfill["status"], "succeeded", "{backfill}");
+    assert_eq!(backfill["filter"], "id <= 5");
+    assert_eq!(backfill["counts"]["added"], 5, "{backfill}");
+    let resent: Vec<i64> = receiver.acks()[before..].iter().map(|a| a.id).collect();
+    assert_eq!(resent, [1, 2, 3, 4, 5]);
+    assert!(receiver.acks()[before..].iter().all(|a| a.op == "added"));
+    // A filter on a column the model does not have fails the run, saying so.
+    let bad = api
+        .run("users_to_crm", json!({"full": true, "filter": "nonexistent > 1"}))
+        .await;
+    assert_eq!(bad["status"], "failed", "{bad}");
+    assert!(
+        bad["error"].as_str().is_some_and(|e| e.contains("filter")),
+        "{bad}"
+    );
+
+    // A dry run computes the same requests and sends nothing.
+    let before = receiver.acks().len();
+    let dry = api
+        .run("users_to_crm", json!({"full": true, "dry_run": true}))
+        .await;
+    assert_eq!(dry["status"], "succeeded", "{dry}");
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(receiver.acks().len(), before);
+    let (status, headers, body) = api
+        .raw(
+            Method::GET,
+            &format!("/api/v1/runs/{}/requests", dry["id"].as_str().unwrap_or("")),
+            Some(&api.read.clone()),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/x-ndjson");
+    let lines: Vec<Value> = String::from_utf8_lossy(&body)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let records: u64 = lines
+        .iter()
+        .map(|l| l["request"]["records"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(records, 20, "{lines:?}");
+    let (status, body) = api
+        .admin(
+            Method::GET,
+            &format!("/api/v1/runs/{}/requests", first["id"].as_str().unwrap_or("")),
+            None,
+        )
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "not_a_dry_run");
+}
+
+#[tokio::test]
+async fn history_queries_stream_as_json_lines_csv_or_arrow_and_are_read_only() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 12).await;
+    api.run("users_to_crm", json!({})).await;
+    api.run("users_to_crm", json!({})).await;
+    let read = api.read.clone();
+    let sql =
+        json!({"sql": "SELECT id, _run_id FROM users_history WHERE id <= 3 ORDER BY _extracted_at, id"});
+    let (status, headers, body) = api
+        .raw(
+            Method::POST,
+            "/api/v1/query",
+            Some(&read),
+            Some(sql.clone()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/x-ndjson");
+    let lines: Vec<Value> = String::from_utf8_lossy(&body)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line"))
+        .collect();
+    assert_eq!(lines.len(), 6, "two snapshots of three rows: {lines:?}");
+    assert_eq!(lines[0]["id"], 1);
+    let (status, _, body) = api
+        .raw(
+            Method::POST,
+            "/api/v1/query",
+            Some(&read),
+            Some(sql.clone()),
+            Some("text/csv"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(text.lines().next(), Some("id,_run_id"));
+    assert_eq!(text.lines().count(), 7);
+    let (status, headers, body) = api
+        .raw(
+            Method::POST,
+            "/api/v1/query",
+            Some(&read),
+            Some(sql),
+            Some("application/vnd.apache.arrow.stream"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers[header::CONTENT_TYPE],
+        "application/vnd.apache.arrow.stream"
+    );
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body.to_vec()), None).expect("arrow");
+    let rows: usize = reader.map(|b| b.expect("batch").num_rows()).sum();
+    assert_eq!(rows, 6);
+    let (status, _, body) = api
+        .raw(
+            Method::POST,
+            "/api/v1/query",
+            Some(&read),
+            Some(json!({"sql": "SELECT * FROM users", "max_rows": 4})),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(String::from_utf8_lossy(&body).lines().count(), 4);
+
+    for refused in [
+        "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",
+        "SELECT * FROM '/etc/passwd'",
+        "COPY (SELECT 1) TO '/tmp/sluice-copy-test.csv'",
+        "INSERT INTO users VALUES (1)",
+        "DROP TABLE users",
+        "SET datafusion.execution.batch_size = 1",
+        "SELECT * FROM nosuchtable",
+    ] {
+        let (status, body) = api
+            .call(
+                Method::POST,
+                "/api/v1/query",
+                Some(&read),
+                Some(json!({"sql": refused})),
+            )
+            .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    assert!(!std::path::Path::new("/tmp/sluice-copy-test.csv").exists());
+    let (status, _, body) = api
+        .raw(
+            Method::POST,
+            "/api/v1/query",
+            Some(&read),
+            Some(json!({"sql": "SELECT 1"})),
+            Some("image/png"),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_ACCEPTABLE,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
+/// Every route the README documents is in the OpenAPI document, and every operation in the
+/// document is routed (no 404 from the router's fallback, no 405).
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 3).await;
+    let (status, document) = api
+        .call(Method::GET, "/api/v1/openapi.json", Some(&api.read.clone()), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{document}");
+    assert_eq!(document["openapi"], "3.1.0");
+    assert_eq!(
+        document,
+        serde_json::to_value(sluice_api::openapi()).expect("document")
+    );
+    let paths = document["paths"].as_object().expect("paths");
+    let expected = [
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("get", "/api/v1/openapi.json"),
+        ("post", "/api/v1/query"),
+        ("get", "/api/v1/runs"),
+        ("get", "/api/v1/runs/{id}"),
+        ("get", "/api/v1/runs/{id}/failures"),
+        ("get", "/api/v1/runs/{id}/requests"),
+        ("post", "/api/v1/runs/{id}/cancel"),
+        ("post", "/api/v1/mappings/{name}/runs"),
+        ("patch", "/api/v1/mappings/{name}"),
+        ("post", "/api/v1/sources/{name}/test"),
+        ("post", "/api/v1/destinations/{name}/test"),
+        ("post", "/api/v1/models/{name}/preview"),
+    ];
+    let mut all = expected.to_vec();
+    for collection in ["sources", "models", "destinations", "mappings"] {
+        let list: &'static str = Box::leak(format!("/api/v1/{collection}").into_boxed_str());
+        let one: &'static str = Box::leak(format!("/api/v1/{collection}/{{name}}").into_boxed_str());
+        all.extend([
+            ("get", list),
+            ("post", list),
+            ("get", one),
+            ("put", one),
+            ("delete", one),
+        ]);
+    }
+    for (method, path) in &all {
+        assert!(
+            paths.get(*path).and_then(|p| p.get(*method)).is_some(),
+            "{method} {path} is missing from the OpenAPI document"
+        );
+    }
+    let mut operations = 0;
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().expect("path item") {
+            operations += 1;
+            assert!(
+                operation["responses"]["default"].is_object(),
+                "{method} {path} documents no error answer"
+            );
+            let concrete = path.replace("{name}", "nosuch").replace("{id}", "nosuch");
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+            let (status, body) = api.admin(method.clone(), &concrete, Some(json!({}))).await;
+            assert_ne!(
+                status,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path} is documented but not routed"
+            );
+            assert!(
+                !(status == StatusCode::NOT_FOUND
+                    && body["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("no such route"))),
+                "{method} {path} is documented but not routed"
+            );
+        }
+    }
+    assert_eq!(
+        operations,
+        all.len(),
+        "the document has operations the test does not know"
+    );
+}
+
+/// `sluice serve` on a loopback port: a source, model, destination and mapping created through
+/// the API, a run and a backfill triggered and polled to completion, the failures downloaded as
+/// CSV, and the history table queried.
+#[tokio::test]
+async fn serve_drives_a_whole_sync_through_the_api() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    receiver.behave(|records: &[Value]| {
+        Answer::Refuse(
+            records
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r["key"]["id"].as_i64() == Some(7))
+                .map(|(i, _)| (i, "record 7 is refused".to_string()))
+                .collect(),
+        )
+    });
+    let project = TestProject::new(
+        "state_dir: .sluice\napi:\n  tokens:\n    - { name: e2e, token: \"${SLUICE_E2E_TOKEN}\", scope: admin }\n",
+    );
+    let model: Model = (1..=25)
+        .map(|id| (id, if id % 3 == 0 { "pro" } else { "free" }.to_string()))
+        .collect();
+    write_model(&project, &model);
+    let token = "e2e-token-0123456789abcdef";
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(project.config_path())
+        .env("SLUICE_E2E_TOKEN", token)
+        .env(
+            "SLUICE_SECRET_KEY",
+            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
+        )
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn serve");
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..200 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "sluice serve did not come up");
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut request = client.request(method, format!("{base}{path}")).bearer_auth(token);
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        async move {
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            let text = response.text().await.expect("body");
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+            )
+        }
+    };
+    let data = project.path().join("data/users.parquet");
+    for (collection, body) in [
+        (
+            "sources",
+            json!({"name": "lake", "definition": {"type": "files", "tables": {"users": data.display().to_string()}}}),
+        ),
+        (
+            "models",
+            json!({"name": "accounts", "definition": {"source": "lake", "sql": "SELECT id, plan, email FROM users", "primary_key": "id"}}),
+        ),
+        (
+            "destinations",
+            json!({"name": "hook", "definition": {"type": "webhook", "url": receiver.url, "batch_size": 5, "headers": {"X-Api-Key": "k-123"}}}),
+        ),
+        (
+            "mappings",
+            json!({"name": "accounts_to_hook", "definition": {"model": "accounts", "destination": "hook", "fields": {"email": "email", "traits.plan": "plan"}}}),
+        ),
+    ] {
+        let (status, created) = call(
+            reqwest::Method::POST,
+            &format!("/api/v1/{collection}"),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 201, "{collection}: {created}");
+    }
+    let (status, body) = call(reqwest::Method::POST, "/api/v1/sources/lake/test", None).await;
+    assert_eq!((status, &body["ok"]), (200, &json!(true)), "{body}");
+
+    let poll = |id: String| {
+        let call = &call;
+        async move {
+            for _ in 0..400 {
+                let (status, run) = call(reqwest::Method::GET, &format!("/api/v1/runs/{id}"), None).await;
+                assert_eq!(status, 200, "{run}");
+                if run["status"] != "running" {
+                    return run;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("run {id} did not finish");
+        }
+    };
+    let (status, run) = call(
+        reqwest::Method::POST,
+        "/api/v1/mappings/accounts_to_hook/runs",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 202, "{run}");
+    let run = poll(run["id"].as_str().expect("id").to_string()).await;
+    assert_eq!(run["status"], "partial", "{run}");
+    assert_eq!(
+        (run["counts"]["added"].as_u64(), run["counts"]["failed"].as_u64()),
+        (Some(25), Some(1)),
+        "{run}"
+    );
+    assert!(
+        receiver
+            .acks()
+            .iter()
+            .all(|a| a.data["traits"]["plan"].is_string())
+    );
+
+    let (status, backfill) = call(
+        reqwest::Method::POST,
+        "/api/v1/mappings/accounts_to_hook/runs",
+        Some(json!({"full": true})),
+    )
+    .await;
+    assert_eq!(status, 202, "{backfill}");
+    let backfill = poll(backfill["id"].as_str().expect("id").to_string()).await;
+    assert_eq!(backfill["trigger"], "backfill", "{backfill}");
+    assert_eq!(backfill["counts"]["added"], 25, "{backfill}");
+
+    let csv = client
+        .get(format!(
+            "{base}/api/v1/runs/{}/failures",
+            run["id"].as_str().unwrap_or("")
+        ))
+        .bearer_auth(token)
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .expect("failures");
+    assert_eq!(csv.status().as_u16(), 200);
+    let csv = csv.text().await.expect("csv");
+    assert!(csv.starts_with("key,operation,error"), "{csv}");
+    assert!(csv.contains("record 7 is refused"), "{csv}");
+
+    let history = client
+        .post(format!("{base}/api/v1/query"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(
+            json!({"sql": "SELECT COUNT(DISTINCT _run_id) AS runs, COUNT(*) AS rows FROM accounts_history"})
+                .to_string(),
+        )
+        .send()
+        .await
+        .expect("query");
+    assert_eq!(history.status().as_u16(), 200);
+    let line: Value = serde_json::from_str(history.text().await.expect("text").trim()).expect("a JSON line");
+    assert_eq!(
+        (line["runs"].as_i64(), line["rows"].as_i64()),
+        (Some(2), Some(50)),
+        "{line}"
+    );
+
+    // Secrets never come back; the CLI sees what the API made.
+    let (_, hook) = call(reqwest::Method::GET, "/api/v1/destinations/hook", None).await;
+    assert_eq!(hook["definition"]["headers"]["X-Api-Key"], "********", "{hook}");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "accounts_to_hook", "--config"])
+        .arg(project.config_path())
+        .env("SLUICE_E2E_TOKEN", token)
+        .env(
+            "SLUICE_SECRET_KEY",
+            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
+        )
+        .output()
+        .await
+        .expect("check");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("ok      mapping accounts_to_hook"),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    crate::faults::terminate(&serve);
+    let status = tokio::time::timeout(Duration::from_secs(30), serve.wait())
+        .await
+        .expect("serve stops on SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+}
