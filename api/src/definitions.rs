@@ -16,7 +16,7 @@ use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, optional_body};
 use crate::views::{Column, Definition, DefinitionPage, Preview, TestResult};
 
 /// Most items one page of definitions holds.
@@ -369,6 +369,12 @@ fn ten() -> u32 {
     10
 }
 
+impl Default for PreviewRequest {
+    fn default() -> Self {
+        Self { limit: ten() }
+    }
+}
+
 /// Runs a model's query and returns its first rows and column types (no snapshot is written).
 #[utoipa::path(post, path = "/models/{name}/preview", tag = "models",
     params(("name" = String, Path)),
@@ -381,13 +387,7 @@ pub async fn preview_model(
     ApiPath(name): ApiPath<String>,
     body: bytes::Bytes,
 ) -> ApiResult<axum::Json<Preview>> {
-    let limit = if body.iter().all(u8::is_ascii_whitespace) {
-        10
-    } else {
-        serde_json::from_slice::<PreviewRequest>(&body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not a preview request: {e}")))?
-            .limit
-    };
+    let limit = optional_body::<PreviewRequest>(&body)?.limit;
     if limit > 1000 {
         return Err(ApiError::bad_request("`limit` is at most 1000"));
     }

@@ -20,39 +20,55 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
+        match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(value)) => object_body(value).map(Self),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
 }
 
+/// A request body: a JSON object (serde would also take a struct as an array of its fields,
+/// which the API does not document, so that is refused).
+fn object_body<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::bad_request(format!("the body does not fit: {e}")))
+}
+
+/// An optional JSON object body: `T::default()` when the body is empty.
+pub fn optional_body<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not JSON: {e}"),
+        )
+    })?;
+    object_body(value)
+}
+
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     let status = rejection.status();
-    let code = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
-        _ => "invalid_json",
-    };
-    let message = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => format!(
-            "the request body is larger than the {} KiB this API accepts",
-            crate::BODY_LIMIT / 1024
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            status,
+            "body_too_large",
+            format!(
+                "the request body is larger than the {} KiB this API accepts",
+                crate::BODY_LIMIT / 1024
+            ),
         ),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-            "send the body as JSON, with `Content-Type: application/json`".to_string()
-        }
-        _ => rejection.body_text(),
-    };
-    // (A data error is the request's fault, like a syntax error: 400 for both, 422 is kept for
-    // definitions that parse but cannot be used.)
-    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
-        StatusCode::BAD_REQUEST
-    } else {
-        status
-    };
-    ApiError::new(status, code, message)
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            status,
+            "unsupported_media_type",
+            "send the body as JSON, with `Content-Type: application/json`",
+        ),
+        _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", rejection.body_text()),
+    }
 }
 
 /// Query parameters.

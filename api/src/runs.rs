@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiPath, ApiQuery};
+use crate::extract::{ApiPath, ApiQuery, optional_body};
 use crate::views::{Failure, FailurePage, Run, RunPage, RunStatusView};
 
 /// Most runs (or failed records) one page holds.
@@ -52,12 +52,7 @@ pub async fn trigger_run(
     ApiPath(name): ApiPath<String>,
     body: bytes::Bytes,
 ) -> ApiResult<Response> {
-    let request = if body.iter().all(u8::is_ascii_whitespace) {
-        TriggerRequest::default()
-    } else {
-        serde_json::from_slice::<TriggerRequest>(&body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not a run request: {e}")))?
-    };
+    let request: TriggerRequest = optional_body(&body)?;
     let run = state
         .service
         .trigger(
