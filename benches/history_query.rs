@@ -6,42 +6,14 @@
 //!
 //! `cargo bench --bench history_query -- [rows] [snapshots]` (defaults 1,000,000 and 10).
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
 use futures::StreamExt;
 use sluice_engine::datafusion::prelude::SessionContext;
-use sluice_snapshots::{SnapshotSpec, SnapshotStore, SnapshotWriter, register_history};
+use sluice_snapshots::{SnapshotStore, register_history};
 
-const BATCH: usize = 65_536;
-
-fn batch(ids: std::ops::Range<i64>, version: i64) -> RecordBatch {
-    let plans = ["free", "starter", "pro", "enterprise"];
-    // 5% of rows change plan in each version.
-    let plan = |i: i64| plans[((i + if i % 20 == 0 { version } else { 0 }) % 4) as usize];
-    RecordBatch::try_from_iter(vec![
-        (
-            "id",
-            Arc::new(Int64Array::from_iter_values(ids.clone())) as ArrayRef,
-        ),
-        (
-            "email",
-            Arc::new(StringArray::from_iter_values(
-                ids.clone().map(|i| format!("user{i}@example.com")),
-            )) as ArrayRef,
-        ),
-        (
-            "plan",
-            Arc::new(StringArray::from_iter_values(ids.clone().map(plan))) as ArrayRef,
-        ),
-        (
-            "lead_score",
-            Arc::new(Int32Array::from_iter_values(ids.map(|i| (i % 100) as i32))) as ArrayRef,
-        ),
-    ])
-    .expect("batch")
-}
+#[path = "common/history.rs"]
+mod history;
 
 async fn first_row_and_total(ctx: &SessionContext, sql: &str) -> (f64, f64, usize) {
     let started = Instant::now();
@@ -76,22 +48,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SnapshotStore::open(dir.path().to_str().expect("path"), dir.path(), []).expect("store");
     let generated = Instant::now();
-    for version in 0..snapshots {
-        let spec = SnapshotSpec {
-            model: "users".into(),
-            run_id: format!("run-{version}"),
-            key_columns: vec!["id".into()],
-            buckets: None,
-        };
-        let mut writer = SnapshotWriter::new(store.clone(), spec);
-        let mut start = 0;
-        while start < rows {
-            let end = (start + BATCH as i64).min(rows);
-            writer.write(batch(start..end, version)).await.expect("write");
-            start = end;
-        }
-        writer.commit().await.expect("commit");
-    }
+    history::write_snapshots(&store, rows, snapshots).await;
     println!(
         "{snapshots} snapshots of {rows} rows written in {:.1} s",
         generated.elapsed().as_secs_f64()

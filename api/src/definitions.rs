@@ -320,17 +320,7 @@ pub async fn test_source(
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<axum::Json<TestResult>> {
     let engine = state.service.current().await?;
-    let source = engine.source(&name)?;
-    Ok(axum::Json(match source.check().await {
-        Ok(()) => TestResult {
-            ok: true,
-            error: None,
-        },
-        Err(e) => TestResult {
-            ok: false,
-            error: Some(e.to_string()),
-        },
-    }))
+    Ok(axum::Json(outcome(engine.source(&name)?.check().await)))
 }
 
 /// Connects to a destination (and authenticates) and reports its error when it cannot.
@@ -342,8 +332,12 @@ pub async fn test_destination(
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<axum::Json<TestResult>> {
     let engine = state.service.current().await?;
-    let destination = engine.destination(&name)?;
-    Ok(axum::Json(match destination.check().await {
+    Ok(axum::Json(outcome(engine.destination(&name)?.check().await)))
+}
+
+/// A connection test's outcome, with the system's own error when it failed.
+fn outcome(checked: Result<(), impl std::fmt::Display>) -> TestResult {
+    match checked {
         Ok(()) => TestResult {
             ok: true,
             error: None,
@@ -352,7 +346,7 @@ pub async fn test_destination(
             ok: false,
             error: Some(e.to_string()),
         },
-    }))
+    }
 }
 
 /// How many rows a preview shows.

@@ -309,18 +309,15 @@ pub async fn dry_run_requests(
         )
         .with_details(serde_json::json!({ "run_id": id })));
     }
-    let engine = state.service.engine();
-    let path = sluice_engine::service::dry_run_path(&run.mapping, &run.id);
-    let bytes = engine
-        .snapshots()
-        .get(&path)
-        .await
-        .map_err(sluice_engine::EngineError::from)?
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "dry run {id} left no requests ({}); it may have failed before computing them, or been retired",
-                run.status
-            ))
-        })?;
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], bytes).into_response())
+    let requests = state.service.dry_run_requests(&run).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "dry run {id} left no requests ({}); it may have failed before computing them, or been retired",
+            run.status
+        ))
+    })?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(requests),
+    )
+        .into_response())
 }

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sluice_engine::metadata::{FailureRow, RunRecord, RunStatus};
+use sluice_engine::metadata::{FailureRow, RunCounts, RunRecord, RunStatus, StageTimings};
 use sluice_engine::service::DefinitionView;
 use utoipa::ToSchema;
 
@@ -74,34 +74,6 @@ pub enum TriggerView {
     Backfill,
 }
 
-/// A run's load results.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Counts {
-    /// Rows the model returned.
-    pub extracted: u64,
-    pub added: u64,
-    pub updated: u64,
-    pub deleted: u64,
-    /// Records put in a request to the destination.
-    pub sent: u64,
-    /// Records the destination acknowledged.
-    pub delivered: u64,
-    /// Records not delivered (kept, and sent again by the next run).
-    pub failed: u64,
-    /// Records that had failed in earlier runs and were tried again.
-    pub retried: u64,
-    /// Changes the mapping's `send` leaves out.
-    pub skipped: u64,
-}
-
-/// Milliseconds spent per stage.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Timings {
-    pub extract_ms: u64,
-    pub diff_ms: u64,
-    pub deliver_ms: u64,
-}
-
 /// A run of a mapping.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Run {
@@ -122,8 +94,8 @@ pub struct Run {
     pub duration_ms: Option<i64>,
     pub snapshot_id: Option<String>,
     pub baseline_snapshot_id: Option<String>,
-    pub counts: Counts,
-    pub timings: Timings,
+    pub counts: RunCounts,
+    pub timings: StageTimings,
     /// How the model's columns changed since the baseline.
     pub schema_change: Option<String>,
     pub error: Option<String>,
@@ -155,22 +127,8 @@ impl From<&RunRecord> for Run {
             duration_ms: run.duration().map(|d| d.num_milliseconds()),
             snapshot_id: run.snapshot_id.clone(),
             baseline_snapshot_id: run.baseline_snapshot_id.clone(),
-            counts: Counts {
-                extracted: run.counts.extracted,
-                added: run.counts.added,
-                updated: run.counts.updated,
-                deleted: run.counts.deleted,
-                sent: run.counts.sent,
-                delivered: run.counts.delivered,
-                failed: run.counts.failed,
-                retried: run.counts.retried,
-                skipped: run.counts.skipped,
-            },
-            timings: Timings {
-                extract_ms: run.timings.extract_ms,
-                diff_ms: run.timings.diff_ms,
-                deliver_ms: run.timings.deliver_ms,
-            },
+            counts: run.counts,
+            timings: run.timings,
             schema_change: run.schema_change.clone(),
             error: run.error.clone(),
             recommended_action: run.recommended_action.clone(),

@@ -188,40 +188,7 @@ impl Differ {
     /// columns) sent again as added, on top of what changed. Refused unless `filter` is a
     /// boolean expression of the new snapshot's columns, without subqueries or aggregates.
     pub async fn resend_matching(mut self, filter: &str) -> Result<Self> {
-        let columns: Vec<Field> = self
-            .new_schema
-            .fields()
-            .iter()
-            .filter(|f| f.name() != ROW_HASH_COLUMN)
-            .map(|f| f.as_ref().clone())
-            .collect();
-        let schema = DFSchema::try_from(Schema::new(columns))?;
-        use datafusion::common::tree_node::TreeNode;
-        use datafusion::logical_expr::ExprSchemable;
-        let expr = self.ctx.parse_sql_expr(filter, &schema)?;
-        let mut refused = None;
-        expr.apply(|e| {
-            match e {
-                Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) => {
-                    refused = Some("a subquery")
-                }
-                Expr::AggregateFunction(_) => refused = Some("an aggregate"),
-                Expr::WindowFunction(_) => refused = Some("a window function"),
-                _ => {}
-            }
-            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-        })?;
-        if let Some(what) = refused {
-            return Err(DataFusionError::Plan(format!(
-                "it holds {what}; a filter is a condition on each row's own columns"
-            )));
-        }
-        let data_type = expr.get_type(&schema)?;
-        if data_type != DataType::Boolean {
-            return Err(DataFusionError::Plan(format!(
-                "it is of type {data_type}, not a condition (true or false)"
-            )));
-        }
+        let expr = filter_expr(&self.new_schema, filter)?;
         self.resend = Some(expr);
         Ok(self)
     }
@@ -671,6 +638,44 @@ impl Differ {
         select.push(null_failed_at().alias(FIRST_FAILED_AT));
         Ok(Some(rows.select(select)?.execute_stream().await?))
     }
+}
+
+/// A filtered backfill's predicate planned over a snapshot's columns (`schema`, sluice's row
+/// hash left out): a boolean expression of the row's own columns, without subqueries,
+/// aggregates or window functions.
+pub fn filter_expr(schema: &Schema, filter: &str) -> Result<Expr> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::ExprSchemable;
+    let columns: Vec<Field> = schema
+        .fields()
+        .iter()
+        .filter(|f| f.name() != ROW_HASH_COLUMN)
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let schema = DFSchema::try_from(Schema::new(columns))?;
+    let expr = SessionContext::new().parse_sql_expr(filter, &schema)?;
+    let mut refused = None;
+    expr.apply(|e| {
+        match e {
+            Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) => refused = Some("a subquery"),
+            Expr::AggregateFunction(_) => refused = Some("an aggregate"),
+            Expr::WindowFunction(_) => refused = Some("a window function"),
+            _ => {}
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if let Some(what) = refused {
+        return Err(DataFusionError::Plan(format!(
+            "it holds {what}; a filter is a condition on each row's own columns"
+        )));
+    }
+    let data_type = expr.get_type(&schema)?;
+    if data_type != DataType::Boolean {
+        return Err(DataFusionError::Plan(format!(
+            "it is of type {data_type}, not a condition (true or false)"
+        )));
+    }
+    Ok(expr)
 }
 
 fn base_key(i: usize) -> String {

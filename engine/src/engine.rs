@@ -177,52 +177,32 @@ impl Engine {
             base_dir: project.base_dir.clone(),
             state_dir: project.state_dir(),
         };
-        let mut sources = IndexMap::new();
-        for (name, config) in project.config.sources.clone() {
-            let kept = previous
-                .filter(|p| p.project.config.sources.get(&name) == Some(&config))
-                .and_then(|p| p.sources.get(&name).cloned());
-            match kept.map_or_else(|| connectors.source(&name, &config, &env), Ok) {
-                Ok(source) => {
-                    sources.insert(name, source);
-                }
-                Err(m) if is_api(Kind::Source, &name) => leave_out(
-                    &mut project,
-                    &mut problems,
-                    Kind::Source,
-                    &name,
-                    format!("source `{name}`: {m}"),
-                ),
-                Err(m) => {
-                    return Err(project
-                        .error_at(&["sources", &name], format!("source `{name}`: {m}"))
-                        .into());
-                }
-            }
-        }
-        let mut destinations = IndexMap::new();
-        for (name, config) in project.config.destinations.clone() {
-            let kept = previous
-                .filter(|p| p.project.config.destinations.get(&name) == Some(&config))
-                .and_then(|p| p.destinations.get(&name).cloned());
-            match kept.map_or_else(|| connectors.destination(&name, &config, &env), Ok) {
-                Ok(destination) => {
-                    destinations.insert(name, destination);
-                }
-                Err(m) if is_api(Kind::Destination, &name) => leave_out(
-                    &mut project,
-                    &mut problems,
-                    Kind::Destination,
-                    &name,
-                    format!("destination `{name}`: {m}"),
-                ),
-                Err(m) => {
-                    return Err(project
-                        .error_at(&["destinations", &name], format!("destination `{name}`: {m}"))
-                        .into());
-                }
-            }
-        }
+        let sources = build_connectors(
+            &mut project,
+            &mut problems,
+            Kind::Source,
+            &from_api,
+            |p| &p.config.sources,
+            |name, config| {
+                previous
+                    .filter(|p| p.project.config.sources.get(name) == Some(config))
+                    .and_then(|p| p.sources.get(name).cloned())
+            },
+            |name, config| connectors.source(name, config, &env),
+        )?;
+        let destinations = build_connectors(
+            &mut project,
+            &mut problems,
+            Kind::Destination,
+            &from_api,
+            |p| &p.config.destinations,
+            |name, config| {
+                previous
+                    .filter(|p| p.project.config.destinations.get(name) == Some(config))
+                    .and_then(|p| p.destinations.get(name).cloned())
+            },
+            |name, config| connectors.destination(name, config, &env),
+        )?;
         // The API's models and mappings against what is left (a model whose source could not
         // be built is left out, and so are its mappings).
         for (kind, name) in &from_api {
@@ -622,6 +602,43 @@ fn resolve_action(
         }
         Ok(Some((resolved, spec)))
     }
+}
+
+/// Builds the sources or destinations of `project` (`kept` gives the one an earlier engine
+/// built for the same settings). One made through the API that cannot be built is left out,
+/// with its problem; one of the file's fails the project, pointing at its line.
+#[allow(clippy::too_many_arguments)]
+fn build_connectors<T: ?Sized>(
+    project: &mut Project,
+    problems: &mut Vec<Problem>,
+    kind: Kind,
+    from_api: &[(Kind, String)],
+    configs: impl Fn(&Project) -> &IndexMap<String, ConnectorConfig>,
+    kept: impl Fn(&str, &ConnectorConfig) -> Option<Arc<T>>,
+    build: impl Fn(&str, &ConnectorConfig) -> std::result::Result<Arc<T>, String>,
+) -> Result<IndexMap<String, Arc<T>>> {
+    let mut built = IndexMap::new();
+    for (name, config) in configs(project).clone() {
+        match kept(&name, &config).map_or_else(|| build(&name, &config), Ok) {
+            Ok(connector) => {
+                built.insert(name, connector);
+            }
+            Err(m) if from_api.iter().any(|(k, n)| *k == kind && *n == name) => {
+                remove(project, kind, &name);
+                problems.push(Problem {
+                    kind,
+                    message: format!("{kind} `{name}`: {m}"),
+                    name,
+                });
+            }
+            Err(m) => {
+                return Err(project
+                    .error_at(&[kind.section(), &name], format!("{kind} `{name}`: {m}"))
+                    .into());
+            }
+        }
+    }
+    Ok(built)
 }
 
 /// Whether `sluice.yaml` defines `kind` `name`.

@@ -151,9 +151,11 @@ impl std::fmt::Display for Trigger {
     }
 }
 
-/// Record counts of a run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Record counts of a run (the load results).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunCounts {
+    /// Rows the model returned.
     pub extracted: u64,
     pub added: u64,
     pub updated: u64,
@@ -172,7 +174,8 @@ pub struct RunCounts {
 }
 
 /// Milliseconds spent per stage.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StageTimings {
     pub extract_ms: u64,
     pub diff_ms: u64,

@@ -123,8 +123,14 @@ pub fn check_filter(filter: &str) -> std::result::Result<(), String> {
                 .into(),
         );
     }
-    let text = expr.to_string().to_ascii_uppercase();
-    if text.contains("SELECT ") {
+    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, visit_expressions};
+    let subquery = visit_expressions(&expr, |e| match e {
+        SqlExpr::Subquery(_) | SqlExpr::Exists { .. } | SqlExpr::InSubquery { .. } => {
+            std::ops::ControlFlow::Break(())
+        }
+        _ => std::ops::ControlFlow::Continue(()),
+    });
+    if subquery.is_break() {
         return Err("the filter cannot hold a subquery; it is a condition on the model's columns".into());
     }
     Ok(())
@@ -294,7 +300,9 @@ impl Engine {
                     "a filter limits a backfill: give it with --full (full: true)".into(),
                 ));
             }
-            check_filter(filter).map_err(EngineError::Usage)?;
+            for (model, _) in &by_model {
+                self.check_backfill_filter(model, filter).await?;
+            }
         }
         let mut records = Vec::new();
         for (model, mappings) in by_model {
@@ -579,6 +587,28 @@ impl Engine {
         result?;
         run.status = RunStatus::Succeeded;
         Ok(run)
+    }
+
+    /// Checks a backfill's filter before a run starts: one SQL expression and, when the model
+    /// has a snapshot, a condition over its latest snapshot's columns.
+    pub async fn check_backfill_filter(&self, model: &str, filter: &str) -> Result<()> {
+        check_filter(filter).map_err(EngineError::Usage)?;
+        let snapshots = self.snapshots.list_snapshots(model).await?;
+        if let Some(latest) = snapshots.last() {
+            let ctx = crate::diff::diff_context();
+            let schema = crate::diff::snapshot_schema(&ctx, &self.snapshots, latest)
+                .await
+                .map_err(|source| EngineError::Diff {
+                    mapping: model.to_string(),
+                    source,
+                })?;
+            crate::diff::filter_expr(&schema, filter).map_err(|e| {
+                EngineError::Usage(format!(
+                    "the filter `{filter}` does not apply to model `{model}`'s columns: {e}"
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     /// Extracts a model into a new committed snapshot without running any mapping: for
@@ -1575,5 +1605,42 @@ async fn heartbeat(
             }
             Err(e) => tracing::debug!(error = %e, "could not read cancellation requests"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filter_is_one_expression_without_subqueries() {
+        assert!(check_filter("plan = 'pro' AND country IN ('FR', 'DE')").is_ok());
+        assert!(check_filter("lead_score > 50 OR email LIKE '%@example.com'").is_ok());
+        // Words inside literals are only text.
+        assert!(check_filter("note = 'please select one'").is_ok());
+        for refused in [
+            "",
+            "   ",
+            "plan = 'pro'; DROP TABLE users",
+            "plan = 'pro' UNION SELECT 1",
+            "id IN (SELECT id FROM users)",
+            "EXISTS (SELECT 1)",
+            "plan = 'pro' AND lead_score > (SELECT 1)",
+            "plan = ",
+        ] {
+            assert!(check_filter(refused).is_err(), "{refused:?} was accepted");
+        }
+        assert!(check_filter(&"a".repeat(5000)).is_err());
+    }
+
+    #[test]
+    fn run_controls_stop_registered_runs_only() {
+        let controls = RunControls::default();
+        let stop = controls.register("r1");
+        assert!(!controls.cancel("r2"));
+        assert!(controls.cancel("r1"));
+        assert!(stop.is_requested());
+        controls.unregister("r1");
+        assert!(controls.get("r1").is_none());
     }
 }

@@ -14,7 +14,7 @@ use crate::catalog::{Kind, Origin, StoredDefinition};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::metadata::{RunRecord, RunStatus, Trigger};
-use crate::run::{DryRunSink, RunObserver, RunRequest, check_filter};
+use crate::run::{DryRunSink, RunObserver, RunRequest};
 use crate::scheduler::{Due, Scheduler};
 use crate::source::ConnectorFactory;
 
@@ -321,7 +321,7 @@ impl Service {
                     "`filter` limits a backfill: send it with \"full\": true".into(),
                 ));
             }
-            check_filter(filter).map_err(EngineError::Usage)?;
+            engine.check_backfill_filter(&config.model, filter).await?;
         }
         let observer = self.observer.clone();
         if options.dry_run {
@@ -477,6 +477,32 @@ pub fn dry_run_path(mapping: &str, run_id: &str) -> String {
     format!("dry-runs/{mapping}/{run_id}.jsonl")
 }
 
+/// A stream of bytes read from the snapshot store.
+pub type ByteStream = futures::stream::BoxStream<'static, std::result::Result<bytes::Bytes, std::io::Error>>;
+
+impl Service {
+    /// The requests a finished dry run computed, streamed from the snapshot store; `None` when
+    /// it left none.
+    pub async fn dry_run_requests(&self, run: &RunRecord) -> Result<Option<ByteStream>> {
+        use futures::StreamExt;
+        use object_store::ObjectStoreExt;
+        let engine = self.engine();
+        let path = engine.snapshots.path(&dry_run_path(&run.mapping, &run.id));
+        match engine.snapshots.object_store().get(&path).await {
+            Ok(result) => Ok(Some(
+                result
+                    .into_stream()
+                    .map(|chunk| chunk.map_err(std::io::Error::other))
+                    .boxed(),
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(EngineError::Internal(format!(
+                "cannot read the dry run's requests: {e}"
+            ))),
+        }
+    }
+}
+
 /// Runs a dry run recorded as a run, writes its requests to the snapshot store and records
 /// its outcome.
 async fn dry_run_recorded(engine: Arc<Engine>, run: RunRecord, observer: Arc<dyn RunObserver>) {
@@ -495,13 +521,20 @@ async fn dry_run_recorded(engine: Arc<Engine>, run: RunRecord, observer: Arc<dyn
         let sink = DryRunSink::new(Box::new(std::io::BufWriter::new(writer)));
         let done = engine.dry_run_as(run.clone(), &sink, observer.as_ref()).await?;
         drop(sink);
-        let bytes = tokio::fs::read(file.path())
+        // Streamed up (a backfill's dry run can be gigabytes).
+        let copy_error =
+            |e: std::io::Error| EngineError::Internal(format!("cannot store the dry run's requests: {e}"));
+        let mut local = tokio::fs::File::open(file.path()).await.map_err(copy_error)?;
+        let mut upload = object_store::buffered::BufWriter::new(
+            engine.snapshots.object_store(),
+            engine.snapshots.path(&dry_run_path(&mapping, &run_id)),
+        );
+        tokio::io::copy(&mut local, &mut upload)
             .await
-            .map_err(|e| EngineError::Internal(format!("cannot read {}: {e}", file.path().display())))?;
-        engine
-            .snapshots
-            .put(&dry_run_path(&mapping, &run_id), bytes.into())
-            .await?;
+            .map_err(copy_error)?;
+        tokio::io::AsyncWriteExt::shutdown(&mut upload)
+            .await
+            .map_err(copy_error)?;
         Ok::<_, EngineError>(done)
     }
     .await;

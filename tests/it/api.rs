@@ -144,13 +144,15 @@ async fn token(engine: &Engine, name: &str, scope: Scope) -> String {
     engine.metadata().create_token(name, scope).await.expect("token")
 }
 
+/// An error answer's message.
+fn message(body: &Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or("")
+}
+
 fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
     assert_eq!(status, expected, "{body}");
     assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(
-        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(!message(body).is_empty(), "{body}");
 }
 
 fn config(url: &str) -> String {
@@ -352,13 +354,7 @@ async fn what_the_file_defines_cannot_be_changed_through_the_api() {
         )
         .await;
     assert_error(status, &body, StatusCode::CONFLICT, "defined_in_file");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("sluice.yaml"),
-        "{body}"
-    );
+    assert!(message(&body).contains("sluice.yaml"), "{body}");
     let (status, body) = api
         .admin(Method::DELETE, "/api/v1/mappings/users_to_crm", None)
         .await;
@@ -437,13 +433,7 @@ async fn bad_requests_get_json_errors_that_say_what_is_wrong() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_definition",
     );
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("source `nope`"),
-        "{body}"
-    );
+    assert!(message(&body).contains("source `nope`"), "{body}");
     let (status, body) = api
         .admin(
             Method::POST,
@@ -457,10 +447,7 @@ async fn bad_requests_get_json_errors_that_say_what_is_wrong() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_definition",
     );
-    assert!(
-        body["error"]["message"].as_str().unwrap_or("").contains("feilds"),
-        "{body}"
-    );
+    assert!(message(&body).contains("feilds"), "{body}");
     // A connector option the connector does not know.
     let (status, body) = api
         .admin(
@@ -595,13 +582,7 @@ async fn secrets_cannot_be_stored_without_a_key() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_definition",
     );
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("SLUICE_SECRET_KEY"),
-        "{body}"
-    );
+    assert!(message(&body).contains("SLUICE_SECRET_KEY"), "{body}");
     // Without secrets, a definition needs no key.
     let (status, body) = api
         .admin(
@@ -889,15 +870,16 @@ async fn a_filtered_backfill_resends_matching_rows_and_a_dry_run_keeps_its_reque
     let resent: Vec<i64> = receiver.acks()[before..].iter().map(|a| a.id).collect();
     assert_eq!(resent, [1, 2, 3, 4, 5]);
     assert!(receiver.acks()[before..].iter().all(|a| a.op == "added"));
-    // A filter on a column the model does not have fails the run, saying so.
-    let bad = api
-        .run("users_to_crm", json!({"full": true, "filter": "nonexistent > 1"}))
+    // A filter on a column the model does not have is refused before the run starts.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/runs",
+            Some(json!({"full": true, "filter": "nonexistent > 1"})),
+        )
         .await;
-    assert_eq!(bad["status"], "failed", "{bad}");
-    assert!(
-        bad["error"].as_str().is_some_and(|e| e.contains("filter")),
-        "{bad}"
-    );
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    assert!(message(&body).contains("nonexistent"), "{body}");
 
     // A dry run computes the same requests and sends nothing.
     let before = receiver.acks().len();
@@ -1330,4 +1312,117 @@ async fn serve_drives_a_whole_sync_through_the_api() {
         .expect("serve stops on SIGTERM")
         .expect("wait");
     assert!(status.success(), "{status}");
+}
+
+/// A mapping made through the API with a schedule is taken up by the scheduler that is already
+/// running, without a restart.
+#[tokio::test]
+async fn a_schedule_made_through_the_api_is_taken_up_by_the_running_scheduler() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let scheduler = tokio::spawn(api.service.clone().run_schedules());
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings",
+            Some(json!({"name": "every_second", "definition": {
+                "model": "users", "destination": "crm", "schedule": {"cron": "* * * * * *"}
+            }})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mut scheduled = Value::Null;
+    for _ in 0..100 {
+        let (_, page) = api
+            .admin(
+                Method::GET,
+                "/api/v1/runs?mapping=every_second&status=succeeded",
+                None,
+            )
+            .await;
+        if let Some(run) = page["runs"].as_array().and_then(|r| r.first()) {
+            scheduled = run.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(scheduled["trigger"], "schedule", "no scheduled run: {scheduled}");
+    // Disabled through the API: the scheduler stops running it.
+    let (status, _) = api
+        .admin(
+            Method::PATCH,
+            "/api/v1/mappings/every_second",
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, before) = api
+        .admin(Method::GET, "/api/v1/runs?mapping=every_second", None)
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, after) = api
+        .admin(Method::GET, "/api/v1/runs?mapping=every_second", None)
+        .await;
+    assert_eq!(before["runs"], after["runs"], "a disabled mapping ran");
+    api.service.engine().shutdown().request();
+    tokio::time::timeout(Duration::from_secs(30), scheduler)
+        .await
+        .expect("the scheduler stops")
+        .expect("join")
+        .expect("scheduler");
+}
+
+/// A cancellation asked for through the API reaches a run of another process (`sluice run`)
+/// through the metadata store.
+#[tokio::test]
+async fn a_run_of_another_process_is_cancelled_through_the_metadata_store() {
+    let receiver = AckReceiver::start(Duration::from_millis(50)).await;
+    let config =
+        project_config(&receiver.url, 5, 5).replace("max_attempts: 3", "max_attempts: 3\n    concurrency: 1");
+    let api = Api::start(&config, 1000).await;
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "users_to_crm", "--config"])
+        .arg(api.project.config_path())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    let child = tokio::spawn(child);
+    let mut running = None;
+    for _ in 0..200 {
+        let (_, page) = api.admin(Method::GET, "/api/v1/runs?status=running", None).await;
+        if let Some(run) = page["runs"].as_array().and_then(|r| r.first()) {
+            running = run["id"].as_str().map(str::to_string);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let run_id = running.expect("the CLI's run shows as running");
+    while receiver.acks().len() < 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asked = std::time::Instant::now();
+    let (status, body) = api
+        .admin(Method::POST, &format!("/api/v1/runs/{run_id}/cancel"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let output = tokio::time::timeout(Duration::from_secs(30), child)
+        .await
+        .expect("the CLI stops")
+        .expect("join")
+        .expect("output");
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        crate::common::stderr(&output)
+    );
+    let run = api.finished(&run_id).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert!(run["counts"]["delivered"].as_u64().unwrap_or(0) < 1000, "{run}");
 }
