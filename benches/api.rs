@@ -7,7 +7,9 @@
 //! - **history queries**: `POST /api/v1/query` over `snapshots` snapshots of `rows` rows, the
 //!   time to the first byte of the body and to its end.
 //!
-//! `cargo bench --bench api -- [rows] [snapshots] [seconds]` (defaults 1,000,000, 10 and 10).
+//! `cargo bench --bench api -- [rows] [snapshots] [seconds] [rounds] [only]` (defaults
+//! 1,000,000, 10, 10 and 3; `only`: run just the endpoints whose name contains it, and no
+//! history queries). The endpoints take turns, round after round, and the medians are printed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,13 +48,30 @@ mappings:
     fields: { email: email, "traits.plan": plan }
 "#;
 
-/// wrk's figures for one endpoint.
+/// wrk's figures for one endpoint (latencies in ms).
 struct Load {
-    p50: String,
-    p90: String,
-    p99: String,
-    requests_per_s: String,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    requests_per_s: f64,
     errors: String,
+}
+
+/// wrk's latency (`812.00us`, `4.31ms`, `1.02s`) in milliseconds.
+fn millis(text: &str) -> f64 {
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len()));
+    let value: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => value / 1000.0,
+        "ms" => value,
+        "s" => value * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn wrk(url: &str, token: Option<&str>, seconds: u64) -> Option<Load> {
@@ -67,15 +86,14 @@ fn wrk(url: &str, token: Option<&str>, seconds: u64) -> Option<Load> {
         text.lines()
             .find(|l| l.trim_start().starts_with(p))
             .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap_or("?")
-            .to_string()
+            .map_or(f64::NAN, millis)
     };
     let requests_per_s = text
         .lines()
         .find(|l| l.starts_with("Requests/sec:"))
         .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("?")
-        .to_string();
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
     let errors = text
         .lines()
         .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
@@ -99,6 +117,8 @@ fn main() {
     let rows = args.first().copied().unwrap_or(1_000_000) as i64;
     let snapshots = args.get(1).copied().unwrap_or(10) as i64;
     let seconds = args.get(2).copied().unwrap_or(10);
+    let rounds = args.get(3).copied().unwrap_or(3).max(1);
+    let only: Option<String> = std::env::args().skip(1).nth(4);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -153,11 +173,6 @@ fn main() {
         (base, token, last)
     });
 
-    println!(
-        "\ncontrol plane: wrk -t2 -c200 -d{seconds}s --latency, {SEEDED_RUNS} runs in the metadata store"
-    );
-    println!("| endpoint | p50 | p90 | p99 | requests/s | errors |");
-    println!("|---|---:|---:|---:|---:|---|");
     let endpoints = [
         (
             "GET /healthz (floor: no token, no store)",
@@ -182,23 +197,57 @@ fn main() {
         ),
         ("GET /api/v1/runs/{id}", format!("/api/v1/runs/{run_id}"), true),
     ];
-    for (name, path, authed) in endpoints {
-        match wrk(
-            &format!("{base}{path}"),
-            authed.then_some(token.as_str()),
-            seconds,
-        ) {
-            Some(load) => println!(
-                "| {name} | {} | {} | {} | {} | {} |",
-                load.p50, load.p90, load.p99, load.requests_per_s, load.errors
-            ),
-            None => {
+    let endpoints: Vec<_> = endpoints
+        .into_iter()
+        .filter(|(name, _, _)| only.as_ref().is_none_or(|o| name.contains(o.as_str())))
+        .collect();
+    println!(
+        "\ncontrol plane: wrk -t2 -c200 -d{seconds}s --latency, {SEEDED_RUNS} runs in the metadata store, {rounds} rounds"
+    );
+    let mut results: Vec<Vec<Load>> = endpoints.iter().map(|_| Vec::new()).collect();
+    'rounds: for round in 1..=rounds {
+        for (i, (name, path, authed)) in endpoints.iter().enumerate() {
+            let Some(load) = wrk(
+                &format!("{base}{path}"),
+                authed.then_some(token.as_str()),
+                seconds,
+            ) else {
                 println!("(wrk is not installed: `apt-get install wrk`; control-plane figures skipped)");
-                break;
-            }
+                break 'rounds;
+            };
+            println!(
+                "round {round}: {name}: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, {:.0} requests/s, errors: {}",
+                load.p50, load.p90, load.p99, load.requests_per_s, load.errors
+            );
+            results[i].push(load);
         }
     }
+    println!(
+        "\n| endpoint (medians of {rounds} rounds) | p50 ms | p90 ms | p99 ms | requests/s | p50 / floor |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let floor = median(
+        results
+            .first()
+            .map_or(Vec::new(), |r| r.iter().map(|l| l.p50).collect()),
+    );
+    for ((name, _, _), loads) in endpoints.iter().zip(&results) {
+        if loads.is_empty() {
+            continue;
+        }
+        let p50 = median(loads.iter().map(|l| l.p50).collect());
+        println!(
+            "| {name} | {p50:.2} | {:.2} | {:.2} | {:.0} | {:.2}x |",
+            median(loads.iter().map(|l| l.p90).collect()),
+            median(loads.iter().map(|l| l.p99).collect()),
+            median(loads.iter().map(|l| l.requests_per_s).collect()),
+            p50 / floor
+        );
+    }
 
+    if only.is_some() {
+        return;
+    }
     println!("\nhistory queries through POST /api/v1/query (JSON lines), 3 repetitions");
     let client = reqwest::Client::new();
     let queries = [

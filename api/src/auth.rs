@@ -31,7 +31,7 @@ const RELOAD_ALWAYS: Duration = Duration::from_secs(10);
 
 /// The tokens the API accepts, by SHA-256.
 pub struct Authenticator {
-    from_file: HashMap<String, Caller>,
+    from_file: HashMap<String, Arc<Caller>>,
     stored: tokio::sync::RwLock<Stored>,
     /// One reload at a time; requests arriving meanwhile use its result.
     reloading: tokio::sync::Mutex<()>,
@@ -39,7 +39,7 @@ pub struct Authenticator {
 
 struct Stored {
     loaded: Option<Instant>,
-    callers: HashMap<String, Caller>,
+    callers: HashMap<String, Arc<Caller>>,
 }
 
 impl Authenticator {
@@ -50,10 +50,10 @@ impl Authenticator {
             .map(|t| {
                 (
                     tokens::hash(t.token.expose()),
-                    Caller {
+                    Arc::new(Caller {
                         token_name: t.name.clone(),
                         scope: t.scope,
-                    },
+                    }),
                 )
             })
             .collect();
@@ -93,10 +93,10 @@ impl Authenticator {
                     .map(|t| {
                         (
                             t.hash,
-                            Caller {
+                            Arc::new(Caller {
                                 token_name: t.name,
                                 scope: t.scope,
-                            },
+                            }),
                         )
                     })
                     .collect();
@@ -110,7 +110,7 @@ impl Authenticator {
     }
 
     /// The caller a token belongs to.
-    pub async fn caller(&self, state: &AppState, token: &str) -> Option<Caller> {
+    pub async fn caller(&self, state: &AppState, token: &str) -> Option<Arc<Caller>> {
         let hash = tokens::hash(token);
         if let Some(caller) = self.from_file.get(&hash) {
             return Some(caller.clone());
@@ -178,7 +178,7 @@ pub async fn require_token(State(state): State<AppState>, mut request: Request, 
         )
         .into_response();
     }
-    request.extensions_mut().insert(Arc::new(caller));
+    request.extensions_mut().insert(caller);
     next.run(request).await
 }
 

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use axum::Extension;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
@@ -15,6 +15,7 @@ use utoipa::openapi::{RefOr, schema::Schema};
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use crate::AppState;
+use crate::cache::{FOR_OTHERS, to_json};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, optional_body};
 use crate::views::{Column, Definition, DefinitionPage, Preview, TestResult};
@@ -86,14 +87,26 @@ fn page(
     })
 }
 
-async fn list(state: &AppState, kind: Kind, params: &ListParams) -> ApiResult<axum::Json<DefinitionPage>> {
-    state.service.current().await?;
-    Ok(axum::Json(page(state.service.definitions(kind), params)?))
+async fn list(state: &AppState, uri: &Uri, kind: Kind, params: &ListParams) -> ApiResult<Response> {
+    let generation = state.service.generation();
+    state
+        .cache
+        .json(&uri.to_string(), generation, FOR_OTHERS, || async {
+            state.service.current().await?;
+            to_json(&page(state.service.definitions(kind), params)?)
+        })
+        .await
 }
 
-async fn get_one(state: &AppState, kind: Kind, name: &str) -> ApiResult<axum::Json<Definition>> {
-    state.service.current().await?;
-    Ok(axum::Json(state.service.definition(kind, name)?.into()))
+async fn get_one(state: &AppState, uri: &Uri, kind: Kind, name: &str) -> ApiResult<Response> {
+    let generation = state.service.generation();
+    state
+        .cache
+        .json(&uri.to_string(), generation, FOR_OTHERS, || async {
+            state.service.current().await?;
+            to_json(&Definition::from(state.service.definition(kind, name)?))
+        })
+        .await
 }
 
 async fn create(
@@ -164,9 +177,10 @@ macro_rules! collection {
             responses((status = 200, description = "One page", body = DefinitionPage)))]
         pub async fn $list(
             State(state): State<AppState>,
+            uri: Uri,
             ApiQuery(params): ApiQuery<ListParams>,
-        ) -> ApiResult<axum::Json<DefinitionPage>> {
-            list(&state, $kind, &params).await
+        ) -> ApiResult<Response> {
+            list(&state, &uri, $kind, &params).await
         }
 
         #[doc = concat!("One ", $tag, ".")]
@@ -175,9 +189,10 @@ macro_rules! collection {
             responses((status = 200, description = "The definition", body = Definition)))]
         pub async fn $get(
             State(state): State<AppState>,
+            uri: Uri,
             ApiPath(name): ApiPath<String>,
-        ) -> ApiResult<axum::Json<Definition>> {
-            get_one(&state, $kind, &name).await
+        ) -> ApiResult<Response> {
+            get_one(&state, &uri, $kind, &name).await
         }
 
         #[doc = concat!("Creates a ", $tag, "; it persists in the metadata store. Secrets are sealed at rest and never returned.")]

@@ -18,6 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub mod auth;
+mod cache;
 mod definitions;
 pub mod error;
 mod extract;
@@ -37,6 +38,7 @@ pub struct AppState {
     pub service: Arc<Service>,
     pub auth: Arc<auth::Authenticator>,
     openapi: Arc<OnceLock<OpenApiDocument>>,
+    cache: Arc<cache::ReadCache>,
 }
 
 #[derive(OpenApi)]
@@ -131,6 +133,7 @@ pub fn app(service: Arc<Service>) -> (Router, AppState) {
         service,
         auth,
         openapi: Arc::new(OnceLock::new()),
+        cache: Default::default(),
     };
     let protected = protected_routes().layer(axum::middleware::from_fn_with_state(
         state.clone(),

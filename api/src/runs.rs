@@ -4,7 +4,7 @@
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -14,6 +14,7 @@ use sluice_engine::service::TriggerOptions;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
+use crate::cache::{FOR_OTHERS, to_json};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery, optional_body};
 use crate::views::{Failure, FailurePage, Run, RunPage, RunStatusView};
@@ -115,33 +116,38 @@ fn parse_run_cursor(cursor: &str) -> ApiResult<(chrono::DateTime<chrono::Utc>, S
     responses((status = 200, description = "One page", body = RunPage)))]
 pub async fn list_runs(
     State(state): State<AppState>,
+    uri: Uri,
     ApiQuery(params): ApiQuery<RunParams>,
-) -> ApiResult<axum::Json<RunPage>> {
+) -> ApiResult<Response> {
     let limit = params.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::bad_request(format!("`limit` is 1 to {MAX_PAGE}")));
     }
     let after = params.cursor.as_deref().map(parse_run_cursor).transpose()?;
     let engine = state.service.engine();
-    let mut runs = engine
-        .metadata()
-        .runs_page(&RunQuery {
-            mapping: params.mapping,
-            status: params.status.map(Into::into),
-            after,
-            limit: limit + 1,
-        })
-        .await?;
-    let next_cursor = if runs.len() > limit as usize {
-        runs.truncate(limit as usize);
-        runs.last().map(run_cursor)
-    } else {
-        None
+    let metadata = engine.metadata();
+    let query = RunQuery {
+        mapping: params.mapping,
+        status: params.status.map(Into::into),
+        after,
+        limit: limit + 1,
     };
-    Ok(axum::Json(RunPage {
-        runs: runs.iter().map(Run::from).collect(),
-        next_cursor,
-    }))
+    state
+        .cache
+        .json(&uri.to_string(), metadata.run_writes(), FOR_OTHERS, || async {
+            let mut runs = metadata.runs_page(&query).await?;
+            let next_cursor = if runs.len() > limit as usize {
+                runs.truncate(limit as usize);
+                runs.last().map(run_cursor)
+            } else {
+                None
+            };
+            to_json(&RunPage {
+                runs: runs.iter().map(Run::from).collect(),
+                next_cursor,
+            })
+        })
+        .await
 }
 
 async fn find_run(state: &AppState, id: &str) -> ApiResult<sluice_engine::metadata::RunRecord> {
@@ -158,9 +164,16 @@ async fn find_run(state: &AppState, id: &str) -> ApiResult<sluice_engine::metada
     responses((status = 200, description = "The run", body = Run)))]
 pub async fn get_run(
     State(state): State<AppState>,
+    uri: Uri,
     ApiPath(id): ApiPath<String>,
-) -> ApiResult<axum::Json<Run>> {
-    Ok(axum::Json(Run::from(&find_run(&state, &id).await?)))
+) -> ApiResult<Response> {
+    let writes = state.service.engine().metadata().run_writes();
+    state
+        .cache
+        .json(&uri.to_string(), writes, FOR_OTHERS, || async {
+            to_json(&Run::from(&find_run(&state, &id).await?))
+        })
+        .await
 }
 
 /// Asks a running run to stop at its next commit point; what it delivered is kept, and the

@@ -318,6 +318,9 @@ pub struct MetadataStore {
     pool: AnyPool,
     location: String,
     backend: Backend,
+    /// Bumped after every write to runs and their failed records made through this store (its
+    /// clones included), so readers can tell that what they read before may have changed.
+    writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Which database holds the metadata.
@@ -417,6 +420,7 @@ impl MetadataStore {
             pool,
             location,
             backend: Backend::Sqlite,
+            writes: Default::default(),
         };
         store.mark_dead_runs_interrupted().await?;
         Ok(store)
@@ -440,9 +444,20 @@ impl MetadataStore {
             pool,
             location,
             backend: Backend::Postgres,
+            writes: Default::default(),
         };
         store.mark_dead_runs_interrupted().await?;
         Ok(store)
+    }
+
+    /// How many writes to runs this process has made: a reader that cached what it read can
+    /// keep it while this has not moved (writes of other processes it cannot see).
+    pub fn run_writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Which database this is.
@@ -634,7 +649,9 @@ impl MetadataStore {
     pub async fn update_run(&self, run: &RunRecord) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(self.err())?;
         update_run(self.backend, &mut tx, run).await.map_err(self.err())?;
-        tx.commit().await.map_err(self.err())
+        tx.commit().await.map_err(self.err())?;
+        self.wrote();
+        Ok(())
     }
 
     /// Records the start of a run.
@@ -660,6 +677,7 @@ impl MetadataStore {
         .execute(&self.pool)
         .await
         .map_err(self.err())?;
+        self.wrote();
         Ok(())
     }
 
@@ -669,7 +687,9 @@ impl MetadataStore {
         insert_failures(self.backend, &mut tx, run_id, failures)
             .await
             .map_err(self.err())?;
-        tx.commit().await.map_err(self.err())
+        tx.commit().await.map_err(self.err())?;
+        self.wrote();
+        Ok(())
     }
 
     /// A commit point inside a run, in one transaction: the checkpoint file (already written)
@@ -701,7 +721,9 @@ impl MetadataStore {
             .await
             .map_err(self.err())?;
         update_run(self.backend, &mut tx, run).await.map_err(self.err())?;
-        tx.commit().await.map_err(self.err())
+        tx.commit().await.map_err(self.err())?;
+        self.wrote();
+        Ok(())
     }
 
     /// Inside a transaction, renews `run`'s lease on its mapping, or fails with
@@ -791,7 +813,9 @@ impl MetadataStore {
             .execute(&mut *tx)
             .await
             .map_err(self.err())?;
-        tx.commit().await.map_err(self.err())
+        tx.commit().await.map_err(self.err())?;
+        self.wrote();
+        Ok(())
     }
 
     /// Records a run's outcome and, when `state` is given, moves the mapping's baseline, in one
@@ -818,6 +842,7 @@ impl MetadataStore {
         }
         update_run(self.backend, &mut tx, run).await.map_err(self.err())?;
         tx.commit().await.map_err(self.err())?;
+        self.wrote();
         Ok(())
     }
 
@@ -929,6 +954,7 @@ impl MetadataStore {
                 .await
                 .map_err(self.err())?
                 .rows_affected();
+        self.wrote();
         Ok(marked == 1)
     }
 

@@ -63,6 +63,8 @@ pub struct Service {
     last_refresh: Mutex<Instant>,
     /// Runs started through the API, so a shutdown can wait for them.
     tasks: Mutex<tokio::task::JoinSet<()>>,
+    /// Bumped at every new engine: what was read from the old one may have changed.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Service {
@@ -79,7 +81,13 @@ impl Service {
             changed: tokio::sync::Notify::new(),
             last_refresh: Mutex::new(Instant::now()),
             tasks: Mutex::new(tokio::task::JoinSet::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Bumped every time the definitions change (the engine is built anew).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The engine of the moment.
@@ -107,6 +115,7 @@ impl Service {
     fn swap(&self, engine: Engine) -> Arc<Engine> {
         let engine = Arc::new(engine);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = engine.clone();
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.changed.notify_waiters();
         engine
     }

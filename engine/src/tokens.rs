@@ -84,8 +84,15 @@ pub struct TokenInfo {
 
 /// Hex SHA-256 of a token.
 pub fn hash(token: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    // (Checked on every API request: no formatting machinery.)
+    let mut out = String::with_capacity(64);
+    for byte in digest.as_ref() {
+        out.push(HEX[(byte >> 4) as usize] as char);
+        out.push(HEX[(byte & 0xf) as usize] as char);
+    }
+    out
 }
 
 /// A new random token: `sluice_` and 32 random bytes, base64url.
@@ -172,6 +179,14 @@ mod tests {
         assert!(store.revoke_token("ci").await.unwrap());
         assert!(!store.revoke_token("ci").await.unwrap());
         assert!(store.tokens().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn hashes_are_hex_sha256() {
+        assert_eq!(
+            hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

@@ -124,3 +124,57 @@ async fn a_postgres_metadata_store_keeps_history_leases_and_recovers_killed_runs
     assert!(history.contains("interrupted"), "{history}");
     assert!(history.contains("skipped"), "{history}");
 }
+
+/// The API's catalog, tokens and cancellations on the Postgres store: a definition made by one
+/// process is seen by another, and a version bump tells it so.
+#[tokio::test]
+async fn the_api_catalog_lives_in_a_postgres_metadata_store_too() {
+    use sluice_engine::catalog::Kind;
+    use sluice_engine::metadata::MetadataStore;
+    use sluice_engine::tokens::Scope;
+    let Some(url) = fresh_database("sluice_catalog_it").await else {
+        return;
+    };
+    let one = MetadataStore::open_postgres(&url).await.expect("store");
+    let two = MetadataStore::open_postgres(&url).await.expect("second process");
+    let spec = serde_json::json!({"type": "webhook", "url": "http://127.0.0.1:1/x"});
+    one.put_definition(Kind::Destination, "hook", &spec)
+        .await
+        .expect("put");
+    one.set_mapping_switch("m", false).await.expect("switch");
+    let seen = two.catalog().await.expect("catalog");
+    assert_eq!(seen.version, 2);
+    assert_eq!(seen.get(Kind::Destination, "hook").map(|d| &d.spec), Some(&spec));
+    assert_eq!(seen.switches.get("m"), Some(&false));
+    assert!(
+        two.delete_definition(Kind::Destination, "hook")
+            .await
+            .expect("delete")
+    );
+    assert_eq!(one.catalog_version().await.expect("version"), 3);
+
+    let token = one.create_token("ci", Scope::Admin).await.expect("token");
+    let tokens = two.tokens().await.expect("tokens");
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].hash, sluice_engine::tokens::hash(&token));
+
+    let run = sluice_engine::metadata::RunRecord::starting("m", "users", "hook", false);
+    one.start_run(&run).await.expect("start");
+    assert!(two.request_cancel(&run.id).await.expect("cancel"));
+    let asked = one
+        .cancel_requests(std::slice::from_ref(&run.id))
+        .await
+        .expect("requests");
+    assert_eq!(asked, std::slice::from_ref(&run.id));
+    let page = two
+        .runs_page(&sluice_engine::metadata::RunQuery {
+            mapping: Some("m".into()),
+            status: Some(sluice_engine::metadata::RunStatus::Running),
+            after: None,
+            limit: 10,
+        })
+        .await
+        .expect("page");
+    assert_eq!(page.len(), 1);
+    assert!(page[0].cancel_requested);
+}
