@@ -51,10 +51,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Some("diff") => {
             let dir = absolute(PathBuf::from(flag("--dir").ok_or("--dir is required")?))?;
-            runtime.block_on(diff(&dir))
+            let ballista = flag("--engine").as_deref() == Some("ballista");
+            runtime.block_on(diff(&dir, ballista))
         }
         _ => {
-            eprintln!("usage: diff generate --rows N --dir DIR | diff diff --dir DIR/N");
+            eprintln!(
+                "usage: diff generate --rows N --dir DIR | diff diff --dir DIR/N [--engine local|ballista]"
+            );
             Ok(())
         }
     }
@@ -244,7 +247,9 @@ async fn generate(dir: &Path, rows: u64, buckets: Option<u32>) -> Result<(), Box
     Ok(())
 }
 
-async fn diff(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+/// Diffs the pair under `dir`; with `ballista`, on a standalone Ballista cluster in this process
+/// (started before the clock starts).
+async fn diff(dir: &Path, ballista: bool) -> Result<(), Box<dyn std::error::Error>> {
     let pair: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("pair.json"))?)?;
     let store = SnapshotStore::open(&dir.display().to_string(), Path::new("/"), [])?;
     let started = Instant::now();
@@ -258,7 +263,21 @@ async fn diff(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         snapshot: Some(Arc::new(old)),
         exceptions: None,
     };
-    let differ = Differ::new(store, Arc::new(new), Some(baseline)).await?;
+    let mut differ = Differ::new(store.clone(), Arc::new(new), Some(baseline)).await?;
+    if ballista {
+        let cluster_started = Instant::now();
+        let config = sluice_engine::config::DiffConfig {
+            engine: sluice_engine::config::DiffEngineKind::Ballista,
+            ..Default::default()
+        };
+        differ = differ.on_cluster(sluice_engine::ballista::session(&config, &store).await?);
+        eprintln!(
+            "standalone Ballista started in {:.2} s",
+            cluster_started.elapsed().as_secs_f64()
+        );
+    }
+    // (The cluster's start is not part of the diff.)
+    let started = if ballista { Instant::now() } else { started };
     let parallelism = sluice_engine::diff::parallelism();
     let mut counts = ChangeCounts::default();
     let mut changed_rows_held = 0usize;
@@ -277,7 +296,7 @@ async fn diff(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{}",
         serde_json::json!({
-            "engine": "sluice",
+            "engine": if ballista { "sluice-ballista" } else { "sluice" },
             "buckets": differ.buckets(),
             "added": counts.added,
             "updated": counts.updated,

@@ -70,6 +70,44 @@ async fn main() {
         )
         .await;
         let scan = first_row_and_total(&ctx, "SELECT * FROM users_history").await;
+        // The same lookups with the key's bloom filters ignored: what they buy.
+        let mut config = sluice_engine::datafusion::prelude::SessionConfig::new();
+        config.options_mut().execution.parquet.bloom_filter_on_read = false;
+        let without_bloom = SessionContext::new_with_config(config);
+        register_history(&without_bloom, &store, "users")
+            .await
+            .expect("register");
+        let keys =
+            "SELECT id, plan, _run_id FROM users_history WHERE id IN (17, 4242, 99991, 123457, 654321)";
+        let one = "SELECT id, plan, _run_id FROM users_history WHERE id = 777777";
+        // Both contexts have run queries over the same files; alternate which goes first.
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for round in 0..6 {
+            for (first_with, sql) in [(round % 2 == 0, one), (round % 2 == 1, keys)] {
+                let order = if first_with {
+                    [&ctx, &without_bloom]
+                } else {
+                    [&without_bloom, &ctx]
+                };
+                let a = first_row_and_total(order[0], sql).await.1;
+                let b = first_row_and_total(order[1], sql).await.1;
+                let (w, o) = if first_with { (a, b) } else { (b, a) };
+                with.push((sql == one, w));
+                without.push((sql == one, o));
+            }
+        }
+        let median = |v: &[(bool, f64)], single: bool| {
+            let mut x: Vec<f64> = v.iter().filter(|(s, _)| *s == single).map(|(_, t)| *t).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        println!(
+            "point lookups, median of 6, with the key's bloom filters / without: one key {:.4} / {:.4} s, five keys {:.4} / {:.4} s",
+            median(&with, true),
+            median(&without, true),
+            median(&with, false),
+            median(&without, false)
+        );
         println!(
             "register {:.3} s | one key's history: first row {:.3} s, all {:.3} s ({} rows) | changed between two runs: first row {:.3} s, all {:.3} s ({} rows) | full scan: first row {:.3} s, all {:.3} s ({} rows)",
             register,

@@ -115,8 +115,8 @@ pub fn print_run(run: &RunRecord, failures: &[FailureRow]) {
     row(
         "stages",
         format!(
-            "extract {} ms, diff {} ms, deliver {} ms",
-            t.extract_ms, t.diff_ms, t.deliver_ms
+            "extract {} ms, diff {} ms, read rows {} ms, render {} ms, deliver {} ms, checkpoints {} ms",
+            t.extract_ms, t.diff_ms, t.read_ms, t.render_ms, t.deliver_ms, t.checkpoint_ms
         ),
     );
     if let Some(change) = &run.schema_change {

@@ -48,6 +48,36 @@ pub struct ProjectConfig {
     /// The HTTP API of `sluice serve`: its tokens.
     #[serde(default)]
     pub api: crate::tokens::ApiConfig,
+    /// Where the diff runs: in this process (default) or on a Ballista cluster.
+    #[serde(default)]
+    pub diff: DiffConfig,
+}
+
+/// `diff:` — which engine executes the diff of each bucket.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiffConfig {
+    #[serde(default)]
+    pub engine: DiffEngineKind,
+    /// A Ballista scheduler (`df://host:50050`); with `engine: ballista` and no scheduler, an
+    /// in-process scheduler and executor (standalone mode).
+    #[serde(default)]
+    pub scheduler: Option<ConfigString>,
+    /// Partitions a bucket's join is split into on the cluster (default: 2 per executor core of
+    /// the standalone executor, or 16 on a remote cluster).
+    #[serde(default)]
+    pub partitions: Option<usize>,
+}
+
+/// The engine a diff runs on.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiffEngineKind {
+    /// DataFusion in this process: a streaming sort-merge join per bucket.
+    #[default]
+    Local,
+    /// The same diff submitted to a Ballista scheduler, executed by its executors.
+    Ballista,
 }
 
 fn default_state_dir() -> String {
@@ -876,6 +906,24 @@ mappings:
         let fields = mapping.fields.as_ref().unwrap();
         assert_eq!(fields.keys().collect::<Vec<_>>(), ["email", "traits.plan"]);
         assert_eq!(project.state_dir(), Path::new("/srv/app/.sluice"));
+    }
+
+    #[test]
+    fn the_diff_engine_defaults_to_local_and_names_a_ballista_scheduler() {
+        let project = parse(EXAMPLE).unwrap();
+        assert_eq!(project.config.diff.engine, DiffEngineKind::Local);
+        let text = format!(
+            "{EXAMPLE}diff: {{ engine: ballista, scheduler: \"df://sched:50050\", partitions: 8 }}\n"
+        );
+        let diff = parse(&text).unwrap().config.diff;
+        assert_eq!(diff.engine, DiffEngineKind::Ballista);
+        assert_eq!(
+            diff.scheduler.map(|s| s.expose().to_string()).as_deref(),
+            Some("df://sched:50050")
+        );
+        assert_eq!(diff.partitions, Some(8));
+        let err = parse(&format!("{EXAMPLE}diff: {{ engine: spark }}\n")).unwrap_err();
+        assert!(err.to_string().contains("unknown variant `spark`"), "{err}");
     }
 
     #[test]

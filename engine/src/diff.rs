@@ -142,6 +142,9 @@ pub struct Differ {
     /// A filtered backfill's predicate: new rows matching it are changes (added) whatever the
     /// baseline holds.
     resend: Option<Expr>,
+    /// A Ballista session: each bucket's diff is submitted to its scheduler as a logical plan
+    /// instead of running here.
+    cluster: Option<SessionContext>,
 }
 
 impl Differ {
@@ -181,7 +184,21 @@ impl Differ {
             new_schema: schema,
             base_schema,
             resend: None,
+            cluster: None,
         })
+    }
+
+    /// This diff executed on a Ballista cluster (`ctx` from [`crate::ballista::session`]): the
+    /// same join and classification, as a logical plan the scheduler distributes. Full rows for
+    /// the changes are still read here.
+    pub fn on_cluster(mut self, ctx: SessionContext) -> Self {
+        self.cluster = Some(ctx);
+        self
+    }
+
+    /// Whether the diff runs on a Ballista cluster.
+    pub fn distributed(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// This diff with every new row matching `filter` (a SQL predicate over the model's
@@ -223,84 +240,63 @@ impl Differ {
 
     /// Change rows of one bucket. With no baseline every row of the new snapshot is added.
     pub async fn changes(&self, bucket: u32) -> Result<Vec<RecordBatch>> {
+        if let Some(cluster) = &self.cluster {
+            return self.changes_frame(cluster, bucket).await?.collect().await;
+        }
         let plan = self.changes_plan(bucket).await?;
         datafusion::physical_plan::collect(plan, self.ctx.task_ctx()).await
     }
 
-    /// The physical plan of one bucket's diff: a full outer sort-merge join on the key of the
-    /// new snapshot's bucket and the effective baseline's, both read sorted from their files,
-    /// then the rows whose hashes differ, classified.
-    pub async fn changes_plan(&self, bucket: u32) -> Result<Arc<dyn ExecutionPlan>> {
+    /// The new snapshot's side of one bucket: key columns, `__new_hash` and, for a filtered
+    /// backfill against a baseline, `__resend`.
+    async fn new_side(&self, ctx: &SessionContext, bucket: u32) -> Result<DataFrame> {
         let keys = &self.key_columns;
         let resend = self.baseline.as_ref().and(self.resend.as_ref());
         let mut new_columns = vec![(NEW_HASH, DataType::UInt64)];
         if resend.is_some() {
             new_columns.push((RESEND, DataType::Boolean));
         }
-        let new = self
-            .sorted_side(
-                self.new_files(bucket),
-                &self.new_schema,
-                |_| {
-                    let mut select: Vec<Expr> = keys.iter().map(ident).collect();
-                    select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
-                    if let Some(resend) = resend {
-                        select.push(resend.clone().is_true().alias(RESEND));
-                    }
-                    select
-                },
-                &new_columns,
-                false,
-            )
-            .await?;
-        let Some(baseline) = &self.baseline else {
-            let mut select: Vec<Expr> = keys.iter().map(ident).collect();
-            select.push(lit(Op::Added as u8).alias(OP));
-            select.push(ident(NEW_HASH));
-            select.push(lit(ScalarValue::UInt64(None)).alias(BASE_HASH));
-            select.push(lit(ScalarValue::Utf8(None)).alias(BASE_SNAPSHOT));
-            select.push(lit(0i64).alias(ATTEMPTS));
-            select.push(null_failed_at().alias(FIRST_FAILED_AT));
-            return new.select(select)?.create_physical_plan().await;
-        };
-        let base = self.baseline_side(baseline, bucket).await?;
+        self.sorted_side(
+            ctx,
+            self.new_files(bucket),
+            &self.new_schema,
+            |_| {
+                let mut select: Vec<Expr> = keys.iter().map(ident).collect();
+                select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
+                if let Some(resend) = resend {
+                    select.push(resend.clone().is_true().alias(RESEND));
+                }
+                select
+            },
+            &new_columns,
+            false,
+        )
+        .await
+    }
+
+    /// Every row of the new side as added (no baseline).
+    fn all_added_changes(&self, new: DataFrame) -> Result<DataFrame> {
+        let mut select: Vec<Expr> = self.key_columns.iter().map(ident).collect();
+        select.push(lit(Op::Added as u8).alias(OP));
+        select.push(ident(NEW_HASH));
+        select.push(lit(ScalarValue::UInt64(None)).alias(BASE_HASH));
+        select.push(lit(ScalarValue::Utf8(None)).alias(BASE_SNAPSHOT));
+        select.push(lit(0i64).alias(ATTEMPTS));
+        select.push(null_failed_at().alias(FIRST_FAILED_AT));
+        new.select(select)
+    }
+
+    /// Over the joined rows: the condition for a change, and the change columns (expression,
+    /// name). The same expressions serve the local physical plan and the logical plan sent to
+    /// a cluster.
+    fn classification(&self, baseline: &Baseline) -> Result<(Expr, Vec<(Expr, String)>)> {
+        let keys = &self.key_columns;
+        let resend = self.resend.as_ref();
         let with_extras = baseline.exceptions.is_some();
-
-        let new_plan = new.create_physical_plan().await?;
-        let base_plan = base.create_physical_plan().await?;
-        let on: Vec<(Arc<dyn PhysicalExpr>, Arc<dyn PhysicalExpr>)> = (0..keys.len())
-            .map(|i| {
-                let left: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&keys[i], i));
-                let right: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&base_key(i), i));
-                (left, right)
-            })
-            .collect();
-        let ascending = SortOptions {
-            descending: false,
-            nulls_first: false,
-        };
-        let joined: Arc<dyn ExecutionPlan> = {
-            Arc::new(SortMergeJoinExec::try_new(
-                new_plan,
-                base_plan,
-                on,
-                None,
-                JoinType::Full,
-                vec![ascending; keys.len()],
-                NullEquality::NullEqualsNothing,
-            )?)
-        };
-
-        // Classify, with the same expressions a SQL query would use, planned against the join's
-        // output.
-        let schema = DFSchema::try_from(joined.schema().as_ref().clone())?;
-        let physical = |expr: Expr| self.ctx.create_physical_expr(expr, &schema);
         let mut changed = binary_expr(ident(NEW_HASH), Operator::IsDistinctFrom, ident(BASE_HASH));
         if resend.is_some() {
             changed = changed.or(ident(RESEND).is_true());
         }
-        let changed = physical(changed)?;
-        let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(changed, joined)?);
         // A record whose add was in flight when a run stopped may or may not be at the
         // destination: it is added again while the model has it, and deleted once it does not.
         // (A filtered backfill's matching rows go as added, whatever the baseline has.)
@@ -336,6 +332,74 @@ impl Differ {
             select.push((lit(0i64), ATTEMPTS.into()));
             select.push((null_failed_at(), FIRST_FAILED_AT.into()));
         }
+        Ok((changed, select))
+    }
+
+    /// One bucket's diff as a logical plan in `ctx` (a full outer join the context's planner
+    /// picks the algorithm for): what a Ballista scheduler receives.
+    pub async fn changes_frame(&self, ctx: &SessionContext, bucket: u32) -> Result<DataFrame> {
+        let new = self.new_side(ctx, bucket).await?;
+        let Some(baseline) = &self.baseline else {
+            return self.all_added_changes(new);
+        };
+        let base = self.baseline_side(ctx, baseline, bucket).await?;
+        let left: Vec<String> = self.key_columns.clone();
+        let right: Vec<String> = (0..left.len()).map(base_key).collect();
+        let left: Vec<&str> = left.iter().map(String::as_str).collect();
+        let right: Vec<&str> = right.iter().map(String::as_str).collect();
+        let (changed, select) = self.classification(baseline)?;
+        new.join(base, JoinType::Full, &left, &right, None)?
+            .filter(changed)?
+            .select(
+                select
+                    .into_iter()
+                    .map(|(e, name)| e.alias(name))
+                    .collect::<Vec<_>>(),
+            )
+    }
+
+    /// The physical plan of one bucket's diff: a full outer sort-merge join on the key of the
+    /// new snapshot's bucket and the effective baseline's, both read sorted from their files,
+    /// then the rows whose hashes differ, classified.
+    pub async fn changes_plan(&self, bucket: u32) -> Result<Arc<dyn ExecutionPlan>> {
+        let keys = &self.key_columns;
+        let new = self.new_side(&self.ctx, bucket).await?;
+        let Some(baseline) = &self.baseline else {
+            return self.all_added_changes(new)?.create_physical_plan().await;
+        };
+        let base = self.baseline_side(&self.ctx, baseline, bucket).await?;
+
+        let new_plan = new.create_physical_plan().await?;
+        let base_plan = base.create_physical_plan().await?;
+        let on: Vec<(Arc<dyn PhysicalExpr>, Arc<dyn PhysicalExpr>)> = (0..keys.len())
+            .map(|i| {
+                let left: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&keys[i], i));
+                let right: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&base_key(i), i));
+                (left, right)
+            })
+            .collect();
+        let ascending = SortOptions {
+            descending: false,
+            nulls_first: false,
+        };
+        let joined: Arc<dyn ExecutionPlan> = {
+            Arc::new(SortMergeJoinExec::try_new(
+                new_plan,
+                base_plan,
+                on,
+                None,
+                JoinType::Full,
+                vec![ascending; keys.len()],
+                NullEquality::NullEqualsNothing,
+            )?)
+        };
+
+        // Classify, with the same expressions a SQL query would use, planned against the join's
+        // output.
+        let schema = DFSchema::try_from(joined.schema().as_ref().clone())?;
+        let physical = |expr: Expr| self.ctx.create_physical_expr(expr, &schema);
+        let (changed, select) = self.classification(baseline)?;
+        let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(physical(changed)?, joined)?);
         let projection = select
             .into_iter()
             .map(|(expr, name)| Ok(ProjectionExpr::from((physical(expr)?, name))))
@@ -348,6 +412,7 @@ impl Differ {
     /// since every file is sorted by key.
     async fn sorted_side(
         &self,
+        ctx: &SessionContext,
         files: Vec<&SnapshotFile>,
         schema: &SchemaRef,
         select: impl Fn(&DataFrame) -> Vec<Expr>,
@@ -364,8 +429,7 @@ impl Differ {
             let options = ParquetReadOptions::default()
                 .schema(schema)
                 .file_sort_order(vec![order.clone()]);
-            let df = self
-                .ctx
+            let df = ctx
                 .read_parquet(self.store.url(&file.path).to_string(), options)
                 .await?;
             let select = select(&df);
@@ -373,7 +437,7 @@ impl Differ {
         }
         let side = match frames.len() {
             0 => {
-                let empty = self.empty_frame(empty_columns)?;
+                let empty = self.empty_frame(ctx, empty_columns)?;
                 let mut select: Vec<Expr> = self.key_columns.iter().map(ident).collect();
                 select.extend(empty_columns.iter().map(|(name, _)| ident(*name)));
                 empty.select(select)?
@@ -409,7 +473,12 @@ impl Differ {
     /// The effective baseline of one bucket, sorted by key: key columns renamed `__base_key_<i>`
     /// (cast to the new snapshot's key types), `__base_hash` and, when there are exceptions,
     /// `__base_snapshot`, `__attempts`, `__first_failed_at`.
-    async fn baseline_side(&self, baseline: &Baseline, bucket: u32) -> Result<DataFrame> {
+    async fn baseline_side(
+        &self,
+        ctx: &SessionContext,
+        baseline: &Baseline,
+        bucket: u32,
+    ) -> Result<DataFrame> {
         let with_extras = baseline.exceptions.is_some();
         let snapshot_id = baseline
             .snapshot
@@ -436,6 +505,7 @@ impl Differ {
             .unwrap_or_else(|| self.new_schema.clone());
         let snapshot_rows = self
             .sorted_side(
+                ctx,
                 files,
                 &schema,
                 |_| {
@@ -455,8 +525,7 @@ impl Differ {
         let Some(exceptions_path) = &baseline.exceptions else {
             return Ok(snapshot_rows);
         };
-        let exceptions = self
-            .ctx
+        let exceptions = ctx
             .read_parquet(
                 self.store.url(exceptions_path).to_string(),
                 ParquetReadOptions::default(),
@@ -496,13 +565,18 @@ impl Differ {
             .sort(order)
     }
 
-    /// An empty frame with the key columns and `extra` columns.
-    fn empty_frame(&self, extra: &[(&str, DataType)]) -> Result<DataFrame> {
-        let mut fields = self.key_fields.clone();
-        fields.extend(extra.iter().map(|(n, t)| Field::new(*n, t.clone(), true)));
-        let schema = Arc::new(Schema::new(fields));
-        let table = MemTable::try_new(schema, vec![vec![]])?;
-        self.ctx.read_table(Arc::new(table))
+    /// An empty frame with the key columns and `extra` columns: typed nulls over no rows (an
+    /// empty relation, which serializes to a cluster, unlike an in-memory table).
+    fn empty_frame(&self, ctx: &SessionContext, extra: &[(&str, DataType)]) -> Result<DataFrame> {
+        let mut columns: Vec<Expr> = self
+            .key_fields
+            .iter()
+            .map(|f| Ok(lit(ScalarValue::try_from(f.data_type())?).alias(f.name())))
+            .collect::<Result<_>>()?;
+        for (name, data_type) in extra {
+            columns.push(lit(ScalarValue::try_from(data_type)?).alias(*name));
+        }
+        ctx.read_empty()?.select(columns)?.filter(lit(false))
     }
 
     /// Full rows for the change rows `changes` (all of one bucket): the new snapshot's rows for

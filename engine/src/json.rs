@@ -405,7 +405,7 @@ pub fn null_column(rows: usize) -> JsonColumn {
 
 fn encode_strings<'a>(
     rows: usize,
-    is_null: &dyn Fn(usize) -> bool,
+    is_null: &impl Fn(usize) -> bool,
     value: impl Fn(usize) -> &'a str,
     out: &mut JsonColumn,
 ) {
@@ -421,7 +421,7 @@ fn encode_strings<'a>(
 
 fn encode_floats<T: ArrowPrimitiveType>(
     array: &ArrayRef,
-    is_null: &dyn Fn(usize) -> bool,
+    is_null: &impl Fn(usize) -> bool,
     out: &mut JsonColumn,
     widen: impl Fn(T::Native) -> f64,
 ) {
@@ -439,7 +439,7 @@ fn encode_floats<T: ArrowPrimitiveType>(
 
 fn encode_timestamps<T>(
     array: &ArrayRef,
-    is_null: &dyn Fn(usize) -> bool,
+    is_null: &impl Fn(usize) -> bool,
     out: &mut JsonColumn,
     nanos_per_unit: i64,
     zulu: bool,
@@ -470,7 +470,7 @@ fn encode_timestamps<T>(
 
 fn encode_times<T: ArrowPrimitiveType>(
     array: &ArrayRef,
-    is_null: &dyn Fn(usize) -> bool,
+    is_null: &impl Fn(usize) -> bool,
     out: &mut JsonColumn,
     to_nanos: impl Fn(T::Native) -> i64,
 ) {

@@ -15,6 +15,8 @@
 //! - [`schedule`]: when mappings run (intervals, days and times, cron) in their time zones.
 
 pub mod alerts;
+#[cfg(feature = "ballista")]
+pub mod ballista;
 pub mod catalog;
 pub mod checkpoint;
 pub mod config;

@@ -173,13 +173,24 @@ pub struct RunCounts {
     pub skipped: u64,
 }
 
-/// Milliseconds spent per stage.
+/// Milliseconds spent per stage. Extraction is wall time; the others are summed over buckets
+/// and batches of one mapping, and overlap (bucket diffs run in parallel with each other and
+/// with delivery), so they add up to more than the run's duration.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StageTimings {
+    /// The model's query streamed into a committed snapshot.
     pub extract_ms: u64,
+    /// Joins of the new snapshot with the baseline, bucket by bucket.
     pub diff_ms: u64,
+    /// Reading the full rows of the changed records.
+    pub read_ms: u64,
+    /// Rendering the records' payloads.
+    pub render_ms: u64,
+    /// Requests to the destination, retries and rate-limit waits included.
     pub deliver_ms: u64,
+    /// Commit points: intent and checkpoint files and their metadata transactions.
+    pub checkpoint_ms: u64,
 }
 
 /// A run as recorded.
@@ -1069,8 +1080,9 @@ async fn update_run(backend: Backend, tx: &mut AnyConnection, run: &RunRecord) -
     sqlx::query(backend.sql(
         "UPDATE runs SET status = ?, finished_at = ?, snapshot_id = ?, baseline_snapshot_id = ?, \
          extracted = ?, added = ?, updated = ?, deleted = ?, sent = ?, delivered = ?, failed = ?, \
-         retried = ?, skipped = ?, extract_ms = ?, diff_ms = ?, deliver_ms = ?, schema_change = ?, \
-         error = ?, recommended_action = ? WHERE id = ?",
+         retried = ?, skipped = ?, extract_ms = ?, diff_ms = ?, deliver_ms = ?, read_ms = ?, \
+         render_ms = ?, checkpoint_ms = ?, schema_change = ?, error = ?, recommended_action = ? \
+         WHERE id = ?",
     ))
     .bind(run.status.as_str())
     .bind(run.finished_at.map(|t| t.to_rfc3339()))
@@ -1088,6 +1100,9 @@ async fn update_run(backend: Backend, tx: &mut AnyConnection, run: &RunRecord) -
     .bind(run.timings.extract_ms as i64)
     .bind(run.timings.diff_ms as i64)
     .bind(run.timings.deliver_ms as i64)
+    .bind(run.timings.read_ms as i64)
+    .bind(run.timings.render_ms as i64)
+    .bind(run.timings.checkpoint_ms as i64)
     .bind(&run.schema_change)
     .bind(&run.error)
     .bind(&run.recommended_action)
@@ -1160,6 +1175,9 @@ fn run_from_row(r: &AnyRow) -> RunRecord {
             extract_ms: millis("extract_ms"),
             diff_ms: millis("diff_ms"),
             deliver_ms: millis("deliver_ms"),
+            read_ms: millis("read_ms"),
+            render_ms: millis("render_ms"),
+            checkpoint_ms: millis("checkpoint_ms"),
         },
         schema_change: r.get("schema_change"),
         error: r.get("error"),

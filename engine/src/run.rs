@@ -824,6 +824,9 @@ impl Engine {
         let mut differ = Differ::new(self.snapshots.clone(), manifest.clone(), baseline.clone())
             .await
             .map_err(diff_err)?;
+        if let Some(cluster) = self.diff_cluster(&mapping).await? {
+            differ = differ.on_cluster(cluster);
+        }
         if let Some(filter) = &run.filter {
             differ = differ.resend_matching(filter).await.map_err(|e| {
                 EngineError::Usage(format!(
@@ -885,6 +888,7 @@ impl Engine {
         tracing::info!(
             buckets,
             baseline = run_baseline_text(baseline.as_ref()),
+            diff_engine = if differ.distributed() { "ballista" } else { "local" },
             "diffing and delivering"
         );
         observer.on_event(RunEvent::MappingStarted {
@@ -1145,6 +1149,26 @@ impl Engine {
         })
     }
 
+    /// The Ballista session diffs run on, when `diff.engine` is `ballista`.
+    async fn diff_cluster(&self, mapping: &str) -> Result<Option<datafusion::prelude::SessionContext>> {
+        let config = &self.project.config.diff;
+        match config.engine {
+            crate::config::DiffEngineKind::Local => Ok(None),
+            #[cfg(feature = "ballista")]
+            crate::config::DiffEngineKind::Ballista => crate::ballista::session(config, &self.snapshots)
+                .await
+                .map(Some)
+                .map_err(|source| EngineError::Diff {
+                    mapping: mapping.to_string(),
+                    source,
+                }),
+            #[cfg(not(feature = "ballista"))]
+            crate::config::DiffEngineKind::Ballista => Err(EngineError::Usage(format!(
+                "mapping `{mapping}`: `diff.engine` is `ballista`, and this sluice was built without Ballista (cargo feature `ballista`, on by default)"
+            ))),
+        }
+    }
+
     /// The model's columns (the snapshot's schema without sluice's row hash).
     async fn model_schema(&self, differ: &Differ) -> std::result::Result<Schema, DataFusionError> {
         let ctx = crate::diff::diff_context();
@@ -1300,10 +1324,12 @@ impl Delivery<'_> {
                 }
             }
             if counts.total() > 0 {
+                let started = Instant::now();
                 let streams = differ
                     .materialize(bucket, &bucket_changes, send, &lookup)
                     .await
                     .map_err(&diff_err)?;
+                self.run.timings.read_ms += started.elapsed().as_millis() as u64;
                 for stream in streams {
                     let span = tracing::info_span!("deliver", bucket);
                     self.deliver_stream(stream).instrument(span).await?;
@@ -1352,7 +1378,12 @@ impl Delivery<'_> {
             mapping: mapping.clone(),
             source,
         });
-        while let Some(batch) = stream.try_next().await? {
+        loop {
+            let started = Instant::now();
+            let Some(batch) = stream.try_next().await? else {
+                break;
+            };
+            self.run.timings.read_ms += started.elapsed().as_millis() as u64;
             // A batch is a commit point; a shutdown stops the run between two of them.
             let mut offset = 0;
             while offset < batch.num_rows() {
@@ -1396,7 +1427,9 @@ impl Delivery<'_> {
                 new_hash.value(i)
             });
         }
+        let started = Instant::now();
         let encoded = self.plan.encode(batch, ops, &hashes)?;
+        self.run.timings.render_ms += started.elapsed().as_millis() as u64;
         let outgoing = encoded.records;
         // Records that cannot be sent (no identifier, over a size limit) fail alone, unsent;
         // the rest of the batch goes on.
@@ -1413,7 +1446,9 @@ impl Delivery<'_> {
                 .filter(|i| outgoing.ops[*i] == Op::Added)
                 .filter(|i| blocked.binary_search_by_key(i, |f| f.index).is_err())
                 .collect();
+            let started = Instant::now();
             checkpoints.write_intent(batch, &adding).await?;
+            self.run.timings.checkpoint_ms += started.elapsed().as_millis() as u64;
         }
         let started = Instant::now();
         let delivered = if blocked.is_empty() {
@@ -1511,6 +1546,7 @@ impl Delivery<'_> {
                 .collect()
         };
         if let Some(checkpoints) = self.checkpoints.as_mut() {
+            let started = Instant::now();
             let checkpoint = checkpoints
                 .write(batch, &acknowledged, failed_rows.as_ref())
                 .await?;
@@ -1519,6 +1555,7 @@ impl Delivery<'_> {
                 .metadata
                 .checkpoint(self.run, &checkpoint, &failures, LEASE_TTL)
                 .await?;
+            self.run.timings.checkpoint_ms += started.elapsed().as_millis() as u64;
         }
         Ok(())
     }

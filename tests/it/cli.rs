@@ -97,8 +97,14 @@ async fn second_run_sends_exactly_the_changes() {
 
 #[tokio::test]
 async fn failed_records_are_sent_again_and_nothing_else() {
+    failed_records_cycle("").await;
+}
+
+/// Failures, retries, an update and a delete that fail and then succeed, with `top_level`
+/// appended to the project file (the Ballista test runs the same cycle on a cluster).
+pub(crate) async fn failed_records_cycle(top_level: &str) {
     let receiver = Receiver::start().await;
-    let project = TestProject::new(&webhook_config(&receiver.url, ""));
+    let project = TestProject::new(&format!("{}{top_level}", webhook_config(&receiver.url, "")));
     project.write_users(&users());
 
     receiver.respond_with(fail_keys(HashSet::from([2, 4])));

@@ -1,6 +1,8 @@
 //! Integration tests, one binary (linking DataFusion once).
 
 mod api;
+#[cfg(feature = "ballista")]
+mod ballista;
 mod cli;
 mod common;
 mod convergence;

@@ -1,0 +1,509 @@
+//! End to end: a PostgreSQL table through `sluice run` (the release binary, as a user runs it)
+//! to a local Segment-spec receiver and to the `file` destination, twice: a first sync (every
+//! row added) and a second after 2% of rows were updated, 1% deleted and 1% added.
+//!
+//! ```sh
+//! cargo bench --bench e2e -- --rows 1000000 10000000 30000000
+//! ```
+//!
+//! For each size it (re)creates `sluice_bench.e2e_users` in the local PostgreSQL (the 11-column
+//! `users` shape of the diff and extraction benchmarks), writes a project under
+//! `target/bench-data/e2e/<rows>/`, and runs both syncs as child processes, measuring each
+//! process's wall time, CPU time and peak RSS with `wait4`. Stage timings and counts are read
+//! from the run records in the project's metadata store; the counts are checked against the
+//! changes made and against what the receiver got. `--keep` leaves the project directory (the
+//! snapshots, the exported files) in place; by default it is removed after each size.
+//! `--sample-rss` also samples the process's RSS every 100 ms and prints the peak per stage.
+//! `--profile DIR` runs each sync under `perf record -F 499 -g` (Debian's linux-perf), writing
+//! `DIR/<rows>-<sync>.perf.data` (its timings then include perf's overhead).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::routing::post;
+use serde::Deserialize;
+use sqlx::Row;
+
+const TABLE: &str = "sluice_bench.e2e_users";
+const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// What one `sluice run` process cost.
+struct ProcessCost {
+    wall: f64,
+    cpu: f64,
+    peak_rss_mib: f64,
+    exit: i32,
+}
+
+/// One mapping's run, as its record says.
+#[derive(Debug)]
+struct RunFigures {
+    mapping: String,
+    status: String,
+    extracted: i64,
+    added: i64,
+    updated: i64,
+    deleted: i64,
+    delivered: i64,
+    failed: i64,
+    extract_ms: i64,
+    diff_ms: i64,
+    read_ms: i64,
+    render_ms: i64,
+    deliver_ms: i64,
+    checkpoint_ms: i64,
+    /// Wall time of this mapping's diff, delivery and commit (after the shared extraction).
+    mapping_s: f64,
+}
+
+#[derive(Deserialize)]
+struct SegmentBatch {
+    batch: Vec<serde::de::IgnoredAny>,
+}
+
+fn generator(from: i64, to: i64) -> String {
+    format!(
+        "SELECT
+            g::int8 AS id,
+            'user' || g || '@example.com' AS email,
+            (ARRAY['Ada','Grace','Linus','Ken','Barbara'])[1 + g % 5] AS first_name,
+            'Last' || (g % 1000) AS last_name,
+            (ARRAY['free','starter','pro','enterprise'])[1 + g % 4] AS plan,
+            (ARRAY['US','DE','FR','GB','JP','BR'])[1 + g % 6] AS country,
+            (g % 10000) / 7.0::float8 AS lifetime_value,
+            (g % 100)::int4 AS lead_score,
+            g % 3 <> 0 AS is_active,
+            timestamp '2020-01-01' + g * interval '1 second' AS created_at,
+            timestamptz '2024-01-01' + g * interval '1 second' AS updated_at
+        FROM generate_series({from}, {to}) g"
+    )
+}
+
+async fn postgres() -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect("host=127.0.0.1 user=postgres dbname=test", tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("the e2e benchmark needs the local PostgreSQL (127.0.0.1:5432, database test): {e}")
+            });
+    tokio::spawn(connection);
+    client
+}
+
+async fn create_table(pg: &tokio_postgres::Client, rows: i64) {
+    let started = Instant::now();
+    pg.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS sluice_bench;
+         DROP TABLE IF EXISTS {TABLE};
+         CREATE UNLOGGED TABLE {TABLE} AS {};
+         ALTER TABLE {TABLE} ADD PRIMARY KEY (id);",
+        generator(1, rows)
+    ))
+    .await
+    .expect("create the table");
+    pg.batch_execute(&format!("VACUUM ANALYZE {TABLE}"))
+        .await
+        .expect("vacuum");
+    eprintln!(
+        "  generated {rows} rows in {TABLE} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// 2% updated, 1% deleted, 1% added; returns (added, updated, deleted).
+async fn change_table(pg: &tokio_postgres::Client, rows: i64) -> (i64, i64, i64) {
+    let updated = pg
+        .execute(
+            &format!(
+                "UPDATE {TABLE} SET plan = 'upgraded', updated_at = updated_at + interval '1 day' WHERE id % 50 = 0"
+            ),
+            &[],
+        )
+        .await
+        .expect("update") as i64;
+    let deleted = pg
+        .execute(&format!("DELETE FROM {TABLE} WHERE id % 100 = 7"), &[])
+        .await
+        .expect("delete") as i64;
+    let added = pg
+        .execute(
+            &format!("INSERT INTO {TABLE} {}", generator(rows + 1, rows + rows / 100)),
+            &[],
+        )
+        .await
+        .expect("insert") as i64;
+    pg.batch_execute(&format!("VACUUM ANALYZE {TABLE}"))
+        .await
+        .expect("vacuum");
+    (added, updated, deleted)
+}
+
+fn write_project(dir: &Path, receiver: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("project dir");
+    let config = format!(
+        r#"state_dir: .sluice
+sources:
+  pg: {{ type: postgres, url: "{PG_URL}", sslmode: disable }}
+models:
+  users:
+    source: pg
+    sql: SELECT * FROM {TABLE}
+    primary_key: id
+destinations:
+  receiver:
+    type: segment
+    write_key: bench
+    url: {receiver}
+    delivery: {{ rate_limit: "off" }}
+  exports: {{ type: file, url: exports/, format: jsonl }}
+mappings:
+  users_to_receiver:
+    model: users
+    destination: receiver
+    action: identify
+    fields: {{ userId: {{ column: id, as: string }} }}
+    columns: all
+    send: [added, updated]
+  users_to_file:
+    model: users
+    destination: exports
+    columns: all
+    send: [added, updated, deleted]
+"#
+    );
+    let path = dir.join("sluice.yaml");
+    std::fs::write(&path, config).expect("write sluice.yaml");
+    path
+}
+
+/// Runs `sluice run` and waits for it with `wait4`, for its own CPU time and peak RSS.
+fn run_sluice(
+    config: &Path,
+    log: &Path,
+    sample_rss: bool,
+    profile: Option<PathBuf>,
+) -> (ProcessCost, Vec<(f64, f64)>) {
+    let log_file = std::fs::File::create(log).expect("log file");
+    let started = Instant::now();
+    let mut command = match profile {
+        Some(output) => {
+            let mut perf = std::process::Command::new("perf");
+            perf.args(["record", "-F", "499", "-g", "-o"])
+                .arg(output)
+                .arg("--")
+                .arg(env!("CARGO_BIN_EXE_sluice"));
+            perf
+        }
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_sluice")),
+    };
+    let child = command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(log_file.try_clone().expect("log"))
+        .stderr(log_file)
+        .spawn()
+        .expect("start sluice");
+    let pid = child.id() as libc::pid_t;
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = sample_rss.then(|| {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            let t0 = Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                if let Some(kib) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find(|l| l.starts_with("VmRSS:"))
+                            .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+                    })
+                {
+                    samples.push((t0.elapsed().as_secs_f64(), kib / 1024.0));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        })
+    });
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to fill in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet waited for; both pointers are valid for the call.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4 on sluice");
+    let wall = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let samples = sampler.map(|s| s.join().unwrap_or_default()).unwrap_or_default();
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let exit = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    std::mem::forget(child);
+    (
+        ProcessCost {
+            wall,
+            cpu: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+            peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+            exit,
+        },
+        samples,
+    )
+}
+
+async fn latest_runs(state: &Path) -> Vec<RunFigures> {
+    let url = format!("sqlite://{}?mode=ro", state.join("sluice.db").display());
+    let pool = sqlx::SqlitePool::connect(&url)
+        .await
+        .expect("open the metadata store");
+    let rows = sqlx::query(
+        "SELECT mapping, status, extracted, added, updated, deleted, delivered, failed,
+                COALESCE(extract_ms, 0) AS extract_ms, COALESCE(diff_ms, 0) AS diff_ms,
+                COALESCE(deliver_ms, 0) AS deliver_ms, COALESCE(read_ms, 0) AS read_ms,
+                COALESCE(render_ms, 0) AS render_ms, COALESCE(checkpoint_ms, 0) AS checkpoint_ms,
+                started_at, finished_at
+         FROM runs ORDER BY started_at DESC, mapping LIMIT 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("read the runs");
+    pool.close().await;
+    let time = |r: &sqlx::sqlite::SqliteRow, column: &str| {
+        let text: String = r.get(column);
+        chrono::DateTime::parse_from_rfc3339(&text).expect("RFC 3339 time")
+    };
+    // The mappings run one after the other once the model is extracted.
+    let mut by_finish: Vec<&sqlx::sqlite::SqliteRow> = rows.iter().collect();
+    by_finish.sort_by_key(|r| time(r, "finished_at"));
+    let mut previous = by_finish
+        .iter()
+        .map(|r| time(r, "started_at"))
+        .min()
+        .expect("runs")
+        + chrono::Duration::milliseconds(by_finish[0].get::<i64, _>("extract_ms"));
+    let mut walls = std::collections::HashMap::new();
+    for r in &by_finish {
+        let finished = time(r, "finished_at");
+        walls.insert(
+            r.get::<String, _>("mapping"),
+            (finished - previous).as_seconds_f64(),
+        );
+        previous = finished;
+    }
+    let mut runs: Vec<RunFigures> = rows
+        .iter()
+        .map(|r| RunFigures {
+            mapping: r.get("mapping"),
+            status: r.get("status"),
+            extracted: r.get("extracted"),
+            added: r.get("added"),
+            updated: r.get("updated"),
+            deleted: r.get("deleted"),
+            delivered: r.get("delivered"),
+            failed: r.get("failed"),
+            extract_ms: r.get("extract_ms"),
+            diff_ms: r.get("diff_ms"),
+            read_ms: r.get("read_ms"),
+            render_ms: r.get("render_ms"),
+            deliver_ms: r.get("deliver_ms"),
+            checkpoint_ms: r.get("checkpoint_ms"),
+            mapping_s: walls[&r.get::<String, _>("mapping")],
+        })
+        .collect();
+    runs.sort_by(|a, b| b.mapping.cmp(&a.mapping));
+    runs
+}
+
+/// Peak sampled RSS within [from, to) seconds of the process's life.
+fn peak_between(samples: &[(f64, f64)], from: f64, to: f64) -> f64 {
+    samples
+        .iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .map(|(_, r)| *r)
+        .fold(0.0, f64::max)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    rows: i64,
+    sync: &str,
+    cost: &ProcessCost,
+    runs: &[RunFigures],
+    samples: &[(f64, f64)],
+    expect: (i64, i64, i64),
+    received: u64,
+    expect_received: u64,
+) {
+    let extracted = runs.first().map_or(0, |r| r.extracted);
+    let extract_s = runs.first().map_or(0, |r| r.extract_ms) as f64 / 1000.0;
+    let s = |ms: i64| ms as f64 / 1000.0;
+    println!(
+        "| {rows} | {sync} | {:.1} | {:.1} | {:.0} | {:.2} M | {extract_s:.1} | {} |",
+        cost.wall,
+        cost.cpu,
+        cost.peak_rss_mib,
+        extracted as f64 / cost.wall / 1e6,
+        runs.iter()
+            .map(|r| format!(
+                "{} {:.1} ({:.1} / {:.1} / {:.1} / {:.1} / {:.1})",
+                short(&r.mapping),
+                r.mapping_s,
+                s(r.diff_ms),
+                s(r.read_ms),
+                s(r.render_ms),
+                s(r.deliver_ms),
+                s(r.checkpoint_ms)
+            ))
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    if !samples.is_empty() {
+        let extract_end = extract_s;
+        eprintln!(
+            "  sampled RSS peak: extraction {:.0} MiB, diff and delivery {:.0} MiB",
+            peak_between(samples, 0.0, extract_end),
+            peak_between(samples, extract_end, f64::MAX)
+        );
+    }
+    println!(
+        "{{\"rows\":{rows},\"sync\":\"{sync}\",\"wall_s\":{:.3},\"cpu_s\":{:.3},\"peak_rss_mib\":{:.1},\"runs\":[{}]}}",
+        cost.wall,
+        cost.cpu,
+        cost.peak_rss_mib,
+        runs.iter()
+            .map(|r| format!(
+                "{{\"mapping\":\"{}\",\"status\":\"{}\",\"extracted\":{},\"added\":{},\"updated\":{},\"deleted\":{},\"delivered\":{},\"failed\":{},\"extract_ms\":{},\"diff_ms\":{},\"read_ms\":{},\"render_ms\":{},\"deliver_ms\":{},\"checkpoint_ms\":{},\"mapping_s\":{:.3}}}",
+                r.mapping, r.status, r.extracted, r.added, r.updated, r.deleted, r.delivered, r.failed, r.extract_ms, r.diff_ms, r.read_ms, r.render_ms, r.deliver_ms, r.checkpoint_ms, r.mapping_s
+            ))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    assert_eq!(
+        cost.exit, 0,
+        "sluice run failed (see the log in the project directory)"
+    );
+    for run in runs {
+        assert_eq!(run.status, "succeeded", "{run:?}");
+        assert_eq!(run.failed, 0, "{run:?}");
+        assert_eq!((run.added, run.updated, run.deleted), expect, "{run:?}");
+    }
+    assert_eq!(received, expect_received, "records the receiver got");
+}
+
+fn short(mapping: &str) -> &str {
+    mapping.strip_prefix("users_to_").unwrap_or(mapping)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let keep = args.iter().any(|a| a == "--keep");
+    let sample_rss = args.iter().any(|a| a == "--sample-rss");
+    let profile: Option<PathBuf> = args
+        .iter()
+        .position(|a| a == "--profile")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    if let Some(dir) = &profile {
+        std::fs::create_dir_all(dir).expect("profile directory");
+    }
+    let mut sizes: Vec<i64> = args
+        .iter()
+        .skip_while(|a| *a != "--rows")
+        .skip(1)
+        .take_while(|a| !a.starts_with("--"))
+        .filter_map(|a| a.replace('_', "").parse().ok())
+        .collect();
+    if sizes.is_empty() {
+        sizes = vec![1_000_000];
+    }
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/e2e");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = received.clone();
+        // The receiver parses every request (each message checked as JSON) and accepts it.
+        let app = Router::new().route(
+            "/v1/batch",
+            post(move |body: Bytes| {
+                let counter = counter.clone();
+                async move {
+                    match serde_json::from_slice::<SegmentBatch>(&body) {
+                        Ok(batch) => {
+                            counter.fetch_add(batch.batch.len() as u64, Ordering::Relaxed);
+                            (StatusCode::OK, axum::Json(serde_json::json!({"success": true})))
+                        }
+                        Err(e) => (
+                            StatusCode::BAD_REQUEST,
+                            axum::Json(serde_json::json!({"error": e.to_string()})),
+                        ),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let receiver = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let pg = postgres().await;
+        println!(
+            "| rows | sync | wall s | CPU s | peak RSS MiB | rows/s | extract s | per mapping: wall s (diff / read rows / render / send / checkpoints, summed s) |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|---|");
+        for rows in sizes {
+            eprintln!("{rows} rows:");
+            create_table(&pg, rows).await;
+            let dir = data.join(rows.to_string());
+            let _ = std::fs::remove_dir_all(&dir);
+            let config = write_project(&dir, &receiver);
+            let state = dir.join(".sluice");
+
+            received.store(0, Ordering::Relaxed);
+            let perf_output = |sync: &str| profile.as_ref().map(|d| d.join(format!("{rows}-{sync}.perf.data")));
+            let (cost, samples) = tokio::task::block_in_place(|| {
+                run_sluice(&config, &dir.join("first.log"), sample_rss, perf_output("first"))
+            });
+            let runs = latest_runs(&state).await;
+            report(
+                rows,
+                "first",
+                &cost,
+                &runs,
+                &samples,
+                (rows, 0, 0),
+                received.load(Ordering::Relaxed),
+                rows as u64,
+            );
+
+            let (added, updated, deleted) = change_table(&pg, rows).await;
+            received.store(0, Ordering::Relaxed);
+            let (cost, samples) = tokio::task::block_in_place(|| {
+                run_sluice(&config, &dir.join("second.log"), sample_rss, perf_output("second"))
+            });
+            let runs = latest_runs(&state).await;
+            report(
+                rows,
+                "second",
+                &cost,
+                &runs,
+                &samples,
+                (added, updated, deleted),
+                received.load(Ordering::Relaxed),
+                (added + updated) as u64,
+            );
+            if !keep {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        pg.batch_execute(&format!("DROP TABLE IF EXISTS {TABLE}")).await.ok();
+    });
+}
