@@ -89,7 +89,7 @@ async fn main() {
         .await
         .expect("lease");
     let rows = StateRows::new(vec![Field::new("id", DataType::Int64, false)]);
-    let mut writer = CheckpointWriter::new(store, "users_to_crm", &run.id, "snapshot-1", rows);
+    let writer = CheckpointWriter::new(store, "users_to_crm", &run.id, "snapshot-1", rows);
 
     let batches: Vec<RecordBatch> = (0..records)
         .step_by(per_checkpoint)
@@ -98,12 +98,13 @@ async fn main() {
     let mut spent = Duration::ZERO;
     let mut worst = Duration::ZERO;
     let mut stages = [Duration::ZERO; 3];
-    for batch in &batches {
+    for (seq, batch) in batches.iter().enumerate() {
+        let seq = seq as i64;
         let all: Vec<usize> = (0..batch.num_rows()).collect();
         let started = Instant::now();
-        writer.write_intent(batch, &all).await.expect("intent");
+        writer.write_intent(seq, batch, &all).await.expect("intent");
         let intent = started.elapsed();
-        let checkpoint = writer.write(batch, &all, None).await.expect("checkpoint");
+        let checkpoint = writer.write(seq, batch, &all, None).await.expect("checkpoint");
         let file = started.elapsed();
         run.counts.delivered += batch.num_rows() as u64;
         metadata

@@ -45,7 +45,6 @@ pub struct CheckpointWriter {
     run_id: String,
     snapshot_id: String,
     rows: StateRows,
-    next_seq: i64,
 }
 
 impl CheckpointWriter {
@@ -62,7 +61,6 @@ impl CheckpointWriter {
             run_id: run_id.to_string(),
             snapshot_id: snapshot_id.to_string(),
             rows,
-            next_seq: 0,
         }
     }
 
@@ -71,32 +69,30 @@ impl CheckpointWriter {
         format!("mappings/{mapping}/checkpoints/{run_id}")
     }
 
-    /// Records, before the batch is sent, the rows `adding` of the materialised `batch`: the
+    /// Records, before batch `seq` is sent, the rows `adding` of the materialised `batch`: the
     /// records it adds, whose state at the destination is unknown until the batch's checkpoint.
-    pub async fn write_intent(&self, batch: &RecordBatch, adding: &[usize]) -> Result<()> {
+    pub async fn write_intent(&self, seq: i64, batch: &RecordBatch, adding: &[usize]) -> Result<()> {
         if adding.is_empty() {
             return Ok(());
         }
         let path = format!(
-            "{}/{:08}{INTENT_SUFFIX}",
-            Self::dir(&self.mapping, &self.run_id),
-            self.next_seq
+            "{}/{seq:08}{INTENT_SUFFIX}",
+            Self::dir(&self.mapping, &self.run_id)
         );
         let rows = self.rows.in_flight(batch, adding, &self.snapshot_id)?;
         self.put(&path, &[&rows]).await
     }
 
-    /// Writes the results of one delivered batch: the rows `acknowledged` of the materialised
+    /// Writes the results of delivered batch `seq`: the rows `acknowledged` of the materialised
     /// `batch`, and `failed` (already in state-row form). Returns the checkpoint to record; it
     /// counts only once the metadata store has it.
     pub async fn write(
-        &mut self,
+        &self,
+        seq: i64,
         batch: &RecordBatch,
         acknowledged: &[usize],
         failed: Option<&RecordBatch>,
     ) -> Result<Checkpoint> {
-        let seq = self.next_seq;
-        self.next_seq += 1;
         let path = format!("{}/{seq:08}.parquet", Self::dir(&self.mapping, &self.run_id));
         let acked = self.rows.acknowledged(batch, acknowledged, &self.snapshot_id)?;
         let mut parts = vec![&acked];

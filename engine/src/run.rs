@@ -860,13 +860,13 @@ impl Engine {
         let mut exceptions = ExceptionsWriter::new(self.snapshots.clone(), &mapping, &run.id, key_fields);
         // A dry run sends nothing, so it has nothing to checkpoint.
         let checkpoints = dry_run.is_none().then(|| {
-            CheckpointWriter::new(
+            Arc::new(CheckpointWriter::new(
                 self.snapshots.clone(),
                 &mapping,
                 &run.id,
                 &manifest.id,
                 state_rows.clone(),
-            )
+            ))
         });
         let mut delivery = Delivery {
             engine: self,
@@ -883,6 +883,7 @@ impl Engine {
             first_failure: None,
             dry_run,
             stop,
+            next_seq: 0,
         };
         let buckets = differ.buckets();
         tracing::info!(
@@ -1240,8 +1241,9 @@ struct Delivery<'a> {
     policy: &'a crate::destination::DeliveryPolicy,
     state_rows: StateRows,
     exceptions: &'a mut ExceptionsWriter,
-    /// `None` for a dry run.
-    checkpoints: Option<CheckpointWriter>,
+    /// `None` for a dry run. (Shared with the preparation of the next batch, which writes its
+    /// intent while this one is sent.)
+    checkpoints: Option<Arc<CheckpointWriter>>,
     records_per_checkpoint: usize,
     /// Failed records not yet written to the metadata store (they go with the next checkpoint).
     failures: Vec<FailureRow>,
@@ -1251,6 +1253,122 @@ struct Delivery<'a> {
     dry_run: Option<&'a DryRunSink>,
     /// This run's stop switch (a cancellation).
     stop: Shutdown,
+    /// Sequence number of the next batch prepared (its intent and checkpoint files).
+    next_seq: i64,
+}
+
+/// A batch ready to send: its records rendered, those that cannot be sent set aside, and the
+/// records it adds written to its intent file.
+struct PreparedBatch {
+    seq: i64,
+    batch: RecordBatch,
+    outgoing: crate::destination::OutgoingBatch,
+    blocked: Vec<crate::destination::RecordFailure>,
+    render_ms: u64,
+    intent_ms: u64,
+}
+
+/// What preparing a batch needs: nothing the sending of the previous batch changes, so the two
+/// run at once.
+#[derive(Clone, Copy)]
+struct Preparer<'a> {
+    engine: &'a Engine,
+    plan: &'a MappingPlan,
+    policy: &'a crate::destination::DeliveryPolicy,
+    checkpoints: Option<&'a CheckpointWriter>,
+}
+
+impl Preparer<'_> {
+    async fn prepare(&self, seq: i64, batch: RecordBatch) -> Result<PreparedBatch> {
+        let internal = |what: &str| EngineError::Internal(format!("materialised rows lack {what}"));
+        let ops_array = batch
+            .column_by_name(OP)
+            .and_then(|a| a.as_primitive_opt::<UInt8Type>())
+            .ok_or_else(|| internal(OP))?;
+        let new_hash = batch.column_by_name(NEW_HASH).ok_or_else(|| internal(NEW_HASH))?;
+        let new_hash = new_hash
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(|| internal(NEW_HASH))?;
+        let base_hash = batch
+            .column_by_name(BASE_HASH)
+            .ok_or_else(|| internal(BASE_HASH))?;
+        let base_hash = base_hash
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(|| internal(BASE_HASH))?;
+        let mut ops = Vec::with_capacity(batch.num_rows());
+        let mut hashes = Vec::with_capacity(batch.num_rows());
+        for i in 0..batch.num_rows() {
+            let op = Op::from_code(ops_array.value(i)).ok_or_else(|| internal("a valid op"))?;
+            ops.push(op);
+            // A deleted record is identified by the state the destination has.
+            hashes.push(if op == Op::Deleted {
+                base_hash.value(i)
+            } else {
+                new_hash.value(i)
+            });
+        }
+        let started = Instant::now();
+        let encoded = self.plan.encode(&batch, ops, &hashes)?;
+        let render_ms = started.elapsed().as_millis() as u64;
+        let outgoing = encoded.records;
+        // Records that cannot be sent (no identifier, over a size limit) fail alone, unsent;
+        // the rest of the batch goes on.
+        let blocked = self
+            .engine
+            .blocked_records(encoded.unsendable, &outgoing, self.policy);
+        let started = Instant::now();
+        if let Some(checkpoints) = self.checkpoints {
+            // What this batch adds is uncertain at the destination until its checkpoint.
+            let adding: Vec<usize> = (0..outgoing.len())
+                .filter(|i| outgoing.ops[*i] == Op::Added)
+                .filter(|i| blocked.binary_search_by_key(i, |f| f.index).is_err())
+                .collect();
+            checkpoints.write_intent(seq, &batch, &adding).await?;
+        }
+        Ok(PreparedBatch {
+            seq,
+            batch,
+            outgoing,
+            blocked,
+            render_ms,
+            intent_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+}
+
+/// A stream of materialised rows cut into batches of at most `size` records (commit points).
+struct Batches {
+    stream: futures::stream::BoxStream<'static, Result<RecordBatch>>,
+    current: Option<RecordBatch>,
+    offset: usize,
+    size: usize,
+    read_ms: u64,
+}
+
+impl Batches {
+    async fn next(&mut self) -> Result<Option<RecordBatch>> {
+        loop {
+            if let Some(batch) = &self.current {
+                if self.offset < batch.num_rows() {
+                    let length = self.size.min(batch.num_rows() - self.offset);
+                    let slice = batch.slice(self.offset, length);
+                    self.offset += length;
+                    return Ok(Some(slice));
+                }
+                self.current = None;
+            }
+            let started = Instant::now();
+            let next = self.stream.try_next().await?;
+            self.read_ms += started.elapsed().as_millis() as u64;
+            match next {
+                Some(batch) => {
+                    self.current = Some(batch);
+                    self.offset = 0;
+                }
+                None => return Ok(None),
+            }
+        }
+    }
 }
 
 impl Delivery<'_> {
@@ -1369,86 +1487,83 @@ impl Delivery<'_> {
         });
     }
 
+    /// Delivers a stream of materialised rows, a batch (commit point) at a time, as a pipeline:
+    /// while batch n is sent and checkpointed, batch n+1 is read, rendered and its intent
+    /// written. Batch n+1 is sent only once checkpoint n is committed, so a run stopped or
+    /// killed at any point sends at most one batch again.
     async fn deliver_stream(
         &mut self,
         stream: datafusion::execution::SendableRecordBatchStream,
     ) -> Result<()> {
         let mapping = self.run.mapping.clone();
-        let mut stream = stream.map_err(|source| EngineError::Diff {
+        let stream = stream.map_err(move |source| EngineError::Diff {
             mapping: mapping.clone(),
             source,
         });
-        loop {
-            let started = Instant::now();
-            let Some(batch) = stream.try_next().await? else {
-                break;
+        let mut batches = Batches {
+            stream: Box::pin(stream),
+            current: None,
+            offset: 0,
+            size: self.records_per_checkpoint,
+            read_ms: 0,
+        };
+        let checkpoints = self.checkpoints.clone();
+        let preparer = Preparer {
+            engine: self.engine,
+            plan: self.plan,
+            policy: self.policy,
+            checkpoints: checkpoints.as_deref(),
+        };
+        let outcome = async {
+            let Some(first) = batches.next().await? else {
+                return Ok(());
             };
-            self.run.timings.read_ms += started.elapsed().as_millis() as u64;
-            // A batch is a commit point; a shutdown stops the run between two of them.
-            let mut offset = 0;
-            while offset < batch.num_rows() {
+            let mut ready = preparer.prepare(self.take_seq(), first).await?;
+            loop {
+                // A batch is a commit point; a shutdown stops the run between two of them.
                 self.check_stop()?;
-                let length = self.records_per_checkpoint.min(batch.num_rows() - offset);
-                let span = tracing::info_span!("batch", records = length);
-                self.deliver_batch(&batch.slice(offset, length))
-                    .instrument(span)
-                    .await?;
-                offset += length;
+                let seq = self.take_seq();
+                let next = async {
+                    match batches.next().await? {
+                        Some(batch) => preparer.prepare(seq, batch).await.map(Some),
+                        None => Ok(None),
+                    }
+                };
+                let span = tracing::info_span!("batch", records = ready.batch.num_rows());
+                let (sent, next) = tokio::join!(self.send_batch(ready).instrument(span), next);
+                sent?;
+                match next? {
+                    Some(prepared) => ready = prepared,
+                    None => return Ok(()),
+                }
             }
         }
-        Ok(())
+        .await;
+        self.run.timings.read_ms += batches.read_ms;
+        outcome
     }
 
-    async fn deliver_batch(&mut self, batch: &RecordBatch) -> Result<()> {
-        let internal = |what: &str| EngineError::Internal(format!("materialised rows lack {what}"));
-        let ops_array = batch
-            .column_by_name(OP)
-            .and_then(|a| a.as_primitive_opt::<UInt8Type>())
-            .ok_or_else(|| internal(OP))?;
-        let new_hash = batch.column_by_name(NEW_HASH).ok_or_else(|| internal(NEW_HASH))?;
-        let new_hash = new_hash
-            .as_primitive_opt::<UInt64Type>()
-            .ok_or_else(|| internal(NEW_HASH))?;
-        let base_hash = batch
-            .column_by_name(BASE_HASH)
-            .ok_or_else(|| internal(BASE_HASH))?;
-        let base_hash = base_hash
-            .as_primitive_opt::<UInt64Type>()
-            .ok_or_else(|| internal(BASE_HASH))?;
-        let mut ops = Vec::with_capacity(batch.num_rows());
-        let mut hashes = Vec::with_capacity(batch.num_rows());
-        for i in 0..batch.num_rows() {
-            let op = Op::from_code(ops_array.value(i)).ok_or_else(|| internal("a valid op"))?;
-            ops.push(op);
-            // A deleted record is identified by the state the destination has.
-            hashes.push(if op == Op::Deleted {
-                base_hash.value(i)
-            } else {
-                new_hash.value(i)
-            });
-        }
-        let started = Instant::now();
-        let encoded = self.plan.encode(batch, ops, &hashes)?;
-        self.run.timings.render_ms += started.elapsed().as_millis() as u64;
-        let outgoing = encoded.records;
-        // Records that cannot be sent (no identifier, over a size limit) fail alone, unsent;
-        // the rest of the batch goes on.
-        let blocked = self
-            .engine
-            .blocked_records(encoded.unsendable, &outgoing, self.policy);
+    fn take_seq(&mut self) -> i64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    /// Sends a prepared batch and commits its checkpoint.
+    async fn send_batch(&mut self, prepared: PreparedBatch) -> Result<()> {
+        let PreparedBatch {
+            seq,
+            batch,
+            outgoing,
+            blocked,
+            render_ms,
+            intent_ms,
+        } = prepared;
+        let batch = &batch;
+        self.run.timings.render_ms += render_ms;
+        self.run.timings.checkpoint_ms += intent_ms;
         let blocked_count = blocked.len() as u64;
         if let Some(sink) = self.dry_run {
             return self.write_dry_run(sink, &outgoing, &blocked).await;
-        }
-        if let Some(checkpoints) = &self.checkpoints {
-            // What this batch adds is uncertain at the destination until its checkpoint.
-            let adding: Vec<usize> = (0..outgoing.len())
-                .filter(|i| outgoing.ops[*i] == Op::Added)
-                .filter(|i| blocked.binary_search_by_key(i, |f| f.index).is_err())
-                .collect();
-            let started = Instant::now();
-            checkpoints.write_intent(batch, &adding).await?;
-            self.run.timings.checkpoint_ms += started.elapsed().as_millis() as u64;
         }
         let started = Instant::now();
         let delivered = if blocked.is_empty() {
@@ -1545,10 +1660,10 @@ impl Delivery<'_> {
                 })
                 .collect()
         };
-        if let Some(checkpoints) = self.checkpoints.as_mut() {
+        if let Some(checkpoints) = &self.checkpoints {
             let started = Instant::now();
             let checkpoint = checkpoints
-                .write(batch, &acknowledged, failed_rows.as_ref())
+                .write(seq, batch, &acknowledged, failed_rows.as_ref())
                 .await?;
             let failures = std::mem::take(&mut self.failures);
             self.engine
