@@ -293,7 +293,8 @@ async fn killed_runs_lose_nothing_and_resend_at_most_the_batch_in_flight() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("spawn sluice");
-        let after = Duration::from_millis(rng.random_range(20..700));
+        // (Runs that only send a round's changes take 300–600 ms, start-up included.)
+        let after = Duration::from_millis(rng.random_range(20..450));
         tokio::select! {
             _ = tokio::time::sleep(after) => {
                 child.start_kill().expect("SIGKILL");
