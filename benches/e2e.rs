@@ -14,6 +14,7 @@
 //! changes made and against what the receiver got. `--keep` leaves the project directory (the
 //! snapshots, the exported files) in place; by default it is removed after each size.
 //! `--sample-rss` also samples the process's RSS every 100 ms and prints the peak per stage.
+//! `SLUICE_BENCH_BIN=path` runs another `sluice` binary (an earlier version, side by side).
 //! `--profile DIR` runs each sync under `perf record -F 499 -g` (Debian's linux-perf), writing
 //! `DIR/<rows>-<sync>.perf.data` (its timings then include perf's overhead).
 
@@ -181,6 +182,12 @@ mappings:
     path
 }
 
+/// The `sluice` binary to run: this build's, or `SLUICE_BENCH_BIN` (another version's, to
+/// compare the two side by side).
+fn sluice_binary() -> std::ffi::OsString {
+    std::env::var_os("SLUICE_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into())
+}
+
 /// Runs `sluice run` and waits for it with `wait4`, for its own CPU time and peak RSS.
 fn run_sluice(
     config: &Path,
@@ -196,10 +203,10 @@ fn run_sluice(
             perf.args(["record", "-F", "499", "-g", "-o"])
                 .arg(output)
                 .arg("--")
-                .arg(env!("CARGO_BIN_EXE_sluice"));
+                .arg(sluice_binary());
             perf
         }
-        None => std::process::Command::new(env!("CARGO_BIN_EXE_sluice")),
+        None => std::process::Command::new(sluice_binary()),
     };
     let child = command
         .args(["run", "--config"])
