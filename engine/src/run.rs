@@ -824,7 +824,11 @@ impl Engine {
         let mut differ = Differ::new(self.snapshots.clone(), manifest.clone(), baseline.clone())
             .await
             .map_err(diff_err)?;
-        if let Some(cluster) = self.diff_cluster(&mapping).await? {
+        // Without a baseline there is no join to distribute (every row is added), so no cluster
+        // is started or contacted.
+        if baseline.is_some()
+            && let Some(cluster) = self.diff_cluster(&mapping).await?
+        {
             differ = differ.on_cluster(cluster);
         }
         if let Some(filter) = &run.filter {
