@@ -58,7 +58,7 @@ struct RunFigures {
     render_ms: i64,
     deliver_ms: i64,
     checkpoint_ms: i64,
-    /// Wall time of this mapping's diff, delivery and commit (after the shared extraction).
+    /// Seconds from the end of the shared extraction to this mapping's commit.
     mapping_s: f64,
 }
 
@@ -194,7 +194,7 @@ fn run_sluice(
     log: &Path,
     sample_rss: bool,
     profile: Option<PathBuf>,
-) -> (ProcessCost, Vec<(f64, f64)>) {
+) -> (ProcessCost, Vec<Sample>) {
     let log_file = std::fs::File::create(log).expect("log file");
     let started = Instant::now();
     let mut command = match profile {
@@ -218,27 +218,34 @@ fn run_sluice(
         .expect("start sluice");
     let pid = child.id() as libc::pid_t;
     let done = Arc::new(AtomicBool::new(false));
-    let sampler = sample_rss.then(|| {
+    let sampler = {
         let done = done.clone();
         std::thread::spawn(move || {
             let mut samples = Vec::new();
             let t0 = Instant::now();
             while !done.load(Ordering::Relaxed) {
-                if let Some(kib) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .ok()
-                    .and_then(|s| {
-                        s.lines()
-                            .find(|l| l.starts_with("VmRSS:"))
-                            .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
-                    })
-                {
-                    samples.push((t0.elapsed().as_secs_f64(), kib / 1024.0));
-                }
+                let rss_mib = if sample_rss {
+                    std::fs::read_to_string(format!("/proc/{pid}/status"))
+                        .ok()
+                        .and_then(|s| {
+                            s.lines()
+                                .find(|l| l.starts_with("VmRSS:"))
+                                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+                        })
+                        .map(|kib| kib / 1024.0)
+                } else {
+                    None
+                };
+                samples.push(Sample {
+                    at: t0.elapsed().as_secs_f64(),
+                    rss_mib,
+                    cpu: machine_cpu(),
+                });
                 std::thread::sleep(Duration::from_millis(100));
             }
             samples
         })
-    });
+    };
     let mut status = 0;
     // SAFETY: a zeroed rusage is a valid value for wait4 to fill in.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -247,7 +254,7 @@ fn run_sluice(
     assert_eq!(waited, pid, "wait4 on sluice");
     let wall = started.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
-    let samples = sampler.map(|s| s.join().unwrap_or_default()).unwrap_or_default();
+    let samples = sampler.join().unwrap_or_default();
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let exit = if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
@@ -287,24 +294,20 @@ async fn latest_runs(state: &Path) -> Vec<RunFigures> {
         let text: String = r.get(column);
         chrono::DateTime::parse_from_rfc3339(&text).expect("RFC 3339 time")
     };
-    // The mappings run one after the other once the model is extracted.
-    let mut by_finish: Vec<&sqlx::sqlite::SqliteRow> = rows.iter().collect();
-    by_finish.sort_by_key(|r| time(r, "finished_at"));
-    let mut previous = by_finish
+    // The model is extracted once; then its mappings run (at once, in this version; one
+    // after the other in earlier ones). A mapping's wall time runs from the end of the
+    // extraction to its commit.
+    let extracted_at = rows.iter().map(|r| time(r, "started_at")).min().expect("runs")
+        + chrono::Duration::milliseconds(rows[0].get::<i64, _>("extract_ms"));
+    let walls: std::collections::HashMap<String, f64> = rows
         .iter()
-        .map(|r| time(r, "started_at"))
-        .min()
-        .expect("runs")
-        + chrono::Duration::milliseconds(by_finish[0].get::<i64, _>("extract_ms"));
-    let mut walls = std::collections::HashMap::new();
-    for r in &by_finish {
-        let finished = time(r, "finished_at");
-        walls.insert(
-            r.get::<String, _>("mapping"),
-            (finished - previous).as_seconds_f64(),
-        );
-        previous = finished;
-    }
+        .map(|r| {
+            (
+                r.get::<String, _>("mapping"),
+                (time(r, "finished_at") - extracted_at).as_seconds_f64(),
+            )
+        })
+        .collect();
     let mut runs: Vec<RunFigures> = rows
         .iter()
         .map(|r| RunFigures {
@@ -329,13 +332,49 @@ async fn latest_runs(state: &Path) -> Vec<RunFigures> {
     runs
 }
 
+/// What the sampler saw, every 100 ms of the `sluice` process's life.
+struct Sample {
+    /// Seconds since the process started.
+    at: f64,
+    rss_mib: Option<f64>,
+    /// The machine's busy and total CPU time so far (jiffies, all cores).
+    cpu: (u64, u64),
+}
+
+/// Busy and total jiffies of the whole machine (`/proc/stat`), for how much of its cores a sync
+/// kept busy: sluice, PostgreSQL and the receiver together.
+fn machine_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    // idle and iowait are the 4th and 5th fields.
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
 /// Peak sampled RSS within [from, to) seconds of the process's life.
-fn peak_between(samples: &[(f64, f64)], from: f64, to: f64) -> f64 {
+fn peak_between(samples: &[Sample], from: f64, to: f64) -> f64 {
     samples
         .iter()
-        .filter(|(t, _)| *t >= from && *t < to)
-        .map(|(_, r)| *r)
+        .filter(|s| s.at >= from && s.at < to)
+        .filter_map(|s| s.rss_mib)
         .fold(0.0, f64::max)
+}
+
+/// Share of the machine's CPU time that was busy within [from, to) seconds.
+fn busy_between(samples: &[Sample], from: f64, to: f64) -> f64 {
+    let within: Vec<&Sample> = samples.iter().filter(|s| s.at >= from && s.at < to).collect();
+    match (within.first(), within.last()) {
+        (Some(a), Some(b)) if b.cpu.1 > a.cpu.1 => (b.cpu.0 - a.cpu.0) as f64 / (b.cpu.1 - a.cpu.1) as f64,
+        _ => 0.0,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -344,7 +383,7 @@ fn report(
     sync: &str,
     cost: &ProcessCost,
     runs: &[RunFigures],
-    samples: &[(f64, f64)],
+    samples: &[Sample],
     expect: (i64, i64, i64),
     received: u64,
     expect_received: u64,
@@ -352,12 +391,15 @@ fn report(
     let extracted = runs.first().map_or(0, |r| r.extracted);
     let extract_s = runs.first().map_or(0, |r| r.extract_ms) as f64 / 1000.0;
     let s = |ms: i64| ms as f64 / 1000.0;
+    let busy = |from: f64, to: f64| busy_between(samples, from, to) * 100.0;
     println!(
-        "| {rows} | {sync} | {:.1} | {:.1} | {:.0} | {:.2} M | {extract_s:.1} | {} |",
+        "| {rows} | {sync} | {:.1} | {:.1} | {:.0} | {:.2} M | {extract_s:.1} | {:.0}% / {:.0}% | {} |",
         cost.wall,
         cost.cpu,
         cost.peak_rss_mib,
         extracted as f64 / cost.wall / 1e6,
+        busy(0.0, extract_s),
+        busy(extract_s, f64::MAX),
         runs.iter()
             .map(|r| format!(
                 "{} {:.1} ({:.1} / {:.1} / {:.1} / {:.1} / {:.1})",
@@ -372,7 +414,7 @@ fn report(
             .collect::<Vec<_>>()
             .join("; "),
     );
-    if !samples.is_empty() {
+    if samples.iter().any(|s| s.rss_mib.is_some()) {
         let extract_end = extract_s;
         eprintln!(
             "  sampled RSS peak: extraction {:.0} MiB, diff and delivery {:.0} MiB",
@@ -463,9 +505,9 @@ fn main() {
         tokio::spawn(async move { axum::serve(listener, app).await });
         let pg = postgres().await;
         println!(
-            "| rows | sync | wall s | CPU s | peak RSS MiB | rows/s | extract s | per mapping: wall s (diff / read rows / render / send / checkpoints, summed s) |"
+            "| rows | sync | wall s | CPU s | peak RSS MiB | rows/s | extract s | machine CPU busy (extraction / after) | per mapping: s after extraction (diff / read rows / render / send / checkpoints, summed s) |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---|");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---|");
         for rows in sizes {
             eprintln!("{rows} rows:");
             create_table(&pg, rows).await;

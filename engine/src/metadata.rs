@@ -332,6 +332,10 @@ pub struct MetadataStore {
     /// Bumped after every write to runs and their failed records made through this store (its
     /// clones included), so readers can tell that what they read before may have changed.
     writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// SQLite takes one writer at a time, and a second one polls for the lock with growing
+    /// sleeps; this process's write transactions queue here instead (runs of several mappings
+    /// commit checkpoints at once).
+    write_turns: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Which database holds the metadata.
@@ -432,6 +436,7 @@ impl MetadataStore {
             location,
             backend: Backend::Sqlite,
             writes: Default::default(),
+            write_turns: Default::default(),
         };
         store.mark_dead_runs_interrupted().await?;
         Ok(store)
@@ -456,9 +461,19 @@ impl MetadataStore {
             location,
             backend: Backend::Postgres,
             writes: Default::default(),
+            write_turns: Default::default(),
         };
         store.mark_dead_runs_interrupted().await?;
         Ok(store)
+    }
+
+    /// This process's turn to write, on SQLite (see `write_turns`); Postgres takes concurrent
+    /// writers itself.
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.backend {
+            Backend::Sqlite => Some(self.write_turns.lock().await),
+            Backend::Postgres => None,
+        }
     }
 
     /// How many writes to runs this process has made: a reader that cached what it read can
@@ -658,6 +673,7 @@ impl MetadataStore {
 
     /// Records progress of a running run (its snapshot, counts so far).
     pub async fn update_run(&self, run: &RunRecord) -> Result<()> {
+        let _writing = self.write_turn().await;
         let mut tx = self.pool.begin().await.map_err(self.err())?;
         update_run(self.backend, &mut tx, run).await.map_err(self.err())?;
         tx.commit().await.map_err(self.err())?;
@@ -694,6 +710,7 @@ impl MetadataStore {
 
     /// Adds failed records of a running run, outside of a checkpoint.
     pub async fn add_failures(&self, run_id: &str, failures: &[FailureRow]) -> Result<()> {
+        let _writing = self.write_turn().await;
         let mut tx = self.pool.begin().await.map_err(self.err())?;
         insert_failures(self.backend, &mut tx, run_id, failures)
             .await
@@ -713,6 +730,7 @@ impl MetadataStore {
         failures: &[FailureRow],
         lease_ttl: Duration,
     ) -> Result<()> {
+        let _writing = self.write_turn().await;
         let mut tx = self.pool.begin().await.map_err(self.err())?;
         self.hold_lease(&mut tx, run, lease_ttl).await?;
         sqlx::query(self.sql(
@@ -797,6 +815,7 @@ impl MetadataStore {
         state: Option<&MappingState>,
         note: &str,
     ) -> Result<()> {
+        let _writing = self.write_turn().await;
         let mut tx = self.pool.begin().await.map_err(self.err())?;
         if let Some(state) = state {
             upsert_state(self.backend, &mut tx, state)
@@ -834,6 +853,7 @@ impl MetadataStore {
     /// (a run whose lease lapsed and was taken over commits nothing); the run's checkpoints,
     /// now part of the state, are dropped.
     pub async fn commit_run(&self, run: &RunRecord, state: Option<&MappingState>) -> Result<()> {
+        let _writing = self.write_turn().await;
         let mut tx = self.pool.begin().await.map_err(self.err())?;
         if let Some(state) = state {
             self.hold_lease(&mut tx, run, crate::run::LEASE_TTL).await?;

@@ -491,7 +491,6 @@ impl Engine {
                 return Ok(done);
             }
         };
-        let mut done = Vec::new();
         for run in &mut runs {
             run.snapshot_id = Some(manifest.id.clone());
             run.counts.extracted = manifest.rows;
@@ -499,36 +498,45 @@ impl Engine {
             // The snapshot is in use from now on (retention keeps snapshots of running runs).
             self.metadata.update_run(run).await?;
         }
-        for mut run in runs {
-            let config = self.project.config.mappings[&run.mapping].clone();
-            // Every log line of the run carries its id and mapping.
-            let span =
-                tracing::info_span!("run", run_id = %run.id, mapping = %run.mapping, trigger = %run.trigger);
-            let outcome = self
-                .run_mapping(&mut run, &config, manifest.clone(), full, observer, None)
-                .instrument(span)
-                .await;
-            if let Err(e) = outcome {
-                let message = e.to_string();
-                run.status = stopped_status(&e);
-                if run.status == RunStatus::Interrupted {
-                    tracing::warn!(
-                        mapping = run.mapping,
-                        "run stopped at a checkpoint by a shutdown request"
-                    );
-                } else if run.status == RunStatus::Cancelled {
-                    tracing::warn!(mapping = run.mapping, "run cancelled; stopped at a checkpoint");
-                } else {
-                    tracing::error!(mapping = run.mapping, error = %message, "run failed");
+        // The mappings of one model run at once: each holds its own lease and state, and their
+        // diffs, rendering and requests share the cores (one waits on its destination while
+        // another renders). Results come back in the mappings' order.
+        let mappings = runs.into_iter().map(|mut run| {
+            let manifest = manifest.clone();
+            async move {
+                let config = self.project.config.mappings[&run.mapping].clone();
+                // Every log line of the run carries its id and mapping.
+                let span = tracing::info_span!("run", run_id = %run.id, mapping = %run.mapping, trigger = %run.trigger);
+                let outcome = self
+                    .run_mapping(&mut run, &config, manifest, full, observer, None)
+                    .instrument(span)
+                    .await;
+                if let Err(e) = outcome {
+                    let message = e.to_string();
+                    run.status = stopped_status(&e);
+                    if run.status == RunStatus::Interrupted {
+                        tracing::warn!(
+                            mapping = run.mapping,
+                            "run stopped at a checkpoint by a shutdown request"
+                        );
+                    } else if run.status == RunStatus::Cancelled {
+                        tracing::warn!(mapping = run.mapping, "run cancelled; stopped at a checkpoint");
+                    } else {
+                        tracing::error!(mapping = run.mapping, error = %message, "run failed");
+                    }
+                    run.finished_at = Some(Utc::now());
+                    run.recommended_action = e.recommended_action();
+                    run.error = Some(message);
+                    self.metadata.commit_run(&run, None).await?;
                 }
-                run.finished_at = Some(Utc::now());
-                run.recommended_action = e.recommended_action();
-                run.error = Some(message);
-                self.metadata.commit_run(&run, None).await?;
+                self.finish_run(observer, &run).await;
+                Ok::<_, EngineError>(run)
             }
-            self.finish_run(observer, &run).await;
-            done.push(run);
-        }
+        });
+        let done = futures::future::join_all(mappings)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
         Ok(done)
     }
 
@@ -841,14 +849,14 @@ impl Engine {
         }
         let model_schema = self.model_schema(&differ).await.map_err(diff_err)?;
         let action = self.action(&mapping);
-        let plan = MappingPlan::compile(
+        let plan = Arc::new(MappingPlan::compile(
             &mapping,
             config,
             &run.model,
             &model_schema,
             &manifest.key_columns,
             action,
-        )?;
+        )?);
         let send: Vec<Op> = config.send.clone();
         let info = self.run_info(&mapping, config, run, dry_run.is_some());
         let writer = destination.open(&info).await?;
@@ -875,7 +883,7 @@ impl Engine {
         let mut delivery = Delivery {
             engine: self,
             run,
-            plan: &plan,
+            plan: plan.clone(),
             writer: writer.as_ref(),
             destination: config.destination.clone(),
             policy: &policy,
@@ -1239,7 +1247,7 @@ fn source_failure(model: &str, source_name: &str, error: DataFusionError) -> Sou
 struct Delivery<'a> {
     engine: &'a Engine,
     run: &'a mut RunRecord,
-    plan: &'a MappingPlan,
+    plan: Arc<MappingPlan>,
     writer: &'a dyn DestinationWriter,
     destination: String,
     policy: &'a crate::destination::DeliveryPolicy,
@@ -1274,10 +1282,10 @@ struct PreparedBatch {
 
 /// What preparing a batch needs: nothing the sending of the previous batch changes, so the two
 /// run at once.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Preparer<'a> {
     engine: &'a Engine,
-    plan: &'a MappingPlan,
+    plan: Arc<MappingPlan>,
     policy: &'a crate::destination::DeliveryPolicy,
     checkpoints: Option<&'a CheckpointWriter>,
 }
@@ -1311,9 +1319,17 @@ impl Preparer<'_> {
                 new_hash.value(i)
             });
         }
-        let started = Instant::now();
-        let encoded = self.plan.encode(&batch, ops, &hashes)?;
-        let render_ms = started.elapsed().as_millis() as u64;
+        // Rendering is the CPU-heavy part of a batch: it runs on a blocking thread, so it uses a
+        // second core while the previous batch's request and checkpoint are in flight.
+        let plan = self.plan.clone();
+        let (batch, encoded, render_ms) = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let encoded = plan.encode(&batch, ops, &hashes);
+            (batch, encoded, started.elapsed().as_millis() as u64)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("rendering a batch stopped: {e}")))?;
+        let encoded = encoded?;
         let outgoing = encoded.records;
         // Records that cannot be sent (no identifier, over a size limit) fail alone, unsent;
         // the rest of the batch goes on.
@@ -1514,7 +1530,7 @@ impl Delivery<'_> {
         let checkpoints = self.checkpoints.clone();
         let preparer = Preparer {
             engine: self.engine,
-            plan: self.plan,
+            plan: self.plan.clone(),
             policy: self.policy,
             checkpoints: checkpoints.as_deref(),
         };
