@@ -16,6 +16,7 @@ use sluice_engine::tokens::{self, Scope};
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::session;
 
 /// Who made a request.
 #[derive(Debug, Clone)]
@@ -142,23 +143,47 @@ fn needed_scope(method: &Method, path: &str) -> Scope {
     }
 }
 
-/// Middleware: checks the bearer token and the scope, and hands the caller to the handler.
+/// Middleware: checks the token (a bearer token, or a console session's cookie with its CSRF
+/// token on changes; see [`crate::session`]) and the scope, and hands the caller to the handler.
 pub async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let token = request
+    let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
-    let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send an API token as `Authorization: Bearer <token>` (`sluice token create` makes one)",
-        )
-        .into_response();
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string);
+    let token = match bearer {
+        Some(token) => token,
+        None => match session::cookie(request.headers(), session::SESSION_COOKIE) {
+            Some(token) => {
+                let provided = request
+                    .headers()
+                    .get(session::CSRF_HEADER)
+                    .and_then(|v| v.to_str().ok());
+                if !session::is_safe(request.method()) && !session::csrf_matches(request.headers(), provided)
+                {
+                    return ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "csrf",
+                        "a change made with the console's session cookie needs the session's CSRF token in the `X-CSRF-Token` header",
+                    )
+                    .into_response();
+                }
+                token
+            }
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "send an API token as `Authorization: Bearer <token>` (`sluice token create` makes one)",
+                )
+                .into_response();
+            }
+        },
     };
-    let Some(caller) = state.auth.caller(&state, token).await else {
+    let Some(caller) = state.auth.caller(&state, &token).await else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

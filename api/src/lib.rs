@@ -25,6 +25,7 @@ mod extract;
 mod query;
 mod rows;
 mod runs;
+pub mod session;
 pub mod views;
 
 use error::{ApiError, ErrorBody};
@@ -140,6 +141,13 @@ pub fn app(service: Arc<Service>) -> (Router, AppState) {
         auth::require_token,
     ));
     let (router, mut document) = protected.merge(public_routes()).split_for_parts();
+    // The console's sign-in pages: not part of the API, so not in its document.
+    let router = router
+        .route(
+            "/login",
+            axum::routing::get(session::login_page).post(session::login),
+        )
+        .route("/logout", axum::routing::post(session::logout));
     document_errors(&mut document);
     let _ = state.openapi.set(document);
     let router = router

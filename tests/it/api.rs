@@ -227,6 +227,168 @@ async fn tokens_are_required_and_scopes_enforced_but_health_checks_answer() {
     assert!(engine.metadata().revoke_token("late").await.expect("revoke"));
 }
 
+/// Sends a request with browser-like cookies (and a form body when given).
+async fn browser(
+    api: &Api,
+    method: Method,
+    path: &str,
+    cookies: &str,
+    form: Option<&str>,
+    csrf_header: Option<&str>,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut request = Request::builder().method(method).uri(path);
+    if !cookies.is_empty() {
+        request = request.header(header::COOKIE, cookies);
+    }
+    if let Some(csrf) = csrf_header {
+        request = request.header("x-csrf-token", csrf);
+    }
+    let request = match form {
+        Some(form) => request
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(form.to_string())),
+        None => request.body(Body::empty()),
+    }
+    .expect("request");
+    let response = api.router.clone().oneshot(request).await.expect("response");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The `name=value` pairs a response sets, with each cookie's attributes.
+fn set_cookies(headers: &axum::http::HeaderMap) -> Vec<(String, String, String)> {
+    headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| {
+            let (pair, attributes) = v.split_once(';').unwrap_or((v, ""));
+            let (name, value) = pair.split_once('=')?;
+            Some((name.to_string(), value.to_string(), attributes.to_string()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_console_session_signs_in_with_a_token_and_its_changes_need_the_csrf_token() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+
+    // The login page hands out a CSRF cookie and puts the same token in its form.
+    let (status, headers, page) = browser(&api, Method::GET, "/login", "", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let cookies = set_cookies(&headers);
+    let (_, csrf, attributes) = cookies
+        .iter()
+        .find(|(name, _, _)| name == "sluice_csrf")
+        .expect("a CSRF cookie");
+    assert!(attributes.contains("SameSite=Strict"), "{attributes}");
+    assert!(page.contains(&format!(r#"name="csrf" value="{csrf}""#)), "{page}");
+    let pre_login = format!("sluice_csrf={csrf}");
+
+    // A post without the matching CSRF token, or with an unknown API token, signs nobody in.
+    let form = format!("token={}&csrf=forged", api.admin);
+    let (status, headers, _) = browser(&api, Method::POST, "/login", &pre_login, Some(&form), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        set_cookies(&headers)
+            .iter()
+            .all(|(name, _, _)| name != "sluice_session")
+    );
+    let form = format!("token=sluice_not-a-token&csrf={csrf}");
+    let (status, headers, page) = browser(&api, Method::POST, "/login", &pre_login, Some(&form), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(page.contains("not known"), "{page}");
+    assert!(
+        set_cookies(&headers)
+            .iter()
+            .all(|(name, _, _)| name != "sluice_session")
+    );
+
+    // The right token starts a session: an HttpOnly, SameSite=Strict cookie and a new CSRF token.
+    let form = format!("token={}&csrf={csrf}", api.admin);
+    let (status, headers, _) = browser(&api, Method::POST, "/login", &pre_login, Some(&form), None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        headers.get(header::LOCATION).and_then(|v| v.to_str().ok()),
+        Some("/")
+    );
+    let cookies = set_cookies(&headers);
+    let (_, session, attributes) = cookies
+        .iter()
+        .find(|(name, _, _)| name == "sluice_session")
+        .expect("a session cookie");
+    assert!(
+        attributes.contains("HttpOnly") && attributes.contains("SameSite=Strict"),
+        "{attributes}"
+    );
+    let (_, session_csrf, _) = cookies
+        .iter()
+        .find(|(name, _, _)| name == "sluice_csrf")
+        .expect("a new CSRF cookie");
+    assert_ne!(session_csrf, csrf, "a session gets its own CSRF token");
+    let jar = format!("sluice_session={session}; sluice_csrf={session_csrf}");
+
+    // The session reads the API with no header at all.
+    let (status, _, body) = browser(&api, Method::GET, "/api/v1/mappings", &jar, None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("users_to_crm"), "{body}");
+
+    // A change made with the cookie needs the CSRF token, as a forged cross-site post lacks it.
+    let (status, _, body) = browser(
+        &api,
+        Method::PATCH,
+        "/api/v1/mappings/users_to_crm",
+        &jar,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("\"csrf\""), "{body}");
+    let (status, _, body) = browser(
+        &api,
+        Method::PATCH,
+        "/api/v1/mappings/users_to_crm",
+        &jar,
+        None,
+        Some("0000"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let request = Request::builder()
+        .method(Method::PATCH)
+        .uri("/api/v1/mappings/users_to_crm")
+        .header(header::COOKIE, &jar)
+        .header("x-csrf-token", session_csrf.as_str())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"enabled": false}).to_string()))
+        .expect("request");
+    let response = api.router.clone().oneshot(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, mapping) = api
+        .admin(Method::GET, "/api/v1/mappings/users_to_crm", None)
+        .await;
+    assert_eq!(mapping["enabled"], false, "{mapping}");
+
+    // Signing out needs the token too, and clears both cookies.
+    let (status, _, _) = browser(&api, Method::POST, "/logout", &jar, Some("csrf=wrong"), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let form = format!("csrf={session_csrf}");
+    let (status, headers, _) = browser(&api, Method::POST, "/logout", &jar, Some(&form), None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let cleared = set_cookies(&headers);
+    for name in ["sluice_session", "sluice_csrf"] {
+        let (_, value, attributes) = cleared.iter().find(|(n, _, _)| n == name).expect("cleared");
+        assert!(
+            value.is_empty() && attributes.contains("Max-Age=0"),
+            "{name}: {attributes}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn definitions_are_created_listed_replaced_and_deleted_with_secrets_write_only() {
     let receiver = AckReceiver::start(Duration::ZERO).await;
