@@ -136,7 +136,12 @@ impl Authenticator {
 
 /// The scope a request needs.
 fn needed_scope(method: &Method, path: &str) -> Scope {
-    if method == Method::GET || method == Method::HEAD || path == "/api/v1/query" {
+    // A query and a schedule preview only read.
+    if method == Method::GET
+        || method == Method::HEAD
+        || path == "/api/v1/query"
+        || path == "/api/v1/schedules/preview"
+    {
         Scope::Read
     } else {
         Scope::Admin

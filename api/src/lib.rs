@@ -25,6 +25,7 @@ mod extract;
 mod query;
 mod rows;
 mod runs;
+mod schedules;
 pub mod session;
 pub mod views;
 
@@ -109,6 +110,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::cancel_run))
         .routes(routes!(runs::dry_run_requests))
         .routes(routes!(query::query))
+        .routes(routes!(schedules::preview_schedule))
         .routes(routes!(openapi_json))
 }
 

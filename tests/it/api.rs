@@ -390,6 +390,58 @@ async fn a_console_session_signs_in_with_a_token_and_its_changes_need_the_csrf_t
 }
 
 #[tokio::test]
+async fn schedule_previews_describe_a_schedule_and_list_its_next_runs() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let preview = |body: Value| {
+        let read = api.read.clone();
+        let api = &api;
+        async move {
+            api.call(Method::POST, "/api/v1/schedules/preview", Some(&read), Some(body))
+                .await
+        }
+    };
+    // A read token may preview: it changes nothing.
+    let (status, body) =
+        preview(json!({"schedule": {"cron": "30 9 * * 1-5", "timezone": "Europe/Paris"}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["description"], "cron `30 9 * * 1-5` (Europe/Paris)");
+    let runs: Vec<chrono::DateTime<chrono::Utc>> =
+        serde_json::from_value(body["next_runs"].clone()).expect("times");
+    assert_eq!(runs.len(), 5);
+    for (a, b) in runs.iter().zip(runs.iter().skip(1)) {
+        assert!(a < b, "{runs:?}");
+    }
+    for run in &runs {
+        // 09:30 in Paris is 08:30 UTC in winter, 07:30 in summer; weekdays only.
+        let utc = run.format("%H:%M").to_string();
+        assert!(utc == "08:30" || utc == "07:30", "{run}");
+        assert!(chrono::Datelike::weekday(run).number_from_monday() <= 5, "{run}");
+    }
+
+    let (status, body) = preview(json!({"schedule": {"every": "15m"}, "count": 3})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["description"], "every 15m");
+    let runs: Vec<chrono::DateTime<chrono::Utc>> =
+        serde_json::from_value(body["next_runs"].clone()).expect("times");
+    assert_eq!(runs.len(), 3);
+    assert_eq!((runs[1] - runs[0]).num_minutes(), 15);
+
+    let (status, body) = preview(json!({"schedule": "manual"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["description"], "manual");
+    assert_eq!(body["next_runs"], json!([]));
+
+    let (status, body) = preview(json!({"schedule": {"cron": "61 * * * *"}})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    assert!(message(&body).contains("schedule"), "{body}");
+    let (status, body) = preview(json!({"schedule": {"every": "10s"}})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, body) = preview(json!({"schedule": "manual", "count": 0})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+}
+
+#[tokio::test]
 async fn definitions_are_created_listed_replaced_and_deleted_with_secrets_write_only() {
     let receiver = AckReceiver::start(Duration::ZERO).await;
     let api = Api::start(&config(&receiver.url), 5).await;
@@ -1209,6 +1261,7 @@ async fn the_openapi_document_matches_the_routes() {
         ("get", "/metrics"),
         ("get", "/api/v1/openapi.json"),
         ("post", "/api/v1/query"),
+        ("post", "/api/v1/schedules/preview"),
         ("get", "/api/v1/runs"),
         ("get", "/api/v1/runs/{id}"),
         ("get", "/api/v1/runs/{id}/failures"),
