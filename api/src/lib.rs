@@ -19,6 +19,7 @@ use utoipa_axum::routes;
 
 pub mod auth;
 mod cache;
+mod console;
 mod definitions;
 pub mod error;
 mod extract;
@@ -143,13 +144,15 @@ pub fn app(service: Arc<Service>) -> (Router, AppState) {
         auth::require_token,
     ));
     let (router, mut document) = protected.merge(public_routes()).split_for_parts();
-    // The console's sign-in pages: not part of the API, so not in its document.
+    // The console and its sign-in pages: not part of the API, so not in its document.
     let router = router
         .route(
             "/login",
             axum::routing::get(session::login_page).post(session::login),
         )
-        .route("/logout", axum::routing::post(session::logout));
+        .route("/logout", axum::routing::post(session::logout))
+        .route("/", axum::routing::get(console::index))
+        .route("/assets/{*path}", axum::routing::get(console::asset));
     document_errors(&mut document);
     let _ = state.openapi.set(document);
     let router = router

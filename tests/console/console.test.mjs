@@ -1,0 +1,156 @@
+// The web console end to end: a real `sluice serve` on loopback over the quickstart project,
+// driven in Debian's headless Chromium by playwright-core. Screenshots of each screen at 1280
+// and 390 px go to target/console-screenshots/ for a reviewer.
+//
+// SLUICE_BIN: the sluice binary (default: $CARGO_TARGET_DIR/debug/sluice, else target/debug).
+// CHROMIUM: the browser (default /usr/bin/chromium).
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFileSync } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync, existsSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const sluice =
+  process.env.SLUICE_BIN ?? join(process.env.CARGO_TARGET_DIR ?? join(root, "target"), "debug", "sluice");
+const shots = join(root, "target", "console-screenshots");
+const widths = [1280, 390];
+
+let dir;
+let config;
+let server;
+let base;
+let token;
+let browser;
+
+/** Starts `sluice serve` on a free loopback port and resolves with its address. */
+function serve() {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn(sluice, ["serve", "--listen", "127.0.0.1:0", "--no-schedules", "--config", config], {
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, RUST_LOG: "warn" },
+    });
+    let output = "";
+    const timer = setTimeout(() => reject(new Error(`sluice serve did not start:\n${output}`)), 30000);
+    child.stderr.on("data", (chunk) => {
+      output += chunk;
+      const match = output.match(/listening on (http:\/\/[0-9.:]+)/);
+      if (match) {
+        clearTimeout(timer);
+        resolvePromise({ child, url: match[1] });
+      }
+    });
+    child.on("exit", (code) => reject(new Error(`sluice serve exited with ${code}:\n${output}`)));
+  });
+}
+
+/** The API with the bearer token (to check what the screens did). */
+async function api(method, path, body) {
+  const response = await fetch(`${base}/api/v1${path}`, {
+    method,
+    headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return { status: response.status, body: await response.json() };
+}
+
+async function screenshot(page, name) {
+  for (const width of widths) {
+    await page.setViewportSize({ width, height: 900 });
+    await page.screenshot({ path: join(shots, `${name}-${width}.png`), fullPage: true });
+  }
+  await page.setViewportSize({ width: widths[0], height: 900 });
+}
+
+before(async () => {
+  assert.ok(existsSync(sluice), `no sluice binary at ${sluice} (build it, or set SLUICE_BIN)`);
+  mkdirSync(shots, { recursive: true });
+  dir = mkdtempSync(join(tmpdir(), "sluice-console-"));
+  // The quickstart project: a SQLite warehouse, a file destination, two runs already made.
+  execFileSync(sluice, ["quickstart", "--dir", join(dir, "qs"), "--rows", "200"], { stdio: "ignore" });
+  config = join(dir, "qs", "sluice.yaml");
+  token = execFileSync(sluice, ["token", "create", "console", "--scope", "admin", "--config", config])
+    .toString()
+    .trim()
+    .split(/\s+/)
+    .pop();
+  const started = await serve();
+  server = started.child;
+  base = started.url;
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-dev-shm-usage"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.kill("SIGTERM");
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+test("signing in takes an API token, and a wrong one is refused", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(`${base}/`);
+  assert.match(page.url(), /\/login$/, "without a session, / sends the browser to the sign-in form");
+  await screenshot(page, "login");
+
+  await page.getByLabel("API token").fill("sluice_not-a-token");
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.match(await page.getByRole("alert").innerText(), /not known/);
+
+  await page.getByLabel("API token").fill(token);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.getByRole("heading", { name: "Overview" }).waitFor();
+  const cookies = await context.cookies();
+  const session = cookies.find((c) => c.name === "sluice_session");
+  assert.ok(session?.httpOnly, "the session cookie is HttpOnly");
+  assert.equal(session.sameSite, "Strict");
+  // Scripts cannot read the token.
+  assert.ok(!(await page.evaluate(() => document.cookie)).includes("sluice_session"));
+  await context.close();
+});
+
+test("the overview lists mappings with their last run and a switch that disables them", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(`${base}/login`);
+  await page.getByLabel("API token").fill(token);
+  await page.keyboard.press("Enter");
+  const row = page.locator('tr[data-mapping="users_to_crm"]');
+  await row.waitFor();
+  assert.match(await row.innerText(), /users\b/);
+  assert.match(await row.innerText(), /crm_export/);
+  assert.match(await row.locator(".status").innerText(), /succeeded/);
+  // The quickstart made two runs: the sparkline is drawn (uPlot's canvas).
+  await row.locator(".sparkline canvas").waitFor();
+  await screenshot(page, "overview");
+
+  const toggle = page.getByLabel("users_to_crm enabled");
+  assert.ok(await toggle.isChecked());
+  await toggle.uncheck();
+  await page.getByText("users_to_crm is disabled.").waitFor();
+  const { body: off } = await api("GET", "/mappings/users_to_crm");
+  assert.equal(off.enabled, false, "the switch went through the API");
+  await toggle.check();
+  await page.getByText("users_to_crm is enabled.").waitFor();
+  const { body: on } = await api("GET", "/mappings/users_to_crm");
+  assert.equal(on.enabled, true);
+
+  // A run started elsewhere shows up without reloading the page.
+  const { status, body: run } = await api("POST", "/mappings/users_to_crm/runs", {});
+  assert.equal(status, 202, JSON.stringify(run));
+  await page.locator(`tr[data-mapping="users_to_crm"] td[data-run-id="${run.id}"]`).waitFor({ timeout: 15000 });
+
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await page.waitForURL(/\/login$/);
+  await page.goto(`${base}/`);
+  assert.match(page.url(), /\/login$/, "signed out: the console asks to sign in again");
+  await context.close();
+});
