@@ -1,6 +1,6 @@
 // The sluice console: screens over the HTTP API (/api/v1), which implements every rule; the
 // console only shows and asks. Preact with htm's tagged templates, no build step.
-import { html, render, useState, useEffect, useCallback } from "/assets/vendor/preact-htm.mjs";
+import { html, render, useState, useEffect, useCallback, useRef } from "/assets/vendor/preact-htm.mjs";
 
 // ---- The API -------------------------------------------------------------------------------
 
@@ -117,7 +117,11 @@ function Overview() {
   const [error, setError] = useState(null);
   const [notice, setNotice] = useState(null);
 
+  // Bumped by every change made here, so a refresh that started before it cannot undo it.
+  const changes = useRef(0);
+
   const load = useCallback(async () => {
+    const started = changes.current;
     try {
       const [mappings, models] = await Promise.all([all("/mappings"), all("/models")]);
       const modelSchedules = Object.fromEntries(models.map((m) => [m.name, m.definition.schedule]));
@@ -132,6 +136,7 @@ function Overview() {
           return { mapping, definition, runs, preview };
         }),
       );
+      if (changes.current !== started) return;
       setRows(loaded);
       setError(null);
     } catch (e) {
@@ -146,15 +151,28 @@ function Overview() {
     return () => clearInterval(timer);
   }, [load]);
 
+  const setEnabled = (name, enabled) =>
+    setRows((current) =>
+      current.map((row) =>
+        row.mapping.name === name ? { ...row, mapping: { ...row.mapping, enabled } } : row,
+      ),
+    );
+
   const toggle = async (name, enabled) => {
+    changes.current += 1;
+    // Shown at once; put back if the API refuses.
+    setEnabled(name, enabled);
     try {
       await api("PATCH", `/mappings/${encodeURIComponent(name)}`, { enabled });
       setNotice(`${name} is ${enabled ? "enabled" : "disabled"}.`);
-      await load();
+      setError(null);
     } catch (e) {
+      setEnabled(name, !enabled);
       setNotice(null);
       setError(`${name}: ${e.message}`);
     }
+    changes.current += 1;
+    await load();
   };
 
   if (error && !rows) return html`<p class="error" role="alert">${error}</p>`;
