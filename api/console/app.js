@@ -232,22 +232,257 @@ function Overview() {
   `;
 }
 
+const seconds = (ms) => (ms == null ? "" : `${(ms / 1000).toFixed(ms < 10000 ? 1 : 0)} s`);
+
+/** Polls `load` every 3 s while the page is visible; `load` says whether to keep going. */
+function usePolling(load, deps) {
+  useEffect(() => {
+    let stopped = false;
+    const tick = async () => {
+      if (stopped) return;
+      if (document.visibilityState === "visible") await load();
+      if (!stopped) timer = setTimeout(tick, 3000);
+    };
+    let timer = setTimeout(tick, 0);
+    return () => {
+      stopped = true;
+      clearTimeout(timer);
+    };
+  }, deps);
+}
+
+/** Counts and durations of a mapping's last runs, oldest first (uPlot, two scales). */
+function RunsChart({ runs }) {
+  const [node, setNode] = useState(null);
+  useEffect(() => {
+    if (!node || !window.uPlot || runs.length === 0) return undefined;
+    const ordered = [...runs].reverse();
+    const xs = ordered.map((r) => new Date(r.started_at).getTime() / 1000);
+    const series = (pick) => ordered.map(pick);
+    const width = Math.max(280, Math.min(node.clientWidth || 900, 1100));
+    const plot = new window.uPlot(
+      {
+        width,
+        height: 220,
+        scales: { x: { time: true }, records: {}, seconds: {} },
+        axes: [
+          {},
+          { scale: "records", label: "records" },
+          { scale: "seconds", side: 1, label: "seconds", grid: { show: false } },
+        ],
+        series: [
+          {},
+          { label: "added", scale: "records", stroke: "#1c7c3a", width: 2 },
+          { label: "updated", scale: "records", stroke: "#2451c9", width: 2 },
+          { label: "deleted", scale: "records", stroke: "#a25b00", width: 2 },
+          { label: "failed", scale: "records", stroke: "#a11b1b", width: 2 },
+          { label: "duration (s)", scale: "seconds", stroke: "#8a8fa0", width: 1, dash: [4, 4] },
+        ],
+      },
+      [
+        xs,
+        series((r) => r.counts.added),
+        series((r) => r.counts.updated),
+        series((r) => r.counts.deleted),
+        series((r) => r.counts.failed),
+        series((r) => (r.duration_ms ?? 0) / 1000),
+      ],
+      node,
+    );
+    // Follows the page's width (a phone turned, a window resized).
+    const observer = new ResizeObserver(() => {
+      const next = Math.max(280, Math.min(node.clientWidth, 1100));
+      if (next !== plot.width) plot.setSize({ width: next, height: 220 });
+    });
+    observer.observe(node);
+    return () => {
+      observer.disconnect();
+      plot.destroy();
+    };
+  }, [node, runs]);
+  if (runs.length === 0) return null;
+  return html`<div class="chart" ref=${setNode} role="img"
+    aria-label=${`added, updated, deleted and failed records and durations of the last ${runs.length} runs`}></div>`;
+}
+
+/** A mapping's runs: a table and a chart of the last 30. */
+function Runs({ mapping: chosen }) {
+  const [mappings, setMappings] = useState(null);
+  const [runs, setRuns] = useState(null);
+  const [error, setError] = useState(null);
+  const mapping = chosen ?? mappings?.[0]?.name;
+
+  useEffect(() => {
+    all("/mappings")
+      .then(setMappings)
+      .catch((e) => setError(e.message));
+  }, []);
+  usePolling(async () => {
+    if (!mapping) return;
+    try {
+      const page = await api("GET", `/runs?mapping=${encodeURIComponent(mapping)}&limit=30`);
+      setRuns(page.runs);
+      setError(null);
+    } catch (e) {
+      setError(e.message);
+    }
+  }, [mapping]);
+
+  if (error && !mappings) return html`<p class="error" role="alert">${error}</p>`;
+  if (!mappings) return html`<p class="muted">Loading…</p>`;
+  if (mappings.length === 0) {
+    return html`<h1>Runs</h1>
+      <div class="panel empty"><p><strong>No mappings, so no runs.</strong></p>
+      <p class="muted">Runs appear here once a mapping exists and runs.</p></div>`;
+  }
+  return html`
+    <h1>Runs</h1>
+    ${error && html`<p class="error" role="alert">${error}</p>`}
+    <p>
+      <label for="run-mapping">Mapping </label>
+      <select id="run-mapping" value=${mapping}
+        onChange=${(e) => { window.location.hash = `#/runs?mapping=${encodeURIComponent(e.currentTarget.value)}`; }}>
+        ${mappings.map((m) => html`<option value=${m.name}>${m.name}</option>`)}
+      </select>
+    </p>
+    ${runs === null
+      ? html`<p class="muted">Loading…</p>`
+      : runs.length === 0
+        ? html`<div class="panel empty"><p><strong>${mapping} has not run yet.</strong></p>
+            <p class="muted">Start a run from the command line (<code>sluice run ${mapping}</code>) or the API (<code>POST /api/v1/mappings/${mapping}/runs</code>).</p></div>`
+        : html`
+          <div class="panel"><${RunsChart} runs=${runs} /></div>
+          <div class="panel">
+            <table class="list runs">
+              <thead><tr>
+                <th scope="col">Status</th><th scope="col">Trigger</th><th scope="col">Started</th>
+                <th scope="col">Duration</th><th scope="col" class="num">Extracted</th>
+                <th scope="col" class="num">Added</th><th scope="col" class="num">Updated</th>
+                <th scope="col" class="num">Deleted</th><th scope="col" class="num">Succeeded</th>
+                <th scope="col" class="num">Failed</th>
+              </tr></thead>
+              <tbody>
+                ${runs.map((r) => html`<tr key=${r.id} data-run=${r.id}>
+                  <td data-label="Status"><a href=${`#/run/${r.id}`}><${Status} status=${r.status} /></a></td>
+                  <td data-label="Trigger">${r.trigger}${r.full_resync ? " (full resync)" : ""}</td>
+                  <td data-label="Started"><a href=${`#/run/${r.id}`}>${localTime(r.started_at)}</a></td>
+                  <td data-label="Duration">${seconds(r.duration_ms)}</td>
+                  <td data-label="Extracted" class="num">${number.format(r.counts.extracted)}</td>
+                  <td data-label="Added" class="num">${number.format(r.counts.added)}</td>
+                  <td data-label="Updated" class="num">${number.format(r.counts.updated)}</td>
+                  <td data-label="Deleted" class="num">${number.format(r.counts.deleted)}</td>
+                  <td data-label="Succeeded" class="num">${number.format(r.counts.delivered)}</td>
+                  <td data-label="Failed" class="num">${number.format(r.counts.failed)}</td>
+                </tr>`)}
+              </tbody>
+            </table>
+          </div>`}
+  `;
+}
+
+/** One run: its counts, stage timings and failed records. */
+function RunPage({ id }) {
+  const [run, setRun] = useState(null);
+  const [failures, setFailures] = useState(null);
+  const [error, setError] = useState(null);
+  usePolling(async () => {
+    try {
+      const loaded = await api("GET", `/runs/${encodeURIComponent(id)}`);
+      setRun(loaded);
+      if (loaded.status !== "running" || failures === null) {
+        const page = await api("GET", `/runs/${encodeURIComponent(id)}/failures?limit=100`);
+        setFailures(page);
+      }
+      setError(null);
+    } catch (e) {
+      setError(e.message);
+    }
+  }, [id]);
+  if (error && !run) return html`<p class="error" role="alert">${error}</p>`;
+  if (!run) return html`<p class="muted">Loading…</p>`;
+  const stages = [
+    ["Extract", run.timings.extract_ms],
+    ["Diff", run.timings.diff_ms],
+    ["Read changed rows", run.timings.read_ms],
+    ["Render", run.timings.render_ms],
+    ["Send", run.timings.deliver_ms],
+    ["Checkpoints", run.timings.checkpoint_ms],
+  ];
+  const counts = [
+    ["Extracted", run.counts.extracted], ["Added", run.counts.added], ["Updated", run.counts.updated],
+    ["Deleted", run.counts.deleted], ["Sent", run.counts.sent], ["Succeeded", run.counts.delivered],
+    ["Failed", run.counts.failed], ["Retried", run.counts.retried], ["Skipped", run.counts.skipped],
+  ];
+  return html`
+    <p><a href=${`#/runs?mapping=${encodeURIComponent(run.mapping)}`}>← ${run.mapping} runs</a></p>
+    <h1>Run of ${run.mapping} <${Status} status=${run.status} /></h1>
+    <p class="muted">${run.trigger}${run.full_resync ? ", full resync" : ""} · started ${localTime(run.started_at)}
+      ${run.finished_at ? ` · ${seconds(run.duration_ms)}` : " · still running"} · <code>${run.id}</code></p>
+    ${run.error && html`<p class="error" role="alert">${run.error}</p>`}
+    ${run.recommended_action && html`<p class="panel"><strong>Recommended action:</strong> ${run.recommended_action}</p>`}
+    <div class="grid">
+      <section class="panel" aria-labelledby="counts-heading">
+        <h2 id="counts-heading">Records</h2>
+        <table class="pairs">${counts.map(([k, v]) => html`<tr><th scope="row">${k}</th><td class="num">${number.format(v)}</td></tr>`)}</table>
+      </section>
+      <section class="panel" aria-labelledby="timings-heading">
+        <h2 id="timings-heading">Stage timings</h2>
+        <table class="pairs">${stages.map(([k, v]) => html`<tr><th scope="row">${k}</th><td class="num">${seconds(v)}</td></tr>`)}</table>
+        <p class="muted small">Stages after extraction are summed over buckets and batches, and overlap.</p>
+      </section>
+    </div>
+    <section class="panel" aria-labelledby="failures-heading">
+      <h2 id="failures-heading">Failed records</h2>
+      ${failures === null
+        ? html`<p class="muted">Loading…</p>`
+        : failures.failures.length === 0
+          ? html`<p class="muted">No failed records: every selected record was delivered.</p>`
+          : html`
+            <p><a class="button" href=${`/api/v1/runs/${encodeURIComponent(run.id)}/failures?format=csv`} download>Download errors (CSV)</a>
+              ${failures.next_cursor ? html` <span class="muted">The first 100 are shown; the CSV has them all.</span>` : null}</p>
+            <table class="list failures">
+              <thead><tr><th scope="col">Key</th><th scope="col">Operation</th><th scope="col">Error</th>
+                <th scope="col" class="num">Attempts</th><th scope="col">Payload</th></tr></thead>
+              <tbody>
+                ${failures.failures.map((f, i) => html`<tr key=${i}>
+                  <td data-label="Key"><code>${typeof f.key === "string" ? f.key : JSON.stringify(f.key)}</code></td>
+                  <td data-label="Operation">${f.operation}</td>
+                  <td data-label="Error" class="wrap">${f.error}</td>
+                  <td data-label="Attempts" class="num">${f.attempts}</td>
+                  <td data-label="Payload">${f.payload
+                    ? html`<details><summary>Sample payload</summary><pre>${f.payload}</pre></details>`
+                    : html`<span class="muted">not sent</span>`}</td>
+                </tr>`)}
+              </tbody>
+            </table>`}
+    </section>
+  `;
+}
+
 // ---- The shell -----------------------------------------------------------------------------
 
-const screens = [{ path: "overview", title: "Overview", view: Overview }];
+const screens = [
+  { path: "overview", title: "Overview", view: Overview },
+  { path: "runs", title: "Runs", view: Runs },
+  { path: "run", title: "Run", view: RunPage, hidden: true, parent: "runs" },
+];
 
-function currentPath() {
-  return window.location.hash.replace(/^#\/?/, "") || "overview";
+/** The screen, its path argument and query of `#/screen/argument?query`. */
+function currentRoute() {
+  const [pathPart, queryPart] = window.location.hash.replace(/^#\/?/, "").split("?");
+  const [path, ...rest] = (pathPart || "overview").split("/");
+  return { path, argument: rest.join("/"), query: new URLSearchParams(queryPart ?? "") };
 }
 
 function App() {
-  const [path, setPath] = useState(currentPath());
+  const [route, setRoute] = useState(currentRoute());
   useEffect(() => {
-    const changed = () => setPath(currentPath());
+    const changed = () => setRoute(currentRoute());
     window.addEventListener("hashchange", changed);
     return () => window.removeEventListener("hashchange", changed);
   }, []);
-  const screen = screens.find((s) => s.path === path) ?? screens[0];
+  const screen = screens.find((s) => s.path === route.path) ?? screens[0];
+  const current = screen.parent ?? screen.path;
   useEffect(() => {
     document.title = `${screen.title} · sluice`;
   }, [screen]);
@@ -255,8 +490,8 @@ function App() {
     <header class="top">
       <a class="brand" href="#/overview">sluice</a>
       <nav aria-label="Screens">
-        ${screens.map(
-          (s) => html`<a href=${`#/${s.path}`} aria-current=${s === screen ? "page" : undefined}>${s.title}</a>`,
+        ${screens.filter((s) => !s.hidden).map(
+          (s) => html`<a href=${`#/${s.path}`} aria-current=${s.path === current ? "page" : undefined}>${s.title}</a>`,
         )}
       </nav>
       <form method="post" action="/logout">
@@ -264,7 +499,8 @@ function App() {
         <button type="submit">Sign out</button>
       </form>
     </header>
-    <main><${screen.view} /></main>
+    <main><${screen.view} key=${`${route.path}/${route.argument}?${route.query}`}
+      id=${route.argument} mapping=${route.query.get("mapping") ?? undefined} /></main>
   `;
 }
 

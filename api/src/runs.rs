@@ -205,6 +205,17 @@ pub struct FailureParams {
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// `csv`: every record as CSV, as `Accept: text/csv` asks (for a plain download link).
+    #[param(inline)]
+    pub format: Option<FailureFormat>,
+}
+
+/// The form failed records come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureFormat {
+    Json,
+    Csv,
 }
 
 /// Whether the client asked for CSV (`Accept: text/csv`).
@@ -218,7 +229,7 @@ fn wants_csv(headers: &HeaderMap) -> bool {
 }
 
 /// A run's failed records: key, operation, the destination's error, attempts, payload. JSON
-/// pages, or every record as CSV with `Accept: text/csv`.
+/// pages, or every record as CSV with `Accept: text/csv` or `?format=csv`.
 #[utoipa::path(get, path = "/runs/{id}/failures", tag = "runs", params(("id" = String, Path), FailureParams),
     responses((status = 200, description = "One page, or all of them as CSV", content(
         (FailurePage = "application/json"),
@@ -231,7 +242,11 @@ pub async fn run_failures(
 ) -> ApiResult<Response> {
     let run = find_run(&state, &id).await?;
     let metadata = state.service.engine().metadata().clone();
-    if wants_csv(&headers) {
+    let csv = match params.format {
+        Some(format) => format == FailureFormat::Csv,
+        None => wants_csv(&headers),
+    };
+    if csv {
         let run_id = run.id.clone();
         let body = futures::stream::unfold(Some(0u64), move |offset| {
             let metadata = metadata.clone();

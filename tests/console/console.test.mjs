@@ -8,6 +8,8 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
+import { createServer } from "node:http";
+import { readFileSync } from "node:fs";
 import { mkdtempSync, mkdirSync, rmSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
@@ -26,6 +28,8 @@ let server;
 let base;
 let token;
 let browser;
+let receiver;
+let receiverUrl;
 
 /** Starts `sluice serve` on a free loopback port and resolves with its address. */
 function serve() {
@@ -78,6 +82,16 @@ before(async () => {
     .trim()
     .split(/\s+/)
     .pop();
+  // A webhook receiver that rejects every record, for failed records to look at.
+  receiver = createServer((request, response) => {
+    request.resume();
+    request.on("end", () => {
+      response.writeHead(400, { "Content-Type": "application/json" });
+      response.end(JSON.stringify({ error: "email domain is blocked" }));
+    });
+  });
+  await new Promise((r) => receiver.listen(0, "127.0.0.1", r));
+  receiverUrl = `http://127.0.0.1:${receiver.address().port}/ingest`;
   const started = await serve();
   server = started.child;
   base = started.url;
@@ -90,6 +104,7 @@ before(async () => {
 after(async () => {
   await browser?.close();
   server?.kill("SIGTERM");
+  receiver?.close();
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
@@ -152,5 +167,79 @@ test("the overview lists mappings with their last run and a switch that disables
   await page.waitForURL(/\/login$/);
   await page.goto(`${base}/`);
   assert.match(page.url(), /\/login$/, "signed out: the console asks to sign in again");
+  await context.close();
+});
+
+/** A browser context signed in with the admin token. */
+async function signedIn() {
+  const context = await browser.newContext({ acceptDownloads: true });
+  const page = await context.newPage();
+  await page.goto(`${base}/login`);
+  await page.getByLabel("API token").fill(token);
+  await page.keyboard.press("Enter");
+  await page.getByRole("heading", { name: "Overview" }).waitFor();
+  return { context, page };
+}
+
+/** Triggers a run through the API and waits for it to end. */
+async function runToEnd(mapping) {
+  const { status, body: run } = await api("POST", `/mappings/${mapping}/runs`, {});
+  assert.equal(status, 202, JSON.stringify(run));
+  for (let i = 0; i < 200; i += 1) {
+    const { body } = await api("GET", `/runs/${run.id}`);
+    if (body.status !== "running") return body;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`run ${run.id} did not end`);
+}
+
+test("the runs screen charts a mapping's runs, and a run page shows its failed records and their CSV", async () => {
+  // A second destination that rejects everything, and a mapping to it, made through the API.
+  let answer = await api("POST", "/destinations", {
+    name: "rejecting",
+    definition: { type: "webhook", url: receiverUrl, max_attempts: 1 },
+  });
+  assert.equal(answer.status, 201, JSON.stringify(answer.body));
+  answer = await api("POST", "/mappings", {
+    name: "users_to_rejecting",
+    definition: { model: "users", destination: "rejecting", send: ["added", "updated", "deleted"], fields: { email: "email" } },
+  });
+  assert.equal(answer.status, 201, JSON.stringify(answer.body));
+  const failed = await runToEnd("users_to_rejecting");
+  assert.ok(failed.counts.failed > 0, JSON.stringify(failed));
+
+  const { context, page } = await signedIn();
+  await page.getByRole("link", { name: "Runs" }).click();
+  await page.getByRole("heading", { name: "Runs" }).waitFor();
+  await page.getByLabel("Mapping").selectOption("users_to_crm");
+  await page.locator("table.runs tbody tr").first().waitFor();
+  assert.ok((await page.locator("table.runs tbody tr").count()) >= 2, "the quickstart's runs are listed");
+  await page.locator(".chart canvas").waitFor();
+  await screenshot(page, "runs");
+
+  await page.getByLabel("Mapping").selectOption("users_to_rejecting");
+  const row = page.locator(`tr[data-run="${failed.id}"]`);
+  await row.waitFor();
+  assert.match(await row.innerText(), new RegExp(String(failed.counts.failed)));
+  await row.getByRole("link").first().click();
+  await page.getByRole("heading", { name: /Run of users_to_rejecting/ }).waitFor();
+  assert.match(await page.getByRole("heading", { name: "Stage timings" }).locator("..").innerText(), /Extract/);
+  const failures = page.locator("table.failures tbody tr");
+  await failures.first().waitFor();
+  assert.match(await failures.first().innerText(), /added/);
+  assert.match(await failures.first().innerText(), /email domain is blocked/);
+  // A failed record's sample payload opens.
+  await failures.first().getByText("Sample payload").click();
+  assert.match(await failures.first().locator("pre").innerText(), /email/);
+  await screenshot(page, "run");
+
+  const [download] = await Promise.all([
+    page.waitForEvent("download"),
+    page.getByRole("link", { name: "Download errors (CSV)" }).click(),
+  ]);
+  const csv = readFileSync(await download.path(), "utf8").trim().split("\n");
+  assert.equal(csv.length, failed.counts.failed + 1, "a header and one line per failed record");
+  assert.match(csv[0], /error/);
+  assert.match(download.suggestedFilename(), /failures\.csv$/);
   await context.close();
 });
