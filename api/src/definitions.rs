@@ -420,3 +420,78 @@ pub async fn preview_model(
         rows,
     }))
 }
+
+/// `POST /api/v1/mappings/{name}/test-record`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestRecordRequest {
+    /// The record's primary key, one value per key column in order, compared as text (the
+    /// model's first row when absent).
+    pub key: Option<Vec<String>>,
+    /// `added` (default), `updated` or `deleted`: the operation to render it as.
+    pub op: Option<String>,
+}
+
+/// One record as its mapping would send it: the exact request(s), not sent.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct TestRecord {
+    /// The record's primary key.
+    #[schema(value_type = Object)]
+    pub key: Value,
+    /// The request(s) that would carry it alone.
+    pub requests: Vec<TestRequest>,
+    /// Why the record would fail without being sent, when it would.
+    pub unsendable: Option<String>,
+}
+
+/// A request as a destination would receive it (credentials left out).
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct TestRequest {
+    /// `POST`, `PATCH`, ... or what the destination does instead (`COPY`, `WRITE`).
+    pub method: String,
+    /// URL (without credentials), table or file.
+    pub target: String,
+    /// Records the request carries.
+    pub records: usize,
+    /// The body, as sent.
+    #[schema(value_type = Object)]
+    pub body: Value,
+}
+
+/// Renders one model row through the mapping (a "test record"): runs the model's query for
+/// that key and returns the exact payload, sending nothing.
+#[utoipa::path(post, path = "/mappings/{name}/test-record", tag = "mappings",
+    params(("name" = String, Path)),
+    request_body(content = Option<TestRecordRequest>, description = "Optional; the model's first row, as added, by default"),
+    responses(
+        (status = 200, description = "The request(s) that would carry the record", body = TestRecord),
+        (status = 422, description = "The query failed in its source", body = crate::error::ErrorBody)))]
+pub async fn test_record(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    body: bytes::Bytes,
+) -> ApiResult<axum::Json<TestRecord>> {
+    let request = optional_body::<TestRecordRequest>(&body)?;
+    let op = match request.op.as_deref() {
+        None => sluice_engine::Op::Added,
+        Some(text) => sluice_engine::Op::parse(text).ok_or_else(|| {
+            ApiError::bad_request(format!("`op` is added, updated or deleted, not `{text}`"))
+        })?,
+    };
+    let engine = state.service.current().await?;
+    let preview = engine.preview_payload(&name, request.key.as_deref(), op).await?;
+    Ok(axum::Json(TestRecord {
+        key: preview.key,
+        requests: preview
+            .requests
+            .into_iter()
+            .map(|r| TestRequest {
+                method: r.method,
+                target: r.target,
+                records: r.records,
+                body: r.body,
+            })
+            .collect(),
+        unsendable: preview.unsendable,
+    }))
+}

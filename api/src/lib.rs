@@ -94,6 +94,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(list_models, create_model))
         .routes(routes!(get_model, update_model, delete_model))
         .routes(routes!(preview_model))
+        .routes(routes!(test_record))
         .routes(routes!(list_destinations, create_destination))
         .routes(routes!(get_destination, update_destination, delete_destination))
         .routes(routes!(test_destination))

@@ -863,6 +863,48 @@ async fn previews_and_connection_tests_report_what_the_systems_say() {
         .await;
     assert_eq!((status, &body["ok"]), (StatusCode::OK, &json!(true)), "{body}");
 
+    // A test record: one row rendered through the mapping, exactly as it would be sent.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/test-record",
+            Some(json!({"key": ["3"], "op": "updated"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["key"], json!({"id": 3}), "{body}");
+    assert_eq!(body["requests"][0]["method"], "POST", "{body}");
+    assert_eq!(body["requests"][0]["records"], 1, "{body}");
+    let record = &body["requests"][0]["body"]["records"][0];
+    assert_eq!(
+        (&record["op"], &record["key"]["id"]),
+        (&json!("updated"), &json!(3)),
+        "{body}"
+    );
+    assert!(body["unsendable"].is_null(), "{body}");
+    // No body: the model's first row, as added.
+    let (status, body) = api
+        .admin(Method::POST, "/api/v1/mappings/users_to_crm/test-record", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["requests"][0]["body"]["records"][0]["op"], "added", "{body}");
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/test-record",
+            Some(json!({"op": "upserted"})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/test-record",
+            Some(json!({"key": ["1", "2"]})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+
     // A destination nobody listens at: the test says so, with the system's error.
     let (status, body) = api
         .admin(
@@ -1272,6 +1314,7 @@ async fn the_openapi_document_matches_the_routes() {
         ("post", "/api/v1/sources/{name}/test"),
         ("post", "/api/v1/destinations/{name}/test"),
         ("post", "/api/v1/models/{name}/preview"),
+        ("post", "/api/v1/mappings/{name}/test-record"),
     ];
     let mut all = expected.to_vec();
     for collection in ["sources", "models", "destinations", "mappings"] {
