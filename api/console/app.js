@@ -459,10 +459,185 @@ function RunPage({ id }) {
   `;
 }
 
+/** Every mapping, with a link to its page. */
+function Mappings() {
+  const [mappings, setMappings] = useState(null);
+  const [error, setError] = useState(null);
+  useEffect(() => {
+    all("/mappings").then(setMappings).catch((e) => setError(e.message));
+  }, []);
+  if (error) return html`<p class="error" role="alert">${error}</p>`;
+  if (!mappings) return html`<p class="muted">Loading…</p>`;
+  return html`
+    <h1>Mappings</h1>
+    ${mappings.length === 0
+      ? html`<div class="panel empty"><p><strong>No mappings yet.</strong></p>
+          <p class="muted">A mapping picks a model, a destination and which records (added, updated, deleted) go there with which fields. Define one in <code>sluice.yaml</code> or with <code>POST /api/v1/mappings</code>.</p></div>`
+      : html`<div class="panel"><table class="list mappings">
+          <thead><tr><th scope="col">Mapping</th><th scope="col">Model</th><th scope="col">Destination</th>
+            <th scope="col">Sends</th><th scope="col">Enabled</th><th scope="col">Defined in</th></tr></thead>
+          <tbody>${mappings.map((m) => html`<tr key=${m.name}>
+            <td data-label="Mapping"><a href=${`#/mapping/${encodeURIComponent(m.name)}`}>${m.name}</a></td>
+            <td data-label="Model">${m.definition.model}</td>
+            <td data-label="Destination">${m.definition.destination}</td>
+            <td data-label="Sends">${(m.definition.send ?? ["added", "updated", "deleted"]).join(", ")}</td>
+            <td data-label="Enabled">${m.enabled === false ? "off" : "on"}</td>
+            <td data-label="Defined in">${m.origin === "file" ? "sluice.yaml" : "the API"}</td>
+          </tr>`)}</tbody></table></div>`}
+  `;
+}
+
+/** The text a key value is compared as (`--key` in `sluice preview-payload`). */
+const keyText = (value) => (typeof value === "string" ? value : JSON.stringify(value));
+
+/** One mapping: its fields, its switch, Run now and Full resync, and a test-record panel. */
+function MappingPage({ id: name }) {
+  const [mapping, setMapping] = useState(null);
+  const [model, setModel] = useState(null);
+  const [rows, setRows] = useState(null);
+  const [chosen, setChosen] = useState(0);
+  const [op, setOp] = useState("added");
+  const [payload, setPayload] = useState(null);
+  const [busy, setBusy] = useState(false);
+  const [message, setMessage] = useState(null);
+  const [error, setError] = useState(null);
+
+  const load = useCallback(async () => {
+    try {
+      const loaded = await api("GET", `/mappings/${encodeURIComponent(name)}`);
+      setMapping(loaded);
+      const modelDefinition = await api("GET", `/models/${encodeURIComponent(loaded.definition.model)}`);
+      setModel(modelDefinition);
+    } catch (e) {
+      setError(e.message);
+    }
+  }, [name]);
+  useEffect(() => { load(); }, [load]);
+
+  const keyColumns = model
+    ? [].concat(model.definition.primary_key ?? [])
+    : [];
+
+  const loadRows = async () => {
+    setBusy(true);
+    try {
+      const preview = await api("POST", `/models/${encodeURIComponent(mapping.definition.model)}/preview`, { limit: 10 });
+      setRows(preview);
+      setChosen(0);
+      setError(null);
+    } catch (e) {
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  const render_ = async () => {
+    const row = rows.rows[chosen];
+    setBusy(true);
+    try {
+      const result = await api("POST", `/mappings/${encodeURIComponent(name)}/test-record`, {
+        key: keyColumns.map((k) => keyText(row[k])),
+        op,
+      });
+      setPayload(result);
+      setError(null);
+    } catch (e) {
+      setPayload(null);
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  const trigger = async (full) => {
+    if (full && !window.confirm(`Send every row of ${mapping.definition.model} to ${mapping.definition.destination} again as added?`)) return;
+    setBusy(true);
+    try {
+      const run = await api("POST", `/mappings/${encodeURIComponent(name)}/runs`, full ? { full: true } : {});
+      setMessage(html`${full ? "Full resync" : "Run"} started: <a href=${`#/run/${run.id}`}>follow it</a>.`);
+      setError(null);
+    } catch (e) {
+      setMessage(null);
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  const toggle = async (enabled) => {
+    try {
+      const updated = await api("PATCH", `/mappings/${encodeURIComponent(name)}`, { enabled });
+      setMapping(updated);
+      setMessage(`${name} is ${enabled ? "enabled" : "disabled"}.`);
+      setError(null);
+    } catch (e) {
+      setError(e.message);
+    }
+  };
+
+  if (error && !mapping) return html`<p class="error" role="alert">${error}</p>`;
+  if (!mapping) return html`<p class="muted">Loading…</p>`;
+  const d = mapping.definition;
+  const fields = Object.entries(d.fields ?? {});
+  const constants = Object.entries(d.constants ?? {});
+  return html`
+    <p><a href="#/mappings">← Mappings</a></p>
+    <h1>${name}</h1>
+    <p class="muted">${d.model} → ${d.destination} · sends ${(d.send ?? ["added", "updated", "deleted"]).join(", ")} · defined in ${mapping.origin === "file" ? "sluice.yaml" : "the API"}</p>
+    ${error && html`<p class="error" role="alert">${error}</p>`}
+    <p role="status" aria-live="polite">${message ?? ""}</p>
+    <div class="actions">
+      <label class="switch"><input type="checkbox" checked=${mapping.enabled !== false}
+        aria-label=${`${name} enabled`} onChange=${(e) => toggle(e.currentTarget.checked)} />
+        ${mapping.enabled !== false ? "Enabled" : "Disabled"}</label>
+      <button type="button" disabled=${busy || mapping.enabled === false} onClick=${() => trigger(false)}>Run now</button>
+      <button type="button" class="secondary" disabled=${busy || mapping.enabled === false} onClick=${() => trigger(true)}>Full resync</button>
+      <a href=${`#/runs?mapping=${encodeURIComponent(name)}`}>Runs</a>
+    </div>
+    <div class="grid">
+      <section class="panel" aria-labelledby="fields-heading">
+        <h2 id="fields-heading">Fields</h2>
+        ${fields.length === 0 && constants.length === 0
+          ? html`<p class="muted">No field mapping: the destination gets every model column under its own name.</p>`
+          : html`<table class="pairs fields">
+              <thead><tr><th scope="col">Model column</th><th scope="col">Destination field</th></tr></thead>
+              <tbody>
+                ${fields.map(([to, from]) => html`<tr><td>${typeof from === "string" ? from : JSON.stringify(from)}</td><td><code>${to}</code></td></tr>`)}
+                ${constants.map(([to, value]) => html`<tr><td><span class="muted">constant</span> ${JSON.stringify(value)}</td><td><code>${to}</code></td></tr>`)}
+              </tbody></table>`}
+      </section>
+      <section class="panel" aria-labelledby="test-heading">
+        <h2 id="test-heading">Test record</h2>
+        <p class="muted small">The exact request this mapping would send for one row of ${d.model}. Nothing is sent.</p>
+        ${rows === null
+          ? html`<button type="button" class="secondary" disabled=${busy} onClick=${loadRows}>Load rows of ${d.model}</button>`
+          : html`<div class="controls">
+            <label for="test-row">Row</label>
+            <select id="test-row" value=${chosen} onChange=${(e) => setChosen(Number(e.currentTarget.value))}>
+              ${rows.rows.map((row, i) => html`<option value=${i}>${keyColumns.map((k) => `${k} = ${keyText(row[k])}`).join(", ")}</option>`)}
+            </select>
+            <label for="test-op">as</label>
+            <select id="test-op" value=${op} onChange=${(e) => setOp(e.currentTarget.value)}>
+              <option value="added">added</option><option value="updated">updated</option><option value="deleted">deleted</option>
+            </select>
+            <button type="button" disabled=${busy || rows.rows.length === 0} onClick=${render_}>Show payload</button></div>`}
+        ${payload && html`
+          ${payload.unsendable && html`<p class="error" role="alert">Would fail unsent: ${payload.unsendable}</p>`}
+          ${payload.requests.map((r) => html`<div class="request">
+            <p><code>${r.method} ${r.target}</code></p>
+            <pre class="payload" aria-label="payload">${typeof r.body === "string" ? r.body : JSON.stringify(r.body, null, 2)}</pre></div>`)}`}
+      </section>
+    </div>
+  `;
+}
+
 // ---- The shell -----------------------------------------------------------------------------
 
 const screens = [
   { path: "overview", title: "Overview", view: Overview },
+  { path: "mappings", title: "Mappings", view: Mappings },
+  { path: "mapping", title: "Mapping", view: MappingPage, hidden: true, parent: "mappings" },
   { path: "runs", title: "Runs", view: Runs },
   { path: "run", title: "Run", view: RunPage, hidden: true, parent: "runs" },
 ];
@@ -500,7 +675,7 @@ function App() {
       </form>
     </header>
     <main><${screen.view} key=${`${route.path}/${route.argument}?${route.query}`}
-      id=${route.argument} mapping=${route.query.get("mapping") ?? undefined} /></main>
+      id=${decodeURIComponent(route.argument)} mapping=${route.query.get("mapping") ?? undefined} /></main>
   `;
 }
 

@@ -243,3 +243,64 @@ test("the runs screen charts a mapping's runs, and a run page shows its failed r
   assert.match(download.suggestedFilename(), /failures\.csv$/);
   await context.close();
 });
+
+test("a mapping's page shows its fields and a test record's exact payload, and runs it now or in full", async () => {
+  const { context, page } = await signedIn();
+  await page.getByRole("link", { name: "Mappings" }).click();
+  await page.getByRole("heading", { name: "Mappings" }).waitFor();
+  await screenshot(page, "mappings");
+  await page.getByRole("link", { name: "users_to_crm" }).click();
+  await page.getByRole("heading", { name: "users_to_crm" }).waitFor();
+  // The quickstart's field mapping: model columns on the left, destination fields on the right.
+  const fields = page.locator("table.fields");
+  assert.match(await fields.innerText(), /first_name\s+traits\.first_name/);
+
+  // A test record: the second row, rendered as an update, exactly as the destination gets it.
+  await page.getByRole("button", { name: /Load rows of users/ }).click();
+  await page.getByLabel("Row").selectOption({ index: 1 });
+  const chosen = await page.getByLabel("Row").locator("option:checked").innerText();
+  const id = Number(chosen.match(/id = (\d+)/)[1]);
+  await page.getByLabel("as").selectOption("updated");
+  await page.getByRole("button", { name: "Show payload" }).click();
+  const payload = page.getByLabel("payload").first();
+  await payload.waitFor();
+  const { body: expected } = await api("POST", "/mappings/users_to_crm/test-record", { key: [String(id)], op: "updated" });
+  // Bodies are shown as sent: a string (the file destination's JSON line) as it is, JSON pretty.
+  const body = expected.requests[0].body;
+  const shown = await payload.textContent();
+  if (typeof body === "string") assert.equal(shown, body, "the panel shows the API's payload");
+  else assert.deepEqual(JSON.parse(shown), body, "the panel shows the API's payload");
+  assert.match(shown, new RegExp(`"op":\\s*"updated"`));
+  assert.match(shown, new RegExp(`"id":\\s*${id}\\b`));
+  await screenshot(page, "mapping");
+
+  // Run now, then follow the run to its end.
+  const runsBefore = (await api("GET", "/runs?mapping=users_to_crm&limit=500")).body.runs.length;
+  await page.getByRole("button", { name: "Run now" }).click();
+  await page.getByRole("link", { name: "follow it" }).click();
+  await page.getByRole("heading", { name: /Run of users_to_crm/ }).waitFor();
+  await page.locator("h1 .status.succeeded").waitFor({ timeout: 15000 });
+
+  // Full resync asks first, then starts a backfill.
+  await page.goBack();
+  await page.getByRole("heading", { name: "users_to_crm" }).waitFor();
+  page.once("dialog", (dialog) => dialog.accept());
+  await page.getByRole("button", { name: "Full resync" }).click();
+  await page.getByRole("link", { name: "follow it" }).waitFor();
+  const runs = (await api("GET", "/runs?mapping=users_to_crm&limit=500")).body.runs;
+  assert.equal(runs.length, runsBefore + 2);
+  assert.equal(runs[0].trigger, "backfill");
+  assert.equal(runs[0].full_resync, true);
+
+  // Disabled: the switch goes through the API, and the run buttons are off.
+  for (let i = 0; i < 100 && (await api("GET", `/runs/${runs[0].id}`)).body.status === "running"; i += 1) {
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await page.getByLabel("users_to_crm enabled").uncheck();
+  await page.getByText("users_to_crm is disabled.").waitFor();
+  assert.equal((await api("GET", "/mappings/users_to_crm")).body.enabled, false);
+  assert.ok(await page.getByRole("button", { name: "Run now" }).isDisabled());
+  await page.getByLabel("users_to_crm enabled").check();
+  await page.getByText("users_to_crm is enabled.").waitFor();
+  await context.close();
+});
