@@ -632,6 +632,111 @@ function MappingPage({ id: name }) {
   `;
 }
 
+/** Runs a history query; `accept` picks JSON lines or CSV. */
+async function query(sql, maxRows, accept) {
+  const response = await fetch("/api/v1/query", {
+    method: "POST",
+    headers: { Accept: accept, "Content-Type": "application/json", "X-CSRF-Token": csrfToken() },
+    body: JSON.stringify({ sql, max_rows: maxRows }),
+    credentials: "same-origin",
+  });
+  if (response.status === 401) window.location.assign("/login");
+  if (!response.ok) {
+    const text = await response.text();
+    let body = null;
+    try { body = JSON.parse(text); } catch { /* not JSON */ }
+    throw new ApiError(response.status, body);
+  }
+  return response;
+}
+
+/** SQL over snapshot history, results as a table or a CSV download. */
+function History() {
+  const [sql, setSql] = useState("SELECT * FROM users_history ORDER BY _extracted_at DESC LIMIT 20");
+  const [maxRows, setMaxRows] = useState(1000);
+  const [result, setResult] = useState(null);
+  const [tables, setTables] = useState(null);
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState(null);
+
+  useEffect(() => {
+    query("SHOW TABLES", 1000, "application/x-ndjson")
+      .then((r) => r.text())
+      .then((text) => {
+        const rows = text.split("\n").filter(Boolean).map((l) => JSON.parse(l));
+        setTables(rows.filter((r) => r.table_schema === "public").map((r) => r.table_name));
+      })
+      .catch(() => setTables([]));
+  }, []);
+
+  const run = async () => {
+    setBusy(true);
+    setError(null);
+    try {
+      const response = await query(sql, maxRows, "application/x-ndjson");
+      const rows = (await response.text()).split("\n").filter(Boolean).map((line) => JSON.parse(line));
+      const columns = [];
+      for (const row of rows) for (const key of Object.keys(row)) if (!columns.includes(key)) columns.push(key);
+      setResult({ rows, columns });
+    } catch (e) {
+      setResult(null);
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  const download = async () => {
+    setBusy(true);
+    try {
+      const response = await query(sql, maxRows, "text/csv");
+      const url = URL.createObjectURL(await response.blob());
+      const link = document.createElement("a");
+      link.href = url;
+      link.download = "sluice-query.csv";
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
+    } catch (e) {
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  const cell = (value) =>
+    value === null || value === undefined ? html`<span class="muted">null</span>` : typeof value === "object" ? JSON.stringify(value) : String(value);
+
+  return html`
+    <h1>Snapshot history</h1>
+    <p class="muted">${"Each model is a table of its latest snapshot; "}<code>${"<model>_history"}</code>${" holds every snapshot, with "}<code>_snapshot_id</code>, <code>_run_id</code>${" and "}<code>_extracted_at</code>. Read-only.${" "}
+      ${tables && tables.length > 0 ? html` Tables: ${tables.map((t, i) => html`${i ? ", " : ""}<code>${t}</code>`)}.` : null}</p>
+    <div class="panel">
+      <label for="history-sql">SQL</label>
+      <textarea id="history-sql" class="sql" rows="5" spellcheck="false" value=${sql}
+        onInput=${(e) => setSql(e.currentTarget.value)}
+        onKeyDown=${(e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); run(); } }}></textarea>
+      <div class="controls">
+        <button type="button" disabled=${busy || !sql.trim()} onClick=${run}>Run query</button>
+        <span class="muted small">Ctrl+Enter runs it.</span>
+        <label for="history-max">Rows at most</label>
+        <input id="history-max" type="number" min="1" max="1000000" value=${maxRows}
+          onInput=${(e) => setMaxRows(Math.max(1, Number(e.currentTarget.value) || 1))} />
+        <button type="button" class="secondary" disabled=${busy || !sql.trim()} onClick=${download}>Download CSV</button>
+      </div>
+    </div>
+    ${error && html`<p class="error" role="alert">${error}</p>`}
+    ${result && html`<div class="panel results">
+      <p class="muted" role="status">${number.format(result.rows.length)} row${result.rows.length === 1 ? "" : "s"}</p>
+      ${result.rows.length > 0 && html`<div class="scroll"><table class="list grid-table">
+        <thead><tr>${result.columns.map((c) => html`<th scope="col">${c}</th>`)}</tr></thead>
+        <tbody>${result.rows.map((row, i) => html`<tr key=${i}>${result.columns.map((c) => html`<td data-label=${c}>${cell(row[c])}</td>`)}</tr>`)}</tbody>
+      </table></div>`}
+    </div>`}
+  `;
+}
+
 // ---- The shell -----------------------------------------------------------------------------
 
 const screens = [
@@ -639,6 +744,7 @@ const screens = [
   { path: "mappings", title: "Mappings", view: Mappings },
   { path: "mapping", title: "Mapping", view: MappingPage, hidden: true, parent: "mappings" },
   { path: "runs", title: "Runs", view: Runs },
+  { path: "history", title: "History", view: History },
   { path: "run", title: "Run", view: RunPage, hidden: true, parent: "runs" },
 ];
 

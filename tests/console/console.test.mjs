@@ -304,3 +304,34 @@ test("a mapping's page shows its fields and a test record's exact payload, and r
   await page.getByText("users_to_crm is enabled.").waitFor();
   await context.close();
 });
+
+test("the history screen runs SQL over snapshots and downloads the result as CSV", async () => {
+  const { context, page } = await signedIn();
+  await page.getByRole("link", { name: "History" }).click();
+  await page.getByRole("heading", { name: "Snapshot history" }).waitFor();
+  const sql = page.getByLabel("SQL");
+  await sql.fill("SELECT id, email, _run_id FROM users_history WHERE id = 3 ORDER BY _extracted_at");
+  await sql.press("Control+Enter");
+  await page.getByRole("status").filter({ hasText: /rows?$/ }).waitFor();
+  const headers = await page.locator(".results thead th").allTextContents();
+  assert.deepEqual(headers, ["id", "email", "_run_id"]);
+  const rows = page.locator(".results tbody tr");
+  assert.ok((await rows.count()) >= 2, "one row per snapshot the quickstart took");
+  assert.match(await rows.first().innerText(), /\b3\b/);
+  await screenshot(page, "history");
+
+  const [download] = await Promise.all([
+    page.waitForEvent("download"),
+    page.getByRole("button", { name: "Download CSV" }).click(),
+  ]);
+  const csv = readFileSync(await download.path(), "utf8").trim().split("\n");
+  assert.equal(csv[0], "id,email,_run_id");
+  assert.equal(csv.length, (await rows.count()) + 1);
+
+  // A change is refused by the API, and the screen says why.
+  await sql.fill("DROP TABLE users");
+  await page.getByRole("button", { name: "Run query" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.ok((await page.getByRole("alert").innerText()).length > 0);
+  await context.close();
+});
