@@ -737,10 +737,167 @@ function History() {
   `;
 }
 
+/** Sources or destinations: each one's type, where it is defined, and a connection test. */
+function Connections({ kind, title, what }) {
+  const [items, setItems] = useState(null);
+  const [tests, setTests] = useState({});
+  const [error, setError] = useState(null);
+  useEffect(() => {
+    all(`/${kind}`).then(setItems).catch((e) => setError(e.message));
+  }, [kind]);
+
+  const test = async (name) => {
+    setTests((t) => ({ ...t, [name]: { running: true } }));
+    try {
+      const result = await api("POST", `/${kind}/${encodeURIComponent(name)}/test`);
+      setTests((t) => ({ ...t, [name]: result }));
+    } catch (e) {
+      setTests((t) => ({ ...t, [name]: { ok: false, error: e.message } }));
+    }
+  };
+
+  if (error) return html`<p class="error" role="alert">${error}</p>`;
+  if (!items) return html`<p class="muted">Loading…</p>`;
+  return html`
+    <h1>${title}</h1>
+    ${items.length === 0
+      ? html`<div class="panel empty"><p><strong>No ${kind} yet.</strong></p>
+          <p class="muted">${what} Define one in <code>sluice.yaml</code> or with <code>POST /api/v1/${kind}</code>.</p></div>`
+      : html`<div class="panel"><table class=${`list ${kind}`}>
+          <thead><tr><th scope="col">Name</th><th scope="col">Type</th><th scope="col">Defined in</th>
+            <th scope="col">Definition</th><th scope="col">Connection</th></tr></thead>
+          <tbody>${items.map((item) => {
+            const result = tests[item.name];
+            return html`<tr key=${item.name} data-name=${item.name}>
+              <td data-label="Name"><strong>${item.name}</strong>
+                ${item.problem && html`<br /><span class="error small">${item.problem}</span>`}</td>
+              <td data-label="Type">${item.definition.type}</td>
+              <td data-label="Defined in">${item.origin === "file" ? "sluice.yaml" : "the API"}</td>
+              <td data-label="Definition"><details><summary>Show</summary>
+                <pre>${JSON.stringify(item.definition, null, 2)}</pre></details></td>
+              <td data-label="Connection">
+                <button type="button" class="secondary" disabled=${result?.running}
+                  aria-label=${`Test connection to ${item.name}`} onClick=${() => test(item.name)}>Test connection</button>
+                <div role="status" aria-live="polite" class="test-result">
+                  ${result && !result.running && (result.ok
+                    ? html`<span class="status succeeded">connected</span>`
+                    : html`<span class="error small">${result.error}</span>`)}
+                </div>
+              </td>
+            </tr>`;
+          })}</tbody></table></div>`}
+  `;
+}
+
+const Sources = () => html`<${Connections} kind="sources" title="Sources"
+  what="A source is a database, warehouse or set of files that models query." />`;
+const Destinations = () => html`<${Connections} kind="destinations" title="Destinations"
+  what="A destination is a business tool, database, webhook or file that mappings send records to." />`;
+
+const SQL_KEYWORDS = new Set(
+  ("select from where and or not as on join left right full inner outer cross group by order having limit offset " +
+    "union all distinct case when then else end is null in like ilike between with asc desc true false cast " +
+    "exists insert update delete over partition coalesce interval date timestamp").split(" "),
+);
+
+/** SQL split into highlighted spans: keywords, strings, numbers, comments. */
+function highlightSql(sql) {
+  const tokens = [];
+  const pattern = /(--[^\n]*)|('(?:[^']|'')*')|("(?:[^"]|"")*")|(\b\d+(?:\.\d+)?\b)|([A-Za-z_][A-Za-z0-9_]*)|(\{\{[^}]*\}\})|(\s+|.)/g;
+  let match;
+  while ((match = pattern.exec(sql)) !== null) {
+    const [text, comment, string, quoted, num, word, template] = match;
+    if (comment) tokens.push(html`<span class="sql-comment">${text}</span>`);
+    else if (string) tokens.push(html`<span class="sql-string">${text}</span>`);
+    else if (quoted) tokens.push(html`<span class="sql-ident">${text}</span>`);
+    else if (num) tokens.push(html`<span class="sql-number">${text}</span>`);
+    else if (word && SQL_KEYWORDS.has(word.toLowerCase())) tokens.push(html`<span class="sql-keyword">${text}</span>`);
+    else if (template) tokens.push(html`<span class="sql-template">${text}</span>`);
+    else tokens.push(text);
+  }
+  return tokens;
+}
+
+/** Every model. */
+function Models() {
+  const [models, setModels] = useState(null);
+  const [error, setError] = useState(null);
+  useEffect(() => {
+    all("/models").then(setModels).catch((e) => setError(e.message));
+  }, []);
+  if (error) return html`<p class="error" role="alert">${error}</p>`;
+  if (!models) return html`<p class="muted">Loading…</p>`;
+  return html`
+    <h1>Models</h1>
+    ${models.length === 0
+      ? html`<div class="panel empty"><p><strong>No models yet.</strong></p>
+          <p class="muted">A model is a SQL query against a source, with a primary key. Define one in <code>sluice.yaml</code> or with <code>POST /api/v1/models</code>.</p></div>`
+      : html`<div class="panel"><table class="list models">
+          <thead><tr><th scope="col">Model</th><th scope="col">Source</th><th scope="col">Primary key</th><th scope="col">Defined in</th></tr></thead>
+          <tbody>${models.map((m) => html`<tr key=${m.name}>
+            <td data-label="Model"><a href=${`#/model/${encodeURIComponent(m.name)}`}>${m.name}</a></td>
+            <td data-label="Source">${m.definition.source}</td>
+            <td data-label="Primary key">${[].concat(m.definition.primary_key ?? []).join(", ")}</td>
+            <td data-label="Defined in">${m.origin === "file" ? "sluice.yaml" : "the API"}</td>
+          </tr>`)}</tbody></table></div>`}
+  `;
+}
+
+/** One model: its SQL, highlighted, and a preview of its first rows with their types. */
+function ModelPage({ id: name }) {
+  const [model, setModel] = useState(null);
+  const [preview, setPreview] = useState(null);
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState(null);
+  useEffect(() => {
+    api("GET", `/models/${encodeURIComponent(name)}`).then(setModel).catch((e) => setError(e.message));
+  }, [name]);
+  const runPreview = async () => {
+    setBusy(true);
+    try {
+      setPreview(await api("POST", `/models/${encodeURIComponent(name)}/preview`, { limit: 10 }));
+      setError(null);
+    } catch (e) {
+      setPreview(null);
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+  if (error && !model) return html`<p class="error" role="alert">${error}</p>`;
+  if (!model) return html`<p class="muted">Loading…</p>`;
+  const d = model.definition;
+  const keys = [].concat(d.primary_key ?? []);
+  return html`
+    <p><a href="#/models">← Models</a></p>
+    <h1>${name}</h1>
+    <p class="muted">from ${d.source} · primary key ${keys.join(", ")} · defined in ${model.origin === "file" ? "sluice.yaml" : "the API"}</p>
+    <section class="panel" aria-labelledby="sql-heading">
+      <h2 id="sql-heading">SQL</h2>
+      <pre class="sql" aria-label="SQL">${highlightSql(d.sql ?? "")}</pre>
+      <button type="button" disabled=${busy} onClick=${runPreview}>Preview</button>
+      <span class="muted small"> The first 10 rows and their column types; no snapshot is written.</span>
+    </section>
+    ${error && html`<p class="error" role="alert">${error}</p>`}
+    ${preview && html`<section class="panel results" aria-labelledby="preview-heading">
+      <h2 id="preview-heading">Preview</h2>
+      <div class="scroll"><table class="list preview">
+        <thead><tr>${preview.columns.map((c) => html`<th scope="col">
+          <span class="column-name">${c.name}</span>${keys.includes(c.name) ? " (key)" : ""}<br /><span class="muted small column-type">${c.type}</span></th>`)}</tr></thead>
+        <tbody>${preview.rows.map((row, i) => html`<tr key=${i}>${preview.columns.map((c) => html`<td data-label=${c.name}>${row[c.name] === null ? html`<span class="muted">null</span>` : String(row[c.name])}</td>`)}</tr>`)}</tbody>
+      </table></div>
+    </section>`}
+  `;
+}
+
 // ---- The shell -----------------------------------------------------------------------------
 
 const screens = [
   { path: "overview", title: "Overview", view: Overview },
+  { path: "sources", title: "Sources", view: Sources },
+  { path: "models", title: "Models", view: Models },
+  { path: "model", title: "Model", view: ModelPage, hidden: true, parent: "models" },
+  { path: "destinations", title: "Destinations", view: Destinations },
   { path: "mappings", title: "Mappings", view: Mappings },
   { path: "mapping", title: "Mapping", view: MappingPage, hidden: true, parent: "mappings" },
   { path: "runs", title: "Runs", view: Runs },

@@ -335,3 +335,46 @@ test("the history screen runs SQL over snapshots and downloads the result as CSV
   assert.ok((await page.getByRole("alert").innerText()).length > 0);
   await context.close();
 });
+
+test("sources and destinations are listed and test their connections; a model previews its rows and types", async () => {
+  const { context, page } = await signedIn();
+  await page.getByRole("link", { name: "Sources" }).click();
+  await page.getByRole("heading", { name: "Sources" }).waitFor();
+  const source = page.locator("table.sources tbody tr").first();
+  await source.waitFor();
+  const sourceName = await source.getAttribute("data-name");
+  await page.getByRole("button", { name: `Test connection to ${sourceName}` }).click();
+  await source.getByText("connected").waitFor();
+  await screenshot(page, "sources");
+
+  await page.getByRole("link", { name: "Destinations" }).click();
+  await page.getByRole("heading", { name: "Destinations" }).waitFor();
+  // A destination nobody listens at: the test says so, with the system's own error.
+  const { status } = await api("POST", "/destinations", {
+    name: "nowhere",
+    definition: { type: "postgres", url: "postgres://postgres@127.0.0.1:1/test" },
+  });
+  assert.equal(status, 201);
+  await page.reload();
+  const dead = page.locator('table.destinations tr[data-name="nowhere"]');
+  await dead.waitFor();
+  await page.getByRole("button", { name: "Test connection to nowhere" }).click();
+  await dead.locator(".test-result .error").waitFor();
+  assert.match(await dead.locator(".test-result").innerText(), /nowhere|refused|connect/i);
+  await screenshot(page, "destinations");
+
+  await page.getByRole("link", { name: "Models" }).click();
+  await page.getByRole("link", { name: "users" }).click();
+  await page.getByRole("heading", { name: "users" }).waitFor();
+  // The SQL is highlighted: keywords get their own spans.
+  assert.ok((await page.locator("pre.sql .sql-keyword").count()) > 0);
+  await page.getByRole("button", { name: "Preview" }).click();
+  const preview = page.locator("table.preview");
+  await preview.waitFor();
+  assert.equal(await preview.locator("tbody tr").count(), 10);
+  const names = await preview.locator(".column-name").allTextContents();
+  assert.ok(names.includes("id") && names.includes("email"), names.join(", "));
+  assert.match((await preview.locator(".column-type").allTextContents()).join(" "), /Int64/);
+  await screenshot(page, "model");
+  await context.close();
+});
