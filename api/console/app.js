@@ -470,6 +470,7 @@ function Mappings() {
   if (!mappings) return html`<p class="muted">Loading…</p>`;
   return html`
     <h1>Mappings</h1>
+    <p><a class="button" href="#/new-mapping">New mapping</a></p>
     ${mappings.length === 0
       ? html`<div class="panel empty"><p><strong>No mappings yet.</strong></p>
           <p class="muted">A mapping picks a model, a destination and which records (added, updated, deleted) go there with which fields. Define one in <code>sluice.yaml</code> or with <code>POST /api/v1/mappings</code>.</p></div>`
@@ -890,6 +891,186 @@ function ModelPage({ id: name }) {
   `;
 }
 
+const WEEKDAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/** A schedule picker: manual, an interval, weekdays at a time, or cron; with its next five runs. */
+function SchedulePicker({ value, onChange }) {
+  const [mode, setMode] = useState("manual");
+  const [every, setEvery] = useState("1h");
+  const [days, setDays] = useState(["mon", "tue", "wed", "thu", "fri"]);
+  const [at, setAt] = useState("09:00");
+  const [cron, setCron] = useState("0 */2 * * *");
+  const [timezone, setTimezone] = useState(Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC");
+  const [preview, setPreview] = useState(null);
+
+  const schedule =
+    mode === "manual" ? "manual"
+      : mode === "every" ? { every }
+        : mode === "days" ? { days, at, timezone }
+          : { cron, timezone };
+  const key = JSON.stringify(schedule);
+  useEffect(() => {
+    onChange(schedule);
+    let current = true;
+    const timer = setTimeout(async () => {
+      try {
+        const result = await api("POST", "/schedules/preview", { schedule, count: 5 });
+        if (current) setPreview({ ok: true, ...result });
+      } catch (e) {
+        if (current) setPreview({ ok: false, error: e.message });
+      }
+    }, 250);
+    return () => {
+      current = false;
+      clearTimeout(timer);
+    };
+  }, [key]);
+
+  return html`<fieldset class="schedule">
+    <legend>Schedule</legend>
+    <div class="controls">
+      <label for="schedule-mode">Runs</label>
+      <select id="schedule-mode" value=${mode} onChange=${(e) => setMode(e.currentTarget.value)}>
+        <option value="manual">only on demand</option>
+        <option value="every">at an interval</option>
+        <option value="days">on days at a time</option>
+        <option value="cron">on a cron expression</option>
+      </select>
+      ${mode === "every" && html`<label for="schedule-every">every</label>
+        <input id="schedule-every" value=${every} size="6" onInput=${(e) => setEvery(e.currentTarget.value)} />`}
+      ${mode === "days" && html`<span role="group" aria-label="Days">${WEEKDAYS.map((d) => html`<label class="day">
+          <input type="checkbox" checked=${days.includes(d)}
+            onChange=${(e) => setDays(e.currentTarget.checked ? WEEKDAYS.filter((w) => w === d || days.includes(w)) : days.filter((w) => w !== d))} />${d}</label>`)}</span>
+        <label for="schedule-at">at</label>
+        <input id="schedule-at" type="time" value=${at} onInput=${(e) => setAt(e.currentTarget.value)} />`}
+      ${mode === "cron" && html`<label for="schedule-cron">cron</label>
+        <input id="schedule-cron" value=${cron} size="16" onInput=${(e) => setCron(e.currentTarget.value)} />`}
+      ${(mode === "days" || mode === "cron") && html`<label for="schedule-tz">time zone</label>
+        <input id="schedule-tz" value=${timezone} size="18" onInput=${(e) => setTimezone(e.currentTarget.value)} />`}
+    </div>
+    <div role="status" aria-live="polite" class="schedule-preview">
+      ${preview && (preview.ok
+        ? html`<p><strong>${preview.description}</strong></p>
+            ${preview.next_runs.length > 0
+              ? html`<p class="muted small">Next runs (your time zone):</p>
+                  <ol class="next-runs">${preview.next_runs.map((t) => html`<li>${localTime(t)}</li>`)}</ol>`
+              : html`<p class="muted small">Runs only when started by hand or through the API.</p>`}`
+        : html`<p class="error small">${preview.error}</p>`)}
+    </div>
+  </fieldset>`;
+}
+
+/** A new mapping: model, destination, records, fields and schedule. */
+function NewMapping() {
+  const [models, setModels] = useState(null);
+  const [destinations, setDestinations] = useState(null);
+  const [name, setName] = useState("");
+  const [model, setModel] = useState("");
+  const [destination, setDestination] = useState("");
+  const [selection, setSelection] = useState("all");
+  const [columns, setColumns] = useState([]);
+  const [fields, setFields] = useState({});
+  const [constants, setConstants] = useState([]);
+  const [schedule, setSchedule] = useState("manual");
+  const [error, setError] = useState(null);
+  const [busy, setBusy] = useState(false);
+
+  useEffect(() => {
+    Promise.all([all("/models"), all("/destinations")])
+      .then(([m, d]) => {
+        setModels(m);
+        setDestinations(d);
+        if (m[0]) setModel(m[0].name);
+        if (d[0]) setDestination(d[0].name);
+      })
+      .catch((e) => setError(e.message));
+  }, []);
+  // The model's columns come from its own preview (its query, run now).
+  useEffect(() => {
+    if (!model) return;
+    api("POST", `/models/${encodeURIComponent(model)}/preview`, { limit: 1 })
+      .then((p) => {
+        setColumns(p.columns);
+        setFields(Object.fromEntries(p.columns.map((c) => [c.name, ""])));
+      })
+      .catch((e) => setError(e.message));
+  }, [model]);
+
+  const send = { all: ["added", "updated", "deleted"], added: ["added"], updated: ["updated"], upserts: ["added", "updated"], deleted: ["deleted"] }[selection];
+
+  const submit = async (event) => {
+    event.preventDefault();
+    setBusy(true);
+    const definition = { model, destination, send };
+    const mapped = Object.entries(fields).filter(([, to]) => to.trim());
+    if (mapped.length > 0) definition.fields = Object.fromEntries(mapped.map(([column, to]) => [to.trim(), column]));
+    const fixed = constants.filter((c) => c.field.trim());
+    if (fixed.length > 0) definition.constants = Object.fromEntries(fixed.map((c) => [c.field.trim(), c.value]));
+    if (schedule !== "manual") definition.schedule = schedule;
+    try {
+      await api("POST", "/mappings", { name: name.trim(), definition });
+      window.location.hash = `#/mapping/${encodeURIComponent(name.trim())}`;
+    } catch (e) {
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  if (!models || !destinations) return error ? html`<p class="error" role="alert">${error}</p>` : html`<p class="muted">Loading…</p>`;
+  if (models.length === 0 || destinations.length === 0) {
+    return html`<h1>New mapping</h1><div class="panel empty"><p><strong>A mapping needs a model and a destination.</strong></p>
+      <p class="muted">Define them first, in <code>sluice.yaml</code> or through the API.</p></div>`;
+  }
+  return html`
+    <p><a href="#/mappings">← Mappings</a></p>
+    <h1>New mapping</h1>
+    <form class="panel form" onSubmit=${submit}>
+      <div class="form-grid">
+        <label for="mapping-name">Name</label>
+        <input id="mapping-name" required pattern="[A-Za-z0-9_\-]+" value=${name} onInput=${(e) => setName(e.currentTarget.value)} />
+        <label for="mapping-model">Model</label>
+        <select id="mapping-model" value=${model} onChange=${(e) => setModel(e.currentTarget.value)}>
+          ${models.map((m) => html`<option value=${m.name}>${m.name}</option>`)}</select>
+        <label for="mapping-destination">Destination</label>
+        <select id="mapping-destination" value=${destination} onChange=${(e) => setDestination(e.currentTarget.value)}>
+          ${destinations.map((d) => html`<option value=${d.name}>${d.name} (${d.definition.type})</option>`)}</select>
+        <label for="mapping-send">Records</label>
+        <select id="mapping-send" value=${selection} onChange=${(e) => setSelection(e.currentTarget.value)}>
+          <option value="all">added, updated and deleted</option>
+          <option value="upserts">added or updated</option>
+          <option value="added">added</option>
+          <option value="updated">updated</option>
+          <option value="deleted">deleted</option>
+        </select>
+      </div>
+      <fieldset>
+        <legend>Fields</legend>
+        <p class="muted small">Give a destination field to each model column to send; dots nest (<code>traits.plan</code>). Leave every field empty to send all columns under their own names.</p>
+        <table class="pairs fields editor">
+          <thead><tr><th scope="col">Model column</th><th scope="col">Destination field</th></tr></thead>
+          <tbody>
+            ${columns.map((c) => html`<tr key=${c.name}>
+              <td><label for=${`field-${c.name}`}>${c.name}</label> <span class="muted small">${c.type}</span></td>
+              <td><input id=${`field-${c.name}`} value=${fields[c.name] ?? ""} placeholder=${c.name}
+                onInput=${(e) => setFields({ ...fields, [c.name]: e.currentTarget.value })} /></td></tr>`)}
+            ${constants.map((c, i) => html`<tr key=${`constant-${i}`}>
+              <td><label for=${`constant-value-${i}`}>constant</label>
+                <input id=${`constant-value-${i}`} value=${c.value} aria-label=${`constant ${i + 1} value`}
+                  onInput=${(e) => setConstants(constants.map((x, j) => (j === i ? { ...x, value: e.currentTarget.value } : x)))} /></td>
+              <td><input value=${c.field} aria-label=${`constant ${i + 1} field`} placeholder="context.source"
+                onInput=${(e) => setConstants(constants.map((x, j) => (j === i ? { ...x, field: e.currentTarget.value } : x)))} /></td></tr>`)}
+          </tbody>
+        </table>
+        <button type="button" class="secondary" onClick=${() => setConstants([...constants, { field: "", value: "" }])}>Add a constant</button>
+      </fieldset>
+      <${SchedulePicker} onChange=${setSchedule} />
+      ${error && html`<p class="error" role="alert">${error}</p>`}
+      <button type="submit" disabled=${busy}>Create mapping</button>
+    </form>
+  `;
+}
+
 // ---- The shell -----------------------------------------------------------------------------
 
 const screens = [
@@ -900,6 +1081,7 @@ const screens = [
   { path: "destinations", title: "Destinations", view: Destinations },
   { path: "mappings", title: "Mappings", view: Mappings },
   { path: "mapping", title: "Mapping", view: MappingPage, hidden: true, parent: "mappings" },
+  { path: "new-mapping", title: "New mapping", view: NewMapping, hidden: true, parent: "mappings" },
   { path: "runs", title: "Runs", view: Runs },
   { path: "history", title: "History", view: History },
   { path: "run", title: "Run", view: RunPage, hidden: true, parent: "runs" },

@@ -378,3 +378,48 @@ test("sources and destinations are listed and test their connections; a model pr
   await screenshot(page, "model");
   await context.close();
 });
+
+test("a new mapping is made with the field editor, a constant and a schedule picked with its next runs", async () => {
+  const { context, page } = await signedIn();
+  await page.getByRole("link", { name: "Mappings" }).click();
+  await page.getByRole("link", { name: "New mapping" }).click();
+  await page.getByRole("heading", { name: "New mapping" }).waitFor();
+  await page.getByLabel("Name", { exact: true }).fill("users_to_copy");
+  await page.getByLabel("Model", { exact: true }).selectOption("users");
+  await page.getByLabel("Destination", { exact: true }).selectOption("crm_export");
+  await page.getByLabel("Records", { exact: true }).selectOption("upserts");
+  // Model columns on the left (from the model's own query), destination fields on the right.
+  await page.getByLabel("email", { exact: true }).fill("email");
+  await page.getByLabel("first_name", { exact: true }).fill("profile.first_name");
+  await page.getByRole("button", { name: "Add a constant" }).click();
+  await page.getByLabel("constant 1 value").fill("console");
+  await page.getByLabel("constant 1 field").fill("context.app");
+  // Weekdays at 09:30 in Paris: the picker lists the next five runs, as the scheduler computes them.
+  await page.getByLabel("Runs", { exact: true }).selectOption("days");
+  await page.getByLabel("at", { exact: true }).fill("09:30");
+  await page.getByLabel("time zone", { exact: true }).fill("Europe/Paris");
+  await page.locator("ol.next-runs li").nth(4).waitFor();
+  assert.match(await page.locator(".schedule-preview").innerText(), /09:30 \(Europe\/Paris\)/);
+  await screenshot(page, "new-mapping");
+  // A cron expression that cannot be parsed says why.
+  await page.getByLabel("Runs", { exact: true }).selectOption("cron");
+  await page.getByLabel("cron", { exact: true }).fill("61 * * * *");
+  await page.locator(".schedule-preview .error").waitFor();
+  await page.getByLabel("cron", { exact: true }).fill("30 9 * * 1-5");
+  await page.locator("ol.next-runs li").nth(4).waitFor();
+
+  await page.getByRole("button", { name: "Create mapping" }).click();
+  await page.getByRole("heading", { name: "users_to_copy" }).waitFor();
+  const { body: made } = await api("GET", "/mappings/users_to_copy");
+  assert.deepEqual(made.definition.send, ["added", "updated"]);
+  assert.deepEqual(made.definition.fields, { email: "email", "profile.first_name": "first_name" });
+  assert.deepEqual(made.definition.constants, { "context.app": "console" });
+  assert.deepEqual(made.definition.schedule, { cron: "30 9 * * 1-5", timezone: "Europe/Paris" });
+  // Its test record carries the nested field and the constant.
+  await page.getByRole("button", { name: /Load rows of users/ }).click();
+  await page.getByRole("button", { name: "Show payload" }).click();
+  const shown = await page.getByLabel("payload").first().textContent();
+  assert.match(shown, /"profile":\{"first_name":/);
+  assert.match(shown, /"app":"console"/);
+  await context.close();
+});
