@@ -402,6 +402,11 @@ pub async fn preview_model(
     }
     let engine = state.service.current().await?;
     let preview = engine.preview(&name, limit as usize).await?;
+    preview_view(preview)
+}
+
+/// A preview as the API shows it: column names and types, and rows as JSON objects.
+fn preview_view(preview: sluice_engine::Preview) -> ApiResult<axum::Json<Preview>> {
     let columns = preview
         .schema
         .fields()
@@ -494,4 +499,42 @@ pub async fn test_record(
             .collect(),
         unsendable: preview.unsendable,
     }))
+}
+
+/// `POST /api/v1/sources/{name}/preview`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SqlPreviewRequest {
+    /// A query in the source's own SQL (templates such as `{{last_sync_time}}` allowed).
+    pub sql: String,
+    /// Rows to return (default 10).
+    #[schema(minimum = 0, maximum = 1000)]
+    #[serde(default = "ten")]
+    pub limit: u32,
+}
+
+/// Runs a query that is not a model yet in a source and returns its first rows and column
+/// types: what a model editor shows before its primary key is picked. Nothing is saved.
+#[utoipa::path(post, path = "/sources/{name}/preview", tag = "sources",
+    params(("name" = String, Path)),
+    request_body = SqlPreviewRequest,
+    responses(
+        (status = 200, description = "Rows and column types", body = Preview),
+        (status = 422, description = "The query failed in its source", body = crate::error::ErrorBody)))]
+pub async fn preview_source_sql(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(request): ApiJson<SqlPreviewRequest>,
+) -> ApiResult<axum::Json<Preview>> {
+    if request.limit > 1000 {
+        return Err(ApiError::bad_request("`limit` is at most 1000"));
+    }
+    if request.sql.trim().is_empty() {
+        return Err(ApiError::bad_request("`sql` is empty"));
+    }
+    let engine = state.service.current().await?;
+    let preview = engine
+        .preview_sql(&name, &request.sql, request.limit as usize)
+        .await?;
+    preview_view(preview)
 }

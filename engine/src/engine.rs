@@ -345,7 +345,37 @@ impl Engine {
             name: model.to_string(),
             available: self.project.config.models.keys().cloned().collect(),
         })?;
-        let source = self.source(&config.source)?;
+        self.preview_query(&config.source, query, limit).await
+    }
+
+    /// The first rows and column types of a query not saved as a model yet (the console's model
+    /// editor, before a primary key is picked from its columns). Templates render as for a
+    /// model that never ran (`{{last_sync_time}}` is the epoch).
+    pub async fn preview_sql(&self, source: &str, sql: &str, limit: usize) -> Result<Preview> {
+        let template = crate::model::TemplateValues {
+            last_sync_time: None,
+            run_started_at: chrono::Utc::now(),
+        };
+        let label = format!("(draft on {source})");
+        let limit_error = |message: String| SourceError::Limit {
+            model: label.clone(),
+            message,
+        };
+        let rendered = crate::model::render_sql(sql, &template).map_err(limit_error)?;
+        self.project
+            .config
+            .limits
+            .check_query(&rendered)
+            .map_err(limit_error)?;
+        let query = ModelQuery {
+            model: label.clone(),
+            sql: rendered,
+        };
+        self.preview_query(source, query, limit).await
+    }
+
+    async fn preview_query(&self, source_name: &str, query: ModelQuery, limit: usize) -> Result<Preview> {
+        let source = self.source(source_name)?;
         let limited = ModelQuery {
             model: query.model.clone(),
             sql: crate::source::limit_sql(&query.sql, limit as u64),
@@ -357,8 +387,8 @@ impl Engine {
         while rows < limit {
             let Some(batch) = stream.next().await else { break };
             let batch = batch.map_err(|e| SourceError::Query {
-                model: model.to_string(),
-                source_name: config.source.clone(),
+                model: query.model.clone(),
+                source_name: source_name.to_string(),
                 message: e.to_string(),
                 hint: None,
             })?;

@@ -863,6 +863,34 @@ async fn previews_and_connection_tests_report_what_the_systems_say() {
         .await;
     assert_eq!((status, &body["ok"]), (StatusCode::OK, &json!(true)), "{body}");
 
+    // A draft query, not a model yet: its rows and column types, for picking a primary key.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/sources/warehouse/preview",
+            Some(json!({"sql": "SELECT id, email FROM users", "limit": 3})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rows"].as_array().map(Vec::len), Some(3), "{body}");
+    assert_eq!(body["columns"][1]["name"], "email", "{body}");
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/sources/warehouse/preview",
+            Some(json!({"sql": "SELECT nope FROM users"})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "upstream_error");
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/sources/warehouse/preview",
+            Some(json!({"sql": " "})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+
     // A test record: one row rendered through the mapping, exactly as it would be sent.
     let (status, body) = api
         .admin(
@@ -1315,6 +1343,7 @@ async fn the_openapi_document_matches_the_routes() {
         ("post", "/api/v1/destinations/{name}/test"),
         ("post", "/api/v1/models/{name}/preview"),
         ("post", "/api/v1/mappings/{name}/test-record"),
+        ("post", "/api/v1/sources/{name}/preview"),
     ];
     let mut all = expected.to_vec();
     for collection in ["sources", "models", "destinations", "mappings"] {
