@@ -830,6 +830,7 @@ function Models() {
   if (!models) return html`<p class="muted">Loading…</p>`;
   return html`
     <h1>Models</h1>
+    <p><a class="button" href="#/new-model">New model</a></p>
     ${models.length === 0
       ? html`<div class="panel empty"><p><strong>No models yet.</strong></p>
           <p class="muted">A model is a SQL query against a source, with a primary key. Define one in <code>sluice.yaml</code> or with <code>POST /api/v1/models</code>.</p></div>`
@@ -1071,6 +1072,123 @@ function NewMapping() {
   `;
 }
 
+/** A SQL editor: a plain textarea over its own highlighted copy, so typing, selection,
+ * undo and screen readers work as in any text field. */
+function SqlEditor({ id, value, onInput, onRun }) {
+  const [back, setBack] = useState(null);
+  const sync = (e) => {
+    if (back) {
+      back.scrollTop = e.currentTarget.scrollTop;
+      back.scrollLeft = e.currentTarget.scrollLeft;
+    }
+  };
+  return html`<div class="sql-editor">
+    <pre class="sql-back" aria-hidden="true" ref=${setBack}>${highlightSql(value)}${"\n"}</pre>
+    <textarea id=${id} class="sql-front" rows="8" spellcheck="false" value=${value}
+      onInput=${(e) => { onInput(e.currentTarget.value); sync(e); }} onScroll=${sync}
+      onKeyDown=${(e) => { if (onRun && e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); onRun(); } }}></textarea>
+  </div>`;
+}
+
+/** A new model: a source, its SQL (previewed), a primary key picked from its columns, a schedule. */
+function NewModel() {
+  const [sources, setSources] = useState(null);
+  const [name, setName] = useState("");
+  const [source, setSource] = useState("");
+  const [sql, setSql] = useState("SELECT * FROM ");
+  const [preview, setPreview] = useState(null);
+  const [keys, setKeys] = useState([]);
+  const [schedule, setSchedule] = useState("manual");
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState(null);
+
+  useEffect(() => {
+    all("/sources")
+      .then((list) => {
+        setSources(list);
+        if (list[0]) setSource(list[0].name);
+      })
+      .catch((e) => setError(e.message));
+  }, []);
+
+  const runPreview = async () => {
+    setBusy(true);
+    try {
+      const result = await api("POST", `/sources/${encodeURIComponent(source)}/preview`, { sql, limit: 10 });
+      setPreview(result);
+      setKeys((current) => current.filter((k) => result.columns.some((c) => c.name === k)));
+      setError(null);
+    } catch (e) {
+      setPreview(null);
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  const submit = async (event) => {
+    event.preventDefault();
+    if (keys.length === 0) {
+      setError("Pick the column (or columns) that identify a row: preview the query, then tick its primary key.");
+      return;
+    }
+    setBusy(true);
+    const definition = { source, sql, primary_key: keys.length === 1 ? keys[0] : keys };
+    if (schedule !== "manual") definition.schedule = schedule;
+    try {
+      await api("POST", "/models", { name: name.trim(), definition });
+      window.location.hash = `#/model/${encodeURIComponent(name.trim())}`;
+    } catch (e) {
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  if (!sources) return error ? html`<p class="error" role="alert">${error}</p>` : html`<p class="muted">Loading…</p>`;
+  if (sources.length === 0) {
+    return html`<h1>New model</h1><div class="panel empty"><p><strong>A model needs a source.</strong></p>
+      <p class="muted">Define a source first, in <code>sluice.yaml</code> or through the API.</p></div>`;
+  }
+  return html`
+    <p><a href="#/models">← Models</a></p>
+    <h1>New model</h1>
+    <form class="panel form" onSubmit=${submit}>
+      <div class="form-grid">
+        <label for="model-name">Name</label>
+        <input id="model-name" required pattern="[A-Za-z0-9_\-]+" value=${name} onInput=${(e) => setName(e.currentTarget.value)} />
+        <label for="model-source">Source</label>
+        <select id="model-source" value=${source} onChange=${(e) => setSource(e.currentTarget.value)}>
+          ${sources.map((s) => html`<option value=${s.name}>${s.name} (${s.definition.type})</option>`)}</select>
+      </div>
+      <label for="model-sql">SQL</label>
+      <${SqlEditor} id="model-sql" value=${sql} onInput=${setSql} onRun=${runPreview} />
+      <div class="controls">
+        <button type="button" class="secondary" disabled=${busy || !sql.trim()} onClick=${runPreview}>Preview</button>
+        <span class="muted small">Ctrl+Enter previews: the first 10 rows and their column types.</span>
+      </div>
+      ${preview && html`
+        <fieldset>
+          <legend>Primary key</legend>
+          <p class="muted small">The column, or columns, whose values identify a row.</p>
+          <div class="controls" role="group" aria-label="Primary key columns">
+            ${preview.columns.map((c) => html`<label class="day"><input type="checkbox" checked=${keys.includes(c.name)}
+              aria-label=${`key ${c.name}`}
+              onChange=${(e) => setKeys(e.currentTarget.checked ? [...keys, c.name] : keys.filter((k) => k !== c.name))} />
+              ${c.name}</label>`)}
+          </div>
+        </fieldset>
+        <div class="scroll"><table class="list preview">
+          <thead><tr>${preview.columns.map((c) => html`<th scope="col"><span class="column-name">${c.name}</span><br /><span class="muted small column-type">${c.type}</span></th>`)}</tr></thead>
+          <tbody>${preview.rows.map((row, i) => html`<tr key=${i}>${preview.columns.map((c) => html`<td data-label=${c.name}>${row[c.name] === null ? html`<span class="muted">null</span>` : String(row[c.name])}</td>`)}</tr>`)}</tbody>
+        </table></div>`}
+      <${SchedulePicker} onChange=${setSchedule} />
+      ${error && html`<p class="error" role="alert">${error}</p>`}
+      <button type="submit" disabled=${busy}>Create model</button>
+    </form>
+  `;
+}
+
 // ---- The shell -----------------------------------------------------------------------------
 
 const screens = [
@@ -1078,6 +1196,7 @@ const screens = [
   { path: "sources", title: "Sources", view: Sources },
   { path: "models", title: "Models", view: Models },
   { path: "model", title: "Model", view: ModelPage, hidden: true, parent: "models" },
+  { path: "new-model", title: "New model", view: NewModel, hidden: true, parent: "models" },
   { path: "destinations", title: "Destinations", view: Destinations },
   { path: "mappings", title: "Mappings", view: Mappings },
   { path: "mapping", title: "Mapping", view: MappingPage, hidden: true, parent: "mappings" },

@@ -423,3 +423,34 @@ test("a new mapping is made with the field editor, a constant and a schedule pic
   assert.match(shown, /"app":"console"/);
   await context.close();
 });
+
+test("a new model is written in the SQL editor, previewed, given a primary key from its columns and a schedule", async () => {
+  const { context, page } = await signedIn();
+  await page.getByRole("link", { name: "Models" }).click();
+  await page.getByRole("link", { name: "New model" }).click();
+  await page.getByRole("heading", { name: "New model" }).waitFor();
+  await page.getByLabel("Name", { exact: true }).fill("pro_users");
+  const editor = page.getByLabel("SQL", { exact: true });
+  await editor.fill("SELECT id, email, plan FROM users WHERE plan = 'pro'");
+  // The editor highlights what is typed.
+  await page.locator(".sql-back .sql-string").filter({ hasText: "'pro'" }).waitFor();
+  // Creating without a key says what to do.
+  await page.getByRole("button", { name: "Create model" }).click();
+  assert.match(await page.getByRole("alert").innerText(), /primary key/);
+  await editor.press("Control+Enter");
+  await page.locator("table.preview tbody tr").first().waitFor();
+  assert.deepEqual(await page.locator("table.preview .column-name").allTextContents(), ["id", "email", "plan"]);
+  await page.getByLabel("key id").check();
+  await page.getByLabel("Runs", { exact: true }).selectOption("every");
+  await page.getByLabel("every", { exact: true }).fill("30m");
+  await page.locator("ol.next-runs li").nth(4).waitFor();
+  assert.match(await page.locator(".schedule-preview").innerText(), /every 30m/);
+  await screenshot(page, "new-model");
+  await page.getByRole("button", { name: "Create model" }).click();
+  await page.getByRole("heading", { name: "pro_users" }).waitFor();
+  const { body: model } = await api("GET", "/models/pro_users");
+  assert.equal(model.definition.primary_key, "id");
+  assert.deepEqual(model.definition.schedule, { every: "30m" });
+  assert.match(model.definition.sql, /plan = 'pro'/);
+  await context.close();
+});
