@@ -454,3 +454,48 @@ test("a new model is written in the SQL editor, previewed, given a primary key f
   assert.match(model.definition.sql, /plan = 'pro'/);
   await context.close();
 });
+
+test("every screen passes axe's accessibility checks (no serious or critical violations)", async () => {
+  // axe is injected as a script, which the console's CSP would refuse; the check itself is not.
+  const context = await browser.newContext({ bypassCSP: true });
+  const page = await context.newPage();
+  const axe = readFileSync(join(root, "tests", "console", "node_modules", "axe-core", "axe.min.js"), "utf8");
+  const check = async (what) => {
+    await page.addScriptTag({ content: axe });
+    const result = await page.evaluate(async () =>
+      // eslint-disable-next-line no-undef
+      (await axe.run(document, { resultTypes: ["violations"] })).violations.map((v) => ({
+        id: v.id,
+        impact: v.impact,
+        help: v.help,
+        nodes: v.nodes.slice(0, 3).map((n) => n.target.join(" ")),
+      })),
+    );
+    const serious = result.filter((v) => v.impact === "serious" || v.impact === "critical");
+    assert.deepEqual(serious, [], `${what}: ${JSON.stringify(serious, null, 2)}`);
+  };
+  await page.goto(`${base}/login`);
+  await check("sign-in");
+  await page.getByLabel("API token").fill(token);
+  await page.keyboard.press("Enter");
+  await page.getByRole("heading", { name: "Overview" }).waitFor();
+  await page.locator("tr[data-mapping] .status").first().waitFor();
+  await check("overview");
+  for (const [hash, ready] of [
+    ["#/sources", "table.sources tbody tr"],
+    ["#/models", "table.models tbody tr"],
+    ["#/model/users", "pre.sql"],
+    ["#/new-model", "#model-sql"],
+    ["#/destinations", "table.destinations tbody tr"],
+    ["#/mappings", "table.mappings tbody tr"],
+    ["#/mapping/users_to_crm", "table.fields"],
+    ["#/new-mapping", "table.fields.editor tbody tr"],
+    ["#/runs?mapping=users_to_crm", "table.runs tbody tr"],
+    ["#/history", "#history-sql"],
+  ]) {
+    await page.goto(`${base}/${hash}`);
+    await page.locator(ready).first().waitFor();
+    await check(hash);
+  }
+  await context.close();
+});
