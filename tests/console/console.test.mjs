@@ -42,7 +42,8 @@ function serve() {
     const timer = setTimeout(() => reject(new Error(`sluice serve did not start:\n${output}`)), 30000);
     child.stderr.on("data", (chunk) => {
       output += chunk;
-      const match = output.match(/listening on (http:\/\/[0-9.:]+)/);
+      // Only a whole line: a chunk may end inside the address.
+      const match = output.match(/listening on (http:\/\/[0-9.:]+)\r?\n/);
       if (match) {
         clearTimeout(timer);
         resolvePromise({ child, url: match[1] });
