@@ -18,9 +18,10 @@ class ApiError extends Error {
   }
 }
 
-/** Calls the API with the session cookie; changes carry the CSRF token. */
-async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
+/** Sends a request to the API with the session cookie (changes carry the CSRF token); the
+ * response when it is a success, else an `ApiError` with the API's message. */
+async function request(method, path, body, accept = "application/json") {
+  const headers = { Accept: accept };
   if (method !== "GET") headers["X-CSRF-Token"] = csrfToken();
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(`/api/v1${path}`, {
@@ -34,10 +35,19 @@ async function api(method, path, body) {
     window.location.assign("/login");
     throw new ApiError(401, null);
   }
-  const text = await response.text();
-  const parsed = text ? JSON.parse(text) : null;
-  if (!response.ok) throw new ApiError(response.status, parsed);
-  return parsed;
+  if (!response.ok) {
+    const text = await response.text();
+    let parsed = null;
+    try { parsed = JSON.parse(text); } catch { /* not JSON */ }
+    throw new ApiError(response.status, parsed);
+  }
+  return response;
+}
+
+/** Calls the API and parses its JSON answer. */
+async function api(method, path, body) {
+  const text = await (await request(method, path, body)).text();
+  return text ? JSON.parse(text) : null;
 }
 
 /** Every item of a paginated list. */
@@ -51,6 +61,16 @@ async function all(path) {
     cursor = page.next_cursor;
   } while (cursor);
   return items;
+}
+
+/** Every item of a list route, or the error that kept it from loading. */
+function useList(path) {
+  const [items, setItems] = useState(null);
+  const [error, setError] = useState(null);
+  useEffect(() => {
+    all(path).then(setItems).catch((e) => setError(e.message));
+  }, [path]);
+  return [items, error];
 }
 
 // ---- Formatting ----------------------------------------------------------------------------
@@ -307,16 +327,12 @@ function RunsChart({ runs }) {
 
 /** A mapping's runs: a table and a chart of the last 30. */
 function Runs({ mapping: chosen }) {
-  const [mappings, setMappings] = useState(null);
+  const [mappings, listError] = useList("/mappings");
   const [runs, setRuns] = useState(null);
-  const [error, setError] = useState(null);
+  const [runsError, setError] = useState(null);
+  const error = listError ?? runsError;
   const mapping = chosen ?? mappings?.[0]?.name;
 
-  useEffect(() => {
-    all("/mappings")
-      .then(setMappings)
-      .catch((e) => setError(e.message));
-  }, []);
   usePolling(async () => {
     if (!mapping) return;
     try {
@@ -461,11 +477,7 @@ function RunPage({ id }) {
 
 /** Every mapping, with a link to its page. */
 function Mappings() {
-  const [mappings, setMappings] = useState(null);
-  const [error, setError] = useState(null);
-  useEffect(() => {
-    all("/mappings").then(setMappings).catch((e) => setError(e.message));
-  }, []);
+  const [mappings, error] = useList("/mappings");
   if (error) return html`<p class="error" role="alert">${error}</p>`;
   if (!mappings) return html`<p class="muted">Loading…</p>`;
   return html`
@@ -634,22 +646,7 @@ function MappingPage({ id: name }) {
 }
 
 /** Runs a history query; `accept` picks JSON lines or CSV. */
-async function query(sql, maxRows, accept) {
-  const response = await fetch("/api/v1/query", {
-    method: "POST",
-    headers: { Accept: accept, "Content-Type": "application/json", "X-CSRF-Token": csrfToken() },
-    body: JSON.stringify({ sql, max_rows: maxRows }),
-    credentials: "same-origin",
-  });
-  if (response.status === 401) window.location.assign("/login");
-  if (!response.ok) {
-    const text = await response.text();
-    let body = null;
-    try { body = JSON.parse(text); } catch { /* not JSON */ }
-    throw new ApiError(response.status, body);
-  }
-  return response;
-}
+const query = (sql, maxRows, accept) => request("POST", "/query", { sql, max_rows: maxRows }, accept);
 
 /** SQL over snapshot history, results as a table or a CSV download. */
 function History() {
@@ -740,12 +737,8 @@ function History() {
 
 /** Sources or destinations: each one's type, where it is defined, and a connection test. */
 function Connections({ kind, title, what }) {
-  const [items, setItems] = useState(null);
+  const [items, error] = useList(`/${kind}`);
   const [tests, setTests] = useState({});
-  const [error, setError] = useState(null);
-  useEffect(() => {
-    all(`/${kind}`).then(setItems).catch((e) => setError(e.message));
-  }, [kind]);
 
   const test = async (name) => {
     setTests((t) => ({ ...t, [name]: { running: true } }));
@@ -819,13 +812,18 @@ function highlightSql(sql) {
   return tokens;
 }
 
+/** A preview's rows under their column names and types; key columns marked. */
+function PreviewTable({ preview, keys = [] }) {
+  return html`<div class="scroll"><table class="list preview">
+    <thead><tr>${preview.columns.map((c) => html`<th scope="col">
+      <span class="column-name">${c.name}</span>${keys.includes(c.name) ? " (key)" : ""}<br /><span class="muted small column-type">${c.type}</span></th>`)}</tr></thead>
+    <tbody>${preview.rows.map((row, i) => html`<tr key=${i}>${preview.columns.map((c) => html`<td data-label=${c.name}>${row[c.name] === null ? html`<span class="muted">null</span>` : String(row[c.name])}</td>`)}</tr>`)}</tbody>
+  </table></div>`;
+}
+
 /** Every model. */
 function Models() {
-  const [models, setModels] = useState(null);
-  const [error, setError] = useState(null);
-  useEffect(() => {
-    all("/models").then(setModels).catch((e) => setError(e.message));
-  }, []);
+  const [models, error] = useList("/models");
   if (error) return html`<p class="error" role="alert">${error}</p>`;
   if (!models) return html`<p class="muted">Loading…</p>`;
   return html`
@@ -883,11 +881,7 @@ function ModelPage({ id: name }) {
     ${error && html`<p class="error" role="alert">${error}</p>`}
     ${preview && html`<section class="panel results" aria-labelledby="preview-heading">
       <h2 id="preview-heading">Preview</h2>
-      <div class="scroll"><table class="list preview">
-        <thead><tr>${preview.columns.map((c) => html`<th scope="col">
-          <span class="column-name">${c.name}</span>${keys.includes(c.name) ? " (key)" : ""}<br /><span class="muted small column-type">${c.type}</span></th>`)}</tr></thead>
-        <tbody>${preview.rows.map((row, i) => html`<tr key=${i}>${preview.columns.map((c) => html`<td data-label=${c.name}>${row[c.name] === null ? html`<span class="muted">null</span>` : String(row[c.name])}</td>`)}</tr>`)}</tbody>
-      </table></div>
+      <${PreviewTable} preview=${preview} keys=${keys} />
     </section>`}
   `;
 }
@@ -1178,10 +1172,7 @@ function NewModel() {
               ${c.name}</label>`)}
           </div>
         </fieldset>
-        <div class="scroll"><table class="list preview">
-          <thead><tr>${preview.columns.map((c) => html`<th scope="col"><span class="column-name">${c.name}</span><br /><span class="muted small column-type">${c.type}</span></th>`)}</tr></thead>
-          <tbody>${preview.rows.map((row, i) => html`<tr key=${i}>${preview.columns.map((c) => html`<td data-label=${c.name}>${row[c.name] === null ? html`<span class="muted">null</span>` : String(row[c.name])}</td>`)}</tr>`)}</tbody>
-        </table></div>`}
+        <${PreviewTable} preview=${preview} />`}
       <${SchedulePicker} onChange=${setSchedule} />
       ${error && html`<p class="error" role="alert">${error}</p>`}
       <button type="submit" disabled=${busy}>Create model</button>

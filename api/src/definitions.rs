@@ -437,45 +437,19 @@ pub struct TestRecordRequest {
     pub op: Option<String>,
 }
 
-/// One record as its mapping would send it: the exact request(s), not sent.
-#[derive(Debug, serde::Serialize, ToSchema)]
-pub struct TestRecord {
-    /// The record's primary key.
-    #[schema(value_type = Object)]
-    pub key: Value,
-    /// The request(s) that would carry it alone.
-    pub requests: Vec<TestRequest>,
-    /// Why the record would fail without being sent, when it would.
-    pub unsendable: Option<String>,
-}
-
-/// A request as a destination would receive it (credentials left out).
-#[derive(Debug, serde::Serialize, ToSchema)]
-pub struct TestRequest {
-    /// `POST`, `PATCH`, ... or what the destination does instead (`COPY`, `WRITE`).
-    pub method: String,
-    /// URL (without credentials), table or file.
-    pub target: String,
-    /// Records the request carries.
-    pub records: usize,
-    /// The body, as sent.
-    #[schema(value_type = Object)]
-    pub body: Value,
-}
-
 /// Renders one model row through the mapping (a "test record"): runs the model's query for
 /// that key and returns the exact payload, sending nothing.
 #[utoipa::path(post, path = "/mappings/{name}/test-record", tag = "mappings",
     params(("name" = String, Path)),
     request_body(content = Option<TestRecordRequest>, description = "Optional; the model's first row, as added, by default"),
     responses(
-        (status = 200, description = "The request(s) that would carry the record", body = TestRecord),
+        (status = 200, description = "The request(s) that would carry the record", body = sluice_engine::PayloadPreview),
         (status = 422, description = "The query failed in its source", body = crate::error::ErrorBody)))]
 pub async fn test_record(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     body: bytes::Bytes,
-) -> ApiResult<axum::Json<TestRecord>> {
+) -> ApiResult<axum::Json<sluice_engine::PayloadPreview>> {
     let request = optional_body::<TestRecordRequest>(&body)?;
     let op = match request.op.as_deref() {
         None => sluice_engine::Op::Added,
@@ -485,20 +459,7 @@ pub async fn test_record(
     };
     let engine = state.service.current().await?;
     let preview = engine.preview_payload(&name, request.key.as_deref(), op).await?;
-    Ok(axum::Json(TestRecord {
-        key: preview.key,
-        requests: preview
-            .requests
-            .into_iter()
-            .map(|r| TestRequest {
-                method: r.method,
-                target: r.target,
-                records: r.records,
-                body: r.body,
-            })
-            .collect(),
-        unsendable: preview.unsendable,
-    }))
+    Ok(axum::Json(preview))
 }
 
 /// `POST /api/v1/sources/{name}/preview`.

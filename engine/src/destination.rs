@@ -556,6 +556,7 @@ pub enum SendOutcome {
 
 /// One request as a destination would send it, for dry runs and test records.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PreparedRequest {
     /// `POST`, `PATCH`, ... or what the destination does instead (`COPY`, `WRITE`).
     pub method: String,
@@ -563,6 +564,8 @@ pub struct PreparedRequest {
     pub target: String,
     /// Records the request carries.
     pub records: usize,
+    /// The body, as sent.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub body: serde_json::Value,
 }
 

@@ -769,10 +769,12 @@ fn find_row(
 
 /// One record as its mapping would send it.
 #[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PayloadPreview {
     /// The record's primary key.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub key: serde_json::Value,
-    /// The request(s) that would carry it alone.
+    /// The request(s) that would carry it alone (credentials left out).
     pub requests: Vec<crate::destination::PreparedRequest>,
     /// Why the record would fail without being sent, when it would.
     pub unsendable: Option<String>,
