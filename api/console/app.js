@@ -736,50 +736,398 @@ function History() {
 }
 
 /** Sources or destinations: each one's type, where it is defined, and a connection test. */
+// ---- Forms from JSON Schema ----------------------------------------------------------------
+// Source, destination and mapping options are described by the API (GET /connectors) as JSON
+// Schema generated from the types sluice parses them into; these widgets walk that schema, so
+// a form cannot ask for an option the server would refuse, and needs no list kept here.
+
+/** What the API shows a stored secret as. */
+const REDACTED = "********";
+
+let catalogLoad = null;
+/** The connector types of this server (loaded once a page). */
+function connectorCatalog() {
+  catalogLoad ??= api("GET", "/connectors").catch((e) => {
+    catalogLoad = null;
+    throw e;
+  });
+  return catalogLoad;
+}
+
+/** A schema without its "or null" (`Option<T>` is `anyOf [T, null]` or `type: [t, "null"]`). */
+function unwrap(schema) {
+  let s = schema && typeof schema === "object" ? schema : {};
+  for (const key of ["anyOf", "oneOf"]) {
+    if (!Array.isArray(s[key])) continue;
+    const rest = s[key].filter((branch) => branch.type !== "null");
+    if (rest.length === 1) {
+      const { [key]: _, ...outer } = s;
+      s = { ...rest[0], ...outer, description: outer.description ?? rest[0].description };
+    } else if (rest.length < s[key].length) {
+      s = { ...s, [key]: rest };
+    }
+  }
+  if (Array.isArray(s.type)) {
+    const types = s.type.filter((t) => t !== "null");
+    s = { ...s, type: types.length === 1 ? types[0] : types };
+  }
+  return s;
+}
+
+/** The values of an enumeration (`enum`, or `oneOf` documented constants), else null. */
+function choicesOf(s) {
+  if (Array.isArray(s.enum)) return s.enum.filter((v) => v !== null).map((value) => ({ value, description: "" }));
+  const branches = s.oneOf ?? s.anyOf;
+  if (Array.isArray(branches) && branches.length > 0 && branches.every((b) => "const" in b || Array.isArray(b.enum))) {
+    return branches.flatMap((b) => ("const" in b ? [b.const] : b.enum).map((value) => ({ value, description: b.description ?? "" })));
+  }
+  return null;
+}
+
+const takesString = (s) => s.type === "string" || (Array.isArray(s.type) && s.type.includes("string"))
+  || (Array.isArray(s.anyOf) && s.anyOf.some((b) => takesString(unwrap(b))));
+
+/** Which widget edits a value of `schema`. */
+function widgetOf(schema) {
+  const s = unwrap(schema);
+  if (choicesOf(s)) return "choice";
+  if (s.type === "boolean") return "boolean";
+  if (s.type === "integer" || s.type === "number") return "number";
+  if (s.type === "object" && s.properties) return "object";
+  if (s.type === "object" && s.additionalProperties && typeof s.additionalProperties === "object") {
+    return ["text", "number"].includes(widgetOf(s.additionalProperties)) ? "map" : "json";
+  }
+  if (s.type === "array" && widgetOf(s.items) === "text") return "lines";
+  if (takesString(s)) return "text";
+  return "json";
+}
+
+/** `value` without empty strings, nulls and empty objects or lists: options left unset. */
+function pruned(value) {
+  if (Array.isArray(value)) return value.length === 0 ? undefined : value;
+  if (value && typeof value === "object") {
+    const kept = Object.entries(value)
+      .map(([k, v]) => [k, pruned(v)])
+      .filter(([, v]) => v !== undefined);
+    return kept.length === 0 ? undefined : Object.fromEntries(kept);
+  }
+  return value === "" || value === null ? undefined : value;
+}
+
+const hasDefault = (d) => d !== undefined && d !== null && !(typeof d === "object" && Object.keys(d).length === 0);
+const describe = (s) => [s.description, hasDefault(s.default) && !/default/i.test(s.description ?? "") ? `Default: ${JSON.stringify(s.default)}.` : ""]
+  .filter(Boolean).join(" ");
+
+/** Key/value rows of a map option (`headers`, object storage `options`, ...). */
+function MapEditor({ id, label, schema, value, onChange, describedBy }) {
+  const [rows, setRows] = useState(() => Object.entries(value ?? {}).map(([k, v]) => ({ key: k, value: v })));
+  const item = unwrap(schema.additionalProperties);
+  const secret = item.writeOnly === true;
+  const update = (next) => {
+    setRows(next);
+    onChange(Object.fromEntries(next.filter((r) => r.key.trim()).map((r) => [r.key.trim(), r.value])));
+  };
+  return html`<div class="map-editor" role="group" aria-labelledby=${`${id}-name`} aria-describedby=${describedBy}>
+    ${rows.map((row, i) => html`<div class="map-row" key=${i}>
+      <input aria-label=${`${label} ${i + 1} name`} value=${row.key} placeholder="name"
+        onInput=${(e) => update(rows.map((r, j) => (j === i ? { ...r, key: e.currentTarget.value } : r)))} />
+      <input aria-label=${`${label} ${i + 1} value`} type=${secret ? "password" : "text"} autocomplete="off"
+        value=${row.value === REDACTED ? "" : row.value} placeholder=${row.value === REDACTED ? "stored; type to replace" : "value"}
+        onInput=${(e) => update(rows.map((r, j) => (j === i ? { ...r, value: e.currentTarget.value || (r.value === REDACTED ? REDACTED : "") } : r)))} />
+      <button type="button" class="secondary" aria-label=${`Remove ${label} ${i + 1}`}
+        onClick=${() => update(rows.filter((_, j) => j !== i))}>Remove</button></div>`)}
+    <button type="button" class="secondary" onClick=${() => update([...rows, { key: "", value: "" }])}>Add ${label}</button>
+  </div>`;
+}
+
+/** A JSON text for options no simpler widget fits (lists of objects, either-or shapes). */
+function JsonField({ id, value, onChange, describedBy }) {
+  const [text, setText] = useState(value === undefined ? "" : JSON.stringify(value, null, 2));
+  return html`<textarea id=${id} class="json" rows="4" spellcheck="false" aria-describedby=${describedBy} value=${text}
+    onInput=${(e) => {
+      const next = e.currentTarget.value;
+      setText(next);
+      if (!next.trim()) {
+        e.currentTarget.setCustomValidity("");
+        onChange(undefined);
+        return;
+      }
+      try {
+        onChange(JSON.parse(next));
+        e.currentTarget.setCustomValidity("");
+      } catch {
+        e.currentTarget.setCustomValidity("Not JSON yet");
+      }
+    }}></textarea>`;
+}
+
+/** One option: its label (the name sluice.yaml uses), widget and help. */
+function OptionField({ name, path, schema, required, value, onChange }) {
+  const s = unwrap(schema);
+  const kind = widgetOf(s);
+  const id = `option-${path.join("-")}`;
+  const help = describe(s);
+  const helpId = help ? `${id}-help` : undefined;
+  // The asterisk is outside the label, so the field's name is the option's name alone.
+  // A map's rows have labels of their own; its name labels the group, not a control.
+  const label = html`<span class="option-label">${kind === "map"
+    ? html`<span id=${`${id}-name`}><code>${name}</code></span>`
+    : html`<label for=${id}><code>${name}</code></label>`}${required && html`<span class="required" aria-hidden="true"> *</span>`}</span>`;
+  const helpText = help && html`<p id=${helpId} class="muted small help">${help}</p>`;
+
+  if (kind === "object") {
+    const body = html`<${OptionFields} schema=${s} path=${path} value=${value ?? {}} onChange=${onChange} />`;
+    return html`<div class="option wide">${required
+      ? html`<fieldset><legend><code>${name}</code></legend>${helpText}${body}</fieldset>`
+      : html`<details open=${value !== undefined && Object.keys(value).length > 0}><summary><code>${name}</code>
+          <span class="muted small">${s.description ?? ""}</span></summary>${body}</details>`}</div>`;
+  }
+  let widget;
+  if (kind === "choice") {
+    const choices = choicesOf(s);
+    widget = html`<select id=${id} required=${required} aria-describedby=${helpId} value=${value ?? ""}
+      onChange=${(e) => onChange(e.currentTarget.value === "" ? undefined : e.currentTarget.value)}>
+      ${!required && html`<option value="">${s.default != null ? `default (${s.default})` : "not set"}</option>`}
+      ${required && value === undefined && html`<option value="">choose…</option>`}
+      ${choices.map((c) => html`<option value=${c.value}>${c.value}${c.description ? ` — ${c.description}` : ""}</option>`)}</select>`;
+  } else if (kind === "boolean") {
+    widget = html`<select id=${id} aria-describedby=${helpId} value=${value === undefined ? "" : String(value)}
+      onChange=${(e) => onChange(e.currentTarget.value === "" ? undefined : e.currentTarget.value === "true")}>
+      <option value="">${s.default != null ? `default (${s.default ? "yes" : "no"})` : "not set"}</option>
+      <option value="true">yes</option><option value="false">no</option></select>`;
+  } else if (kind === "number") {
+    widget = html`<input id=${id} type="number" required=${required} aria-describedby=${helpId}
+      min=${s.minimum} max=${s.maximum} step=${s.type === "integer" ? 1 : "any"} value=${value ?? ""}
+      placeholder=${s.default ?? ""}
+      onInput=${(e) => onChange(e.currentTarget.value === "" ? undefined : Number(e.currentTarget.value))} />`;
+  } else if (kind === "text") {
+    const secret = s.writeOnly === true;
+    const stored = value === REDACTED;
+    widget = html`<input id=${id} type=${secret ? "password" : "text"} autocomplete=${secret ? "new-password" : "off"}
+      required=${required && !stored} aria-describedby=${helpId} spellcheck="false"
+      value=${stored ? "" : value ?? ""}
+      placeholder=${stored ? "stored; type to replace" : hasDefault(s.default) ? String(s.default) : ""}
+      onInput=${(e) => onChange(e.currentTarget.value === "" ? (stored ? REDACTED : undefined) : e.currentTarget.value)} />`;
+  } else if (kind === "lines") {
+    widget = html`<textarea id=${id} rows="3" aria-describedby=${helpId} value=${(value ?? []).join("\n")}
+      onInput=${(e) => onChange(e.currentTarget.value.split("\n").map((l) => l.trim()).filter(Boolean))}></textarea>`;
+  } else if (kind === "map") {
+    widget = html`<${MapEditor} id=${id} label=${name} schema=${s} value=${value} onChange=${onChange} describedBy=${helpId} />`;
+  } else {
+    widget = html`<${JsonField} id=${id} value=${value} onChange=${onChange} describedBy=${helpId} />`;
+  }
+  return html`<div class="option">${label}<div class="option-input">${widget}${helpText}</div></div>`;
+}
+
+/** Every option of an object schema: the required ones first, nested groups folded. */
+function OptionFields({ schema, path = [], value, onChange }) {
+  const required = new Set(schema.required ?? []);
+  const entries = Object.entries(schema.properties ?? {});
+  const order = (entry) => (required.has(entry[0]) ? 0 : widgetOf(entry[1]) === "object" ? 2 : 1);
+  const sorted = entries.map((e, i) => [e, i]).sort((a, b) => order(a[0]) - order(b[0]) || a[1] - b[1]).map(([e]) => e);
+  return html`<div class="options">${sorted.map(([name, property]) => html`<${OptionField} key=${name} name=${name}
+    path=${[...path, name]} schema=${property} required=${required.has(name)} value=${value?.[name]}
+    onChange=${(next) => onChange({ ...value, [name]: next })} />`)}</div>`;
+}
+
+const SINGULAR = { sources: "source", destinations: "destination" };
+
+/** The `name: value` lines of a definition's options, nested ones dotted. */
+function optionLines(value, prefix = "") {
+  return Object.entries(value ?? {}).flatMap(([k, v]) =>
+    v && typeof v === "object" && !Array.isArray(v) && Object.keys(v).length > 0
+      ? optionLines(v, `${prefix}${k}.`)
+      : [[`${prefix}${k}`, typeof v === "string" ? v : JSON.stringify(v)]]);
+}
+
+/** Sources or destinations: each with its type, where it is defined, and a connection test. */
 function Connections({ kind, title, what }) {
   const [items, error] = useList(`/${kind}`);
   const [tests, setTests] = useState({});
+  const one = SINGULAR[kind];
 
   const test = async (name) => {
     setTests((t) => ({ ...t, [name]: { running: true } }));
-    try {
-      const result = await api("POST", `/${kind}/${encodeURIComponent(name)}/test`);
-      setTests((t) => ({ ...t, [name]: result }));
-    } catch (e) {
-      setTests((t) => ({ ...t, [name]: { ok: false, error: e.message } }));
-    }
+    setTests({ ...tests, [name]: await testConnection(kind, name) });
   };
 
   if (error) return html`<p class="error" role="alert">${error}</p>`;
   if (!items) return html`<p class="muted">Loading…</p>`;
   return html`
     <h1>${title}</h1>
+    <p><a class="button" href=${`#/new-${one}`}>Add ${one}</a></p>
     ${items.length === 0
       ? html`<div class="panel empty"><p><strong>No ${kind} yet.</strong></p>
-          <p class="muted">${what} Define one in <code>sluice.yaml</code> or with <code>POST /api/v1/${kind}</code>.</p></div>`
+          <p class="muted">${what} <a href=${`#/new-${one}`}>Add one</a>, or define it in <code>sluice.yaml</code>.</p></div>`
       : html`<div class="panel"><table class=${`list ${kind}`}>
           <thead><tr><th scope="col">Name</th><th scope="col">Type</th><th scope="col">Defined in</th>
-            <th scope="col">Definition</th><th scope="col">Connection</th></tr></thead>
+            <th scope="col">Connection</th></tr></thead>
           <tbody>${items.map((item) => {
             const result = tests[item.name];
             return html`<tr key=${item.name} data-name=${item.name}>
-              <td data-label="Name"><strong>${item.name}</strong>
+              <td data-label="Name"><a href=${`#/${one}/${encodeURIComponent(item.name)}`}><strong>${item.name}</strong></a>
                 ${item.problem && html`<br /><span class="error small">${item.problem}</span>`}</td>
               <td data-label="Type">${item.definition.type}</td>
               <td data-label="Defined in">${item.origin === "file" ? "sluice.yaml" : "the API"}</td>
-              <td data-label="Definition"><details><summary>Show</summary>
-                <pre>${JSON.stringify(item.definition, null, 2)}</pre></details></td>
               <td data-label="Connection">
                 <button type="button" class="secondary" disabled=${result?.running}
                   aria-label=${`Test connection to ${item.name}`} onClick=${() => test(item.name)}>Test connection</button>
-                <div role="status" aria-live="polite" class="test-result">
-                  ${result && !result.running && (result.ok
-                    ? html`<span class="status succeeded">connected</span>`
-                    : html`<span class="error small">${result.error}</span>`)}
-                </div>
+                <${TestOutcome} result=${result} />
               </td>
             </tr>`;
           })}</tbody></table></div>`}
+  `;
+}
+
+/** Runs a source's or destination's connection test; its own error when it fails. */
+async function testConnection(kind, name) {
+  try {
+    return await api("POST", `/${kind}/${encodeURIComponent(name)}/test`);
+  } catch (e) {
+    return { ok: false, error: e.message };
+  }
+}
+
+function TestOutcome({ result }) {
+  return html`<div role="status" aria-live="polite" class="test-result">
+    ${result?.running && html`<span class="muted small">connecting…</span>`}
+    ${result && !result.running && (result.ok
+      ? html`<span class="status succeeded">connected</span>`
+      : html`<span class="error small">${result.error}</span>`)}
+  </div>`;
+}
+
+/** One source or destination: its options (secrets as the API shows them: never), a
+ * connection test (run at once after it was saved), and Edit and Delete for API-made ones. */
+function ConnectionPage({ kind, id: name, query: params }) {
+  const one = SINGULAR[kind];
+  const [item, setItem] = useState(null);
+  const [entry, setEntry] = useState(null);
+  const [result, setResult] = useState(null);
+  const [error, setError] = useState(null);
+
+  const test = async () => {
+    setResult({ running: true });
+    setResult(await testConnection(kind, name));
+  };
+  useEffect(() => {
+    Promise.all([api("GET", `/${kind}/${encodeURIComponent(name)}`), connectorCatalog()])
+      .then(([loaded, catalog]) => {
+        setItem(loaded);
+        setEntry(catalog[kind].find((c) => c.type === loaded.definition.type) ?? null);
+      })
+      .catch((e) => setError(e.message));
+    if (params?.get("test")) test();
+  }, [kind, name]);
+
+  const remove = async () => {
+    if (!window.confirm(`Delete the ${one} ${name}?`)) return;
+    try {
+      await api("DELETE", `/${kind}/${encodeURIComponent(name)}`);
+      window.location.hash = `#/${kind}`;
+    } catch (e) {
+      setError(e.message);
+    }
+  };
+
+  if (!item) return error ? html`<p class="error" role="alert">${error}</p>` : html`<p class="muted">Loading…</p>`;
+  const { type, ...options } = item.definition;
+  return html`
+    <p><a href=${`#/${kind}`}>← ${kind === "sources" ? "Sources" : "Destinations"}</a></p>
+    <h1>${name}</h1>
+    <p class="muted">${entry?.title ?? type} · defined in ${item.origin === "file" ? "sluice.yaml" : "the API"}${entry ? html` · ${entry.summary}` : ""}</p>
+    ${item.problem && html`<p class="error" role="alert">${item.problem}</p>`}
+    ${error && html`<p class="error" role="alert">${error}</p>`}
+    <div class="actions">
+      <button type="button" disabled=${result?.running} onClick=${test}>Test connection</button>
+      ${item.origin !== "file" && html`<a class="button secondary" href=${`#/edit-${one}/${encodeURIComponent(name)}`}>Edit</a>
+        <button type="button" class="secondary" onClick=${remove}>Delete</button>`}
+    </div>
+    <${TestOutcome} result=${result} />
+    <section class="panel" aria-labelledby="options-heading">
+      <h2 id="options-heading">Options</h2>
+      <table class="pairs option-values"><tbody>
+        <tr><th scope="row"><code>type</code></th><td><code>${type}</code></td></tr>
+        ${optionLines(options).map(([k, v]) => html`<tr><th scope="row"><code>${k}</code></th><td class="wrap"><code>${v}</code></td></tr>`)}
+      </tbody></table>
+      ${item.origin === "file" && html`<p class="muted small">Defined in <code>sluice.yaml</code>: change it there.</p>`}
+    </section>
+  `;
+}
+
+/** A new source or destination, or an API-made one edited: its type's own options form. */
+function ConnectionForm({ kind, id: editing, query: params }) {
+  const one = SINGULAR[kind];
+  const [catalog, setCatalog] = useState(null);
+  const [name, setName] = useState(editing || "");
+  const [type, setType] = useState("");
+  const [options, setOptions] = useState({});
+  // Remounts the fields when the type changes or an edited definition arrives.
+  const [generation, setGeneration] = useState(0);
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState(null);
+
+  useEffect(() => {
+    const loads = [connectorCatalog(), editing ? api("GET", `/${kind}/${encodeURIComponent(editing)}`) : null];
+    Promise.all(loads)
+      .then(([loaded, item]) => {
+        setCatalog(loaded);
+        if (item) {
+          const { type: t, ...rest } = item.definition;
+          setType(t);
+          setOptions(rest);
+        } else {
+          // `?type=postgres` opens the form on a type.
+          const asked = params?.get("type");
+          setType(loaded[kind].some((c) => c.type === asked) ? asked : loaded[kind][0]?.type ?? "");
+        }
+        setGeneration((g) => g + 1);
+      })
+      .catch((e) => setError(e.message));
+  }, [kind, editing]);
+
+  const entry = catalog?.[kind].find((c) => c.type === type);
+  const definition = { type, ...(pruned(options) ?? {}) };
+
+  const submit = async (event) => {
+    event.preventDefault();
+    setBusy(true);
+    try {
+      if (editing) await api("PUT", `/${kind}/${encodeURIComponent(editing)}`, { definition });
+      else await api("POST", `/${kind}`, { name: name.trim(), definition });
+      window.location.hash = `#/${one}/${encodeURIComponent(editing || name.trim())}?test=1`;
+    } catch (e) {
+      setError(e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  if (!catalog) return error ? html`<p class="error" role="alert">${error}</p>` : html`<p class="muted">Loading…</p>`;
+  const heading = editing ? `Edit ${editing}` : `Add ${one}`;
+  return html`
+    <p><a href=${editing ? `#/${one}/${encodeURIComponent(editing)}` : `#/${kind}`}>← ${editing || (kind === "sources" ? "Sources" : "Destinations")}</a></p>
+    <h1>${heading}</h1>
+    <form class="panel form" onSubmit=${submit}>
+      <div class="form-grid">
+        <label for="connection-name">Name</label>
+        <input id="connection-name" required pattern="[A-Za-z_][A-Za-z0-9_\-]*" maxlength="64" value=${name}
+          disabled=${Boolean(editing)} onInput=${(e) => setName(e.currentTarget.value)} />
+        <label for="connection-type">Type</label>
+        <select id="connection-type" value=${type} disabled=${Boolean(editing)}
+          onChange=${(e) => { setType(e.currentTarget.value); setOptions({}); setGeneration((g) => g + 1); }}>
+          ${catalog[kind].map((c) => html`<option value=${c.type}>${c.title}</option>`)}</select>
+      </div>
+      ${entry && html`<p class="muted">${entry.summary}</p>`}
+      <fieldset>
+        <legend>${entry?.title ?? type} options</legend>
+        <p class="muted small">Names as <code>sluice.yaml</code> writes them; <span class="required">*</span> is required. Secrets are sealed when saved and never shown again; <code>$${"{VAR}"}</code> reads the server's environment.</p>
+        ${entry && html`<${OptionFields} key=${`${type}-${generation}`} schema=${entry.options} value=${options} onChange=${setOptions} />`}
+      </fieldset>
+      <details><summary>As JSON</summary><pre class="definition">${JSON.stringify(definition, null, 2)}</pre></details>
+      ${error && html`<p class="error" role="alert">${error}</p>`}
+      <button type="submit" disabled=${busy}>${editing ? "Save" : `Add ${one}`}</button>
+    </form>
   `;
 }
 
@@ -967,14 +1315,18 @@ function NewMapping() {
   const [fields, setFields] = useState({});
   const [constants, setConstants] = useState([]);
   const [schedule, setSchedule] = useState("manual");
+  const [catalog, setCatalog] = useState(null);
+  const [action, setAction] = useState("");
+  const [options, setOptions] = useState({});
   const [error, setError] = useState(null);
   const [busy, setBusy] = useState(false);
 
   useEffect(() => {
-    Promise.all([all("/models"), all("/destinations")])
-      .then(([m, d]) => {
+    Promise.all([all("/models"), all("/destinations"), connectorCatalog()])
+      .then(([m, d, c]) => {
         setModels(m);
         setDestinations(d);
+        setCatalog(c);
         if (m[0]) setModel(m[0].name);
         if (d[0]) setDestination(d[0].name);
       })
@@ -991,12 +1343,23 @@ function NewMapping() {
       .catch((e) => setError(e.message));
   }, [model]);
 
+  // The destination type's actions and mapping options, from the server's connector catalog.
+  const destinationType = destinations?.find((d) => d.name === destination)?.definition.type;
+  const entry = catalog?.destinations.find((c) => c.type === destinationType);
+  useEffect(() => {
+    setAction(entry?.actions?.find((a) => a.default)?.name ?? "");
+    setOptions({});
+  }, [destination, entry]);
+
   const send = { all: ["added", "updated", "deleted"], added: ["added"], updated: ["updated"], upserts: ["added", "updated"], deleted: ["deleted"] }[selection];
 
   const submit = async (event) => {
     event.preventDefault();
     setBusy(true);
     const definition = { model, destination, send };
+    if (action) definition.action = action;
+    const chosenOptions = pruned(options);
+    if (chosenOptions) definition.options = chosenOptions;
     const mapped = Object.entries(fields).filter(([, to]) => to.trim());
     if (mapped.length > 0) definition.fields = Object.fromEntries(mapped.map(([column, to]) => [to.trim(), column]));
     const fixed = constants.filter((c) => c.field.trim());
@@ -1015,7 +1378,7 @@ function NewMapping() {
   if (!models || !destinations) return error ? html`<p class="error" role="alert">${error}</p>` : html`<p class="muted">Loading…</p>`;
   if (models.length === 0 || destinations.length === 0) {
     return html`<h1>New mapping</h1><div class="panel empty"><p><strong>A mapping needs a model and a destination.</strong></p>
-      <p class="muted">Define them first, in <code>sluice.yaml</code> or through the API.</p></div>`;
+      <p class="muted">${models.length === 0 ? html`<a href="#/new-model">Write a model</a>` : html`<a href="#/new-destination">Add a destination</a>`} first (or define it in <code>sluice.yaml</code>).</p></div>`;
   }
   return html`
     <p><a href="#/mappings">← Mappings</a></p>
@@ -1030,6 +1393,11 @@ function NewMapping() {
         <label for="mapping-destination">Destination</label>
         <select id="mapping-destination" value=${destination} onChange=${(e) => setDestination(e.currentTarget.value)}>
           ${destinations.map((d) => html`<option value=${d.name}>${d.name} (${d.definition.type})</option>`)}</select>
+        ${entry?.actions?.length > 0 && html`
+          <label for="mapping-action">Action</label>
+          <select id="mapping-action" required value=${action} onChange=${(e) => setAction(e.currentTarget.value)}>
+            ${!entry.actions.some((a) => a.default) && html`<option value="">choose…</option>`}
+            ${entry.actions.map((a) => html`<option value=${a.name}>${a.name} — ${a.summary}</option>`)}</select>`}
         <label for="mapping-send">Records</label>
         <select id="mapping-send" value=${selection} onChange=${(e) => setSelection(e.currentTarget.value)}>
           <option value="all">added, updated and deleted</option>
@@ -1039,6 +1407,10 @@ function NewMapping() {
           <option value="deleted">deleted</option>
         </select>
       </div>
+      ${entry?.mapping_options && html`<fieldset>
+        <legend>${entry.title} options</legend>
+        <${OptionFields} key=${destination} schema=${entry.mapping_options} path=${["mapping"]} value=${options} onChange=${setOptions} />
+      </fieldset>`}
       <fieldset>
         <legend>Fields</legend>
         <p class="muted small">Give a destination field to each model column to send; dots nest (<code>traits.plan</code>). Leave every field empty to send all columns under their own names.</p>
@@ -1142,7 +1514,7 @@ function NewModel() {
   if (!sources) return error ? html`<p class="error" role="alert">${error}</p>` : html`<p class="muted">Loading…</p>`;
   if (sources.length === 0) {
     return html`<h1>New model</h1><div class="panel empty"><p><strong>A model needs a source.</strong></p>
-      <p class="muted">Define a source first, in <code>sluice.yaml</code> or through the API.</p></div>`;
+      <p class="muted"><a href="#/new-source">Add a source</a> first (or define it in <code>sluice.yaml</code>).</p></div>`;
   }
   return html`
     <p><a href="#/models">← Models</a></p>
@@ -1188,7 +1560,13 @@ const screens = [
   { path: "models", title: "Models", view: Models },
   { path: "model", title: "Model", view: ModelPage, hidden: true, parent: "models" },
   { path: "new-model", title: "New model", view: NewModel, hidden: true, parent: "models" },
+  { path: "source", title: "Source", view: (p) => html`<${ConnectionPage} kind="sources" ...${p} />`, hidden: true, parent: "sources" },
+  { path: "new-source", title: "Add source", view: (p) => html`<${ConnectionForm} kind="sources" ...${p} />`, hidden: true, parent: "sources" },
+  { path: "edit-source", title: "Edit source", view: (p) => html`<${ConnectionForm} kind="sources" ...${p} />`, hidden: true, parent: "sources" },
   { path: "destinations", title: "Destinations", view: Destinations },
+  { path: "destination", title: "Destination", view: (p) => html`<${ConnectionPage} kind="destinations" ...${p} />`, hidden: true, parent: "destinations" },
+  { path: "new-destination", title: "Add destination", view: (p) => html`<${ConnectionForm} kind="destinations" ...${p} />`, hidden: true, parent: "destinations" },
+  { path: "edit-destination", title: "Edit destination", view: (p) => html`<${ConnectionForm} kind="destinations" ...${p} />`, hidden: true, parent: "destinations" },
   { path: "mappings", title: "Mappings", view: Mappings },
   { path: "mapping", title: "Mapping", view: MappingPage, hidden: true, parent: "mappings" },
   { path: "new-mapping", title: "New mapping", view: NewMapping, hidden: true, parent: "mappings" },
@@ -1230,7 +1608,7 @@ function App() {
       </form>
     </header>
     <main><${screen.view} key=${`${route.path}/${route.argument}?${route.query}`}
-      id=${decodeURIComponent(route.argument)} mapping=${route.query.get("mapping") ?? undefined} /></main>
+      id=${decodeURIComponent(route.argument)} query=${route.query} mapping=${route.query.get("mapping") ?? undefined} /></main>
   `;
 }
 

@@ -19,6 +19,7 @@ use utoipa_axum::routes;
 
 pub mod auth;
 mod cache;
+mod connector_types;
 mod console;
 mod definitions;
 pub mod error;
@@ -114,6 +115,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::dry_run_requests))
         .routes(routes!(query::query))
         .routes(routes!(schedules::preview_schedule))
+        .routes(routes!(connector_types::connector_catalog))
         .routes(routes!(openapi_json))
 }
 

@@ -11,6 +11,7 @@ use sluice_engine::destination::Destination;
 use sluice_engine::source::{ConnectorEnv, ConnectorFactory, Source};
 
 mod alerts;
+pub mod catalog;
 pub mod destinations;
 mod duration;
 pub mod sources;
@@ -41,6 +42,10 @@ pub const DESTINATION_TYPES: &[&str] = &[
 ];
 
 impl ConnectorFactory for Connectors {
+    fn catalog(&self) -> sluice_engine::connector_types::ConnectorCatalog {
+        catalog::catalog()
+    }
+
     fn alert_sender(&self) -> Option<Arc<dyn sluice_engine::alerts::AlertSender>> {
         alerts::HttpAlerts::new().map(|a| Arc::new(a) as Arc<dyn sluice_engine::alerts::AlertSender>)
     }

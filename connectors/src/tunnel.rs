@@ -29,6 +29,7 @@ use std::time::Duration;
 use russh::client;
 use russh::keys::ssh_key::{LineEnding, PublicKey};
 use russh::keys::{Algorithm, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::ConfigString;
 use sluice_engine::source::ConnectorEnv;
@@ -39,12 +40,15 @@ pub const HINT: &str = "check `ssh_tunnel` (host, port, user) and that the publi
 
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SshTunnelConfig {
+    /// Bastion (SSH jump host) name or IP.
     pub host: ConfigString,
+    /// Bastion's SSH port (default 22).
     #[serde(default = "default_ssh_port")]
     pub port: u16,
+    /// SSH user on the bastion; its authorized_keys must hold the key from `sluice ssh-key generate`.
     pub user: ConfigString,
     /// The bastion's public key (`ssh-ed25519 AAAA...`). Without it the first key seen is
     /// remembered in `<state_dir>/ssh/known_hosts` and every later connection must match it.

@@ -512,6 +512,21 @@ impl<'de> Deserialize<'de> for ConfigString {
     }
 }
 
+impl schemars::JsonSchema for ConfigString {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ConfigString".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // `${VAR}` references are resolved from the environment of the process that loads it.
+        schemars::json_schema!({ "type": "string" })
+    }
+}
+
 impl Serialize for ConfigString {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.template)

@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: `sluice.yaml` (sources, models, destinations, mappings);
 //! - [`model`]: model SQL templates and limits;
-//! - [`source`] and [`destination`]: the traits connectors implement;
+//! - [`source`] and [`destination`]: the traits connectors implement; [`connector_types`]: the
+//!   types a build has and the JSON Schema of their options;
 //! - [`diff`]: new snapshot against a mapping's baseline, in DataFusion;
 //! - [`mapping`] and [`json`]: rows to destination records, column at a time;
 //! - [`delivery`]: batching, concurrency, retries and per-record results for every destination;
@@ -20,6 +21,7 @@ pub mod ballista;
 pub mod catalog;
 pub mod checkpoint;
 pub mod config;
+pub mod connector_types;
 pub mod delivery;
 pub mod destination;
 pub mod diff;

@@ -85,6 +85,12 @@ impl Service {
         })
     }
 
+    /// The connector types this build has, with their options' JSON Schema (secrets marked
+    /// `writeOnly`).
+    pub fn connector_catalog(&self) -> crate::connector_types::ConnectorCatalog {
+        self.connectors.catalog().with_secrets_marked()
+    }
+
     /// Bumped every time the definitions change (the engine is built anew).
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)

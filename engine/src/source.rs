@@ -117,4 +117,9 @@ pub trait ConnectorFactory: Send + Sync {
     fn alert_sender(&self) -> Option<Arc<dyn crate::alerts::AlertSender>> {
         None
     }
+
+    /// The source and destination types this factory builds, with their options' schemas.
+    fn catalog(&self) -> crate::connector_types::ConnectorCatalog {
+        crate::connector_types::ConnectorCatalog::default()
+    }
 }

@@ -9,6 +9,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
 import { createServer } from "node:http";
+import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { mkdtempSync, mkdirSync, rmSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -36,7 +37,8 @@ function serve() {
   return new Promise((resolvePromise, reject) => {
     const child = spawn(sluice, ["serve", "--listen", "127.0.0.1:0", "--no-schedules", "--config", config], {
       stdio: ["ignore", "pipe", "pipe"],
-      env: { ...process.env, RUST_LOG: "warn" },
+      // The key that seals secrets made through the API (a destination's headers, below).
+      env: { ...process.env, RUST_LOG: "warn", SLUICE_SECRET_KEY: randomBytes(32).toString("base64") },
     });
     let output = "";
     const timer = setTimeout(() => reject(new Error(`sluice serve did not start:\n${output}`)), 30000);
@@ -182,48 +184,94 @@ async function signedIn() {
   return { context, page };
 }
 
-/** Triggers a run through the API and waits for it to end. */
-async function runToEnd(mapping) {
-  const { status, body: run } = await api("POST", `/mappings/${mapping}/runs`, {});
-  assert.equal(status, 202, JSON.stringify(run));
-  for (let i = 0; i < 200; i += 1) {
-    const { body } = await api("GET", `/runs/${run.id}`);
-    if (body.status !== "running") return body;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`run ${run.id} did not end`);
-}
-
-test("the runs screen charts a mapping's runs, and a run page shows its failed records and their CSV", async () => {
-  // A second destination that rejects everything, and a mapping to it, made through the API.
-  let answer = await api("POST", "/destinations", {
-    name: "rejecting",
-    definition: { type: "webhook", url: receiverUrl, max_attempts: 1 },
-  });
-  assert.equal(answer.status, 201, JSON.stringify(answer.body));
-  answer = await api("POST", "/mappings", {
-    name: "users_to_rejecting",
-    definition: { model: "users", destination: "rejecting", send: ["added", "updated", "deleted"], fields: { email: "email" } },
-  });
-  assert.equal(answer.status, 201, JSON.stringify(answer.body));
-  const failed = await runToEnd("users_to_rejecting");
-  assert.ok(failed.counts.failed > 0, JSON.stringify(failed));
-
+test("the whole journey through the screens: a source, a destination, a model and a mapping made, run, its failures read and downloaded, then disabled", async () => {
   const { context, page } = await signedIn();
-  await page.getByRole("link", { name: "Runs" }).click();
-  await page.getByRole("heading", { name: "Runs" }).waitFor();
-  await page.getByLabel("Mapping").selectOption("users_to_crm");
-  await page.locator("table.runs tbody tr").first().waitFor();
-  assert.ok((await page.locator("table.runs tbody tr").count()) >= 2, "the quickstart's runs are listed");
-  await page.locator(".chart canvas").waitFor();
-  await screenshot(page, "runs");
 
-  await page.getByLabel("Mapping").selectOption("users_to_rejecting");
-  const row = page.locator(`tr[data-run="${failed.id}"]`);
-  await row.waitFor();
-  assert.match(await row.innerText(), new RegExp(String(failed.counts.failed)));
-  await row.getByRole("link").first().click();
-  await page.getByRole("heading", { name: /Run of users_to_rejecting/ }).waitFor();
+  // A source, from its type's own form; a wrong path is reported by the source itself.
+  await page.getByRole("link", { name: "Sources", exact: true }).click();
+  await page.getByRole("link", { name: "Add source", exact: true }).click();
+  await page.getByRole("heading", { name: "Add source" }).waitFor();
+  await page.getByLabel("Type", { exact: true }).selectOption("sqlite");
+  await page.getByLabel("Name", { exact: true }).fill("warehouse_copy");
+  await page.getByLabel("path", { exact: true }).fill("no-such-warehouse.db");
+  await screenshot(page, "new-source");
+  await page.getByRole("button", { name: "Add source" }).click();
+  await page.getByRole("heading", { name: "warehouse_copy" }).waitFor();
+  // Saved, it is tested at once: the error is SQLite's own, with the path it tried.
+  await page.locator(".test-result .error").waitFor();
+  assert.match(await page.locator(".test-result").innerText(), /no-such-warehouse\.db/);
+  await page.getByRole("link", { name: "Edit", exact: true }).click();
+  await page.getByRole("heading", { name: "Edit warehouse_copy" }).waitFor();
+  assert.equal(await page.getByLabel("path", { exact: true }).inputValue(), "no-such-warehouse.db", "the form is filled from the definition");
+  await page.getByLabel("path", { exact: true }).fill("warehouse.db");
+  await page.getByRole("button", { name: "Save" }).click();
+  await page.locator(".test-result .status.succeeded").waitFor();
+  assert.deepEqual((await api("GET", "/sources/warehouse_copy")).body.definition, { type: "sqlite", path: "warehouse.db" });
+  await screenshot(page, "source");
+
+  // A destination with a secret header: typed once, sealed, never shown again.
+  await page.getByRole("link", { name: "Destinations", exact: true }).click();
+  await page.getByRole("link", { name: "Add destination", exact: true }).click();
+  await page.getByLabel("Type", { exact: true }).selectOption("webhook");
+  await page.getByLabel("Name", { exact: true }).fill("blocking_crm");
+  await page.getByLabel("url", { exact: true }).fill(receiverUrl);
+  await page.getByLabel("max_attempts", { exact: true }).fill("1");
+  await page.getByRole("button", { name: "Add headers" }).click();
+  await page.getByLabel("headers 1 name").fill("Authorization");
+  const secretInput = page.getByLabel("headers 1 value");
+  assert.equal(await secretInput.getAttribute("type"), "password", "a secret is typed into a password field");
+  await secretInput.fill("Bearer console-secret-1");
+  await screenshot(page, "new-destination");
+  await page.getByRole("button", { name: "Add destination" }).click();
+  await page.getByRole("heading", { name: "blocking_crm" }).waitFor();
+  await page.locator(".test-result .status.succeeded").waitFor();
+  const shownOptions = await page.locator("main").innerText();
+  assert.ok(!shownOptions.includes("console-secret-1"), "the secret is not shown");
+  assert.match(shownOptions, /headers\.Authorization\s+\*{8}/);
+  const { body: destination } = await api("GET", "/destinations/blocking_crm");
+  assert.deepEqual(destination.definition, { type: "webhook", url: receiverUrl, max_attempts: 1, headers: { Authorization: "********" } });
+  // Editing something else keeps the stored secret.
+  await page.getByRole("link", { name: "Edit", exact: true }).click();
+  await page.getByRole("heading", { name: "Edit blocking_crm" }).waitFor();
+  assert.equal(await page.getByLabel("headers 1 value").inputValue(), "", "a stored secret is not put back into the page");
+  await page.getByLabel("timeout", { exact: true }).fill("10s");
+  await page.getByRole("button", { name: "Save" }).click();
+  await page.locator(".test-result .status.succeeded").waitFor();
+  assert.equal((await api("GET", "/destinations/blocking_crm")).body.definition.timeout, "10s");
+
+  // A model on the new source.
+  await page.getByRole("link", { name: "Models", exact: true }).click();
+  await page.getByRole("link", { name: "New model", exact: true }).click();
+  await page.getByLabel("Name", { exact: true }).fill("copied_users");
+  await page.getByLabel("Source", { exact: true }).selectOption("warehouse_copy");
+  await page.getByLabel("SQL", { exact: true }).fill("SELECT id, email, first_name FROM users");
+  await page.getByRole("button", { name: "Preview" }).click();
+  await page.locator("table.preview tbody tr").first().waitFor();
+  await page.getByLabel("key id").check();
+  await page.getByRole("button", { name: "Create model" }).click();
+  await page.getByRole("heading", { name: "copied_users" }).waitFor();
+
+  // A mapping from it to the destination, its test record, and a run.
+  await page.getByRole("link", { name: "Mappings", exact: true }).click();
+  await page.getByRole("link", { name: "New mapping", exact: true }).click();
+  await page.getByLabel("Name", { exact: true }).fill("users_to_blocking");
+  await page.getByLabel("Model", { exact: true }).selectOption("copied_users");
+  await page.getByLabel("Destination", { exact: true }).selectOption("blocking_crm");
+  await page.getByLabel("email", { exact: true }).waitFor();
+  await page.getByLabel("email", { exact: true }).fill("email");
+  await page.getByRole("button", { name: "Create mapping" }).click();
+  await page.getByRole("heading", { name: "users_to_blocking" }).waitFor();
+  await page.getByRole("button", { name: /Load rows of copied_users/ }).click();
+  await page.getByRole("button", { name: "Show payload" }).click();
+  assert.match(await page.getByLabel("payload").first().textContent(), /"email":/);
+  await page.getByRole("button", { name: "Run now" }).click();
+  await page.getByRole("link", { name: "follow it", exact: true }).click();
+  await page.getByRole("heading", { name: /Run of users_to_blocking/ }).waitFor();
+  // The page follows the run until it ends: every record was refused.
+  await page.locator("h1 .status.failed, h1 .status.partial").waitFor({ timeout: 30000 });
+  const runId = page.url().split("/").pop();
+  const { body: failed } = await api("GET", `/runs/${runId}`);
+  assert.ok(failed.counts.failed > 0, JSON.stringify(failed));
   assert.match(await page.getByRole("heading", { name: "Stage timings" }).locator("..").innerText(), /Extract/);
   const failures = page.locator("table.failures tbody tr");
   await failures.first().waitFor();
@@ -242,15 +290,34 @@ test("the runs screen charts a mapping's runs, and a run page shows its failed r
   assert.equal(csv.length, failed.counts.failed + 1, "a header and one line per failed record");
   assert.match(csv[0], /error/);
   assert.match(download.suggestedFilename(), /failures\.csv$/);
+
+  // The runs screen charts it; then the mapping is switched off from its page.
+  await page.getByRole("link", { name: "Runs", exact: true }).click();
+  await page.getByLabel("Mapping").selectOption("users_to_crm");
+  await page.locator("table.runs tbody tr").first().waitFor();
+  assert.ok((await page.locator("table.runs tbody tr").count()) >= 2, "the quickstart's runs are listed");
+  await page.locator(".chart canvas").waitFor();
+  await screenshot(page, "runs");
+  await page.getByLabel("Mapping").selectOption("users_to_blocking");
+  const row = page.locator(`tr[data-run="${failed.id}"]`);
+  await row.waitFor();
+  assert.match(await row.innerText(), new RegExp(String(failed.counts.failed)));
+
+  await page.getByRole("link", { name: "Mappings", exact: true }).click();
+  await page.getByRole("link", { name: "users_to_blocking", exact: true }).click();
+  await page.getByLabel("users_to_blocking enabled").uncheck();
+  await page.getByText("users_to_blocking is disabled.").waitFor();
+  assert.equal((await api("GET", "/mappings/users_to_blocking")).body.enabled, false);
+  assert.ok(await page.getByRole("button", { name: "Run now" }).isDisabled());
   await context.close();
 });
 
 test("a mapping's page shows its fields and a test record's exact payload, and runs it now or in full", async () => {
   const { context, page } = await signedIn();
-  await page.getByRole("link", { name: "Mappings" }).click();
+  await page.getByRole("link", { name: "Mappings", exact: true }).click();
   await page.getByRole("heading", { name: "Mappings" }).waitFor();
   await screenshot(page, "mappings");
-  await page.getByRole("link", { name: "users_to_crm" }).click();
+  await page.getByRole("link", { name: "users_to_crm", exact: true }).click();
   await page.getByRole("heading", { name: "users_to_crm" }).waitFor();
   // The quickstart's field mapping: model columns on the left, destination fields on the right.
   const fields = page.locator("table.fields");
@@ -278,7 +345,7 @@ test("a mapping's page shows its fields and a test record's exact payload, and r
   // Run now, then follow the run to its end.
   const runsBefore = (await api("GET", "/runs?mapping=users_to_crm&limit=500")).body.runs.length;
   await page.getByRole("button", { name: "Run now" }).click();
-  await page.getByRole("link", { name: "follow it" }).click();
+  await page.getByRole("link", { name: "follow it", exact: true }).click();
   await page.getByRole("heading", { name: /Run of users_to_crm/ }).waitFor();
   await page.locator("h1 .status.succeeded").waitFor({ timeout: 15000 });
 
@@ -287,7 +354,7 @@ test("a mapping's page shows its fields and a test record's exact payload, and r
   await page.getByRole("heading", { name: "users_to_crm" }).waitFor();
   page.once("dialog", (dialog) => dialog.accept());
   await page.getByRole("button", { name: "Full resync" }).click();
-  await page.getByRole("link", { name: "follow it" }).waitFor();
+  await page.getByRole("link", { name: "follow it", exact: true }).waitFor();
   const runs = (await api("GET", "/runs?mapping=users_to_crm&limit=500")).body.runs;
   assert.equal(runs.length, runsBefore + 2);
   assert.equal(runs[0].trigger, "backfill");
@@ -308,7 +375,7 @@ test("a mapping's page shows its fields and a test record's exact payload, and r
 
 test("the history screen runs SQL over snapshots and downloads the result as CSV", async () => {
   const { context, page } = await signedIn();
-  await page.getByRole("link", { name: "History" }).click();
+  await page.getByRole("link", { name: "History", exact: true }).click();
   await page.getByRole("heading", { name: "Snapshot history" }).waitFor();
   const sql = page.getByLabel("SQL");
   await sql.fill("SELECT id, email, _run_id FROM users_history WHERE id = 3 ORDER BY _extracted_at");
@@ -339,16 +406,16 @@ test("the history screen runs SQL over snapshots and downloads the result as CSV
 
 test("sources and destinations are listed and test their connections; a model previews its rows and types", async () => {
   const { context, page } = await signedIn();
-  await page.getByRole("link", { name: "Sources" }).click();
+  await page.getByRole("link", { name: "Sources", exact: true }).click();
   await page.getByRole("heading", { name: "Sources" }).waitFor();
   const source = page.locator("table.sources tbody tr").first();
   await source.waitFor();
   const sourceName = await source.getAttribute("data-name");
-  await page.getByRole("button", { name: `Test connection to ${sourceName}` }).click();
+  await page.getByRole("button", { name: `Test connection to ${sourceName}`, exact: true }).click();
   await source.getByText("connected").waitFor();
   await screenshot(page, "sources");
 
-  await page.getByRole("link", { name: "Destinations" }).click();
+  await page.getByRole("link", { name: "Destinations", exact: true }).click();
   await page.getByRole("heading", { name: "Destinations" }).waitFor();
   // A destination nobody listens at: the test says so, with the system's own error.
   const { status } = await api("POST", "/destinations", {
@@ -364,8 +431,8 @@ test("sources and destinations are listed and test their connections; a model pr
   assert.match(await dead.locator(".test-result").innerText(), /nowhere|refused|connect/i);
   await screenshot(page, "destinations");
 
-  await page.getByRole("link", { name: "Models" }).click();
-  await page.getByRole("link", { name: "users" }).click();
+  await page.getByRole("link", { name: "Models", exact: true }).click();
+  await page.getByRole("link", { name: "users", exact: true }).click();
   await page.getByRole("heading", { name: "users" }).waitFor();
   // The SQL is highlighted: keywords get their own spans.
   assert.ok((await page.locator("pre.sql .sql-keyword").count()) > 0);
@@ -382,8 +449,8 @@ test("sources and destinations are listed and test their connections; a model pr
 
 test("a new mapping is made with the field editor, a constant and a schedule picked with its next runs", async () => {
   const { context, page } = await signedIn();
-  await page.getByRole("link", { name: "Mappings" }).click();
-  await page.getByRole("link", { name: "New mapping" }).click();
+  await page.getByRole("link", { name: "Mappings", exact: true }).click();
+  await page.getByRole("link", { name: "New mapping", exact: true }).click();
   await page.getByRole("heading", { name: "New mapping" }).waitFor();
   await page.getByLabel("Name", { exact: true }).fill("users_to_copy");
   await page.getByLabel("Model", { exact: true }).selectOption("users");
@@ -427,8 +494,8 @@ test("a new mapping is made with the field editor, a constant and a schedule pic
 
 test("a new model is written in the SQL editor, previewed, given a primary key from its columns and a schedule", async () => {
   const { context, page } = await signedIn();
-  await page.getByRole("link", { name: "Models" }).click();
-  await page.getByRole("link", { name: "New model" }).click();
+  await page.getByRole("link", { name: "Models", exact: true }).click();
+  await page.getByRole("link", { name: "New model", exact: true }).click();
   await page.getByRole("heading", { name: "New model" }).waitFor();
   await page.getByLabel("Name", { exact: true }).fill("pro_users");
   const editor = page.getByLabel("SQL", { exact: true });
@@ -484,6 +551,10 @@ test("every screen passes axe's accessibility checks (no serious or critical vio
   await check("overview");
   for (const [hash, ready] of [
     ["#/sources", "table.sources tbody tr"],
+    ["#/source/warehouse", "table.option-values"],
+    ["#/new-source?type=sqlite", "#option-path"],
+    ["#/edit-destination/blocking_crm", "#option-url"],
+    ["#/new-destination?type=postgres", "#option-url"],
     ["#/models", "table.models tbody tr"],
     ["#/model/users", "pre.sql"],
     ["#/new-model", "#model-sql"],

@@ -390,6 +390,84 @@ async fn a_console_session_signs_in_with_a_token_and_its_changes_need_the_csrf_t
 }
 
 #[tokio::test]
+async fn the_connector_catalog_describes_every_type_with_its_options_schema() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let read = api.read.clone();
+    let (status, body) = api
+        .call(Method::GET, "/api/v1/connectors", Some(&read), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let find = |section: &str, kind: &str| -> Value {
+        body[section]
+            .as_array()
+            .and_then(|types| types.iter().find(|t| t["type"] == kind))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {section} type {kind}: {body}"))
+    };
+    let types = |section: &str| -> Vec<String> {
+        body[section]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .map(|c| c["type"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(types("sources").len(), sluice_connectors::SOURCE_TYPES.len());
+    assert_eq!(
+        types("destinations").len(),
+        sluice_connectors::DESTINATION_TYPES.len()
+    );
+
+    let postgres = find("sources", "postgres");
+    assert_eq!(postgres["title"], "PostgreSQL");
+    let options = &postgres["options"];
+    // Unknown options are refused by the parser, and the schema says so.
+    assert_eq!(options["additionalProperties"], false);
+    assert_eq!(options["properties"]["password"]["writeOnly"], true);
+    assert!(options["properties"]["host"].get("writeOnly").is_none());
+    assert!(
+        options["properties"]["port"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("5432"))
+    );
+
+    let webhook = find("destinations", "webhook");
+    assert_eq!(webhook["options"]["required"], json!(["url"]));
+    assert_eq!(
+        webhook["options"]["properties"]["headers"]["additionalProperties"]["writeOnly"],
+        true
+    );
+    assert!(
+        webhook.get("actions").is_none(),
+        "the webhook takes sluice's envelope: no actions"
+    );
+
+    let hubspot = find("destinations", "hubspot");
+    assert_eq!(
+        hubspot["actions"],
+        json!([{"name": "objects", "summary": hubspot["actions"][0]["summary"], "default": true}])
+    );
+    assert_eq!(hubspot["mapping_options"]["required"], json!(["object"]));
+    let segment = find("destinations", "segment");
+    let actions: Vec<&str> = segment["actions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|a| a["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(actions, ["identify", "track", "group", "page", "screen"]);
+    assert!(
+        segment["actions"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|a| a["default"] == false))
+    );
+
+    let (status, body) = api.call(Method::GET, "/api/v1/connectors", None, None).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+#[tokio::test]
 async fn schedule_previews_describe_a_schedule_and_list_its_next_runs() {
     let receiver = AckReceiver::start(Duration::ZERO).await;
     let api = Api::start(&config(&receiver.url), 5).await;
@@ -1332,6 +1410,7 @@ async fn the_openapi_document_matches_the_routes() {
         ("get", "/api/v1/openapi.json"),
         ("post", "/api/v1/query"),
         ("post", "/api/v1/schedules/preview"),
+        ("get", "/api/v1/connectors"),
         ("get", "/api/v1/runs"),
         ("get", "/api/v1/runs/{id}"),
         ("get", "/api/v1/runs/{id}/failures"),

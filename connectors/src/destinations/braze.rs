@@ -30,6 +30,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
@@ -42,9 +43,10 @@ use crate::destinations::http::{
     secret_header, snippet,
 };
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BrazeConfig {
+    /// A REST API key with the `users.track` and `users.delete` permissions.
     pub api_key: ConfigString,
     /// The instance's REST endpoint (`https://rest.iad-01.braze.com`, `https://rest.fra-01.braze.eu`).
     pub url: ConfigString,

@@ -33,6 +33,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 use sluice_engine::destination::{
@@ -46,20 +47,24 @@ use crate::destinations::http::{
     write_object_with,
 };
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CustomerioConfig {
+    /// The workspace's Site ID, shown with its Track API key.
     pub site_id: ConfigString,
+    /// The workspace's Track API key (not an App API key).
     pub api_key: ConfigString,
+    /// Data center of the workspace: `us` (default) or `eu`.
     #[serde(default)]
     pub region: Region,
+    /// Overrides the region's URL (a proxy, or a test server).
     #[serde(default)]
     pub url: Option<ConfigString>,
     #[serde(default)]
     pub delivery: DeliverySettings,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Region {
     #[default]
@@ -67,9 +72,9 @@ pub enum Region {
     Eu,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CustomerioOptions {
+pub(crate) struct CustomerioOptions {
     object_type_id: Option<serde_json::Value>,
 }
 

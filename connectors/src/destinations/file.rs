@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use indexmap::IndexMap;
 use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
     DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, PreparedRequest, RetryPolicy, RunInfo,
@@ -37,12 +38,13 @@ use sluice_snapshots::SnapshotStore;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Directory or object_store URL the files go under.
     #[serde(alias = "path")]
     pub url: ConfigString,
+    /// File format: `jsonl` (default), `csv` or `parquet`.
     #[serde(default)]
     pub format: FileFormat,
     /// Options for the object_store builder (credentials, region, endpoint).
@@ -50,7 +52,7 @@ pub struct FileConfig {
     pub options: IndexMap<String, ConfigString>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FileFormat {
     #[default]

@@ -26,6 +26,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sluice_engine::DestinationError;
@@ -42,7 +43,7 @@ use crate::destinations::http::{
 };
 use crate::destinations::oauth::{request_token, rsa_key, sign_jwt};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SheetsConfig {
     /// The service account key: its JSON text, or the path of the JSON file.
@@ -66,9 +67,9 @@ fn default_token_uri() -> String {
     "https://oauth2.googleapis.com/token".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SheetOptions {
+pub(crate) struct SheetOptions {
     spreadsheet_id: String,
     #[serde(default = "default_sheet")]
     sheet: String,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
 use reqwest::{Method, StatusCode};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::DestinationError;
 use sluice_engine::destination::{
@@ -22,7 +23,7 @@ use crate::HumanDuration;
 
 /// `delivery:` in a destination's config: how requests are batched, paced and retried. Every
 /// setting has the vendor's published limit or a safe value as its default.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeliverySettings {
     /// Records per request (at most the vendor's limit).
@@ -36,7 +37,9 @@ pub struct DeliverySettings {
     /// Attempts per request on errors that may pass (5xx, timeouts); waiting out a rate limit
     /// is not an attempt.
     pub max_attempts: Option<u32>,
+    /// Wait before the first retry, doubled per retry with jitter (default 500ms).
     pub initial_backoff: Option<HumanDuration>,
+    /// Longest wait between retries (default 30s).
     pub max_backoff: Option<HumanDuration>,
     /// Compress request bodies, where the vendor accepts it.
     pub gzip: Option<bool>,
@@ -47,6 +50,23 @@ pub struct DeliverySettings {
 pub enum RateSpec {
     Off,
     Limit(u32, Duration),
+}
+
+impl JsonSchema for RateSpec {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RateSpec".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "examples": ["100/10s", "5/s", "off"],
+        })
+    }
 }
 
 impl<'de> Deserialize<'de> for RateSpec {

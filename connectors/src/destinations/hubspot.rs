@@ -29,6 +29,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
@@ -41,10 +42,12 @@ use crate::destinations::http::{
     check_request, classify, describe_reqwest_error, secret_header, snippet,
 };
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HubspotConfig {
+    /// The private app's access token (Settings → Integrations → Private apps).
     pub token: ConfigString,
+    /// API base URL (default `https://api.hubapi.com`); change it only for a proxy or a test server.
     #[serde(default = "default_url")]
     pub url: ConfigString,
     #[serde(default)]
@@ -56,7 +59,7 @@ fn default_url() -> ConfigString {
 }
 
 /// A mapping's `options:` for HubSpot.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HubspotMappingOptions {
     /// `contacts`, `companies`, `deals`, `tickets`, or a custom object's type id (`2-123456`).

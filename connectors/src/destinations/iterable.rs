@@ -29,6 +29,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
@@ -41,19 +42,22 @@ use crate::destinations::http::{
     check_request, secret_header,
 };
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IterableConfig {
+    /// A server-side API key of the project (Integrations → API Keys).
     pub api_key: ConfigString,
+    /// Data center of the project: `us` (default) or `eu`.
     #[serde(default)]
     pub region: Region,
+    /// Overrides the region's URL (a proxy, or a test server).
     #[serde(default)]
     pub url: Option<ConfigString>,
     #[serde(default)]
     pub delivery: DeliverySettings,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Region {
     #[default]

@@ -36,6 +36,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 use reqwest::Method;
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sluice_engine::destination::{
@@ -51,12 +52,15 @@ use crate::destinations::http::{
 /// The API revision requests are written for.
 pub const REVISION: &str = "2026-07-15";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KlaviyoConfig {
+    /// A private API key with the profiles, events, lists and subscriptions write scopes.
     pub api_key: ConfigString,
+    /// API base URL (default `https://a.klaviyo.com`); change it only for a proxy or a test server.
     #[serde(default)]
     pub url: Option<ConfigString>,
+    /// The API revision sent with every request (default 2026-07-15).
     #[serde(default = "default_revision")]
     pub revision: String,
     #[serde(default)]
@@ -67,9 +71,9 @@ fn default_revision() -> String {
     REVISION.to_string()
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct KlaviyoOptions {
+pub(crate) struct KlaviyoOptions {
     list_id: Option<String>,
 }
 

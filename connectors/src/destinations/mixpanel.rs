@@ -34,6 +34,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 use sluice_engine::destination::{
@@ -47,34 +48,41 @@ use crate::destinations::http::{
     classify, write_object_with,
 };
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MixpanelConfig {
+    /// Data residency of the project: `us` (default), `eu` or `in`.
     #[serde(default)]
     pub region: Region,
     /// Overrides the region's URL (a proxy, or a test server).
     #[serde(default)]
     pub url: Option<ConfigString>,
+    /// The project's numeric id; required with `service_account`.
     #[serde(default)]
     pub project_id: Option<ConfigString>,
+    /// Service account for importing events (or give `api_secret` instead).
     #[serde(default)]
     pub service_account: Option<ServiceAccount>,
+    /// The project's API secret, instead of a service account (legacy auth).
     #[serde(default)]
     pub api_secret: Option<ConfigString>,
+    /// The project's token; needed for the `profile`, `profile_unset` and `group` actions.
     #[serde(default)]
     pub project_token: Option<ConfigString>,
     #[serde(default)]
     pub delivery: DeliverySettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceAccount {
+    /// The service account's user name (`name.abc123.mp-service-account`).
     pub username: ConfigString,
+    /// The service account's secret.
     pub secret: ConfigString,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Region {
     #[default]
@@ -95,9 +103,9 @@ impl Region {
 
 pub const ACTIONS: &[&str] = &["track", "profile", "profile_unset", "group"];
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct MixpanelOptions {
+pub(crate) struct MixpanelOptions {
     /// `profile`, `group`: `$set_once` instead of `$set`.
     #[serde(default)]
     set_once: bool,

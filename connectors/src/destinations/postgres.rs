@@ -32,6 +32,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::SinkExt;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::DestinationError;
 use sluice_engine::arrow::datatypes::{DataType, Schema};
@@ -68,9 +69,9 @@ impl PostgresDestination {
 }
 
 /// A mapping's `options:` for a Postgres destination.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct TableOptions {
+pub(crate) struct TableOptions {
     table: Option<String>,
     schema: Option<String>,
     key: Option<Vec<String>>,

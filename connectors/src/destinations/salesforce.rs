@@ -33,6 +33,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, HeaderMap};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 use sluice_engine::destination::{
@@ -48,18 +49,23 @@ use crate::destinations::http::{
 };
 use crate::destinations::oauth::{request_token, rsa_key, sign_jwt};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SalesforceConfig {
+    /// Token endpoint: your My Domain URL (client credentials) or `https://login.salesforce.com` (JWT).
     pub login_url: ConfigString,
+    /// The connected app's consumer key.
     pub client_id: ConfigString,
+    /// The connected app's consumer secret, for the client-credentials flow.
     #[serde(default)]
     pub client_secret: Option<ConfigString>,
+    /// Salesforce user to act as, for the JWT bearer flow (with `private_key`).
     #[serde(default)]
     pub username: Option<ConfigString>,
     /// PEM (PKCS#8 or PKCS#1) RSA private key for the JWT bearer flow.
     #[serde(default)]
     pub private_key: Option<ConfigString>,
+    /// REST API version (default `62.0`).
     #[serde(default = "default_version")]
     pub api_version: String,
     /// How often a Bulk API job's state is polled (default 2s).
@@ -73,9 +79,9 @@ fn default_version() -> String {
     "62.0".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SalesforceOptions {
+pub(crate) struct SalesforceOptions {
     object: String,
     external_id: Option<String>,
     /// `composite` (default): sObject collections, 200 records a request, results at once;
@@ -84,7 +90,7 @@ struct SalesforceOptions {
     api: Api,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum Api {
     #[default]

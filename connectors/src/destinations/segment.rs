@@ -30,6 +30,7 @@ use std::ops::Range;
 use async_trait::async_trait;
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 use sluice_engine::destination::{
@@ -42,9 +43,10 @@ use crate::destinations::http::{
     check_request, write_array,
 };
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SegmentConfig {
+    /// Write key of the source the records go to (Segment, RudderStack or Customer.io Data Pipelines).
     pub write_key: ConfigString,
     /// Base URL of the collector; `/v1/batch` is appended.
     #[serde(default = "default_url")]

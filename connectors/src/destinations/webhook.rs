@@ -28,6 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use indexmap::IndexMap;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
     DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, PreparedRequest, RecordFailure,
@@ -38,25 +39,33 @@ use sluice_engine::{ConfigString, DestinationError};
 use crate::HumanDuration;
 use crate::destinations::http::{describe_reqwest_error, parse_retry_after, redact_url, snippet};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
+    /// Endpoint the JSON batches are POSTed to (http or https).
     pub url: ConfigString,
+    /// Extra headers sent with every request, e.g. `Authorization: Bearer ${TOKEN}`.
     #[serde(default)]
     pub headers: IndexMap<String, ConfigString>,
+    /// Records per request (default 100).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Request body size limit in bytes (approximate).
     #[serde(default = "default_max_bytes")]
     pub max_bytes: usize,
+    /// Time allowed for one request (default 30s).
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
+    /// Requests in flight at once (default 4).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Attempts per request, the first included, on 408, 5xx and network errors (default 5).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Wait before the first retry, doubled per retry with jitter (default 500ms).
     #[serde(default = "default_initial_backoff")]
     pub initial_backoff: HumanDuration,
+    /// Longest wait between retries (default 30s); a Retry-After header is honoured.
     #[serde(default = "default_max_backoff")]
     pub max_backoff: HumanDuration,
 }

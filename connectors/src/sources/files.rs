@@ -16,6 +16,7 @@ use std::sync::Arc;
 use arrow::datatypes::DataType;
 use async_trait::async_trait;
 use indexmap::IndexMap;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::datafusion::prelude::{
@@ -25,7 +26,7 @@ use sluice_engine::source::{ConnectorEnv, ModelQuery, SendableRecordBatchStream,
 use sluice_engine::{ConfigString, SourceError};
 use url::Url;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilesConfig {
     /// Table name -> file, directory or URL (or a table spec).
@@ -35,14 +36,14 @@ pub struct FilesConfig {
     pub options: IndexMap<String, ConfigString>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum TableSpec {
     Path(ConfigString),
     Full(TableOptions),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TableOptions {
     pub path: ConfigString,
@@ -61,7 +62,7 @@ pub struct TableOptions {
     pub partitions: Option<Partitions>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Partitions {
     Names(Vec<String>),
@@ -93,7 +94,7 @@ impl Partitions {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FileFormat {
     Parquet,

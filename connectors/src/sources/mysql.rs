@@ -31,6 +31,7 @@ use chrono::Datelike;
 use mysql_async::consts::{ColumnFlags, ColumnType};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Column, Conn, Opts, OptsBuilder, SslOpts, Value};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::source::{
@@ -46,19 +47,25 @@ const DEFAULT_BATCH_ROWS: usize = 65_536;
 /// MySQL's `binary` character set: the column holds bytes, not text.
 const BINARY_CHARSET: u16 = 63;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MysqlConfig {
+    /// `mysql://user:password@host:port/database`; fields below override its parts.
     #[serde(default)]
     pub url: Option<ConfigString>,
+    /// Database server host name or IP; overrides the URL's host.
     #[serde(default)]
     pub host: Option<ConfigString>,
+    /// Database server port; overrides the URL's port (default 3306).
     #[serde(default)]
     pub port: Option<u16>,
+    /// User to log in as; overrides the URL's user. Required, here or in the URL.
     #[serde(default)]
     pub user: Option<ConfigString>,
+    /// Password of the user; overrides the URL's password.
     #[serde(default)]
     pub password: Option<ConfigString>,
+    /// Database (schema) to connect to; overrides the URL's database.
     #[serde(default)]
     pub database: Option<ConfigString>,
     #[serde(default)]
@@ -66,16 +73,19 @@ pub struct MysqlConfig {
     /// PEM file of the certificate authorities to trust.
     #[serde(default)]
     pub ssl_ca: Option<ConfigString>,
+    /// How long to wait for a connection, e.g. `30s` (default 10s).
     #[serde(default)]
     pub connect_timeout: Option<HumanDuration>,
+    /// Rows per Arrow batch (default 65,536).
     #[serde(default)]
     pub batch_rows: Option<usize>,
+    /// Connect through an SSH bastion; `host` and `port` are then as the bastion sees them.
     #[serde(default)]
     pub ssh_tunnel: Option<SshTunnelConfig>,
 }
 
 /// The MySQL client's `--ssl-mode` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MysqlSslMode {
     Disabled,

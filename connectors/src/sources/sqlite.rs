@@ -21,6 +21,7 @@ use arrow::array::{ArrayRef, BinaryArray, BooleanArray, Float64Array, Int64Array
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use futures::StreamExt;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::source::{ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source};
@@ -33,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 
 const BATCH_ROWS: usize = 8192;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SqliteConfig {
     /// The database file, relative to sluice.yaml.

@@ -33,6 +33,7 @@ use arrow::datatypes::{Field, Schema};
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::source::{
@@ -49,20 +50,25 @@ use crate::tunnel::{SshTunnel, SshTunnelConfig};
 
 const DEFAULT_BATCH_ROWS: usize = 65_536;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// `postgres://user:password@host:port/database?options`; fields below override its parts.
     #[serde(default)]
     pub url: Option<ConfigString>,
+    /// Database server host name or IP; overrides the URL's host.
     #[serde(default)]
     pub host: Option<ConfigString>,
+    /// Database server port; overrides the URL's port (default 5432).
     #[serde(default)]
     pub port: Option<u16>,
+    /// User to log in as; overrides the URL's user. Required, here or in the URL.
     #[serde(default)]
     pub user: Option<ConfigString>,
+    /// Password of the user; overrides the URL's password.
     #[serde(default)]
     pub password: Option<ConfigString>,
+    /// Database to connect to; overrides the URL's database.
     #[serde(default)]
     pub database: Option<ConfigString>,
     #[serde(default)]
@@ -70,17 +76,19 @@ pub struct PostgresConfig {
     /// PEM file of the certificate authorities to trust for `verify-ca` / `verify-full`.
     #[serde(default)]
     pub sslrootcert: Option<ConfigString>,
+    /// How long to wait for a connection, e.g. `30s` (default 10s).
     #[serde(default)]
     pub connect_timeout: Option<HumanDuration>,
     /// Rows per Arrow batch (default 65,536).
     #[serde(default)]
     pub batch_rows: Option<usize>,
+    /// Connect through an SSH bastion; `host` and `port` are then as the bastion sees them.
     #[serde(default)]
     pub ssh_tunnel: Option<SshTunnelConfig>,
 }
 
 /// libpq's `sslmode` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum SslMode {
     Disable,
