@@ -607,6 +607,7 @@ function MappingPage({ id: name }) {
       <button type="button" disabled=${busy || mapping.enabled === false} onClick=${() => trigger(false)}>Run now</button>
       <button type="button" class="secondary" disabled=${busy || mapping.enabled === false} onClick=${() => trigger(true)}>Full resync</button>
       <a href=${`#/runs?mapping=${encodeURIComponent(name)}`}>Runs</a>
+      <${DefinitionActions} kind="mappings" one="mapping" name=${name} origin=${mapping.origin} setError=${setError} />
     </div>
     <div class="grid">
       <section class="panel" aria-labelledby="fields-heading">
@@ -997,6 +998,24 @@ function TestOutcome({ result }) {
   </div>`;
 }
 
+/** Deletes an API-made definition after asking; where to go after, or the API's refusal. */
+async function removeDefinition(kind, one, name, then, setError) {
+  if (!window.confirm(`Delete the ${one} ${name}?`)) return;
+  try {
+    await api("DELETE", `/${kind}/${encodeURIComponent(name)}`);
+    window.location.hash = then;
+  } catch (e) {
+    setError(e.message);
+  }
+}
+
+/** Edit and Delete for a definition made through the API; a note for one from the file. */
+function DefinitionActions({ kind, one, name, origin, setError }) {
+  if (origin === "file") return html`<span class="muted small">Defined in <code>sluice.yaml</code>: change it there.</span>`;
+  return html`<a class="button secondary" href=${`#/edit-${one}/${encodeURIComponent(name)}`}>Edit</a>
+    <button type="button" class="secondary" onClick=${() => removeDefinition(kind, one, name, `#/${kind}`, setError)}>Delete</button>`;
+}
+
 /** One source or destination: its options (secrets as the API shows them: never), a
  * connection test (run at once after it was saved), and Edit and Delete for API-made ones. */
 function ConnectionPage({ kind, id: name, query: params }) {
@@ -1020,16 +1039,6 @@ function ConnectionPage({ kind, id: name, query: params }) {
     if (params?.get("test")) test();
   }, [kind, name]);
 
-  const remove = async () => {
-    if (!window.confirm(`Delete the ${one} ${name}?`)) return;
-    try {
-      await api("DELETE", `/${kind}/${encodeURIComponent(name)}`);
-      window.location.hash = `#/${kind}`;
-    } catch (e) {
-      setError(e.message);
-    }
-  };
-
   if (!item) return error ? html`<p class="error" role="alert">${error}</p>` : html`<p class="muted">Loading…</p>`;
   const { type, ...options } = item.definition;
   return html`
@@ -1040,8 +1049,7 @@ function ConnectionPage({ kind, id: name, query: params }) {
     ${error && html`<p class="error" role="alert">${error}</p>`}
     <div class="actions">
       <button type="button" disabled=${result?.running} onClick=${test}>Test connection</button>
-      ${item.origin !== "file" && html`<a class="button secondary" href=${`#/edit-${one}/${encodeURIComponent(name)}`}>Edit</a>
-        <button type="button" class="secondary" onClick=${remove}>Delete</button>`}
+      <${DefinitionActions} kind=${kind} one=${one} name=${name} origin=${item.origin} setError=${setError} />
     </div>
     <${TestOutcome} result=${result} />
     <section class="panel" aria-labelledby="options-heading">
@@ -1050,7 +1058,6 @@ function ConnectionPage({ kind, id: name, query: params }) {
         <tr><th scope="row"><code>type</code></th><td><code>${type}</code></td></tr>
         ${optionLines(options).map(([k, v]) => html`<tr><th scope="row"><code>${k}</code></th><td class="wrap"><code>${v}</code></td></tr>`)}
       </tbody></table>
-      ${item.origin === "file" && html`<p class="muted small">Defined in <code>sluice.yaml</code>: change it there.</p>`}
     </section>
   `;
 }
@@ -1220,6 +1227,7 @@ function ModelPage({ id: name }) {
     <p><a href="#/models">← Models</a></p>
     <h1>${name}</h1>
     <p class="muted">from ${d.source} · primary key ${keys.join(", ")} · defined in ${model.origin === "file" ? "sluice.yaml" : "the API"}</p>
+    <div class="actions"><${DefinitionActions} kind="models" one="model" name=${name} origin=${model.origin} setError=${setError} /></div>
     <section class="panel" aria-labelledby="sql-heading">
       <h2 id="sql-heading">SQL</h2>
       <pre class="sql" aria-label="SQL">${highlightSql(d.sql ?? "")}</pre>
@@ -1238,12 +1246,15 @@ const WEEKDAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 /** A schedule picker: manual, an interval, weekdays at a time, or cron; with its next five runs. */
 function SchedulePicker({ value, onChange }) {
-  const [mode, setMode] = useState("manual");
-  const [every, setEvery] = useState("1h");
-  const [days, setDays] = useState(["mon", "tue", "wed", "thu", "fri"]);
-  const [at, setAt] = useState("09:00");
-  const [cron, setCron] = useState("0 */2 * * *");
-  const [timezone, setTimezone] = useState(Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC");
+  // `value`, a schedule as sluice.yaml writes it, is where the picker starts.
+  const start = value && typeof value === "object" ? value : {};
+  const [mode, setMode] = useState(start.every ? "every" : start.cron ? "cron" : start.at ? "days" : "manual");
+  const [every, setEvery] = useState(start.every ?? "1h");
+  // Days and a time with no `days` is every day.
+  const [days, setDays] = useState(start.days ?? (start.at ? WEEKDAYS : ["mon", "tue", "wed", "thu", "fri"]));
+  const [at, setAt] = useState(start.at ?? "09:00");
+  const [cron, setCron] = useState(start.cron ?? "0 */2 * * *");
+  const [timezone, setTimezone] = useState(start.timezone ?? (Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC"));
   const [preview, setPreview] = useState(null);
 
   const schedule =
@@ -1303,11 +1314,25 @@ function SchedulePicker({ value, onChange }) {
   </fieldset>`;
 }
 
-/** A new mapping: model, destination, records, fields and schedule. */
-function NewMapping() {
+/** The record selections a mapping form offers, and the operations each sends. */
+const SELECTIONS = [
+  ["all", ["added", "updated", "deleted"]],
+  ["upserts", ["added", "updated"]],
+  ["added", ["added"]],
+  ["updated", ["updated"]],
+  ["deleted", ["deleted"]],
+  ["default", null],
+];
+const sameOps = (a, b) => a.length === b.length && a.every((op) => b.includes(op));
+
+/** A new mapping, or an API-made one edited: model, destination, action, records, fields,
+ * options and schedule. */
+function NewMapping({ id: editing }) {
   const [models, setModels] = useState(null);
   const [destinations, setDestinations] = useState(null);
-  const [name, setName] = useState("");
+  // The definition being edited: what the form does not show is kept as it was.
+  const [original, setOriginal] = useState(null);
+  const [name, setName] = useState(editing || "");
   const [model, setModel] = useState("");
   const [destination, setDestination] = useState("");
   const [selection, setSelection] = useState("all");
@@ -1322,52 +1347,88 @@ function NewMapping() {
   const [busy, setBusy] = useState(false);
 
   useEffect(() => {
-    Promise.all([all("/models"), all("/destinations"), connectorCatalog()])
-      .then(([m, d, c]) => {
+    const loads = [all("/models"), all("/destinations"), connectorCatalog(),
+      editing ? api("GET", `/mappings/${encodeURIComponent(editing)}`) : null];
+    Promise.all(loads)
+      .then(([m, d, c, mapping]) => {
+        if (mapping) {
+          const o = mapping.definition;
+          setOriginal(o);
+          setModel(o.model);
+          setDestination(o.destination);
+          setSelection(SELECTIONS.find(([, ops]) => o.send && sameOps(ops, o.send))?.[0] ?? (o.send ? "all" : "default"));
+          setConstants(Object.entries(o.constants ?? {}).map(([field, value]) => ({ field, value })));
+          setSchedule(o.schedule ?? "manual");
+        } else {
+          if (m[0]) setModel(m[0].name);
+          if (d[0]) setDestination(d[0].name);
+        }
         setModels(m);
         setDestinations(d);
         setCatalog(c);
-        if (m[0]) setModel(m[0].name);
-        if (d[0]) setDestination(d[0].name);
       })
       .catch((e) => setError(e.message));
-  }, []);
-  // The model's columns come from its own preview (its query, run now).
+  }, [editing]);
+  // The model's columns come from its own preview (its query, run now); an edited mapping's
+  // fields are put back beside their columns.
   useEffect(() => {
     if (!model) return;
     api("POST", `/models/${encodeURIComponent(model)}/preview`, { limit: 1 })
       .then((p) => {
         setColumns(p.columns);
-        setFields(Object.fromEntries(p.columns.map((c) => [c.name, ""])));
+        const next = Object.fromEntries(p.columns.map((c) => [c.name, ""]));
+        if (original && original.model === model) {
+          for (const [to, from] of Object.entries(original.fields ?? {})) {
+            const column = typeof from === "string" ? from : from.column;
+            if (next[column]) {
+              setError(`Column ${column} goes to several fields (${next[column]}, ${to}), which this form cannot show: edit this mapping through the API.`);
+            }
+            next[column] = to;
+          }
+        }
+        setFields(next);
       })
       .catch((e) => setError(e.message));
-  }, [model]);
+  }, [model, original]);
 
   // The destination type's actions and mapping options, from the server's connector catalog.
   const destinationType = destinations?.find((d) => d.name === destination)?.definition.type;
   const entry = catalog?.destinations.find((c) => c.type === destinationType);
   useEffect(() => {
-    setAction(entry?.actions?.find((a) => a.default)?.name ?? "");
-    setOptions({});
-  }, [destination, entry]);
+    if (original && original.destination === destination) {
+      setAction(original.action ?? entry?.actions?.find((a) => a.default)?.name ?? "");
+      setOptions(original.options ?? {});
+    } else {
+      setAction(entry?.actions?.find((a) => a.default)?.name ?? "");
+      setOptions({});
+    }
+  }, [destination, entry, original]);
 
-  const send = { all: ["added", "updated", "deleted"], added: ["added"], updated: ["updated"], upserts: ["added", "updated"], deleted: ["deleted"] }[selection];
+  const send = SELECTIONS.find(([key]) => key === selection)?.[1];
 
   const submit = async (event) => {
     event.preventDefault();
     setBusy(true);
-    const definition = { model, destination, send };
+    const { model: _m, destination: _d, action: _a, options: _o, send: _s, fields: oldFields, constants: _c, schedule: _t, ...kept } = original ?? {};
+    const definition = { ...kept, model, destination };
+    if (send) definition.send = send;
     if (action) definition.action = action;
     const chosenOptions = pruned(options);
     if (chosenOptions) definition.options = chosenOptions;
     const mapped = Object.entries(fields).filter(([, to]) => to.trim());
-    if (mapped.length > 0) definition.fields = Object.fromEntries(mapped.map(([column, to]) => [to.trim(), column]));
+    // A field written with a value format (`{column, as}`) keeps it.
+    const spec = (column, to) => {
+      const before = oldFields?.[to];
+      return before && typeof before === "object" && before.column === column ? before : column;
+    };
+    if (mapped.length > 0) definition.fields = Object.fromEntries(mapped.map(([column, to]) => [to.trim(), spec(column, to.trim())]));
     const fixed = constants.filter((c) => c.field.trim());
     if (fixed.length > 0) definition.constants = Object.fromEntries(fixed.map((c) => [c.field.trim(), c.value]));
-    if (schedule !== "manual") definition.schedule = schedule;
+    if (schedule !== "manual" || original?.schedule === "manual") definition.schedule = schedule;
     try {
-      await api("POST", "/mappings", { name: name.trim(), definition });
-      window.location.hash = `#/mapping/${encodeURIComponent(name.trim())}`;
+      if (editing) await api("PUT", `/mappings/${encodeURIComponent(editing)}`, { definition });
+      else await api("POST", "/mappings", { name: name.trim(), definition });
+      window.location.hash = `#/mapping/${encodeURIComponent(editing || name.trim())}`;
     } catch (e) {
       setError(e.message);
     } finally {
@@ -1381,12 +1442,12 @@ function NewMapping() {
       <p class="muted">${models.length === 0 ? html`<a href="#/new-model">Write a model</a>` : html`<a href="#/new-destination">Add a destination</a>`} first (or define it in <code>sluice.yaml</code>).</p></div>`;
   }
   return html`
-    <p><a href="#/mappings">← Mappings</a></p>
-    <h1>New mapping</h1>
+    <p><a href=${editing ? `#/mapping/${encodeURIComponent(editing)}` : "#/mappings"}>← ${editing || "Mappings"}</a></p>
+    <h1>${editing ? `Edit ${editing}` : "New mapping"}</h1>
     <form class="panel form" onSubmit=${submit}>
       <div class="form-grid">
         <label for="mapping-name">Name</label>
-        <input id="mapping-name" required pattern="[A-Za-z0-9_\-]+" value=${name} onInput=${(e) => setName(e.currentTarget.value)} />
+        <input id="mapping-name" required pattern="[A-Za-z0-9_\-]+" value=${name} disabled=${Boolean(editing)} onInput=${(e) => setName(e.currentTarget.value)} />
         <label for="mapping-model">Model</label>
         <select id="mapping-model" value=${model} onChange=${(e) => setModel(e.currentTarget.value)}>
           ${models.map((m) => html`<option value=${m.name}>${m.name}</option>`)}</select>
@@ -1405,6 +1466,7 @@ function NewMapping() {
           <option value="added">added</option>
           <option value="updated">updated</option>
           <option value="deleted">deleted</option>
+          <option value="default">the destination's default</option>
         </select>
       </div>
       ${entry?.mapping_options && html`<fieldset>
@@ -1423,7 +1485,7 @@ function NewMapping() {
                 onInput=${(e) => setFields({ ...fields, [c.name]: e.currentTarget.value })} /></td></tr>`)}
             ${constants.map((c, i) => html`<tr key=${`constant-${i}`}>
               <td><label for=${`constant-value-${i}`}>constant</label>
-                <input id=${`constant-value-${i}`} value=${c.value} aria-label=${`constant ${i + 1} value`}
+                <input id=${`constant-value-${i}`} value=${typeof c.value === "string" ? c.value : JSON.stringify(c.value)} aria-label=${`constant ${i + 1} value`}
                   onInput=${(e) => setConstants(constants.map((x, j) => (j === i ? { ...x, value: e.currentTarget.value } : x)))} /></td>
               <td><input value=${c.field} aria-label=${`constant ${i + 1} field`} placeholder="context.source"
                 onInput=${(e) => setConstants(constants.map((x, j) => (j === i ? { ...x, field: e.currentTarget.value } : x)))} /></td></tr>`)}
@@ -1431,9 +1493,9 @@ function NewMapping() {
         </table>
         <button type="button" class="secondary" onClick=${() => setConstants([...constants, { field: "", value: "" }])}>Add a constant</button>
       </fieldset>
-      <${SchedulePicker} onChange=${setSchedule} />
+      <${SchedulePicker} value=${original?.schedule} onChange=${setSchedule} />
       ${error && html`<p class="error" role="alert">${error}</p>`}
-      <button type="submit" disabled=${busy}>Create mapping</button>
+      <button type="submit" disabled=${busy}>${editing ? "Save" : "Create mapping"}</button>
     </form>
   `;
 }
@@ -1456,10 +1518,12 @@ function SqlEditor({ id, value, onInput, onRun }) {
   </div>`;
 }
 
-/** A new model: a source, its SQL (previewed), a primary key picked from its columns, a schedule. */
-function NewModel() {
+/** A new model, or an API-made one edited: a source, its SQL (previewed), a primary key picked
+ * from its columns, a schedule. Options the form does not show are kept as they were. */
+function NewModel({ id: editing }) {
   const [sources, setSources] = useState(null);
-  const [name, setName] = useState("");
+  const [original, setOriginal] = useState(null);
+  const [name, setName] = useState(editing || "");
   const [source, setSource] = useState("");
   const [sql, setSql] = useState("SELECT * FROM ");
   const [preview, setPreview] = useState(null);
@@ -1469,18 +1533,29 @@ function NewModel() {
   const [error, setError] = useState(null);
 
   useEffect(() => {
-    all("/sources")
-      .then((list) => {
+    Promise.all([all("/sources"), editing ? api("GET", `/models/${encodeURIComponent(editing)}`) : null])
+      .then(([list, model]) => {
+        if (model) {
+          const d = model.definition;
+          setOriginal(d);
+          setSource(d.source);
+          setSql(d.sql ?? "");
+          setKeys([].concat(d.primary_key ?? []));
+          setSchedule(d.schedule ?? "manual");
+          // Its columns, for the key picker, come from its own query.
+          runPreview(d.source, d.sql ?? "");
+        } else if (list[0]) {
+          setSource(list[0].name);
+        }
         setSources(list);
-        if (list[0]) setSource(list[0].name);
       })
       .catch((e) => setError(e.message));
-  }, []);
+  }, [editing]);
 
-  const runPreview = async () => {
+  const runPreview = async (from = source, text = sql) => {
     setBusy(true);
     try {
-      const result = await api("POST", `/sources/${encodeURIComponent(source)}/preview`, { sql, limit: 10 });
+      const result = await api("POST", `/sources/${encodeURIComponent(from)}/preview`, { sql: text, limit: 10 });
       setPreview(result);
       setKeys((current) => current.filter((k) => result.columns.some((c) => c.name === k)));
       setError(null);
@@ -1499,11 +1574,13 @@ function NewModel() {
       return;
     }
     setBusy(true);
-    const definition = { source, sql, primary_key: keys.length === 1 ? keys[0] : keys };
-    if (schedule !== "manual") definition.schedule = schedule;
+    const { schedule: _, ...kept } = original ?? {};
+    const definition = { ...kept, source, sql, primary_key: keys.length === 1 ? keys[0] : keys };
+    if (schedule !== "manual" || original?.schedule === "manual") definition.schedule = schedule;
     try {
-      await api("POST", "/models", { name: name.trim(), definition });
-      window.location.hash = `#/model/${encodeURIComponent(name.trim())}`;
+      if (editing) await api("PUT", `/models/${encodeURIComponent(editing)}`, { definition });
+      else await api("POST", "/models", { name: name.trim(), definition });
+      window.location.hash = `#/model/${encodeURIComponent(editing || name.trim())}`;
     } catch (e) {
       setError(e.message);
     } finally {
@@ -1517,20 +1594,20 @@ function NewModel() {
       <p class="muted"><a href="#/new-source">Add a source</a> first (or define it in <code>sluice.yaml</code>).</p></div>`;
   }
   return html`
-    <p><a href="#/models">← Models</a></p>
-    <h1>New model</h1>
+    <p><a href=${editing ? `#/model/${encodeURIComponent(editing)}` : "#/models"}>← ${editing || "Models"}</a></p>
+    <h1>${editing ? `Edit ${editing}` : "New model"}</h1>
     <form class="panel form" onSubmit=${submit}>
       <div class="form-grid">
         <label for="model-name">Name</label>
-        <input id="model-name" required pattern="[A-Za-z0-9_\-]+" value=${name} onInput=${(e) => setName(e.currentTarget.value)} />
+        <input id="model-name" required pattern="[A-Za-z0-9_\-]+" value=${name} disabled=${Boolean(editing)} onInput=${(e) => setName(e.currentTarget.value)} />
         <label for="model-source">Source</label>
         <select id="model-source" value=${source} onChange=${(e) => setSource(e.currentTarget.value)}>
           ${sources.map((s) => html`<option value=${s.name}>${s.name} (${s.definition.type})</option>`)}</select>
       </div>
       <label for="model-sql">SQL</label>
-      <${SqlEditor} id="model-sql" value=${sql} onInput=${setSql} onRun=${runPreview} />
+      <${SqlEditor} id="model-sql" value=${sql} onInput=${setSql} onRun=${() => runPreview()} />
       <div class="controls">
-        <button type="button" class="secondary" disabled=${busy || !sql.trim()} onClick=${runPreview}>Preview</button>
+        <button type="button" class="secondary" disabled=${busy || !sql.trim()} onClick=${() => runPreview()}>Preview</button>
         <span class="muted small">Ctrl+Enter previews: the first 10 rows and their column types.</span>
       </div>
       ${preview && html`
@@ -1545,9 +1622,9 @@ function NewModel() {
           </div>
         </fieldset>
         <${PreviewTable} preview=${preview} />`}
-      <${SchedulePicker} onChange=${setSchedule} />
+      <${SchedulePicker} value=${original?.schedule} onChange=${setSchedule} />
       ${error && html`<p class="error" role="alert">${error}</p>`}
-      <button type="submit" disabled=${busy}>Create model</button>
+      <button type="submit" disabled=${busy}>${editing ? "Save" : "Create model"}</button>
     </form>
   `;
 }
@@ -1560,6 +1637,7 @@ const screens = [
   { path: "models", title: "Models", view: Models },
   { path: "model", title: "Model", view: ModelPage, hidden: true, parent: "models" },
   { path: "new-model", title: "New model", view: NewModel, hidden: true, parent: "models" },
+  { path: "edit-model", title: "Edit model", view: NewModel, hidden: true, parent: "models" },
   { path: "source", title: "Source", view: (p) => html`<${ConnectionPage} kind="sources" ...${p} />`, hidden: true, parent: "sources" },
   { path: "new-source", title: "Add source", view: (p) => html`<${ConnectionForm} kind="sources" ...${p} />`, hidden: true, parent: "sources" },
   { path: "edit-source", title: "Edit source", view: (p) => html`<${ConnectionForm} kind="sources" ...${p} />`, hidden: true, parent: "sources" },
@@ -1570,6 +1648,7 @@ const screens = [
   { path: "mappings", title: "Mappings", view: Mappings },
   { path: "mapping", title: "Mapping", view: MappingPage, hidden: true, parent: "mappings" },
   { path: "new-mapping", title: "New mapping", view: NewMapping, hidden: true, parent: "mappings" },
+  { path: "edit-mapping", title: "Edit mapping", view: NewMapping, hidden: true, parent: "mappings" },
   { path: "runs", title: "Runs", view: Runs },
   { path: "history", title: "History", view: History },
   { path: "run", title: "Run", view: RunPage, hidden: true, parent: "runs" },

@@ -489,6 +489,19 @@ test("a new mapping is made with the field editor, a constant and a schedule pic
   const shown = await page.getByLabel("payload").first().textContent();
   assert.match(shown, /"profile":\{"first_name":/);
   assert.match(shown, /"app":"console"/);
+
+  // Edited: the form starts from the definition, and what is not changed stays.
+  await page.getByRole("link", { name: "Edit", exact: true }).click();
+  await page.getByRole("heading", { name: "Edit users_to_copy" }).waitFor();
+  await page.getByLabel("first_name", { exact: true }).waitFor();
+  assert.equal(await page.getByLabel("first_name", { exact: true }).inputValue(), "profile.first_name");
+  assert.equal(await page.getByLabel("cron", { exact: true }).inputValue(), "30 9 * * 1-5");
+  assert.equal(await page.getByLabel("constant 1 field").inputValue(), "context.app");
+  await page.getByLabel("Records", { exact: true }).selectOption("added");
+  await page.getByRole("button", { name: "Save" }).click();
+  await page.getByRole("heading", { name: "users_to_copy" }).waitFor();
+  const { body: edited } = await api("GET", "/mappings/users_to_copy");
+  assert.deepEqual(edited.definition, { ...made.definition, send: ["added"] });
   await context.close();
 });
 
@@ -520,6 +533,18 @@ test("a new model is written in the SQL editor, previewed, given a primary key f
   assert.equal(model.definition.primary_key, "id");
   assert.deepEqual(model.definition.schedule, { every: "30m" });
   assert.match(model.definition.sql, /plan = 'pro'/);
+
+  // Edited: its SQL and key are put back in the form; the schedule it had is kept.
+  await page.getByRole("link", { name: "Edit", exact: true }).click();
+  await page.getByRole("heading", { name: "Edit pro_users" }).waitFor();
+  assert.match(await page.getByLabel("SQL", { exact: true }).inputValue(), /plan = 'pro'/);
+  await page.locator("table.preview tbody tr").first().waitFor();
+  assert.ok(await page.getByLabel("key id").isChecked());
+  await page.getByLabel("SQL", { exact: true }).fill("SELECT id, email, plan FROM users WHERE plan IN ('pro', 'team')");
+  await page.getByRole("button", { name: "Save" }).click();
+  await page.getByRole("heading", { name: "pro_users" }).waitFor();
+  const { body: edited } = await api("GET", "/models/pro_users");
+  assert.deepEqual(edited.definition, { ...model.definition, sql: "SELECT id, email, plan FROM users WHERE plan IN ('pro', 'team')" });
   await context.close();
 });
 
