@@ -68,6 +68,8 @@ async function api(method, path, body) {
 async function screenshot(page, name) {
   for (const width of widths) {
     await page.setViewportSize({ width, height: 900 });
+    // Let the resized page lay out and paint before it is captured.
+    await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
     await page.screenshot({ path: join(shots, `${name}-${width}.png`), fullPage: true });
   }
   await page.setViewportSize({ width: widths[0], height: 900 });
