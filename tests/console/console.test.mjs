@@ -550,6 +550,27 @@ test("a new model is written in the SQL editor, previewed, given a primary key f
   await context.close();
 });
 
+test("a form works from the keyboard alone: a destination is added with Tab, typing and Enter", async () => {
+  const { context, page } = await signedIn();
+  await page.goto(`${base}/#/new-destination`);
+  await page.getByRole("heading", { name: "Add destination" }).waitFor();
+  await page.getByLabel("Name", { exact: true }).focus();
+  await page.keyboard.type("keyboard_file");
+  await page.keyboard.press("Tab");
+  assert.equal(await page.evaluate(() => document.activeElement.id), "connection-type");
+  // A focused select takes its option from typed letters, as every native select does.
+  await page.keyboard.type("File");
+  await page.locator("#option-url").waitFor();
+  await page.keyboard.press("Tab");
+  assert.equal(await page.evaluate(() => document.activeElement.id), "option-url", "the required option comes first");
+  await page.keyboard.type("keyboard-exports/");
+  await page.keyboard.press("Enter");
+  await page.getByRole("heading", { name: "keyboard_file" }).waitFor();
+  const { body } = await api("GET", "/destinations/keyboard_file");
+  assert.deepEqual(body.definition, { type: "file", url: "keyboard-exports/" });
+  await context.close();
+});
+
 test("every screen passes axe's accessibility checks (no serious or critical violations)", async () => {
   // axe is injected as a script, which the console's CSP would refuse; the check itself is not.
   const context = await browser.newContext({ bypassCSP: true });
