@@ -1073,6 +1073,7 @@ function ConnectionForm({ kind, id: editing, query: params }) {
   const [generation, setGeneration] = useState(0);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState(null);
+  const [tested, setTested] = useState(null);
 
   useEffect(() => {
     const loads = [connectorCatalog(), editing ? api("GET", `/${kind}/${encodeURIComponent(editing)}`) : null];
@@ -1095,6 +1096,16 @@ function ConnectionForm({ kind, id: editing, query: params }) {
 
   const entry = catalog?.[kind].find((c) => c.type === type);
   const definition = { type, ...(pruned(options) ?? {}) };
+
+  // Tries the options as they are in the form, before anything is saved.
+  const testDraft = async () => {
+    setTested({ running: true });
+    try {
+      setTested(await api("POST", "/connection-tests", { kind: one, name: (editing || name.trim()) || "draft", definition }));
+    } catch (e) {
+      setTested({ ok: false, error: e.message });
+    }
+  };
 
   const submit = async (event) => {
     event.preventDefault();
@@ -1128,12 +1139,16 @@ function ConnectionForm({ kind, id: editing, query: params }) {
       ${entry && html`<p class="muted">${entry.summary}</p>`}
       <fieldset>
         <legend>${entry?.title ?? type} options</legend>
-        <p class="muted small">Names as <code>sluice.yaml</code> writes them; <span class="required">*</span> is required. Secrets are sealed when saved and never shown again; <code>$${"{VAR}"}</code> reads the server's environment.</p>
+        <p class="muted small">Names as <code>sluice.yaml</code> writes them; <span class="required">*</span> is required. Secrets are sealed when saved and never shown again. Values are taken as typed (<code>$${"{VAR}"}</code> is expanded only in <code>sluice.yaml</code>).</p>
         ${entry && html`<${OptionFields} key=${`${type}-${generation}`} schema=${entry.options} value=${options} onChange=${setOptions} />`}
       </fieldset>
       <details><summary>As JSON</summary><pre class="definition">${JSON.stringify(definition, null, 2)}</pre></details>
       ${error && html`<p class="error" role="alert">${error}</p>`}
-      <button type="submit" disabled=${busy}>${editing ? "Save" : `Add ${one}`}</button>
+      <div class="actions">
+        <button type="submit" disabled=${busy}>${editing ? "Save" : `Add ${one}`}</button>
+        <button type="button" class="secondary" disabled=${tested?.running} onClick=${testDraft}>Test connection</button>
+        <${TestOutcome} result=${tested} />
+      </div>
     </form>
   `;
 }

@@ -350,6 +350,48 @@ pub async fn test_destination(
     Ok(axum::Json(outcome(engine.destination(&name)?.check().await)))
 }
 
+/// `POST /api/v1/connection-tests`: a source or destination to try before it is saved.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DraftConnection {
+    /// `source` or `destination`.
+    #[schema(pattern = "^(source|destination)$")]
+    pub kind: String,
+    /// The name it would be saved as; a secret sent as `"********"` keeps the value stored for
+    /// an API-made one of that name.
+    pub name: String,
+    /// Its definition, as `POST /sources` or `POST /destinations` would take it.
+    #[schema(value_type = SourceSpec)]
+    pub definition: Value,
+}
+
+/// Connects with a source or destination definition that is not saved (what a form's "Test
+/// connection" calls before "Add"), and reports the system's own error. Nothing is saved.
+#[utoipa::path(post, path = "/connection-tests", tag = "sources",
+    request_body = DraftConnection,
+    responses(
+        (status = 200, description = "The outcome (`ok: false` with the system's error, or why the options cannot be used)", body = TestResult),
+        (status = 409, description = "The name is defined in sluice.yaml", body = crate::error::ErrorBody)))]
+pub async fn test_draft_connection(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<DraftConnection>,
+) -> ApiResult<axum::Json<TestResult>> {
+    let kind = match body.kind.as_str() {
+        "source" => Kind::Source,
+        "destination" => Kind::Destination,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "`kind` is `source` or `destination`, not `{other}`"
+            )));
+        }
+    };
+    let checked = state
+        .service
+        .test_draft(kind, &body.name, body.definition)
+        .await?;
+    Ok(axum::Json(outcome(checked)))
+}
+
 /// A connection test's outcome, with the system's own error when it failed.
 fn outcome(checked: Result<(), impl std::fmt::Display>) -> TestResult {
     match checked {

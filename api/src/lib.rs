@@ -92,6 +92,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(list_sources, create_source))
         .routes(routes!(get_source, update_source, delete_source))
         .routes(routes!(test_source))
+        .routes(routes!(test_draft_connection))
         .routes(routes!(preview_source_sql))
         .routes(routes!(list_models, create_model))
         .routes(routes!(get_model, update_model, delete_model))

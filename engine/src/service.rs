@@ -250,6 +250,60 @@ impl Service {
         view(&engine, kind, name).ok_or_else(|| unknown(&engine, kind, name))
     }
 
+    /// Connects with a source or destination that is not saved (a form's "Test connection"
+    /// before "Add"): `Ok(Err(message))` carries the system's own error, or why the options
+    /// cannot be used. `name` is what it would be saved as: a secret sent as the placeholder
+    /// keeps the value stored under that name. Nothing is written.
+    pub async fn test_draft(
+        &self,
+        kind: Kind,
+        name: &str,
+        spec: Value,
+    ) -> Result<std::result::Result<(), String>> {
+        if !kind.is_connector() {
+            return Err(EngineError::Invalid {
+                message: format!("only sources and destinations connect; a {kind} has nothing to test"),
+            });
+        }
+        let engine = self.current().await?;
+        crate::config::check_name(name).map_err(|message| EngineError::Invalid { message })?;
+        if engine.origin(kind, name) == Some(Origin::File) {
+            return Err(defined_in_file(&engine, kind, name));
+        }
+        if !spec.is_object() {
+            return Err(EngineError::Invalid {
+                message: format!("a {kind} is a JSON object, as in sluice.yaml"),
+            });
+        }
+        if let Some(path) = crate::secrets::env_reference(kind, &spec) {
+            return Ok(Err(format!(
+                "`{path}`: definitions made through the API are taken literally, so `${{...}}` is not expanded; write the value itself"
+            )));
+        }
+        let previous = engine.catalog.get(kind, name);
+        let sealed =
+            match crate::secrets::seal(kind, &spec, previous.map(|d| &d.spec), engine.secret_key.as_ref()) {
+                Ok(sealed) => sealed,
+                Err(e) => return Ok(Err(e.to_string())),
+            };
+        let now = Utc::now();
+        let candidate = engine.catalog.with(StoredDefinition {
+            kind,
+            name: name.to_string(),
+            spec: sealed,
+            created_at: now,
+            updated_at: now,
+        });
+        let draft = engine.with_catalog(candidate, self.connectors.as_ref())?;
+        if let Some(problem) = draft.problems.iter().find(|p| p.kind == kind && p.name == name) {
+            return Ok(Err(problem.message.clone()));
+        }
+        Ok(match kind {
+            Kind::Source => draft.source(name)?.check().await.map_err(|e| e.to_string()),
+            _ => draft.destination(name)?.check().await.map_err(|e| e.to_string()),
+        })
+    }
+
     /// Deletes a definition made through the API. Refused while something uses it (a model of
     /// a source, a mapping of a model or destination) or while its mapping runs.
     pub async fn delete(&self, kind: Kind, name: &str) -> Result<()> {

@@ -196,10 +196,15 @@ test("the whole journey through the screens: a source, a destination, a model an
   await page.getByLabel("Type", { exact: true }).selectOption("sqlite");
   await page.getByLabel("Name", { exact: true }).fill("warehouse_copy");
   await page.getByLabel("path", { exact: true }).fill("no-such-warehouse.db");
+  // Tried before it is saved: the error is SQLite's own, with the path it tried.
+  await page.getByRole("button", { name: "Test connection" }).click();
+  await page.locator(".test-result .error").waitFor();
+  assert.match(await page.locator(".test-result").innerText(), /no-such-warehouse\.db/);
+  assert.equal((await api("GET", "/sources/warehouse_copy")).status, 404, "a test saves nothing");
   await screenshot(page, "new-source");
   await page.getByRole("button", { name: "Add source" }).click();
   await page.getByRole("heading", { name: "warehouse_copy" }).waitFor();
-  // Saved, it is tested at once: the error is SQLite's own, with the path it tried.
+  // Saved anyway, it is tested again at once.
   await page.locator(".test-result .error").waitFor();
   assert.match(await page.locator(".test-result").innerText(), /no-such-warehouse\.db/);
   await page.getByRole("link", { name: "Edit", exact: true }).click();
@@ -223,6 +228,8 @@ test("the whole journey through the screens: a source, a destination, a model an
   const secretInput = page.getByLabel("headers 1 value");
   assert.equal(await secretInput.getAttribute("type"), "password", "a secret is typed into a password field");
   await secretInput.fill("Bearer console-secret-1");
+  await page.getByRole("button", { name: "Test connection" }).click();
+  await page.locator(".test-result .status.succeeded").waitFor();
   await screenshot(page, "new-destination");
   await page.getByRole("button", { name: "Add destination" }).click();
   await page.getByRole("heading", { name: "blocking_crm" }).waitFor();

@@ -468,6 +468,115 @@ async fn the_connector_catalog_describes_every_type_with_its_options_schema() {
 }
 
 #[tokio::test]
+async fn a_draft_connection_is_tested_before_it_is_saved() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let draft = |kind: &str, name: &str, definition: Value| {
+        let body = json!({"kind": kind, "name": name, "definition": definition});
+        let api = &api;
+        async move {
+            api.admin(Method::POST, "/api/v1/connection-tests", Some(body))
+                .await
+        }
+    };
+    let (status, body) = draft(
+        "destination",
+        "hook",
+        json!({"type": "webhook", "url": receiver.url}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"ok": true, "error": null}));
+    // Nothing was saved.
+    let (status, _) = api.admin(Method::GET, "/api/v1/destinations/hook", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // The system's own error, and options the connector refuses, come back as `ok: false`.
+    let (status, body) = draft(
+        "source",
+        "db",
+        json!({"type": "postgres", "url": "postgres://postgres@127.0.0.1:1/test"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ok"], false);
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("127.0.0.1:1") || e.contains("refused")),
+        "{body}"
+    );
+    let (_, body) = draft(
+        "destination",
+        "hook",
+        json!({"type": "webhook", "url": receiver.url, "batch": 5}),
+    )
+    .await;
+    assert_eq!(body["ok"], false);
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("batch")),
+        "{body}"
+    );
+    let (_, body) = draft(
+        "destination",
+        "hook",
+        json!({"type": "webhook", "url": "${HOOK_URL}"}),
+    )
+    .await;
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("taken literally")),
+        "{body}"
+    );
+
+    // A placeholder secret is the one stored under that name.
+    let hook = json!({"type": "webhook", "url": receiver.url, "headers": {"Authorization": "Bearer t0ken"}});
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/destinations",
+            Some(json!({"name": "stored_hook", "definition": hook})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let shown = body["definition"].clone();
+    assert_eq!(shown["headers"]["Authorization"], "********");
+    let (_, body) = draft("destination", "stored_hook", shown.clone()).await;
+    assert_eq!(body["ok"], true, "{body}");
+    let (_, body) = draft("destination", "new_hook", shown).await;
+    assert_eq!(body["ok"], false, "no stored secret under another name: {body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("placeholder")),
+        "{body}"
+    );
+
+    let (status, body) = draft(
+        "destination",
+        "crm",
+        json!({"type": "webhook", "url": receiver.url}),
+    )
+    .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "defined_in_file");
+    let (status, body) = draft("model", "m", json!({})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let read = api.read.clone();
+    let (status, body) = api
+        .call(
+            Method::POST,
+            "/api/v1/connection-tests",
+            Some(&read),
+            Some(json!({"kind": "source", "name": "x", "definition": {"type": "sqlite", "path": "x.db"}})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a draft connects out: admin only: {body}"
+    );
+}
+
+#[tokio::test]
 async fn schedule_previews_describe_a_schedule_and_list_its_next_runs() {
     let receiver = AckReceiver::start(Duration::ZERO).await;
     let api = Api::start(&config(&receiver.url), 5).await;
@@ -1411,6 +1520,7 @@ async fn the_openapi_document_matches_the_routes() {
         ("post", "/api/v1/query"),
         ("post", "/api/v1/schedules/preview"),
         ("get", "/api/v1/connectors"),
+        ("post", "/api/v1/connection-tests"),
         ("get", "/api/v1/runs"),
         ("get", "/api/v1/runs/{id}"),
         ("get", "/api/v1/runs/{id}/failures"),
