@@ -949,7 +949,8 @@ function Connections({ kind, title, what }) {
 
   const test = async (name) => {
     setTests((t) => ({ ...t, [name]: { running: true } }));
-    setTests({ ...tests, [name]: await testConnection(kind, name) });
+    const result = await testConnection(kind, name);
+    setTests((t) => ({ ...t, [name]: result }));
   };
 
   if (error) return html`<p class="error" role="alert">${error}</p>`;
