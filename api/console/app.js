@@ -204,7 +204,7 @@ function Overview() {
     ${rows.length === 0
       ? html`<div class="panel empty">
           <p><strong>No mappings yet.</strong></p>
-          <p class="muted">A mapping sends a model's changed records to a destination. Define a source, a model, a destination and a mapping in <code>sluice.yaml</code> or through the API (<code>POST /api/v1/mappings</code>).</p>
+          <p class="muted">A mapping sends a model's changed records to a destination. Start with <a href="#/new-source">a source</a>, then <a href="#/new-model">a model</a>, <a href="#/new-destination">a destination</a> and <a href="#/new-mapping">a mapping</a>; or define them in <code>sluice.yaml</code>.</p>
         </div>`
       : html`<div class="panel">
           <table class="list">
@@ -349,7 +349,7 @@ function Runs({ mapping: chosen }) {
   if (mappings.length === 0) {
     return html`<h1>Runs</h1>
       <div class="panel empty"><p><strong>No mappings, so no runs.</strong></p>
-      <p class="muted">Runs appear here once a mapping exists and runs.</p></div>`;
+      <p class="muted">Runs appear here once <a href="#/new-mapping">a mapping</a> exists and runs.</p></div>`;
   }
   return html`
     <h1>Runs</h1>
@@ -485,7 +485,7 @@ function Mappings() {
     <p><a class="button" href="#/new-mapping">New mapping</a></p>
     ${mappings.length === 0
       ? html`<div class="panel empty"><p><strong>No mappings yet.</strong></p>
-          <p class="muted">A mapping picks a model, a destination and which records (added, updated, deleted) go there with which fields. Define one in <code>sluice.yaml</code> or with <code>POST /api/v1/mappings</code>.</p></div>`
+          <p class="muted">A mapping picks a model, a destination and which records (added, updated, deleted) go there with which fields. <a href="#/new-mapping">Make one</a>, or define it in <code>sluice.yaml</code>.</p></div>`
       : html`<div class="panel"><table class="list mappings">
           <thead><tr><th scope="col">Mapping</th><th scope="col">Model</th><th scope="col">Destination</th>
             <th scope="col">Sends</th><th scope="col">Enabled</th><th scope="col">Defined in</th></tr></thead>
@@ -1202,7 +1202,7 @@ function Models() {
     <p><a class="button" href="#/new-model">New model</a></p>
     ${models.length === 0
       ? html`<div class="panel empty"><p><strong>No models yet.</strong></p>
-          <p class="muted">A model is a SQL query against a source, with a primary key. Define one in <code>sluice.yaml</code> or with <code>POST /api/v1/models</code>.</p></div>`
+          <p class="muted">A model is a SQL query against a source, with a primary key. <a href="#/new-model">Write one</a>, or define it in <code>sluice.yaml</code>.</p></div>`
       : html`<div class="panel"><table class="list models">
           <thead><tr><th scope="col">Model</th><th scope="col">Source</th><th scope="col">Primary key</th><th scope="col">Defined in</th></tr></thead>
           <tbody>${models.map((m) => html`<tr key=${m.name}>

@@ -11,7 +11,7 @@ import { spawn, execFileSync } from "node:child_process";
 import { createServer } from "node:http";
 import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { mkdtempSync, mkdirSync, rmSync, existsSync } from "node:fs";
+import { mkdtempSync, mkdirSync, rmSync, existsSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -33,9 +33,9 @@ let receiver;
 let receiverUrl;
 
 /** Starts `sluice serve` on a free loopback port and resolves with its address. */
-function serve() {
+function serve(project = config) {
   return new Promise((resolvePromise, reject) => {
-    const child = spawn(sluice, ["serve", "--listen", "127.0.0.1:0", "--no-schedules", "--config", config], {
+    const child = spawn(sluice, ["serve", "--listen", "127.0.0.1:0", "--no-schedules", "--config", project], {
       stdio: ["ignore", "pipe", "pipe"],
       // The key that seals secrets made through the API (a destination's headers, below).
       env: { ...process.env, RUST_LOG: "warn", SLUICE_SECRET_KEY: randomBytes(32).toString("base64") },
@@ -576,6 +576,44 @@ test("a form works from the keyboard alone: a destination is added with Tab, typ
   const { body } = await api("GET", "/destinations/keyboard_file");
   assert.deepEqual(body.definition, { type: "file", url: "keyboard-exports/" });
   await context.close();
+});
+
+test("an empty project's screens say what to do next, and their links lead there", async () => {
+  const emptyDir = join(dir, "empty");
+  mkdirSync(emptyDir, { recursive: true });
+  writeFileSync(join(emptyDir, "sluice.yaml"), "sources: {}\n");
+  const emptyConfig = join(emptyDir, "sluice.yaml");
+  const emptyToken = execFileSync(sluice, ["token", "create", "console", "--scope", "admin", "--config", emptyConfig])
+    .toString().trim().split(/\s+/).pop();
+  const started = await serve(emptyConfig);
+  try {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    await page.goto(`${started.url}/login`);
+    await page.getByLabel("API token").fill(emptyToken);
+    await page.keyboard.press("Enter");
+    await page.getByText("No mappings yet.").waitFor();
+    await screenshot(page, "empty-overview");
+    for (const [screen, says] of [
+      ["Sources", "No sources yet."],
+      ["Models", "No models yet."],
+      ["Destinations", "No destinations yet."],
+      ["Mappings", "No mappings yet."],
+      ["Runs", "No mappings, so no runs."],
+    ]) {
+      await page.getByRole("link", { name: screen, exact: true }).click();
+      await page.getByText(says).waitFor();
+      assert.ok((await page.locator(".panel.empty a").count()) > 0, `${screen}: the empty state links to the next step`);
+    }
+    // A model needs a source first, and its form says so with the way there.
+    await page.goto(`${started.url}/#/new-model`);
+    await page.getByText("A model needs a source.").waitFor();
+    await page.getByRole("link", { name: "Add a source" }).click();
+    await page.getByRole("heading", { name: "Add source" }).waitFor();
+    await context.close();
+  } finally {
+    started.child.kill("SIGTERM");
+  }
 });
 
 test("every screen passes axe's accessibility checks (no serious or critical violations)", async () => {
