@@ -1330,6 +1330,26 @@ function SchedulePicker({ value, onChange }) {
   </fieldset>`;
 }
 
+/** What a destination's records must carry, from `POST /destinations/{name}/shape`. */
+function ShapeHint({ shape }) {
+  if (!shape) return null;
+  if (!shape.ok) return html`<p class="error small" role="alert">${shape.error}</p>`;
+  if (shape.action === null) {
+    return html`<p class="muted small shape-hint">This destination receives each change with its operation and the fields as mapped.</p>`;
+  }
+  const list = (names) => names.map((n, i) => html`${i > 0 ? ", " : ""}<code>${n}</code>`);
+  const idAliases = shape.aliases.filter((a) => shape.identity.includes(a.field));
+  const topLevel = shape.top_level.filter((f) => !shape.filled.includes(f));
+  return html`<ul class="muted small shape-hint" aria-label="What the destination expects">
+    ${shape.identity.length > 0 && html`<li>Each record needs ${shape.identity.length > 1 ? "one of " : ""}${list(shape.identity)}${idAliases.length > 0 ? html` (taken from a ${list(idAliases.map((a) => a.column))} column when not mapped)` : ""}.</li>`}
+    ${shape.required.length > 0 && html`<li>Must be filled: ${list(shape.required)}.</li>`}
+    ${topLevel.length > 0 && html`<li>Top-level fields: ${list(topLevel)}.</li>`}
+    ${shape.filled.length > 0 && html`<li>sluice fills ${list(shape.filled)} itself.</li>`}
+    ${shape.container && html`<li>Any other field goes under <code>${shape.container}</code>.</li>`}
+    ${shape.events && html`<li>Each record is an event, sent once.</li>`}
+  </ul>`;
+}
+
 /** The record selections a mapping form offers, and the operations each sends. */
 const SELECTIONS = [
   ["all", ["added", "updated", "deleted"]],
@@ -1422,6 +1442,32 @@ function NewMapping({ id: editing }) {
 
   const send = SELECTIONS.find(([key]) => key === selection)?.[1];
 
+  // What records of this action look like at the destination (checked by the destination
+  // itself): suggestions for the field column, and what each record must carry.
+  const [shape, setShape] = useState(null);
+  const shapeKey = JSON.stringify([destination, action, pruned(options) ?? {}]);
+  useEffect(() => {
+    if (!destination) return undefined;
+    let current = true;
+    const timer = setTimeout(async () => {
+      try {
+        const body = { options: pruned(options) ?? {} };
+        if (action) body.action = action;
+        const result = await api("POST", `/destinations/${encodeURIComponent(destination)}/shape`, body);
+        if (current) setShape({ ok: true, ...result });
+      } catch (e) {
+        if (current) setShape({ ok: false, error: e.message });
+      }
+    }, 300);
+    return () => {
+      current = false;
+      clearTimeout(timer);
+    };
+  }, [shapeKey]);
+  const suggestions = shape?.ok
+    ? [...new Set([...shape.required, ...shape.identity, ...shape.top_level])].filter((f) => !shape.filled.includes(f))
+    : [];
+
   const submit = async (event) => {
     event.preventDefault();
     setBusy(true);
@@ -1492,12 +1538,14 @@ function NewMapping({ id: editing }) {
       <fieldset>
         <legend>Fields</legend>
         <p class="muted small">Give a destination field to each model column to send; dots nest (<code>traits.plan</code>). Leave every field empty to send all columns under their own names.</p>
+        <${ShapeHint} shape=${shape} />
+        <datalist id="destination-fields">${suggestions.map((f) => html`<option value=${f} />`)}</datalist>
         <table class="pairs fields editor">
           <thead><tr><th scope="col">Model column</th><th scope="col">Destination field</th></tr></thead>
           <tbody>
             ${columns.map((c) => html`<tr key=${c.name}>
               <td><label for=${`field-${c.name}`}>${c.name}</label> <span class="muted small">${c.type}</span></td>
-              <td><input id=${`field-${c.name}`} value=${fields[c.name] ?? ""} placeholder=${c.name}
+              <td><input id=${`field-${c.name}`} list="destination-fields" value=${fields[c.name] ?? ""} placeholder=${c.name}
                 onInput=${(e) => setFields({ ...fields, [c.name]: e.currentTarget.value })} /></td></tr>`)}
             ${constants.map((c, i) => html`<tr key=${`constant-${i}`}>
               <td><label for=${`constant-value-${i}`}>constant</label>

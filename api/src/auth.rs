@@ -136,11 +136,12 @@ impl Authenticator {
 
 /// The scope a request needs.
 fn needed_scope(method: &Method, path: &str) -> Scope {
-    // A query and a schedule preview only read.
+    // A query, a schedule preview and a destination's record shape only read.
     if method == Method::GET
         || method == Method::HEAD
         || path == "/api/v1/query"
         || path == "/api/v1/schedules/preview"
+        || (path.starts_with("/api/v1/destinations/") && path.ends_with("/shape"))
     {
         Scope::Read
     } else {

@@ -18,7 +18,7 @@ use crate::AppState;
 use crate::cache::{FOR_OTHERS, to_json};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, optional_body};
-use crate::views::{Column, Definition, DefinitionPage, Preview, TestResult};
+use crate::views::{Column, Definition, DefinitionPage, FieldAlias, Preview, RecordShape, TestResult};
 
 /// Most items one page of definitions holds.
 const MAX_PAGE: usize = 1000;
@@ -390,6 +390,73 @@ pub async fn test_draft_connection(
         .test_draft(kind, &body.name, body.definition)
         .await?;
     Ok(axum::Json(outcome(checked)))
+}
+
+/// `POST /api/v1/destinations/{name}/shape`: an action and mapping options to check.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeRequest {
+    /// As a mapping's `action:` (the destination's default when absent).
+    pub action: Option<String>,
+    /// As a mapping's `options:`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub options: serde_json::Map<String, Value>,
+}
+
+/// Checks an action and mapping options against a destination, as a mapping using them would
+/// be, and describes the records it writes: top-level fields, where other fields go, what
+/// identifies a record and what must be filled. Nothing is sent or saved.
+#[utoipa::path(post, path = "/destinations/{name}/shape", tag = "destinations",
+    params(("name" = String, Path)),
+    request_body(content = Option<ShapeRequest>, description = "Optional; the default action with no options by default"),
+    responses(
+        (status = 200, description = "The record layout", body = RecordShape),
+        (status = 422, description = "The destination refuses the action or options", body = crate::error::ErrorBody)))]
+pub async fn destination_shape(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    body: bytes::Bytes,
+) -> ApiResult<axum::Json<RecordShape>> {
+    let request = optional_body::<ShapeRequest>(&body)?;
+    let engine = state.service.current().await?;
+    let destination = engine.destination(&name)?;
+    let spec = destination
+        .action(request.action.as_deref(), &request.options)
+        .map_err(|message| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_definition", message))?;
+    let Some(spec) = spec else {
+        return Ok(axum::Json(RecordShape {
+            action: None,
+            modes: Vec::new(),
+            deletes: true,
+            events: false,
+            top_level: Vec::new(),
+            container: None,
+            identity: Vec::new(),
+            required: Vec::new(),
+            aliases: Vec::new(),
+            filled: Vec::new(),
+        }));
+    };
+    let shape = spec.shape;
+    let mut filled: Vec<String> = shape.fixed.into_iter().map(|(field, _)| field).collect();
+    filled.extend(shape.message_id);
+    Ok(axum::Json(RecordShape {
+        action: Some(spec.name),
+        modes: spec.modes.iter().map(|m| m.to_string()).collect(),
+        deletes: spec.deletes,
+        events: spec.events,
+        top_level: shape.top_level,
+        container: shape.container,
+        identity: shape.identity,
+        required: shape.required,
+        aliases: shape
+            .aliases
+            .into_iter()
+            .map(|(column, field)| FieldAlias { column, field })
+            .collect(),
+        filled,
+    }))
 }
 
 /// A connection test's outcome, with the system's own error when it failed.

@@ -101,6 +101,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(list_destinations, create_destination))
         .routes(routes!(get_destination, update_destination, delete_destination))
         .routes(routes!(test_destination))
+        .routes(routes!(destination_shape))
         .routes(routes!(list_mappings, create_mapping))
         .routes(routes!(
             get_mapping,

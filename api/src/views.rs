@@ -269,3 +269,37 @@ pub struct Readiness {
     pub metadata_store: String,
     pub snapshot_store: String,
 }
+
+/// What a mapping with a given action writes to a destination: the record's layout, so a
+/// mapping editor can suggest destination fields and say what each record must carry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RecordShape {
+    /// The action (the destination's default when none was named); `null` for a destination
+    /// that takes sluice's envelope (every change with its operation, fields as mapped).
+    pub action: Option<String>,
+    /// The modes it supports (`upsert`, `update`, `insert`, `mirror`); the first is the default.
+    pub modes: Vec<String>,
+    /// Whether deleted records can be sent.
+    pub deletes: bool,
+    /// Each record is an event (sent once; `send` defaults to `[added]`).
+    pub events: bool,
+    /// Fields the destination defines at the top level of a record (`userId`, `event`, ...).
+    pub top_level: Vec<String>,
+    /// Where every other field goes (`traits`, `properties`); `null` keeps them at the top.
+    pub container: Option<String>,
+    /// A record needs at least one of these with a value, or it fails unsent.
+    pub identity: Vec<String>,
+    /// Fields the mapping must fill, by a column or a constant.
+    pub required: Vec<String>,
+    /// Model columns taken for a top-level field when the mapping does not map it.
+    pub aliases: Vec<FieldAlias>,
+    /// Fields sluice fills itself (`type`, the message id).
+    pub filled: Vec<String>,
+}
+
+/// A model column taken for a destination field by default.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FieldAlias {
+    pub column: String,
+    pub field: String,
+}

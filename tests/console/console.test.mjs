@@ -514,6 +514,45 @@ test("a new mapping is made with the field editor, a constant and a schedule pic
   await context.close();
 });
 
+test("a mapping to a vendor destination picks its action, and the editor says what each record must carry", async () => {
+  const made = await api("POST", "/destinations", {
+    name: "collector",
+    definition: { type: "segment", write_key: "wk-console", url: receiverUrl },
+  });
+  assert.equal(made.status, 201, JSON.stringify(made.body));
+  const { context, page } = await signedIn();
+  await page.goto(`${base}/#/new-mapping`);
+  await page.getByRole("heading", { name: "New mapping" }).waitFor();
+  await page.getByLabel("Name", { exact: true }).fill("users_to_collector");
+  await page.getByLabel("Destination", { exact: true }).selectOption("collector");
+  // Segment has no default action: the form asks, and the destination's answer says why.
+  const action = page.getByLabel("Action", { exact: true });
+  assert.equal(await action.inputValue(), "");
+  await page.locator(".shape-hint, fieldset .error").first().waitFor();
+  await action.selectOption("track");
+  await page.getByText("Must be filled:").waitFor();
+  const hint = await page.getByLabel("What the destination expects").innerText();
+  assert.match(hint, /one of userId, anonymousId/);
+  assert.match(hint, /under properties/);
+  const suggested = await page.locator("#destination-fields option").evaluateAll((options) => options.map((o) => o.value));
+  assert.ok(suggested.includes("event") && suggested.includes("userId"), suggested.join(", "));
+  assert.ok(!suggested.includes("messageId"), "sluice fills the message id itself");
+  await page.getByLabel("id", { exact: true }).fill("userId");
+  await page.getByRole("button", { name: "Add a constant" }).click();
+  await page.getByLabel("constant 1 value").fill("Signed Up");
+  await page.getByLabel("constant 1 field").fill("event");
+  await page.getByLabel("Records", { exact: true }).selectOption("default");
+  await screenshot(page, "new-mapping-vendor");
+  await page.getByRole("button", { name: "Create mapping" }).click();
+  await page.getByRole("heading", { name: "users_to_collector" }).waitFor();
+  const { body } = await api("GET", "/mappings/users_to_collector");
+  assert.equal(body.definition.action, "track");
+  assert.equal(body.definition.send, undefined, "the destination's default: events are sent once");
+  assert.deepEqual(body.definition.fields, { userId: "id" });
+  assert.deepEqual(body.definition.constants, { event: "Signed Up" });
+  await context.close();
+});
+
 test("a new model is written in the SQL editor, previewed, given a primary key from its columns and a schedule", async () => {
   const { context, page } = await signedIn();
   await page.getByRole("link", { name: "Models", exact: true }).click();

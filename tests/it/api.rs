@@ -577,6 +577,91 @@ async fn a_draft_connection_is_tested_before_it_is_saved() {
 }
 
 #[tokio::test]
+async fn a_destinations_record_shape_says_what_a_mapping_must_fill() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    for (name, definition) in [
+        (
+            "segment",
+            json!({"type": "segment", "write_key": "wk", "url": receiver.url}),
+        ),
+        (
+            "hubspot",
+            json!({"type": "hubspot", "token": "pat", "url": receiver.url}),
+        ),
+    ] {
+        let (status, body) = api
+            .admin(
+                Method::POST,
+                "/api/v1/destinations",
+                Some(json!({"name": name, "definition": definition})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let read = api.read.clone();
+    let shape = |destination: &str, body: Value| {
+        let path = format!("/api/v1/destinations/{destination}/shape");
+        let read = read.clone();
+        let api = &api;
+        async move { api.call(Method::POST, &path, Some(&read), Some(body)).await }
+    };
+    // A read token may ask: nothing is sent or saved.
+    let (status, body) = shape("segment", json!({"action": "identify"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["action"], "identify");
+    assert_eq!(body["container"], "traits");
+    assert_eq!(body["identity"], json!(["userId", "anonymousId"]));
+    assert!(
+        body["top_level"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|f| f == "context")),
+        "{body}"
+    );
+    let (_, body) = shape("segment", json!({"action": "track"})).await;
+    assert_eq!(body["required"], json!(["event"]), "{body}");
+    assert_eq!(body["events"], true);
+
+    let (status, body) = shape("segment", json!({})).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
+    assert!(
+        message(&body).contains("identify"),
+        "the destination's own message names its actions: {body}"
+    );
+    let (status, body) = shape("hubspot", json!({})).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
+    assert!(message(&body).contains("object"), "{body}");
+    let (status, body) = shape("hubspot", json!({"options": {"object": "contacts"}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["action"], "objects");
+    assert_eq!(body["container"], "properties");
+
+    // The webhook takes sluice's envelope: no action, fields as mapped.
+    let (status, body) = shape("crm", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["action"], Value::Null);
+    let (status, body) = shape("crm", json!({"action": "track"})).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
+    let (status, body) = shape("nosuch", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[tokio::test]
 async fn schedule_previews_describe_a_schedule_and_list_its_next_runs() {
     let receiver = AckReceiver::start(Duration::ZERO).await;
     let api = Api::start(&config(&receiver.url), 5).await;
@@ -1521,6 +1606,7 @@ async fn the_openapi_document_matches_the_routes() {
         ("post", "/api/v1/schedules/preview"),
         ("get", "/api/v1/connectors"),
         ("post", "/api/v1/connection-tests"),
+        ("post", "/api/v1/destinations/{name}/shape"),
         ("get", "/api/v1/runs"),
         ("get", "/api/v1/runs/{id}"),
         ("get", "/api/v1/runs/{id}/failures"),
