@@ -819,6 +819,18 @@ const hasDefault = (d) => d !== undefined && d !== null && !(typeof d === "objec
 const describe = (s) => [s.description, hasDefault(s.default) && !/default/i.test(s.description ?? "") ? `Default: ${JSON.stringify(s.default)}.` : ""]
   .filter(Boolean).join(" ");
 
+/** A map entry's value as text: a string as it is, anything else (a `files` table spec) as JSON. */
+const shownValue = (value) => (typeof value === "string" ? value : JSON.stringify(value));
+/** What was typed into a map entry: a stored secret left empty stays stored, and text that
+ * was JSON (an object or a list) stays JSON. */
+function typedValue(text, before) {
+  if (text === "") return before === REDACTED ? REDACTED : "";
+  if (typeof before !== "string" && /^[[{]/.test(text.trim())) {
+    try { return JSON.parse(text); } catch { /* not JSON yet: kept as typed */ }
+  }
+  return text;
+}
+
 /** Key/value rows of a map option (`headers`, object storage `options`, ...). */
 function MapEditor({ id, label, schema, value, onChange, describedBy }) {
   const [rows, setRows] = useState(() => Object.entries(value ?? {}).map(([k, v]) => ({ key: k, value: v })));
@@ -833,8 +845,8 @@ function MapEditor({ id, label, schema, value, onChange, describedBy }) {
       <input aria-label=${`${label} ${i + 1} name`} value=${row.key} placeholder="name"
         onInput=${(e) => update(rows.map((r, j) => (j === i ? { ...r, key: e.currentTarget.value } : r)))} />
       <input aria-label=${`${label} ${i + 1} value`} type=${secret ? "password" : "text"} autocomplete="off"
-        value=${row.value === REDACTED ? "" : row.value} placeholder=${row.value === REDACTED ? "stored; type to replace" : "value"}
-        onInput=${(e) => update(rows.map((r, j) => (j === i ? { ...r, value: e.currentTarget.value || (r.value === REDACTED ? REDACTED : "") } : r)))} />
+        value=${row.value === REDACTED ? "" : shownValue(row.value)} placeholder=${row.value === REDACTED ? "stored; type to replace" : "value"}
+        onInput=${(e) => update(rows.map((r, j) => (j === i ? { ...r, value: typedValue(e.currentTarget.value, r.value) } : r)))} />
       <button type="button" class="secondary" aria-label=${`Remove ${label} ${i + 1}`}
         onClick=${() => update(rows.filter((_, j) => j !== i))}>Remove</button></div>`)}
     <button type="button" class="secondary" onClick=${() => update([...rows, { key: "", value: "" }])}>Add ${label}</button>

@@ -248,6 +248,11 @@ test("the whole journey through the screens: a source, a destination, a model an
   await page.locator(".test-result .status.succeeded").waitFor();
   assert.equal((await api("GET", "/destinations/blocking_crm")).body.definition.timeout, "10s");
 
+  // One from sluice.yaml is changed there, not here.
+  await page.goto(`${base}/#/source/warehouse`);
+  await page.getByRole("heading", { name: "warehouse", exact: true }).waitFor();
+  assert.equal(await page.getByRole("button", { name: "Delete" }).count(), 0, "a source from sluice.yaml has no Delete");
+
   // A model on the new source.
   await page.getByRole("link", { name: "Models", exact: true }).click();
   await page.getByRole("link", { name: "New model", exact: true }).click();
@@ -259,6 +264,12 @@ test("the whole journey through the screens: a source, a destination, a model an
   await page.getByLabel("key id").check();
   await page.getByRole("button", { name: "Create model" }).click();
   await page.getByRole("heading", { name: "copied_users" }).waitFor();
+  // A source a model uses cannot be deleted, and the page says which model.
+  await page.goto(`${base}/#/source/warehouse_copy`);
+  page.once("dialog", (dialog) => dialog.accept());
+  await page.getByRole("button", { name: "Delete" }).click();
+  await page.getByRole("alert").filter({ hasText: "copied_users" }).waitFor();
+  assert.equal((await api("GET", "/sources/warehouse_copy")).status, 200, "still there");
 
   // A mapping from it to the destination, its test record, and a run.
   await page.getByRole("link", { name: "Mappings", exact: true }).click();
