@@ -87,7 +87,7 @@ impl RunObserver for TerminalProgress {
                     .multi
                     .println(format!("extracted {model}: {} rows", thousands(rows)));
             }
-            RunEvent::MappingStarted { mapping, buckets } => {
+            RunEvent::MappingStarted { mapping, buckets, .. } => {
                 if let Some(bar) = self.bar(&format!("map:{mapping}"), || {
                     let bar = ProgressBar::new(buckets as u64);
                     bar.set_style(

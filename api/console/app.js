@@ -260,8 +260,9 @@ function usePolling(load, deps) {
     let stopped = false;
     const tick = async () => {
       if (stopped) return;
-      if (document.visibilityState === "visible") await load();
-      if (!stopped) timer = setTimeout(tick, 3000);
+      // `load` may ask for its next call sooner (a run page while the run goes).
+      const next = document.visibilityState === "visible" ? await load() : undefined;
+      if (!stopped) timer = setTimeout(tick, typeof next === "number" ? next : 3000);
     };
     let timer = setTimeout(tick, 0);
     return () => {
@@ -397,9 +398,26 @@ function Runs({ mapping: chosen }) {
 }
 
 /** One run: its counts, stage timings and failed records. */
+/** Where a running run is: extracting (rows read) or delivering (buckets, changes, records). */
+function RunProgressPanel({ progress }) {
+  return html`<section class="panel progress" aria-labelledby="progress-heading">
+    <h2 id="progress-heading">Progress</h2>
+    <div role="status" aria-live="polite">
+      ${!progress
+        ? html`<p class="muted">Starting… (a run made by another process reports its counts only when it ends)</p>`
+        : progress.stage === "extracting"
+          ? html`<p><strong>Extracting the model</strong>: ${number.format(progress.extracted_rows)} rows read.</p>`
+          : html`<p><strong>Delivering</strong>: ${number.format(progress.buckets_done)} of ${number.format(progress.buckets)} buckets done (${number.format(progress.extracted_rows)} rows extracted).</p>
+            <progress max=${progress.buckets} value=${progress.buckets_done} aria-label="Buckets delivered"></progress>
+            <p class="small">So far ${number.format(progress.added)} added, ${number.format(progress.updated)} updated, ${number.format(progress.deleted)} deleted; ${number.format(progress.delivered)} delivered, ${number.format(progress.failed)} failed.</p>`}
+    </div>
+  </section>`;
+}
+
 function RunPage({ id }) {
   const [run, setRun] = useState(null);
   const [failures, setFailures] = useState(null);
+  const [progress, setProgress] = useState(null);
   const [error, setError] = useState(null);
   usePolling(async () => {
     try {
@@ -410,9 +428,16 @@ function RunPage({ id }) {
         setFailures(page);
       }
       setError(null);
+      if (loaded.status === "running") {
+        // Its counts are recorded when it ends; until then, what this server has seen of it.
+        setProgress(await api("GET", `/mappings/${encodeURIComponent(loaded.mapping)}/progress`));
+        return 1000;
+      }
+      setProgress(null);
     } catch (e) {
       setError(e.message);
     }
+    return undefined;
   }, [id]);
   if (error && !run) return html`<p class="error" role="alert">${error}</p>`;
   if (!run) return html`<p class="muted">Loading…</p>`;
@@ -434,6 +459,7 @@ function RunPage({ id }) {
     <h1>Run of ${run.mapping} <${Status} status=${run.status} /></h1>
     <p class="muted">${run.trigger}${run.full_resync ? ", full resync" : ""} · started ${localTime(run.started_at)}
       ${run.finished_at ? ` · ${seconds(run.duration_ms)}` : " · still running"} · <code>${run.id}</code></p>
+    ${run.status === "running" && html`<${RunProgressPanel} progress=${progress} />`}
     ${run.error && html`<p class="error" role="alert">${run.error}</p>`}
     ${run.recommended_action && html`<p class="panel"><strong>Recommended action:</strong> ${run.recommended_action}</p>`}
     <div class="grid">
@@ -452,7 +478,7 @@ function RunPage({ id }) {
       ${failures === null
         ? html`<p class="muted">Loading…</p>`
         : failures.failures.length === 0
-          ? html`<p class="muted">No failed records: every selected record was delivered.</p>`
+          ? html`<p class="muted">${run.status === "running" ? "No failed records so far." : "No failed records: every selected record was delivered."}</p>`
           : html`
             <p><a class="button" href=${`/api/v1/runs/${encodeURIComponent(run.id)}/failures?format=csv`} download>Download errors (CSV)</a>
               ${failures.next_cursor ? html` <span class="muted">The first 100 are shown; the CSV has them all.</span>` : null}</p>

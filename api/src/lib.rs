@@ -110,6 +110,7 @@ fn v1() -> OpenApiRouter<AppState> {
             patch_mapping
         ))
         .routes(routes!(runs::trigger_run))
+        .routes(routes!(runs::mapping_progress))
         .routes(routes!(runs::list_runs))
         .routes(routes!(runs::get_run))
         .routes(routes!(runs::run_failures))

@@ -349,3 +349,16 @@ pub async fn dry_run_requests(
     )
         .into_response())
 }
+
+/// How far a mapping's run has got while it runs in this server (a run's counts are recorded
+/// when it ends): its stage, rows extracted, buckets delivered and records so far. `null` when
+/// it is not running here (not running, or run by another process).
+#[utoipa::path(get, path = "/mappings/{name}/progress", tag = "runs",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "The progress, or null", body = Option<sluice_engine::progress::RunProgress>)))]
+pub async fn mapping_progress(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<axum::Json<Option<sluice_engine::progress::RunProgress>>> {
+    Ok(axum::Json(state.service.progress(&name).await?))
+}

@@ -35,6 +35,8 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "openapi")]
 pub mod openapi;
+#[doc = "How far this process's runs have got, for the API and console."]
+pub mod progress;
 pub mod query;
 pub mod retention;
 pub mod run;

@@ -219,6 +219,7 @@ pub enum RunEvent {
     },
     MappingStarted {
         mapping: String,
+        model: String,
         buckets: u32,
     },
     /// Cumulative counts of a mapping's run so far.
@@ -906,6 +907,7 @@ impl Engine {
         );
         observer.on_event(RunEvent::MappingStarted {
             mapping: mapping.clone(),
+            model: delivery.run.model.clone(),
             buckets,
         });
         let outcome = delivery

@@ -65,6 +65,8 @@ pub struct Service {
     tasks: Mutex<tokio::task::JoinSet<()>>,
     /// Bumped at every new engine: what was read from the old one may have changed.
     generation: std::sync::atomic::AtomicU64,
+    /// How far the runs this process makes have got (fed by `observer`).
+    progress: Arc<crate::progress::ProgressBoard>,
 }
 
 impl Service {
@@ -73,9 +75,15 @@ impl Service {
         connectors: Arc<dyn ConnectorFactory>,
         observer: Arc<dyn RunObserver>,
     ) -> Arc<Self> {
+        let progress = Arc::new(crate::progress::ProgressBoard::default());
+        let observer: Arc<dyn RunObserver> = Arc::new(crate::progress::Tracking {
+            board: progress.clone(),
+            next: observer,
+        });
         Arc::new(Self {
             connectors,
             observer,
+            progress,
             current: RwLock::new(Arc::new(engine)),
             changes: tokio::sync::Mutex::new(()),
             changed: tokio::sync::Notify::new(),
@@ -89,6 +97,20 @@ impl Service {
     /// `writeOnly`).
     pub fn connector_catalog(&self) -> crate::connector_types::ConnectorCatalog {
         self.connectors.catalog().with_secrets_marked()
+    }
+
+    /// How far `mapping`'s run in this process has got, while it runs here; `None` when it is
+    /// not running in this process (or has not reported yet).
+    pub async fn progress(&self, mapping: &str) -> Result<Option<crate::progress::RunProgress>> {
+        let engine = self.current().await?;
+        let Some(config) = engine.project.config.mappings.get(mapping) else {
+            return Err(unknown(&engine, Kind::Mapping, mapping));
+        };
+        let latest = engine.metadata.runs(Some(mapping), 1).await?;
+        if !latest.first().is_some_and(|r| r.status == RunStatus::Running) {
+            return Ok(None);
+        }
+        Ok(self.progress.get(mapping, &config.model))
     }
 
     /// Bumped every time the definitions change (the engine is built anew).

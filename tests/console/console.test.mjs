@@ -31,6 +31,14 @@ let token;
 let browser;
 let receiver;
 let receiverUrl;
+/** While set, the receiver answers only once it is resolved. */
+let held = null;
+function hold() {
+  let release;
+  const promise = new Promise((r) => { release = r; });
+  held = { promise, release: () => { held = null; release(); } };
+  return held;
+}
 
 /** Starts `sluice serve` on a free loopback port and resolves with its address. */
 function serve(project = config) {
@@ -90,7 +98,9 @@ before(async () => {
   // A webhook receiver that rejects every record, for failed records to look at.
   receiver = createServer((request, response) => {
     request.resume();
-    request.on("end", () => {
+    request.on("end", async () => {
+      // A test may hold the answers, to look at a run while it waits on the destination.
+      if (held) await held.promise;
       response.writeHead(400, { "Content-Type": "application/json" });
       response.end(JSON.stringify({ error: "email domain is blocked" }));
     });
@@ -284,9 +294,16 @@ test("the whole journey through the screens: a source, a destination, a model an
   await page.getByRole("button", { name: /Load rows of copied_users/ }).click();
   await page.getByRole("button", { name: "Show payload" }).click();
   assert.match(await page.getByLabel("payload").first().textContent(), /"email":/);
+  // The destination holds its answers: the run page shows how far the run has got.
+  const gate = hold();
   await page.getByRole("button", { name: "Run now" }).click();
   await page.getByRole("link", { name: "follow it", exact: true }).click();
   await page.getByRole("heading", { name: /Run of users_to_blocking/ }).waitFor();
+  const progress = page.getByRole("region", { name: "Progress" });
+  await progress.getByText("Delivering").waitFor();
+  assert.match(await progress.innerText(), /rows extracted/);
+  await screenshot(page, "run-progress");
+  gate.release();
   // The page follows the run until it ends: every record was refused.
   await page.locator("h1 .status.failed, h1 .status.partial").waitFor({ timeout: 30000 });
   const runId = page.url().split("/").pop();

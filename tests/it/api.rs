@@ -662,6 +662,66 @@ async fn a_destinations_record_shape_says_what_a_mapping_must_fill() {
 }
 
 #[tokio::test]
+async fn a_running_mappings_progress_is_served_while_it_runs() {
+    // 400 records at 10 a request, 40 ms a request: about 1.6 s of delivery.
+    let receiver = AckReceiver::start(Duration::from_millis(40)).await;
+    let config = project_config(&receiver.url, 10, 10)
+        .replace("max_attempts: 3", "max_attempts: 3\n    concurrency: 1");
+    let api = Api::start(&config, 400).await;
+    let read = api.read.clone();
+    let progress = || {
+        let read = read.clone();
+        let api = &api;
+        async move {
+            api.call(
+                Method::GET,
+                "/api/v1/mappings/users_to_crm/progress",
+                Some(&read),
+                None,
+            )
+            .await
+        }
+    };
+    let (status, body) = progress().await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, Value::Null),
+        "not running: no progress"
+    );
+
+    let (status, run) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/users_to_crm/runs",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    let run_id = run["id"].as_str().expect("id").to_string();
+    let mut seen = None;
+    for _ in 0..500 {
+        let (status, body) = progress().await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if body["stage"] == "delivering" && body["delivered"].as_u64().is_some() {
+            seen = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = seen.expect("the run was seen delivering");
+    assert_eq!(seen["extracted_rows"], 400, "{seen}");
+    assert!(seen["buckets"].as_u64().is_some_and(|b| b > 0), "{seen}");
+    let done = api.finished(&run_id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (_, body) = progress().await;
+    assert_eq!(body, Value::Null, "a finished run has no progress");
+    let (status, _) = api
+        .call(Method::GET, "/api/v1/mappings/nosuch/progress", Some(&read), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn schedule_previews_describe_a_schedule_and_list_its_next_runs() {
     let receiver = AckReceiver::start(Duration::ZERO).await;
     let api = Api::start(&config(&receiver.url), 5).await;
@@ -1607,6 +1667,7 @@ async fn the_openapi_document_matches_the_routes() {
         ("get", "/api/v1/connectors"),
         ("post", "/api/v1/connection-tests"),
         ("post", "/api/v1/destinations/{name}/shape"),
+        ("get", "/api/v1/mappings/{name}/progress"),
         ("get", "/api/v1/runs"),
         ("get", "/api/v1/runs/{id}"),
         ("get", "/api/v1/runs/{id}/failures"),
