@@ -272,6 +272,29 @@ function usePolling(load, deps) {
   }, deps);
 }
 
+/** Asks the API `delay` ms after `key` last changed (a schedule, a mapping's action): the
+ * answer as `{ok: true, ...answer}` or `{ok: false, error}`, or null until there is one (or
+ * when `ask` returns null). Answers to keys since replaced are dropped. */
+function useAsk(ask, key, delay) {
+  const [answer, setAnswer] = useState(null);
+  useEffect(() => {
+    let current = true;
+    const timer = setTimeout(async () => {
+      try {
+        const result = await ask();
+        if (current) setAnswer(result === null ? null : { ok: true, ...result });
+      } catch (e) {
+        if (current) setAnswer({ ok: false, error: e.message });
+      }
+    }, delay);
+    return () => {
+      current = false;
+      clearTimeout(timer);
+    };
+  }, [key]);
+  return answer;
+}
+
 /** Counts and durations of a mapping's last runs, oldest first (uPlot, two scales). */
 function RunsChart({ runs }) {
   const [node, setNode] = useState(null);
@@ -1309,7 +1332,6 @@ function SchedulePicker({ value, onChange }) {
   const [at, setAt] = useState(start.at ?? "09:00");
   const [cron, setCron] = useState(start.cron ?? "0 */2 * * *");
   const [timezone, setTimezone] = useState(start.timezone ?? (Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC"));
-  const [preview, setPreview] = useState(null);
 
   const schedule =
     mode === "manual" ? "manual"
@@ -1317,22 +1339,8 @@ function SchedulePicker({ value, onChange }) {
         : mode === "days" ? { days, at, timezone }
           : { cron, timezone };
   const key = JSON.stringify(schedule);
-  useEffect(() => {
-    onChange(schedule);
-    let current = true;
-    const timer = setTimeout(async () => {
-      try {
-        const result = await api("POST", "/schedules/preview", { schedule, count: 5 });
-        if (current) setPreview({ ok: true, ...result });
-      } catch (e) {
-        if (current) setPreview({ ok: false, error: e.message });
-      }
-    }, 250);
-    return () => {
-      current = false;
-      clearTimeout(timer);
-    };
-  }, [key]);
+  useEffect(() => onChange(schedule), [key]);
+  const preview = useAsk(() => api("POST", "/schedules/preview", { schedule, count: 5 }), key, 250);
 
   return html`<fieldset class="schedule">
     <legend>Schedule</legend>
@@ -1482,26 +1490,12 @@ function NewMapping({ id: editing }) {
 
   // What records of this action look like at the destination (checked by the destination
   // itself): suggestions for the field column, and what each record must carry.
-  const [shape, setShape] = useState(null);
-  const shapeKey = JSON.stringify([destination, action, pruned(options) ?? {}]);
-  useEffect(() => {
-    if (!destination) return undefined;
-    let current = true;
-    const timer = setTimeout(async () => {
-      try {
-        const body = { options: pruned(options) ?? {} };
-        if (action) body.action = action;
-        const result = await api("POST", `/destinations/${encodeURIComponent(destination)}/shape`, body);
-        if (current) setShape({ ok: true, ...result });
-      } catch (e) {
-        if (current) setShape({ ok: false, error: e.message });
-      }
-    }, 300);
-    return () => {
-      current = false;
-      clearTimeout(timer);
-    };
-  }, [shapeKey]);
+  const shape = useAsk(() => {
+    if (!destination) return null;
+    const body = { options: pruned(options) ?? {} };
+    if (action) body.action = action;
+    return api("POST", `/destinations/${encodeURIComponent(destination)}/shape`, body);
+  }, JSON.stringify([destination, action, pruned(options) ?? {}]), 300);
   const suggestions = shape?.ok
     ? [...new Set([...shape.required, ...shape.identity, ...shape.top_level])].filter((f) => !shape.filled.includes(f))
     : [];

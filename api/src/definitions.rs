@@ -425,17 +425,10 @@ pub async fn destination_shape(
         .action(request.action.as_deref(), &request.options)
         .map_err(|message| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_definition", message))?;
     let Some(spec) = spec else {
+        // sluice's envelope: every change with its operation, deletes included.
         return Ok(axum::Json(RecordShape {
-            action: None,
-            modes: Vec::new(),
             deletes: true,
-            events: false,
-            top_level: Vec::new(),
-            container: None,
-            identity: Vec::new(),
-            required: Vec::new(),
-            aliases: Vec::new(),
-            filled: Vec::new(),
+            ..RecordShape::default()
         }));
     };
     let shape = spec.shape;

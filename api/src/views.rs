@@ -272,7 +272,7 @@ pub struct Readiness {
 
 /// What a mapping with a given action writes to a destination: the record's layout, so a
 /// mapping editor can suggest destination fields and say what each record must carry.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct RecordShape {
     /// The action (the destination's default when none was named); `null` for a destination
     /// that takes sluice's envelope (every change with its operation, fields as mapped).

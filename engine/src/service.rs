@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::catalog::{Kind, Origin, StoredDefinition};
+use crate::catalog::{CatalogState, Kind, Origin, StoredDefinition};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::metadata::{RunRecord, RunStatus, Trigger};
@@ -231,28 +231,7 @@ impl Service {
                 message: format!("a {kind} is a JSON object, as in sluice.yaml"),
             });
         }
-        if kind.is_connector()
-            && let Some(path) = crate::secrets::env_reference(kind, &spec)
-        {
-            return Err(EngineError::Invalid {
-                message: format!(
-                    "`{path}`: definitions made through the API are taken literally, so `${{...}}` is not expanded; write the value itself (secrets are sealed at rest), or define the {kind} in sluice.yaml to use environment variables"
-                ),
-            });
-        }
-        let previous = engine.catalog.get(kind, name);
-        let sealed = crate::secrets::seal(kind, &spec, previous.map(|d| &d.spec), engine.secret_key.as_ref())
-            .map_err(|e| EngineError::Invalid {
-                message: e.to_string(),
-            })?;
-        let now = Utc::now();
-        let candidate = engine.catalog.with(StoredDefinition {
-            kind,
-            name: name.to_string(),
-            spec: sealed.clone(),
-            created_at: previous.map_or(now, |d| d.created_at),
-            updated_at: now,
-        });
+        let (candidate, sealed) = candidate(&engine, kind, name, &spec)?;
         let checked = engine.with_catalog(candidate, self.connectors.as_ref())?;
         if let Some(problem) = checked.problems.iter().find(|p| p.kind == kind && p.name == name) {
             return Err(EngineError::Invalid {
@@ -297,25 +276,12 @@ impl Service {
                 message: format!("a {kind} is a JSON object, as in sluice.yaml"),
             });
         }
-        if let Some(path) = crate::secrets::env_reference(kind, &spec) {
-            return Ok(Err(format!(
-                "`{path}`: definitions made through the API are taken literally, so `${{...}}` is not expanded; write the value itself"
-            )));
-        }
-        let previous = engine.catalog.get(kind, name);
-        let sealed =
-            match crate::secrets::seal(kind, &spec, previous.map(|d| &d.spec), engine.secret_key.as_ref()) {
-                Ok(sealed) => sealed,
-                Err(e) => return Ok(Err(e.to_string())),
-            };
-        let now = Utc::now();
-        let candidate = engine.catalog.with(StoredDefinition {
-            kind,
-            name: name.to_string(),
-            spec: sealed,
-            created_at: now,
-            updated_at: now,
-        });
+        // Options that cannot be used are the test's answer, not a failed request.
+        let candidate = match candidate(&engine, kind, name, &spec) {
+            Ok((candidate, _)) => candidate,
+            Err(EngineError::Invalid { message }) => return Ok(Err(message)),
+            Err(e) => return Err(e),
+        };
         let draft = engine.with_catalog(candidate, self.connectors.as_ref())?;
         if let Some(problem) = draft.problems.iter().find(|p| p.kind == kind && p.name == name) {
             return Ok(Err(problem.message.clone()));
@@ -711,6 +677,35 @@ fn unknown(engine: &Engine, kind: Kind, name: &str) -> EngineError {
         name: name.to_string(),
         available,
     }
+}
+
+/// The catalog with `spec` as the API-made `kind` `name` (its secrets sealed, a placeholder
+/// keeping the stored value), and the sealed definition: what [`Service::put`] stores and
+/// [`Service::test_draft`] connects with.
+fn candidate(engine: &Engine, kind: Kind, name: &str, spec: &Value) -> Result<(CatalogState, Value)> {
+    if kind.is_connector()
+        && let Some(path) = crate::secrets::env_reference(kind, spec)
+    {
+        return Err(EngineError::Invalid {
+            message: format!(
+                "`{path}`: definitions made through the API are taken literally, so `${{...}}` is not expanded; write the value itself (secrets are sealed at rest), or define the {kind} in sluice.yaml to use environment variables"
+            ),
+        });
+    }
+    let previous = engine.catalog.get(kind, name);
+    let sealed = crate::secrets::seal(kind, spec, previous.map(|d| &d.spec), engine.secret_key.as_ref())
+        .map_err(|e| EngineError::Invalid {
+            message: e.to_string(),
+        })?;
+    let now = Utc::now();
+    let catalog = engine.catalog.with(StoredDefinition {
+        kind,
+        name: name.to_string(),
+        spec: sealed.clone(),
+        created_at: previous.map_or(now, |d| d.created_at),
+        updated_at: now,
+    });
+    Ok((catalog, sealed))
 }
 
 fn defined_in_file(engine: &Engine, kind: Kind, name: &str) -> EngineError {
