@@ -558,11 +558,12 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             for model in models {
                 let report = engine.retire_snapshots(&model).await?;
                 println!(
-                    "model {model}: {} snapshot(s) kept ({} only because a mapping still needs them), {} retired, {} orphaned file(s) removed",
+                    "model {model}: {} snapshot(s) kept ({} only because a mapping still needs them), {} retired, {} orphaned file(s) removed, {} unfinished upload(s) aborted",
                     report.kept,
                     report.protected.len(),
                     report.retired.len(),
-                    report.orphan_files_removed
+                    report.orphan_files_removed,
+                    report.uploads_aborted
                 );
             }
             engine.close().await;

@@ -144,6 +144,12 @@ pub struct Retention {
     pub runs: Option<u32>,
     #[serde(default)]
     pub days: Option<u32>,
+    /// What a writer that died left behind (data of a snapshot no manifest commits, multipart
+    /// uploads never completed) is removed once this old: longer than the model's longest
+    /// extraction, since another process may be writing it. Default 2 days.
+    #[serde(default = "default_abandoned_after", deserialize_with = "duration_text")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "2d"))]
+    pub abandoned_after: std::time::Duration,
 }
 
 impl Default for Retention {
@@ -151,8 +157,23 @@ impl Default for Retention {
         Self {
             runs: Some(10),
             days: None,
+            abandoned_after: default_abandoned_after(),
         }
     }
+}
+
+fn default_abandoned_after() -> std::time::Duration {
+    std::time::Duration::from_secs(2 * 24 * 3600)
+}
+
+/// A duration written as text: `90s`, `30m`, `2d`.
+fn duration_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(text.trim()).map_err(|_| {
+        de::Error::custom(format!(
+            "`{text}` is not a duration (write it like 90s, 30m or 2d)"
+        ))
+    })
 }
 
 fn at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {

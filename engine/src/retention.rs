@@ -15,10 +15,6 @@ use chrono::{DateTime, Utc};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 
-/// Files left by a writer that died are removed once they are this old (a live writer of a
-/// snapshot or exceptions file finishes long before).
-const ORPHAN_AGE: chrono::Duration = chrono::Duration::days(2);
-
 /// What a retention pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RetireReport {
@@ -28,6 +24,8 @@ pub struct RetireReport {
     /// Kept although the policy would retire them, because something still needs them.
     pub protected: Vec<String>,
     pub orphan_files_removed: usize,
+    /// Multipart uploads a writer that died left unfinished, aborted (S3, GCS).
+    pub uploads_aborted: usize,
 }
 
 impl Engine {
@@ -69,8 +67,21 @@ impl Engine {
                 report.retired.push(snapshot.id.clone());
             }
         }
-        report.orphan_files_removed = self.snapshots.remove_uncommitted(model, now - ORPHAN_AGE).await?;
+        // What a writer that died left: a live writer of a snapshot finishes long before.
+        let abandoned_before =
+            now - chrono::Duration::from_std(policy.abandoned_after).unwrap_or(chrono::Duration::days(2));
+        report.orphan_files_removed = self.snapshots.remove_uncommitted(model, abandoned_before).await?;
         report.orphan_files_removed += self.remove_orphan_mapping_files(model).await?;
+        report.uploads_aborted = self
+            .snapshots
+            .abort_unfinished_uploads(&format!("models/{model}"), abandoned_before)
+            .await?;
+        for mapping in self.mappings_of(model) {
+            report.uploads_aborted += self
+                .snapshots
+                .abort_unfinished_uploads(&format!("mappings/{mapping}"), abandoned_before)
+                .await?;
+        }
         Ok(report)
     }
 
@@ -100,6 +111,17 @@ impl Engine {
         Ok(needed)
     }
 
+    /// Names of the mappings of `model`.
+    fn mappings_of(&self, model: &str) -> Vec<String> {
+        self.project
+            .config
+            .mappings
+            .iter()
+            .filter(|(_, m)| m.model == model)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Exceptions files no mapping state points at, and checkpoint files of settled runs, of the
     /// mappings of `model`.
     async fn remove_orphan_mapping_files(&self, model: &str) -> Result<usize> {
@@ -113,14 +135,7 @@ impl Engine {
             .map(|r| r.id)
             .collect();
         let mut removed = 0;
-        let mappings = self
-            .project
-            .config
-            .mappings
-            .iter()
-            .filter(|(_, m)| m.model == model)
-            .map(|(name, _)| name.clone());
-        for mapping in mappings {
+        for mapping in self.mappings_of(model) {
             for path in self
                 .snapshots
                 .list(&format!("mappings/{mapping}/exceptions"))

@@ -23,6 +23,7 @@ use url::Url;
 
 use crate::error::{Result, SnapshotError};
 use crate::manifest::SnapshotManifest;
+use crate::storage::{UploadJanitor, open_store};
 
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
@@ -33,13 +34,15 @@ pub struct SnapshotStore {
     prefix: Path,
     /// Local directory for spill files while a snapshot is written.
     temp_dir: std::path::PathBuf,
+    /// Finds multipart uploads a killed writer left unfinished (S3, GCS).
+    janitor: Option<UploadJanitor>,
 }
 
 impl SnapshotStore {
     /// Opens a store from a local path (relative paths resolve against `base_dir`) or an
-    /// object_store URL. `options` are passed to object_store's builder for that scheme
-    /// (credentials, region, endpoint, ...); object_store also reads its usual environment
-    /// variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    /// object_store URL. `options` configure the provider (credentials, region, endpoint, ...;
+    /// see [`open_store`]), which also reads its usual environment variables (`AWS_*`,
+    /// `GOOGLE_*`, `AZURE_*`).
     pub fn open(
         location: &str,
         base_dir: &FsPath,
@@ -56,16 +59,16 @@ impl SnapshotStore {
                 reason: format!("cannot create the directory: {e}"),
             })?;
         }
-        let (store, prefix) =
-            object_store::parse_url_opts(&url, options).map_err(|e| SnapshotError::InvalidLocation {
-                location: location.to_string(),
-                reason: e.to_string(),
-            })?;
+        let opened = open_store(&url, options).map_err(|e| SnapshotError::InvalidLocation {
+            location: location.to_string(),
+            reason: e.0,
+        })?;
         Ok(Self {
             root_url: url,
-            store: Arc::from(store),
-            prefix,
+            store: opened.store,
+            prefix: opened.prefix,
             temp_dir: std::env::temp_dir().join("sluice"),
+            janitor: opened.janitor,
         })
     }
 
@@ -76,6 +79,7 @@ impl SnapshotStore {
             store,
             prefix,
             temp_dir: std::env::temp_dir().join("sluice"),
+            janitor: None,
         }
     }
 
@@ -265,6 +269,45 @@ impl SnapshotStore {
             }
         }
         Ok(removed)
+    }
+
+    /// Aborts the multipart uploads under `relative_prefix` that were started before
+    /// `older_than` and never completed (a writer killed mid-upload leaves one: invisible to
+    /// listings, but its parts are stored until aborted). Returns how many were aborted; 0 on
+    /// stores without multipart uploads to find (local, memory, Azure, which discards
+    /// uncommitted blocks itself after seven days).
+    pub async fn abort_unfinished_uploads(
+        &self,
+        relative_prefix: &str,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize> {
+        let Some(janitor) = &self.janitor else {
+            return Ok(0);
+        };
+        let prefix = self.path(relative_prefix);
+        let uploads = janitor
+            .unfinished(&prefix)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let mut aborted = 0;
+        for upload in uploads.iter().filter(|u| u.initiated < older_than) {
+            janitor.abort(upload).await.map_err(|e| self.store_error(e))?;
+            tracing::info!(path = %upload.path, initiated = %upload.initiated, "aborted an unfinished upload");
+            aborted += 1;
+        }
+        Ok(aborted)
+    }
+
+    /// Unfinished multipart uploads under `relative_prefix` (paths relative to the root).
+    pub async fn unfinished_uploads(&self, relative_prefix: &str) -> Result<Vec<String>> {
+        let Some(janitor) = &self.janitor else {
+            return Ok(Vec::new());
+        };
+        let uploads = janitor
+            .unfinished(&self.path(relative_prefix))
+            .await
+            .map_err(|e| self.store_error(e))?;
+        Ok(uploads.iter().map(|u| self.relative(&u.path)).collect())
     }
 }
 

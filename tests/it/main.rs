@@ -3,12 +3,15 @@
 mod api;
 #[cfg(feature = "ballista")]
 mod ballista;
+mod buckets;
 mod cli;
 mod common;
 mod convergence;
 mod diff_properties;
 mod faults;
+mod gcs;
 mod mysql;
+mod object_storage;
 mod postgres;
 mod postgres_destination;
 mod postgres_metadata;

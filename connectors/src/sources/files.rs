@@ -11,7 +11,6 @@
 //! ```
 
 use std::path::Path;
-use std::sync::Arc;
 
 use arrow::datatypes::DataType;
 use async_trait::async_trait;
@@ -223,12 +222,12 @@ impl FilesSource {
             hint: None,
         };
         let url = Url::parse(location).map_err(|e| error(format!("`{location}` is not a valid URL: {e}")))?;
-        let (store, _) = object_store::parse_url_opts(&url, self.options.clone())
+        let opened = sluice_snapshots::open_store(&url, self.options.clone())
             .map_err(|e| error(format!("cannot open `{location}`: {e}")))?;
         let mut base = url.clone();
         base.set_path("/");
         base.set_query(None);
-        ctx.register_object_store(&base, Arc::from(store));
+        ctx.register_object_store(&base, opened.store);
         Ok(())
     }
 }
@@ -350,6 +349,8 @@ mod tests {
 
 #[cfg(test)]
 mod extract_tests {
+    use std::sync::Arc;
+
     use futures::TryStreamExt;
 
     use super::*;
