@@ -175,13 +175,19 @@ impl EngineError {
                 Some("check that the metadata store (state.metadata) is reachable and writable".into())
             }
             EngineError::Snapshot { .. } | EngineError::SnapshotStore(_) => Some(
-                "check that the snapshot store (state.snapshots) is reachable, writable and has space".into(),
+                sluice_snapshots::store_action(&text)
+                    .unwrap_or("check that the snapshot store (`snapshot_store`) is reachable, writable and has space")
+                    .into(),
             ),
             EngineError::LeaseLost { .. } => Some(
                 "the process was paused longer than the lease (60 s); nothing is lost, the next run goes on".into(),
             ),
             EngineError::Interrupted(_) | EngineError::Cancelled(_) => {
                 Some("nothing to do: the next run sends what this one did not".into())
+            }
+            // Reading snapshots for a diff, or writing an exceptions file, meets the store too.
+            EngineError::Diff { .. } | EngineError::Internal(_) => {
+                sluice_snapshots::store_action(&text).map(Into::into)
             }
             _ => None,
         }

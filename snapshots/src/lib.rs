@@ -15,7 +15,7 @@ pub use manifest::{
     ColumnInfo, FORMAT_VERSION, RESERVED_PREFIX, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest,
     column_infos,
 };
-pub use storage::{OpenError, OpenedStore, UnfinishedUpload, UploadJanitor, open_store};
+pub use storage::{OpenError, OpenedStore, UnfinishedUpload, UploadJanitor, open_store, store_action};
 pub use store::SnapshotStore;
 pub use table::{
     EXTRACTED_AT_COLUMN, RUN_ID_COLUMN, SNAPSHOT_ID_COLUMN, read_files, read_snapshot, register_history,

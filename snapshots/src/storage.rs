@@ -214,6 +214,52 @@ pub fn open_store(
     }
 }
 
+/// What to do about an object store's error, read from its text (object_store's errors carry
+/// the provider's status and error code); `None` when the text names no cause sluice knows.
+pub fn store_action(message: &str) -> Option<&'static str> {
+    let has = |needles: &[&str]| needles.iter().any(|n| message.contains(n));
+    let action = if has(&[
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "RequestExpired",
+        "token has expired",
+    ]) {
+        "the object store's credentials have expired: renew them (a session token's lifetime ended), or let them be refreshed from an instance, workload or web identity; nothing is lost, the next run goes on from the last commit point"
+    } else if has(&[
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "AuthorizationPermissionMismatch",
+        "AuthorizationFailure",
+        "AuthenticationFailed",
+        "AuthenticationRequired",
+        "403 Forbidden",
+        "401 Unauthorized",
+    ]) {
+        "the object store refused the credentials: check the key and secret (the store's options, or AWS_*, GOOGLE_* and AZURE_* in sluice's environment) and that they may list, read, write and delete under the store's prefix"
+    } else if has(&["NoSuchBucket", "ContainerNotFound", "bucket does not exist"]) {
+        "the bucket or container does not exist: create it, or fix the URL"
+    } else if has(&[
+        "SlowDown",
+        "503 Service Unavailable",
+        "429 Too Many Requests",
+        "ServerBusy",
+    ]) {
+        "the object store kept throttling after every retry: nothing is lost, the next run goes on from the last commit point; if this is routine, raise `retry_timeout` or `max_retries` in the store's options"
+    } else if has(&[
+        "error sending request",
+        "Connection refused",
+        "timed out",
+        "dns error",
+        "connection closed",
+    ]) {
+        "the object store did not answer: check its endpoint and the network path to it; nothing is lost, the next run goes on from the last commit point"
+    } else {
+        return None;
+    };
+    Some(action)
+}
+
 fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().to_string()
 }
@@ -614,6 +660,33 @@ mod tests {
             ]
         );
         assert!(ini_section(text, "missing").is_empty());
+    }
+
+    #[test]
+    fn store_errors_get_an_action_by_their_code() {
+        let expired = "Generic S3 error: ... 400 Bad Request: <Error><Code>ExpiredToken</Code></Error>";
+        assert!(store_action(expired).unwrap().contains("expired"));
+        assert!(
+            store_action("<Code>SignatureDoesNotMatch</Code>")
+                .unwrap()
+                .contains("refused")
+        );
+        assert!(
+            store_action("<Code>NoSuchBucket</Code>")
+                .unwrap()
+                .contains("does not exist")
+        );
+        assert!(
+            store_action("<Code>SlowDown</Code>")
+                .unwrap()
+                .contains("throttling")
+        );
+        assert!(
+            store_action("error sending request for url")
+                .unwrap()
+                .contains("did not answer")
+        );
+        assert_eq!(store_action("disk full"), None);
     }
 
     #[test]

@@ -57,14 +57,17 @@ fn start_server(name: &str, program: PathBuf, args: Vec<String>, port: u16) -> R
         ));
     }
     let (sender, receiver) = std::sync::mpsc::channel();
-    let label = name.to_string();
+    let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = std::env::temp_dir().join(format!("sluice-test-{}-{port}.log", name.replace(' ', "-")));
+    let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let exited_flag = exited.clone();
     std::thread::spawn(move || {
         let mut command = std::process::Command::new(&program);
         command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::from(log_file));
         // SAFETY: prctl is async-signal-safe; it only asks for SIGKILL when this thread exits.
         unsafe {
             use std::os::unix::process::CommandExt;
@@ -77,7 +80,7 @@ fn start_server(name: &str, program: PathBuf, args: Vec<String>, port: u16) -> R
             Ok(mut child) => {
                 let _ = sender.send(Ok(()));
                 let _ = child.wait();
-                eprintln!("{label} exited");
+                exited_flag.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             Err(e) => {
                 let _ = sender.send(Err(format!("cannot start {}: {e}", program.display())));
@@ -89,6 +92,10 @@ fn start_server(name: &str, program: PathBuf, args: Vec<String>, port: u16) -> R
         .map_err(|e| format!("{name} starter thread: {e}"))??;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if exited.load(std::sync::atomic::Ordering::SeqCst) {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!("{name} exited at start: {}", said.trim()));
+        }
         if std::time::Instant::now() > deadline {
             return Err(format!("{name} did not listen on 127.0.0.1:{port} within 60 s"));
         }
@@ -116,8 +123,6 @@ fn azurite_port() -> Result<u16, String> {
     AZURITE
         .get_or_init(|| {
             let port = free_port();
-            let dir = std::env::temp_dir().join(format!("sluice-azurite-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             start_server(
                 "Azurite",
                 tools_dir().join("azurite/node_modules/.bin/azurite-blob"),
@@ -126,8 +131,6 @@ fn azurite_port() -> Result<u16, String> {
                     "127.0.0.1".into(),
                     "--blobPort".into(),
                     port.to_string(),
-                    "--location".into(),
-                    dir.display().to_string(),
                     "--inMemoryPersistence".into(),
                     "--silent".into(),
                     "--skipApiVersionCheck".into(),

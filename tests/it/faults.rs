@@ -83,6 +83,12 @@ impl AckReceiver {
     pub fn acks(&self) -> Vec<Ack> {
         self.state.acks.lock().expect("lock").clone()
     }
+
+    /// How many records have been acknowledged so far, callable from anywhere.
+    pub fn acks_counter(&self) -> impl Fn() -> usize + Send + 'static {
+        let acks = self.state.acks.clone();
+        move || acks.lock().expect("lock").len()
+    }
 }
 
 async fn receive(State(state): State<AckState>, body: Bytes) -> Response {
@@ -264,6 +270,14 @@ fn change(model: &mut Model, rng: &mut StdRng, round: usize, next_id: &mut i64) 
 /// sent again is at most the batch in flight at each kill, with the same message ids.
 #[tokio::test]
 async fn killed_runs_lose_nothing_and_resend_at_most_the_batch_in_flight() {
+    // (Runs that only send a round's changes take 300–600 ms, start-up included.)
+    kill_rounds("", 20..450).await;
+}
+
+/// The kill rounds above on a project whose config ends with `extra_config` (a snapshot store
+/// elsewhere, say), killing each run after a random delay in `kill_after_ms`. Returns the
+/// project, for checks of what the kills left behind.
+pub async fn kill_rounds(extra_config: &str, kill_after_ms: std::ops::Range<u64>) -> TestProject {
     const PER_CHECKPOINT: usize = 50;
     const KILLS: usize = 12;
     let seed: u64 = std::env::var("SLUICE_FAULT_SEED")
@@ -275,7 +289,10 @@ async fn killed_runs_lose_nothing_and_resend_at_most_the_batch_in_flight() {
     // 10 records per request, 10 ms per request: a run delivers for about a second, so kills
     // land in every stage.
     let receiver = AckReceiver::start(Duration::from_millis(10)).await;
-    let project = TestProject::new(&project_config(&receiver.url, 10, PER_CHECKPOINT));
+    let project = TestProject::new(&format!(
+        "{}{extra_config}",
+        project_config(&receiver.url, 10, PER_CHECKPOINT)
+    ));
     let mut model: Model = (1..=1500).map(|id| (id, "free".to_string())).collect();
     let mut next_id = 1501;
     write_model(&project, &model);
@@ -293,8 +310,7 @@ async fn killed_runs_lose_nothing_and_resend_at_most_the_batch_in_flight() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("spawn sluice");
-        // (Runs that only send a round's changes take 300–600 ms, start-up included.)
-        let after = Duration::from_millis(rng.random_range(20..450));
+        let after = Duration::from_millis(rng.random_range(kill_after_ms.clone()));
         tokio::select! {
             _ = tokio::time::sleep(after) => {
                 child.start_kill().expect("SIGKILL");
@@ -342,6 +358,7 @@ async fn killed_runs_lose_nothing_and_resend_at_most_the_batch_in_flight() {
         kills == 0 || runs.contains("interrupted"),
         "killed runs are recorded as interrupted: {runs}"
     );
+    project
 }
 
 /// A destination that refuses 30% of records at random for several runs, then recovers: every
