@@ -81,11 +81,12 @@ async fn main() {
     .expect("snapshot store");
     let metadata = MetadataStore::open_sqlite(&dir.path().join("sluice.db"))
         .await
-        .expect("metadata store");
+        .expect("metadata store")
+        .with_lease_ttl(Duration::from_secs(600));
     let mut run = RunRecord::starting("users_to_crm", "users", "crm", false);
     metadata.start_run(&run).await.expect("start");
     metadata
-        .acquire_lease("users_to_crm", &run.id, Duration::from_secs(600))
+        .acquire_lease("users_to_crm", &run.id)
         .await
         .expect("lease");
     let rows = StateRows::new(vec![Field::new("id", DataType::Int64, false)]);
@@ -108,7 +109,7 @@ async fn main() {
         let file = started.elapsed();
         run.counts.delivered += batch.num_rows() as u64;
         metadata
-            .checkpoint(&run, &checkpoint, &[], Duration::from_secs(600))
+            .checkpoint(&run, &checkpoint, &[])
             .await
             .expect("metadata");
         let elapsed = started.elapsed();

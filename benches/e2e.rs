@@ -17,6 +17,14 @@
 //! `SLUICE_BENCH_BIN=path` runs another `sluice` binary (an earlier version, side by side).
 //! `--profile DIR` runs each sync under `perf record -F 499 -g` (Debian's linux-perf), writing
 //! `DIR/<rows>-<sync>.perf.data` (its timings then include perf's overhead).
+//!
+//! `--stores local s3` runs both syncs once per store, side by side on the same table: `local`
+//! keeps the snapshots and the exported files on local disk (the default), `s3` puts both in a
+//! bucket of a local S3 server (moto, installed by `.ci/test-tools`; `SLUICE_TEST_TOOLS` says
+//! where), so the snapshot writer and the `file` destination upload in multipart parts. For
+//! `s3` it reports the bytes each sync uploaded, and once per size the throughput of boto3
+//! uploading the same files (the local store's) to the same server: what that server takes
+//! from its own reference client.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -144,11 +152,176 @@ async fn change_table(pg: &tokio_postgres::Client, rows: i64) -> (i64, i64, i64)
     (added, updated, deleted)
 }
 
-fn write_project(dir: &Path, receiver: &str) -> PathBuf {
+/// Where a project keeps its snapshots and exported files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Local,
+    S3,
+}
+
+impl Store {
+    fn name(self) -> &'static str {
+        match self {
+            Store::Local => "local",
+            Store::S3 => "s3",
+        }
+    }
+}
+
+/// A moto S3 server on a free loopback port, stopped on drop.
+struct Moto {
+    child: std::process::Child,
+    endpoint: String,
+    python: PathBuf,
+}
+
+const MOTO_KEY: &str = "bench-key";
+const MOTO_SECRET: &str = "bench-secret";
+
+impl Moto {
+    fn start() -> Self {
+        let tools = std::env::var_os("SLUICE_TEST_TOOLS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/sluice-test-tools")
+            });
+        let server = tools.join("venv/bin/moto_server");
+        assert!(
+            server.exists(),
+            "{} is missing: run .ci/test-tools first",
+            server.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = std::process::Command::new(&server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            child,
+            endpoint,
+            python: tools.join("venv/bin/python"),
+        }
+    }
+
+    async fn create_bucket(&self, bucket: &str) {
+        let response = reqwest::Client::new()
+            .put(format!("{}/{bucket}", self.endpoint))
+            .send()
+            .await
+            .expect("create bucket");
+        assert!(
+            response.status().is_success(),
+            "create bucket: {}",
+            response.status()
+        );
+    }
+
+    fn options_yaml(&self) -> String {
+        format!(
+            "{{ aws_endpoint: \"{}\", aws_region: us-east-1, aws_access_key_id: {MOTO_KEY}, aws_secret_access_key: {MOTO_SECRET}, allow_http: \"true\" }}",
+            self.endpoint
+        )
+    }
+
+    /// Bytes stored under `prefix` of `bucket`.
+    async fn stored_bytes(&self, bucket: &str, prefix: &str) -> u64 {
+        use futures::TryStreamExt;
+        let url = url::Url::parse(&format!("s3://{bucket}/")).expect("url");
+        let options = [
+            ("aws_endpoint", self.endpoint.as_str()),
+            ("aws_region", "us-east-1"),
+            ("aws_access_key_id", MOTO_KEY),
+            ("aws_secret_access_key", MOTO_SECRET),
+            ("allow_http", "true"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let store = sluice_snapshots::open_store(&url, options)
+            .expect("open bucket")
+            .store;
+        let prefix = object_store::path::Path::from(prefix);
+        store
+            .list(Some(&prefix))
+            .try_fold(0u64, |sum, meta| async move { Ok(sum + meta.size) })
+            .await
+            .expect("list bucket")
+    }
+
+    /// Seconds boto3 takes to upload every file under `dir` (its default multipart transfer:
+    /// 8 MiB parts, 10 threads) to `bucket`, and the bytes uploaded.
+    fn boto3_upload(&self, dir: &Path, bucket: &str) -> (f64, u64) {
+        let script = r#"
+import os, sys, time, boto3
+from boto3.s3.transfer import TransferConfig
+endpoint, bucket, root, key, secret = sys.argv[1:6]
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                  aws_access_key_id=key, aws_secret_access_key=secret)
+files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+total = sum(os.path.getsize(f) for f in files)
+config = TransferConfig()
+start = time.perf_counter()
+for f in files:
+    s3.upload_file(f, bucket, "boto3/" + os.path.relpath(f, root), Config=config)
+print(time.perf_counter() - start, total)
+"#;
+        let output = std::process::Command::new(&self.python)
+            .args(["-c", script, &self.endpoint, bucket])
+            .arg(dir)
+            .args([MOTO_KEY, MOTO_SECRET])
+            .output()
+            .expect("run boto3");
+        assert!(
+            output.status.success(),
+            "boto3 upload: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8_lossy(&output.stdout);
+        let mut fields = text.split_whitespace();
+        let seconds = fields.next().and_then(|v| v.parse().ok()).expect("seconds");
+        let bytes = fields.next().and_then(|v| v.parse().ok()).expect("bytes");
+        (seconds, bytes)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where a project on `store` keeps its snapshots and exports: (config lines, exports URL).
+fn store_settings(store: Store, moto: Option<&Moto>, bucket: &str, project: &str) -> (String, String) {
+    match (store, moto) {
+        (Store::S3, Some(moto)) => (
+            format!(
+                "snapshot_store: s3://{bucket}/{project}/snapshots\nsnapshot_store_options: {}\n",
+                moto.options_yaml()
+            ),
+            format!(
+                "s3://{bucket}/{project}/exports/, options: {}",
+                moto.options_yaml()
+            ),
+        ),
+        _ => (String::new(), "exports/".to_string()),
+    }
+}
+
+fn write_project(dir: &Path, receiver: &str, store_lines: &str, exports: &str) -> PathBuf {
     std::fs::create_dir_all(dir).expect("project dir");
     let config = format!(
         r#"state_dir: .sluice
-sources:
+{store_lines}sources:
   pg: {{ type: postgres, url: "{PG_URL}", sslmode: disable }}
 models:
   users:
@@ -161,7 +334,7 @@ destinations:
     write_key: bench
     url: {receiver}
     delivery: {{ rate_limit: "off" }}
-  exports: {{ type: file, url: exports/, format: jsonl }}
+  exports: {{ type: file, url: {exports}, format: jsonl }}
 mappings:
   users_to_receiver:
     model: users
@@ -381,6 +554,8 @@ fn busy_between(samples: &[Sample], from: f64, to: f64) -> f64 {
 fn report(
     rows: i64,
     sync: &str,
+    store: Store,
+    uploaded: Option<u64>,
     cost: &ProcessCost,
     runs: &[RunFigures],
     samples: &[Sample],
@@ -392,8 +567,16 @@ fn report(
     let extract_s = runs.first().map_or(0, |r| r.extract_ms) as f64 / 1000.0;
     let s = |ms: i64| ms as f64 / 1000.0;
     let busy = |from: f64, to: f64| busy_between(samples, from, to) * 100.0;
+    let uploaded = uploaded.map_or("–".to_string(), |bytes| {
+        format!(
+            "{:.0} MiB, {:.0} MiB/s",
+            bytes as f64 / 1048576.0,
+            bytes as f64 / 1048576.0 / cost.wall
+        )
+    });
     println!(
-        "| {rows} | {sync} | {:.1} | {:.1} | {:.0} | {:.2} M | {extract_s:.1} | {:.0}% / {:.0}% | {} |",
+        "| {rows} | {sync} | {} | {:.1} | {:.1} | {:.0} | {:.2} M | {extract_s:.1} | {uploaded} | {:.0}% / {:.0}% | {} |",
+        store.name(),
         cost.wall,
         cost.cpu,
         cost.peak_rss_mib,
@@ -423,7 +606,8 @@ fn report(
         );
     }
     println!(
-        "{{\"rows\":{rows},\"sync\":\"{sync}\",\"wall_s\":{:.3},\"cpu_s\":{:.3},\"peak_rss_mib\":{:.1},\"runs\":[{}]}}",
+        "{{\"rows\":{rows},\"sync\":\"{sync}\",\"store\":\"{}\",\"wall_s\":{:.3},\"cpu_s\":{:.3},\"peak_rss_mib\":{:.1},\"runs\":[{}]}}",
+        store.name(),
         cost.wall,
         cost.cpu,
         cost.peak_rss_mib,
@@ -463,15 +647,31 @@ fn main() {
     if let Some(dir) = &profile {
         std::fs::create_dir_all(dir).expect("profile directory");
     }
-    let mut sizes: Vec<i64> = args
+    let values = |flag: &str| -> Vec<String> {
+        args.iter()
+            .skip_while(|a| *a != flag)
+            .skip(1)
+            .take_while(|a| !a.starts_with("--"))
+            .cloned()
+            .collect()
+    };
+    let mut sizes: Vec<i64> = values("--rows")
         .iter()
-        .skip_while(|a| *a != "--rows")
-        .skip(1)
-        .take_while(|a| !a.starts_with("--"))
         .filter_map(|a| a.replace('_', "").parse().ok())
         .collect();
     if sizes.is_empty() {
         sizes = vec![1_000_000];
+    }
+    let mut stores: Vec<Store> = values("--stores")
+        .iter()
+        .map(|name| match name.as_str() {
+            "local" => Store::Local,
+            "s3" => Store::S3,
+            other => panic!("unknown store `{other}` (local or s3)"),
+        })
+        .collect();
+    if stores.is_empty() {
+        stores = vec![Store::Local];
     }
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/e2e");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -503,54 +703,101 @@ fn main() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let receiver = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
+        let moto = stores.contains(&Store::S3).then(Moto::start);
+        const BUCKET: &str = "sluice-bench";
+        if let Some(moto) = &moto {
+            moto.create_bucket(BUCKET).await;
+        }
         let pg = postgres().await;
         println!(
-            "| rows | sync | wall s | CPU s | peak RSS MiB | rows/s | extract s | machine CPU busy (extraction / after) | per mapping: s after extraction (diff / read rows / render / send / checkpoints, summed s) |"
+            "| rows | sync | store | wall s | CPU s | peak RSS MiB | rows/s | extract s | uploaded (MiB/s over the run) | machine CPU busy (extraction / after) | per mapping: s after extraction (diff / read rows / render / send / checkpoints, summed s) |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---|");
+        println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
         for rows in sizes {
             eprintln!("{rows} rows:");
             create_table(&pg, rows).await;
-            let dir = data.join(rows.to_string());
-            let _ = std::fs::remove_dir_all(&dir);
-            let config = write_project(&dir, &receiver);
-            let state = dir.join(".sluice");
-
-            received.store(0, Ordering::Relaxed);
-            let perf_output = |sync: &str| profile.as_ref().map(|d| d.join(format!("{rows}-{sync}.perf.data")));
-            let (cost, samples) = tokio::task::block_in_place(|| {
-                run_sluice(&config, &dir.join("first.log"), sample_rss, perf_output("first"))
-            });
-            let runs = latest_runs(&state).await;
-            report(
-                rows,
-                "first",
-                &cost,
-                &runs,
-                &samples,
-                (rows, 0, 0),
-                received.load(Ordering::Relaxed),
-                rows as u64,
-            );
+            let mut projects = Vec::new();
+            for &store in &stores {
+                let name = format!("{rows}-{}", store.name());
+                let dir = data.join(&name);
+                let _ = std::fs::remove_dir_all(&dir);
+                let (store_lines, exports) = store_settings(store, moto.as_ref(), BUCKET, &name);
+                let config = write_project(&dir, &receiver, &store_lines, &exports);
+                projects.push((store, name, dir, config));
+            }
+            let perf_output = |sync: &str, store: Store| {
+                profile
+                    .as_ref()
+                    .map(|d| d.join(format!("{rows}-{sync}-{}.perf.data", store.name())))
+            };
+            let uploaded = |store: Store, prefix: String| {
+                let moto = moto.as_ref();
+                async move {
+                    match (store, moto) {
+                        (Store::S3, Some(moto)) => Some(moto.stored_bytes(BUCKET, &prefix).await),
+                        _ => None,
+                    }
+                }
+            };
+            for (store, name, dir, config) in &projects {
+                received.store(0, Ordering::Relaxed);
+                let (cost, samples) = tokio::task::block_in_place(|| {
+                    run_sluice(config, &dir.join("first.log"), sample_rss, perf_output("first", *store))
+                });
+                let runs = latest_runs(&dir.join(".sluice")).await;
+                report(
+                    rows,
+                    "first",
+                    *store,
+                    uploaded(*store, name.clone()).await,
+                    &cost,
+                    &runs,
+                    &samples,
+                    (rows, 0, 0),
+                    received.load(Ordering::Relaxed),
+                    rows as u64,
+                );
+            }
+            // The same files from the reference client, to the same server.
+            if let (Some(moto), Some((_, _, local_dir, _))) =
+                (&moto, projects.iter().find(|p| p.0 == Store::Local))
+            {
+                let (seconds, bytes) =
+                    tokio::task::block_in_place(|| moto.boto3_upload(local_dir, BUCKET));
+                eprintln!(
+                    "  boto3 uploaded the local project's {:.0} MiB (snapshots and exports) in {seconds:.1} s: {:.0} MiB/s",
+                    bytes as f64 / 1048576.0,
+                    bytes as f64 / 1048576.0 / seconds
+                );
+                println!(
+                    "{{\"rows\":{rows},\"boto3_upload\":{{\"bytes\":{bytes},\"seconds\":{seconds:.3}}}}}"
+                );
+            }
 
             let (added, updated, deleted) = change_table(&pg, rows).await;
-            received.store(0, Ordering::Relaxed);
-            let (cost, samples) = tokio::task::block_in_place(|| {
-                run_sluice(&config, &dir.join("second.log"), sample_rss, perf_output("second"))
-            });
-            let runs = latest_runs(&state).await;
-            report(
-                rows,
-                "second",
-                &cost,
-                &runs,
-                &samples,
-                (added, updated, deleted),
-                received.load(Ordering::Relaxed),
-                (added + updated) as u64,
-            );
-            if !keep {
-                let _ = std::fs::remove_dir_all(&dir);
+            for (store, name, dir, config) in &projects {
+                let before = uploaded(*store, name.clone()).await;
+                received.store(0, Ordering::Relaxed);
+                let (cost, samples) = tokio::task::block_in_place(|| {
+                    run_sluice(config, &dir.join("second.log"), sample_rss, perf_output("second", *store))
+                });
+                let runs = latest_runs(&dir.join(".sluice")).await;
+                let after = uploaded(*store, name.clone()).await;
+                report(
+                    rows,
+                    "second",
+                    *store,
+                    after.zip(before).map(|(a, b)| a.saturating_sub(b)),
+                    &cost,
+                    &runs,
+                    &samples,
+                    (added, updated, deleted),
+                    received.load(Ordering::Relaxed),
+                    (added + updated) as u64,
+                );
+                if !keep {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
             }
         }
         pg.batch_execute(&format!("DROP TABLE IF EXISTS {TABLE}")).await.ok();

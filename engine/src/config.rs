@@ -34,6 +34,11 @@ pub struct ProjectConfig {
     /// shared `snapshot_store`). Defaults to SQLite at `<state_dir>/sluice.db`.
     #[serde(default)]
     pub metadata_store: Option<ConfigString>,
+    /// How long a run's claim on its mapping (its lease) outlives the last renewal: when a
+    /// machine running a mapping dies, another takes the mapping over after this. Renewed every
+    /// third of it. Every process sharing a metadata store should use the same value.
+    #[serde(default = "default_lease_ttl", deserialize_with = "lease_ttl")]
+    pub lease_ttl: std::time::Duration,
     #[serde(default)]
     pub sources: IndexMap<String, ConnectorConfig>,
     #[serde(default)]
@@ -174,6 +179,24 @@ fn duration_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<std::time
             "`{text}` is not a duration (write it like 90s, 30m or 2d)"
         ))
     })
+}
+
+fn default_lease_ttl() -> std::time::Duration {
+    crate::metadata::DEFAULT_LEASE_TTL
+}
+
+/// The shortest `lease_ttl`: a lease must survive a slow metadata-store round trip or two.
+const MIN_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn lease_ttl<'de, D: Deserializer<'de>>(deserializer: D) -> Result<std::time::Duration, D::Error> {
+    let ttl = duration_text(deserializer)?;
+    if ttl < MIN_LEASE_TTL {
+        return Err(de::Error::custom(format!(
+            "lease_ttl must be at least {}s: a shorter lease could lapse while its holder is alive",
+            MIN_LEASE_TTL.as_secs()
+        )));
+    }
+    Ok(ttl)
 }
 
 fn at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {

@@ -75,7 +75,8 @@ impl Engine {
             project.config.metadata_store.as_ref().map(|m| m.expose()),
             &state_dir.join(METADATA_FILE),
         )
-        .await?;
+        .await?
+        .with_lease_ttl(project.config.lease_ttl);
         let catalog = Arc::new(metadata.catalog().await?);
         let engine = Self::assemble(
             Arc::new(project),

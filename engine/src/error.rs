@@ -180,7 +180,7 @@ impl EngineError {
                     .into(),
             ),
             EngineError::LeaseLost { .. } => Some(
-                "the process was paused longer than the lease (60 s); nothing is lost, the next run goes on".into(),
+                "the process could not renew its lease within `lease_ttl` (it was paused, or the metadata store was out of reach that long); nothing is lost, the next run goes on".into(),
             ),
             EngineError::Interrupted(_) | EngineError::Cancelled(_) => {
                 Some("nothing to do: the next run sends what this one did not".into())

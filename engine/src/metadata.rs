@@ -336,7 +336,12 @@ pub struct MetadataStore {
     /// sleeps; this process's write transactions queue here instead (runs of several mappings
     /// commit checkpoints at once).
     write_turns: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// How long a run's lease outlives its last renewal (see [`MetadataStore::with_lease_ttl`]).
+    lease_ttl: Duration,
 }
+
+/// How long a lease lasts unless the project sets `lease_ttl`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 
 /// Which database holds the metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,6 +442,7 @@ impl MetadataStore {
             backend: Backend::Sqlite,
             writes: Default::default(),
             write_turns: Default::default(),
+            lease_ttl: DEFAULT_LEASE_TTL,
         };
         store.mark_dead_runs_interrupted().await?;
         Ok(store)
@@ -462,9 +468,22 @@ impl MetadataStore {
             backend: Backend::Postgres,
             writes: Default::default(),
             write_turns: Default::default(),
+            lease_ttl: DEFAULT_LEASE_TTL,
         };
         store.mark_dead_runs_interrupted().await?;
         Ok(store)
+    }
+
+    /// Leases taken through this store last `ttl` past their last renewal: a process that
+    /// stops renewing (its machine died) holds its mappings this long. Every process sharing
+    /// the store should use the same value.
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
     }
 
     /// This process's turn to write, on SQLite (see `write_turns`); Postgres takes concurrent
@@ -538,19 +557,15 @@ impl MetadataStore {
         Ok(())
     }
 
-    /// Claims `mapping` for `run_id` for `ttl`. `Ok(None)` when claimed; otherwise the run that
+    /// Claims `mapping` for `run_id` for the store's lease time. `Ok(None)` when claimed; otherwise the run that
     /// holds it and where. A lease that lapsed, or that a dead process of this host held, is
     /// taken over. Atomic: SQLite serialises the upsert.
-    pub async fn acquire_lease(
-        &self,
-        mapping: &str,
-        run_id: &str,
-        ttl: Duration,
-    ) -> Result<Option<LeaseHolder>> {
+    pub async fn acquire_lease(&self, mapping: &str, run_id: &str) -> Result<Option<LeaseHolder>> {
         let holder = format!("{}:{}", hostname(), std::process::id());
         for _ in 0..2 {
             let now = Utc::now();
-            let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
+            let expires =
+                now + chrono::Duration::from_std(self.lease_ttl).unwrap_or(chrono::Duration::seconds(60));
             let claimed = sqlx::query(self.sql(
                 "INSERT INTO leases (mapping, run_id, holder, acquired_at, expires_at) VALUES (?, ?, ?, ?, ?) \
                  ON CONFLICT (mapping) DO UPDATE SET run_id = excluded.run_id, holder = excluded.holder, \
@@ -619,8 +634,9 @@ impl MetadataStore {
     }
 
     /// Extends a held lease; `false` when it is no longer this run's.
-    pub async fn renew_lease(&self, mapping: &str, run_id: &str, ttl: Duration) -> Result<bool> {
-        let expires = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
+    pub async fn renew_lease(&self, mapping: &str, run_id: &str) -> Result<bool> {
+        let expires =
+            Utc::now() + chrono::Duration::from_std(self.lease_ttl).unwrap_or(chrono::Duration::seconds(60));
         let renewed =
             sqlx::query(self.sql("UPDATE leases SET expires_at = ? WHERE mapping = ? AND run_id = ?"))
                 .bind(expires.to_rfc3339())
@@ -728,11 +744,10 @@ impl MetadataStore {
         run: &RunRecord,
         checkpoint: &Checkpoint,
         failures: &[FailureRow],
-        lease_ttl: Duration,
     ) -> Result<()> {
         let _writing = self.write_turn().await;
         let mut tx = self.pool.begin().await.map_err(self.err())?;
-        self.hold_lease(&mut tx, run, lease_ttl).await?;
+        self.hold_lease(&mut tx, run).await?;
         sqlx::query(self.sql(
             "INSERT INTO run_checkpoints (run_id, seq, path, acknowledged, failed, created_at) \
              VALUES (?, ?, ?, ?, ?, ?)",
@@ -757,8 +772,8 @@ impl MetadataStore {
 
     /// Inside a transaction, renews `run`'s lease on its mapping, or fails with
     /// [`EngineError::LeaseLost`]. Renewing first also takes SQLite's write lock.
-    async fn hold_lease(&self, tx: &mut AnyConnection, run: &RunRecord, ttl: Duration) -> Result<()> {
-        if renew_in(self.backend, tx, &run.mapping, &run.id, ttl)
+    async fn hold_lease(&self, tx: &mut AnyConnection, run: &RunRecord) -> Result<()> {
+        if renew_in(self.backend, tx, &run.mapping, &run.id, self.lease_ttl)
             .await
             .map_err(self.err())?
         {
@@ -856,7 +871,7 @@ impl MetadataStore {
         let _writing = self.write_turn().await;
         let mut tx = self.pool.begin().await.map_err(self.err())?;
         if let Some(state) = state {
-            self.hold_lease(&mut tx, run, crate::run::LEASE_TTL).await?;
+            self.hold_lease(&mut tx, run).await?;
             upsert_state(self.backend, &mut tx, state)
                 .await
                 .map_err(self.err())?;
@@ -875,6 +890,45 @@ impl MetadataStore {
         tx.commit().await.map_err(self.err())?;
         self.wrote();
         Ok(())
+    }
+
+    /// When each scheduled mapping was last fired by any process sharing this store.
+    pub async fn schedule_fires(&self) -> Result<std::collections::HashMap<String, DateTime<Utc>>> {
+        let rows = sqlx::query(self.sql("SELECT mapping, fired_at FROM schedule_fires"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err())?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>("mapping"), parse_time(r.get("fired_at"))))
+            .collect())
+    }
+
+    /// Claims the scheduled fire of `mapping` at `at` for this process, provided no process
+    /// fired it after `previous` (what the caller last saw; `None`: never fired). `true` when
+    /// this process won the fire and should start the run; one process wins each fire time.
+    pub async fn claim_fire(
+        &self,
+        mapping: &str,
+        previous: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+    ) -> Result<bool> {
+        // RFC 3339 texts in UTC order as their instants; nothing is at or before "".
+        let previous = previous.map(|t| t.to_rfc3339()).unwrap_or_default();
+        let claimed = sqlx::query(self.sql(
+            "INSERT INTO schedule_fires (mapping, fired_at, fired_by) VALUES (?, ?, ?) \
+             ON CONFLICT (mapping) DO UPDATE SET fired_at = excluded.fired_at, fired_by = excluded.fired_by \
+             WHERE schedule_fires.fired_at <= ?",
+        ))
+        .bind(mapping)
+        .bind(at.to_rfc3339())
+        .bind(format!("{}:{}", hostname(), std::process::id()))
+        .bind(previous)
+        .execute(&self.pool)
+        .await
+        .map_err(self.err())?
+        .rows_affected();
+        Ok(claimed == 1)
     }
 
     /// The latest run of each mapping (for the scheduler's interval anchors).
@@ -1289,13 +1343,7 @@ mod tests {
             store.commit_run(&run, Some(&state)).await,
             Err(EngineError::LeaseLost { .. })
         ));
-        assert_eq!(
-            store
-                .acquire_lease("m", "r1", Duration::from_secs(60))
-                .await
-                .unwrap(),
-            None
-        );
+        assert_eq!(store.acquire_lease("m", "r1").await.unwrap(), None);
         store.commit_run(&run, Some(&state)).await.unwrap();
         let stored = store.mapping_state("m").await.unwrap().unwrap();
         assert_eq!(stored.baseline_snapshot_id.as_deref(), Some("s1"));
@@ -1323,38 +1371,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_scheduled_fire_is_claimed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = MetadataStore::open_sqlite(&dir.path().join("m.db"))
+            .await
+            .unwrap();
+        let two = one.clone();
+        let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        // The first fire of a mapping: one of two schedulers that saw no fire wins it.
+        assert!(one.claim_fire("m", None, t(0)).await.unwrap());
+        assert!(!two.claim_fire("m", None, t(0)).await.unwrap());
+        assert_eq!(one.schedule_fires().await.unwrap()["m"], t(0));
+        // The next fire: whoever claims it first, having seen the last one; a claim made on
+        // an older view loses.
+        assert!(two.claim_fire("m", Some(t(0)), t(60)).await.unwrap());
+        assert!(!one.claim_fire("m", Some(t(0)), t(61)).await.unwrap());
+        assert_eq!(two.schedule_fires().await.unwrap()["m"], t(60));
+        // Mappings are independent.
+        assert!(one.claim_fire("other", None, t(61)).await.unwrap());
+    }
+
+    #[tokio::test]
     async fn a_mapping_is_leased_to_one_run_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let store = MetadataStore::open_sqlite(&dir.path().join("m.db"))
             .await
             .unwrap();
-        let ttl = Duration::from_secs(60);
-        assert_eq!(store.acquire_lease("m", "run-1", ttl).await.unwrap(), None);
-        let held = store
-            .acquire_lease("m", "run-2", ttl)
-            .await
-            .unwrap()
-            .expect("held");
+        assert_eq!(store.acquire_lease("m", "run-1").await.unwrap(), None);
+        let held = store.acquire_lease("m", "run-2").await.unwrap().expect("held");
         assert_eq!(held.run_id, "run-1");
         assert!(held.holder.ends_with(&format!(":{}", std::process::id())));
         // Another mapping is independent.
-        assert_eq!(store.acquire_lease("other", "run-3", ttl).await.unwrap(), None);
-        assert!(store.renew_lease("m", "run-1", ttl).await.unwrap());
-        assert!(!store.renew_lease("m", "run-2", ttl).await.unwrap());
+        assert_eq!(store.acquire_lease("other", "run-3").await.unwrap(), None);
+        assert!(store.renew_lease("m", "run-1").await.unwrap());
+        assert!(!store.renew_lease("m", "run-2").await.unwrap());
         store.release_lease("m", "run-1").await.unwrap();
-        assert_eq!(store.acquire_lease("m", "run-2", ttl).await.unwrap(), None);
+        assert_eq!(store.acquire_lease("m", "run-2").await.unwrap(), None);
 
         // A lapsed lease is taken over.
         store.release_lease("m", "run-2").await.unwrap();
         assert_eq!(
             store
-                .acquire_lease("m", "run-4", Duration::from_millis(1))
+                .clone()
+                .with_lease_ttl(Duration::from_millis(1))
+                .acquire_lease("m", "run-4")
                 .await
                 .unwrap(),
             None
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(store.acquire_lease("m", "run-5", ttl).await.unwrap(), None);
+        assert_eq!(store.acquire_lease("m", "run-5").await.unwrap(), None);
 
         // A lease of a process of this host that is gone is taken over at once.
         sqlx::query("UPDATE leases SET holder = ?, run_id = 'run-dead' WHERE mapping = 'm'")
@@ -1362,6 +1428,6 @@ mod tests {
             .execute(&store.pool)
             .await
             .unwrap();
-        assert_eq!(store.acquire_lease("m", "run-6", ttl).await.unwrap(), None);
+        assert_eq!(store.acquire_lease("m", "run-6").await.unwrap(), None);
     }
 }

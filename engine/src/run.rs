@@ -43,9 +43,6 @@ use crate::metadata::{FailureRow, MappingState, RunRecord, RunStatus, Trigger};
 use crate::model::{TemplateValues, render_sql};
 use crate::source::ModelQuery;
 
-/// How long a run's claim on its mapping lasts without renewal (renewed every third of it).
-pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// What to run.
 #[derive(Debug, Clone, Default)]
 pub struct RunRequest {
@@ -383,7 +380,7 @@ impl Engine {
         let mut run = RunRecord::starting(mapping, &config.model, &config.destination, full);
         run.trigger = if full { Trigger::Backfill } else { trigger };
         run.filter = filter.map(str::to_string);
-        match self.metadata.acquire_lease(mapping, &run.id, LEASE_TTL).await? {
+        match self.metadata.acquire_lease(mapping, &run.id).await? {
             None => {
                 self.controls.register(&run.id);
                 if let Err(e) = self.metadata.start_run(&run).await {
@@ -1690,7 +1687,7 @@ impl Delivery<'_> {
             let failures = std::mem::take(&mut self.failures);
             self.engine
                 .metadata
-                .checkpoint(self.run, &checkpoint, &failures, LEASE_TTL)
+                .checkpoint(self.run, &checkpoint, &failures)
                 .await?;
             self.run.timings.checkpoint_ms += started.elapsed().as_millis() as u64;
         }
@@ -1757,17 +1754,25 @@ async fn heartbeat(
     controls: Arc<RunControls>,
     leases: Vec<(String, String)>,
 ) {
-    const TICK: std::time::Duration = std::time::Duration::from_secs(5);
+    let ttl = metadata.lease_ttl();
+    let tick = (ttl / 4).min(std::time::Duration::from_secs(5));
     let run_ids: Vec<String> = leases.iter().map(|(_, id)| id.clone()).collect();
     let mut since_renewal = std::time::Duration::ZERO;
     loop {
-        tokio::time::sleep(TICK).await;
-        since_renewal += TICK;
-        if since_renewal >= LEASE_TTL / 3 {
+        tokio::time::sleep(tick).await;
+        since_renewal += tick;
+        if since_renewal >= ttl / 3 {
             since_renewal = std::time::Duration::ZERO;
             for (mapping, run_id) in &leases {
-                if let Err(e) = metadata.renew_lease(mapping, run_id, LEASE_TTL).await {
-                    tracing::warn!(mapping, error = %e, "could not renew the run's lease");
+                match metadata.renew_lease(mapping, run_id).await {
+                    Ok(true) => {}
+                    // Its next commit point fails with `LeaseLost` and stops the run.
+                    Ok(false) => tracing::warn!(
+                        mapping,
+                        run_id,
+                        "the run's lease lapsed and another run took the mapping over"
+                    ),
+                    Err(e) => tracing::warn!(mapping, error = %e, "could not renew the run's lease"),
                 }
             }
         }

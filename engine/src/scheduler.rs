@@ -6,6 +6,13 @@
 //! mapping whose previous run is still going is not started twice: the run's lease makes the
 //! new one record itself as skipped.
 //!
+//! Several processes sharing one metadata store (replicas of `sluice serve`) each run this
+//! scheduler, and each fire time starts one run among them: a due mapping is first claimed in
+//! the store ([`crate::metadata::MetadataStore::claim_fire`]), and a scheduler that finds
+//! another process fired it since takes that fire as the mapping's latest start
+//! ([`Scheduler::observe_fire`]). So a replica that dies leaves its share of the fires to the
+//! others, with no hand-over.
+//!
 //! Clocks: a fire time missed while sluice was down, or skipped over by a clock jumping
 //! forward, fires once (never replayed per missed slot); when the clock goes back, fire times
 //! are worked out again from the new time, so an interval schedule does not stall for the
@@ -74,15 +81,20 @@ impl Scheduler {
         }
     }
 
-    /// The scheduled mappings of `engine`'s project (enabled ones only).
+    /// The scheduled mappings of `engine`'s project (enabled ones only), anchored on their
+    /// latest run or scheduled fire in any process sharing the metadata store.
     pub async fn for_engine(engine: &Engine, now: DateTime<Utc>) -> Result<Self> {
-        let last: HashMap<String, DateTime<Utc>> = engine
+        let mut last: HashMap<String, DateTime<Utc>> = engine
             .metadata()
             .last_runs()
             .await?
             .into_iter()
             .map(|(mapping, run)| (mapping, run.started_at))
             .collect();
+        for (mapping, fired_at) in engine.metadata().schedule_fires().await? {
+            let latest = last.entry(mapping).or_insert(fired_at);
+            *latest = (*latest).max(fired_at);
+        }
         let project = engine.project();
         let mappings: Vec<(String, String, Schedule)> = project
             .config
@@ -142,6 +154,23 @@ impl Scheduler {
             }
         }
         due
+    }
+
+    /// Another process sharing the metadata store last fired `mapping` at `fired_at`: when
+    /// that fire covers the one this scheduler found due, the mapping is not due after all and
+    /// its next fire time follows from `fired_at`. Returns whether `mapping` is still due at
+    /// `now`.
+    pub fn observe_fire(&mut self, mapping: &str, fired_at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        let Some(entry) = self.entries.iter_mut().find(|e| e.mapping == mapping) else {
+            return false;
+        };
+        let next = entry.schedule.next_after(fired_at, Some(fired_at));
+        if next.is_some_and(|t| t <= now) {
+            return true;
+        }
+        entry.last_start = Some(fired_at);
+        entry.next_due = next;
+        false
     }
 
     /// The earliest next fire time.
@@ -223,6 +252,33 @@ mod tests {
         rebuilt.carry_over(&s);
         assert_eq!(names(rebuilt.tick(at(9, 0))), ["b"]);
         assert_eq!(names(rebuilt.tick(at(9, 15))), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_fire_another_process_made_is_not_made_again() {
+        let mut s = Scheduler::new([("a".into(), "m".into(), every(15))], &HashMap::new(), at(9, 0));
+        assert_eq!(names(s.tick(at(9, 0))), ["a"]);
+        assert_eq!(names(s.tick(at(9, 15))), ["a"]);
+        // Another replica fired `a` at 9:14 (its interval is anchored on its own last start):
+        // this one's 9:15 fire is covered, and the next is 9:29.
+        assert!(!s.observe_fire("a", at(9, 14), at(9, 15)));
+        assert_eq!(s.next_wake(), Some(at(9, 29)));
+        assert!(s.tick(at(9, 28)).is_empty());
+        assert_eq!(names(s.tick(at(9, 29))), ["a"]);
+        // A fire older than an interval does not cover a due one.
+        assert!(s.observe_fire("a", at(9, 0), at(9, 29)));
+
+        let cron: Schedule = serde_norway::from_str("cron: '*/10 * * * *'").unwrap();
+        let mut s = Scheduler::new([("c".into(), "m".into(), cron)], &HashMap::new(), at(9, 0));
+        assert_eq!(names(s.tick(at(9, 10))), ["c"]);
+        // The 9:10 fire was made a moment after 9:10 by another replica.
+        let moment = at(9, 10) + chrono::Duration::milliseconds(40);
+        assert!(!s.observe_fire("c", moment, at(9, 10) + chrono::Duration::milliseconds(90)));
+        assert_eq!(s.next_wake(), Some(at(9, 20)));
+        // A fire of the 9:00 slot does not cover 9:10's.
+        assert!(s.observe_fire("c", at(9, 0), at(9, 10)));
+        // A mapping this scheduler does not have is never due here.
+        assert!(!s.observe_fire("gone", at(9, 0), at(9, 10)));
     }
 
     #[test]

@@ -481,8 +481,17 @@ impl Service {
                 );
             }
             let now = Utc::now();
+            let due = scheduler.tick(now);
+            let due = match claim_fires(&engine, &mut scheduler, due, now).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    // Without the store no run could start anyway; the next tick tries again.
+                    tracing::warn!(error = %e, "could not claim scheduled runs in the metadata store");
+                    Vec::new()
+                }
+            };
             let mut by_model: Vec<(String, Vec<String>)> = Vec::new();
-            for Due { mapping, model } in scheduler.tick(now) {
+            for Due { mapping, model } in due {
                 match by_model.iter_mut().find(|(m, _)| *m == model) {
                     Some((_, mappings)) => mappings.push(mapping),
                     None => by_model.push((model, vec![mapping])),
@@ -527,6 +536,40 @@ impl Service {
         while running.join_next().await.is_some() {}
         Ok(())
     }
+}
+
+/// The due mappings whose fire this process claims: one process sharing the metadata store
+/// starts each fire time; a mapping another process fired since this one last looked is not
+/// due here any more.
+async fn claim_fires(
+    engine: &Engine,
+    scheduler: &mut Scheduler,
+    due: Vec<Due>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Due>> {
+    if due.is_empty() {
+        return Ok(due);
+    }
+    let fires = engine.metadata.schedule_fires().await?;
+    let mut claimed = Vec::with_capacity(due.len());
+    for entry in due {
+        let previous = fires.get(&entry.mapping).copied();
+        if let Some(fired_at) = previous
+            && !scheduler.observe_fire(&entry.mapping, fired_at, now)
+        {
+            tracing::debug!(mapping = entry.mapping, %fired_at, "scheduled run already started by another process");
+            continue;
+        }
+        if engine.metadata.claim_fire(&entry.mapping, previous, now).await? {
+            claimed.push(entry);
+        } else {
+            tracing::debug!(
+                mapping = entry.mapping,
+                "another process claimed the scheduled run first"
+            );
+        }
+    }
+    Ok(claimed)
 }
 
 /// Where an API dry run's requests are kept, in the snapshot store.

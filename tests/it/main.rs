@@ -16,6 +16,7 @@ mod object_store_faults;
 mod postgres;
 mod postgres_destination;
 mod postgres_metadata;
+mod replicas;
 mod s3_proxy;
 mod serve;
 mod services;

@@ -12,28 +12,7 @@ use crate::faults::{
     AckReceiver, Answer, Model, assert_message_ids_are_deterministic, assert_same_state, destination_state,
     project_config, write_model,
 };
-use crate::services::{PG_URL, unavailable};
-
-/// A fresh, empty database named `name`; its URL.
-async fn fresh_database(name: &str) -> Option<String> {
-    let (client, connection) = match tokio_postgres::connect(PG_URL, tokio_postgres::NoTls).await {
-        Ok(pair) => pair,
-        Err(e) => {
-            unavailable("PostgreSQL on 127.0.0.1:5432", e);
-            return None;
-        }
-    };
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .expect("drop database");
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create database");
-    Some(PG_URL.replace("/test", &format!("/{name}")))
-}
+use crate::services::fresh_database;
 
 #[tokio::test]
 async fn a_postgres_metadata_store_keeps_history_leases_and_recovers_killed_runs() {

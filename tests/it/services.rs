@@ -42,6 +42,27 @@ pub async fn postgres(schema: &str) -> Option<tokio_postgres::Client> {
     Some(client)
 }
 
+/// A fresh, empty database named `name`; its URL.
+pub async fn fresh_database(name: &str) -> Option<String> {
+    let (client, connection) = match tokio_postgres::connect(PG_URL, tokio_postgres::NoTls).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            unavailable("PostgreSQL on 127.0.0.1:5432", e);
+            return None;
+        }
+    };
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .expect("drop database");
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    Some(PG_URL.replace("/test", &format!("/{name}")))
+}
+
 /// A connection to the local MariaDB/MySQL with a fresh database named `database`.
 pub async fn mysql(database: &str) -> Option<mysql_async::Conn> {
     let opts = match mysql_async::Opts::from_url(MYSQL_URL) {
