@@ -635,6 +635,14 @@ pub trait DestinationWriter: Send + Sync {
     /// retries). Indexes in a [`SendOutcome::Partial`] are relative to `range.start`.
     async fn send(&self, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome;
 
+    /// Whether records reach the destination only when the session finishes (a file that
+    /// becomes visible once complete), not when [`DestinationWriter::send`] accepts them. The
+    /// run then has no commit points before its end: one cut short delivered nothing, and the
+    /// next run sends every record again.
+    fn acknowledges_at_finish(&self) -> bool {
+        false
+    }
+
     /// Completes the session. Records count as delivered only once this succeeds; a
     /// destination that buffers (files) makes its output visible here.
     async fn finish(self: Box<Self>) -> Result<(), DestinationError>;

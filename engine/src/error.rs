@@ -56,6 +56,9 @@ pub enum DestinationError {
     Unreachable { destination: String, message: String },
     #[error("destination `{destination}` failed: {message}")]
     Failed { destination: String, message: String },
+    /// A destination that writes files could not complete one on its object store.
+    #[error("destination `{destination}` could not write to its object store: {message}")]
+    Storage { destination: String, message: String },
 }
 
 /// A mapping that cannot be applied to its model's columns.
@@ -171,6 +174,11 @@ impl EngineError {
                 "check the network path to the destination; the next run sends every undelivered record".into(),
             ),
             EngineError::Destination(DestinationError::Failed { .. }) => Some(destination_action(&text)),
+            EngineError::Destination(DestinationError::Storage { .. }) => Some(
+                sluice_snapshots::store_action(&text)
+                    .unwrap_or("check the destination's URL, its credentials and the store's status; the next run writes every record again")
+                    .into(),
+            ),
             EngineError::Metadata { .. } | EngineError::Migration(_) => {
                 Some("check that the metadata store (state.metadata) is reachable and writable".into())
             }

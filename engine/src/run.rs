@@ -868,8 +868,9 @@ impl Engine {
             .collect();
         let state_rows = StateRows::new(key_fields.clone());
         let mut exceptions = ExceptionsWriter::new(self.snapshots.clone(), &mapping, &run.id, key_fields);
-        // A dry run sends nothing, so it has nothing to checkpoint.
-        let checkpoints = dry_run.is_none().then(|| {
+        // A dry run sends nothing, so it has nothing to checkpoint; nor has a run to a
+        // destination that acknowledges records only when the run's session finishes.
+        let checkpoints = (dry_run.is_none() && !writer.acknowledges_at_finish()).then(|| {
             Arc::new(CheckpointWriter::new(
                 self.snapshots.clone(),
                 &mapping,
@@ -911,6 +912,8 @@ impl Engine {
             .all_buckets(&differ, &send, &manifests, observer, baseline.is_none())
             .await;
         let first_failure = delivery.first_failure.take();
+        // Failed records no checkpoint carried (a run without commit points before its end).
+        let unrecorded_failures = std::mem::take(&mut delivery.failures);
         if let Err(e) = outcome {
             writer.abort().await;
             exceptions.abort().await;
@@ -929,6 +932,9 @@ impl Engine {
             return Err(e.into());
         }
         run.timings.deliver_ms += started.elapsed().as_millis() as u64;
+        if !unrecorded_failures.is_empty() {
+            self.metadata.add_failures(&run.id, &unrecorded_failures).await?;
+        }
         let (exceptions_path, exceptions_rows) = match exceptions.finish().await? {
             Some((path, rows)) => (Some(path), rows),
             None => (None, 0),
@@ -1252,7 +1258,8 @@ struct Delivery<'a> {
     policy: &'a crate::destination::DeliveryPolicy,
     state_rows: StateRows,
     exceptions: &'a mut ExceptionsWriter,
-    /// `None` for a dry run. (Shared with the preparation of the next batch, which writes its
+    /// `None` for a dry run, and for a destination that acknowledges records only when the
+    /// run's session finishes. (Shared with the preparation of the next batch, which writes its
     /// intent while this one is sent.)
     checkpoints: Option<Arc<CheckpointWriter>>,
     records_per_checkpoint: usize,

@@ -225,6 +225,8 @@ pub fn store_action(message: &str) -> Option<&'static str> {
         "token has expired",
     ]) {
         "the object store's credentials have expired: renew them (a session token's lifetime ended), or let them be refreshed from an instance, workload or web identity; nothing is lost, the next run goes on from the last commit point"
+    } else if has(&["NoSuchUpload"]) {
+        "the multipart upload was gone when sluice went to complete it: a completion that timed out may have finished on the server, or something aborted the upload; for files of many GiB raise the store's `timeout` option (default 30s), since completing them can take minutes; nothing is lost, the next run writes the file again"
     } else if has(&[
         "InvalidAccessKeyId",
         "SignatureDoesNotMatch",
@@ -685,6 +687,11 @@ mod tests {
             store_action("error sending request for url")
                 .unwrap()
                 .contains("did not answer")
+        );
+        assert!(
+            store_action("Error performing DELETE …?uploadId=x - 404 Not Found: <Code>NoSuchUpload</Code>")
+                .unwrap()
+                .contains("timeout")
         );
         assert_eq!(store_action("disk full"), None);
     }

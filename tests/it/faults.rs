@@ -534,3 +534,98 @@ async fn sigterm_stops_a_run_at_a_commit_point_and_the_next_run_goes_on() {
         "{runs}"
     );
 }
+
+/// The acknowledged records of the `file` destination's visible files, oldest file first (a
+/// killed writer's staging files are not visible and not read).
+fn visible_file_acks(dir: &std::path::Path) -> Vec<Ack> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "jsonl"));
+    files.sort();
+    files
+        .iter()
+        .flat_map(|file| {
+            std::fs::read_to_string(file)
+                .expect("read export")
+                .lines()
+                .map(|line| {
+                    let r: Value = serde_json::from_str(line).expect("JSONL");
+                    Ack {
+                        message_id: r["message_id"].as_str().unwrap_or_default().to_string(),
+                        id: r["key"]["id"].as_i64().unwrap_or(-1),
+                        op: r["op"].as_str().unwrap_or_default().to_string(),
+                        data: r["data"].clone(),
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A `file` destination's file becomes visible only when the run's delivery completes, so what
+/// a run killed part way wrote was never delivered: the next run must write every record again,
+/// and the visible files must hold the whole model.
+#[tokio::test]
+async fn killed_runs_to_a_file_destination_lose_nothing() {
+    let project = TestProject::new(
+        r#"state_dir: .sluice
+sources:
+  warehouse: { type: files, tables: { users: data/users.parquet } }
+models:
+  users:
+    source: warehouse
+    sql: SELECT id, email, plan, lead_score, lifetime_value FROM users
+    primary_key: id
+destinations:
+  exports: { type: file, url: exports/, format: jsonl }
+mappings:
+  users_to_file:
+    model: users
+    destination: exports
+    send: [added, updated, deleted]
+    fields: { email: email, "traits.plan": plan }
+limits:
+  records_per_checkpoint: 500
+"#,
+    );
+    // About 40 MB of JSONL: the file goes up in several 10 MiB parts.
+    let mut model: Model = (1..=400_000).map(|id| (id, "free".to_string())).collect();
+    write_model(&project, &model);
+    let exports = project.path().join("exports/users_to_file");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(project.config_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sluice");
+    // Kill it once the first part is written (a staging file appears), mid-file.
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&exports).map_or(true, |mut d| d.next().is_none()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the file was never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.start_kill().expect("SIGKILL");
+    let _ = child.wait().await;
+    assert!(
+        visible_file_acks(&exports).is_empty(),
+        "the run finished its file before it could be killed; nothing was tested"
+    );
+
+    // The model changes a little, and the next run is left to finish.
+    for id in (1..=400_000).step_by(1000) {
+        model.insert(id, "pro".to_string());
+    }
+    write_model(&project, &model);
+    let next = project.sluice(&["run"]).await;
+    assert!(next.status.success(), "{}{}", stdout(&next), stderr(&next));
+    assert_same_state(
+        &destination_state(&visible_file_acks(&exports)),
+        &model,
+        "the visible files after a killed run",
+    );
+}

@@ -256,6 +256,89 @@ mappings:
     assert_eq!(stdout(&count).trim(), format!("n\n{ROWS}"), "{}", stderr(&count));
 }
 
+/// A `file` export whose completion outlasts the client's timeout (completing a file of many
+/// GiB can take minutes; moto took over 30 s for a 4.7 GB JSONL file): the file may exist on
+/// the server, but sluice cannot know, so the run fails saying what to do and counts nothing as
+/// delivered; the next run writes every record again.
+#[tokio::test]
+async fn a_file_completion_that_times_out_fails_the_run_and_the_next_run_writes_every_record() {
+    let Some(bucket) = Bucket::new(Provider::S3, "completion").await else {
+        return;
+    };
+    let proxy = S3FaultProxy::start(&bucket.endpoint).await;
+    let project = TestProject::new(&format!(
+        r#"state_dir: .sluice
+snapshot_store: {snapshots}
+snapshot_store_options: {direct}
+sources:
+  warehouse: {{ type: files, tables: {{ users: data/users.parquet }} }}
+models:
+  users:
+    source: warehouse
+    sql: SELECT id, email, plan, payload FROM users
+    primary_key: id
+destinations:
+  exports: {{ type: file, url: {exports}, options: {proxied} }}
+mappings:
+  users_out:
+    model: users
+    destination: exports
+    fields: {{ email: email, "traits.plan": plan, payload: payload }}
+"#,
+        snapshots = bucket.url("snapshots"),
+        direct = yaml_map(&bucket.options()),
+        exports = bucket.url("exports"),
+        proxied = yaml_map(&with_timeouts(bucket.options_at(&proxy.endpoint))),
+    ));
+    // Past 10 MiB of JSONL: a multipart upload.
+    const ROWS: i64 = 120_000;
+    write_wide_users(&project, ROWS);
+    // The first run's completion is done by the server but its answer never comes; the
+    // client's retry then finds the upload gone, as S3 answers once it completed.
+    let mut completed: Option<String> = None;
+    proxy.plan(move |seen| {
+        let completion = seen.method == "POST" && seen.query.starts_with("uploadId=");
+        match &completed {
+            _ if !completion => Fault::Forward,
+            None => {
+                completed = Some(seen.path.clone());
+                Fault::ForwardThenHang
+            }
+            Some(path) if *path == seen.path => Fault::NoSuchUpload,
+            Some(_) => Fault::Forward,
+        }
+    });
+    let first = project.sluice(&["run"]).await;
+    let text = format!("{}{}", stdout(&first), stderr(&first));
+    assert!(!first.status.success(), "{text}");
+    assert!(
+        text.contains("could not write to its object store") && text.contains("completing users_out/"),
+        "{text}"
+    );
+    assert!(text.contains("raise the store's `timeout`"), "{text}");
+    assert_eq!(proxy.count(Fault::ForwardThenHang), 1);
+
+    let second = project.sluice(&["run"]).await;
+    assert!(second.status.success(), "{}{}", stdout(&second), stderr(&second));
+    // Every record is in the visible files (some twice, if the first completion finished).
+    let mut acks = Vec::new();
+    let mut keys = bucket.list("exports/users_out").await;
+    keys.sort();
+    for key in keys {
+        for line in String::from_utf8(bucket.get(&key).await).expect("UTF-8").lines() {
+            let r: serde_json::Value = serde_json::from_str(line).expect("JSONL");
+            acks.push(crate::faults::Ack {
+                message_id: r["message_id"].as_str().unwrap_or_default().to_string(),
+                id: r["key"]["id"].as_i64().unwrap_or(-1),
+                op: r["op"].as_str().unwrap_or_default().to_string(),
+                data: r["data"].clone(),
+            });
+        }
+    }
+    let model: Model = (1..=ROWS).map(|id| (id, format!("plan-{}", id % 7))).collect();
+    assert_same_state(&destination_state(&acks), &model, "after a completion timed out");
+}
+
 #[tokio::test]
 async fn credentials_expiring_mid_run_fail_it_clearly_and_the_next_run_loses_nothing() {
     let Some(bucket) = Bucket::new(Provider::S3, "faults-expired").await else {

@@ -1,7 +1,7 @@
 //! A proxy on 127.0.0.1 in front of the S3 server that injects the faults object storage shows
 //! in production: throttling (503 SlowDown, with S3's XML error body), a request that never
 //! answers, a connection dropped while an upload's body is being sent, and expired credentials
-//! (400 ExpiredToken). Everything else is forwarded unchanged. It records each request's
+//! (400 ExpiredToken), and an answer that never comes back for work the server did. Everything else is forwarded unchanged. It records each request's
 //! method, path and the access key id its SigV4 signature names.
 
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,11 @@ pub enum Fault {
     DropMidBody,
     /// 400 ExpiredToken, as S3 answers a session token past its expiry.
     ExpiredToken,
+    /// Forward the request, then never pass the answer on: the server did the work, the client
+    /// times out (a completion of a very large upload outlasting the client's timeout).
+    ForwardThenHang,
+    /// 404 NoSuchUpload, as S3 answers a retried completion of an upload already completed.
+    NoSuchUpload,
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +135,13 @@ async fn proxy(State(state): State<ProxyState>, request: Request) -> Response {
                 "The provided token has expired.",
             );
         }
+        Fault::NoSuchUpload => {
+            return s3_error(
+                StatusCode::NOT_FOUND,
+                "NoSuchUpload",
+                "The specified upload does not exist. The upload ID may be invalid, or the upload may have been aborted or completed.",
+            );
+        }
         Fault::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             return StatusCode::OK.into_response();
@@ -140,7 +152,7 @@ async fn proxy(State(state): State<ProxyState>, request: Request) -> Response {
             // The connection's task ends without a response: the client sees it close.
             std::panic::resume_unwind(Box::new("simulated connection drop mid-upload"));
         }
-        Fault::Forward => {}
+        Fault::Forward | Fault::ForwardThenHang => {}
     }
     let body = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(bytes) => bytes,
@@ -170,6 +182,9 @@ async fn proxy(State(state): State<ProxyState>, request: Request) -> Response {
     let status = answer.status();
     let headers = answer.headers().clone();
     let bytes = answer.bytes().await.unwrap_or_default();
+    if seen.fault == Fault::ForwardThenHang {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
     let mut response = Response::new(Body::from(bytes));
     *response.status_mut() = status;
     for (name, value) in &headers {

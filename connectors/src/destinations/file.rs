@@ -241,6 +241,11 @@ impl DestinationWriter for FileWriter {
         }
     }
 
+    /// The file becomes visible only once complete: a run cut short delivered nothing.
+    fn acknowledges_at_finish(&self) -> bool {
+        true
+    }
+
     async fn prepare(&self, batch: &OutgoingBatch, range: Range<usize>) -> Vec<PreparedRequest> {
         let body = match self.format {
             FileFormat::Jsonl => {
@@ -284,7 +289,7 @@ impl DestinationWriter for FileWriter {
     }
 
     async fn finish(self: Box<Self>) -> Result<(), DestinationError> {
-        let failed = |e: String| DestinationError::Failed {
+        let failed = |e: String| DestinationError::Storage {
             destination: self.destination.clone(),
             message: format!("completing {}: {e}", self.relative),
         };
