@@ -26,10 +26,15 @@
 //! uploading the same files (the local store's) to the same server: what that server takes
 //! from its own reference client.
 
+#[path = "common/process.rs"]
+mod process;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use process::{ProcessCost, Sample, busy_between, measure, peak_between};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -40,14 +45,6 @@ use sqlx::Row;
 
 const TABLE: &str = "sluice_bench.e2e_users";
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-/// What one `sluice run` process cost.
-struct ProcessCost {
-    wall: f64,
-    cpu: f64,
-    peak_rss_mib: f64,
-    exit: i32,
-}
 
 /// One mapping's run, as its record says.
 #[derive(Debug)]
@@ -416,7 +413,6 @@ fn run_sluice(
     profile: Option<PathBuf>,
 ) -> (ProcessCost, Vec<Sample>) {
     let log_file = std::fs::File::create(log).expect("log file");
-    let started = Instant::now();
     let mut command = match profile {
         Some(output) => {
             let mut perf = std::process::Command::new("perf");
@@ -428,69 +424,13 @@ fn run_sluice(
         }
         None => std::process::Command::new(sluice_binary()),
     };
-    let child = command
+    command
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
         .stdout(log_file.try_clone().expect("log"))
-        .stderr(log_file)
-        .spawn()
-        .expect("start sluice");
-    let pid = child.id() as libc::pid_t;
-    let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut samples = Vec::new();
-            let t0 = Instant::now();
-            while !done.load(Ordering::Relaxed) {
-                let rss_mib = if sample_rss {
-                    std::fs::read_to_string(format!("/proc/{pid}/status"))
-                        .ok()
-                        .and_then(|s| {
-                            s.lines()
-                                .find(|l| l.starts_with("VmRSS:"))
-                                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
-                        })
-                        .map(|kib| kib / 1024.0)
-                } else {
-                    None
-                };
-                samples.push(Sample {
-                    at: t0.elapsed().as_secs_f64(),
-                    rss_mib,
-                    cpu: machine_cpu(),
-                });
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            samples
-        })
-    };
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is a valid value for wait4 to fill in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our own child, not yet waited for; both pointers are valid for the call.
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid, "wait4 on sluice");
-    let wall = started.elapsed().as_secs_f64();
-    done.store(true, Ordering::Relaxed);
-    let samples = sampler.join().unwrap_or_default();
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let exit = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
-    };
-    std::mem::forget(child);
-    (
-        ProcessCost {
-            wall,
-            cpu: seconds(usage.ru_utime) + seconds(usage.ru_stime),
-            peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
-            exit,
-        },
-        samples,
-    )
+        .stderr(log_file);
+    measure(&mut command, sample_rss)
 }
 
 async fn latest_runs(state: &Path) -> Vec<RunFigures> {
@@ -550,51 +490,6 @@ async fn latest_runs(state: &Path) -> Vec<RunFigures> {
         .collect();
     runs.sort_by(|a, b| b.mapping.cmp(&a.mapping));
     runs
-}
-
-/// What the sampler saw, every 100 ms of the `sluice` process's life.
-struct Sample {
-    /// Seconds since the process started.
-    at: f64,
-    rss_mib: Option<f64>,
-    /// The machine's busy and total CPU time so far (jiffies, all cores).
-    cpu: (u64, u64),
-}
-
-/// Busy and total jiffies of the whole machine (`/proc/stat`), for how much of its cores a sync
-/// kept busy: sluice, PostgreSQL and the receiver together.
-fn machine_cpu() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: u64 = fields.iter().take(8).sum();
-    // idle and iowait are the 4th and 5th fields.
-    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-/// Peak sampled RSS within [from, to) seconds of the process's life.
-fn peak_between(samples: &[Sample], from: f64, to: f64) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.at >= from && s.at < to)
-        .filter_map(|s| s.rss_mib)
-        .fold(0.0, f64::max)
-}
-
-/// Share of the machine's CPU time that was busy within [from, to) seconds.
-fn busy_between(samples: &[Sample], from: f64, to: f64) -> f64 {
-    let within: Vec<&Sample> = samples.iter().filter(|s| s.at >= from && s.at < to).collect();
-    match (within.first(), within.last()) {
-        (Some(a), Some(b)) if b.cpu.1 > a.cpu.1 => (b.cpu.0 - a.cpu.0) as f64 / (b.cpu.1 - a.cpu.1) as f64,
-        _ => 0.0,
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
