@@ -137,7 +137,7 @@ fn main() {
         std::fs::create_dir_all(&store_dir).expect("store dir");
         let store = SnapshotStore::open(store_dir.to_str().expect("path"), dir.path(), []).expect("store");
         let generated = Instant::now();
-        history::write_snapshots(&store, rows, snapshots).await;
+        history::write_snapshots(&store, rows, snapshots, true).await;
         println!(
             "{snapshots} snapshots of {rows} rows written in {:.1} s",
             generated.elapsed().as_secs_f64()

@@ -35,8 +35,11 @@ pub fn batch(ids: std::ops::Range<i64>, version: i64) -> RecordBatch {
     .expect("batch")
 }
 
-/// Commits the snapshots (runs `run-0`, `run-1`, ...) of the `users` model to `store`.
-pub async fn write_snapshots(store: &SnapshotStore, rows: i64, snapshots: i64) {
+/// Commits the snapshots (runs `run-0`, `run-1`, ...) of the `users` model to `store`: each a
+/// delta of the one before when `layered` (as `sluice run` writes them), else each a base (every
+/// row stored again: the layout before deltas).
+pub async fn write_snapshots(store: &SnapshotStore, rows: i64, snapshots: i64, layered: bool) {
+    let mut parent = None;
     for version in 0..snapshots {
         let spec = SnapshotSpec {
             model: "users".into(),
@@ -45,12 +48,15 @@ pub async fn write_snapshots(store: &SnapshotStore, rows: i64, snapshots: i64) {
             buckets: None,
         };
         let mut writer = SnapshotWriter::new(store.clone(), spec);
+        if let Some(parent) = parent.take().filter(|_| layered) {
+            writer = writer.with_parent(parent);
+        }
         let mut start = 0;
         while start < rows {
             let end = (start + BATCH as i64).min(rows);
             writer.write(batch(start..end, version)).await.expect("write");
             start = end;
         }
-        writer.commit().await.expect("commit");
+        parent = Some(writer.commit().await.expect("commit"));
     }
 }

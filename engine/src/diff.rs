@@ -47,7 +47,10 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::{
     DataFrame, Expr, JoinType, ParquetReadOptions, SessionConfig, SessionContext, cast, ident, lit, when,
 };
-use sluice_snapshots::{ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest, SnapshotStore, read_files};
+use sluice_snapshots::{
+    BASE_HASH_COLUMN, CHANGE_OP_COLUMN, LAYER_COLUMN, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest,
+    SnapshotStore, read_files, read_rows,
+};
 
 use crate::config::Op;
 
@@ -136,8 +139,10 @@ pub struct Differ {
     key_columns: Vec<String>,
     /// The new snapshot's key fields (types the change rows use).
     key_fields: Vec<Field>,
-    /// The data files' schemas, so planning a bucket reads no footers.
+    /// The new snapshot's rows (model columns and row hash) and index files' schemas, and the
+    /// baseline snapshot's index files', so planning a bucket reads no footers.
     new_schema: SchemaRef,
+    new_index_schema: SchemaRef,
     base_schema: Option<SchemaRef>,
     /// A filtered backfill's predicate: new rows matching it are changes (added) whatever the
     /// baseline holds.
@@ -145,6 +150,8 @@ pub struct Differ {
     /// A Ballista session: each bucket's diff is submitted to its scheduler as a logical plan
     /// instead of running here.
     cluster: Option<SessionContext>,
+    /// Whether the new snapshot's record of its changes may stand in for the join.
+    use_recorded: bool,
 }
 
 impl Differ {
@@ -164,8 +171,9 @@ impl Differ {
             _ => new.buckets,
         };
         let schema = snapshot_schema(&ctx, &store, &new).await?;
+        let new_index_schema = index_schema(&ctx, &store, &new).await?;
         let base_schema = match baseline.as_ref().and_then(|b| b.snapshot.as_ref()) {
-            Some(snapshot) => Some(snapshot_schema(&ctx, &store, snapshot).await?),
+            Some(snapshot) => Some(index_schema(&ctx, &store, snapshot).await?),
             None => None,
         };
         let key_fields = new
@@ -182,9 +190,11 @@ impl Differ {
             buckets,
             key_fields,
             new_schema: schema,
+            new_index_schema,
             base_schema,
             resend: None,
             cluster: None,
+            use_recorded: true,
         })
     }
 
@@ -193,6 +203,13 @@ impl Differ {
     /// the changes are still read here.
     pub fn on_cluster(mut self, ctx: SessionContext) -> Self {
         self.cluster = Some(ctx);
+        self
+    }
+
+    /// This diff by the join of the two indexes even where the new snapshot's record of its
+    /// changes would do (to check one against the other).
+    pub fn joining_indexes(mut self) -> Self {
+        self.use_recorded = false;
         self
     }
 
@@ -234,17 +251,65 @@ impl Differ {
         Arc::new(Schema::new(fields))
     }
 
-    fn new_files(&self, bucket: u32) -> Vec<&SnapshotFile> {
-        self.new.files_covering(bucket, self.buckets).collect()
+    fn new_index_files(&self, bucket: u32) -> Vec<&SnapshotFile> {
+        self.new.index_covering(bucket, self.buckets).collect()
     }
 
     /// Change rows of one bucket. With no baseline every row of the new snapshot is added.
     pub async fn changes(&self, bucket: u32) -> Result<Vec<RecordBatch>> {
+        if let Some(parent) = self.recorded_changes_of() {
+            return self.recorded_changes(parent, bucket).await;
+        }
         if let Some(cluster) = &self.cluster {
             return self.changes_frame(cluster, bucket).await?.collect().await;
         }
         let plan = self.changes_plan(bucket).await?;
         datafusion::physical_plan::collect(plan, self.ctx.task_ctx()).await
+    }
+
+    /// The parent the new snapshot recorded its changes against, when that record is this
+    /// diff: the baseline is the parent and nothing else (no exceptions, no filtered
+    /// backfill). Every other case joins the two indexes.
+    fn recorded_changes_of(&self) -> Option<&str> {
+        let baseline = self.baseline.as_ref()?;
+        let snapshot = baseline.snapshot.as_ref()?;
+        let recorded = self.use_recorded
+            && baseline.exceptions.is_none()
+            && self.resend.is_none()
+            && self.new.parent.as_deref() == Some(snapshot.id.as_str())
+            && self.buckets == self.new.buckets;
+        recorded.then_some(snapshot.id.as_str())
+    }
+
+    /// One bucket's change rows from the new snapshot's record of its changes since `parent`,
+    /// with the layer holding each row (the new snapshot's own for added and updated rows,
+    /// the parent's for deleted ones) as a last column, for [`Differ::materialize`].
+    async fn recorded_changes(&self, parent: &str, bucket: u32) -> Result<Vec<RecordBatch>> {
+        let files: Vec<&SnapshotFile> =
+            sluice_snapshots::covering(&self.new.changes, self.new.buckets, bucket, self.buckets).collect();
+        let Some(recorded) = read_files(&self.ctx, &self.store, files)
+            .await
+            .map_err(external)?
+        else {
+            return Ok(Vec::new());
+        };
+        let mut select: Vec<Expr> = self
+            .key_fields
+            .iter()
+            .map(|f| cast(ident(f.name()), f.data_type().clone()).alias(f.name()))
+            .collect();
+        select.push(cast(ident(CHANGE_OP_COLUMN), DataType::UInt8).alias(OP));
+        select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
+        select.push(ident(BASE_HASH_COLUMN).alias(BASE_HASH));
+        select.push(
+            when(ident(BASE_HASH_COLUMN).is_null(), lit(ScalarValue::Utf8(None)))
+                .otherwise(lit(parent))?
+                .alias(BASE_SNAPSHOT),
+        );
+        select.push(lit(0i64).alias(ATTEMPTS));
+        select.push(null_failed_at().alias(FIRST_FAILED_AT));
+        select.push(ident(LAYER_COLUMN));
+        recorded.select(select)?.collect().await
     }
 
     /// The new snapshot's side of one bucket: key columns, `__new_hash` and, for a filtered
@@ -256,18 +321,39 @@ impl Differ {
         if resend.is_some() {
             new_columns.push((RESEND, DataType::Boolean));
         }
+        let select = |_: &DataFrame| {
+            let mut select: Vec<Expr> = keys.iter().map(ident).collect();
+            select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
+            if let Some(resend) = resend {
+                select.push(resend.clone().is_true().alias(RESEND));
+            }
+            select
+        };
+        if resend.is_some() && !self.new.is_base() {
+            // A filtered backfill of a delta: its filter needs the rows, which its layers hold
+            // (in key order each, but not merged).
+            let Some(rows) = read_rows(ctx, &self.store, &self.new, Some((bucket, self.buckets)))
+                .await
+                .map_err(external)?
+            else {
+                let empty = self.empty_frame(ctx, &new_columns)?;
+                return Ok(empty);
+            };
+            let selected = select(&rows);
+            let order: Vec<SortExpr> = keys.iter().map(|k| ident(k).sort(true, false)).collect();
+            return rows.select(selected)?.sort(order);
+        }
+        // A base's index is its rows, so a filter over them reads them there.
+        let schema = if resend.is_some() {
+            &self.new_schema
+        } else {
+            &self.new_index_schema
+        };
         self.sorted_side(
             ctx,
-            self.new_files(bucket),
-            &self.new_schema,
-            |_| {
-                let mut select: Vec<Expr> = keys.iter().map(ident).collect();
-                select.push(ident(ROW_HASH_COLUMN).alias(NEW_HASH));
-                if let Some(resend) = resend {
-                    select.push(resend.clone().is_true().alias(RESEND));
-                }
-                select
-            },
+            self.new_index_files(bucket),
+            schema,
+            select,
             &new_columns,
             false,
         )
@@ -495,14 +581,14 @@ impl Differ {
             ]);
         }
         let files: Vec<&SnapshotFile> = match &baseline.snapshot {
-            Some(snapshot) => snapshot.files_covering(bucket, self.buckets).collect(),
+            Some(snapshot) => snapshot.index_covering(bucket, self.buckets).collect(),
             None => Vec::new(),
         };
         // (With no snapshot there are no files, and the schema is not read.)
         let schema = self
             .base_schema
             .clone()
-            .unwrap_or_else(|| self.new_schema.clone());
+            .unwrap_or_else(|| self.new_index_schema.clone());
         let snapshot_rows = self
             .sorted_side(
                 ctx,
@@ -596,19 +682,18 @@ impl Differ {
             .first()
             .map(|b| b.schema())
             .unwrap_or_else(|| self.change_schema());
-        let table = |batches: Vec<RecordBatch>| -> Result<DataFrame> {
-            let table = MemTable::try_new(changes_schema.clone(), vec![batches])?;
-            self.ctx.read_table(Arc::new(table))
-        };
         let wanted = |op: Op| ops.contains(&op);
+        if changes_schema.column_with_name(LAYER_COLUMN).is_some() {
+            // Recorded changes say which layer holds each row; the parent's layers are the
+            // new snapshot's too, under the same ordinals.
+            let selected = filter_ops(changes, wanted)?;
+            let by_layer = split_by_layer(&selected, &changes_schema)?;
+            return self.read_layers(&self.new, bucket, by_layer).await;
+        }
         let upserts: Vec<RecordBatch> =
             filter_ops(changes, |op| matches!(op, Op::Added | Op::Updated) && wanted(op))?;
-        if upserts.iter().any(|b| b.num_rows() > 0)
-            && let Some(rows) = read_files(&self.ctx, &self.store, self.new_files(bucket))
-                .await
-                .map_err(external)?
-        {
-            streams.push(self.join_rows(rows, table(upserts)?).await?);
+        if upserts.iter().any(|b| b.num_rows() > 0) {
+            streams.extend(self.rows_for(&self.new, bucket, upserts, &changes_schema).await?);
         }
         if wanted(Op::Deleted) {
             let deletes = filter_ops(changes, |op| op == Op::Deleted)?;
@@ -643,12 +728,109 @@ impl Differ {
                         "snapshot {id}, which holds rows the destination still has, is gone; run with --full to start a new baseline"
                     ))
                 })?;
-                let files: Vec<&SnapshotFile> = manifest.files_covering(bucket, self.buckets).collect();
-                if let Some(rows) = read_files(&self.ctx, &self.store, files)
+                streams.extend(self.rows_for(&manifest, bucket, parts, &changes_schema).await?);
+            }
+        }
+        Ok(streams)
+    }
+
+    /// The rows of `snapshot` for the keys of `changes` (of one bucket), with the change columns
+    /// appended. A base's rows are in its own files; a delta's index says which layer holds each
+    /// key's row, and each layer is read for its keys alone.
+    async fn rows_for(
+        &self,
+        snapshot: &SnapshotManifest,
+        bucket: u32,
+        changes: Vec<RecordBatch>,
+        changes_schema: &SchemaRef,
+    ) -> Result<Vec<SendableRecordBatchStream>> {
+        let table = |batches: Vec<RecordBatch>| -> Result<DataFrame> {
+            let table = MemTable::try_new(changes_schema.clone(), vec![batches])?;
+            self.ctx.read_table(Arc::new(table))
+        };
+        let layer_rows = |files: &[SnapshotFile]| -> Vec<SnapshotFile> {
+            sluice_snapshots::covering(files, snapshot.buckets, bucket, self.buckets)
+                .cloned()
+                .collect()
+        };
+        if snapshot.is_base() {
+            let files = layer_rows(&snapshot.files);
+            return Ok(
+                match read_files(&self.ctx, &self.store, &files)
                     .await
                     .map_err(external)?
                 {
-                    streams.push(self.join_rows(rows, table(parts)?).await?);
+                    Some(rows) => vec![self.join_rows(rows, table(changes)?).await?],
+                    None => Vec::new(),
+                },
+            );
+        }
+        // Which layer holds each changed key: the bucket's index, joined with the changes.
+        let index_files: Vec<&SnapshotFile> = snapshot.index_covering(bucket, self.buckets).collect();
+        let Some(index) = read_files(&self.ctx, &self.store, index_files)
+            .await
+            .map_err(external)?
+        else {
+            return Ok(Vec::new());
+        };
+        let index_keys: Vec<String> = (0..self.key_columns.len())
+            .map(|i| format!("__index_key_{i}"))
+            .collect();
+        let mut index_select: Vec<Expr> = self
+            .key_fields
+            .iter()
+            .zip(&index_keys)
+            .map(|(field, alias)| cast(ident(field.name()), field.data_type().clone()).alias(alias))
+            .collect();
+        index_select.push(ident(LAYER_COLUMN));
+        let index = index.select(index_select)?;
+        let mut tagged_select: Vec<Expr> = changes_schema.fields().iter().map(|f| ident(f.name())).collect();
+        tagged_select.push(ident(LAYER_COLUMN));
+        let keys: Vec<&str> = self.key_columns.iter().map(String::as_str).collect();
+        let index_key_refs: Vec<&str> = index_keys.iter().map(String::as_str).collect();
+        let tagged = table(changes)?
+            .join(index, JoinType::Inner, &keys, &index_key_refs, None)?
+            .select(tagged_select)?
+            .collect()
+            .await?;
+        let Some(tagged_schema) = tagged.first().map(|b| b.schema()) else {
+            return Ok(Vec::new());
+        };
+        self.read_layers(snapshot, bucket, split_by_layer(&tagged, &tagged_schema)?)
+            .await
+    }
+
+    /// For each layer of `snapshot`, the rows of its files for the keys of its change rows,
+    /// with the change columns appended.
+    async fn read_layers(
+        &self,
+        snapshot: &SnapshotManifest,
+        bucket: u32,
+        by_layer: std::collections::BTreeMap<u32, Vec<RecordBatch>>,
+    ) -> Result<Vec<SendableRecordBatchStream>> {
+        let mut streams = Vec::new();
+        for (ordinal, parts) in by_layer {
+            let (layer_id, files) = snapshot.layer(ordinal).ok_or_else(|| {
+                DataFusionError::Execution(format!(
+                    "snapshot {} of model `{}` points at layer {ordinal}, which its manifest does not list",
+                    snapshot.id, snapshot.model
+                ))
+            })?;
+            let files: Vec<&SnapshotFile> =
+                sluice_snapshots::covering(files, snapshot.buckets, bucket, self.buckets).collect();
+            let Some(first) = parts.first() else { continue };
+            let table = MemTable::try_new(first.schema(), vec![parts])?;
+            let changes = self.ctx.read_table(Arc::new(table))?;
+            match read_files(&self.ctx, &self.store, files)
+                .await
+                .map_err(external)?
+            {
+                Some(rows) => streams.push(self.join_rows(rows, changes).await?),
+                None => {
+                    return Err(DataFusionError::Execution(format!(
+                        "layer {layer_id} of snapshot {} of model `{}` has no file for bucket {bucket}",
+                        snapshot.id, snapshot.model
+                    )));
                 }
             }
         }
@@ -690,7 +872,7 @@ impl Differ {
     /// Every row of one bucket of the new snapshot as added (a first run or a full resync),
     /// with the change columns appended.
     pub async fn all_added(&self, bucket: u32) -> Result<Option<SendableRecordBatchStream>> {
-        let Some(rows) = read_files(&self.ctx, &self.store, self.new_files(bucket))
+        let Some(rows) = read_rows(&self.ctx, &self.store, &self.new, Some((bucket, self.buckets)))
             .await
             .map_err(external)?
         else {
@@ -786,17 +968,70 @@ fn null_failed_at() -> Expr {
     lit(ScalarValue::TimestampMicrosecond(None, Some("UTC".into())))
 }
 
-/// The Arrow schema of a snapshot's data files (sluice's row hash column included).
+/// The Arrow schema of a snapshot's rows (sluice's row hash column included).
 pub async fn snapshot_schema(
     ctx: &SessionContext,
     store: &SnapshotStore,
     manifest: &SnapshotManifest,
 ) -> Result<SchemaRef> {
-    let df = read_files(ctx, store, manifest.files.iter().take(1))
+    // A delta that changed nothing has no own rows; its layers have the same columns.
+    let file = manifest
+        .files
+        .first()
+        .or_else(|| manifest.layers.iter().find_map(|l| l.files.first()));
+    file_schema(ctx, store, manifest, file).await
+}
+
+/// The Arrow schema of a snapshot's index files (a base's are its rows).
+pub async fn index_schema(
+    ctx: &SessionContext,
+    store: &SnapshotStore,
+    manifest: &SnapshotManifest,
+) -> Result<SchemaRef> {
+    file_schema(ctx, store, manifest, manifest.index_files().first()).await
+}
+
+async fn file_schema(
+    ctx: &SessionContext,
+    store: &SnapshotStore,
+    manifest: &SnapshotManifest,
+    file: Option<&SnapshotFile>,
+) -> Result<SchemaRef> {
+    let df = read_files(ctx, store, file)
         .await
         .map_err(external)?
         .ok_or_else(|| DataFusionError::Execution(format!("snapshot {} lists no data files", manifest.id)))?;
     Ok(Arc::new(df.schema().as_arrow().clone()))
+}
+
+/// Change rows with the layer holding each row as their last column, split by layer, that
+/// column removed (`schema` is theirs with it).
+fn split_by_layer(
+    batches: &[RecordBatch],
+    schema: &SchemaRef,
+) -> Result<std::collections::BTreeMap<u32, Vec<RecordBatch>>> {
+    let layer_at = schema.fields().len() - 1;
+    let columns: Vec<usize> = (0..layer_at).collect();
+    let without = Arc::new(schema.project(&columns)?);
+    let mut by_layer: std::collections::BTreeMap<u32, Vec<RecordBatch>> = Default::default();
+    for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+        let layers = arrow::compute::cast(batch.column(layer_at), &DataType::UInt32)?;
+        let layers = layers.as_primitive::<arrow::datatypes::UInt32Type>();
+        let mut ordinals: Vec<u32> = layers.values().to_vec();
+        ordinals.sort_unstable();
+        ordinals.dedup();
+        let rows = batch.project(&columns)?;
+        for ordinal in ordinals {
+            let mask = arrow::compute::kernels::cmp::eq(
+                layers,
+                &arrow::array::Scalar::new(arrow::array::UInt32Array::from(vec![ordinal])),
+            )?;
+            let part = arrow::compute::filter_record_batch(&rows, &mask)?;
+            let part = RecordBatch::try_new(without.clone(), part.columns().to_vec())?;
+            by_layer.entry(ordinal).or_default().push(part);
+        }
+    }
+    Ok(by_layer)
 }
 
 /// Keeps the rows of `batches` whose op satisfies `keep`.

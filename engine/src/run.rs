@@ -464,8 +464,10 @@ impl Engine {
         let run_ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
         let span = tracing::info_span!("extract", model, run_ids = ?run_ids);
         let stops: Vec<Shutdown> = runs.iter().map(|r| self.controls.register(&r.id)).collect();
+        // A full resync also starts a new base: nothing of earlier snapshots is relied on.
+        let base = full && runs.iter().all(|r| r.filter.is_none());
         let extracted = self
-            .extract(model, &runs[0].id, &template, &stops, observer)
+            .extract(model, &runs[0].id, &template, &stops, base, observer)
             .instrument(span)
             .await;
         let extract_ms = started.elapsed().as_millis() as u64;
@@ -578,6 +580,7 @@ impl Engine {
                     &run.id,
                     &template,
                     std::slice::from_ref(&stop),
+                    run.full_resync && run.filter.is_none(),
                     observer,
                 )
                 .await?;
@@ -630,7 +633,7 @@ impl Engine {
         let started_at = Utc::now();
         let template = self.template_values(model, started_at).await?;
         let id = format!("extract-{}", uuid::Uuid::now_v7());
-        self.extract(model, &id, &template, &[], observer).await
+        self.extract(model, &id, &template, &[], false, observer).await
     }
 
     /// The values a model's SQL template is rendered with: `last_sync_time` is the earliest
@@ -693,6 +696,7 @@ impl Engine {
         run_id: &str,
         template: &TemplateValues,
         stops: &[Shutdown],
+        base: bool,
         observer: &dyn RunObserver,
     ) -> Result<SnapshotManifest> {
         let config = self
@@ -719,11 +723,25 @@ impl Engine {
             key_columns: config.primary_key.0.clone(),
             buckets: None,
         };
-        let mut writer = SnapshotWriter::new(self.snapshots.clone(), spec);
         let snapshot_error = |source| EngineError::Snapshot {
             model: model.to_string(),
             source,
         };
+        // The latest snapshot is the parent: the new one stores only what changed since it
+        // (when it qualifies; see `SnapshotWriter`). `base` writes every row again.
+        let parent = if base {
+            None
+        } else {
+            self.snapshots
+                .list_snapshots(model)
+                .await
+                .map_err(snapshot_error)?
+                .pop()
+        };
+        let mut writer = SnapshotWriter::new(self.snapshots.clone(), spec);
+        if let Some(parent) = parent {
+            writer = writer.with_parent(parent);
+        }
         let empty = RecordBatch::new_empty(stream.schema());
         if let Err(e) = writer.write(empty).await {
             writer.abort().await;

@@ -32,6 +32,11 @@ pub enum SnapshotError {
     #[error("snapshot `{id}` of model `{model}` does not exist (it may have been retired)")]
     NotFound { model: String, id: String },
 
+    #[error(
+        "snapshot file `{path}` of model `{model}` is missing from the snapshot store; if files were removed by hand, run with --full to write a new base"
+    )]
+    MissingFile { model: String, path: String },
+
     #[error("primary key column `{column}` is not among the columns the query returns")]
     MissingKeyColumn { column: String },
 

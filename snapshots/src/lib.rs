@@ -1,6 +1,7 @@
 //! sluice's snapshot store: every extraction of a model kept as Parquet on object storage,
 //! split into key-hash buckets, committed atomically by a manifest, and readable as DataFusion
-//! tables.
+//! tables. A snapshot is a base (every row) or a delta (an index of every key, and only the rows
+//! its parent does not hold; see [`SnapshotWriter`]).
 
 mod error;
 pub mod hash;
@@ -12,13 +13,14 @@ mod writer;
 
 pub use error::{Result, SnapshotError};
 pub use manifest::{
-    ColumnInfo, FORMAT_VERSION, RESERVED_PREFIX, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest,
-    column_infos,
+    BASE_HASH_COLUMN, CHANGE_OP_COLUMN, ColumnInfo, FORMAT_VERSION, LAYER_COLUMN, Layer, OP_ADDED,
+    OP_DELETED, OP_UPDATED, RESERVED_PREFIX, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest, column_infos,
+    covering,
 };
 pub use storage::{OpenError, OpenedStore, UnfinishedUpload, UploadJanitor, open_store, store_action};
 pub use store::SnapshotStore;
 pub use table::{
-    EXTRACTED_AT_COLUMN, RUN_ID_COLUMN, SNAPSHOT_ID_COLUMN, read_files, read_snapshot, register_history,
-    register_snapshot,
+    EXTRACTED_AT_COLUMN, RUN_ID_COLUMN, SNAPSHOT_ID_COLUMN, read_files, read_rows, read_snapshot,
+    register_history, register_snapshot,
 };
-pub use writer::{PARTITIONS, ROWS_PER_BUCKET, SnapshotSpec, SnapshotWriter, buckets_for};
+pub use writer::{MAX_LAYERS, PARTITIONS, ROWS_PER_BUCKET, SnapshotSpec, SnapshotWriter, buckets_for};

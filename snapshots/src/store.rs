@@ -196,6 +196,11 @@ impl SnapshotStore {
         format!("models/{model}/snapshots/{id}")
     }
 
+    /// Where a writer of a delta marks which parent it builds on while it runs.
+    pub(crate) fn marker_path(model: &str, id: &str) -> String {
+        format!("models/{model}/snapshots/{id}.writing")
+    }
+
     /// Committed snapshots of `model`, oldest first.
     pub async fn list_snapshots(&self, model: &str) -> Result<Vec<SnapshotManifest>> {
         let mut ids: Vec<String> = self
@@ -227,45 +232,90 @@ impl SnapshotStore {
             model: model.to_string(),
             id: id.to_string(),
         })?;
-        serde_json::from_slice(&bytes).map_err(|e| SnapshotError::BadManifest {
-            path,
-            reason: e.to_string(),
-        })
+        let manifest: SnapshotManifest =
+            serde_json::from_slice(&bytes).map_err(|e| SnapshotError::BadManifest {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if manifest.format_version > crate::FORMAT_VERSION {
+            return Err(SnapshotError::BadManifest {
+                path,
+                reason: format!(
+                    "it has format version {}, and this sluice reads up to version {}; upgrade sluice",
+                    manifest.format_version,
+                    crate::FORMAT_VERSION
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Every data file (relative path) that a committed snapshot of `model` or a running
+    /// writer needs: what retiring and cleaning up must leave in place.
+    /// Markers last written before `markers_since` (writers that died) do not count.
+    async fn referenced_files(
+        &self,
+        model: &str,
+        markers_since: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<std::collections::HashSet<String>> {
+        let mut referenced = std::collections::HashSet::new();
+        for manifest in self.list_snapshots(model).await? {
+            referenced.extend(manifest.referenced_files().map(|f| f.path.clone()));
+        }
+        for meta in self.list_objects(&format!("models/{model}/snapshots")).await? {
+            let path = self.relative(&meta.location);
+            if !path.ends_with(".writing") || markers_since.is_some_and(|since| meta.last_modified < since) {
+                continue;
+            }
+            let Some(bytes) = self.get(&path).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<WriterMarker>(&bytes) {
+                Ok(marker) => referenced.extend(marker.files),
+                Err(e) => tracing::warn!(path, error = %e, "an unreadable snapshot writer's marker"),
+            }
+        }
+        Ok(referenced)
     }
 
     /// Retires a snapshot: the manifest goes first so the snapshot stops being visible, then its
-    /// data files. Safe to interrupt and to repeat.
+    /// data files that nothing else refers to. A delta's layers are earlier snapshots' own
+    /// rows: they stay while a committed delta, or a writer building one, needs them, and
+    /// [`SnapshotStore::remove_uncommitted`] removes them once nothing does. Safe to interrupt
+    /// and to repeat.
     pub async fn retire(&self, model: &str, id: &str) -> Result<()> {
         self.delete(&Self::manifest_path(model, id)).await?;
+        // Listed after the manifest is gone: a writer that picked this snapshot as its parent
+        // has either marked its files already (and they stay), or will find the parent gone
+        // when it checks after marking, and write a base.
+        let referenced = self.referenced_files(model, None).await?;
         for path in self.list(&Self::data_dir(model, id)).await? {
-            self.delete(&path).await?;
+            if !referenced.contains(&path) {
+                self.delete(&path).await?;
+            }
         }
         Ok(())
     }
 
-    /// Deletes data directories of `model` that no manifest commits (left by a writer that was
-    /// killed or failed) and that were created before `older_than`.
+    /// Deletes data files of `model` that no committed snapshot (or running writer's parent)
+    /// refers to and that were created before `older_than`: left by a writer that was killed or
+    /// failed, or layers of retired snapshots that no delta needs any more; and markers of
+    /// writers that died.
     pub async fn remove_uncommitted(
         &self,
         model: &str,
         older_than: chrono::DateTime<chrono::Utc>,
     ) -> Result<usize> {
         let metas = self.list_objects(&format!("models/{model}/snapshots")).await?;
-        let committed: std::collections::HashSet<String> = metas
-            .iter()
-            .filter_map(|m| m.location.filename())
-            .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
-            .collect();
+        let referenced = self.referenced_files(model, Some(older_than)).await?;
         let mut removed = 0;
         for meta in metas {
-            let parts: Vec<_> = meta.location.parts().map(|p| p.as_ref().to_string()).collect();
-            let Some(dir) = parts.iter().rev().nth(1) else {
-                continue;
-            };
+            let relative = self.relative(&meta.location);
             let is_data = meta.location.extension() == Some("parquet");
-            if is_data && !committed.contains(dir) && meta.last_modified < older_than {
-                self.delete(&self.relative(&meta.location)).await?;
-                removed += 1;
+            let is_marker = meta.location.extension() == Some("writing");
+            if (is_data && !referenced.contains(&relative) || is_marker) && meta.last_modified < older_than {
+                self.delete(&relative).await?;
+                removed += usize::from(is_data);
             }
         }
         Ok(removed)
@@ -309,6 +359,15 @@ impl SnapshotStore {
             .map_err(|e| self.store_error(e))?;
         Ok(uploads.iter().map(|u| self.relative(&u.path)).collect())
     }
+}
+
+/// What a writer of a delta leaves beside the manifests while it runs: the parent it builds on
+/// and the files of the parent it reads or will refer to.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct WriterMarker {
+    pub parent: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub files: Vec<String>,
 }
 
 fn with_trailing_slash(mut url: Url) -> Url {

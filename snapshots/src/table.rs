@@ -24,18 +24,81 @@ pub async fn read_files<'a>(
     Ok(Some(ctx.read_parquet(urls, ParquetReadOptions::default()).await?))
 }
 
-/// A DataFrame over a whole snapshot (every snapshot has at least one file, even when empty).
+/// A DataFrame over every row of a snapshot: the model's columns and the row hash. A base's
+/// rows are its own files (every base has at least one, even when empty); a delta's are its own
+/// rows and, of each earlier layer, the rows its index says that layer holds.
 pub async fn read_snapshot(
     ctx: &SessionContext,
     store: &SnapshotStore,
     manifest: &SnapshotManifest,
 ) -> Result<DataFrame> {
-    read_files(ctx, store, &manifest.files)
+    read_rows(ctx, store, manifest, None)
         .await?
         .ok_or_else(|| crate::SnapshotError::BadManifest {
             path: SnapshotStore::manifest_path(&manifest.model, &manifest.id),
             reason: "the manifest lists no data files".into(),
         })
+}
+
+/// The rows of a snapshot ([`read_snapshot`]), or of its bucket `b` of `of` when `bucket` is
+/// `Some((b, of))`; `None` when no file holds any.
+pub async fn read_rows(
+    ctx: &SessionContext,
+    store: &SnapshotStore,
+    manifest: &SnapshotManifest,
+    bucket: Option<(u32, u32)>,
+) -> Result<Option<DataFrame>> {
+    use datafusion::logical_expr::JoinType;
+    use datafusion::prelude::{ident, lit};
+
+    let select = |files: &'_ [SnapshotFile]| -> Vec<SnapshotFile> {
+        match bucket {
+            Some((b, of)) => crate::manifest::covering(files, manifest.buckets, b, of)
+                .cloned()
+                .collect(),
+            None => files.to_vec(),
+        }
+    };
+    if manifest.is_base() {
+        return read_files(ctx, store, &select(&manifest.files)).await;
+    }
+    let keys: Vec<&str> = manifest.key_columns.iter().map(String::as_str).collect();
+    let index_keys: Vec<String> = (0..keys.len())
+        .map(|i| format!("__sluice_index_key_{i}"))
+        .collect();
+    let index_key_refs: Vec<&str> = index_keys.iter().map(String::as_str).collect();
+    let index_files = select(&manifest.index);
+    let mut frames: Vec<DataFrame> = Vec::new();
+    for ordinal in 0..=manifest.own_layer() {
+        let Some((_, files)) = manifest.layer(ordinal) else {
+            continue;
+        };
+        let Some(rows) = read_files(ctx, store, &select(files)).await? else {
+            continue;
+        };
+        if ordinal == manifest.own_layer() {
+            // Every own row is current.
+            frames.push(rows);
+            continue;
+        }
+        let Some(index) = read_files(ctx, store, &index_files).await? else {
+            continue;
+        };
+        let in_layer = index
+            .filter(ident(crate::manifest::LAYER_COLUMN).eq(lit(ordinal)))?
+            .select(
+                keys.iter()
+                    .zip(&index_keys)
+                    .map(|(k, alias)| ident(*k).alias(alias))
+                    .collect::<Vec<_>>(),
+            )?;
+        frames.push(rows.join(in_layer, JoinType::LeftSemi, &keys, &index_key_refs, None)?);
+    }
+    let mut frames = frames.into_iter();
+    let Some(first) = frames.next() else {
+        return Ok(None);
+    };
+    Ok(Some(frames.try_fold(first, |all, frame| all.union(frame))?))
 }
 
 /// Registers a whole snapshot as table `name` in `ctx`.

@@ -9,20 +9,36 @@
 //! Writing happens in two phases, so memory stays bounded however large the model:
 //! 1. **Spill** (while the source streams): each batch gets its row hash column and is cut by
 //!    key hash into [`PARTITIONS`] fine partitions, appended to local Arrow IPC files.
-//! 2. **Sort and write** (at commit, when the row count is known): the bucket count is chosen from
-//!    the actual row count; each bucket (the union of the fine partitions that nest into it) is
-//!    sorted by DataFusion — which spills to disk beyond its memory budget — and encoded as
-//!    Parquet, two buckets at a time. Equal keys end up adjacent, so duplicate keys are found on
-//!    the way, without a second pass.
+//! 2. **Sort and write** (at commit, when the row count is known), two buckets at a time, as a
+//!    base or as a delta of a parent snapshot:
+//!    - a **base** writes every row: the bucket count is chosen from the row count; each bucket
+//!      (the union of the fine partitions that nest into it) is sorted by key — whole in memory,
+//!      or by DataFusion's sort, which spills to disk — and encoded as Parquet;
+//!    - a **delta** writes only what its parent does not hold. Only the keys and row hashes of a
+//!      bucket are sorted; a merge with the parent's index (keys, row hashes, layers, sorted the
+//!      same way) finds the rows that are new or changed, and the bucket's files are a new index
+//!      (every key with its row hash and the layer holding its row) and the changed rows alone,
+//!      gathered from the spill. A delta shares its parent's bucket count.
+//!
+//!    Equal keys end up adjacent either way, so duplicate keys are found without a second pass.
+//!
+//! A delta's index points into **layers**: its parent's own rows and the layers the parent
+//! pointed into, oldest (the base) first. A snapshot is written as a base when it has no parent,
+//! when the columns, key or bucket count moved away from the parent's, when the chain reaches
+//! [`MAX_LAYERS`], or when the deltas hold more than half as many rows as the snapshot
+//! (compaction: the next base folds them in).
+//!
+//! While a delta is being written, a marker `<id>.writing` beside the manifests names its parent,
+//! so retention keeps the parent's layers until the delta commits (see [`SnapshotStore::retire`]).
 
 use std::fs::File;
 use std::io::BufWriter as FileBuffer;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, UInt32Array, UInt64Array};
+use arrow::array::{ArrayRef, AsArray, RecordBatch, UInt32Array, UInt64Array};
 use arrow::compute::BatchCoalescer;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type, UInt64Type};
 use arrow::ipc::writer::FileWriter as IpcWriter;
 use arrow::row::{RowConverter, SortField};
 use chrono::Utc;
@@ -40,7 +56,8 @@ use parquet::schema::types::ColumnPath;
 use crate::error::{Result, SnapshotError};
 use crate::hash::{bucket_of, key_hashes, row_hashes};
 use crate::manifest::{
-    FORMAT_VERSION, RESERVED_PREFIX, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest, column_infos,
+    BASE_HASH_COLUMN, CHANGE_OP_COLUMN, FORMAT_VERSION, LAYER_COLUMN, OP_ADDED, OP_DELETED, OP_UPDATED,
+    RESERVED_PREFIX, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest, column_infos,
 };
 use crate::store::SnapshotStore;
 
@@ -67,6 +84,8 @@ const KEY_BLOOM_FPP: f64 = 0.05;
 const IN_MEMORY_SORT_BYTES: u64 = 96 * 1024 * 1024;
 /// Rows per batch gathered from an in-memory sorted bucket.
 const IN_MEMORY_SLICE_ROWS: usize = 16 * 1024;
+/// Layers a chain of deltas may reach (its base included) before the next snapshot is a base.
+pub const MAX_LAYERS: usize = 16;
 
 /// What to snapshot.
 #[derive(Debug, Clone)]
@@ -107,6 +126,11 @@ pub struct SnapshotWriter {
     rows: u64,
     /// Spilled bytes up to which a bucket is sorted in memory.
     in_memory_sort_bytes: u64,
+    /// The snapshot to write this one as a delta of, when it qualifies.
+    parent: Option<Arc<SnapshotManifest>>,
+    /// Whether the marker naming the parent was written (and is to be removed).
+    marked: bool,
+    started: bool,
 }
 
 /// Phase one: fine partitions on local disk.
@@ -135,7 +159,100 @@ impl SnapshotWriter {
             spill: None,
             rows: 0,
             in_memory_sort_bytes: IN_MEMORY_SORT_BYTES,
+            parent: None,
+            marked: false,
+            started: false,
         }
+    }
+
+    /// Writes the snapshot as a delta of `parent` (normally the model's latest snapshot) when
+    /// it qualifies at commit; otherwise as a base.
+    pub fn with_parent(mut self, parent: SnapshotManifest) -> Self {
+        self.parent = Some(Arc::new(parent));
+        self
+    }
+
+    /// The parent this snapshot may be written as a delta of.
+    pub fn parent(&self) -> Option<&SnapshotManifest> {
+        self.parent.as_deref()
+    }
+
+    /// Before the first row: a marker naming the parent, so retention keeps the parent's
+    /// layers; then the parent is checked to be still there (a retention that ran before the
+    /// marker existed may have retired it, and then this snapshot is written as a base).
+    async fn start(&mut self) -> Result<()> {
+        self.started = true;
+        let Some(parent) = self.parent.clone() else {
+            return Ok(());
+        };
+        let marker = SnapshotStore::marker_path(&self.spec.model, &self.id);
+        let body = crate::store::WriterMarker {
+            parent: parent.id.clone(),
+            started_at: self.extracted_at,
+            // What the merge reads and the new snapshot will refer to.
+            files: parent
+                .index_files()
+                .iter()
+                .chain(parent.layers_for_child().iter().flat_map(|l| &l.files))
+                .map(|f| f.path.clone())
+                .collect(),
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| SnapshotError::BadManifest {
+            path: marker.clone(),
+            reason: e.to_string(),
+        })?;
+        self.store.put(&marker, body.into()).await?;
+        self.marked = true;
+        if self
+            .store
+            .get(&SnapshotStore::manifest_path(&parent.model, &parent.id))
+            .await?
+            .is_none()
+        {
+            tracing::info!(
+                model = self.spec.model,
+                parent = parent.id,
+                "the parent snapshot was retired; writing a base"
+            );
+            self.parent = None;
+        }
+        Ok(())
+    }
+
+    async fn remove_marker(&mut self) {
+        if self.marked {
+            let marker = SnapshotStore::marker_path(&self.spec.model, &self.id);
+            if let Err(e) = self.store.delete(&marker).await {
+                tracing::warn!(path = marker, error = %e, "could not remove a snapshot writer's marker");
+            } else {
+                self.marked = false;
+            }
+        }
+    }
+
+    /// The parent when this snapshot, of `rows` rows and `columns`, qualifies as its delta;
+    /// with the bucket count to use.
+    fn delta_parent(&self, model_schema: &Schema) -> Option<(Arc<SnapshotManifest>, u32)> {
+        let parent = self.parent.clone()?;
+        if self.rows == 0
+            || parent.rows == 0
+            || parent.key_columns != self.spec.key_columns
+            || parent.columns != column_infos(model_schema)
+            || parent.layers.len() + 1 >= MAX_LAYERS
+            || parent.delta_rows().saturating_mul(2) > parent.rows.max(self.rows)
+        {
+            return None;
+        }
+        let fits = match self.spec.buckets {
+            Some(fixed) => fixed == parent.buckets,
+            // Within a factor of two of the ideal count: no rebase each time a model hovers
+            // around a bucket boundary.
+            None => {
+                let wanted = buckets_for(self.rows);
+                wanted <= parent.buckets.saturating_mul(2) && parent.buckets <= wanted.saturating_mul(2)
+            }
+        };
+        fits.then_some((parent.clone(), parent.buckets))
     }
 
     /// Sorts buckets whose spilled data is larger than `bytes` with DataFusion's spilling
@@ -155,6 +272,9 @@ impl SnapshotWriter {
 
     /// Adds a batch of model rows.
     pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        if !self.started {
+            self.start().await?;
+        }
         let stored_schema = match &self.schema {
             Some((model_schema, stored)) => {
                 if model_schema.fields() != batch.schema().fields() {
@@ -249,7 +369,10 @@ impl SnapshotWriter {
     /// snapshot by writing its manifest. On error the partly written data is removed.
     pub async fn commit(mut self) -> Result<SnapshotManifest> {
         match self.finish().await {
-            Ok(manifest) => Ok(manifest),
+            Ok(manifest) => {
+                self.remove_marker().await;
+                Ok(manifest)
+            }
             Err(e) => {
                 self.remove_data().await;
                 Err(e)
@@ -265,11 +388,16 @@ impl SnapshotWriter {
                 got: "no record batches".into(),
             });
         };
-        let buckets = self.spec.buckets.unwrap_or_else(|| buckets_for(self.rows));
+        let delta = self.delta_parent(&model_schema);
+        let buckets = match &delta {
+            Some((_, buckets)) => *buckets,
+            None => self.spec.buckets.unwrap_or_else(|| buckets_for(self.rows)),
+        };
         tracing::debug!(
             model = self.spec.model,
             rows = self.rows,
             buckets,
+            delta_of = delta.as_ref().map(|(p, _)| p.id.as_str()),
             "rows spilled; sorting and writing buckets"
         );
         let mut bucket_inputs: Vec<Vec<PathBuf>> = vec![Vec::new(); buckets as usize];
@@ -295,24 +423,47 @@ impl SnapshotWriter {
                 .with_batch_size(8192),
             runtime,
         );
+        let data_dir = SnapshotStore::data_dir(&self.spec.model, &self.id);
+        let own_layer = delta.as_ref().map_or(0, |(parent, _)| parent.own_layer() + 1);
+        let index_schema = index_schema(&stored_schema, &self.spec.key_columns)?;
+        let index_props = Arc::new(index_properties(&self.spec, &self.id, &index_schema));
+        let changes_schema = changes_schema(&stored_schema, &self.spec.key_columns)?;
+        let changes_props = Arc::new(
+            WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .build(),
+        );
         let jobs = bucket_inputs
             .into_iter()
             .enumerate()
-            .filter(|(_, inputs)| !inputs.is_empty())
+            // A delta's bucket the new rows left empty still has the parent's rows to delete.
+            .filter(|(bucket, inputs)| {
+                !inputs.is_empty()
+                    || delta.as_ref().is_some_and(|(parent, _)| {
+                        parent.index_covering(*bucket as u32, buckets).next().is_some()
+                    })
+            })
             .map(|(bucket, inputs)| BucketJob {
                 in_memory_sort_bytes: self.in_memory_sort_bytes,
                 ctx: ctx.clone(),
                 store: self.store.clone(),
                 model: self.spec.model.clone(),
                 key_columns: self.spec.key_columns.clone(),
-                relative: format!(
-                    "{}/bucket-{bucket:04}-of-{buckets:04}.parquet",
-                    SnapshotStore::data_dir(&self.spec.model, &self.id)
-                ),
+                relative: format!("{data_dir}/bucket-{bucket:04}-of-{buckets:04}.parquet"),
                 bucket: bucket as u32,
                 inputs,
                 schema: stored_schema.clone(),
                 props: props.clone(),
+                delta: delta.as_ref().map(|(parent, _)| DeltaJob {
+                    parent_index: parent.index_covering(bucket as u32, buckets).next().cloned(),
+                    own_layer,
+                    index_relative: format!("{data_dir}/index-{bucket:04}-of-{buckets:04}.parquet"),
+                    index_schema: index_schema.clone(),
+                    index_props: index_props.clone(),
+                    changes_relative: format!("{data_dir}/changes-{bucket:04}-of-{buckets:04}.parquet"),
+                    changes_schema: changes_schema.clone(),
+                    changes_props: changes_props.clone(),
+                }),
             });
         let outcomes: Vec<Result<BucketOutcome>> = futures::stream::iter(jobs)
             .map(|job| async move {
@@ -324,11 +475,15 @@ impl SnapshotWriter {
             .collect()
             .await;
         let mut files = Vec::new();
+        let mut index = Vec::new();
+        let mut changes = Vec::new();
         let mut duplicates = Duplicates::default();
         for outcome in outcomes {
             let outcome = outcome?;
             duplicates.merge(outcome.duplicates);
-            files.push(outcome.file);
+            files.extend(outcome.file);
+            index.extend(outcome.index);
+            changes.extend(outcome.changes);
         }
         if duplicates.keys > 0 {
             return Err(SnapshotError::DuplicateKeys {
@@ -336,11 +491,17 @@ impl SnapshotWriter {
                 examples: duplicates.examples.join(", "),
             });
         }
-        if files.is_empty() {
+        if files.is_empty() && delta.is_none() {
             // An empty snapshot still records its schema in one empty file.
             files.push(self.write_empty_file(buckets, &stored_schema, &props).await?);
         }
         files.sort_by_key(|f| f.bucket);
+        index.sort_by_key(|f| f.bucket);
+        changes.sort_by_key(|f| f.bucket);
+        let (parent, layers) = match &delta {
+            Some((parent, _)) => (Some(parent.id.clone()), parent.layers_for_child()),
+            None => (None, Vec::new()),
+        };
         let manifest = SnapshotManifest {
             format_version: FORMAT_VERSION,
             id: self.id.clone(),
@@ -352,6 +513,10 @@ impl SnapshotWriter {
             rows: self.rows,
             columns: column_infos(&model_schema),
             files,
+            parent,
+            index,
+            layers,
+            changes,
         };
         let path = SnapshotStore::manifest_path(&manifest.model, &manifest.id);
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::BadManifest {
@@ -396,6 +561,7 @@ impl SnapshotWriter {
     async fn remove_data(&mut self) {
         // The spill directory goes with `self.spill`.
         self.spill = None;
+        self.remove_marker().await;
         let dir = SnapshotStore::data_dir(&self.spec.model, &self.id);
         if let Ok(paths) = self.store.list(&dir).await {
             for path in paths {
@@ -485,15 +651,39 @@ struct BucketJob {
     inputs: Vec<PathBuf>,
     schema: SchemaRef,
     props: Arc<WriterProperties>,
+    /// Set when the snapshot is a delta.
+    delta: Option<DeltaJob>,
+}
+
+/// What a delta's bucket needs beyond a base's.
+struct DeltaJob {
+    /// The parent's index file of this bucket (none: the parent had no rows in it).
+    parent_index: Option<SnapshotFile>,
+    /// The layer ordinal of this snapshot's own rows.
+    own_layer: u32,
+    index_relative: String,
+    index_schema: SchemaRef,
+    index_props: Arc<WriterProperties>,
+    changes_relative: String,
+    changes_schema: SchemaRef,
+    changes_props: Arc<WriterProperties>,
 }
 
 struct BucketOutcome {
-    file: SnapshotFile,
+    /// Own rows (none for a delta bucket where nothing changed).
+    file: Option<SnapshotFile>,
+    /// A delta's index file (none when the bucket has no rows left).
+    index: Option<SnapshotFile>,
+    /// A delta's changes since its parent (none when nothing changed in the bucket).
+    changes: Option<SnapshotFile>,
     duplicates: Duplicates,
 }
 
 impl BucketJob {
-    async fn run(self) -> Result<BucketOutcome> {
+    async fn run(mut self) -> Result<BucketOutcome> {
+        if let Some(delta) = self.delta.take() {
+            return self.run_delta(delta).await;
+        }
         let spilled_bytes: u64 = self
             .inputs
             .iter()
@@ -589,15 +779,480 @@ impl BucketJob {
         }
         writer.finish().await.map_err(parquet_err)?;
         Ok(BucketOutcome {
-            file: SnapshotFile {
+            file: Some(SnapshotFile {
                 path: self.relative,
                 bucket: self.bucket,
                 rows,
                 bytes: writer.bytes_written() as u64,
-            },
+            }),
+            index: None,
+            changes: None,
             duplicates: detector.finish(),
         })
     }
+
+    /// A delta's bucket: sorts only keys and row hashes, merges them with the parent's index,
+    /// writes the new index, and gathers the rows the parent does not hold from the spill.
+    async fn run_delta(self, delta: DeltaJob) -> Result<BucketOutcome> {
+        let key_indices: Vec<usize> = self
+            .key_columns
+            .iter()
+            .map(|k| {
+                self.schema
+                    .index_of(k)
+                    .map_err(|_| SnapshotError::MissingKeyColumn { column: k.clone() })
+            })
+            .collect::<Result<_>>()?;
+        let hash_index = self.schema.index_of(ROW_HASH_COLUMN)?;
+
+        // The bucket's keys and hashes, in spill order (a row's position is its index here).
+        let mut projection = key_indices.clone();
+        projection.push(hash_index);
+        let mut parts = Vec::new();
+        for path in &self.inputs {
+            let file = File::open(path).map_err(|e| spill_error(path, e))?;
+            let reader = arrow::ipc::reader::FileReader::try_new(
+                std::io::BufReader::new(file),
+                Some(projection.clone()),
+            )?;
+            for batch in reader {
+                parts.push(batch?);
+            }
+        }
+        let keys_schema = Arc::new(self.schema.project(&projection)?);
+        let spilled = arrow::compute::concat_batches(&keys_schema, &parts)?;
+        drop(parts);
+        let rows = spilled.num_rows();
+        let key_count = key_indices.len();
+        let order = sort_order(&spilled.columns()[..key_count])?;
+        let sorted = arrow::compute::take_record_batch(&spilled, &order)?;
+        drop(spilled);
+        let sorted_keys: Vec<ArrayRef> = sorted.columns()[..key_count].to_vec();
+        let sorted_hashes = sorted.column(key_count).as_primitive::<UInt64Type>().clone();
+
+        let fields: Vec<SortField> = sorted_keys
+            .iter()
+            .map(|a| SortField::new(a.data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(fields)?;
+        let new_rows = converter.convert_columns(&sorted_keys)?;
+
+        // The parent's keys, hashes and layers for this bucket, in key order.
+        let parent = match &delta.parent_index {
+            Some(file) => Some(self.read_parent_index(file, &sorted_keys, &converter).await?),
+            None => None,
+        };
+
+        let mut layers: Vec<u32> = Vec::with_capacity(rows);
+        // Rows the parent does not hold (added or updated), with the hash it had for updated
+        // ones; and the parent's rows whose keys are gone (deleted).
+        let mut own: Vec<u32> = Vec::new();
+        let mut own_base: Vec<Option<u64>> = Vec::new();
+        let mut deleted: Vec<u32> = Vec::new();
+        let mut duplicates = DuplicateRuns::default();
+        let parent_rows = parent.as_ref().map_or(0, |p| p.rows.num_rows());
+        let mut j = 0usize;
+        let mut matched: Option<usize> = None;
+        for i in 0..rows {
+            let key = new_rows.row(i);
+            if i > 0 && new_rows.row(i - 1) == key {
+                duplicates.repeat(i);
+            } else {
+                duplicates.start(i);
+            }
+            let mut layer = delta.own_layer;
+            let mut base_hash = None;
+            if let Some(parent) = &parent {
+                while j < parent_rows && parent.rows.row(j) < key {
+                    if matched != Some(j) {
+                        deleted.push(j as u32);
+                    }
+                    j += 1;
+                }
+                if j < parent_rows && parent.rows.row(j) == key {
+                    matched = Some(j);
+                    if parent.hashes.value(j) == sorted_hashes.value(i) {
+                        layer = parent.layers.as_ref().map_or(0, |l| l.value(j));
+                    } else {
+                        base_hash = Some(parent.hashes.value(j));
+                    }
+                }
+            }
+            if layer == delta.own_layer {
+                own.push(i as u32);
+                own_base.push(base_hash);
+            }
+            layers.push(layer);
+        }
+        for j in j..parent_rows {
+            if matched != Some(j) {
+                deleted.push(j as u32);
+            }
+        }
+        let duplicates = duplicates.finish(&sorted_keys, &self.key_columns)?;
+        if duplicates.keys > 0 {
+            return Ok(BucketOutcome {
+                file: None,
+                index: None,
+                changes: None,
+                duplicates,
+            });
+        }
+
+        // What changed since the parent, for the diff of a mapping whose baseline is the
+        // parent: added and updated keys (in this snapshot's own layer) and deleted ones (in
+        // the layer that holds their last row).
+        let own_indices = UInt32Array::from(own.clone());
+        let mut upserts: Vec<ArrayRef> = sorted_keys
+            .iter()
+            .map(|k| arrow::compute::take(k, &own_indices, None))
+            .collect::<std::result::Result<_, _>>()?;
+        upserts.push(Arc::new(arrow::array::UInt8Array::from_iter_values(
+            own_base
+                .iter()
+                .map(|b| if b.is_some() { OP_UPDATED } else { OP_ADDED }),
+        )));
+        upserts.push(arrow::compute::take(&sorted_hashes, &own_indices, None)?);
+        upserts.push(Arc::new(UInt64Array::from(own_base)));
+        upserts.push(Arc::new(UInt32Array::from(vec![delta.own_layer; own.len()])));
+        let mut change_batches = vec![RecordBatch::try_new(delta.changes_schema.clone(), upserts)?];
+        if let Some(parent) = &parent
+            && !deleted.is_empty()
+        {
+            let gone = UInt32Array::from(deleted);
+            let mut deletes: Vec<ArrayRef> = parent
+                .keys
+                .iter()
+                .map(|k| arrow::compute::take(k, &gone, None))
+                .collect::<std::result::Result<_, _>>()?;
+            deletes.push(Arc::new(arrow::array::UInt8Array::from(vec![
+                OP_DELETED;
+                gone.len()
+            ])));
+            deletes.push(Arc::new(UInt64Array::new_null(gone.len())));
+            deletes.push(arrow::compute::take(&parent.hashes, &gone, None)?);
+            deletes.push(match &parent.layers {
+                Some(layers) => arrow::compute::take(layers, &gone, None)?,
+                None => Arc::new(UInt32Array::from(vec![0; gone.len()])),
+            });
+            change_batches.push(RecordBatch::try_new(delta.changes_schema.clone(), deletes)?);
+        }
+        let change_count: usize = change_batches.iter().map(|b| b.num_rows()).sum();
+        let changes = if change_count == 0 {
+            None
+        } else {
+            Some(
+                self.write_batches(
+                    &delta.changes_relative,
+                    &delta.changes_schema,
+                    &delta.changes_props,
+                    change_batches,
+                )
+                .await?,
+            )
+        };
+
+        let index = if rows == 0 {
+            None
+        } else {
+            let mut index_columns = sorted_keys.clone();
+            index_columns.push(Arc::new(sorted_hashes) as ArrayRef);
+            index_columns.push(Arc::new(UInt32Array::from(layers)) as ArrayRef);
+            let index_batch = RecordBatch::try_new(delta.index_schema.clone(), index_columns)?;
+            Some(
+                self.write_batches(
+                    &delta.index_relative,
+                    &delta.index_schema,
+                    &delta.index_props,
+                    [index_batch],
+                )
+                .await?,
+            )
+        };
+
+        let file = if own.is_empty() {
+            None
+        } else {
+            // Own rows in key order: their spill positions, gathered in spill order, then put
+            // back in key order.
+            let mut wanted: Vec<(u32, u32)> = own
+                .iter()
+                .enumerate()
+                .map(|(rank, i)| (order.value(*i as usize), rank as u32))
+                .collect();
+            wanted.sort_unstable();
+            let gathered = self.gather(&wanted)?;
+            let mut back = vec![0u32; wanted.len()];
+            for (at, (_, rank)) in wanted.iter().enumerate() {
+                back[*rank as usize] = at as u32;
+            }
+            let in_key_order = arrow::compute::take_record_batch(&gathered, &UInt32Array::from(back))?;
+            drop(gathered);
+            let batches: Vec<RecordBatch> = (0..in_key_order.num_rows())
+                .step_by(ROW_GROUP_ROWS)
+                .map(|start| in_key_order.slice(start, ROW_GROUP_ROWS.min(in_key_order.num_rows() - start)))
+                .collect();
+            Some(
+                self.write_batches(&self.relative, &self.schema, &self.props, batches)
+                    .await?,
+            )
+        };
+        Ok(BucketOutcome {
+            file,
+            index,
+            changes,
+            duplicates,
+        })
+    }
+
+    /// Rows at the spill positions `wanted` (sorted ascending; the second field is carried
+    /// along), in that order, read batch by batch so only the wanted rows stay in memory.
+    fn gather(&self, wanted: &[(u32, u32)]) -> Result<RecordBatch> {
+        let mut out = Vec::new();
+        let mut offset = 0u32;
+        let mut next = 0usize;
+        'files: for path in &self.inputs {
+            let file = File::open(path).map_err(|e| spill_error(path, e))?;
+            let reader = arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)?;
+            for batch in reader {
+                if next == wanted.len() {
+                    break 'files;
+                }
+                let batch = batch?;
+                let end = offset + batch.num_rows() as u32;
+                let mut indices = Vec::new();
+                while next < wanted.len() && wanted[next].0 < end {
+                    indices.push(wanted[next].0 - offset);
+                    next += 1;
+                }
+                if !indices.is_empty() {
+                    out.push(arrow::compute::take_record_batch(
+                        &batch,
+                        &UInt32Array::from(indices),
+                    )?);
+                }
+                offset = end;
+            }
+        }
+        Ok(arrow::compute::concat_batches(&self.schema, &out)?)
+    }
+
+    /// The parent's index of this bucket: keys as comparable rows (in the new snapshot's key
+    /// types), row hashes and layer ordinals (none for a base parent: all layer 0).
+    async fn read_parent_index(
+        &self,
+        file: &SnapshotFile,
+        new_keys: &[ArrayRef],
+        converter: &RowConverter,
+    ) -> Result<ParentIndex> {
+        use parquet::arrow::ProjectionMask;
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let parquet_err = |source| SnapshotError::Parquet {
+            model: self.model.clone(),
+            source,
+        };
+        // One bucket's index: keys, hashes and layers, a few MiB; read whole.
+        let bytes = self
+            .store
+            .get(&file.path)
+            .await?
+            .ok_or_else(|| SnapshotError::MissingFile {
+                model: self.model.clone(),
+                path: file.path.clone(),
+            })?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(parquet_err)?;
+        let schema = builder.schema().clone();
+        let mut wanted: Vec<usize> = Vec::new();
+        for key in &self.key_columns {
+            wanted.push(
+                schema
+                    .index_of(key)
+                    .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })?,
+            );
+        }
+        wanted.push(schema.index_of(ROW_HASH_COLUMN)?);
+        let layer_index = schema.index_of(LAYER_COLUMN).ok();
+        wanted.extend(layer_index);
+        let mask = ProjectionMask::roots(builder.parquet_schema(), wanted.iter().copied());
+        let reader = builder
+            .with_projection(mask)
+            .with_batch_size(64 * 1024)
+            .build()
+            .map_err(parquet_err)?;
+        let batches: Vec<RecordBatch> = reader.collect::<std::result::Result<_, _>>()?;
+        let projected = Arc::new(schema.project(&wanted)?);
+        let all = arrow::compute::concat_batches(&projected, &batches)?;
+        drop(batches);
+        let key_count = self.key_columns.len();
+        let keys = all.columns()[..key_count]
+            .iter()
+            .zip(new_keys)
+            .map(|(old, new)| {
+                if old.data_type() == new.data_type() {
+                    Ok(old.clone())
+                } else {
+                    arrow::compute::cast(old, new.data_type())
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let rows = converter.convert_columns(&keys)?;
+        let hashes = arrow::compute::cast(all.column(key_count), &DataType::UInt64)?
+            .as_primitive::<UInt64Type>()
+            .clone();
+        let layers = match layer_index {
+            Some(_) => Some(
+                arrow::compute::cast(all.column(key_count + 1), &DataType::UInt32)?
+                    .as_primitive::<UInt32Type>()
+                    .clone(),
+            ),
+            None => None,
+        };
+        Ok(ParentIndex {
+            keys,
+            rows,
+            hashes,
+            layers,
+        })
+    }
+
+    /// Writes `batches` as one Parquet file at `relative`.
+    async fn write_batches(
+        &self,
+        relative: &str,
+        schema: &SchemaRef,
+        props: &WriterProperties,
+        batches: impl IntoIterator<Item = RecordBatch>,
+    ) -> Result<SnapshotFile> {
+        let parquet_err = |source| SnapshotError::Parquet {
+            model: self.model.clone(),
+            source,
+        };
+        let sink = BufWriter::new(self.store.object_store(), self.store.path(relative));
+        let mut writer =
+            AsyncArrowWriter::try_new(sink, schema.clone(), Some(props.clone())).map_err(parquet_err)?;
+        let mut rows = 0u64;
+        for batch in batches {
+            rows += batch.num_rows() as u64;
+            writer.write(&batch).await.map_err(parquet_err)?;
+        }
+        writer.finish().await.map_err(parquet_err)?;
+        Ok(SnapshotFile {
+            path: relative.to_string(),
+            bucket: self.bucket,
+            rows,
+            bytes: writer.bytes_written() as u64,
+        })
+    }
+}
+
+/// A parent's index of one bucket, in key order.
+struct ParentIndex {
+    /// Key columns in the new snapshot's types.
+    keys: Vec<ArrayRef>,
+    rows: arrow::row::Rows,
+    hashes: arrow::array::UInt64Array,
+    layers: Option<arrow::array::UInt32Array>,
+}
+
+/// The order that sorts rows by `keys` (ascending, nulls last: keys are never null).
+fn sort_order(keys: &[ArrayRef]) -> Result<UInt32Array> {
+    Ok(if keys.len() == 1 {
+        arrow::compute::sort_to_indices(&keys[0], None, None)?
+    } else {
+        let columns: Vec<arrow::compute::SortColumn> = keys
+            .iter()
+            .map(|k| arrow::compute::SortColumn {
+                values: k.clone(),
+                options: None,
+            })
+            .collect();
+        arrow::compute::lexsort_to_indices(&columns, None)?
+    })
+}
+
+/// Runs of equal keys in a key-sorted sequence, by position.
+#[derive(Default)]
+struct DuplicateRuns {
+    /// (first position, length) of the current run.
+    current: Option<(usize, u64)>,
+    /// Runs longer than one: (first position, length).
+    found: Vec<(usize, u64)>,
+    keys: u64,
+}
+
+impl DuplicateRuns {
+    fn start(&mut self, at: usize) {
+        self.close();
+        self.current = Some((at, 1));
+    }
+
+    fn repeat(&mut self, _at: usize) {
+        if let Some((_, count)) = &mut self.current {
+            *count += 1;
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some((at, count)) = self.current.take()
+            && count > 1
+        {
+            self.keys += 1;
+            if self.found.len() < 5 {
+                self.found.push((at, count));
+            }
+        }
+    }
+
+    fn finish(mut self, keys: &[ArrayRef], names: &[String]) -> Result<Duplicates> {
+        self.close();
+        let mut examples = Vec::new();
+        for (at, count) in self.found {
+            examples.push(format!("{} (×{count})", describe_key(keys, names, at)?));
+        }
+        Ok(Duplicates {
+            keys: self.keys,
+            examples,
+        })
+    }
+}
+
+/// The schema of a delta's index files: the key columns, the row hash and the layer.
+fn index_schema(stored: &Schema, key_columns: &[String]) -> Result<SchemaRef> {
+    let mut fields: Vec<Arc<Field>> = Vec::new();
+    for key in key_columns {
+        let field = stored
+            .field_with_name(key)
+            .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })?;
+        fields.push(Arc::new(field.clone()));
+    }
+    fields.push(Arc::new(Field::new(ROW_HASH_COLUMN, DataType::UInt64, false)));
+    fields.push(Arc::new(Field::new(LAYER_COLUMN, DataType::UInt32, false)));
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// The schema of a delta's changes files: the key columns, the change (1 added, 2 updated,
+/// 3 deleted), the new row hash (null when deleted), the parent's (null when added) and the
+/// layer holding the row (the new one, or the parent's last for a deleted key).
+fn changes_schema(stored: &Schema, key_columns: &[String]) -> Result<SchemaRef> {
+    let mut fields: Vec<Arc<Field>> = Vec::new();
+    for key in key_columns {
+        let field = stored
+            .field_with_name(key)
+            .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })?;
+        fields.push(Arc::new(field.clone()));
+    }
+    fields.push(Arc::new(Field::new(CHANGE_OP_COLUMN, DataType::UInt8, false)));
+    fields.push(Arc::new(Field::new(ROW_HASH_COLUMN, DataType::UInt64, true)));
+    fields.push(Arc::new(Field::new(BASE_HASH_COLUMN, DataType::UInt64, true)));
+    fields.push(Arc::new(Field::new(LAYER_COLUMN, DataType::UInt32, false)));
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// A delta's index files are written like own rows (the key columns' encodings, statistics and
+/// bloom filters, the plain row hash); the layer column is a handful of values, which
+/// dictionary and run-length encoding fold to almost nothing.
+fn index_properties(spec: &SnapshotSpec, id: &str, schema: &Schema) -> WriterProperties {
+    writer_properties(spec, id, schema)
 }
 
 fn writer_properties(spec: &SnapshotSpec, id: &str, schema: &Schema) -> WriterProperties {
@@ -926,6 +1581,275 @@ mod tests {
         let mut w = SnapshotWriter::new(store, spec(None));
         let err = w.write(batch).await.unwrap_err().to_string();
         assert!(err.contains("reserved"), "{err}");
+    }
+
+    /// Every row of a snapshot as (id, row hash), read back through DataFusion.
+    async fn read_back(store: &SnapshotStore, manifest: &SnapshotManifest) -> Vec<(i64, u64)> {
+        let ctx = SessionContext::new();
+        let batches = crate::read_snapshot(&ctx, store, manifest)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let mut rows: Vec<(i64, u64)> = batches
+            .iter()
+            .flat_map(|b| {
+                let ids = b
+                    .column_by_name("id")
+                    .unwrap()
+                    .as_primitive::<Int64Type>()
+                    .clone();
+                let hashes = b
+                    .column_by_name(ROW_HASH_COLUMN)
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::UInt64Type>()
+                    .clone();
+                ids.values()
+                    .iter()
+                    .copied()
+                    .zip(hashes.values().iter().copied())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        rows.sort_unstable();
+        rows
+    }
+
+    /// (id, row hash) of every row of `batch`, sorted.
+    fn expected(batch: &RecordBatch) -> Vec<(i64, u64)> {
+        let hashes = row_hashes(batch, &["id".to_string()]).unwrap();
+        let ids = batch.column(0).as_primitive::<Int64Type>();
+        let mut rows: Vec<(i64, u64)> = ids.values().iter().copied().zip(hashes).collect();
+        rows.sort_unstable();
+        rows
+    }
+
+    fn named(ids: &[i64], version: &dyn Fn(i64) -> String) -> RecordBatch {
+        RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(ids.to_vec())) as ArrayRef),
+            (
+                "name",
+                Arc::new(StringArray::from_iter_values(ids.iter().map(|i| version(*i)))) as ArrayRef,
+            ),
+        ])
+        .unwrap()
+    }
+
+    async fn write_version(
+        store: &SnapshotStore,
+        batch: RecordBatch,
+        parent: Option<&SnapshotManifest>,
+    ) -> SnapshotManifest {
+        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4)));
+        if let Some(parent) = parent {
+            w = w.with_parent(parent.clone());
+        }
+        let half = batch.num_rows() / 2;
+        w.write(batch.slice(0, half)).await.unwrap();
+        w.write(batch.slice(half, batch.num_rows() - half)).await.unwrap();
+        w.commit().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_delta_stores_the_changed_rows_and_reads_back_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let v1 = named(&(0..3000).rev().collect::<Vec<_>>(), &|i| format!("user {i}"));
+        let base = write_version(&store, v1.clone(), None).await;
+        assert!(base.is_base() && base.parent.is_none());
+        // 100 updated, 30 deleted (ids 3..3000 step 100), 49 added.
+        let ids: Vec<i64> = (0..3050).filter(|i| i % 100 != 3).collect();
+        let v2 = named(&ids, &|i| {
+            if i % 30 == 0 {
+                format!("renamed {i}")
+            } else {
+                format!("user {i}")
+            }
+        });
+        let delta = write_version(&store, v2.clone(), Some(&base)).await;
+        assert_eq!(delta.parent.as_deref(), Some(base.id.as_str()));
+        assert_eq!(delta.layers.len(), 1);
+        assert_eq!(delta.layers[0].snapshot, base.id);
+        assert_eq!(delta.rows, v2.num_rows() as u64);
+        let own: u64 = delta.files.iter().map(|f| f.rows).sum();
+        // (Added: 3000..3050 but 3003, which the filter leaves out.)
+        assert_eq!(own, 100 + 49, "only updated and added rows are stored again");
+        assert_eq!(delta.index.iter().map(|f| f.rows).sum::<u64>(), delta.rows);
+        assert_eq!(read_back(&store, &delta).await, expected(&v2));
+        assert_eq!(read_back(&store, &base).await, expected(&v1));
+        // A delta of the delta points into both layers.
+        let v3 = named(&ids, &|i| {
+            if i % 7 == 0 {
+                format!("third {i}")
+            } else if i % 30 == 0 {
+                format!("renamed {i}")
+            } else {
+                format!("user {i}")
+            }
+        });
+        let third = write_version(&store, v3.clone(), Some(&delta)).await;
+        assert_eq!(third.layers.len(), 2);
+        assert_eq!(read_back(&store, &third).await, expected(&v3));
+        // An unchanged extraction stores no rows at all.
+        let same = write_version(&store, v3.clone(), Some(&third)).await;
+        assert!(same.files.is_empty());
+        assert_eq!(read_back(&store, &same).await, expected(&v3));
+    }
+
+    #[tokio::test]
+    async fn a_base_is_written_when_columns_change_or_the_chain_is_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let ids: Vec<i64> = (0..500).collect();
+        let mut parent = write_version(&store, named(&ids, &|i| format!("v0 {i}")), None).await;
+        for version in 1..MAX_LAYERS + 1 {
+            // One row in fifty changes each time: deltas until the chain is full.
+            let batch = named(&ids, &|i| {
+                if i % 50 == 0 {
+                    format!("v{version} {i}")
+                } else {
+                    format!("v0 {i}")
+                }
+            });
+            let next = write_version(&store, batch.clone(), Some(&parent)).await;
+            assert_eq!(
+                next.is_base(),
+                version == MAX_LAYERS,
+                "version {version}: {} layers",
+                next.layers.len()
+            );
+            assert_eq!(read_back(&store, &next).await, expected(&batch));
+            parent = next;
+        }
+        // Another column: a base.
+        let wider = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(ids.clone())) as ArrayRef),
+            (
+                "name",
+                Arc::new(StringArray::from_iter_values(
+                    ids.iter().map(|i| format!("v0 {i}")),
+                )) as ArrayRef,
+            ),
+            (
+                "plan",
+                Arc::new(StringArray::from_iter_values(ids.iter().map(|_| "pro"))) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let rebased = write_version(&store, wider, Some(&parent)).await;
+        assert!(rebased.is_base());
+        // Most rows changed: stored as a delta, then the next one folds the deltas into a base.
+        let mostly = named(&ids, &|i| {
+            if i % 4 == 0 {
+                format!("v0 {i}")
+            } else {
+                format!("new {i}")
+            }
+        });
+        let narrow = write_version(&store, named(&ids, &|i| format!("v0 {i}")), None).await;
+        let big_delta = write_version(&store, mostly.clone(), Some(&narrow)).await;
+        assert!(!big_delta.is_base());
+        let folded = write_version(&store, mostly.clone(), Some(&big_delta)).await;
+        assert!(
+            folded.is_base(),
+            "deltas holding more than half the rows are folded into a base"
+        );
+        assert_eq!(read_back(&store, &folded).await, expected(&mostly));
+    }
+
+    #[tokio::test]
+    async fn duplicate_keys_are_refused_in_a_delta_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let base = write_version(&store, users(&[1, 2, 3]), None).await;
+        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(base.clone());
+        w.write(users(&[1, 2, 3, 3])).await.unwrap();
+        let err = w.commit().await.unwrap_err().to_string();
+        assert!(err.contains("id=3 (×2)"), "{err}");
+        assert_eq!(store.list_snapshots("users").await.unwrap(), vec![base.clone()]);
+        // Nothing of the failed writer stays: no data, no marker.
+        let left: Vec<String> = store
+            .list("models/users")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|p| !p.contains(&base.id))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn retiring_a_layer_keeps_its_rows_while_a_delta_needs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let ids: Vec<i64> = (0..400).collect();
+        let v1 = named(&ids, &|i| format!("a {i}"));
+        let v2 = named(&ids, &|i| {
+            if i % 10 == 0 {
+                format!("b {i}")
+            } else {
+                format!("a {i}")
+            }
+        });
+        let base = write_version(&store, v1, None).await;
+        let delta = write_version(&store, v2.clone(), Some(&base)).await;
+        store.retire("users", &base.id).await.unwrap();
+        assert_eq!(store.list_snapshots("users").await.unwrap(), vec![delta.clone()]);
+        // The base's rows are the delta's first layer: still readable.
+        assert_eq!(read_back(&store, &delta).await, expected(&v2));
+        let future = chrono::Utc::now() + chrono::Duration::hours(1);
+        assert_eq!(store.remove_uncommitted("users", future).await.unwrap(), 0);
+        assert_eq!(read_back(&store, &delta).await, expected(&v2));
+        // Once no snapshot needs them, they are swept.
+        let rebased = write_version(&store, v2.clone(), None).await;
+        store.retire("users", &delta.id).await.unwrap();
+        assert_eq!(
+            store.remove_uncommitted("users", future).await.unwrap(),
+            base.files.len(),
+            "the retired base's rows"
+        );
+        let left = store.list("models/users").await.unwrap();
+        assert!(left.iter().all(|p| p.contains(&rebased.id)), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_writer_keeps_its_parents_files_from_retention_until_it_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let ids: Vec<i64> = (0..300).collect();
+        let base = write_version(&store, named(&ids, &|i| format!("a {i}")), None).await;
+        let newer = write_version(&store, named(&ids, &|i| format!("z {i}")), None).await;
+        let v2 = named(&ids, &|i| {
+            if i % 3 == 0 {
+                format!("b {i}")
+            } else {
+                format!("a {i}")
+            }
+        });
+        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(base.clone());
+        w.write(v2.slice(0, 100)).await.unwrap();
+        // Retention retires the parent while the child is written: the marker keeps its files.
+        store.retire("users", &base.id).await.unwrap();
+        w.write(v2.slice(100, 200)).await.unwrap();
+        let delta = w.commit().await.unwrap();
+        assert_eq!(delta.parent.as_deref(), Some(base.id.as_str()));
+        assert_eq!(read_back(&store, &delta).await, expected(&v2));
+        assert!(
+            store
+                .list("models/users")
+                .await
+                .unwrap()
+                .iter()
+                .all(|p| !p.ends_with(".writing"))
+        );
+        // A writer that starts after its parent was retired writes a base.
+        store.retire("users", &delta.id).await.unwrap();
+        let mut late = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(delta.clone());
+        late.write(v2.clone()).await.unwrap();
+        let late = late.commit().await.unwrap();
+        assert!(late.is_base());
+        let _ = newer;
     }
 
     #[tokio::test]

@@ -138,6 +138,8 @@ struct Case {
     new_order: Vec<Key>,
     old_buckets: u32,
     new_buckets: u32,
+    /// The new snapshot is written as a delta of the old one (sharing its bucket count).
+    delta: bool,
 }
 
 fn row_strategy(kinds: Vec<Kind>) -> impl Strategy<Value = Vec<Value>> {
@@ -153,8 +155,9 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![1u32, 2, 4, 8]),
         // How the new side relates: 0 mixed, 1 everything changed, 2 empty new, 3 empty old.
         prop::sample::select(vec![0u8, 0, 0, 1, 2, 3]),
+        any::<bool>(),
     )
-        .prop_flat_map(|(composite, kinds, n, old_buckets, new_buckets, shape)| {
+        .prop_flat_map(|(composite, kinds, n, old_buckets, new_buckets, shape, delta)| {
             let keys = prop::collection::btree_set(
                 (
                     0i64..60,
@@ -164,8 +167,9 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             );
             let rows = prop::collection::vec(row_strategy(kinds.clone()), 80);
             let fates = prop::collection::vec(0u8..4, 80);
+            let new_buckets = if delta { old_buckets } else { new_buckets };
             (
-                Just((composite, kinds, old_buckets, new_buckets, shape)),
+                Just((composite, kinds, old_buckets, new_buckets, shape, delta)),
                 keys,
                 rows,
                 fates,
@@ -173,7 +177,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             )
         })
         .prop_map(
-            |((composite, kinds, old_buckets, new_buckets, shape), keys, rows, fates, seed)| {
+            |((composite, kinds, old_buckets, new_buckets, shape, delta), keys, rows, fates, seed)| {
                 let key_of = |k: &Key| if composite { k.clone() } else { (k.0, None) };
                 let keys: BTreeSet<Key> = keys.iter().map(key_of).collect();
                 let mut old = BTreeMap::new();
@@ -241,6 +245,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     new_order,
                     old_buckets,
                     new_buckets,
+                    delta,
                 }
             },
         )
@@ -270,6 +275,7 @@ async fn write(
     model: &str,
     batch: RecordBatch,
     buckets: u32,
+    parent: Option<&SnapshotManifest>,
 ) -> SnapshotManifest {
     let keys = if case.composite {
         vec!["k1".to_string(), "k2".to_string()]
@@ -283,6 +289,9 @@ async fn write(
         buckets: Some(buckets),
     };
     let mut writer = SnapshotWriter::new(store.clone(), spec);
+    if let Some(parent) = parent {
+        writer = writer.with_parent(parent.clone());
+    }
     // Split in two to exercise several batches per bucket.
     let half = batch.num_rows() / 2;
     writer.write(batch.slice(0, half)).await.expect("write");
@@ -314,7 +323,7 @@ fn reference(case: &Case) -> BTreeMap<Key, Op> {
     expected
 }
 
-async fn datafusion_diff(case: &Case) -> (BTreeMap<Key, Op>, usize) {
+async fn datafusion_diff(case: &Case, joined: bool) -> (BTreeMap<Key, Op>, usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SnapshotStore::open("snapshots", dir.path(), []).expect("store");
     let old_order: Vec<Key> = case.old.keys().cloned().collect();
@@ -324,6 +333,7 @@ async fn datafusion_diff(case: &Case) -> (BTreeMap<Key, Op>, usize) {
         "m",
         batch(case, &case.old, &old_order),
         case.old_buckets,
+        None,
     )
     .await;
     let new = write(
@@ -332,8 +342,16 @@ async fn datafusion_diff(case: &Case) -> (BTreeMap<Key, Op>, usize) {
         "m",
         batch(case, &case.new, &case.new_order),
         case.new_buckets,
+        case.delta.then_some(&old),
     )
     .await;
+    // A delta when asked for, unless there is nothing to layer on.
+    assert_eq!(
+        new.parent.is_some(),
+        case.delta && !case.old.is_empty() && !case.new.is_empty(),
+        "{new:?}"
+    );
+    let key_columns = new.key_columns.clone();
     let differ = Differ::new(
         store,
         Arc::new(new.clone()),
@@ -344,6 +362,8 @@ async fn datafusion_diff(case: &Case) -> (BTreeMap<Key, Op>, usize) {
     )
     .await
     .expect("differ");
+    // A delta's recorded changes, and the join of its index with the old one.
+    let differ = if joined { differ.joining_indexes() } else { differ };
     let manifests = |id: &str| {
         [&old, &new]
             .into_iter()
@@ -393,7 +413,9 @@ async fn datafusion_diff(case: &Case) -> (BTreeMap<Key, Op>, usize) {
         for mut stream in streams {
             use futures::StreamExt;
             while let Some(batch) = stream.next().await {
-                rows += batch.expect("rows").num_rows();
+                let batch = batch.expect("rows");
+                rows += batch.num_rows();
+                check_row_versions(&batch, &key_columns);
             }
         }
         assert_eq!(rows as u64, counts.total(), "every change has its full row");
@@ -402,15 +424,51 @@ async fn datafusion_diff(case: &Case) -> (BTreeMap<Key, Op>, usize) {
     (found, materialised)
 }
 
+/// Each materialised row is the version its change row names: its hash is the new hash for
+/// an added or updated record, the hash the destination has for a deleted one (whichever layer
+/// of a delta it was read from).
+fn check_row_versions(batch: &RecordBatch, key_columns: &[String]) {
+    use sluice_engine::diff::{BASE_HASH, CHANGE_COLUMNS, NEW_HASH};
+    let model_columns: Vec<usize> = (0..batch.num_columns())
+        .filter(|i| !CHANGE_COLUMNS.contains(&batch.schema().field(*i).name().as_str()))
+        .collect();
+    let rows = batch.project(&model_columns).expect("model columns");
+    let hashes = sluice_snapshots::hash::row_hashes(&rows, key_columns).expect("hash");
+    let ops = batch.column_by_name(OP).expect("op");
+    let ops = ops
+        .as_any()
+        .downcast_ref::<arrow::array::UInt8Array>()
+        .expect("u8");
+    let column = |name: &str| {
+        let c =
+            arrow::compute::cast(batch.column_by_name(name).expect(name), &DataType::UInt64).expect("cast");
+        c.as_any()
+            .downcast_ref::<arrow::array::UInt64Array>()
+            .expect("u64")
+            .clone()
+    };
+    let (new_hashes, base_hashes) = (column(NEW_HASH), column(BASE_HASH));
+    for (i, hash) in hashes.iter().enumerate() {
+        let expected = if Op::from_code(ops.value(i)) == Some(Op::Deleted) {
+            base_hashes.value(i)
+        } else {
+            new_hashes.value(i)
+        };
+        assert_eq!(*hash, expected, "row {i} is the wrong version of its record");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
 
     #[test]
     fn datafusion_diff_matches_the_reference(case in case_strategy()) {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        let (found, materialised) = runtime.block_on(datafusion_diff(&case));
         let expected = reference(&case);
-        prop_assert_eq!(&found, &expected);
-        prop_assert_eq!(materialised, expected.len());
+        for joined in [false, true] {
+            let (found, materialised) = runtime.block_on(datafusion_diff(&case, joined));
+            prop_assert_eq!(&found, &expected);
+            prop_assert_eq!(materialised, expected.len());
+        }
     }
 }

@@ -546,8 +546,7 @@ async fn killed_runs_with_snapshots_on_s3_lose_nothing_and_leave_no_half_snapsho
     assert!(!manifests.is_empty());
     for manifest in &manifests {
         let text: serde_json::Value = serde_json::from_slice(&bucket.get(manifest).await).expect("manifest");
-        for file in text["files"].as_array().expect("files") {
-            let path = format!("snapshots/{}", file["path"].as_str().expect("path"));
+        for path in manifest_files(&text) {
             assert!(
                 committed.contains(&path),
                 "{manifest} commits {path}, which is missing"
@@ -568,19 +567,21 @@ async fn killed_runs_with_snapshots_on_s3_lose_nothing_and_leave_no_half_snapsho
     let retire = project.sluice(&["retire"]).await;
     assert!(retire.status.success(), "{}", stderr(&retire));
     let committed = bucket.list("snapshots/models/users/snapshots").await;
-    let manifest_ids: HashSet<String> = committed
-        .iter()
-        .filter_map(|k| k.strip_suffix(".json"))
-        .filter_map(|k| k.rsplit('/').next())
-        .map(str::to_string)
-        .collect();
+    let mut referenced: HashSet<String> = HashSet::new();
+    for manifest in committed.iter().filter(|k| k.ends_with(".json")) {
+        let text: serde_json::Value = serde_json::from_slice(&bucket.get(manifest).await).expect("manifest");
+        referenced.extend(manifest_files(&text));
+    }
     for key in committed.iter().filter(|k| k.ends_with(".parquet")) {
-        let dir = key.rsplit('/').nth(1).unwrap_or_default();
         assert!(
-            manifest_ids.contains(dir),
-            "{key} is data no manifest commits, left after retiring"
+            referenced.contains(key),
+            "{key} is data no manifest refers to, left after retiring"
         );
     }
+    assert!(
+        !committed.iter().any(|k| k.ends_with(".writing")),
+        "markers of killed writers are removed: {committed:?}"
+    );
     let manifests: Vec<&String> = committed.iter().filter(|k| k.ends_with(".json")).collect();
     // Every committed snapshot reads back whole.
     let history = project
@@ -598,4 +599,20 @@ async fn killed_runs_with_snapshots_on_s3_lose_nothing_and_leave_no_half_snapsho
         "{}",
         stderr(&history)
     );
+}
+
+/// Every data file a manifest refers to (its own rows, a delta's index, changes and layers), as
+/// bucket keys.
+fn manifest_files(manifest: &serde_json::Value) -> Vec<String> {
+    let mut files: Vec<&serde_json::Value> = Vec::new();
+    for list in ["files", "index", "changes"] {
+        files.extend(manifest[list].as_array().into_iter().flatten());
+    }
+    for layer in manifest["layers"].as_array().into_iter().flatten() {
+        files.extend(layer["files"].as_array().into_iter().flatten());
+    }
+    files
+        .iter()
+        .map(|f| format!("snapshots/{}", f["path"].as_str().expect("path")))
+        .collect()
 }
