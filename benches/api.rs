@@ -162,7 +162,7 @@ fn main() {
             engine.metadata().commit_run(&run, None).await.expect("commit");
             last = run.id;
         }
-        let service = Service::new(engine, Arc::new(Connectors), Arc::new(Quiet));
+        let service = Service::new(engine, Arc::new(Connectors), Arc::new(Quiet)).expect("service");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move {

@@ -531,7 +531,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             let engine = open(&config.config).await?;
             let shutdown = engine.shutdown().clone();
             let observer: Arc<dyn sluice_engine::RunObserver> = Arc::new(progress::LogProgress);
-            let service = sluice_engine::service::Service::new(engine, Arc::new(Connectors), observer);
+            let service = sluice_engine::service::Service::new(engine, Arc::new(Connectors), observer)?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -625,7 +625,7 @@ async fn print_query(
     use futures::TryStreamExt;
     use sluice_engine::arrow;
 
-    let mut stream = engine.query(sql, limits).await?;
+    let mut stream = engine.query(sql, limits, "cli").await?;
     let stdout = std::io::stdout();
     let mut rows = 0usize;
     match format {

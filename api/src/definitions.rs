@@ -332,10 +332,20 @@ pub async fn patch_mapping(
     responses((status = 200, description = "The outcome (`ok: false` with the source's error when it failed)", body = TestResult)))]
 pub async fn test_source(
     State(state): State<AppState>,
+    Extension(caller): Caller,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<axum::Json<TestResult>> {
     let engine = state.service.current().await?;
-    Ok(axum::Json(outcome(engine.source(&name)?.check().await)))
+    let source = engine.source(&name)?.clone();
+    let checked = engine
+        .workloads()
+        .probe(
+            &caller.token_name,
+            format!("the connection test of source `{name}`"),
+            async move { Ok(source.check().await) },
+        )
+        .await;
+    connection_outcome(checked)
 }
 
 /// Connects to a destination (and authenticates) and reports its error when it cannot.
@@ -344,10 +354,36 @@ pub async fn test_source(
     responses((status = 200, description = "The outcome (`ok: false` with the destination's error when it failed)", body = TestResult)))]
 pub async fn test_destination(
     State(state): State<AppState>,
+    Extension(caller): Caller,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<axum::Json<TestResult>> {
     let engine = state.service.current().await?;
-    Ok(axum::Json(outcome(engine.destination(&name)?.check().await)))
+    let destination = engine.destination(&name)?.clone();
+    let checked = engine
+        .workloads()
+        .probe(
+            &caller.token_name,
+            format!("the connection test of destination `{name}`"),
+            async move { Ok(destination.check().await) },
+        )
+        .await;
+    connection_outcome(checked)
+}
+
+/// A connection test's answer: a system that never answered within the time limit is a
+/// failed test, like any other error of the system; being refused (too many tests at once)
+/// is an error answer.
+fn connection_outcome<E: std::fmt::Display>(
+    checked: sluice_engine::Result<Result<(), E>>,
+) -> ApiResult<axum::Json<TestResult>> {
+    match checked {
+        Ok(checked) => Ok(axum::Json(outcome(checked))),
+        Err(sluice_engine::EngineError::TimedOut { message, .. }) => Ok(axum::Json(TestResult {
+            ok: false,
+            error: Some(message),
+        })),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `POST /api/v1/connection-tests`: a source or destination to try before it is saved.
@@ -374,6 +410,7 @@ pub struct DraftConnection {
         (status = 409, description = "The name is defined in sluice.yaml", body = crate::error::ErrorBody)))]
 pub async fn test_draft_connection(
     State(state): State<AppState>,
+    Extension(caller): Caller,
     ApiJson(body): ApiJson<DraftConnection>,
 ) -> ApiResult<axum::Json<TestResult>> {
     let kind = match body.kind.as_str() {
@@ -387,7 +424,7 @@ pub async fn test_draft_connection(
     };
     let checked = state
         .service
-        .test_draft(kind, &body.name, body.definition)
+        .test_draft(kind, &body.name, body.definition, &caller.token_name)
         .await?;
     Ok(axum::Json(outcome(checked)))
 }
@@ -495,6 +532,7 @@ impl Default for PreviewRequest {
         (status = 422, description = "The query failed in its source", body = crate::error::ErrorBody)))]
 pub async fn preview_model(
     State(state): State<AppState>,
+    Extension(caller): Caller,
     ApiPath(name): ApiPath<String>,
     body: bytes::Bytes,
 ) -> ApiResult<axum::Json<Preview>> {
@@ -503,7 +541,15 @@ pub async fn preview_model(
         return Err(ApiError::bad_request("`limit` is at most 1000"));
     }
     let engine = state.service.current().await?;
-    let preview = engine.preview(&name, limit as usize).await?;
+    let on = engine.clone();
+    let preview = engine
+        .workloads()
+        .probe(
+            &caller.token_name,
+            format!("the preview of model `{name}`"),
+            async move { on.preview(&name, limit as usize).await },
+        )
+        .await?;
     preview_view(preview)
 }
 
@@ -549,6 +595,7 @@ pub struct TestRecordRequest {
         (status = 422, description = "The query failed in its source", body = crate::error::ErrorBody)))]
 pub async fn test_record(
     State(state): State<AppState>,
+    Extension(caller): Caller,
     ApiPath(name): ApiPath<String>,
     body: bytes::Bytes,
 ) -> ApiResult<axum::Json<sluice_engine::PayloadPreview>> {
@@ -560,7 +607,15 @@ pub async fn test_record(
         })?,
     };
     let engine = state.service.current().await?;
-    let preview = engine.preview_payload(&name, request.key.as_deref(), op).await?;
+    let on = engine.clone();
+    let preview = engine
+        .workloads()
+        .probe(
+            &caller.token_name,
+            format!("the test record of mapping `{name}`"),
+            async move { on.preview_payload(&name, request.key.as_deref(), op).await },
+        )
+        .await?;
     Ok(axum::Json(preview))
 }
 
@@ -586,6 +641,7 @@ pub struct SqlPreviewRequest {
         (status = 422, description = "The query failed in its source", body = crate::error::ErrorBody)))]
 pub async fn preview_source_sql(
     State(state): State<AppState>,
+    Extension(caller): Caller,
     ApiPath(name): ApiPath<String>,
     ApiJson(request): ApiJson<SqlPreviewRequest>,
 ) -> ApiResult<axum::Json<Preview>> {
@@ -596,8 +652,13 @@ pub async fn preview_source_sql(
         return Err(ApiError::bad_request("`sql` is empty"));
     }
     let engine = state.service.current().await?;
+    let on = engine.clone();
+    let what = format!("the preview of a query in source `{name}`");
     let preview = engine
-        .preview_sql(&name, &request.sql, request.limit as usize)
+        .workloads()
+        .probe(&caller.token_name, what, async move {
+            on.preview_sql(&name, &request.sql, request.limit as usize).await
+        })
         .await?;
     preview_view(preview)
 }

@@ -34,6 +34,8 @@ pub struct ApiError {
     pub message: String,
     /// (Boxed: errors travel in `Result`s, which stay small.)
     pub details: Option<Box<Value>>,
+    /// Seconds to wait before asking again (`Retry-After`), for 429s.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -43,6 +45,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
     }
 
@@ -76,6 +79,11 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -111,6 +119,19 @@ impl From<EngineError> for ApiError {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_definition", message)
             }
             EngineError::Usage(message) => Self::bad_request(message),
+            // Too much interactive work at once: ask again later.
+            EngineError::Busy {
+                code,
+                message,
+                retry_after,
+            } => Self {
+                retry_after: Some(retry_after.as_secs().max(1)),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+            },
+            EngineError::TimedOut { code, message } => Self::new(StatusCode::GATEWAY_TIMEOUT, code, message),
+            EngineError::TooLarge { code, message } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+            }
             e @ (EngineError::Config(_) | EngineError::Mapping(_)) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_definition",

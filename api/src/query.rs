@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -77,9 +78,13 @@ fn format_of(headers: &HeaderMap) -> ApiResult<Format> {
             (String = "text/csv"),
             ("application/vnd.apache.arrow.stream"))),
         (status = 400, description = "Not a read-only query over the snapshot tables", body = crate::error::ErrorBody),
-        (status = 406, description = "An `Accept` this endpoint cannot answer", body = crate::error::ErrorBody)))]
+        (status = 406, description = "An `Accept` this endpoint cannot answer", body = crate::error::ErrorBody),
+        (status = 422, description = "The query needs more memory than `api.limits.query_memory`, even spilling to disk", body = crate::error::ErrorBody),
+        (status = 429, description = "As many queries run as `api.limits` allows (for this token, or in all); `Retry-After` says when to ask again", body = crate::error::ErrorBody),
+        (status = 504, description = "No rows within `api.limits.query_timeout`; the query was stopped", body = crate::error::ErrorBody)))]
 pub async fn query(
     State(state): State<AppState>,
+    Extension(caller): Extension<std::sync::Arc<crate::auth::Caller>>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<QueryRequest>,
 ) -> ApiResult<Response> {
@@ -96,39 +101,53 @@ pub async fn query(
         max_rows,
         ..Default::default()
     };
-    let stream = engine.query(&request.sql, limits).await?;
+    let stream = engine.query(&request.sql, limits, &caller.token_name).await?;
     let schema = stream.schema();
     let encoder = Box::new(Encoder::new(format, &schema).map_err(ApiError::bad_request)?);
     let deadline = tokio::time::Instant::now() + TOTAL_TIME;
-    // Each batch is encoded as it comes; a query that fails or overruns mid-way ends the
-    // body early (the client sees a cut-off transfer, never a well-formed partial answer).
-    let body = futures::stream::unfold((stream, Some(encoder)), move |(mut stream, encoder)| {
-        let schema = schema.clone();
-        async move {
-            let mut encoder = encoder?;
-            match tokio::time::timeout_at(deadline, stream.next()).await {
-                Err(_) => Some((
-                    Err(std::io::Error::other(format!(
-                        "the query ran longer than {} s",
-                        TOTAL_TIME.as_secs()
-                    ))),
-                    (stream, None),
-                )),
+    // Encoded on the interactive runtime too, a batch at a time, two batches ahead of the
+    // client at most; a query that fails or overruns mid-way ends the body early (the client
+    // sees a cut-off transfer, never a well-formed partial answer). A client that goes away
+    // drops the receiver, which stops the encoding task and, with its stream, the query.
+    let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(2);
+    engine.workloads().spawn_interactive(async move {
+        let mut stream = stream;
+        let mut encoder = encoder;
+        loop {
+            let next = tokio::select! {
+                _ = sender.closed() => return,
+                next = tokio::time::timeout_at(deadline, stream.next()) => next,
+            };
+            let chunk = match next {
+                Err(_) => Err(std::io::Error::other(format!(
+                    "the query ran longer than {} s",
+                    TOTAL_TIME.as_secs()
+                ))),
                 Ok(None) => match encoder.finish(&schema) {
-                    Ok(bytes) if bytes.is_empty() => None,
-                    Ok(bytes) => Some((Ok(bytes::Bytes::from(bytes)), (stream, None))),
-                    Err(e) => Some((Err(std::io::Error::other(e)), (stream, None))),
+                    Ok(bytes) if bytes.is_empty() => return,
+                    Ok(bytes) => {
+                        let _ = sender.send(Ok(bytes::Bytes::from(bytes))).await;
+                        return;
+                    }
+                    Err(e) => Err(std::io::Error::other(e)),
                 },
                 Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, "a query failed while streaming");
-                    Some((Err(std::io::Error::other(e.to_string())), (stream, None)))
+                    Err(std::io::Error::other(e.to_string()))
                 }
                 Ok(Some(Ok(batch))) => match encoder.batch(&batch) {
-                    Ok(bytes) => Some((Ok(bytes::Bytes::from(bytes)), (stream, Some(encoder)))),
-                    Err(e) => Some((Err(std::io::Error::other(e)), (stream, None))),
+                    Ok(bytes) => Ok(bytes::Bytes::from(bytes)),
+                    Err(e) => Err(std::io::Error::other(e)),
                 },
+            };
+            let failed = chunk.is_err();
+            if sender.send(chunk).await.is_err() || failed {
+                return;
             }
         }
+    });
+    let body = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|chunk| (chunk, receiver))
     });
     Ok((
         [(header::CONTENT_TYPE, format.content_type())],

@@ -46,7 +46,8 @@ pub struct TriggerRequest {
     request_body(content = Option<TriggerRequest>, description = "Optional; a normal run by default"),
     responses(
         (status = 202, description = "Started", body = Run),
-        (status = 409, description = "A run of the mapping is going (`details.run_id`), or the mapping is disabled", body = crate::error::ErrorBody)))]
+        (status = 409, description = "A run of the mapping is going (`details.run_id`), or the mapping is disabled", body = crate::error::ErrorBody),
+        (status = 429, description = "A dry run, when as many previews, tests and dry runs run as `api.limits` allows", body = crate::error::ErrorBody)))]
 pub async fn trigger_run(
     State(state): State<AppState>,
     Extension(caller): Extension<std::sync::Arc<crate::auth::Caller>>,
@@ -62,6 +63,7 @@ pub async fn trigger_run(
                 full: request.full,
                 dry_run: request.dry_run,
                 filter: request.filter,
+                caller: Some(caller.token_name.clone()),
             },
         )
         .await?;

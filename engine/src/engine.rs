@@ -41,6 +41,8 @@ pub struct Engine {
     /// Runs of this process and their stop switches, shared by every engine built from this
     /// one (a run started before a definition changed can still be cancelled).
     pub(crate) controls: Arc<crate::run::RunControls>,
+    /// Where runs and interactive work run, and how much interactive work is admitted.
+    pub(crate) workloads: Arc<crate::workload::Workloads>,
 }
 
 impl Engine {
@@ -77,6 +79,8 @@ impl Engine {
         )
         .await?
         .with_lease_ttl(project.config.lease_ttl);
+        let workloads = crate::workload::Workloads::inline(&project.config.api.limits, state_dir.join("tmp"))
+            .map_err(|e| project.error_at(&["api", "limits"], e.to_string()))?;
         let catalog = Arc::new(metadata.catalog().await?);
         let engine = Self::assemble(
             Arc::new(project),
@@ -88,6 +92,7 @@ impl Engine {
                 shutdown: Default::default(),
                 alert_sender: connectors.alert_sender(),
                 controls: Default::default(),
+                workloads: Arc::new(workloads),
             },
             connectors,
             None,
@@ -116,6 +121,7 @@ impl Engine {
                 shutdown: self.shutdown.clone(),
                 alert_sender: self.alert_sender.clone(),
                 controls: self.controls.clone(),
+                workloads: self.workloads.clone(),
             },
             connectors,
             Some(self),
@@ -252,6 +258,7 @@ impl Engine {
             shutdown: shared.shutdown,
             alert_sender: shared.alert_sender,
             controls: shared.controls,
+            workloads: shared.workloads,
         })
     }
 
@@ -313,6 +320,11 @@ impl Engine {
 
     /// Requests that runs stop at their next commit point (the batch in flight finishes and is
     /// checkpointed; the runs end `interrupted`).
+    /// Where this engine's runs and interactive work run (see [`crate::workload`]).
+    pub fn workloads(&self) -> &crate::workload::Workloads {
+        &self.workloads
+    }
+
     pub fn shutdown(&self) -> &crate::run::Shutdown {
         &self.shutdown
     }
@@ -743,7 +755,9 @@ struct Shared {
     shutdown: crate::run::Shutdown,
     alert_sender: Option<Arc<dyn crate::alerts::AlertSender>>,
     controls: Arc<crate::run::RunControls>,
+    workloads: Arc<crate::workload::Workloads>,
 }
+
 /// The index of the first row of `batch` whose key columns, as text, equal `values`.
 fn find_row(
     batch: &arrow::array::RecordBatch,

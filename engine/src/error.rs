@@ -142,6 +142,22 @@ pub enum EngineError {
     Invalid { message: String },
     #[error("{0}")]
     Internal(String),
+    /// Too much of one kind of interactive work is going on (`api.limits`); ask again after
+    /// `retry_after`.
+    #[error("{message}")]
+    Busy {
+        code: &'static str,
+        message: String,
+        retry_after: std::time::Duration,
+    },
+    /// Interactive work (a query, a preview, a connection test) ran past its time limit and
+    /// was stopped.
+    #[error("{message}")]
+    TimedOut { code: &'static str, message: String },
+    /// Interactive work that cannot be done within the process's bounds as asked (a query
+    /// needing more memory than `api.limits.query_memory`, even spilling).
+    #[error("{message}")]
+    TooLarge { code: &'static str, message: String },
 }
 
 impl EngineError {

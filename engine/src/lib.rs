@@ -46,6 +46,7 @@ pub mod secrets;
 pub mod service;
 pub mod source;
 pub mod tokens;
+pub mod workload;
 
 pub use config::{ConfigString, ConnectorConfig, Op, Project};
 pub use engine::{Engine, METADATA_FILE, PayloadPreview, Preview};

@@ -558,8 +558,8 @@ impl MetadataStore {
     }
 
     /// Claims `mapping` for `run_id` for the store's lease time. `Ok(None)` when claimed; otherwise the run that
-    /// holds it and where. A lease that lapsed, or that a dead process of this host held, is
-    /// taken over. Atomic: SQLite serialises the upsert.
+    /// holds it and where. A lease that lapsed, that a dead process of this host held, or whose
+    /// run is recorded as finished, is taken over. Atomic: SQLite serialises the upsert.
     pub async fn acquire_lease(&self, mapping: &str, run_id: &str) -> Result<Option<LeaseHolder>> {
         let holder = format!("{}:{}", hostname(), std::process::id());
         for _ in 0..2 {
@@ -596,13 +596,22 @@ impl MetadataStore {
                 holder: row.get("holder"),
                 since: parse_time(row.get("acquired_at")),
             };
+            // A run recorded as finished no longer needs its lease: it is released right
+            // after, but a caller that saw the run finish may ask before that.
+            let finished = sqlx::query(self.sql("SELECT status FROM runs WHERE id = ?"))
+                .bind(&current.run_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(self.err())?
+                .is_some_and(|r| r.get::<String, _>("status") != RunStatus::Running.as_str());
             // A holder on this host whose process is gone will never release it.
-            let dead = current
-                .holder
-                .rsplit_once(':')
-                .filter(|(host, _)| *host == hostname())
-                .and_then(|(_, pid)| pid.parse::<i64>().ok())
-                .is_some_and(|pid| pid != std::process::id() as i64 && !process_alive(pid));
+            let dead = finished
+                || current
+                    .holder
+                    .rsplit_once(':')
+                    .filter(|(host, _)| *host == hostname())
+                    .and_then(|(_, pid)| pid.parse::<i64>().ok())
+                    .is_some_and(|pid| pid != std::process::id() as i64 && !process_alive(pid));
             if !dead {
                 return Ok(Some(current));
             }
@@ -1429,5 +1438,18 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.acquire_lease("m", "run-6").await.unwrap(), None);
+
+        // The lease of a run recorded as finished is free, even before it is released: a
+        // client that saw the run finish may start the next one at once.
+        store.release_lease("m", "run-6").await.unwrap();
+        let mut run = RunRecord::starting("m", "users", "crm", false);
+        assert_eq!(store.acquire_lease("m", &run.id).await.unwrap(), None);
+        store.start_run(&run).await.unwrap();
+        let held = store.acquire_lease("m", "run-7").await.unwrap().expect("held");
+        assert_eq!(held.run_id, run.id);
+        run.status = RunStatus::Succeeded;
+        run.finished_at = Some(Utc::now());
+        store.commit_run(&run, None).await.unwrap();
+        assert_eq!(store.acquire_lease("m", "run-7").await.unwrap(), None);
     }
 }

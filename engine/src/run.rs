@@ -382,6 +382,9 @@ impl Engine {
         run.filter = filter.map(str::to_string);
         match self.metadata.acquire_lease(mapping, &run.id).await? {
             None => {
+                // Started once claimed: a run that held the mapping until a moment ago
+                // finished before this one's start.
+                run.started_at = Utc::now();
                 self.controls.register(&run.id);
                 if let Err(e) = self.metadata.start_run(&run).await {
                     self.controls.unregister(&run.id);
@@ -408,7 +411,8 @@ impl Engine {
             .iter()
             .map(|r| (r.mapping.clone(), r.id.clone()))
             .collect();
-        let heartbeat = tokio::spawn(heartbeat(
+        // On the control plane's runtime: a run's own CPU work never delays its renewals.
+        let heartbeat = self.workloads.spawn_control(heartbeat(
             self.metadata.clone(),
             self.controls.clone(),
             leases.clone(),

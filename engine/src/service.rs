@@ -49,7 +49,12 @@ pub struct TriggerOptions {
     pub dry_run: bool,
     /// With `full`: only rows matching this SQL predicate are sent again.
     pub filter: Option<String>,
+    /// Who asks (the API token's name): dry runs are admitted per caller.
+    pub caller: Option<String>,
 }
+
+/// The caller of work asked for without a token's name.
+const ANONYMOUS: &str = "anonymous";
 
 /// The control plane.
 pub struct Service {
@@ -70,17 +75,24 @@ pub struct Service {
 }
 
 impl Service {
+    /// The control plane over `engine`. Runs and interactive work (history queries, previews,
+    /// tests) move to runtimes of their own (see [`crate::workload`]); the calling runtime keeps
+    /// the API, the scheduler and lease renewals.
     pub fn new(
-        engine: Engine,
+        mut engine: Engine,
         connectors: Arc<dyn ConnectorFactory>,
         observer: Arc<dyn RunObserver>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>> {
+        engine.workloads = Arc::new(crate::workload::Workloads::isolated(
+            &engine.file.config.api.limits,
+            engine.project.state_dir().join("tmp"),
+        )?);
         let progress = Arc::new(crate::progress::ProgressBoard::default());
         let observer: Arc<dyn RunObserver> = Arc::new(crate::progress::Tracking {
             board: progress.clone(),
             next: observer,
         });
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             connectors,
             observer,
             progress,
@@ -90,7 +102,7 @@ impl Service {
             last_refresh: Mutex::new(Instant::now()),
             tasks: Mutex::new(tokio::task::JoinSet::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
-        })
+        }))
     }
 
     /// The connector types this build has, with their options' JSON Schema (secrets marked
@@ -260,6 +272,7 @@ impl Service {
         kind: Kind,
         name: &str,
         spec: Value,
+        caller: &str,
     ) -> Result<std::result::Result<(), String>> {
         if !kind.is_connector() {
             return Err(EngineError::Invalid {
@@ -286,10 +299,22 @@ impl Service {
         if let Some(problem) = draft.problems.iter().find(|p| p.kind == kind && p.name == name) {
             return Ok(Err(problem.message.clone()));
         }
-        Ok(match kind {
-            Kind::Source => draft.source(name)?.check().await.map_err(|e| e.to_string()),
-            _ => draft.destination(name)?.check().await.map_err(|e| e.to_string()),
-        })
+        let workloads = engine.workloads.clone();
+        let what = format!("the connection test of {kind} `{name}`");
+        let name = name.to_string();
+        let tested = workloads
+            .probe(caller, what, async move {
+                Ok(match kind {
+                    Kind::Source => draft.source(&name)?.check().await.map_err(|e| e.to_string()),
+                    _ => draft.destination(&name)?.check().await.map_err(|e| e.to_string()),
+                })
+            })
+            .await;
+        // A system that never answers is the test's answer.
+        match tested {
+            Err(EngineError::TimedOut { message, .. }) => Ok(Err(message)),
+            other => other,
+        }
     }
 
     /// Deletes a definition made through the API. Refused while something uses it (a model of
@@ -382,13 +407,21 @@ impl Service {
         }
         let observer = self.observer.clone();
         if options.dry_run {
+            // A dry run is interactive work: bounded in number like previews and tests.
+            let admission = engine
+                .workloads
+                .admit_probe(options.caller.as_deref().unwrap_or(ANONYMOUS))?;
             let mut run = RunRecord::starting(mapping, &config.model, &config.destination, options.full);
             run.trigger = Trigger::Api;
             run.dry_run = true;
             run.filter = options.filter.clone();
             engine.metadata.start_run(&run).await?;
             let record = run.clone();
-            self.spawn(async move { dry_run_recorded(engine, record, observer).await });
+            let on = engine.clone();
+            self.spawn(&on, async move {
+                let _admission = admission;
+                dry_run_recorded(engine, record, observer).await
+            });
             return Ok(run);
         }
         let filter = options.filter.as_deref();
@@ -397,7 +430,8 @@ impl Service {
                 let claimed = run.clone();
                 let model = config.model.clone();
                 let full = options.full;
-                self.spawn(async move {
+                let on = engine.clone();
+                self.spawn(&on, async move {
                     if let Err(e) = engine
                         .execute(&model, vec![claimed], full, observer.as_ref())
                         .await
@@ -442,10 +476,14 @@ impl Service {
         })
     }
 
-    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    /// Starts a run on the runs' runtime, tracked so a shutdown can wait for it.
+    fn spawn(&self, engine: &Engine, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         while tasks.try_join_next().is_some() {}
-        tasks.spawn(task);
+        match engine.workloads.runs_handle() {
+            Some(runs) => tasks.spawn_on(task, runs),
+            None => tasks.spawn(task),
+        };
     }
 
     /// Waits for the runs started through the API (after a shutdown request they stop at their
@@ -501,7 +539,8 @@ impl Service {
                 let engine = engine.clone();
                 let observer = self.observer.clone();
                 tracing::info!(model, ?mappings, "scheduled run due");
-                running.spawn(async move {
+                let runs = engine.workloads.runs_handle().cloned();
+                let run = async move {
                     let request = RunRequest {
                         mappings,
                         full: false,
@@ -514,7 +553,11 @@ impl Service {
                     if let Err(e) = engine.retire_snapshots(&model).await {
                         tracing::warn!(model, error = %e, "could not retire old snapshots");
                     }
-                });
+                };
+                match runs {
+                    Some(runs) => running.spawn_on(run, &runs),
+                    None => running.spawn(run),
+                };
             }
             // Reap finished runs so the set does not grow.
             while running.try_join_next().is_some() {}
@@ -609,6 +652,7 @@ async fn dry_run_recorded(engine: Arc<Engine>, run: RunRecord, observer: Arc<dyn
     let run_id = run.id.clone();
     let mapping = run.mapping.clone();
     let temp_dir = engine.snapshots.temp_dir();
+    let limit = engine.workloads.limits().dry_run_timeout;
     let outcome = async {
         std::fs::create_dir_all(&temp_dir)
             .map_err(|e| EngineError::Internal(format!("cannot create {}: {e}", temp_dir.display())))?;
@@ -636,8 +680,17 @@ async fn dry_run_recorded(engine: Arc<Engine>, run: RunRecord, observer: Arc<dyn
             .await
             .map_err(copy_error)?;
         Ok::<_, EngineError>(done)
-    }
-    .await;
+    };
+    let outcome = match tokio::time::timeout(limit, outcome).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(EngineError::TimedOut {
+            code: "dry_run_timeout",
+            message: format!(
+                "the dry run did not finish within {} (api.limits.dry_run_timeout); a backfill's dry run of a large model takes as long as the run would",
+                humantime::format_duration(limit)
+            ),
+        }),
+    };
     let record = match outcome {
         Ok(done) => done,
         Err(e) => RunRecord {

@@ -70,6 +70,9 @@ pub struct TokenConfig {
 pub struct ApiConfig {
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
+    /// How much interactive work (history queries, previews, tests) is taken on at once.
+    #[serde(default)]
+    pub limits: crate::workload::InteractiveLimits,
 }
 
 /// A token as the store knows it (never the token itself).

@@ -49,7 +49,7 @@ impl Api {
             .expect("engine");
         let admin = token(&engine, "admin", Scope::Admin).await;
         let read = token(&engine, "reader", Scope::Read).await;
-        let service = Service::new(engine, Arc::new(Connectors), Arc::new(Quiet));
+        let service = Service::new(engine, Arc::new(Connectors), Arc::new(Quiet)).expect("service");
         let router = sluice_api::router(service.clone());
         Self {
             project,
@@ -2048,4 +2048,159 @@ async fn a_run_of_another_process_is_cancelled_through_the_metadata_store() {
     let run = api.finished(&run_id).await;
     assert_eq!(run["status"], "cancelled", "{run}");
     assert!(run["counts"]["delivered"].as_u64().unwrap_or(0) < 1000, "{run}");
+}
+
+/// A TCP server on loopback that accepts connections and never answers (a firewall that
+/// swallows packets, a hung database); its port.
+async fn silent_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    port
+}
+
+/// Previews, test records, connection tests and dry runs are interactive work: bounded in time
+/// (`api.limits.probe_timeout`, `dry_run_timeout`) and in number per token, so a source that
+/// never answers cannot hold a request, a thread or a place forever.
+#[tokio::test]
+async fn previews_tests_and_dry_runs_against_systems_that_never_answer_are_bounded() {
+    if crate::services::postgres("api_bounded").await.is_none() {
+        return;
+    }
+    let silent = silent_server().await;
+    let config = format!(
+        r#"state_dir: .sluice
+sources:
+  slow: {{ type: postgres, url: "{pg}", sslmode: disable }}
+  silent: {{ type: postgres, url: "postgres://postgres@127.0.0.1:{silent}/test", sslmode: disable, connect_timeout: 60s }}
+models:
+  waits:
+    source: slow
+    sql: SELECT id, pg_sleep(30)::text AS waited FROM generate_series(1, 3) id
+    primary_key: id
+destinations:
+  hook: {{ type: webhook, url: "http://127.0.0.1:{silent}/hook" }}
+mappings:
+  waits_out: {{ model: waits, destination: hook }}
+api:
+  limits: {{ probes: 3, probes_per_token: 2, probe_timeout: 2s, dry_run_timeout: 3s }}
+"#,
+        pg = crate::services::PG_URL,
+    );
+    let api = Api::open(TestProject::new(&config), Some(key())).await;
+    let started = std::time::Instant::now();
+
+    // A connection test of a host that never answers is a failed test, after the limit.
+    let (status, body) = api.admin(Method::POST, "/api/v1/sources/silent/test", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ok"], false, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("within 2s (api.limits.probe_timeout)"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A draft the same.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/connection-tests",
+            Some(json!({"kind": "source", "name": "draft", "definition": {
+                "type": "postgres", "url": format!("postgres://postgres@127.0.0.1:{silent}/test"),
+                "sslmode": "disable", "connect_timeout": "60s"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("api.limits.probe_timeout"),
+        "{body}"
+    );
+
+    // A preview and a test record of a model whose query takes 30 s: stopped, 504.
+    for path in [
+        "/api/v1/models/waits/preview",
+        "/api/v1/mappings/waits_out/test-record",
+    ] {
+        let asked = std::time::Instant::now();
+        let (status, body) = api.admin(Method::POST, path, None).await;
+        assert_error(status, &body, StatusCode::GATEWAY_TIMEOUT, "probe_timeout");
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "{path}: {:?}",
+            asked.elapsed()
+        );
+    }
+
+    // Two at once for one token; a third is refused at once, with when to ask again.
+    let first = {
+        let (router, admin) = (api.router.clone(), api.admin.clone());
+        tokio::spawn(async move { probe(router, &admin, "/api/v1/sources/silent/test").await })
+    };
+    let second = {
+        let (router, admin) = (api.router.clone(), api.admin.clone());
+        tokio::spawn(async move { probe(router, &admin, "/api/v1/models/waits/preview").await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, headers, bytes) = api
+        .raw(
+            Method::POST,
+            "/api/v1/sources/silent/test",
+            Some(&api.admin.clone()),
+            None,
+            None,
+        )
+        .await;
+    let body: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_error(status, &body, StatusCode::TOO_MANY_REQUESTS, "too_many_requests");
+    assert!(message(&body).contains("api.limits.probes_per_token"), "{body}");
+    assert_eq!(
+        headers.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    assert_eq!(first.await.expect("first"), StatusCode::OK);
+    assert_eq!(second.await.expect("second"), StatusCode::GATEWAY_TIMEOUT);
+
+    // A dry run is stopped at its own limit and recorded as failed, saying which.
+    let (status, run) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings/waits_out/runs",
+            Some(json!({"dry_run": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    let run = api.finished(run["id"].as_str().expect("id")).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("api.limits.dry_run_timeout"),
+        "{run}"
+    );
+    // Every place was given back.
+    let (status, body) = api.admin(Method::POST, "/api/v1/sources/slow/test", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ok"], true, "{body}");
+}
+
+/// A POST's status.
+async fn probe(router: Router, token: &str, path: &str) -> StatusCode {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .expect("request");
+    router.oneshot(request).await.expect("response").status()
 }

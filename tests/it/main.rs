@@ -10,6 +10,7 @@ mod convergence;
 mod diff_properties;
 mod faults;
 mod gcs;
+mod isolation;
 mod mysql;
 mod object_storage;
 mod object_store_faults;
