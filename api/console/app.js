@@ -11,10 +11,12 @@ function csrfToken() {
 }
 
 class ApiError extends Error {
-  constructor(status, body) {
+  constructor(status, body, retryAfter = null) {
     super(body?.error?.message || `the server answered ${status}`);
     this.status = status;
     this.code = body?.error?.code;
+    /** Seconds to wait before asking again (a 429's `Retry-After`). */
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -39,7 +41,8 @@ async function request(method, path, body, accept = "application/json") {
     const text = await response.text();
     let parsed = null;
     try { parsed = JSON.parse(text); } catch { /* not JSON */ }
-    throw new ApiError(response.status, parsed);
+    const retryAfter = Number(response.headers.get("Retry-After"));
+    throw new ApiError(response.status, parsed, Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter : null);
   }
   return response;
 }
@@ -695,8 +698,22 @@ function MappingPage({ id: name }) {
   `;
 }
 
-/** Runs a history query; `accept` picks JSON lines or CSV. */
-const query = (sql, maxRows, accept) => request("POST", "/query", { sql, max_rows: maxRows }, accept);
+/** Runs a history query; `accept` picks JSON lines or CSV. While this token's other query
+ * holds its place (429), waits as `Retry-After` says and asks again, a few times, saying so
+ * through `onWait`. */
+async function query(sql, maxRows, accept, onWait = () => {}) {
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await request("POST", "/query", { sql, max_rows: maxRows }, accept);
+    } catch (e) {
+      if (!(e instanceof ApiError) || e.status !== 429 || attempt >= 3) throw e;
+      const seconds = Math.min(e.retryAfter ?? 2, 10);
+      onWait(`${e.message} Asking again in ${seconds} s…`);
+      await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+      onWait(null);
+    }
+  }
+}
 
 /** SQL over snapshot history, results as a table or a CSV download. */
 function History() {
@@ -706,14 +723,12 @@ function History() {
   const [tables, setTables] = useState(null);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState(null);
+  const [waiting, setWaiting] = useState(null);
 
   useEffect(() => {
-    query("SHOW TABLES", 1000, "application/x-ndjson")
-      .then((r) => r.text())
-      .then((text) => {
-        const rows = text.split("\n").filter(Boolean).map((l) => JSON.parse(l));
-        setTables(rows.filter((r) => r.table_schema === "public").map((r) => r.table_name));
-      })
+    // From the manifests, not a query: it takes no query's place from the user's own.
+    api("GET", "/query/tables")
+      .then((list) => setTables(list.map((t) => t.name)))
       .catch(() => setTables([]));
   }, []);
 
@@ -721,7 +736,7 @@ function History() {
     setBusy(true);
     setError(null);
     try {
-      const response = await query(sql, maxRows, "application/x-ndjson");
+      const response = await query(sql, maxRows, "application/x-ndjson", setWaiting);
       const rows = (await response.text()).split("\n").filter(Boolean).map((line) => JSON.parse(line));
       const columns = [];
       for (const row of rows) for (const key of Object.keys(row)) if (!columns.includes(key)) columns.push(key);
@@ -737,7 +752,7 @@ function History() {
   const download = async () => {
     setBusy(true);
     try {
-      const response = await query(sql, maxRows, "text/csv");
+      const response = await query(sql, maxRows, "text/csv", setWaiting);
       const url = URL.createObjectURL(await response.blob());
       const link = document.createElement("a");
       link.href = url;
@@ -774,6 +789,7 @@ function History() {
         <button type="button" class="secondary" disabled=${busy || !sql.trim()} onClick=${download}>Download CSV</button>
       </div>
     </div>
+    ${waiting && html`<p class="muted" aria-live="polite">${waiting}</p>`}
     ${error && html`<p class="error" role="alert">${error}</p>`}
     ${result && html`<div class="panel results">
       <p class="muted" role="status">${number.format(result.rows.length)} row${result.rows.length === 1 ? "" : "s"}</p>

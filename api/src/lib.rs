@@ -117,6 +117,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::cancel_run))
         .routes(routes!(runs::dry_run_requests))
         .routes(routes!(query::query))
+        .routes(routes!(query::history_tables))
         .routes(routes!(schedules::preview_schedule))
         .routes(routes!(connector_types::connector_catalog))
         .routes(routes!(openapi_json))

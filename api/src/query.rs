@@ -31,7 +31,7 @@ const TOTAL_TIME: Duration = Duration::from_secs(300);
 pub struct QueryRequest {
     /// A read-only SELECT (DataFusion's dialect). Every model is a table of its latest
     /// snapshot; `<model>_history` holds every snapshot with `_snapshot_id`, `_run_id` and
-    /// `_extracted_at`. `SHOW TABLES` lists them.
+    /// `_extracted_at`. `GET /query/tables` (or `SHOW TABLES`) lists them.
     #[schema(min_length = 1, max_length = 131072)]
     pub sql: String,
     /// Rows returned at most (default 10,000; at most 1,000,000).
@@ -67,6 +67,64 @@ fn format_of(headers: &HeaderMap) -> ApiResult<Format> {
         "not_acceptable",
         "results come as application/x-ndjson, text/csv or application/vnd.apache.arrow.stream; ask for one in `Accept`",
     ))
+}
+
+/// A table history queries can read.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct HistoryTable {
+    /// Its name in SQL: the model's (the latest snapshot) or `<model>_history` (every snapshot).
+    pub name: String,
+    pub model: String,
+    /// Every snapshot, with `_snapshot_id`, `_run_id` and `_extracted_at`; else the latest.
+    pub history: bool,
+    /// Rows of the latest snapshot, or of every snapshot together.
+    pub rows: u64,
+    /// Snapshots the table reads.
+    pub snapshots: usize,
+    /// The run that extracted the latest snapshot, and when.
+    pub latest_run_id: String,
+    pub latest_extracted_at: chrono::DateTime<chrono::Utc>,
+    pub columns: Vec<HistoryColumn>,
+}
+
+/// A column of a history table.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct HistoryColumn {
+    pub name: String,
+    /// Its Arrow type.
+    pub data_type: String,
+}
+
+/// Lists the tables `POST /query` can read and their columns, from the snapshots' manifests:
+/// cheap, and not a query (it takes no place under `api.limits`). A model with no snapshot
+/// yet has no table.
+#[utoipa::path(get, path = "/query/tables", tag = "query",
+    responses((status = 200, description = "Every model's two tables, models without a snapshot left out", body = Vec<HistoryTable>)))]
+pub async fn history_tables(State(state): State<AppState>) -> ApiResult<axum::Json<Vec<HistoryTable>>> {
+    let engine = state.service.current().await?;
+    let tables = engine
+        .history_tables()
+        .await?
+        .into_iter()
+        .map(|t| HistoryTable {
+            name: t.name,
+            model: t.model,
+            history: t.history,
+            rows: t.rows,
+            snapshots: t.snapshots,
+            latest_run_id: t.latest_run_id,
+            latest_extracted_at: t.latest_extracted_at,
+            columns: t
+                .columns
+                .into_iter()
+                .map(|c| HistoryColumn {
+                    name: c.name,
+                    data_type: c.data_type,
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(axum::Json(tables))
 }
 
 /// Runs a read-only SQL query over snapshot history and streams the rows back.

@@ -124,6 +124,34 @@ fn query_failed(error: DataFusionError, memory: u64) -> EngineError {
     EngineError::Usage(format!("the query failed: {error}"))
 }
 
+/// A table a history query can read.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryTable {
+    /// The table's name in SQL: the model's (its latest snapshot) or `<model>_history`.
+    pub name: String,
+    pub model: String,
+    /// Whether the table holds every snapshot (with `_snapshot_id`, `_run_id`,
+    /// `_extracted_at`) rather than the latest.
+    pub history: bool,
+    /// Rows of the latest snapshot, or of every snapshot together.
+    pub rows: u64,
+    /// Snapshots the table reads.
+    pub snapshots: usize,
+    /// The run that extracted the latest snapshot, and when.
+    pub latest_run_id: String,
+    pub latest_extracted_at: chrono::DateTime<chrono::Utc>,
+    /// Its columns as a query sees them (a history table's are every snapshot's, by name).
+    pub columns: Vec<HistoryColumn>,
+}
+
+/// A column of a [`HistoryTable`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryColumn {
+    pub name: String,
+    /// The Arrow type, as DataFusion writes it.
+    pub data_type: String,
+}
+
 impl Engine {
     /// A session with every model's snapshot history registered.
     pub async fn history_context(&self) -> Result<SessionContext> {
@@ -135,6 +163,75 @@ impl Engine {
             limits.threads(),
         )
         .await
+    }
+
+    /// The tables history queries can read, from the snapshots' manifests alone: cheap, and
+    /// not a query (it takes no place under `api.limits`). Models without a snapshot have none.
+    pub async fn history_tables(&self) -> Result<Vec<HistoryTable>> {
+        use sluice_snapshots::{EXTRACTED_AT_COLUMN, RUN_ID_COLUMN, SNAPSHOT_ID_COLUMN};
+        let mut tables = Vec::new();
+        for model in self.model_names() {
+            let manifests =
+                self.snapshots
+                    .list_snapshots(&model)
+                    .await
+                    .map_err(|source| EngineError::Snapshot {
+                        model: model.clone(),
+                        source,
+                    })?;
+            let Some(latest) = manifests.last() else {
+                continue;
+            };
+            let column = |c: &sluice_snapshots::ColumnInfo| HistoryColumn {
+                name: c.name.clone(),
+                data_type: c.data_type.clone(),
+            };
+            let mut every: Vec<HistoryColumn> = Vec::new();
+            for manifest in &manifests {
+                for c in &manifest.columns {
+                    if !every.iter().any(|seen| seen.name == c.name) {
+                        every.push(column(c));
+                    }
+                }
+            }
+            every.push(HistoryColumn {
+                name: SNAPSHOT_ID_COLUMN.into(),
+                data_type: "Utf8".into(),
+            });
+            every.push(HistoryColumn {
+                name: RUN_ID_COLUMN.into(),
+                data_type: "Utf8".into(),
+            });
+            every.push(HistoryColumn {
+                name: EXTRACTED_AT_COLUMN.into(),
+                data_type: arrow::datatypes::DataType::Timestamp(
+                    arrow::datatypes::TimeUnit::Microsecond,
+                    Some("UTC".into()),
+                )
+                .to_string(),
+            });
+            tables.push(HistoryTable {
+                name: model.clone(),
+                model: model.clone(),
+                history: false,
+                rows: latest.rows,
+                snapshots: 1,
+                latest_run_id: latest.run_id.clone(),
+                latest_extracted_at: latest.extracted_at,
+                columns: latest.columns.iter().map(column).collect(),
+            });
+            tables.push(HistoryTable {
+                name: format!("{model}_history"),
+                model: model.clone(),
+                history: true,
+                rows: manifests.iter().map(|m| m.rows).sum(),
+                snapshots: manifests.len(),
+                latest_run_id: latest.run_id.clone(),
+                latest_extracted_at: latest.extracted_at,
+                columns: every,
+            });
+        }
+        Ok(tables)
     }
 
     fn model_names(&self) -> Vec<String> {

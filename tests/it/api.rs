@@ -1604,6 +1604,43 @@ async fn history_queries_stream_as_json_lines_csv_or_arrow_and_are_read_only() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(String::from_utf8_lossy(&body).lines().count(), 4);
 
+    // The tables, from the manifests, for a read token; the model without snapshots has none.
+    let (status, tables) = api
+        .call(Method::GET, "/api/v1/query/tables", Some(&read), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{tables}");
+    let tables = tables.as_array().expect("a list");
+    let names: Vec<&str> = tables.iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(names, ["users", "users_history"], "{tables:?}");
+    assert_eq!(tables[0]["rows"], 12);
+    assert_eq!(tables[0]["snapshots"], 1);
+    assert_eq!(tables[1]["history"], true);
+    assert_eq!(tables[1]["snapshots"], 2);
+    assert_eq!(tables[1]["rows"], 24);
+    let columns: Vec<&str> = tables[1]["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(columns.starts_with(&["id"]), "{columns:?}");
+    assert!(
+        columns.ends_with(&["_snapshot_id", "_run_id", "_extracted_at"]),
+        "{columns:?}"
+    );
+    // Every column the listing names is one a query can select.
+    let select = format!("SELECT {} FROM users_history LIMIT 1", columns.join(", "));
+    let (status, _, body) = api
+        .raw(
+            Method::POST,
+            "/api/v1/query",
+            Some(&read),
+            Some(json!({"sql": select})),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+
     for refused in [
         "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",
         "SELECT * FROM '/etc/passwd'",
@@ -1663,6 +1700,7 @@ async fn the_openapi_document_matches_the_routes() {
         ("get", "/metrics"),
         ("get", "/api/v1/openapi.json"),
         ("post", "/api/v1/query"),
+        ("get", "/api/v1/query/tables"),
         ("post", "/api/v1/schedules/preview"),
         ("get", "/api/v1/connectors"),
         ("post", "/api/v1/connection-tests"),

@@ -10,6 +10,7 @@ mod convergence;
 mod diff_properties;
 mod faults;
 mod gcs;
+mod history_properties;
 mod isolation;
 mod mysql;
 mod object_storage;
