@@ -337,15 +337,8 @@ pub async fn test_source(
 ) -> ApiResult<axum::Json<TestResult>> {
     let engine = state.service.current().await?;
     let source = engine.source(&name)?.clone();
-    let checked = engine
-        .workloads()
-        .probe(
-            &caller.token_name,
-            format!("the connection test of source `{name}`"),
-            async move { Ok(source.check().await) },
-        )
-        .await;
-    connection_outcome(checked)
+    let what = format!("the connection test of source `{name}`");
+    connection_test(&engine, &caller, what, async move { source.check().await }).await
 }
 
 /// Connects to a destination (and authenticates) and reports its error when it cannot.
@@ -359,13 +352,21 @@ pub async fn test_destination(
 ) -> ApiResult<axum::Json<TestResult>> {
     let engine = state.service.current().await?;
     let destination = engine.destination(&name)?.clone();
+    let what = format!("the connection test of destination `{name}`");
+    connection_test(&engine, &caller, what, async move { destination.check().await }).await
+}
+
+/// Runs a connection check as a probe for `caller` (bounded in time and number, off the
+/// control plane) and answers with its outcome.
+async fn connection_test<E: std::fmt::Display + Send + 'static>(
+    engine: &sluice_engine::Engine,
+    caller: &crate::auth::Caller,
+    what: String,
+    check: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+) -> ApiResult<axum::Json<TestResult>> {
     let checked = engine
         .workloads()
-        .probe(
-            &caller.token_name,
-            format!("the connection test of destination `{name}`"),
-            async move { Ok(destination.check().await) },
-        )
+        .probe(&caller.token_name, what, async move { Ok(check.await) })
         .await;
     connection_outcome(checked)
 }

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
-use sluice_engine::query::QueryLimits;
+use sluice_engine::query::{HistoryTable, QueryLimits};
 use utoipa::ToSchema;
 
 use crate::AppState;
@@ -69,32 +69,6 @@ fn format_of(headers: &HeaderMap) -> ApiResult<Format> {
     ))
 }
 
-/// A table history queries can read.
-#[derive(Debug, serde::Serialize, ToSchema)]
-pub struct HistoryTable {
-    /// Its name in SQL: the model's (the latest snapshot) or `<model>_history` (every snapshot).
-    pub name: String,
-    pub model: String,
-    /// Every snapshot, with `_snapshot_id`, `_run_id` and `_extracted_at`; else the latest.
-    pub history: bool,
-    /// Rows of the latest snapshot, or of every snapshot together.
-    pub rows: u64,
-    /// Snapshots the table reads.
-    pub snapshots: usize,
-    /// The run that extracted the latest snapshot, and when.
-    pub latest_run_id: String,
-    pub latest_extracted_at: chrono::DateTime<chrono::Utc>,
-    pub columns: Vec<HistoryColumn>,
-}
-
-/// A column of a history table.
-#[derive(Debug, serde::Serialize, ToSchema)]
-pub struct HistoryColumn {
-    pub name: String,
-    /// Its Arrow type.
-    pub data_type: String,
-}
-
 /// Lists the tables `POST /query` can read and their columns, from the snapshots' manifests:
 /// cheap, and not a query (it takes no place under `api.limits`). A model with no snapshot
 /// yet has no table.
@@ -102,28 +76,7 @@ pub struct HistoryColumn {
     responses((status = 200, description = "Every model's two tables, models without a snapshot left out", body = Vec<HistoryTable>)))]
 pub async fn history_tables(State(state): State<AppState>) -> ApiResult<axum::Json<Vec<HistoryTable>>> {
     let engine = state.service.current().await?;
-    let tables = engine
-        .history_tables()
-        .await?
-        .into_iter()
-        .map(|t| HistoryTable {
-            name: t.name,
-            model: t.model,
-            history: t.history,
-            rows: t.rows,
-            snapshots: t.snapshots,
-            latest_run_id: t.latest_run_id,
-            latest_extracted_at: t.latest_extracted_at,
-            columns: t
-                .columns
-                .into_iter()
-                .map(|c| HistoryColumn {
-                    name: c.name,
-                    data_type: c.data_type,
-                })
-                .collect(),
-        })
-        .collect();
+    let tables = engine.history_tables().await?;
     Ok(axum::Json(tables))
 }
 

@@ -126,6 +126,7 @@ fn query_failed(error: DataFusionError, memory: u64) -> EngineError {
 
 /// A table a history query can read.
 #[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryTable {
     /// The table's name in SQL: the model's (its latest snapshot) or `<model>_history`.
     pub name: String,
@@ -139,6 +140,7 @@ pub struct HistoryTable {
     pub snapshots: usize,
     /// The run that extracted the latest snapshot, and when.
     pub latest_run_id: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub latest_extracted_at: chrono::DateTime<chrono::Utc>,
     /// Its columns as a query sees them (a history table's are every snapshot's, by name).
     pub columns: Vec<HistoryColumn>,
@@ -146,6 +148,7 @@ pub struct HistoryTable {
 
 /// A column of a [`HistoryTable`].
 #[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryColumn {
     pub name: String,
     /// The Arrow type, as DataFusion writes it.

@@ -181,18 +181,25 @@ async fn read_history(
     use datafusion::logical_expr::{JoinType, case};
     use datafusion::prelude::{Expr, cast, ident, lit};
 
-    let meta = |manifest: &SnapshotManifest| -> Vec<Expr> {
-        vec![
-            lit(manifest.id.as_str()).alias(SNAPSHOT_ID_COLUMN),
-            lit(manifest.run_id.as_str()).alias(RUN_ID_COLUMN),
+    let meta_values = |manifest: &SnapshotManifest| -> [Expr; 3] {
+        [
+            lit(manifest.id.as_str()),
+            lit(manifest.run_id.as_str()),
             cast(
                 lit(manifest.extracted_at.timestamp_micros()),
                 arrow::datatypes::DataType::Timestamp(
                     arrow::datatypes::TimeUnit::Microsecond,
                     Some("UTC".into()),
                 ),
-            )
-            .alias(EXTRACTED_AT_COLUMN),
+            ),
+        ]
+    };
+    let meta = |manifest: &SnapshotManifest| -> Vec<Expr> {
+        let [id, run, at] = meta_values(manifest);
+        vec![
+            id.alias(SNAPSHOT_ID_COLUMN),
+            run.alias(RUN_ID_COLUMN),
+            at.alias(EXTRACTED_AT_COLUMN),
         ]
     };
     let union = |all: Option<DataFrame>, part: DataFrame| -> Result<DataFrame> {
@@ -209,6 +216,8 @@ async fn read_history(
     struct Shared {
         layers: Option<DataFrame>,
         members: Option<DataFrame>,
+        /// The snapshots (ordinals into `manifests`) whose indexes `members` holds.
+        members_of: Vec<u32>,
         tags: BTreeMap<String, u32>,
     }
     let mut shared: BTreeMap<Vec<String>, Shared> = BTreeMap::new();
@@ -232,6 +241,7 @@ async fn read_history(
         let group = shared.entry(manifest.key_columns.clone()).or_insert(Shared {
             layers: None,
             members: None,
+            members_of: Vec::new(),
             tags: BTreeMap::new(),
         });
         // Each earlier layer's rows, read once for every delta that points into them.
@@ -269,11 +279,15 @@ async fn read_history(
             .map(|(i, k)| ident(k).alias(index_key(i)))
             .collect();
         columns.push(tag.end()?.alias(MEMBER_TAG));
-        columns.extend(meta(manifest));
+        // Which snapshot, as an ordinal: its id, run and time come from it after the join.
+        // (Literal metadata here would make DataFusion take each branch as sorted by
+        // `_extracted_at` and drop the sort an `ORDER BY _extracted_at` needs.)
+        columns.push(lit(i as u32).alias(MEMBER_SNAPSHOT));
         let members = index
             .filter(ident(crate::manifest::LAYER_COLUMN).lt(lit(manifest.own_layer())))?
             .select(columns)?;
         group.members = Some(union(group.members.take(), members)?);
+        group.members_of.push(i as u32);
     }
     for (keys, group) in shared {
         let (Some(layers), Some(members)) = (group.layers, group.members) else {
@@ -286,7 +300,18 @@ async fn read_history(
         right.push(MEMBER_TAG);
         // (The layer tag is sluice's own column, so not among the model's.)
         let mut columns = model_columns(&layers);
-        columns.extend([SNAPSHOT_ID_COLUMN, RUN_ID_COLUMN, EXTRACTED_AT_COLUMN].map(ident));
+        let mut id = case(ident(MEMBER_SNAPSHOT));
+        let mut run = case(ident(MEMBER_SNAPSHOT));
+        let mut at = case(ident(MEMBER_SNAPSHOT));
+        for &i in &group.members_of {
+            let [snapshot_id, run_id, extracted_at] = meta_values(&manifests[i as usize]);
+            id = id.when(lit(i), snapshot_id);
+            run = run.when(lit(i), run_id);
+            at = at.when(lit(i), extracted_at);
+        }
+        columns.push(id.end()?.alias(SNAPSHOT_ID_COLUMN));
+        columns.push(run.end()?.alias(RUN_ID_COLUMN));
+        columns.push(at.end()?.alias(EXTRACTED_AT_COLUMN));
         let joined = layers
             .join(members, JoinType::Inner, &left, &right, None)?
             .select(columns)?;
@@ -305,3 +330,5 @@ fn index_key(i: usize) -> String {
 
 /// The layer a delta's index puts a key in, as a tag of [`read_history`]'s layers.
 const MEMBER_TAG: &str = "__sluice_member_layer";
+/// The snapshot whose index a member row comes from, as an ordinal of [`read_history`]'s list.
+const MEMBER_SNAPSHOT: &str = "__sluice_member_snapshot";

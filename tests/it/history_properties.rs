@@ -92,8 +92,15 @@ async fn write(
     writer.commit().await.expect("commit")
 }
 
-/// The rows of `sql`, every value as text.
+/// The rows of `sql`, every value as text, sorted.
 async fn rows(ctx: &SessionContext, sql: &str) -> Vec<Vec<Option<String>>> {
+    let mut rows = rows_in_order(ctx, sql).await;
+    rows.sort();
+    rows
+}
+
+/// The rows of `sql`, every value as text, in the order the query gives them.
+async fn rows_in_order(ctx: &SessionContext, sql: &str) -> Vec<Vec<Option<String>>> {
     let batches = ctx.sql(sql).await.expect("plan").collect().await.expect("run");
     let mut rows = Vec::new();
     for batch in batches {
@@ -114,7 +121,6 @@ async fn rows(ctx: &SessionContext, sql: &str) -> Vec<Vec<Option<String>>> {
             );
         }
     }
-    rows.sort();
     rows
 }
 
@@ -156,7 +162,10 @@ async fn check(versions: Vec<Version>, retire_first: bool, buckets: u32) {
     }
     let kept: Vec<(usize, &Version)> = versions.iter().enumerate().skip(usize::from(retired)).collect();
 
-    let ctx = SessionContext::new();
+    // Several partitions even for these small files, as large ones get.
+    let mut config = sluice_engine::datafusion::prelude::SessionConfig::new().with_target_partitions(4);
+    config.options_mut().optimizer.repartition_file_min_size = 1;
+    let ctx = SessionContext::new_with_config(config);
     let registered = register_history(&ctx, &store, "m").await.expect("register");
     assert_eq!(registered, kept.len());
     let history = rows(&ctx, "SELECT _run_id, k1, c0, c1 FROM m_history").await;
@@ -186,6 +195,36 @@ async fn check(versions: Vec<Version>, retire_first: bool, buckets: u32) {
     )
     .await;
     assert_eq!(one_run, expected(&[kept[kept.len() / 2]], None));
+    // In the order of the runs that extracted them, then by key: the sort an `ORDER BY` on the
+    // metadata asks for is kept (literal metadata once let DataFusion drop it).
+    let ordered = rows_in_order(
+        &ctx,
+        "SELECT _run_id, k1, c0, c1 FROM m_history ORDER BY _extracted_at, k1",
+    )
+    .await;
+    let mut want = expected(&kept, None);
+    want.sort_by_key(|row| {
+        (
+            row[0].clone(),
+            row[1].as_deref().and_then(|k| k.parse::<i64>().ok()),
+        )
+    });
+    assert_eq!(ordered, want);
+    let newest_first = rows_in_order(
+        &ctx,
+        "SELECT _run_id FROM m_history ORDER BY _extracted_at DESC LIMIT 3",
+    )
+    .await;
+    let mut runs: Vec<Option<String>> = want.iter().map(|row| row[0].clone()).collect();
+    runs.reverse();
+    runs.truncate(3);
+    assert_eq!(
+        newest_first
+            .into_iter()
+            .map(|mut row| row.remove(0))
+            .collect::<Vec<_>>(),
+        runs
+    );
     let layered = manifests.iter().filter(|m| !m.is_base()).count();
     eprintln!("{} versions, {layered} written as deltas", versions.len());
 }
