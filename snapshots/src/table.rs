@@ -84,9 +84,7 @@ pub async fn read_rows(
     let current_earlier = match (earlier, read_files(ctx, store, &select(&manifest.index)).await?) {
         (Some(earlier), Some(index)) => {
             let keys: Vec<&str> = manifest.key_columns.iter().map(String::as_str).collect();
-            let index_keys: Vec<String> = (0..keys.len())
-                .map(|i| format!("__sluice_index_key_{i}"))
-                .collect();
+            let index_keys: Vec<String> = (0..keys.len()).map(index_key).collect();
             let mut left: Vec<&str> = keys.clone();
             left.push(LAYER_TAG);
             let mut right: Vec<&str> = index_keys.iter().map(String::as_str).collect();
