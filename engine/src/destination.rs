@@ -403,10 +403,12 @@ pub struct OutgoingBatch {
     /// The record's primary key as a JSON object (`{"id":42}`).
     pub keys: JsonColumn,
     /// The mapped record as a JSON object, nested by dotted field names, laid out as the
-    /// destination's action wants it (see [`PayloadShape`]).
+    /// destination's action wants it (see [`PayloadShape`]); empty for every record when the
+    /// session reads [`Payload::Columns`].
     pub bodies: JsonColumn,
     /// The record's identifying fields (the action's [`PayloadShape::identity`]) as a JSON
-    /// object in the same layout (`{"userId":"u1"}`); `{}` when the action has none.
+    /// object in the same layout (`{"userId":"u1"}`); `{}` when the action has none; empty
+    /// when the session reads [`Payload::Columns`].
     pub ids: JsonColumn,
     /// The mapped fields as Arrow columns named by destination field (dotted names kept flat),
     /// constants included, for destinations that write columns (CSV, Parquet, databases).
@@ -462,6 +464,19 @@ impl OutgoingBatch {
 
     pub fn records(&self, range: Range<usize>) -> impl Iterator<Item = RecordRef<'_>> {
         range.map(|i| self.record(i))
+    }
+
+    /// Record `i` as JSON for people to read (a failed record's payload): its body, or, when
+    /// bodies were not rendered ([`Payload::Columns`]), its mapped fields.
+    pub fn readable_record(&self, i: usize) -> std::borrow::Cow<'_, [u8]> {
+        let body = self.bodies.get(i);
+        if !body.is_empty() {
+            return std::borrow::Cow::Borrowed(body);
+        }
+        match crate::json::encode_rows(&self.fields.slice(i, 1)) {
+            Ok(row) if row.len() == 1 => std::borrow::Cow::Owned(row.get(0).to_vec()),
+            _ => std::borrow::Cow::Borrowed(b"null"),
+        }
     }
 
     /// The records at `indices`, in that order, as a batch of their own.
@@ -605,12 +620,31 @@ pub trait Destination: Send + Sync + 'static {
     async fn open(&self, run: &RunInfo) -> Result<Box<dyn DestinationWriter>, DestinationError>;
 }
 
+/// What a destination session reads of each record, besides its op, action, key and
+/// message id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Payload {
+    /// The record as JSON ([`OutgoingBatch::bodies`] and [`OutgoingBatch::ids`]) and its
+    /// mapped fields.
+    #[default]
+    Json,
+    /// Only the mapped fields as Arrow columns ([`OutgoingBatch::fields`]): files and tables.
+    /// The JSON bodies and identities are then never rendered (each record's is empty), which
+    /// is most of the CPU a batch costs before it is sent.
+    Columns,
+}
+
 /// One run's session with a destination.
 #[async_trait]
 pub trait DestinationWriter: Send + Sync {
     /// Batching, pacing and retries for this session's requests.
     fn policy(&self) -> DeliveryPolicy {
         DeliveryPolicy::default()
+    }
+
+    /// What this session's requests are made of.
+    fn payload(&self) -> Payload {
+        Payload::Json
     }
 
     /// The requests [`Self::send`] would make for records `range`, without making them.

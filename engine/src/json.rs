@@ -81,6 +81,14 @@ impl JsonColumn {
         self.offsets[range.end] - self.offsets[range.start]
     }
 
+    /// `rows` rows of no text: what was not rendered because nothing reads it.
+    pub fn empty_rows(rows: usize) -> Self {
+        Self {
+            data: Vec::new(),
+            offsets: vec![0; rows + 1],
+        }
+    }
+
     fn all_null(rows: usize) -> Self {
         let mut column = Self::with_capacity(rows, rows * 4);
         for _ in 0..rows {

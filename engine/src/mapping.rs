@@ -18,7 +18,7 @@ use indexmap::IndexMap;
 
 use crate::config::{ColumnSelection, FieldSpec, MappingConfig, Op};
 use crate::destination::{
-    ActionSpec, MessageId, OutgoingBatch, RecordAction, RecordFailure, SyncMode, UPDATE_FLAG_COLUMN,
+    ActionSpec, MessageId, OutgoingBatch, Payload, RecordAction, RecordFailure, SyncMode, UPDATE_FLAG_COLUMN,
     ValueFormat,
 };
 use crate::error::MappingError;
@@ -554,14 +554,33 @@ impl MappingPlan {
         ops: Vec<Op>,
         row_hashes: &[u64],
     ) -> Result<EncodedBatch, MappingError> {
+        self.encode_for(batch, ops, row_hashes, Payload::Json)
+    }
+
+    /// [`Self::encode`] for a session that reads `payload`: with [`Payload::Columns`] the JSON
+    /// bodies and identities are not rendered (every record's is empty), nor the columns only
+    /// they need; keys, message ids, fields and the checks of mapped formats are the same.
+    pub fn encode_for(
+        &self,
+        batch: &RecordBatch,
+        ops: Vec<Op>,
+        row_hashes: &[u64],
+        payload: Payload,
+    ) -> Result<EncodedBatch, MappingError> {
         let rows = batch.num_rows();
+        let bodies_needed = payload == Payload::Json;
         let err = |message: String| MappingError {
             mapping: self.mapping.clone(),
             message,
         };
         let mut problems: Vec<RecordFailure> = Vec::new();
         let mut rendered = Vec::with_capacity(self.slots.len());
-        for spec in &self.slots {
+        for (slot, spec) in self.slots.iter().enumerate() {
+            if !bodies_needed && !self.needed_without_bodies(slot, spec) {
+                // Never read: the key, the identity check and the formats' checks use others.
+                rendered.push(JsonColumn::default());
+                continue;
+            }
             match batch.column_by_name(&spec.column) {
                 Some(array) => {
                     let (column, bad) = encode_formatted(array, spec.format)
@@ -583,8 +602,14 @@ impl MappingPlan {
         let message_ids: Vec<MessageId> = (0..rows)
             .map(|i| MessageId::new(&self.mapping, keys.get(i), row_hashes[i], ops[i]))
             .collect();
-        let bodies = self.body.render(&rendered, &message_ids, rows);
-        let ids = self.ids.render(&rendered, &message_ids, rows);
+        let (bodies, ids) = if bodies_needed {
+            (
+                self.body.render(&rendered, &message_ids, rows),
+                self.ids.render(&rendered, &message_ids, rows),
+            )
+        } else {
+            (JsonColumn::empty_rows(rows), JsonColumn::empty_rows(rows))
+        };
         if let Some((slots, names)) = &self.identity {
             for row in 0..rows {
                 let present = slots.iter().any(|&s| {
@@ -638,6 +663,17 @@ impl MappingPlan {
             },
             unsendable: problems,
         })
+    }
+
+    /// Whether slot `slot` is rendered when bodies are not: it is in the key, identifies
+    /// records, or has a format whose values can fail a record.
+    fn needed_without_bodies(&self, slot: usize, spec: &FieldSpec) -> bool {
+        spec.format.is_some()
+            || self.key.0.contains(&Segment::Column(slot))
+            || self
+                .identity
+                .as_ref()
+                .is_some_and(|(slots, _)| slots.contains(&slot))
     }
 
     /// The mapped fields as Arrow columns named by destination field.
@@ -1005,6 +1041,80 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("`user_id`"), "{err}");
+    }
+
+    #[test]
+    fn a_columns_payload_skips_bodies_but_keeps_keys_ids_fields_and_checks() {
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
+            (
+                "address",
+                Arc::new(StringArray::from(vec![
+                    Some(r#"{"city": "Paris"}"#),
+                    Some("{not json"),
+                    None,
+                ])) as ArrayRef,
+            ),
+            (
+                "plan",
+                Arc::new(StringArray::from(vec!["pro", "free", "pro"])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let c = config(
+            "{model: users, destination: s, fields: {address: {column: address, as: json}, tier: plan}}",
+        );
+        let plan = MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()], None).unwrap();
+        let ops = vec![Op::Added, Op::Updated, Op::Deleted];
+        let json = plan
+            .encode_for(&batch, ops.clone(), &[1, 2, 3], Payload::Json)
+            .unwrap();
+        let columns = plan
+            .encode_for(&batch, ops, &[1, 2, 3], Payload::Columns)
+            .unwrap();
+        assert_eq!(columns.records.keys, json.records.keys);
+        assert_eq!(columns.records.message_ids, json.records.message_ids);
+        assert_eq!(columns.records.actions, json.records.actions);
+        assert_eq!(columns.records.fields, json.records.fields);
+        // The format's check still fails the record that cannot be sent as asked.
+        assert_eq!(columns.unsendable, json.unsendable);
+        assert_eq!(columns.unsendable.len(), 1);
+        assert_eq!(columns.records.bodies.len(), 3);
+        assert_eq!(columns.records.bodies.total_bytes(), 0);
+        assert_eq!(columns.records.ids.total_bytes(), 0);
+        // What a person reads of a failed record: the fields, as the body would have had them.
+        let readable: serde_json::Value =
+            serde_json::from_slice(&columns.records.readable_record(0)).unwrap();
+        assert_eq!(readable["tier"], "pro");
+        assert!(json.records.bodies.get(0).starts_with(b"{"));
+        assert_eq!(&*json.records.readable_record(0), json.records.bodies.get(0));
+    }
+
+    #[test]
+    fn a_columns_payload_still_finds_records_without_an_identity() {
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
+            (
+                "user",
+                Arc::new(StringArray::from(vec![Some("u1"), None])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let c = config("{model: users, destination: s, fields: {user_id: user}}");
+        let action = identify();
+        let plan =
+            MappingPlan::compile("m", &c, "users", &batch.schema(), &["id".into()], Some(&action)).unwrap();
+        let json = plan
+            .encode_for(&batch, vec![Op::Added; 2], &[1, 2], Payload::Json)
+            .unwrap();
+        let columns = plan
+            .encode_for(&batch, vec![Op::Added; 2], &[1, 2], Payload::Columns)
+            .unwrap();
+        assert_eq!(columns.unsendable, json.unsendable);
+        assert_eq!(
+            columns.unsendable.iter().map(|f| f.index).collect::<Vec<_>>(),
+            [1]
+        );
     }
 
     #[test]

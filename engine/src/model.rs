@@ -150,6 +150,10 @@ impl Limits {
     /// Records too large to send: the JSON record over `max_record_bytes`, or one value over
     /// `max_value_bytes`. Each is named by its index with the reason.
     pub fn oversized_records(&self, batch: &OutgoingBatch) -> Vec<RecordFailure> {
+        if !batch.is_empty() && batch.bodies.total_bytes() == 0 {
+            // Written as columns, not as JSON (`Payload::Columns`): only values are limited.
+            return self.oversized_values(&batch.fields);
+        }
         let mut failures = Vec::new();
         for i in 0..batch.len() {
             let bytes = batch.keys.get(i).len() + batch.bodies.get(i).len();
@@ -162,10 +166,7 @@ impl Limits {
             {
                 failures.push(RecordFailure {
                     index: i,
-                    error: format!(
-                        "field `{field}` holds {value_bytes} bytes, more than limits.max_value_bytes ({}); the record was not sent",
-                        self.max_value_bytes
-                    ),
+                    error: self.value_too_large(&field, value_bytes),
                 });
             } else if bytes > self.max_record_bytes {
                 failures.push(RecordFailure {
@@ -179,6 +180,71 @@ impl Limits {
         }
         failures
     }
+}
+
+impl Limits {
+    /// Records of `fields` holding a string or binary value over `max_value_bytes`, a column at
+    /// a time (the largest such value names the record's reason).
+    fn oversized_values(&self, fields: &RecordBatch) -> Vec<RecordFailure> {
+        let mut largest: std::collections::BTreeMap<usize, (&str, usize)> = std::collections::BTreeMap::new();
+        for (field, column) in fields.schema_ref().fields().iter().zip(fields.columns()) {
+            let lengths: Vec<(usize, usize)> = match column.data_type() {
+                DataType::Utf8 => oversized(
+                    column.as_string::<i32>().iter().map(|v| v.map(str::len)),
+                    self.max_value_bytes,
+                ),
+                DataType::LargeUtf8 => oversized(
+                    column.as_string::<i64>().iter().map(|v| v.map(str::len)),
+                    self.max_value_bytes,
+                ),
+                DataType::Utf8View => oversized(
+                    column.as_string_view().iter().map(|v| v.map(str::len)),
+                    self.max_value_bytes,
+                ),
+                DataType::Binary => oversized(
+                    column.as_binary::<i32>().iter().map(|v| v.map(<[u8]>::len)),
+                    self.max_value_bytes,
+                ),
+                DataType::LargeBinary => oversized(
+                    column.as_binary::<i64>().iter().map(|v| v.map(<[u8]>::len)),
+                    self.max_value_bytes,
+                ),
+                DataType::BinaryView => oversized(
+                    column.as_binary_view().iter().map(|v| v.map(<[u8]>::len)),
+                    self.max_value_bytes,
+                ),
+                _ => continue,
+            };
+            for (row, len) in lengths {
+                let entry = largest.entry(row).or_insert((field.name().as_str(), len));
+                if len > entry.1 {
+                    *entry = (field.name().as_str(), len);
+                }
+            }
+        }
+        largest
+            .into_iter()
+            .map(|(index, (field, value_bytes))| RecordFailure {
+                index,
+                error: self.value_too_large(field, value_bytes),
+            })
+            .collect()
+    }
+
+    fn value_too_large(&self, field: &str, value_bytes: usize) -> String {
+        format!(
+            "field `{field}` holds {value_bytes} bytes, more than limits.max_value_bytes ({}); the record was not sent",
+            self.max_value_bytes
+        )
+    }
+}
+
+/// Rows whose value is longer than `limit`, with its length.
+fn oversized(lengths: impl Iterator<Item = Option<usize>>, limit: usize) -> Vec<(usize, usize)> {
+    lengths
+        .enumerate()
+        .filter_map(|(row, len)| len.filter(|&len| len > limit).map(|len| (row, len)))
+        .collect()
 }
 
 /// The largest string or binary value in row `row`, by field name.
@@ -241,6 +307,79 @@ mod tests {
         assert!(err.contains("`{{user_input}}`"), "{err}");
         assert!(err.contains("{{last_sync_time}}"), "{err}");
         assert!(render_sql("SELECT {{last_sync_time", &values(None)).is_err());
+    }
+
+    #[test]
+    fn records_written_as_columns_are_limited_by_their_values() {
+        use std::sync::Arc;
+
+        use arrow::array::{ArrayRef, BinaryArray, Int64Array, StringViewArray};
+
+        use crate::destination::Payload;
+        use crate::mapping::MappingPlan;
+
+        let long = "x".repeat(40);
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
+            (
+                "note",
+                Arc::new(StringViewArray::from(vec![
+                    Some("short"),
+                    Some(long.as_str()),
+                    None,
+                ])) as ArrayRef,
+            ),
+            (
+                "blob",
+                Arc::new(BinaryArray::from(vec![
+                    Some(&[0u8; 30][..]),
+                    Some(&[0u8; 50][..]),
+                    None,
+                ])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let mut config: crate::config::MappingConfig =
+            serde_norway::from_str("{model: m, destination: d}").unwrap();
+        config.resolve_send(false);
+        let plan = MappingPlan::compile("m", &config, "m", &batch.schema(), &["id".into()], None).unwrap();
+        let limits = Limits {
+            max_value_bytes: 20,
+            max_record_bytes: 100,
+            ..Limits::default()
+        };
+        let columns = plan
+            .encode_for(
+                &batch,
+                vec![crate::config::Op::Added; 3],
+                &[1, 2, 3],
+                Payload::Columns,
+            )
+            .unwrap()
+            .records;
+        let failures = limits.oversized_records(&columns);
+        assert_eq!(failures.iter().map(|f| f.index).collect::<Vec<_>>(), [0, 1]);
+        assert!(
+            failures[0].error.contains("field `blob` holds 30 bytes"),
+            "{}",
+            failures[0].error
+        );
+        assert!(
+            failures[1].error.contains("field `blob` holds 50 bytes"),
+            "{}",
+            failures[1].error
+        );
+        // As JSON the same records are also limited as a whole.
+        let json = plan
+            .encode_for(
+                &batch,
+                vec![crate::config::Op::Added; 3],
+                &[1, 2, 3],
+                Payload::Json,
+            )
+            .unwrap()
+            .records;
+        assert_eq!(limits.oversized_records(&json).len(), 2);
     }
 
     #[test]

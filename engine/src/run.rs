@@ -1315,6 +1315,9 @@ struct Preparer<'a> {
     engine: &'a Engine,
     plan: Arc<MappingPlan>,
     policy: &'a crate::destination::DeliveryPolicy,
+    /// What the destination session reads of each record (JSON bodies are rendered only when
+    /// it reads them).
+    payload: crate::destination::Payload,
     checkpoints: Option<&'a CheckpointWriter>,
 }
 
@@ -1350,9 +1353,10 @@ impl Preparer<'_> {
         // Rendering is the CPU-heavy part of a batch: it runs on a blocking thread, so it uses a
         // second core while the previous batch's request and checkpoint are in flight.
         let plan = self.plan.clone();
+        let payload = self.payload;
         let (batch, encoded, render_ms) = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let encoded = plan.encode(&batch, ops, &hashes);
+            let encoded = plan.encode_for(&batch, ops, &hashes, payload);
             (batch, encoded, started.elapsed().as_millis() as u64)
         })
         .await
@@ -1560,6 +1564,7 @@ impl Delivery<'_> {
             engine: self.engine,
             plan: self.plan.clone(),
             policy: self.policy,
+            payload: self.writer.payload(),
             checkpoints: checkpoints.as_deref(),
         };
         let outcome = async {
@@ -1689,7 +1694,7 @@ impl Delivery<'_> {
                     attempts,
                     first_failed_at,
                     last_failed_at: now,
-                    payload: Some(sample_payload(outgoing.bodies.get(failure.index))),
+                    payload: Some(sample_payload(&outgoing.readable_record(failure.index))),
                 });
             }
             Some(rows)

@@ -5,13 +5,16 @@
 
 mod error;
 pub mod hash;
+mod history;
 mod manifest;
+mod prune;
 mod storage;
 mod store;
 mod table;
 mod writer;
 
 pub use error::{Result, SnapshotError};
+pub use history::register_history;
 pub use manifest::{
     BASE_HASH_COLUMN, CHANGE_OP_COLUMN, ColumnInfo, FORMAT_VERSION, LAYER_COLUMN, Layer, OP_ADDED,
     OP_DELETED, OP_UPDATED, RESERVED_PREFIX, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest, column_infos,
@@ -21,6 +24,6 @@ pub use storage::{OpenError, OpenedStore, UnfinishedUpload, UploadJanitor, open_
 pub use store::SnapshotStore;
 pub use table::{
     EXTRACTED_AT_COLUMN, RUN_ID_COLUMN, SNAPSHOT_ID_COLUMN, read_files, read_rows, read_snapshot,
-    register_history, register_snapshot,
+    register_snapshot,
 };
 pub use writer::{MAX_LAYERS, PARTITIONS, ROWS_PER_BUCKET, SnapshotSpec, SnapshotWriter, buckets_for};

@@ -124,13 +124,13 @@ async fn rows_in_order(ctx: &SessionContext, sql: &str) -> Vec<Vec<Option<String
     rows
 }
 
-fn expected(versions: &[(usize, &Version)], key: Option<i64>) -> Vec<Vec<Option<String>>> {
+fn expected(versions: &[(usize, &Version)], keys: Option<&[i64]>) -> Vec<Vec<Option<String>>> {
     let mut rows: Vec<Vec<Option<String>>> = versions
         .iter()
         .flat_map(|(run, version)| {
             version
                 .iter()
-                .filter(|(k, _)| key.is_none_or(|key| **k == key))
+                .filter(|(k, _)| keys.is_none_or(|keys| keys.contains(k)))
                 .map(move |(k, (c0, c1))| {
                     vec![
                         Some(format!("run-{run}")),
@@ -185,8 +185,29 @@ async fn check(versions: Vec<Version>, retire_first: bool, buckets: u32) {
             &format!("SELECT _run_id, k1, c0, c1 FROM m_history WHERE k1 = {key}"),
         )
         .await;
-        assert_eq!(one, expected(&kept, Some(key)), "key {key}");
+        assert_eq!(one, expected(&kept, Some(&[key])), "key {key}");
     }
+    // Several keys, alone and with a run: the files of their buckets, of the snapshots asked.
+    let several = rows(
+        &ctx,
+        "SELECT _run_id, k1, c0, c1 FROM m_history WHERE k1 IN (3, 41, 77) OR k1 = 0",
+    )
+    .await;
+    assert_eq!(several, expected(&kept, Some(&[0, 3, 41, 77])));
+    let (run, version) = kept[0];
+    let key_in_run = rows(
+        &ctx,
+        &format!("SELECT _run_id, k1, c0, c1 FROM m_history WHERE k1 IN (5, 6) AND _run_id = 'run-{run}'"),
+    )
+    .await;
+    assert_eq!(key_in_run, expected(&[(run, version)], Some(&[5, 6])));
+    let latest_keys = rows(&ctx, "SELECT k1, c0, c1 FROM m WHERE k1 = 7 OR k1 = 41").await;
+    let mut want: Vec<Vec<Option<String>>> = expected(&[*kept.last().expect("a version")], Some(&[7, 41]))
+        .into_iter()
+        .map(|mut row| row.split_off(1))
+        .collect();
+    want.sort();
+    assert_eq!(latest_keys, want);
     // One run's rows, through the metadata columns.
     let run = kept[kept.len() / 2].0;
     let one_run = rows(

@@ -28,8 +28,8 @@ use parquet::arrow::AsyncArrowWriter;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
-    DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, PreparedRequest, RetryPolicy, RunInfo,
-    SendOutcome,
+    DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, Payload, PreparedRequest, RetryPolicy,
+    RunInfo, SendOutcome,
 };
 use sluice_engine::json::encode_column;
 use sluice_engine::source::ConnectorEnv;
@@ -246,6 +246,14 @@ impl DestinationWriter for FileWriter {
         true
     }
 
+    fn payload(&self) -> Payload {
+        // CSV and Parquet hold the mapped fields as columns; JSON lines the records' bodies.
+        match self.format {
+            FileFormat::Jsonl => Payload::Json,
+            FileFormat::Csv | FileFormat::Parquet => Payload::Columns,
+        }
+    }
+
     async fn prepare(&self, batch: &OutgoingBatch, range: Range<usize>) -> Vec<PreparedRequest> {
         let body = match self.format {
             FileFormat::Jsonl => {
@@ -327,11 +335,8 @@ fn columns_of(
 ) -> Result<RecordBatch, String> {
     let ops = StringArray::from_iter_values(batch.ops[range.clone()].iter().map(|op| op.as_str()));
     let ids = StringArray::from_iter_values(batch.message_ids[range.clone()].iter().map(|id| id.as_str()));
-    let keys = StringArray::from_iter_values(
-        range
-            .clone()
-            .map(|i| String::from_utf8_lossy(batch.keys.get(i)).into_owned()),
-    );
+    let keys =
+        StringArray::from_iter_values(range.clone().map(|i| String::from_utf8_lossy(batch.keys.get(i))));
     let mut fields = vec![
         Field::new("_op", DataType::Utf8, false),
         Field::new("_message_id", DataType::Utf8, false),
