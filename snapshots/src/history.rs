@@ -233,7 +233,12 @@ fn external(error: crate::SnapshotError) -> DataFusionError {
 /// rows a delta shares with earlier snapshots are in those snapshots' files, found through the
 /// delta's index. So the earlier layers' rows (each file read once, tagged with its layer) are
 /// joined once with every delta's index (each tagged with its delta): one join for the whole
-/// history, not one per snapshot and layer, and a key's predicate reaches every file.
+/// history, not one per snapshot and layer.
+///
+/// When the filters pin the key, the deltas' indexes are looked up first (their own rows
+/// included): only the layer files that hold one of the keys' versions are then read, and the
+/// few index entries found are joined with them in memory. A key's history then opens the
+/// deltas' index files and the files of the versions it had, not every snapshot's rows.
 async fn read_history(
     ctx: &SessionContext,
     store: &SnapshotStore,
@@ -275,11 +280,15 @@ async fn read_history(
     let mut parts: Option<DataFrame> = None;
     // Deltas grouped by their key columns (one join each; the key rarely changes).
     struct Shared {
-        layers: Option<DataFrame>,
+        /// Layers' files by tag (the files of the buckets the filters keep).
+        layers: BTreeMap<u32, Vec<SnapshotFile>>,
         members: Option<DataFrame>,
         /// The snapshots (ordinals into `manifests`) whose indexes `members` holds.
         members_of: Vec<u32>,
         tags: BTreeMap<String, u32>,
+        /// The filter on the key columns when the filters pin them (the index is looked up
+        /// first, own rows included).
+        key_filter: Option<Expr>,
     }
     let mut shared: BTreeMap<Vec<String>, Shared> = BTreeMap::new();
     for (i, manifest) in manifests.iter().enumerate() {
@@ -297,7 +306,14 @@ async fn read_history(
         // Every list of a snapshot's files (own rows, index, layers) is split into the same
         // buckets, so the filters keep the same buckets of each.
         let select = |files: &[SnapshotFile]| pruning.files(manifest, files);
-        if let Some(own) = read_files(ctx, store, &select(&manifest.files)).await? {
+        let key_filter = if manifest.is_base() {
+            None
+        } else {
+            pruning.key_filter(&manifest.key_columns, manifest.buckets)
+        };
+        if key_filter.is_none()
+            && let Some(own) = read_files(ctx, store, &select(&manifest.files)).await?
+        {
             let mut columns = model_columns(&own);
             columns.extend(meta(manifest));
             parts = Some(union(parts, own.select(columns)?)?);
@@ -306,35 +322,37 @@ async fn read_history(
             continue;
         }
         let group = shared.entry(manifest.key_columns.clone()).or_insert(Shared {
-            layers: None,
+            layers: BTreeMap::new(),
             members: None,
             members_of: Vec::new(),
             tags: BTreeMap::new(),
+            key_filter: key_filter.clone(),
         });
-        // Each earlier layer's rows, read once for every delta that points into them.
+        // Own rows go through the index too when it is looked up first.
+        let last_layer = if key_filter.is_some() {
+            manifest.own_layer()
+        } else {
+            manifest.own_layer().saturating_sub(1)
+        };
         let mut tag_of_ordinal: Vec<(u32, u32)> = Vec::new();
-        for ordinal in 0..manifest.own_layer() {
+        for ordinal in 0..=last_layer {
             let Some((snapshot, files)) = manifest.layer(ordinal) else {
                 continue;
             };
             let next = group.tags.len() as u32;
-            let tag = match group.tags.get(snapshot) {
-                Some(tag) => *tag,
-                None => {
-                    group.tags.insert(snapshot.to_string(), next);
-                    if let Some(rows) = read_files(ctx, store, &select(files)).await? {
-                        let mut columns = model_columns(&rows);
-                        columns.push(lit(next).alias(LAYER_TAG));
-                        group.layers = Some(union(group.layers.take(), rows.select(columns)?)?);
-                    }
-                    next
-                }
-            };
+            let tag = *group.tags.entry(snapshot.to_string()).or_insert(next);
+            group.layers.entry(tag).or_insert_with(|| select(files));
             tag_of_ordinal.push((ordinal, tag));
         }
-        let Some(index) = read_files(ctx, store, &select(&manifest.index)).await? else {
+        if tag_of_ordinal.is_empty() {
+            continue;
+        }
+        let Some(mut index) = read_files(ctx, store, &select(&manifest.index)).await? else {
             continue;
         };
+        if let Some(filter) = &key_filter {
+            index = index.filter(filter.clone())?;
+        }
         let mut tag = case(ident(crate::manifest::LAYER_COLUMN));
         for (ordinal, layer_tag) in &tag_of_ordinal {
             tag = tag.when(lit(*ordinal), lit(*layer_tag));
@@ -351,13 +369,42 @@ async fn read_history(
         // `_extracted_at` and drop the sort an `ORDER BY _extracted_at` needs.)
         columns.push(lit(i as u32).alias(MEMBER_SNAPSHOT));
         let members = index
-            .filter(ident(crate::manifest::LAYER_COLUMN).lt(lit(manifest.own_layer())))?
+            .filter(ident(crate::manifest::LAYER_COLUMN).lt_eq(lit(last_layer)))?
             .select(columns)?;
         group.members = Some(union(group.members.take(), members)?);
         group.members_of.push(i as u32);
     }
     for (keys, group) in shared {
-        let (Some(layers), Some(members)) = (group.layers, group.members) else {
+        let Some(mut members) = group.members else {
+            continue;
+        };
+        // With the key pinned, the index entries are few: found now, they say which layers'
+        // files hold the rows.
+        let mut layer_tags: Vec<u32> = group.layers.keys().copied().collect();
+        if group.key_filter.is_some() {
+            let found = members.collect().await?;
+            layer_tags = found_tags(&found)?;
+            if layer_tags.is_empty() {
+                continue;
+            }
+            members = ctx.read_batches(found)?;
+        }
+        let mut layers: Option<DataFrame> = None;
+        for tag in layer_tags {
+            let Some(files) = group.layers.get(&tag) else {
+                continue;
+            };
+            let Some(mut rows) = read_files(ctx, store, files).await? else {
+                continue;
+            };
+            if let Some(filter) = &group.key_filter {
+                rows = rows.filter(filter.clone())?;
+            }
+            let mut columns = model_columns(&rows);
+            columns.push(lit(tag).alias(LAYER_TAG));
+            layers = Some(union(layers, rows.select(columns)?)?);
+        }
+        let Some(layers) = layers else {
             continue;
         };
         let index_keys: Vec<String> = (0..keys.len()).map(index_key).collect();
@@ -392,6 +439,26 @@ async fn read_history(
         return Ok(Some(history));
     }
     Ok(Some(history.select(order.iter().map(ident).collect::<Vec<_>>())?))
+}
+
+/// The distinct layer tags of index entries found, ascending.
+fn found_tags(found: &[arrow::array::RecordBatch]) -> Result<Vec<u32>> {
+    use arrow::array::AsArray;
+    let mut tags = std::collections::BTreeSet::new();
+    for batch in found {
+        let Some(column) = batch.column_by_name(MEMBER_TAG) else {
+            continue;
+        };
+        let Some(values) = column.as_primitive_opt::<arrow::datatypes::UInt32Type>() else {
+            return Err(DataFusionError::Internal(format!(
+                "an index's layer tags are {}, not UInt32",
+                column.data_type()
+            ))
+            .into());
+        };
+        tags.extend(values.iter().flatten());
+    }
+    Ok(tags.into_iter().collect())
 }
 
 /// The layer a delta's index puts a key in, as a tag of [`read_history`]'s layers.
@@ -511,6 +578,9 @@ mod tests {
             one_key.len(),
             every.len()
         );
+        // The key's three versions are in the base and in each delta's own rows: the deltas'
+        // indexes are looked up while planning, and only those three files are read.
+        assert_eq!(one_key.len(), 3, "{one_key:?}");
         let bucket = |path: &str| {
             path.rsplit('/')
                 .next()

@@ -15,6 +15,7 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::expr::InList;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
+use datafusion::prelude::{ident, lit};
 
 use crate::hash::{bucket_of, key_hashes};
 use crate::manifest::{SnapshotFile, SnapshotManifest};
@@ -122,6 +123,24 @@ impl Pruning {
         let batch = RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), arrays).ok()?;
         let hashes = key_hashes(&batch, key_columns).ok()?;
         Some(hashes.into_iter().map(|h| bucket_of(h, buckets)).collect())
+    }
+
+    /// A filter holding every row of the keys the filters pin (each key column to its
+    /// values), for a snapshot keyed by `key_columns` into `buckets`; `None` when they do not
+    /// pin the key (see [`Self::buckets`]).
+    pub(crate) fn key_filter(&self, key_columns: &[String], buckets: u32) -> Option<Expr> {
+        if self.buckets(key_columns, buckets)?.is_empty() {
+            return Some(lit(false));
+        }
+        key_columns
+            .iter()
+            .map(|k| {
+                let values = self.pinned.get(k)?;
+                Some(ident(k).in_list(values.iter().cloned().map(lit).collect(), false))
+            })
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .reduce(Expr::and)
     }
 
     /// Of `files` (a snapshot's, or a layer's of a snapshot split into `manifest.buckets`),
