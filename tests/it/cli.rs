@@ -411,6 +411,145 @@ async fn file_destination_writes_each_runs_records() {
     assert_eq!(std::fs::read_dir(&dir).expect("exports").count(), 1);
 }
 
+/// The rows of the Parquet files in `dir` that are not in `seen` (which they are added to).
+fn new_parquet_rows(
+    dir: &std::path::Path,
+    seen: &mut HashSet<std::path::PathBuf>,
+) -> Vec<arrow::array::RecordBatch> {
+    let mut batches = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("exports").filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let file = std::fs::File::open(&path).expect("open");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .expect("a Parquet file")
+            .build()
+            .expect("reader");
+        batches.extend(reader.map(|b| b.expect("batch")));
+    }
+    batches
+}
+
+#[tokio::test]
+async fn file_destination_writes_parquet_across_batches_and_fails_oversized_values_alone() {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int64Type;
+
+    let receiver = Receiver::start().await;
+    let extra = "  archive:\n    type: file\n    url: exports\n    format: parquet\n";
+    let config = format!(
+        "{}  users_to_archive:\n    model: users\n    destination: archive\nlimits:\n  max_value_bytes: 30\n",
+        webhook_config(&receiver.url, extra)
+    );
+    let project = TestProject::new(&config);
+    // More rows than one batch holds (8,192), so the file is written in several parts.
+    let mut users: Vec<User> = (1..=20_000)
+        .map(|id| {
+            user(
+                id,
+                Box::leak(format!("u{id}@x.io").into_boxed_str()),
+                "free",
+                (id % 100) as i32,
+            )
+        })
+        .collect();
+    users[41].email = Some("a-very-long-address-indeed@example.com");
+    project.write_users(&users);
+    let output = project.sluice(&["run", "users_to_archive"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let dir = project.path().join("exports/users_to_archive");
+    let mut seen = HashSet::new();
+    let first = new_parquet_rows(&dir, &mut seen);
+    let rows: usize = first.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 19_999, "every record but the oversized one");
+    let names: Vec<String> = first[0]
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "_op",
+            "_message_id",
+            "_key",
+            "id",
+            "email",
+            "plan",
+            "lead_score",
+            "lifetime_value"
+        ]
+    );
+    let mut ids = HashSet::new();
+    for batch in &first {
+        let id = batch
+            .column_by_name("id")
+            .expect("id")
+            .as_primitive::<Int64Type>();
+        let key = batch.column_by_name("_key").expect("_key").as_string::<i32>();
+        let op = batch.column_by_name("_op").expect("_op").as_string::<i32>();
+        let message = batch
+            .column_by_name("_message_id")
+            .expect("_message_id")
+            .as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            assert_eq!(key.value(i), format!("{{\"id\":{}}}", id.value(i)));
+            assert_eq!(op.value(i), "added");
+            assert_eq!(message.value(i).len(), 36, "a UUID");
+            assert!(!message.is_null(i));
+            ids.insert(id.value(i));
+        }
+    }
+    assert_eq!(ids.len(), 19_999);
+    assert!(!ids.contains(&42));
+    let failures = stdout(&project.sluice(&["runs", "--failures", "10"]).await);
+    assert!(
+        failures.contains("field `email` holds 38 bytes, more than limits.max_value_bytes (30)"),
+        "{failures}"
+    );
+
+    // Ten plans change, five users leave: those, and the record that failed, tried again.
+    for u in users.iter_mut().take(10) {
+        u.plan = "pro";
+    }
+    users.truncate(19_995);
+    project.write_users(&users);
+    let output = project.sluice(&["run", "users_to_archive"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let second = new_parquet_rows(&dir, &mut seen);
+    let mut changes: Vec<(String, i64)> = Vec::new();
+    for batch in &second {
+        let id = batch
+            .column_by_name("id")
+            .expect("id")
+            .as_primitive::<Int64Type>();
+        let op = batch.column_by_name("_op").expect("_op").as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            changes.push((op.value(i).to_string(), id.value(i)));
+        }
+    }
+    changes.sort();
+    let mut want: Vec<(String, i64)> = (1..=10).map(|id| ("updated".to_string(), id)).collect();
+    want.extend((19_996..=20_000).map(|id| ("deleted".to_string(), id)));
+    want.sort();
+    assert_eq!(changes, want);
+}
+
 #[tokio::test]
 async fn quickstart_runs_on_a_fresh_machine() {
     let dir = tempfile::tempdir().expect("tempdir");

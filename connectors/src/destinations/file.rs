@@ -24,7 +24,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use indexmap::IndexMap;
 use object_store::buffered::BufWriter;
-use parquet::arrow::AsyncArrowWriter;
+use parquet::arrow::ArrowWriter;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
@@ -142,14 +142,89 @@ fn uuid_like() -> String {
 
 enum Sink {
     Jsonl(BufWriter),
-    Csv {
-        writer: BufWriter,
-        header_written: bool,
-    },
-    Parquet {
-        writer: Box<AsyncArrowWriter<BufWriter>>,
-        schema: SchemaRef,
-    },
+    Csv { writer: BufWriter, header_written: bool },
+    Parquet(Box<ParquetSink>),
+}
+
+/// A Parquet file being written. Encoding is the CPU-heavy part of a file destination's run:
+/// it happens on a blocking thread, so the run's task goes on reading and preparing the next
+/// batch meanwhile (encoded inline, it held that task and a run's delivery used one core); the
+/// bytes it produces are streamed to the store as row groups complete.
+struct ParquetSink {
+    /// `None` only while a batch is being encoded.
+    encoder: Option<ArrowWriter<EncodedBytes>>,
+    encoded: EncodedBytes,
+    out: BufWriter,
+    schema: SchemaRef,
+}
+
+/// Bytes the encoder has written and the store has not yet received.
+#[derive(Clone, Default)]
+struct EncodedBytes(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for EncodedBytes {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("a Parquet encoder stopped mid-write"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ParquetSink {
+    fn new(out: BufWriter, schema: SchemaRef) -> Result<Self, String> {
+        let encoded = EncodedBytes::default();
+        let encoder =
+            ArrowWriter::try_new(encoded.clone(), schema.clone(), None).map_err(|e| e.to_string())?;
+        Ok(Self {
+            encoder: Some(encoder),
+            encoded,
+            out,
+            schema,
+        })
+    }
+
+    async fn write(&mut self, rows: RecordBatch) -> Result<(), String> {
+        let mut encoder = self.encoder.take().ok_or("the file was already completed")?;
+        let (encoder, written) = tokio::task::spawn_blocking(move || {
+            let written = encoder.write(&rows);
+            (encoder, written)
+        })
+        .await
+        .map_err(|e| format!("encoding Parquet stopped: {e}"))?;
+        self.encoder = Some(encoder);
+        written.map_err(|e| e.to_string())?;
+        self.send_encoded().await
+    }
+
+    async fn send_encoded(&mut self) -> Result<(), String> {
+        let bytes = std::mem::take(
+            &mut *self
+                .encoded
+                .0
+                .lock()
+                .map_err(|_| "a Parquet encoder stopped mid-write".to_string())?,
+        );
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.out.write_all(&bytes).await.map_err(|e| e.to_string())
+    }
+
+    async fn finish(mut self) -> Result<(), String> {
+        let encoder = self.encoder.take().ok_or("the file was already completed")?;
+        tokio::task::spawn_blocking(move || encoder.close())
+            .await
+            .map_err(|e| format!("encoding Parquet stopped: {e}"))?
+            .map_err(|e| e.to_string())?;
+        self.send_encoded().await?;
+        self.out.shutdown().await.map_err(|e| e.to_string())
+    }
 }
 
 struct FileWriter {
@@ -206,20 +281,15 @@ impl FileWriter {
             FileFormat::Parquet => {
                 let rows = columns_of(batch, range, false)?;
                 if guard.is_none() {
-                    let schema = rows.schema();
-                    let writer = AsyncArrowWriter::try_new(self.buf_writer(), schema.clone(), None)
-                        .map_err(|e| e.to_string())?;
-                    *guard = Some(Sink::Parquet {
-                        writer: Box::new(writer),
-                        schema,
-                    });
+                    let sink = ParquetSink::new(self.buf_writer(), rows.schema())?;
+                    *guard = Some(Sink::Parquet(Box::new(sink)));
                 }
-                let Some(Sink::Parquet { writer, schema }) = guard.as_mut() else {
+                let Some(Sink::Parquet(sink)) = guard.as_mut() else {
                     return Err("internal: sink of another format".into());
                 };
                 // Later batches (deleted rows of an older snapshot, say) take the file's types.
-                let rows = conform(&rows, schema)?;
-                writer.write(&rows).await.map_err(|e| e.to_string())
+                let rows = conform(&rows, &sink.schema)?;
+                sink.write(rows).await
             }
         }
     }
@@ -306,11 +376,7 @@ impl DestinationWriter for FileWriter {
             Some(Sink::Jsonl(mut writer)) | Some(Sink::Csv { mut writer, .. }) => {
                 writer.shutdown().await.map_err(|e| failed(e.to_string()))
             }
-            Some(Sink::Parquet { mut writer, .. }) => writer
-                .finish()
-                .await
-                .map(|_| ())
-                .map_err(|e| failed(e.to_string())),
+            Some(Sink::Parquet(sink)) => sink.finish().await.map_err(failed),
         }
     }
 
@@ -318,7 +384,7 @@ impl DestinationWriter for FileWriter {
         let result = match self.sink.into_inner() {
             None => Ok(()),
             Some(Sink::Jsonl(mut writer)) | Some(Sink::Csv { mut writer, .. }) => writer.abort().await,
-            Some(Sink::Parquet { writer, .. }) => writer.into_inner().abort().await,
+            Some(Sink::Parquet(mut sink)) => sink.out.abort().await,
         };
         if let Err(e) = result {
             tracing::warn!(file = self.relative, error = %e, "could not abandon a partly written file");
