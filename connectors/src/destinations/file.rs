@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use indexmap::IndexMap;
 use object_store::buffered::BufWriter;
 use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
@@ -158,6 +159,9 @@ struct ParquetSink {
     schema: SchemaRef,
 }
 
+/// Rows per row group of a Parquet file the destination writes.
+const PARQUET_ROW_GROUP_ROWS: usize = 256 * 1024;
+
 /// Bytes the encoder has written and the store has not yet received.
 #[derive(Clone, Default)]
 struct EncodedBytes(Arc<std::sync::Mutex<Vec<u8>>>);
@@ -179,8 +183,13 @@ impl std::io::Write for EncodedBytes {
 impl ParquetSink {
     fn new(out: BufWriter, schema: SchemaRef) -> Result<Self, String> {
         let encoded = EncodedBytes::default();
-        let encoder =
-            ArrowWriter::try_new(encoded.clone(), schema.clone(), None).map_err(|e| e.to_string())?;
+        // A row group is held in memory until it is complete: 256K rows kept a 10M-row run's
+        // peak under 1 GiB where the default 1M rows went over, for about 0.3 s more encoding.
+        let properties = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP_ROWS))
+            .build();
+        let encoder = ArrowWriter::try_new(encoded.clone(), schema.clone(), Some(properties))
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             encoder: Some(encoder),
             encoded,
