@@ -188,33 +188,31 @@ impl Limits {
     fn oversized_values(&self, fields: &RecordBatch) -> Vec<RecordFailure> {
         let mut largest: std::collections::BTreeMap<usize, (&str, usize)> = std::collections::BTreeMap::new();
         for (field, column) in fields.schema_ref().fields().iter().zip(fields.columns()) {
-            let lengths: Vec<(usize, usize)> = match column.data_type() {
-                DataType::Utf8 => oversized(
-                    column.as_string::<i32>().iter().map(|v| v.map(str::len)),
-                    self.max_value_bytes,
-                ),
-                DataType::LargeUtf8 => oversized(
-                    column.as_string::<i64>().iter().map(|v| v.map(str::len)),
-                    self.max_value_bytes,
-                ),
-                DataType::Utf8View => oversized(
-                    column.as_string_view().iter().map(|v| v.map(str::len)),
-                    self.max_value_bytes,
-                ),
-                DataType::Binary => oversized(
-                    column.as_binary::<i32>().iter().map(|v| v.map(<[u8]>::len)),
-                    self.max_value_bytes,
-                ),
-                DataType::LargeBinary => oversized(
-                    column.as_binary::<i64>().iter().map(|v| v.map(<[u8]>::len)),
-                    self.max_value_bytes,
-                ),
-                DataType::BinaryView => oversized(
-                    column.as_binary_view().iter().map(|v| v.map(<[u8]>::len)),
-                    self.max_value_bytes,
-                ),
-                _ => continue,
+            let text_or_bytes = matches!(
+                column.data_type(),
+                DataType::Utf8
+                    | DataType::LargeUtf8
+                    | DataType::Utf8View
+                    | DataType::Binary
+                    | DataType::LargeBinary
+                    | DataType::BinaryView
+            );
+            // Value lengths from the arrays' offsets or views, one kernel per column.
+            let Some(lengths) = text_or_bytes
+                .then(|| arrow::compute::kernels::length::length(column).ok())
+                .flatten()
+                .and_then(|l| arrow::compute::cast(&l, &DataType::Int64).ok())
+            else {
+                continue;
             };
+            let lengths = lengths
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .iter()
+                .enumerate()
+                .filter_map(|(row, len)| {
+                    let len = usize::try_from(len?).ok()?;
+                    (len > self.max_value_bytes).then_some((row, len))
+                });
             for (row, len) in lengths {
                 let entry = largest.entry(row).or_insert((field.name().as_str(), len));
                 if len > entry.1 {
@@ -237,14 +235,6 @@ impl Limits {
             self.max_value_bytes
         )
     }
-}
-
-/// Rows whose value is longer than `limit`, with its length.
-fn oversized(lengths: impl Iterator<Item = Option<usize>>, limit: usize) -> Vec<(usize, usize)> {
-    lengths
-        .enumerate()
-        .filter_map(|(row, len)| len.filter(|&len| len > limit).map(|len| (row, len)))
-        .collect()
 }
 
 /// The largest string or binary value in row `row`, by field name.

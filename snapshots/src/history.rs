@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -43,24 +43,15 @@ pub async fn register_history(ctx: &SessionContext, store: &SnapshotStore, model
         return Ok(0);
     }
     for kind in [TableKind::Latest, TableKind::History] {
+        let Some(whole) = read_table(ctx, store, &manifests, kind, &Pruning::default()).await? else {
+            continue;
+        };
         let table = SnapshotTable {
             store: store.clone(),
             manifests: Arc::clone(&manifests),
             kind,
-            whole: LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation {
-                produce_one_row: false,
-                schema: Arc::new(datafusion::common::DFSchema::empty()),
-            }),
-            schema: Arc::new(Schema::empty()),
-        };
-        let Some(whole) = table.read(ctx, &Pruning::default()).await? else {
-            continue;
-        };
-        let schema = Arc::new(whole.schema().as_arrow().clone());
-        let table = SnapshotTable {
+            schema: Arc::new(whole.schema().as_arrow().clone()),
             whole: whole.into_unoptimized_plan(),
-            schema,
-            ..table
         };
         let name = match kind {
             TableKind::Latest => model.to_string(),
@@ -69,6 +60,32 @@ pub async fn register_history(ctx: &SessionContext, store: &SnapshotStore, model
         ctx.register_table(name.as_str(), Arc::new(table))?;
     }
     Ok(manifests.len())
+}
+
+/// The rows of table `kind` in the files `pruning` keeps, in the table's column order when
+/// nothing is pruned; `None` when no file is left.
+async fn read_table(
+    ctx: &SessionContext,
+    store: &SnapshotStore,
+    manifests: &[SnapshotManifest],
+    kind: TableKind,
+    pruning: &Pruning,
+) -> Result<Option<DataFrame>> {
+    match kind {
+        TableKind::Latest => {
+            let Some(latest) = manifests.last() else {
+                return Ok(None);
+            };
+            let kept = pruning.for_snapshot(latest);
+            let select = |files: &[SnapshotFile]| kept.files(files);
+            let Some(rows) = read_rows_in(ctx, store, latest, &select).await? else {
+                return Ok(None);
+            };
+            let columns = model_columns(&rows);
+            Ok(Some(rows.select(columns)?))
+        }
+        TableKind::History => read_history(ctx, store, manifests, pruning).await,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,25 +109,6 @@ struct SnapshotTable {
 }
 
 impl SnapshotTable {
-    /// The table's rows in the files `pruning` keeps, in the table's column order when nothing
-    /// is pruned; `None` when no file is left.
-    async fn read(&self, ctx: &SessionContext, pruning: &Pruning) -> Result<Option<DataFrame>> {
-        match self.kind {
-            TableKind::Latest => {
-                let Some(latest) = self.manifests.last() else {
-                    return Ok(None);
-                };
-                let select = |files: &[SnapshotFile]| pruning.files(latest, files);
-                let Some(rows) = read_rows_in(ctx, &self.store, latest, &select).await? else {
-                    return Ok(None);
-                };
-                let columns = model_columns(&rows);
-                Ok(Some(rows.select(columns)?))
-            }
-            TableKind::History => read_history(ctx, &self.store, &self.manifests, pruning).await,
-        }
-    }
-
     /// The columns whose filters choose files: every snapshot's key columns, and the
     /// history's snapshot columns.
     fn prunable(&self) -> HashSet<&str> {
@@ -197,7 +195,10 @@ impl TableProvider for SnapshotTable {
             whole()
         } else {
             let ctx = SessionContext::new_with_state(state.clone());
-            match self.read(&ctx, &pruning).await.map_err(external)? {
+            match read_table(&ctx, &self.store, &self.manifests, self.kind, &pruning)
+                .await
+                .map_err(external)?
+            {
                 None => return Ok(Arc::new(EmptyExec::new(projected))),
                 Some(pruned) => match self.aligned(pruned)? {
                     Some(aligned) => aligned,
@@ -305,11 +306,13 @@ async fn read_history(
         }
         // Every list of a snapshot's files (own rows, index, layers) is split into the same
         // buckets, so the filters keep the same buckets of each.
-        let select = |files: &[SnapshotFile]| pruning.files(manifest, files);
+        let kept = pruning.for_snapshot(manifest);
+        let select = |files: &[SnapshotFile]| kept.files(files);
+        // With the key pinned, a delta's index is looked up first (see above).
         let key_filter = if manifest.is_base() {
             None
         } else {
-            pruning.key_filter(&manifest.key_columns, manifest.buckets)
+            kept.key_filter.clone()
         };
         if key_filter.is_none()
             && let Some(own) = read_files(ctx, store, &select(&manifest.files)).await?

@@ -125,28 +125,42 @@ impl Pruning {
         Some(hashes.into_iter().map(|h| bucket_of(h, buckets)).collect())
     }
 
-    /// A filter holding every row of the keys the filters pin (each key column to its
-    /// values), for a snapshot keyed by `key_columns` into `buckets`; `None` when they do not
-    /// pin the key (see [`Self::buckets`]).
-    pub(crate) fn key_filter(&self, key_columns: &[String], buckets: u32) -> Option<Expr> {
-        if self.buckets(key_columns, buckets)?.is_empty() {
-            return Some(lit(false));
-        }
-        key_columns
-            .iter()
-            .map(|k| {
-                let values = self.pinned.get(k)?;
-                Some(ident(k).in_list(values.iter().cloned().map(lit).collect(), false))
-            })
-            .collect::<Option<Vec<_>>>()?
-            .into_iter()
-            .reduce(Expr::and)
+    /// What the filters keep of `manifest`'s files, the key's buckets computed once for all
+    /// its file lists.
+    pub(crate) fn for_snapshot(&self, manifest: &SnapshotManifest) -> SnapshotPruning {
+        let buckets = self.buckets(&manifest.key_columns, manifest.buckets);
+        let key_filter = match &buckets {
+            None => None,
+            // A key pinned to nothing but nulls: no row matches.
+            Some(buckets) if buckets.is_empty() => Some(lit(false)),
+            Some(_) => manifest
+                .key_columns
+                .iter()
+                .map(|k| {
+                    let values = self.pinned.get(k)?;
+                    Some(ident(k).in_list(values.iter().cloned().map(lit).collect(), false))
+                })
+                .collect::<Option<Vec<_>>>()
+                .and_then(|filters| filters.into_iter().reduce(Expr::and)),
+        };
+        SnapshotPruning { buckets, key_filter }
     }
+}
 
-    /// Of `files` (a snapshot's, or a layer's of a snapshot split into `manifest.buckets`),
-    /// those the filters may need.
-    pub(crate) fn files(&self, manifest: &SnapshotManifest, files: &[SnapshotFile]) -> Vec<SnapshotFile> {
-        match self.buckets(&manifest.key_columns, manifest.buckets) {
+/// What a query's filters keep of one snapshot.
+pub(crate) struct SnapshotPruning {
+    /// The buckets whose files can hold matching rows; `None`: every bucket.
+    buckets: Option<BTreeSet<u32>>,
+    /// A filter holding every row of the keys pinned (each key column to its values); `None`
+    /// when the filters do not pin the key.
+    pub(crate) key_filter: Option<Expr>,
+}
+
+impl SnapshotPruning {
+    /// Of `files` (one of the snapshot's file lists, all split into the same buckets), those
+    /// the filters may need.
+    pub(crate) fn files(&self, files: &[SnapshotFile]) -> Vec<SnapshotFile> {
+        match &self.buckets {
             Some(buckets) => files
                 .iter()
                 .filter(|f| buckets.contains(&f.bucket))
