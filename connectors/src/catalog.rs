@@ -11,7 +11,7 @@ use crate::destinations::{
     braze, customerio, file, google_sheets, hubspot, iterable, klaviyo, mixpanel, postgres as pg_destination,
     salesforce, segment, webhook,
 };
-use crate::sources::{files, mysql, postgres, sqlite};
+use crate::sources::{files, mysql, postgres, snowflake, sqlite};
 
 /// A schema with every subschema inline: a form walks it without resolving references, and
 /// each secret is marked where it is used.
@@ -74,6 +74,12 @@ pub fn catalog() -> ConnectorCatalog {
             "MySQL / MariaDB",
             "MySQL and MariaDB, read with a streaming query; optionally through an SSH tunnel.",
             schema_of::<mysql::MysqlConfig>(),
+        ),
+        connector(
+            "snowflake",
+            "Snowflake",
+            "Snowflake, over its drivers' protocol with results in Arrow; key-pair, OAuth or password authentication.",
+            schema_of::<snowflake::SnowflakeConfig>(),
         ),
         connector(
             "sqlite",

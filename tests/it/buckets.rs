@@ -32,7 +32,7 @@ pub enum Provider {
     Gcs,
 }
 
-fn tools_dir() -> PathBuf {
+pub fn tools_dir() -> PathBuf {
     std::env::var_os("SLUICE_TEST_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -40,7 +40,7 @@ fn tools_dir() -> PathBuf {
         })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -49,7 +49,7 @@ fn free_port() -> u16 {
 
 /// Starts `program` on a thread that lives as long as the test binary, with the kernel told to
 /// kill the server when that thread (so the binary) is gone; waits until `port` accepts.
-fn start_server(name: &str, program: PathBuf, args: Vec<String>, port: u16) -> Result<u16, String> {
+pub fn start_server(name: &str, program: PathBuf, args: Vec<String>, port: u16) -> Result<u16, String> {
     if !program.exists() {
         return Err(format!(
             "{} is not installed (run .ci/test-tools, or set SLUICE_TEST_TOOLS)",

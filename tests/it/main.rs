@@ -22,4 +22,5 @@ mod replicas;
 mod s3_proxy;
 mod serve;
 mod services;
+mod snowflake;
 mod vendors;

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 pub mod files;
 pub mod mysql;
 pub mod postgres;
+pub mod snowflake;
 pub mod sqlite;
 
 /// The batches a reader task sends, as the record batch stream `Source::extract` returns.
