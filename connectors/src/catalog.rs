@@ -66,7 +66,13 @@ pub fn catalog() -> ConnectorCatalog {
         connector(
             "postgres",
             "PostgreSQL",
-            "PostgreSQL and Postgres-wire warehouses (Redshift, ...), read with COPY; optionally through an SSH tunnel.",
+            "PostgreSQL, read with binary COPY; optionally through an SSH tunnel.",
+            schema_of::<postgres::PostgresConfig>(),
+        ),
+        connector(
+            "redshift",
+            "Amazon Redshift",
+            "Amazon Redshift, read through a cursor over the Postgres wire protocol; optionally through an SSH tunnel.",
             schema_of::<postgres::PostgresConfig>(),
         ),
         connector(

@@ -24,7 +24,7 @@ pub use duration::HumanDuration;
 pub struct Connectors;
 
 /// Source types, as written in `type:`.
-pub const SOURCE_TYPES: &[&str] = &["files", "sqlite", "postgres", "mysql", "snowflake"];
+pub const SOURCE_TYPES: &[&str] = &["files", "sqlite", "postgres", "redshift", "mysql", "snowflake"];
 /// Destination types, as written in `type:`.
 pub const DESTINATION_TYPES: &[&str] = &[
     "webhook",
@@ -73,6 +73,11 @@ impl ConnectorFactory for Connectors {
                 env,
             )?)),
             "mysql" | "mariadb" => Ok(Arc::new(sources::mysql::MysqlSource::new(
+                name,
+                parse(config)?,
+                env,
+            )?)),
+            "redshift" => Ok(Arc::new(sources::postgres::PostgresSource::redshift(
                 name,
                 parse(config)?,
                 env,

@@ -18,6 +18,7 @@ mod object_store_faults;
 mod postgres;
 mod postgres_destination;
 mod postgres_metadata;
+mod redshift;
 mod replicas;
 mod s3_proxy;
 mod serve;

@@ -1,4 +1,4 @@
-//! `type: postgres`: PostgreSQL and every Postgres-wire warehouse (Redshift, ...).
+//! `type: postgres`: PostgreSQL; `type: redshift`: Amazon Redshift, on the same wire protocol.
 //!
 //! ```yaml
 //! sources:
@@ -20,6 +20,11 @@
 //! types decide the Arrow schema; a type sluice cannot carry fails here, naming the column),
 //! then streamed with `COPY (query) TO STDOUT (FORMAT binary)` and decoded straight into
 //! Arrow builders ([`decode`]), a batch at a time: memory does not grow with the result.
+//!
+//! Redshift has no `COPY ... TO STDOUT`. A `redshift` source opens `BEGIN READ ONLY`, declares
+//! a cursor for the model and fetches `batch_rows` rows at a time with `FETCH FORWARD` over the
+//! extended protocol, whose rows arrive in the same binary encoding as COPY's fields and go
+//! through the same decoders.
 
 pub mod decode;
 mod tls;
@@ -115,8 +120,21 @@ impl FromStr for SslMode {
     }
 }
 
+/// Which server the source speaks to: how it opens its transaction and reads rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `COPY (query) TO STDOUT (FORMAT binary)` in a repeatable-read, read-only transaction.
+    Postgres,
+    /// A cursor fetched over the extended protocol in a read-only transaction.
+    Redshift,
+}
+
+/// The cursor a `redshift` source reads a model through.
+const CURSOR: &str = "sluice_cursor";
+
 pub struct PostgresSource {
     name: String,
+    dialect: Dialect,
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     batch_rows: usize,
@@ -125,6 +143,20 @@ pub struct PostgresSource {
 
 impl PostgresSource {
     pub fn new(name: &str, options: PostgresConfig, env: &ConnectorEnv) -> Result<Self, String> {
+        Self::with_dialect(name, options, env, Dialect::Postgres)
+    }
+
+    /// A `redshift` source: the same options, port 5439 by default, read through a cursor.
+    pub fn redshift(name: &str, options: PostgresConfig, env: &ConnectorEnv) -> Result<Self, String> {
+        Self::with_dialect(name, options, env, Dialect::Redshift)
+    }
+
+    fn with_dialect(
+        name: &str,
+        options: PostgresConfig,
+        env: &ConnectorEnv,
+        dialect: Dialect,
+    ) -> Result<Self, String> {
         let mut sslmode = options.sslmode;
         let mut config = match &options.url {
             Some(url) => {
@@ -157,7 +189,10 @@ impl PostgresSource {
             return Err("set the user, in `url` or `user`".into());
         }
         if config.get_ports().is_empty() {
-            config.port(5432);
+            config.port(match dialect {
+                Dialect::Postgres => 5432,
+                Dialect::Redshift => 5439,
+            });
         }
         config.connect_timeout(options.connect_timeout.map_or(Duration::from_secs(10), |d| d.0));
         if config.get_application_name().is_none() {
@@ -192,6 +227,7 @@ impl PostgresSource {
         }
         Ok(Self {
             name: name.to_string(),
+            dialect,
             config,
             tls,
             batch_rows,
@@ -254,6 +290,49 @@ impl PostgresSource {
         }
     }
 
+    /// Reads the model through a cursor, `batch_rows` rows per `FETCH`, each an extended-protocol
+    /// query whose rows come in binary.
+    async fn extract_with_cursor(
+        &self,
+        client: Client,
+        query: &ModelQuery,
+        sql: String,
+        kinds: Vec<ColumnKind>,
+        schema: Arc<Schema>,
+    ) -> Result<SendableRecordBatchStream, SourceError> {
+        // A newline before the end keeps a trailing `-- comment` harmless.
+        client
+            .batch_execute(&format!("DECLARE {CURSOR} CURSOR FOR\n{sql}\n"))
+            .await
+            .map_err(|e| self.query_error(&query.model, &e, &sql))?;
+        let fetch = client
+            .prepare(&format!("FETCH FORWARD {} FROM {CURSOR}", self.batch_rows))
+            .await
+            .map_err(|e| self.query_error(&query.model, &e, &sql))?;
+        let (tx, rx) = mpsc::channel(2);
+        let reader = CopyReader {
+            model: query.model.clone(),
+            source: self.name.clone(),
+            schema: schema.clone(),
+            kinds,
+            batch_rows: self.batch_rows,
+        };
+        tokio::spawn(async move {
+            match reader.read_cursor(&client, &fetch, &tx).await {
+                Ok(()) => {
+                    client
+                        .batch_execute(&format!("CLOSE {CURSOR}; COMMIT"))
+                        .await
+                        .ok();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(DataFusionError::External(Box::new(e)))).await;
+                }
+            }
+        });
+        Ok(super::receiver_stream(schema, rx))
+    }
+
     /// Opens the read-only, repeatable-read transaction and describes the query's columns.
     async fn begin_and_describe(
         &self,
@@ -261,8 +340,13 @@ impl PostgresSource {
     ) -> Result<(Client, String, Vec<ColumnKind>, Arc<Schema>), SourceError> {
         let client = self.connect().await?;
         let sql = strip_statement_end(&query.sql).to_string();
+        // Redshift runs every transaction serializable; it takes no isolation level here.
+        let begin = match self.dialect {
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            Dialect::Redshift => "BEGIN READ ONLY",
+        };
         client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .batch_execute(begin)
             .await
             .map_err(|e| self.query_error(&query.model, &e, &sql))?;
         let statement = client
@@ -290,7 +374,10 @@ impl PostgresSource {
 #[async_trait]
 impl Source for PostgresSource {
     fn kind(&self) -> &'static str {
-        "postgres"
+        match self.dialect {
+            Dialect::Postgres => "postgres",
+            Dialect::Redshift => "redshift",
+        }
     }
 
     async fn check(&self) -> Result<(), SourceError> {
@@ -319,6 +406,9 @@ impl Source for PostgresSource {
 
     async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError> {
         let (client, sql, kinds, schema) = self.begin_and_describe(query).await?;
+        if self.dialect == Dialect::Redshift {
+            return self.extract_with_cursor(client, query, sql, kinds, schema).await;
+        }
         // A newline before the closing parenthesis keeps a trailing `-- comment` harmless.
         let copy = format!("COPY (\n{sql}\n) TO STDOUT (FORMAT binary)");
         let copy_stream = client
@@ -374,6 +464,22 @@ struct CopyReader {
 
 type BatchSender = mpsc::Sender<Result<RecordBatch, DataFusionError>>;
 
+/// A field's bytes as the server sent them (binary format), for the column decoders.
+struct RawField<'a>(&'a [u8]);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for RawField<'a> {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Self(raw))
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+}
+
 impl CopyReader {
     async fn read(&self, copy: tokio_postgres::CopyOutStream, tx: &BatchSender) -> Result<(), SourceError> {
         let mut copy = std::pin::pin!(copy);
@@ -425,6 +531,42 @@ impl CopyReader {
             self.send(&mut decoder, tx).await?;
         }
         Ok(())
+    }
+
+    /// Fetches from the declared cursor until a fetch comes back short.
+    async fn read_cursor(
+        &self,
+        client: &Client,
+        fetch: &tokio_postgres::Statement,
+        tx: &BatchSender,
+    ) -> Result<(), SourceError> {
+        let mut decoder = CopyDecoder::new(&self.kinds, self.batch_rows);
+        let mut rows_before = 0u64;
+        loop {
+            let rows = client
+                .query(fetch, &[])
+                .await
+                .map_err(|e| self.error(format!("fetching rows: {}", error_text(&e)), None))?;
+            let fetched = rows.len();
+            for (n, row) in rows.iter().enumerate() {
+                let at = rows_before + n as u64 + 1;
+                for (column, decoder) in decoder.columns.iter_mut().enumerate() {
+                    let value = row
+                        .try_get::<_, Option<RawField>>(column)
+                        .map_err(|e| self.error(format!("row {at}: {e}"), None))?;
+                    decoder
+                        .push(value.map(|v| v.0))
+                        .map_err(|message| self.field_error(decode::FieldError { column, message }, at))?;
+                }
+            }
+            rows_before += fetched as u64;
+            if fetched > 0 && !self.send(&mut decoder, tx).await? {
+                return Ok(());
+            }
+            if fetched < self.batch_rows {
+                return Ok(());
+            }
+        }
     }
 
     /// Sends the buffered rows; `false` when nobody is listening any more.
@@ -637,6 +779,11 @@ fn cast_hint(ty: &tokio_postgres::types::Type, column: &str) -> String {
         }
         Type::INTERVAL => format!("extract(epoch FROM {column}) for seconds, or {column}::text"),
         Type::MONEY => format!("{column}::numeric(20, 2)"),
+        // Redshift's own types.
+        _ if name == "super" => format!("JSON_SERIALIZE({column})"),
+        _ if name == "varbyte" => format!("FROM_VARBYTE({column}, 'hex')"),
+        _ if name == "geometry" || name == "geography" => format!("ST_AsText({column})"),
+        _ if name == "hllsketch" => format!("HLL_CARDINALITY({column})"),
         _ => match ty.kind() {
             Kind::Array(_) => format!("array_to_json({column})::text to keep it as JSON"),
             Kind::Composite(_) | Kind::Range(_) | Kind::Multirange(_) => format!("to_json({column})::text"),
