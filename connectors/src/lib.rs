@@ -24,7 +24,15 @@ pub use duration::HumanDuration;
 pub struct Connectors;
 
 /// Source types, as written in `type:`.
-pub const SOURCE_TYPES: &[&str] = &["files", "sqlite", "postgres", "redshift", "mysql", "snowflake"];
+pub const SOURCE_TYPES: &[&str] = &[
+    "files",
+    "sqlite",
+    "postgres",
+    "redshift",
+    "mysql",
+    "snowflake",
+    "databricks",
+];
 /// Destination types, as written in `type:`.
 pub const DESTINATION_TYPES: &[&str] = &[
     "webhook",
@@ -78,6 +86,11 @@ impl ConnectorFactory for Connectors {
                 env,
             )?)),
             "redshift" => Ok(Arc::new(sources::postgres::PostgresSource::redshift(
+                name,
+                parse(config)?,
+                env,
+            )?)),
+            "databricks" => Ok(Arc::new(sources::databricks::DatabricksSource::new(
                 name,
                 parse(config)?,
                 env,

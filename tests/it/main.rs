@@ -7,6 +7,7 @@ mod buckets;
 mod cli;
 mod common;
 mod convergence;
+mod databricks;
 mod diff_properties;
 mod faults;
 mod gcs;

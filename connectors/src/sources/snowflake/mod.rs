@@ -24,11 +24,10 @@
 pub mod convert;
 pub mod protocol;
 
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{ArrayRef, RecordBatch};
+use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -466,31 +465,7 @@ impl ResultReader {
 
 /// An Arrow IPC stream from Snowflake into batches of sluice's types.
 fn decode_arrow(bytes: &[u8], schema: &SchemaRef, kinds: &[ColumnKind]) -> Result<Vec<RecordBatch>, String> {
-    let reader = arrow::ipc::reader::StreamReader::try_new(Cursor::new(bytes), None)
-        .map_err(|e| format!("a result part is not an Arrow stream: {e}"))?;
-    let mut batches = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| format!("reading a result part: {e}"))?;
-        if batch.num_columns() != kinds.len() {
-            return Err(format!(
-                "a result part has {} columns, the query {}",
-                batch.num_columns(),
-                kinds.len()
-            ));
-        }
-        let columns = batch
-            .columns()
-            .iter()
-            .zip(kinds)
-            .zip(schema.fields())
-            .map(|((array, kind), field)| {
-                kind.from_arrow(array)
-                    .map_err(|e| format!("column `{}`: {e}", field.name()))
-            })
-            .collect::<Result<Vec<ArrayRef>, String>>()?;
-        batches.push(RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())?);
-    }
-    Ok(batches)
+    crate::sources::chunks::decode_arrow_stream(bytes, schema, |i, array| kinds[i].from_arrow(array))
 }
 
 /// JSON rows (arrays of strings and nulls) into one batch.

@@ -11,7 +11,6 @@
 //! expired answers `390112` and is renewed with the master token.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -533,46 +532,23 @@ impl Client {
         }
     }
 
-    /// Downloads one chunk of a result (gunzipped when it is gzip).
+    /// Downloads one chunk of a result, with the query's key (`qrmk`) as the SSE-C header or
+    /// the headers Snowflake gave, never the session token.
     pub async fn download(&self, chunk: &Chunk, data: &ChunkAccess) -> Result<Bytes, ProtocolError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut request = self.http.get(&chunk.url);
-            if let Some(headers) = &data.headers {
-                for (name, value) in headers {
-                    request = request.header(name, value);
-                }
-            } else if let Some(key) = &data.qrmk {
-                request = request
-                    .header("x-amz-server-side-encryption-customer-algorithm", "AES256")
-                    .header("x-amz-server-side-encryption-customer-key", key);
-            }
-            let failure = match request.send().await {
-                Ok(response) if response.status().is_success() => match response.bytes().await {
-                    Ok(bytes) => return gunzip_if_needed(bytes),
-                    Err(e) => describe_reqwest_error(&e),
-                },
-                Ok(response) => {
-                    let status = response.status();
-                    let text = response.text().await.unwrap_or_default();
-                    let message = format!("HTTP {status}{}", snippet(&text));
-                    if status.is_client_error() && status.as_u16() != 429 {
-                        return Err(ProtocolError::Transport(format!(
-                            "downloading a result chunk: {message} (its presigned URL may have expired)"
-                        )));
-                    }
-                    message
-                }
-                Err(e) => describe_reqwest_error(&e),
-            };
-            if attempt >= ATTEMPTS {
-                return Err(ProtocolError::Transport(format!(
-                    "downloading a result chunk: {failure} (after {attempt} attempts)"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
-        }
+        let headers: Vec<(String, String)> = match (&data.headers, &data.qrmk) {
+            (Some(headers), _) => headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            (None, Some(key)) => vec![
+                (
+                    "x-amz-server-side-encryption-customer-algorithm".into(),
+                    "AES256".into(),
+                ),
+                ("x-amz-server-side-encryption-customer-key".into(), key.clone()),
+            ],
+            (None, None) => Vec::new(),
+        };
+        crate::sources::chunks::download(&self.http, &chunk.url, &headers)
+            .await
+            .map_err(|e| ProtocolError::Transport(format!("downloading a result chunk: {e}")))
     }
 }
 
@@ -581,17 +557,6 @@ impl Client {
 pub struct ChunkAccess {
     pub qrmk: Option<String>,
     pub headers: Option<HashMap<String, String>>,
-}
-
-fn gunzip_if_needed(bytes: Bytes) -> Result<Bytes, ProtocolError> {
-    if !bytes.starts_with(&[0x1f, 0x8b]) {
-        return Ok(bytes);
-    }
-    let mut out = Vec::with_capacity(bytes.len() * 4);
-    flate2::read::MultiGzDecoder::new(bytes.as_ref())
-        .read_to_end(&mut out)
-        .map_err(|e| ProtocolError::Unexpected(format!("a result chunk is not valid gzip: {e}")))?;
-    Ok(out.into())
 }
 
 #[cfg(test)]
