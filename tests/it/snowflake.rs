@@ -294,6 +294,7 @@ async fn statements_that_are_not_queries_are_refused_before_they_run() {
 
 const ACCOUNT: &str = "testacct";
 const QUERY_ID: &str = "01b2c3d4-0000-1111-0000-000000000001";
+const JSON_SQL: &str = "SELECT * FROM ANALYTICS.MARTS.JSON_EVENTS";
 const QRMK: &str = "c2x1aWNlLXRlc3QtcmVzdWx0LWtleS0zMmJ5dGVzISE=";
 
 #[derive(Default)]
@@ -523,7 +524,19 @@ async fn query(
     }
     let describe_only = body["describeOnly"] == true;
     server.seen.lock().unwrap().describe_only.push(describe_only);
-    if body["sqlText"] != "SELECT * FROM ANALYTICS.MARTS.EVENTS" {
+    if body["sqlText"] == JSON_SQL && !describe_only {
+        // Snowflake may answer in JSON rowsets of strings: inline rows, then a chunk.
+        let base = server.base.get().expect("base");
+        return Json(
+            json!({"data": {"rowtype": rowtype(), "statementTypeId": 4096, "queryResultFormat": "json",
+            "rowset": [["1", "1.25", "row 1", "1700000001.250000000", "1700000000.001", "19001"],
+                       ["2", "-0.50", null, null, null, null]],
+            "total": 4, "qrmk": QRMK, "queryId": QUERY_ID,
+            "chunks": [{"url": format!("{base}/chunks/json"), "rowCount": 2}]}, "success": true}),
+        )
+        .into_response();
+    }
+    if body["sqlText"] != "SELECT * FROM ANALYTICS.MARTS.EVENTS" && body["sqlText"] != JSON_SQL {
         return snowflake_error(
             "001003",
             "SQL compilation error: syntax error line 1 at position 0.",
@@ -616,6 +629,11 @@ async fn chunk(
             StatusCode::BAD_REQUEST,
             "<Error><Code>InvalidRequest</Code></Error>",
         )
+            .into_response();
+    }
+    if name == "json" {
+        // JSON chunks are rows separated by commas, without the enclosing brackets.
+        return r#"["3", "1234567.89", "row \"3\"", "-1.000001000", "0", "0"], ["4", "0.00", "", "0.000000000", "-1", "-1"]"#
             .into_response();
     }
     let (first, gzip) = match name.as_str() {
@@ -757,4 +775,38 @@ async fn a_refused_key_names_its_fingerprint_and_a_bad_query_its_error() {
         .expect_err("syntax")
         .to_string();
     assert!(err.contains("model `events`") && err.contains("001003"), "{err}");
+}
+
+#[tokio::test]
+async fn json_rowsets_are_read_into_the_same_types_as_arrow() {
+    let (_server, base) = ProtocolServer::start().await;
+    let source = source(&base, "sluice");
+    let mut stream = source
+        .extract(&ModelQuery {
+            model: "events".into(),
+            sql: JSON_SQL.into(),
+        })
+        .await
+        .expect("extract");
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        batches.push(batch.expect("batch"));
+    }
+    let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).expect("concat");
+    assert_eq!(batch.num_rows(), 4);
+    let ids = batch.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+    assert_eq!(ids.values().to_vec(), vec![1, 2, 3, 4]);
+    let amounts = batch.column(1).as_primitive::<arrow::datatypes::Decimal128Type>();
+    assert_eq!(amounts.value_as_string(2), "1234567.89");
+    assert_eq!(batch.column(2).as_string::<i32>().value(2), "row \"3\"");
+    assert!(batch.column(2).is_null(1));
+    let seen = batch
+        .column(3)
+        .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    assert_eq!(seen.value(0), 1_700_000_001_250_000);
+    assert_eq!(seen.value(2), -1_000_001);
+    let at = batch
+        .column(4)
+        .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    assert_eq!(at.value(3), -1_000_000, "LTZ seconds");
 }

@@ -347,9 +347,8 @@ impl Client {
     }
 
     fn session_parameters(&self) -> Value {
+        // Snowflake picks the result format (Arrow or JSON rowsets); both are read.
         let mut parameters = serde_json::Map::new();
-        // Results in Arrow wherever the account allows a client to choose.
-        parameters.insert("QUERY_RESULT_FORMAT".into(), json!("ARROW"));
         if let Some(timeout) = self.config.statement_timeout {
             parameters.insert(
                 "STATEMENT_TIMEOUT_IN_SECONDS".into(),
