@@ -11,7 +11,7 @@ use crate::destinations::{
     braze, customerio, file, google_sheets, hubspot, iterable, klaviyo, mixpanel, postgres as pg_destination,
     salesforce, segment, webhook,
 };
-use crate::sources::{databricks, files, mysql, postgres, snowflake, sqlite};
+use crate::sources::{bigquery, databricks, files, mysql, postgres, snowflake, sqlite};
 
 /// A schema with every subschema inline: a form walks it without resolving references, and
 /// each secret is marked where it is used.
@@ -86,6 +86,12 @@ pub fn catalog() -> ConnectorCatalog {
             "Snowflake",
             "Snowflake, over its drivers' protocol with results in Arrow; key-pair, OAuth or password authentication.",
             schema_of::<snowflake::SnowflakeConfig>(),
+        ),
+        connector(
+            "bigquery",
+            "Google BigQuery",
+            "BigQuery through its REST API (dry run first, then the job's result pages); a service account key.",
+            schema_of::<bigquery::BigQueryConfig>(),
         ),
         connector(
             "databricks",

@@ -90,6 +90,11 @@ impl ConnectorFactory for Connectors {
                 parse(config)?,
                 env,
             )?)),
+            "bigquery" => Ok(Arc::new(sources::bigquery::BigQuerySource::new(
+                name,
+                parse(config)?,
+                env,
+            )?)),
             "databricks" => Ok(Arc::new(sources::databricks::DatabricksSource::new(
                 name,
                 parse(config)?,

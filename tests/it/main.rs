@@ -3,6 +3,7 @@
 mod api;
 #[cfg(feature = "ballista")]
 mod ballista;
+mod bigquery;
 mod buckets;
 mod cli;
 mod common;

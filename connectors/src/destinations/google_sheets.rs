@@ -41,7 +41,7 @@ use tokio::sync::Mutex;
 use crate::destinations::http::{
     DeliverySettings, HttpAnswer, HttpDelivery, VendorLimits, classify, describe_reqwest_error,
 };
-use crate::destinations::oauth::{request_token, rsa_key, sign_jwt};
+use crate::destinations::oauth::{ServiceAccountKey, google_token, rsa_key};
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -53,18 +53,6 @@ pub struct SheetsConfig {
     pub url: Option<sluice_engine::ConfigString>,
     #[serde(default)]
     pub delivery: DeliverySettings,
-}
-
-#[derive(Deserialize)]
-struct ServiceAccountKey {
-    client_email: String,
-    private_key: String,
-    #[serde(default = "default_token_uri")]
-    token_uri: String,
-}
-
-fn default_token_uri() -> String {
-    "https://oauth2.googleapis.com/token".into()
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -163,30 +151,7 @@ async fn fetch_token(
     client_email: &str,
     key: &ring::signature::RsaKeyPair,
 ) -> Result<String, String> {
-    let mut cached = cache.lock().await;
-    if let Some((token, expires)) = cached.as_ref()
-        && Instant::now() < *expires
-    {
-        return Ok(token.clone());
-    }
-    let now = chrono::Utc::now().timestamp();
-    let claims = json!({"iss": client_email, "scope": SCOPE, "aud": token_uri.as_str(), "iat": now, "exp": now + 3600});
-    let assertion = sign_jwt(key, &claims)?;
-    #[derive(Deserialize)]
-    struct Answer {
-        access_token: String,
-        #[serde(default)]
-        expires_in: Option<u64>,
-    }
-    let form = [
-        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-        ("assertion", assertion.as_str()),
-    ];
-    let answer: Answer = request_token(client, token_uri.clone(), &form, "Google", AUTH_HINT).await?;
-    // Refreshed a minute before it expires.
-    let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600).saturating_sub(60));
-    *cached = Some((answer.access_token.clone(), Instant::now() + lifetime));
-    Ok(answer.access_token)
+    google_token(cache, client, token_uri, client_email, key, SCOPE, AUTH_HINT).await
 }
 
 #[async_trait]

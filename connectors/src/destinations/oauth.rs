@@ -82,3 +82,52 @@ pub async fn request_token<T: serde::de::DeserializeOwned>(
     }
     serde_json::from_str(&text).map_err(|e| format!("unexpected token answer from {vendor} ({e})"))
 }
+
+/// A Google service account key file (the fields sluice uses).
+#[derive(serde::Deserialize)]
+pub struct ServiceAccountKey {
+    pub client_email: String,
+    pub private_key: String,
+    #[serde(default = "default_token_uri")]
+    pub token_uri: String,
+}
+
+fn default_token_uri() -> String {
+    "https://oauth2.googleapis.com/token".into()
+}
+
+/// A Google access token for `scope`, from a service account's signed JWT (RFC 7523), cached in
+/// `cache` until a minute before it expires.
+pub async fn google_token(
+    cache: &tokio::sync::Mutex<Option<(String, std::time::Instant)>>,
+    client: &reqwest::Client,
+    token_uri: &reqwest::Url,
+    client_email: &str,
+    key: &ring::signature::RsaKeyPair,
+    scope: &str,
+    hint: &str,
+) -> Result<String, String> {
+    let mut cached = cache.lock().await;
+    if let Some((token, expires)) = cached.as_ref()
+        && std::time::Instant::now() < *expires
+    {
+        return Ok(token.clone());
+    }
+    let now = chrono::Utc::now().timestamp();
+    let claims = serde_json::json!({"iss": client_email, "scope": scope, "aud": token_uri.as_str(), "iat": now, "exp": now + 3600});
+    let assertion = sign_jwt(key, &claims)?;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        access_token: String,
+        #[serde(default)]
+        expires_in: Option<u64>,
+    }
+    let form = [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+        ("assertion", assertion.as_str()),
+    ];
+    let answer: Answer = request_token(client, token_uri.clone(), &form, "Google", hint).await?;
+    let lifetime = std::time::Duration::from_secs(answer.expires_in.unwrap_or(3600).saturating_sub(60));
+    *cached = Some((answer.access_token.clone(), std::time::Instant::now() + lifetime));
+    Ok(answer.access_token)
+}

@@ -7,6 +7,7 @@ use sluice_engine::datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use sluice_engine::source::SendableRecordBatchStream;
 use tokio::sync::mpsc;
 
+pub mod bigquery;
 pub(crate) mod chunks;
 pub mod databricks;
 pub mod files;

@@ -1,0 +1,840 @@
+//! `type: bigquery`: Google BigQuery, through its REST API (`jobs.query`, `jobs.getQueryResults`).
+//!
+//! ```yaml
+//! sources:
+//!   bq:
+//!     type: bigquery
+//!     project: my-project                  # runs (and pays for) the queries
+//!     service_account: ${BIGQUERY_KEY_JSON} # the key's JSON, or a path to the key file
+//!     location: EU
+//!     dataset: analytics                   # for unqualified table names
+//! ```
+//!
+//! A model is first a dry run (`dryRun: true`): BigQuery answers its statement type, and only
+//! `SELECT` runs, and its schema, which decides the Arrow types (a type sluice cannot carry fails
+//! here, naming the column). The query then runs as a job; sluice polls it until complete and
+//! reads its result page by page (`pageToken`), `page_rows` rows a page, while the previous page
+//! is decoded on a blocking thread. BigQuery's REST rows are JSON (`{"f": [{"v": ...}]}`), every
+//! scalar a string; timestamps are asked for as integer microseconds
+//! (`formatOptions.useInt64Timestamp`), so nothing is lost to float seconds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, ArrayRef, BinaryBuilder, RecordBatch, StringArray};
+use arrow::compute::{CastOptions, cast_with_options};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
+use arrow::util::display::FormatOptions;
+use async_trait::async_trait;
+use base64::Engine as _;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sluice_engine::datafusion::error::DataFusionError;
+use sluice_engine::source::{
+    ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source, strip_statement_end,
+};
+use sluice_engine::{ConfigString, SourceError};
+use tokio::sync::{Mutex, mpsc};
+use url::Url;
+
+use crate::HumanDuration;
+use crate::destinations::http::{describe_reqwest_error, parse_retry_after, snippet};
+use crate::destinations::oauth::{ServiceAccountKey, google_token, rsa_key};
+
+const SCOPE: &str = "https://www.googleapis.com/auth/bigquery";
+const AUTH_HINT: &str = "check the service account key";
+const DEFAULT_PAGE_ROWS: u32 = 50_000;
+/// Attempts of one API call that failed on the network, with 429 or 5xx.
+const ATTEMPTS: u32 = 5;
+/// How long one `jobs.query` / `getQueryResults` call waits for the job.
+const CALL_WAIT_MS: u64 = 10_000;
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BigQueryConfig {
+    /// The project that runs (and is billed for) the queries.
+    pub project: ConfigString,
+    /// A service account key: its JSON, or the path of the key file. The account needs
+    /// `roles/bigquery.jobUser` on `project` and read access to what the models read.
+    pub service_account: ConfigString,
+    /// Where the jobs run, e.g. `US`, `EU`, `europe-west1` (default: where the data is).
+    #[serde(default)]
+    pub location: Option<ConfigString>,
+    /// Dataset for unqualified table names (in `project`, or `other-project.dataset`).
+    #[serde(default)]
+    pub dataset: Option<ConfigString>,
+    /// Rows per result page (default 50,000; BigQuery also stops a page at about 10 MB).
+    #[serde(default)]
+    pub page_rows: Option<u32>,
+    /// Longest a model's query may run before its job is cancelled, e.g. `30m` (default 2h).
+    #[serde(default)]
+    pub query_timeout: Option<HumanDuration>,
+    /// How long to wait for a connection, e.g. `30s` (default 10s).
+    #[serde(default)]
+    pub connect_timeout: Option<HumanDuration>,
+    /// API root instead of `https://bigquery.googleapis.com/` (private service connect, tests).
+    #[serde(default)]
+    pub url: Option<ConfigString>,
+}
+
+#[derive(Clone)]
+pub struct BigQuerySource {
+    name: String,
+    api: Url,
+    project: String,
+    location: Option<String>,
+    dataset: Option<(String, String)>,
+    page_rows: u32,
+    query_timeout: Duration,
+    http: reqwest::Client,
+    client_email: String,
+    key: Arc<ring::signature::RsaKeyPair>,
+    token_uri: Url,
+    token: Arc<Mutex<Option<(String, Instant)>>>,
+}
+
+/// BigQuery's error: its reason (`notFound`, `accessDenied`, `invalidQuery`, ...) and message.
+#[derive(Debug)]
+struct ApiError {
+    status: Option<u16>,
+    reason: Option<String>,
+    message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        match (&self.reason, self.status) {
+            (Some(reason), Some(status)) => write!(f, " ({reason}, HTTP {status})"),
+            (Some(reason), None) => write!(f, " ({reason})"),
+            (None, Some(status)) => write!(f, " (HTTP {status})"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+fn api_error_of(status: Option<u16>, body: &Value) -> ApiError {
+    // `{"error": {"code", "message", "errors": [{"reason", "message"}]}}`, or a job's
+    // `errorResult` / `errors[0]`.
+    let error = body.get("error").unwrap_or(body);
+    let first = error.get("errors").and_then(|e| e.get(0));
+    ApiError {
+        status,
+        reason: first
+            .and_then(|e| e.get("reason"))
+            .or_else(|| error.get("reason"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        message: error
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("no message")
+            .to_string(),
+    }
+}
+
+/// A column as BigQuery's schema gives it.
+#[derive(Debug, Clone, Deserialize)]
+struct TableField {
+    name: String,
+    #[serde(rename = "type")]
+    type_name: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    fields: Vec<TableField>,
+    #[serde(default)]
+    precision: Option<String>,
+    #[serde(default)]
+    scale: Option<String>,
+}
+
+impl TableField {
+    fn repeated(&self) -> bool {
+        self.mode.as_deref() == Some("REPEATED")
+    }
+
+    fn describe(&self) -> String {
+        if self.repeated() {
+            format!("ARRAY<{}>", self.type_name)
+        } else {
+            self.type_name.clone()
+        }
+    }
+}
+
+/// How a column is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A scalar parsed from its string by Arrow's cast.
+    Parsed,
+    /// `TIMESTAMP` as integer microseconds.
+    Timestamp,
+    /// `BYTES`, base64 in JSON.
+    Bytes,
+    /// `RECORD` or `REPEATED`: the value as JSON text.
+    Json,
+}
+
+fn kind_of(field: &TableField) -> Result<(Kind, DataType), String> {
+    if field.repeated() || matches!(field.type_name.as_str(), "RECORD" | "STRUCT") {
+        return Ok((Kind::Json, DataType::Utf8));
+    }
+    Ok(match field.type_name.as_str() {
+        "INTEGER" | "INT64" => (Kind::Parsed, DataType::Int64),
+        "FLOAT" | "FLOAT64" => (Kind::Parsed, DataType::Float64),
+        "NUMERIC" => {
+            let precision = field.precision.as_deref().and_then(|p| p.parse::<u8>().ok());
+            let scale = field.scale.as_deref().and_then(|s| s.parse::<i8>().ok());
+            match (precision, scale) {
+                (Some(p), s) if (1..=38).contains(&p) => {
+                    (Kind::Parsed, DataType::Decimal128(p, s.unwrap_or(0)))
+                }
+                _ => (Kind::Parsed, DataType::Decimal128(38, 9)),
+            }
+        }
+        "BIGNUMERIC" => return Err("cast it to NUMERIC or STRING in the model's SQL".into()),
+        "BOOLEAN" | "BOOL" => (Kind::Parsed, DataType::Boolean),
+        "STRING" | "GEOGRAPHY" | "JSON" => (Kind::Parsed, DataType::Utf8),
+        "BYTES" => (Kind::Bytes, DataType::Binary),
+        "DATE" => (Kind::Parsed, DataType::Date32),
+        "DATETIME" => (Kind::Parsed, DataType::Timestamp(TimeUnit::Microsecond, None)),
+        "TIME" => (Kind::Parsed, DataType::Time64(TimeUnit::Microsecond)),
+        "TIMESTAMP" => (
+            Kind::Timestamp,
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        ),
+        "INTERVAL" | "RANGE" => return Err("convert it in the model's SQL, e.g. CAST(col AS STRING)".into()),
+        _ => return Err("cast it to STRING, a number or TIMESTAMP in the model's SQL".into()),
+    })
+}
+
+/// A `{"f": [{"v": ...}]}` value as plain JSON, by its schema (records become objects).
+fn natural_json(value: &Value, field: &TableField, element: bool) -> Value {
+    match value {
+        Value::Null => Value::Null,
+        Value::Array(items) if field.repeated() && !element => Value::Array(
+            items
+                .iter()
+                .map(|item| natural_json(item.get("v").unwrap_or(&Value::Null), field, true))
+                .collect(),
+        ),
+        Value::Object(object) if !field.fields.is_empty() => {
+            let cells = object.get("f").and_then(Value::as_array);
+            let mut out = serde_json::Map::new();
+            for (i, sub) in field.fields.iter().enumerate() {
+                let cell = cells
+                    .and_then(|c| c.get(i))
+                    .and_then(|c| c.get("v"))
+                    .unwrap_or(&Value::Null);
+                out.insert(sub.name.clone(), natural_json(cell, sub, false));
+            }
+            Value::Object(out)
+        }
+        Value::String(text) => match field.type_name.as_str() {
+            "INTEGER" | "INT64" => text.parse::<i64>().map_or_else(|_| value.clone(), Value::from),
+            "FLOAT" | "FLOAT64" => text
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map_or_else(|| value.clone(), Value::Number),
+            "BOOLEAN" | "BOOL" => Value::Bool(text == "true"),
+            _ => value.clone(),
+        },
+        other => other.clone(),
+    }
+}
+
+/// One page's rows into a batch.
+fn decode_page(rows: &[Value], fields: &[TableField], schema: &SchemaRef) -> Result<RecordBatch, String> {
+    let strict = CastOptions {
+        safe: false,
+        format_options: FormatOptions::default(),
+    };
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(fields.len());
+    for (c, field) in fields.iter().enumerate() {
+        let cells: Vec<&Value> = rows
+            .iter()
+            .map(|row| {
+                row.get("f")
+                    .and_then(|f| f.get(c))
+                    .and_then(|cell| cell.get("v"))
+                    .unwrap_or(&Value::Null)
+            })
+            .collect();
+        let target = schema.field(c).data_type();
+        let (kind, _) = kind_of(field)?;
+        let column_error = |e: String| format!("column `{}`: {e}", field.name);
+        let array: ArrayRef = match kind {
+            Kind::Json => Arc::new(StringArray::from(
+                cells
+                    .iter()
+                    .map(|v| match v {
+                        Value::Null => None,
+                        v => Some(natural_json(v, field, false).to_string()),
+                    })
+                    .collect::<Vec<_>>(),
+            )),
+            Kind::Bytes => {
+                let mut builder = BinaryBuilder::with_capacity(cells.len(), cells.len() * 16);
+                for v in &cells {
+                    match v.as_str() {
+                        Some(text) => builder.append_value(
+                            base64::engine::general_purpose::STANDARD
+                                .decode(text)
+                                .map_err(|e| column_error(format!("bytes that are not base64 ({e})")))?,
+                        ),
+                        None => builder.append_null(),
+                    }
+                }
+                Arc::new(builder.finish())
+            }
+            Kind::Parsed | Kind::Timestamp => {
+                let texts: StringArray = cells.iter().map(|v| v.as_str()).collect();
+                let texts: ArrayRef = Arc::new(texts);
+                if kind == Kind::Timestamp {
+                    let micros = cast_with_options(&texts, &DataType::Int64, &strict)
+                        .map_err(|e| column_error(e.to_string()))?;
+                    let micros = arrow::array::AsArray::as_primitive::<Int64Type>(&micros);
+                    Arc::new(
+                        arrow::array::TimestampMicrosecondArray::new(
+                            micros.values().clone(),
+                            micros.nulls().cloned(),
+                        )
+                        .with_timezone("UTC"),
+                    )
+                } else {
+                    cast_with_options(&texts, target, &strict).map_err(|e| column_error(e.to_string()))?
+                }
+            }
+        };
+        columns.push(array);
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+}
+
+impl BigQuerySource {
+    pub fn new(name: &str, config: BigQueryConfig, env: &ConnectorEnv) -> Result<Self, String> {
+        let text = config.service_account.expose().trim();
+        let text = if text.starts_with('{') {
+            text.to_string()
+        } else {
+            let path = env.resolve_path(text);
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read the service account key {}: {e}", path.display()))?
+        };
+        let key: ServiceAccountKey = serde_json::from_str(&text)
+            .map_err(|e| format!("`service_account` is not a service account key JSON: {e}"))?;
+        let project = config.project.expose().trim().to_string();
+        if project.is_empty() {
+            return Err("`project` is empty".into());
+        }
+        let dataset = config.dataset.as_ref().map(|d| {
+            let d = d.expose().trim();
+            match d.split_once('.') {
+                Some((project, dataset)) => (project.to_string(), dataset.to_string()),
+                None => (project.clone(), d.to_string()),
+            }
+        });
+        let api = config
+            .url
+            .as_ref()
+            .map_or("https://bigquery.googleapis.com/".to_string(), |u| {
+                u.expose().to_string()
+            });
+        let mut api = Url::parse(&api).map_err(|e| format!("`url` is not a URL: {e}"))?;
+        if !api.path().ends_with('/') {
+            api.set_path(&format!("{}/", api.path()));
+        }
+        let page_rows = config.page_rows.unwrap_or(DEFAULT_PAGE_ROWS);
+        if page_rows == 0 {
+            return Err("`page_rows` must be at least 1".into());
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout.map_or(Duration::from_secs(10), |d| d.0))
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            api,
+            project,
+            location: config.location.as_ref().map(|l| l.expose().to_string()),
+            dataset,
+            page_rows,
+            query_timeout: config
+                .query_timeout
+                .map_or(Duration::from_secs(2 * 3600), |d| d.0),
+            http,
+            client_email: key.client_email,
+            key: Arc::new(rsa_key(&key.private_key)?),
+            token_uri: Url::parse(&key.token_uri).map_err(|e| format!("`token_uri` of the key: {e}"))?,
+            token: Arc::default(),
+        })
+    }
+
+    fn url(&self, path: &str, query: &[(&str, String)]) -> Result<Url, ApiError> {
+        let mut url = self.api.join(path).map_err(|e| ApiError {
+            status: None,
+            reason: None,
+            message: format!("bad API path `{path}`: {e}"),
+        })?;
+        if !query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (k, v) in query {
+                pairs.append_pair(k, v);
+            }
+        }
+        Ok(url)
+    }
+
+    /// Calls the API with a fresh token, retrying network failures, 429 and 5xx.
+    async fn call(&self, method: reqwest::Method, url: Url, body: Option<&Value>) -> Result<Value, ApiError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let token = google_token(
+                &self.token,
+                &self.http,
+                &self.token_uri,
+                &self.client_email,
+                &self.key,
+                SCOPE,
+                AUTH_HINT,
+            )
+            .await
+            .map_err(|message| ApiError {
+                status: None,
+                reason: Some("authentication".into()),
+                message,
+            })?;
+            let mut request = self.http.request(method.clone(), url.clone()).bearer_auth(token);
+            if let Some(body) = body {
+                request = request
+                    .header("content-type", "application/json")
+                    .body(body.to_string());
+            }
+            let (failure, wait) = match request.send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    let wait = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_retry_after);
+                    let text = response.text().await.unwrap_or_default();
+                    if status.is_success() {
+                        return serde_json::from_str(&text).map_err(|e| ApiError {
+                            status: Some(status.as_u16()),
+                            reason: None,
+                            message: format!("an answer that is not JSON ({e}){}", snippet(&text)),
+                        });
+                    }
+                    let parsed: Value = serde_json::from_str(&text).unwrap_or_default();
+                    let mut error = api_error_of(Some(status.as_u16()), &parsed);
+                    if parsed.is_null() {
+                        error.message = format!("HTTP {status}{}", snippet(&text));
+                    }
+                    if status.as_u16() == 401 {
+                        // A token revoked early: the next attempt fetches a new one.
+                        *self.token.lock().await = None;
+                        if attempt < 2 {
+                            continue;
+                        }
+                    }
+                    if status.as_u16() != 429 && !status.is_server_error() {
+                        return Err(error);
+                    }
+                    (error, wait)
+                }
+                Err(e) => (
+                    ApiError {
+                        status: None,
+                        reason: None,
+                        message: describe_reqwest_error(&e),
+                    },
+                    None,
+                ),
+            };
+            if attempt >= ATTEMPTS {
+                return Err(ApiError {
+                    message: format!("{} (after {attempt} attempts)", failure.message),
+                    ..failure
+                });
+            }
+            let backoff = Duration::from_millis(250 * 2u64.pow(attempt));
+            tokio::time::sleep(wait.unwrap_or(backoff).min(Duration::from_secs(60))).await;
+        }
+    }
+
+    fn query_request(&self, sql: &str, dry_run: bool) -> Value {
+        let mut body = json!({
+            "kind": "bigquery#queryRequest",
+            "query": sql,
+            "useLegacySql": false,
+            "dryRun": dry_run,
+            "maxResults": self.page_rows,
+            "timeoutMs": CALL_WAIT_MS,
+            "formatOptions": {"useInt64Timestamp": true},
+            "requestId": uuid::Uuid::now_v7().to_string(),
+        });
+        if let Some(location) = &self.location {
+            body["location"] = json!(location);
+        }
+        if let Some((project, dataset)) = &self.dataset {
+            body["defaultDataset"] = json!({"projectId": project, "datasetId": dataset});
+        }
+        body
+    }
+
+    fn hint(&self, e: &ApiError) -> Option<String> {
+        Some(match (e.reason.as_deref(), e.status) {
+            (Some("authentication"), _) | (_, Some(401)) => AUTH_HINT.to_string(),
+            (Some("accessDenied"), _) | (_, Some(403)) => format!(
+                "the service account {} needs roles/bigquery.jobUser on project `{}` and read access (roles/bigquery.dataViewer) to what the model reads",
+                self.client_email, self.project
+            ),
+            (Some("notFound"), _) | (_, Some(404)) => {
+                "check the names: project.dataset.table, or set `dataset`; and `location` if the data is not where the job runs".into()
+            }
+            (Some("invalidQuery"), _) => "models run in GoogleSQL (standard SQL)".into(),
+            (None, None) => "check that this machine can reach bigquery.googleapis.com".into(),
+            _ => return None,
+        })
+    }
+
+    fn query_error(&self, model: &str, e: &ApiError) -> SourceError {
+        SourceError::Query {
+            model: model.to_string(),
+            source_name: self.name.clone(),
+            message: e.to_string(),
+            hint: self.hint(e),
+        }
+    }
+
+    /// A dry run: only a `SELECT` passes; its schema.
+    async fn describe(
+        &self,
+        query: &ModelQuery,
+    ) -> Result<(String, Vec<TableField>, SchemaRef), SourceError> {
+        let sql = strip_statement_end(&query.sql).to_string();
+        let url = self
+            .url(&format!("bigquery/v2/projects/{}/queries", self.project), &[])
+            .map_err(|e| self.query_error(&query.model, &e))?;
+        let answer = self
+            .call(reqwest::Method::POST, url, Some(&self.query_request(&sql, true)))
+            .await
+            .map_err(|e| self.query_error(&query.model, &e))?;
+        let statement = answer["statementType"].as_str().unwrap_or("SELECT");
+        if statement != "SELECT" {
+            return Err(SourceError::Query {
+                model: query.model.clone(),
+                source_name: self.name.clone(),
+                message: format!("the model is a {statement} statement, not a query; it was not run"),
+                hint: Some(
+                    "a model is one SELECT (or WITH ... SELECT); sluice never changes the warehouse".into(),
+                ),
+            });
+        }
+        let fields: Vec<TableField> =
+            serde_json::from_value(answer["schema"]["fields"].clone()).map_err(|e| {
+                self.query_error(
+                    &query.model,
+                    &ApiError {
+                        status: None,
+                        reason: Some("unexpected".into()),
+                        message: format!("the dry run gave no schema ({e})"),
+                    },
+                )
+            })?;
+        let mut arrow_fields = Vec::with_capacity(fields.len());
+        for field in &fields {
+            let (_, data_type) = kind_of(field).map_err(|hint| SourceError::UnsupportedType {
+                model: query.model.clone(),
+                column: field.name.clone(),
+                database_type: field.describe(),
+                hint,
+            })?;
+            arrow_fields.push(Field::new(&field.name, data_type, true));
+        }
+        Ok((sql, fields, Arc::new(Schema::new(arrow_fields))))
+    }
+
+    /// `getQueryResults` of a job: a page (or, while `jobComplete` is false, nothing yet).
+    async fn results(
+        &self,
+        job_id: &str,
+        location: Option<&str>,
+        page_token: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let mut query = vec![
+            ("maxResults", self.page_rows.to_string()),
+            ("timeoutMs", CALL_WAIT_MS.to_string()),
+            ("formatOptions.useInt64Timestamp", "true".to_string()),
+        ];
+        if let Some(location) = location {
+            query.push(("location", location.to_string()));
+        }
+        if let Some(token) = page_token {
+            query.push(("pageToken", token.to_string()));
+        }
+        let url = self.url(
+            &format!("bigquery/v2/projects/{}/queries/{job_id}", self.project),
+            &query,
+        )?;
+        self.call(reqwest::Method::GET, url, None).await
+    }
+
+    async fn cancel(&self, job_id: &str, location: Option<&str>) {
+        let query: Vec<(&str, String)> = location
+            .map(|l| ("location", l.to_string()))
+            .into_iter()
+            .collect();
+        if let Ok(url) = self.url(
+            &format!("bigquery/v2/projects/{}/jobs/{job_id}/cancel", self.project),
+            &query,
+        ) {
+            let _ = self.call(reqwest::Method::POST, url, None).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Source for BigQuerySource {
+    fn kind(&self) -> &'static str {
+        "bigquery"
+    }
+
+    async fn check(&self) -> Result<(), SourceError> {
+        let url = self
+            .url(&format!("bigquery/v2/projects/{}/queries", self.project), &[])
+            .map_err(|e| SourceError::Connect {
+                source_name: self.name.clone(),
+                hint: None,
+                message: e.to_string(),
+            })?;
+        self.call(
+            reqwest::Method::POST,
+            url,
+            Some(&self.query_request("SELECT 1", true)),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| SourceError::Connect {
+            source_name: self.name.clone(),
+            hint: self.hint(&e),
+            message: e.to_string(),
+        })
+    }
+
+    async fn check_query(&self, query: &ModelQuery) -> Result<(), SourceError> {
+        self.describe(query).await.map(|_| ())
+    }
+
+    async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError> {
+        let (sql, fields, schema) = self.describe(query).await?;
+        let url = self
+            .url(&format!("bigquery/v2/projects/{}/queries", self.project), &[])
+            .map_err(|e| self.query_error(&query.model, &e))?;
+        let first = self
+            .call(reqwest::Method::POST, url, Some(&self.query_request(&sql, false)))
+            .await
+            .map_err(|e| self.query_error(&query.model, &e))?;
+        let reader = PageReader {
+            source: self.clone(),
+            model: query.model.clone(),
+            fields: Arc::new(fields),
+            schema: schema.clone(),
+        };
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            if let Err(e) = reader.read(first, &tx).await {
+                let _ = tx.send(Err(DataFusionError::External(Box::new(e)))).await;
+            }
+        });
+        Ok(super::receiver_stream(schema, rx))
+    }
+}
+
+type BatchSender = mpsc::Sender<Result<RecordBatch, DataFusionError>>;
+
+struct PageReader {
+    source: BigQuerySource,
+    model: String,
+    fields: Arc<Vec<TableField>>,
+    schema: SchemaRef,
+}
+
+impl PageReader {
+    /// Waits for the job, then reads its pages in order, decoding one while fetching the next.
+    async fn read(&self, mut answer: Value, tx: &BatchSender) -> Result<(), SourceError> {
+        let job_id = answer["jobReference"]["jobId"]
+            .as_str()
+            .ok_or_else(|| self.error("the query answer has no job id".into(), None))?
+            .to_string();
+        let location = answer["jobReference"]["location"].as_str().map(str::to_string);
+        let started = Instant::now();
+        while answer["jobComplete"] != true {
+            if let Some(errors) = answer
+                .get("errors")
+                .filter(|e| e.as_array().is_some_and(|a| !a.is_empty()))
+            {
+                let e = api_error_of(None, &json!({"errors": errors, "message": errors[0]["message"]}));
+                return Err(self.error(e.to_string(), self.source.hint(&e)));
+            }
+            if started.elapsed() > self.source.query_timeout {
+                self.source.cancel(&job_id, location.as_deref()).await;
+                return Err(self.error(
+                    format!(
+                        "the query ran longer than `query_timeout` ({}); its job {job_id} was cancelled",
+                        humantime::format_duration(self.source.query_timeout)
+                    ),
+                    None,
+                ));
+            }
+            answer = self.page(&job_id, location.as_deref(), None).await?;
+        }
+        let total: Option<u64> = answer["totalRows"].as_str().and_then(|t| t.parse().ok());
+        let mut rows_read = 0u64;
+        loop {
+            let next_token = answer["pageToken"].as_str().map(str::to_string);
+            let rows = match answer.get_mut("rows").map(Value::take) {
+                Some(Value::Array(rows)) => rows,
+                _ => Vec::new(),
+            };
+            let fields = self.fields.clone();
+            let schema = self.schema.clone();
+            let decode = tokio::task::spawn_blocking(move || decode_page(&rows, &fields, &schema));
+            let next = async {
+                match &next_token {
+                    Some(token) => self
+                        .page(&job_id, location.as_deref(), Some(token))
+                        .await
+                        .map(Some),
+                    None => Ok(None),
+                }
+            };
+            let (decoded, next) = tokio::join!(decode, next);
+            let batch = decoded
+                .map_err(|e| self.error(format!("decoding a page: {e}"), None))?
+                .map_err(|e| self.error(format!("{e} (in the rows from {})", rows_read + 1), None))?;
+            rows_read += batch.num_rows() as u64;
+            if batch.num_rows() > 0 && tx.send(Ok(batch)).await.is_err() {
+                return Ok(());
+            }
+            match next? {
+                Some(page) => answer = page,
+                None => break,
+            }
+        }
+        if let Some(total) = total
+            && total != rows_read
+        {
+            return Err(self.error(
+                format!("BigQuery announced {total} rows but the pages held {rows_read}"),
+                None,
+            ));
+        }
+        Ok(())
+    }
+
+    async fn page(
+        &self,
+        job_id: &str,
+        location: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Value, SourceError> {
+        self.source
+            .results(job_id, location, token)
+            .await
+            .map_err(|e| self.error(e.to_string(), self.source.hint(&e)))
+    }
+
+    fn error(&self, message: String, hint: Option<String>) -> SourceError {
+        SourceError::Query {
+            model: self.model.clone(),
+            source_name: self.source.name.clone(),
+            message,
+            hint,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(name: &str, type_name: &str) -> TableField {
+        TableField {
+            name: name.into(),
+            type_name: type_name.into(),
+            mode: Some("NULLABLE".into()),
+            fields: Vec::new(),
+            precision: None,
+            scale: None,
+        }
+    }
+
+    #[test]
+    fn rows_of_strings_become_typed_columns() {
+        let mut tags = field("tags", "STRING");
+        tags.mode = Some("REPEATED".into());
+        let mut address = field("address", "RECORD");
+        address.fields = vec![field("city", "STRING"), field("zip", "INTEGER")];
+        let fields = vec![
+            field("id", "INTEGER"),
+            field("amount", "NUMERIC"),
+            field("seen", "TIMESTAMP"),
+            field("day", "DATE"),
+            field("at", "DATETIME"),
+            field("ok", "BOOLEAN"),
+            field("raw", "BYTES"),
+            tags,
+            address,
+        ];
+        let arrow_fields: Vec<Field> = fields
+            .iter()
+            .map(|f| Field::new(&f.name, kind_of(f).unwrap().1, true))
+            .collect();
+        let schema = Arc::new(Schema::new(arrow_fields));
+        let rows = vec![
+            json!({"f": [
+                {"v": "42"}, {"v": "12.5"}, {"v": "1700000000123456"}, {"v": "2024-02-29"},
+                {"v": "2024-02-29T12:00:00.5"}, {"v": "true"}, {"v": "AP8="},
+                {"v": [{"v": "a"}, {"v": "b"}]}, {"v": {"f": [{"v": "Paris"}, {"v": "75001"}]}}
+            ]}),
+            json!({"f": [
+                {"v": "-1"}, {"v": null}, {"v": null}, {"v": null}, {"v": null}, {"v": null}, {"v": null},
+                {"v": []}, {"v": null}
+            ]}),
+        ];
+        let batch = decode_page(&rows, &fields, &schema).unwrap();
+        let formatted = arrow::util::pretty::pretty_format_batches(&[batch])
+            .unwrap()
+            .to_string();
+        for expected in [
+            "42",
+            "12.500000000",
+            "2023-11-14T22:13:20.123456Z",
+            "2024-02-29T12:00:00.500",
+            "[\"a\",\"b\"]",
+            "{\"city\":\"Paris\",\"zip\":75001}",
+            "00ff",
+        ] {
+            assert!(formatted.contains(expected), "{expected} not in\n{formatted}");
+        }
+    }
+
+    #[test]
+    fn values_that_do_not_parse_name_their_column() {
+        let fields = vec![field("id", "INTEGER")];
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true)]));
+        let err = decode_page(&[json!({"f": [{"v": "x"}]})], &fields, &schema).unwrap_err();
+        assert!(err.contains("column `id`"), "{err}");
+        assert!(
+            kind_of(&field("b", "BIGNUMERIC"))
+                .unwrap_err()
+                .contains("NUMERIC")
+        );
+    }
+}

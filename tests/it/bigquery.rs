@@ -1,0 +1,492 @@
+//! The `bigquery` source against a server in the test that answers as BigQuery's REST API v2
+//! does (`jobs.query`, `jobs.getQueryResults`, Google's OAuth token endpoint), and checks every
+//! request against Google's published discovery document for BigQuery v2 (from PyPI's
+//! `google-api-python-client`, installed by `.ci/test-tools`): request bodies may only use
+//! fields of `QueryRequest`, query strings only the parameters of `getQueryResults`. Dry runs,
+//! jobs that are not complete at first, a 429, result pages chained by `pageToken`, and
+//! BigQuery's error bodies (`notFound`, `accessDenied`) are served. No BigQuery emulator exists
+//! in the package registries.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arrow::array::{Array, AsArray};
+use axum::Json;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use futures::StreamExt;
+use ring::signature::KeyPair as _;
+use serde_json::{Value, json};
+use sluice_connectors::sources::bigquery::{BigQueryConfig, BigQuerySource};
+use sluice_engine::source::{ConnectorEnv, ModelQuery, Source};
+
+use crate::buckets::tools_dir;
+use crate::services::unavailable;
+
+const PROJECT: &str = "sluice-test";
+const CLIENT_EMAIL: &str = "sluice@sluice-test.iam.gserviceaccount.com";
+const MODEL_SQL: &str = "SELECT * FROM analytics.users";
+
+fn discovery() -> Option<Value> {
+    let path = tools_dir().join(
+        "warehouses/lib/python3.11/site-packages/googleapiclient/discovery_cache/documents/bigquery.v2.json",
+    );
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Some(serde_json::from_str(&text).expect("discovery document")),
+        Err(e) => {
+            unavailable(
+                "BigQuery's discovery document (PyPI google-api-python-client, from .ci/test-tools)",
+                format!("{}: {e}", path.display()),
+            );
+            None
+        }
+    }
+}
+
+/// Every key of `value` is a property of the discovery schema `name`, recursively.
+fn conforms(discovery: &Value, name: &str, value: &Value, at: &str) -> Result<(), String> {
+    let schema = &discovery["schemas"][name];
+    let properties = schema["properties"]
+        .as_object()
+        .ok_or_else(|| format!("no schema {name}"))?;
+    for (key, inner) in value
+        .as_object()
+        .ok_or_else(|| format!("{at} is not an object"))?
+    {
+        let property = properties
+            .get(key)
+            .ok_or_else(|| format!("{at}.{key} is not a field of {name}"))?;
+        if let Some(reference) = property["$ref"].as_str() {
+            conforms(discovery, reference, inner, &format!("{at}.{key}"))?;
+        } else {
+            let expected = property["type"].as_str().unwrap_or("any");
+            let ok = match expected {
+                "string" => inner.is_string(),
+                "boolean" => inner.is_boolean(),
+                "integer" => inner.is_u64() || inner.is_i64(),
+                "object" => inner.is_object(),
+                "array" => inner.is_array(),
+                _ => true,
+            };
+            if !ok {
+                return Err(format!(
+                    "{at}.{key} should be {expected} ({})",
+                    property["format"]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Seen {
+    tokens: u32,
+    bodies: Vec<Value>,
+    result_calls: u32,
+    page_tokens: Vec<Option<String>>,
+    violations: Vec<String>,
+}
+
+#[derive(Clone)]
+struct Api {
+    seen: Arc<Mutex<Seen>>,
+    discovery: Arc<Value>,
+    public_key: Arc<Vec<u8>>,
+    base: Arc<OnceLock<String>>,
+}
+
+fn google_error(status: StatusCode, reason: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": status.as_u16(), "message": message,
+            "errors": [{"message": message, "domain": "global", "reason": reason}],
+            "status": if status == StatusCode::NOT_FOUND { "NOT_FOUND" } else { "PERMISSION_DENIED" }}})),
+    )
+        .into_response()
+}
+
+fn schema() -> Value {
+    json!({"fields": [
+        {"name": "id", "type": "INTEGER", "mode": "REQUIRED"},
+        {"name": "amount", "type": "NUMERIC", "mode": "NULLABLE"},
+        {"name": "name", "type": "STRING", "mode": "NULLABLE"},
+        {"name": "seen", "type": "TIMESTAMP", "mode": "NULLABLE"},
+        {"name": "tags", "type": "STRING", "mode": "REPEATED"},
+        {"name": "address", "type": "RECORD", "mode": "NULLABLE", "fields": [
+            {"name": "city", "type": "STRING", "mode": "NULLABLE"},
+            {"name": "zip", "type": "INTEGER", "mode": "NULLABLE"}
+        ]}
+    ]})
+}
+
+fn row(id: i64) -> Value {
+    json!({"f": [
+        {"v": id.to_string()},
+        {"v": if id == 2 { Value::Null } else { json!(format!("{id}.5")) }},
+        {"v": format!("user {id}")},
+        {"v": (1_700_000_000_000_000i64 + id).to_string()},
+        {"v": [{"v": "a"}, {"v": format!("t{id}")}]},
+        {"v": {"f": [{"v": "Paris"}, {"v": "75001"}]}}
+    ]})
+}
+
+impl Api {
+    async fn start(discovery: Value) -> (Self, String) {
+        let pem = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/test_rsa_key.pem"
+        ))
+        .expect("key");
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(
+                pem.lines()
+                    .filter(|l| !l.starts_with("-----"))
+                    .collect::<String>(),
+            )
+            .expect("pem");
+        let pair = ring::signature::RsaKeyPair::from_pkcs8(&der).expect("key");
+        let api = Self {
+            seen: Arc::default(),
+            discovery: Arc::new(discovery),
+            public_key: Arc::new(pair.public_key().as_ref().to_vec()),
+            base: Arc::default(),
+        };
+        let app = axum::Router::new()
+            .route("/token", post(token))
+            .route("/bigquery/v2/projects/{project}/queries", post(query))
+            .route("/bigquery/v2/projects/{project}/queries/{job}", get(results))
+            .with_state(api.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        api.base.set(base.clone()).expect("once");
+        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+        (api, base)
+    }
+
+    fn violation(&self, what: String) {
+        self.seen.lock().unwrap().violations.push(what);
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer ya29.sluice-test")
+    }
+}
+
+/// Google's token endpoint: a JWT bearer assertion signed by the service account's key.
+async fn token(State(api): State<Api>, body: String) -> Response {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    let assertion = form.get("assertion").cloned().unwrap_or_default();
+    let parts: Vec<&str> = assertion.split('.').collect();
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let valid = parts.len() == 3
+        && form.get("grant_type").map(String::as_str) == Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+        && engine.decode(parts[2]).is_ok_and(|signature| {
+            ring::signature::UnparsedPublicKey::new(
+                &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                api.public_key.as_slice(),
+            )
+            .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &signature)
+            .is_ok()
+        })
+        && engine
+            .decode(parts[1])
+            .ok()
+            .and_then(|c| serde_json::from_slice::<Value>(&c).ok())
+            .is_some_and(|claims| {
+                claims["iss"] == CLIENT_EMAIL
+                    && claims["scope"] == "https://www.googleapis.com/auth/bigquery"
+                    && claims["aud"] == format!("{}/token", api.base.get().expect("base"))
+            });
+    if !valid {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."})),
+        )
+            .into_response();
+    }
+    api.seen.lock().unwrap().tokens += 1;
+    Json(json!({"access_token": "ya29.sluice-test", "expires_in": 3599, "token_type": "Bearer"}))
+        .into_response()
+}
+
+async fn query(
+    State(api): State<Api>,
+    UrlPath(project): UrlPath<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if !api.authorized(&headers) {
+        return google_error(
+            StatusCode::UNAUTHORIZED,
+            "authError",
+            "Request had invalid authentication credentials.",
+        );
+    }
+    if let Err(e) = conforms(&api.discovery, "QueryRequest", &body, "QueryRequest") {
+        api.violation(e);
+    }
+    api.seen.lock().unwrap().bodies.push(body.clone());
+    if project != PROJECT {
+        return google_error(
+            StatusCode::FORBIDDEN,
+            "accessDenied",
+            &format!(
+                "Access Denied: Project {project}: User does not have bigquery.jobs.create permission in project {project}."
+            ),
+        );
+    }
+    let sql = body["query"].as_str().unwrap_or("");
+    if sql.contains("missing") {
+        return google_error(
+            StatusCode::NOT_FOUND,
+            "notFound",
+            "Not found: Table sluice-test:analytics.missing was not found in location EU",
+        );
+    }
+    if body["dryRun"] == true {
+        let statement = sql.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+        return Json(
+            json!({"kind": "bigquery#queryResponse", "schema": schema(), "jobComplete": true,
+            "totalBytesProcessed": "1024", "cacheHit": false, "statementType": statement,
+            "jobReference": {"projectId": PROJECT, "location": "EU"}}),
+        )
+        .into_response();
+    }
+    // The job outlasts the call's wait: not complete yet.
+    Json(json!({"kind": "bigquery#queryResponse", "jobComplete": false,
+        "jobReference": {"projectId": PROJECT, "jobId": "job_sluice_1", "location": "EU"}}))
+    .into_response()
+}
+
+async fn results(
+    State(api): State<Api>,
+    UrlPath((project, job)): UrlPath<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !api.authorized(&headers) {
+        return google_error(
+            StatusCode::UNAUTHORIZED,
+            "authError",
+            "Request had invalid authentication credentials.",
+        );
+    }
+    let method = &api.discovery["resources"]["jobs"]["methods"]["getQueryResults"]["parameters"];
+    for key in params.keys() {
+        if method.get(key).is_none() {
+            api.violation(format!("getQueryResults has no parameter {key}"));
+        }
+    }
+    assert_eq!((project.as_str(), job.as_str()), (PROJECT, "job_sluice_1"));
+    assert_eq!(
+        params.get("location").map(String::as_str),
+        Some("EU"),
+        "the job's location"
+    );
+    assert_eq!(
+        params.get("formatOptions.useInt64Timestamp").map(String::as_str),
+        Some("true")
+    );
+    let calls = {
+        let mut seen = api.seen.lock().unwrap();
+        seen.result_calls += 1;
+        seen.page_tokens.push(params.get("pageToken").cloned());
+        seen.result_calls
+    };
+    match calls {
+        1 => {
+            return Json(
+                json!({"kind": "bigquery#getQueryResultsResponse", "jobComplete": false,
+                "jobReference": {"projectId": PROJECT, "jobId": job, "location": "EU"}}),
+            )
+            .into_response();
+        }
+        2 => {
+            return google_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rateLimitExceeded",
+                "Exceeded rate limits: too many api requests per user per method for this user_method.",
+            );
+        }
+        _ => {}
+    }
+    let (rows, next): (Vec<i64>, Option<&str>) = match params.get("pageToken").map(String::as_str) {
+        None => (vec![1, 2], Some("page-2")),
+        Some("page-2") => (vec![3, 4], Some("page-3")),
+        Some("page-3") => (vec![5], None),
+        Some(other) => panic!("unknown page token {other}"),
+    };
+    let mut answer = json!({"kind": "bigquery#getQueryResultsResponse", "etag": "e", "schema": schema(),
+        "jobReference": {"projectId": PROJECT, "jobId": job, "location": "EU"},
+        "totalRows": "5", "rows": rows.into_iter().map(row).collect::<Vec<_>>(), "jobComplete": true, "cacheHit": false});
+    if let Some(token) = next {
+        answer["pageToken"] = json!(token);
+    }
+    Json(answer).into_response()
+}
+
+fn source(base: &str, project: &str) -> BigQuerySource {
+    let key = json!({
+        "type": "service_account",
+        "project_id": PROJECT,
+        "private_key_id": "0123456789abcdef",
+        "private_key": std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/test_rsa_key.pem")).expect("key"),
+        "client_email": CLIENT_EMAIL,
+        "token_uri": format!("{base}/token"),
+    });
+    let config: BigQueryConfig = serde_json::from_value(json!({
+        "project": project,
+        "service_account": key.to_string(),
+        "location": "EU",
+        "dataset": "analytics",
+        "page_rows": 2,
+        "url": base,
+    }))
+    .expect("config");
+    BigQuerySource::new("bq", config, &ConnectorEnv::rooted_at(std::env::temp_dir())).expect("source")
+}
+
+fn model(sql: &str) -> ModelQuery {
+    ModelQuery {
+        model: "users".into(),
+        sql: sql.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_dry_run_then_the_job_is_polled_and_its_pages_read_in_order() {
+    let Some(discovery) = discovery() else {
+        return;
+    };
+    let (api, base) = Api::start(discovery).await;
+    let source = source(&base, PROJECT);
+    let mut stream = source
+        .extract(&model(&format!("{MODEL_SQL};\n")))
+        .await
+        .expect("extract");
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        batches.push(batch.expect("batch"));
+    }
+    let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).expect("concat");
+    let types: Vec<String> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.data_type().to_string())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "Int64",
+            "Decimal128(38, 9)",
+            "Utf8",
+            "Timestamp(µs, \"UTC\")",
+            "Utf8",
+            "Utf8"
+        ]
+    );
+    let ids = batch.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+    assert_eq!(ids.values().to_vec(), vec![1, 2, 3, 4, 5], "pages in order");
+    assert!(batch.column(1).is_null(1));
+    assert_eq!(
+        batch
+            .column(1)
+            .as_primitive::<arrow::datatypes::Decimal128Type>()
+            .value_as_string(0),
+        "1.500000000"
+    );
+    assert_eq!(
+        batch
+            .column(3)
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+            .value(4),
+        1_700_000_000_000_005
+    );
+    assert_eq!(batch.column(4).as_string::<i32>().value(0), r#"["a","t1"]"#);
+    assert_eq!(
+        batch.column(5).as_string::<i32>().value(0),
+        r#"{"city":"Paris","zip":75001}"#
+    );
+
+    let seen = api.seen.lock().unwrap();
+    assert!(
+        seen.violations.is_empty(),
+        "requests outside the discovery document: {:?}",
+        seen.violations
+    );
+    assert_eq!(seen.tokens, 1, "one token for the whole run");
+    assert_eq!(seen.bodies.len(), 2);
+    assert_eq!(seen.bodies[0]["dryRun"], true, "a dry run first");
+    assert_eq!(seen.bodies[1]["dryRun"], false);
+    assert_eq!(seen.bodies[1]["query"], MODEL_SQL);
+    assert_eq!(
+        seen.bodies[1]["defaultDataset"],
+        json!({"projectId": PROJECT, "datasetId": "analytics"})
+    );
+    assert_eq!(seen.bodies[1]["useLegacySql"], false);
+    assert_eq!(
+        seen.page_tokens,
+        vec![
+            None,
+            None,
+            None,
+            Some("page-2".to_string()),
+            Some("page-3".to_string())
+        ],
+        "polled until complete (a 429 retried), then the pages by token"
+    );
+}
+
+#[tokio::test]
+async fn writes_missing_tables_and_denied_projects_fail_with_bigquery_own_errors() {
+    let Some(discovery) = discovery() else {
+        return;
+    };
+    let (api, base) = Api::start(discovery).await;
+    let err = source(&base, PROJECT)
+        .extract(&model("DELETE FROM analytics.users WHERE true"))
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("DELETE statement") && err.contains("it was not run"),
+        "{err}"
+    );
+    assert!(
+        api.seen
+            .lock()
+            .unwrap()
+            .bodies
+            .iter()
+            .all(|b| b["dryRun"] == true),
+        "only a dry run was sent"
+    );
+
+    let err = source(&base, PROJECT)
+        .check_query(&model("SELECT * FROM analytics.missing"))
+        .await
+        .expect_err("missing")
+        .to_string();
+    assert!(
+        err.contains("notFound") && err.contains("HTTP 404") && err.contains("`location`"),
+        "{err}"
+    );
+
+    let err = source(&base, "someone-elses-project")
+        .check()
+        .await
+        .expect_err("denied")
+        .to_string();
+    assert!(
+        err.contains("accessDenied") && err.contains("roles/bigquery.jobUser"),
+        "{err}"
+    );
+}
