@@ -6,14 +6,20 @@
 //! cargo bench --bench warehouse_extract -- --rows 1000000 --rounds 3
 //! ```
 //!
-//! Two stand-ins for Snowflake, each answering the same `users` model (id, email, plan, score
-//! NUMBER(10,2), active, signed_up DATE, updated_at TIMESTAMP_NTZ):
+//! Each warehouse source reads the same 7-column `users` model (id, email, plan, score
+//! DECIMAL(10,2), active, signed_up DATE, updated_at TIMESTAMP) from its stand-in:
 //! - **fakesnow** (PyPI): Snowflake's driver protocol over DuckDB, the whole result inline as
 //!   one base64 Arrow stream. Its own time to answer the query (measured alone, the body read
 //!   and dropped) is printed beside sluice's, since it is most of the run;
 //! - **chunks**: a server in this benchmark that logs in, compiles and answers the query with
 //!   the result as gzip Arrow chunks of 100,000 rows on "cloud storage" (prepared before
-//!   timing), as Snowflake does for large results: what sluice's own client costs.
+//!   timing), as Snowflake does for large results: what sluice's own client costs;
+//! - **Databricks**: a server in this benchmark following the Statement Execution API, the
+//!   result as Arrow chunks of 100,000 rows behind external links;
+//! - **BigQuery**: a server in this benchmark following REST API v2, the result as JSON pages
+//!   of 50,000 rows (prepared before timing);
+//! - **Redshift**: the local PostgreSQL read through the `redshift` source's cursor, beside the
+//!   `postgres` source's `COPY` of the same table.
 
 #[path = "common/process.rs"]
 mod process;
@@ -62,35 +68,26 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn config(base: &str, database: &str) -> String {
+fn snowflake_source(base: &str) -> String {
     format!(
-        r#"state_dir: .sluice
-sources:
-  warehouse:
-    type: snowflake
-    account: bench
-    url: {base}
-    user: fake
-    password: snow
-    database: {database}
-    schema: public
-models:
-  users:
-    source: warehouse
-    sql: SELECT * FROM users
-    primary_key: ID
-"#
+        "    type: snowflake\n    account: bench\n    url: {base}\n    user: fake\n    password: snow\n    database: bench\n    schema: public\n"
     )
 }
 
 /// Wall s, CPU s, peak RSS MiB of one process.
 type Figures = (f64, f64, f64);
 
-/// Runs `sluice extract users` in a fresh project.
-fn extract_once(base: &str, database: &str) -> Figures {
+/// Runs `sluice extract users` in a fresh project whose source is `source` (its YAML lines).
+fn extract_once(source: &str, sql: &str, key: &str, files: &[(&str, String)]) -> Figures {
     let dir = tempfile::tempdir().expect("tempdir");
     let config_path = dir.path().join("sluice.yaml");
-    std::fs::write(&config_path, config(base, database)).expect("config");
+    let config = format!(
+        "state_dir: .sluice\nsources:\n  warehouse:\n{source}models:\n  users:\n    source: warehouse\n    sql: {sql}\n    primary_key: {key}\n"
+    );
+    std::fs::write(&config_path, config).expect("config");
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).expect("file");
+    }
     let log = dir.path().join("log");
     let log_file = std::fs::File::create(&log).expect("log");
     let mut command = Command::new(sluice_binary());
@@ -355,6 +352,283 @@ async fn start_chunk_server(rows: u64) -> String {
     base
 }
 
+// --- Databricks ---------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Databricks {
+    base: String,
+    rows: u64,
+    chunks: Arc<Vec<Vec<u8>>>,
+}
+
+fn databricks_manifest(server: &Databricks) -> Value {
+    json!({
+        "format": "ARROW_STREAM",
+        "schema": {"column_count": 7, "columns": [
+            {"name": "id", "type_name": "LONG", "position": 0},
+            {"name": "email", "type_name": "STRING", "position": 1},
+            {"name": "plan", "type_name": "STRING", "position": 2},
+            {"name": "score", "type_name": "DECIMAL", "type_precision": 10, "type_scale": 2, "position": 3},
+            {"name": "active", "type_name": "BOOLEAN", "position": 4},
+            {"name": "signed_up", "type_name": "DATE", "position": 5},
+            {"name": "updated_at", "type_name": "TIMESTAMP", "position": 6}
+        ]},
+        "total_chunk_count": server.chunks.len(),
+        "total_row_count": server.rows,
+        "truncated": false
+    })
+}
+
+fn databricks_link(server: &Databricks, index: usize) -> Value {
+    json!({"chunk_index": index, "external_link": format!("{}/files/{index}", server.base)})
+}
+
+async fn databricks_execute(State(server): State<Databricks>, Json(body): Json<Value>) -> Json<Value> {
+    if body["statement"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("DESCRIBE QUERY")
+    {
+        return Json(json!({"statement_id": "describe", "status": {"state": "SUCCEEDED"}}));
+    }
+    Json(
+        json!({"statement_id": "bench", "status": {"state": "SUCCEEDED"}, "manifest": databricks_manifest(&server),
+        "result": {"external_links": [databricks_link(&server, 0)]}}),
+    )
+}
+
+async fn databricks_links(
+    State(server): State<Databricks>,
+    UrlPath((_, index)): UrlPath<(String, usize)>,
+) -> Json<Value> {
+    Json(json!({"external_links": [databricks_link(&server, index)]}))
+}
+
+async fn databricks_file(
+    State(server): State<Databricks>,
+    UrlPath(i): UrlPath<usize>,
+) -> axum::response::Response {
+    match server.chunks.get(i) {
+        Some(bytes) => bytes.clone().into_response(),
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// Databricks' Arrow: plain types (decimals as Decimal128, timestamps in microseconds, UTC).
+fn databricks_chunk(first: u64, n: u64) -> Vec<u8> {
+    let ids: Vec<i64> = (first as i64..(first + n) as i64).collect();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(ids.clone())),
+        Arc::new(StringArray::from(
+            ids.iter()
+                .map(|i| format!("user{i}@example.com"))
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            ids.iter()
+                .map(|i| if i % 3 == 0 { "pro" } else { "free" })
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(
+            arrow::array::Decimal128Array::from(
+                ids.iter().map(|i| i128::from(i % 10_000)).collect::<Vec<_>>(),
+            )
+            .with_precision_and_scale(10, 2)
+            .expect("decimal"),
+        ),
+        Arc::new(BooleanArray::from(
+            ids.iter().map(|i| i % 2 == 0).collect::<Vec<_>>(),
+        )),
+        Arc::new(Date32Array::from(
+            ids.iter().map(|i| 17_167 + (i % 3000) as i32).collect::<Vec<_>>(),
+        )),
+        Arc::new(
+            arrow::array::TimestampMicrosecondArray::from(
+                ids.iter()
+                    .map(|i| (1_704_067_200 + i) * 1_000_000)
+                    .collect::<Vec<_>>(),
+            )
+            .with_timezone("Etc/UTC"),
+        ),
+    ];
+    let fields: Vec<Field> = [
+        "id",
+        "email",
+        "plan",
+        "score",
+        "active",
+        "signed_up",
+        "updated_at",
+    ]
+    .iter()
+    .zip(&columns)
+    .map(|(name, c)| Field::new(*name, c.data_type().clone(), true))
+    .collect();
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("batch");
+    let mut ipc = Vec::new();
+    {
+        let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut ipc, &batch.schema()).expect("ipc");
+        writer.write(&batch).expect("write");
+        writer.finish().expect("finish");
+    }
+    ipc
+}
+
+async fn start_databricks(rows: u64) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let chunks: Vec<Vec<u8>> = (0..rows.div_ceil(CHUNK_ROWS as u64))
+        .map(|i| {
+            databricks_chunk(
+                i * CHUNK_ROWS as u64 + 1,
+                (CHUNK_ROWS as u64).min(rows - i * CHUNK_ROWS as u64),
+            )
+        })
+        .collect();
+    let server = Databricks {
+        base: base.clone(),
+        rows,
+        chunks: Arc::new(chunks),
+    };
+    let app = axum::Router::new()
+        .route("/api/2.0/sql/statements", post(databricks_execute))
+        .route(
+            "/api/2.0/sql/statements/{id}/result/chunks/{index}",
+            get(databricks_links),
+        )
+        .route("/files/{i}", get(databricks_file))
+        .with_state(server);
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    base
+}
+
+// --- BigQuery -----------------------------------------------------------------------------
+
+const BIGQUERY_PAGE_ROWS: u64 = 50_000;
+
+#[derive(Clone)]
+struct BigQuery {
+    rows: u64,
+    pages: Arc<Vec<Value>>,
+}
+
+fn bigquery_schema() -> Value {
+    json!({"fields": [
+        {"name": "id", "type": "INTEGER", "mode": "REQUIRED"},
+        {"name": "email", "type": "STRING"},
+        {"name": "plan", "type": "STRING"},
+        {"name": "score", "type": "NUMERIC", "precision": "10", "scale": "2"},
+        {"name": "active", "type": "BOOLEAN"},
+        {"name": "signed_up", "type": "DATE"},
+        {"name": "updated_at", "type": "TIMESTAMP"}
+    ]})
+}
+
+fn bigquery_page(first: u64, n: u64) -> Value {
+    let rows: Vec<Value> = (first..first + n)
+        .map(|i| {
+            let day = chrono::NaiveDate::from_ymd_opt(2017, 1, 1).expect("date") + chrono::Days::new(i % 3000);
+            json!({"f": [
+                {"v": i.to_string()}, {"v": format!("user{i}@example.com")},
+                {"v": if i % 3 == 0 { "pro" } else { "free" }}, {"v": format!("{}.{:02}", (i % 10_000) / 100, i % 100)},
+                {"v": if i % 2 == 0 { "true" } else { "false" }}, {"v": day.to_string()},
+                {"v": ((1_704_067_200 + i) * 1_000_000).to_string()}
+            ]})
+        })
+        .collect();
+    Value::Array(rows)
+}
+
+async fn bigquery_token() -> Json<Value> {
+    Json(json!({"access_token": "ya29.bench", "expires_in": 3599, "token_type": "Bearer"}))
+}
+
+fn bigquery_answer(server: &BigQuery, page: usize) -> Value {
+    let mut answer = json!({"jobComplete": true, "schema": bigquery_schema(), "totalRows": server.rows.to_string(),
+        "jobReference": {"projectId": "bench", "jobId": "job_bench", "location": "US"},
+        "rows": server.pages.get(page).cloned().unwrap_or(Value::Array(Vec::new()))});
+    if page + 1 < server.pages.len() {
+        answer["pageToken"] = json!((page + 1).to_string());
+    }
+    answer
+}
+
+async fn bigquery_query(State(server): State<BigQuery>, Json(body): Json<Value>) -> Json<Value> {
+    if body["dryRun"] == true {
+        return Json(json!({"statementType": "SELECT", "schema": bigquery_schema(), "jobComplete": true}));
+    }
+    Json(bigquery_answer(&server, 0))
+}
+
+async fn bigquery_results(
+    State(server): State<BigQuery>,
+    axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Json<Value> {
+    let page = params.get("pageToken").and_then(|t| t.parse().ok()).unwrap_or(0);
+    Json(bigquery_answer(&server, page))
+}
+
+async fn start_bigquery(rows: u64) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let pages: Vec<Value> = (0..rows.div_ceil(BIGQUERY_PAGE_ROWS))
+        .map(|i| {
+            bigquery_page(
+                i * BIGQUERY_PAGE_ROWS + 1,
+                BIGQUERY_PAGE_ROWS.min(rows - i * BIGQUERY_PAGE_ROWS),
+            )
+        })
+        .collect();
+    let server = BigQuery {
+        rows,
+        pages: Arc::new(pages),
+    };
+    let app = axum::Router::new()
+        .route("/token", post(bigquery_token))
+        .route("/bigquery/v2/projects/{project}/queries", post(bigquery_query))
+        .route(
+            "/bigquery/v2/projects/{project}/queries/{job}",
+            get(bigquery_results),
+        )
+        .with_state(server);
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    base
+}
+
+fn bigquery_key(base: &str) -> String {
+    let pem = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/test_rsa_key.pem"
+    ))
+    .expect("test key");
+    json!({"type": "service_account", "client_email": "bench@bench.iam.gserviceaccount.com",
+        "private_key": pem, "token_uri": format!("{base}/token")})
+    .to_string()
+}
+
+// --- Redshift (PostgreSQL) ----------------------------------------------------------------
+
+const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn seed_postgres(rows: u64) {
+    let (client, connection) = tokio_postgres::connect(PG_URL, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS bench_warehouse_users;
+             CREATE TABLE bench_warehouse_users AS SELECT g::bigint AS id, 'user' || g || '@example.com' AS email,
+               CASE WHEN g % 3 = 0 THEN 'pro' ELSE 'free' END AS plan, ((g % 10000) / 100.0)::numeric(10, 2) AS score,
+               g % 2 = 0 AS active, DATE '2017-01-01' + (g % 3000)::int AS signed_up,
+               TIMESTAMP '2024-01-01' + g * INTERVAL '1 second' AS updated_at
+             FROM generate_series(1, {rows}) AS g;
+             ANALYZE bench_warehouse_users;"
+        ))
+        .await
+        .expect("seed");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rows: u64 = arg(&args, "--rows").map_or(1_000_000, |r| r.parse().expect("--rows"));
@@ -366,24 +640,81 @@ fn main() {
     );
 
     let chunk_base = runtime.block_on(start_chunk_server(rows));
+    let databricks_base = runtime.block_on(start_databricks(rows));
+    let bigquery_base = runtime.block_on(start_bigquery(rows));
+    runtime.block_on(seed_postgres(rows));
     let fakesnow = runtime.block_on(start_fakesnow(rows));
-    let mut figures: Vec<(&str, Vec<Figures>)> = vec![("fakesnow", Vec::new()), ("chunks", Vec::new())];
+    let pg = |kind: &str| {
+        format!("    type: {kind}\n    url: postgres://postgres@127.0.0.1:5432/test\n    sslmode: disable\n")
+    };
+    type Job = (
+        &'static str,
+        String,
+        &'static str,
+        &'static str,
+        Vec<(&'static str, String)>,
+    );
+    let jobs: Vec<Job> = vec![
+        (
+            "snowflake (fakesnow)",
+            snowflake_source(&fakesnow.base),
+            "SELECT * FROM users",
+            "ID",
+            Vec::new(),
+        ),
+        (
+            "snowflake (chunks)",
+            snowflake_source(&chunk_base),
+            "SELECT * FROM users",
+            "ID",
+            Vec::new(),
+        ),
+        (
+            "databricks",
+            format!(
+                "    type: databricks\n    host: {databricks_base}\n    warehouse_id: bench\n    token: dapi-bench\n"
+            ),
+            "SELECT * FROM users",
+            "id",
+            Vec::new(),
+        ),
+        (
+            "bigquery",
+            format!(
+                "    type: bigquery\n    project: bench\n    service_account: key.json\n    url: {bigquery_base}\n"
+            ),
+            "SELECT * FROM users",
+            "id",
+            vec![("key.json", bigquery_key(&bigquery_base))],
+        ),
+        (
+            "redshift (cursor, on PostgreSQL)",
+            pg("redshift"),
+            "SELECT * FROM bench_warehouse_users",
+            "id",
+            Vec::new(),
+        ),
+        (
+            "postgres (COPY)",
+            pg("postgres"),
+            "SELECT * FROM bench_warehouse_users",
+            "id",
+            Vec::new(),
+        ),
+    ];
+    let mut figures: Vec<Vec<Figures>> = vec![Vec::new(); jobs.len()];
     let mut fakesnow_alone = Vec::new();
     for round in 0..rounds {
         fakesnow_alone.push(runtime.block_on(fakesnow_answer_seconds(&fakesnow.base)));
-        figures[0].1.push(extract_once(&fakesnow.base, "bench"));
-        figures[1].1.push(extract_once(&chunk_base, "bench"));
-        println!(
-            "round {}: fakesnow answer alone {:.2} s; sluice from fakesnow {:.2} s, from chunks {:.2} s",
-            round + 1,
-            fakesnow_alone[round],
-            figures[0].1[round].0,
-            figures[1].1[round].0
-        );
+        for (i, (name, source, sql, key, files)) in jobs.iter().enumerate() {
+            let run = extract_once(source, sql, key, files);
+            println!("round {}: {name}: {:.2} s, {:.0} MiB", round + 1, run.0, run.2);
+            figures[i].push(run);
+        }
     }
-    println!("| stand-in | wall s (each round) | median rows/s | CPU s | peak RSS MiB |");
+    println!("| source (stand-in) | wall s (each round) | median rows/s | CPU s | peak RSS MiB |");
     println!("|---|---:|---:|---:|---:|");
-    for (name, runs) in &figures {
+    for ((name, ..), runs) in jobs.iter().zip(&figures) {
         let walls: Vec<f64> = runs.iter().map(|r| r.0).collect();
         let cpu: Vec<f64> = runs.iter().map(|r| r.1).collect();
         let rss: Vec<f64> = runs.iter().map(|r| r.2).collect();
