@@ -96,14 +96,17 @@ fn extract_once(source: &str, sql: &str, key: &str, files: &[(&str, String)]) ->
         .arg(&config_path)
         .stdout(log_file.try_clone().expect("log"))
         .stderr(log_file);
-    let (cost, _) = measure(&mut command, false);
+    let (cost, samples) = measure(&mut command, true);
+    // VmHWM, sampled every 100 ms: wait4's ru_maxrss would count this benchmark's own memory
+    // (the stand-ins' prepared results), which a spawned child inherits until it executes.
+    let peak = samples.iter().filter_map(|s| s.peak_mib).fold(0.0, f64::max);
     assert_eq!(
         cost.exit,
         0,
         "sluice extract failed: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    (cost.wall, cost.cpu, cost.peak_rss_mib)
+    (cost.wall, cost.cpu, peak)
 }
 
 // --- fakesnow ---------------------------------------------------------------------------------
@@ -163,7 +166,13 @@ async fn start_fakesnow(rows: u64) -> Fakesnow {
     let fakesnow = Fakesnow { child, base };
     let http = reqwest::Client::new();
     let token = login(&http, &fakesnow.base).await;
-    fakesnow_sql(&http, &fakesnow.base, &token, "CREATE OR REPLACE DATABASE bench").await;
+    fakesnow_sql(
+        &http,
+        &fakesnow.base,
+        &token,
+        "CREATE DATABASE IF NOT EXISTS bench",
+    )
+    .await;
     let token = login(&http, &fakesnow.base).await;
     fakesnow_sql(
         &http,
@@ -508,8 +517,8 @@ const BIGQUERY_PAGE_ROWS: u64 = 50_000;
 
 #[derive(Clone)]
 struct BigQuery {
-    rows: u64,
-    pages: Arc<Vec<Value>>,
+    /// Each page's whole answer, serialized before timing.
+    pages: Arc<Vec<Vec<u8>>>,
 }
 
 fn bigquery_schema() -> Value {
@@ -543,44 +552,47 @@ async fn bigquery_token() -> Json<Value> {
     Json(json!({"access_token": "ya29.bench", "expires_in": 3599, "token_type": "Bearer"}))
 }
 
-fn bigquery_answer(server: &BigQuery, page: usize) -> Value {
-    let mut answer = json!({"jobComplete": true, "schema": bigquery_schema(), "totalRows": server.rows.to_string(),
+fn bigquery_answer(rows: u64, pages: usize, page: usize, page_rows: Value) -> Vec<u8> {
+    let mut answer = json!({"jobComplete": true, "schema": bigquery_schema(), "totalRows": rows.to_string(),
         "jobReference": {"projectId": "bench", "jobId": "job_bench", "location": "US"},
-        "rows": server.pages.get(page).cloned().unwrap_or(Value::Array(Vec::new()))});
-    if page + 1 < server.pages.len() {
+        "rows": page_rows});
+    if page + 1 < pages {
         answer["pageToken"] = json!((page + 1).to_string());
     }
-    answer
+    answer.to_string().into_bytes()
 }
 
-async fn bigquery_query(State(server): State<BigQuery>, Json(body): Json<Value>) -> Json<Value> {
+async fn bigquery_query(State(server): State<BigQuery>, Json(body): Json<Value>) -> axum::response::Response {
     if body["dryRun"] == true {
-        return Json(json!({"statementType": "SELECT", "schema": bigquery_schema(), "jobComplete": true}));
+        return Json(json!({"statementType": "SELECT", "schema": bigquery_schema(), "jobComplete": true}))
+            .into_response();
     }
-    Json(bigquery_answer(&server, 0))
+    server.pages[0].clone().into_response()
 }
 
 async fn bigquery_results(
     State(server): State<BigQuery>,
     axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
-) -> Json<Value> {
-    let page = params.get("pageToken").and_then(|t| t.parse().ok()).unwrap_or(0);
-    Json(bigquery_answer(&server, page))
+) -> axum::response::Response {
+    let page: usize = params.get("pageToken").and_then(|t| t.parse().ok()).unwrap_or(0);
+    match server.pages.get(page) {
+        Some(bytes) => bytes.clone().into_response(),
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn start_bigquery(rows: u64) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let pages: Vec<Value> = (0..rows.div_ceil(BIGQUERY_PAGE_ROWS))
+    let count = rows.div_ceil(BIGQUERY_PAGE_ROWS) as usize;
+    let pages: Vec<Vec<u8>> = (0..count)
         .map(|i| {
-            bigquery_page(
-                i * BIGQUERY_PAGE_ROWS + 1,
-                BIGQUERY_PAGE_ROWS.min(rows - i * BIGQUERY_PAGE_ROWS),
-            )
+            let first = i as u64 * BIGQUERY_PAGE_ROWS + 1;
+            let n = BIGQUERY_PAGE_ROWS.min(rows - i as u64 * BIGQUERY_PAGE_ROWS);
+            bigquery_answer(rows, count, i, bigquery_page(first, n))
         })
         .collect();
     let server = BigQuery {
-        rows,
         pages: Arc::new(pages),
     };
     let app = axum::Router::new()

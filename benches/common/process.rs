@@ -24,6 +24,9 @@ pub struct Sample {
     /// Seconds since the process started.
     pub at: f64,
     pub rss_mib: Option<f64>,
+    /// The process's own peak RSS so far (`VmHWM`): unlike `wait4`'s `ru_maxrss`, it does not
+    /// count the parent's memory that a spawned child inherits until it executes.
+    pub peak_mib: Option<f64>,
     /// The machine's busy and total CPU time so far (jiffies, all cores).
     pub cpu: (u64, u64),
 }
@@ -43,10 +46,20 @@ pub fn measure(command: &mut Command, sample_rss: bool) -> (ProcessCost, Vec<Sam
             let mut samples = Vec::new();
             let t0 = Instant::now();
             while !done.load(Ordering::Relaxed) {
-                let rss_mib = if sample_rss { rss_mib(pid) } else { None };
+                let rss_mib = if sample_rss {
+                    status_mib(pid, "VmRSS:")
+                } else {
+                    None
+                };
+                let peak_mib = if sample_rss {
+                    status_mib(pid, "VmHWM:")
+                } else {
+                    None
+                };
                 samples.push(Sample {
                     at: t0.elapsed().as_secs_f64(),
                     rss_mib,
+                    peak_mib,
                     cpu: machine_cpu(),
                 });
                 std::thread::sleep(Duration::from_millis(100));
@@ -82,9 +95,10 @@ pub fn measure(command: &mut Command, sample_rss: bool) -> (ProcessCost, Vec<Sam
     )
 }
 
-fn rss_mib(pid: libc::pid_t) -> Option<f64> {
+/// A `/proc/<pid>/status` memory line (`VmRSS:`, `VmHWM:`) in MiB.
+fn status_mib(pid: libc::pid_t, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }

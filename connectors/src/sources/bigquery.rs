@@ -18,6 +18,7 @@
 //! scalar a string; timestamps are asked for as integer microseconds
 //! (`formatOptions.useInt64Timestamp`), so nothing is lost to float seconds.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -246,43 +247,154 @@ fn natural_json(value: &Value, field: &TableField, element: bool) -> Value {
     }
 }
 
-/// One page's rows into a batch.
-fn decode_page(rows: &[Value], fields: &[TableField], schema: &SchemaRef) -> Result<RecordBatch, String> {
+/// A cell of a REST row: strings borrowed from the page's bytes where they need no unescaping;
+/// records and arrays (rare) as JSON values.
+enum Cell<'a> {
+    Null,
+    Text(Cow<'a, str>),
+    Nested(Value),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Cell<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CellVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de> serde::de::Visitor<'de> for CellVisitor<'de> {
+            type Value = Cell<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a BigQuery cell value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cell::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cell::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cell::Text(Cow::Owned(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Cell::Null)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Cell::Null)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Cell::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Cell::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Cell::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Cell::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Cell::Nested)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Value::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Cell::Nested)
+            }
+        }
+        deserializer.deserialize_any(CellVisitor(std::marker::PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+struct RowCell<'a> {
+    #[serde(borrow, default = "null_cell")]
+    v: Cell<'a>,
+}
+
+fn null_cell<'a>() -> Cell<'a> {
+    Cell::Null
+}
+
+#[derive(Deserialize)]
+struct Row<'a> {
+    #[serde(borrow)]
+    f: Vec<RowCell<'a>>,
+}
+
+#[derive(Deserialize)]
+struct PageRows<'a> {
+    #[serde(borrow, default)]
+    rows: Vec<Row<'a>>,
+}
+
+/// What a query or result answer says besides its rows.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PageHead {
+    #[serde(default)]
+    job_complete: Option<bool>,
+    #[serde(default)]
+    page_token: Option<String>,
+    #[serde(default)]
+    total_rows: Option<String>,
+    #[serde(default)]
+    job_reference: Option<JobReference>,
+    #[serde(default)]
+    errors: Vec<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JobReference {
+    #[serde(default)]
+    job_id: Option<String>,
+    #[serde(default)]
+    location: Option<String>,
+}
+
+/// One answer's rows (its JSON bytes) into a batch.
+fn decode_page(body: &[u8], fields: &[TableField], schema: &SchemaRef) -> Result<RecordBatch, String> {
+    let page: PageRows =
+        serde_json::from_slice(body).map_err(|e| format!("a result page does not parse: {e}"))?;
     let strict = CastOptions {
         safe: false,
         format_options: FormatOptions::default(),
     };
+    let null = Cell::Null;
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(fields.len());
     for (c, field) in fields.iter().enumerate() {
-        let cells: Vec<&Value> = rows
+        let cells: Vec<&Cell> = page
+            .rows
             .iter()
-            .map(|row| {
-                row.get("f")
-                    .and_then(|f| f.get(c))
-                    .and_then(|cell| cell.get("v"))
-                    .unwrap_or(&Value::Null)
-            })
+            .map(|row| row.f.get(c).map_or(&null, |cell| &cell.v))
             .collect();
         let target = schema.field(c).data_type();
         let (kind, _) = kind_of(field)?;
         let column_error = |e: String| format!("column `{}`: {e}", field.name);
+        let text = |cell: &&Cell| -> Result<Option<String>, String> {
+            Ok(match cell {
+                Cell::Null => None,
+                Cell::Text(t) => Some(t.to_string()),
+                Cell::Nested(v) => Some(v.to_string()),
+            })
+        };
         let array: ArrayRef = match kind {
             Kind::Json => Arc::new(StringArray::from(
                 cells
                     .iter()
-                    .map(|v| match v {
-                        Value::Null => None,
-                        v => Some(natural_json(v, field, false).to_string()),
+                    .map(|cell| match cell {
+                        Cell::Null => None,
+                        Cell::Nested(v) => Some(natural_json(v, field, false).to_string()),
+                        Cell::Text(t) => {
+                            Some(natural_json(&Value::String(t.to_string()), field, false).to_string())
+                        }
                     })
                     .collect::<Vec<_>>(),
             )),
             Kind::Bytes => {
                 let mut builder = BinaryBuilder::with_capacity(cells.len(), cells.len() * 16);
-                for v in &cells {
-                    match v.as_str() {
-                        Some(text) => builder.append_value(
+                for cell in &cells {
+                    match text(cell)? {
+                        Some(t) => builder.append_value(
                             base64::engine::general_purpose::STANDARD
-                                .decode(text)
+                                .decode(t)
                                 .map_err(|e| column_error(format!("bytes that are not base64 ({e})")))?,
                         ),
                         None => builder.append_null(),
@@ -291,7 +403,16 @@ fn decode_page(rows: &[Value], fields: &[TableField], schema: &SchemaRef) -> Res
                 Arc::new(builder.finish())
             }
             Kind::Parsed | Kind::Timestamp => {
-                let texts: StringArray = cells.iter().map(|v| v.as_str()).collect();
+                let texts: StringArray = cells
+                    .iter()
+                    .map(|cell| match cell {
+                        Cell::Text(t) => Ok(Some(t.as_ref())),
+                        Cell::Null => Ok(None),
+                        Cell::Nested(v) => Err(column_error(format!(
+                            "a nested value {v} where a scalar was expected"
+                        ))),
+                    })
+                    .collect::<Result<_, String>>()?;
                 let texts: ArrayRef = Arc::new(texts);
                 if kind == Kind::Timestamp {
                     let micros = cast_with_options(&texts, &DataType::Int64, &strict)
@@ -390,6 +511,24 @@ impl BigQuerySource {
 
     /// Calls the API with a fresh token, retrying network failures, 429 and 5xx.
     async fn call(&self, method: reqwest::Method, url: Url, body: Option<&Value>) -> Result<Value, ApiError> {
+        let bytes = self.call_raw(method, url, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ApiError {
+            status: None,
+            reason: None,
+            message: format!(
+                "an answer that is not JSON ({e}){}",
+                snippet(&String::from_utf8_lossy(&bytes[..bytes.len().min(300)]))
+            ),
+        })
+    }
+
+    /// Calls the API and returns the answer's bytes (result pages are parsed off the runtime).
+    async fn call_raw(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        body: Option<&Value>,
+    ) -> Result<bytes::Bytes, ApiError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -422,14 +561,24 @@ impl BigQuerySource {
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_retry_after);
-                    let text = response.text().await.unwrap_or_default();
                     if status.is_success() {
-                        return serde_json::from_str(&text).map_err(|e| ApiError {
-                            status: Some(status.as_u16()),
-                            reason: None,
-                            message: format!("an answer that is not JSON ({e}){}", snippet(&text)),
-                        });
+                        match response.bytes().await {
+                            Ok(bytes) => return Ok(bytes),
+                            Err(e) => {
+                                let failure = ApiError {
+                                    status: None,
+                                    reason: None,
+                                    message: describe_reqwest_error(&e),
+                                };
+                                if attempt >= ATTEMPTS {
+                                    return Err(failure);
+                                }
+                                tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
+                                continue;
+                            }
+                        }
                     }
+                    let text = response.text().await.unwrap_or_default();
                     let parsed: Value = serde_json::from_str(&text).unwrap_or_default();
                     let mut error = api_error_of(Some(status.as_u16()), &parsed);
                     if parsed.is_null() {
@@ -566,7 +715,7 @@ impl BigQuerySource {
         job_id: &str,
         location: Option<&str>,
         page_token: Option<&str>,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<bytes::Bytes, ApiError> {
         let mut query = vec![
             ("maxResults", self.page_rows.to_string()),
             ("timeoutMs", CALL_WAIT_MS.to_string()),
@@ -582,7 +731,7 @@ impl BigQuerySource {
             &format!("bigquery/v2/projects/{}/queries/{job_id}", self.project),
             &query,
         )?;
-        self.call(reqwest::Method::GET, url, None).await
+        self.call_raw(reqwest::Method::GET, url, None).await
     }
 
     async fn cancel(&self, job_id: &str, location: Option<&str>) {
@@ -637,7 +786,7 @@ impl Source for BigQuerySource {
             .url(&format!("bigquery/v2/projects/{}/queries", self.project), &[])
             .map_err(|e| self.query_error(&query.model, &e))?;
         let first = self
-            .call(reqwest::Method::POST, url, Some(&self.query_request(&sql, false)))
+            .call_raw(reqwest::Method::POST, url, Some(&self.query_request(&sql, false)))
             .await
             .map_err(|e| self.query_error(&query.model, &e))?;
         let reader = PageReader {
@@ -666,20 +815,24 @@ struct PageReader {
 }
 
 impl PageReader {
+    fn head(&self, body: &[u8]) -> Result<PageHead, SourceError> {
+        // Only the fields named: the rows are skipped here and parsed on a blocking thread.
+        serde_json::from_slice(body)
+            .map_err(|e| self.error(format!("an answer that does not parse: {e}"), None))
+    }
+
     /// Waits for the job, then reads its pages in order, decoding one while fetching the next.
-    async fn read(&self, mut answer: Value, tx: &BatchSender) -> Result<(), SourceError> {
-        let job_id = answer["jobReference"]["jobId"]
-            .as_str()
-            .ok_or_else(|| self.error("the query answer has no job id".into(), None))?
-            .to_string();
-        let location = answer["jobReference"]["location"].as_str().map(str::to_string);
+    async fn read(&self, mut body: bytes::Bytes, tx: &BatchSender) -> Result<(), SourceError> {
+        let mut head = self.head(&body)?;
+        let reference = head.job_reference.take().unwrap_or_default();
+        let job_id = reference
+            .job_id
+            .ok_or_else(|| self.error("the query answer has no job id".into(), None))?;
+        let location = reference.location;
         let started = Instant::now();
-        while answer["jobComplete"] != true {
-            if let Some(errors) = answer
-                .get("errors")
-                .filter(|e| e.as_array().is_some_and(|a| !a.is_empty()))
-            {
-                let e = api_error_of(None, &json!({"errors": errors, "message": errors[0]["message"]}));
+        while head.job_complete != Some(true) {
+            if let Some(first) = head.errors.first() {
+                let e = api_error_of(None, &json!({"errors": head.errors, "message": first["message"]}));
                 return Err(self.error(e.to_string(), self.source.hint(&e)));
             }
             if started.elapsed() > self.source.query_timeout {
@@ -692,19 +845,17 @@ impl PageReader {
                     None,
                 ));
             }
-            answer = self.page(&job_id, location.as_deref(), None).await?;
+            body = self.page(&job_id, location.as_deref(), None).await?;
+            head = self.head(&body)?;
         }
-        let total: Option<u64> = answer["totalRows"].as_str().and_then(|t| t.parse().ok());
+        let total: Option<u64> = head.total_rows.as_deref().and_then(|t| t.parse().ok());
         let mut rows_read = 0u64;
         loop {
-            let next_token = answer["pageToken"].as_str().map(str::to_string);
-            let rows = match answer.get_mut("rows").map(Value::take) {
-                Some(Value::Array(rows)) => rows,
-                _ => Vec::new(),
-            };
+            let next_token = head.page_token.take();
             let fields = self.fields.clone();
             let schema = self.schema.clone();
-            let decode = tokio::task::spawn_blocking(move || decode_page(&rows, &fields, &schema));
+            let page = body.clone();
+            let decode = tokio::task::spawn_blocking(move || decode_page(&page, &fields, &schema));
             let next = async {
                 match &next_token {
                     Some(token) => self
@@ -723,7 +874,10 @@ impl PageReader {
                 return Ok(());
             }
             match next? {
-                Some(page) => answer = page,
+                Some(page) => {
+                    head = self.head(&page)?;
+                    body = page;
+                }
                 None => break,
             }
         }
@@ -743,7 +897,7 @@ impl PageReader {
         job_id: &str,
         location: Option<&str>,
         token: Option<&str>,
-    ) -> Result<Value, SourceError> {
+    ) -> Result<bytes::Bytes, SourceError> {
         self.source
             .results(job_id, location, token)
             .await
@@ -808,7 +962,8 @@ mod tests {
                 {"v": []}, {"v": null}
             ]}),
         ];
-        let batch = decode_page(&rows, &fields, &schema).unwrap();
+        let body = json!({"rows": rows}).to_string();
+        let batch = decode_page(body.as_bytes(), &fields, &schema).unwrap();
         let formatted = arrow::util::pretty::pretty_format_batches(&[batch])
             .unwrap()
             .to_string();
@@ -829,7 +984,8 @@ mod tests {
     fn values_that_do_not_parse_name_their_column() {
         let fields = vec![field("id", "INTEGER")];
         let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true)]));
-        let err = decode_page(&[json!({"f": [{"v": "x"}]})], &fields, &schema).unwrap_err();
+        let body = json!({"rows": [{"f": [{"v": "x"}]}]}).to_string();
+        let err = decode_page(body.as_bytes(), &fields, &schema).unwrap_err();
         assert!(err.contains("column `id`"), "{err}");
         assert!(
             kind_of(&field("b", "BIGNUMERIC"))
