@@ -31,6 +31,7 @@ pub const SOURCE_TYPES: &[&str] = &[
     "redshift",
     "mysql",
     "snowflake",
+    "bigquery",
     "databricks",
 ];
 /// Destination types, as written in `type:`.
