@@ -542,26 +542,12 @@ impl CopyReader {
     ) -> Result<(), SourceError> {
         let mut decoder = CopyDecoder::new(&self.kinds, self.batch_rows);
         let mut rows_before = 0u64;
-        let fetch_error =
-            |e: tokio_postgres::Error| self.error(format!("fetching rows: {}", error_text(&e)), None);
-        let mut pending = Box::pin(client.query(fetch, &[]));
-        let mut ready = None;
         loop {
-            let rows = match ready.take() {
-                Some(rows) => rows,
-                None => pending.as_mut().await.map_err(fetch_error)?,
-            };
+            let rows = client
+                .query(fetch, &[])
+                .await
+                .map_err(|e| self.error(format!("fetching rows: {}", error_text(&e)), None))?;
             let fetched = rows.len();
-            let more = fetched == self.batch_rows;
-            if more {
-                // Send the next FETCH now: the server runs it and the connection task reads its
-                // rows while these are decoded.
-                pending = Box::pin(client.query(fetch, &[]));
-                match futures::poll!(pending.as_mut()) {
-                    std::task::Poll::Ready(result) => ready = Some(result.map_err(fetch_error)?),
-                    std::task::Poll::Pending => {}
-                }
-            }
             for (n, row) in rows.iter().enumerate() {
                 let at = rows_before + n as u64 + 1;
                 for (column, decoder) in decoder.columns.iter_mut().enumerate() {
@@ -577,7 +563,7 @@ impl CopyReader {
             if fetched > 0 && !self.send(&mut decoder, tx).await? {
                 return Ok(());
             }
-            if !more {
+            if fetched < self.batch_rows {
                 return Ok(());
             }
         }
