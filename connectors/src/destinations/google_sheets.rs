@@ -87,16 +87,7 @@ pub struct SheetsDestination {
 
 impl SheetsDestination {
     pub fn new(name: &str, config: SheetsConfig, env: &ConnectorEnv) -> Result<Self, String> {
-        let text = config.service_account.expose().trim();
-        let text = if text.starts_with('{') {
-            text.to_string()
-        } else {
-            let path = env.resolve_path(text);
-            std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read the service account key {}: {e}", path.display()))?
-        };
-        let key: ServiceAccountKey = serde_json::from_str(&text)
-            .map_err(|e| format!("`service_account` is not a service account key JSON: {e}"))?;
+        let key = ServiceAccountKey::load(config.service_account.expose(), env)?;
         let api = config
             .url
             .as_ref()

@@ -92,6 +92,22 @@ pub struct ServiceAccountKey {
     pub token_uri: String,
 }
 
+impl ServiceAccountKey {
+    /// The key from `service_account`: its JSON as written, or the path of the key file.
+    pub fn load(text: &str, env: &sluice_engine::source::ConnectorEnv) -> Result<Self, String> {
+        let text = text.trim();
+        let text = if text.starts_with('{') {
+            text.to_string()
+        } else {
+            let path = env.resolve_path(text);
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read the service account key {}: {e}", path.display()))?
+        };
+        serde_json::from_str(&text)
+            .map_err(|e| format!("`service_account` is not a service account key JSON: {e}"))
+    }
+}
+
 fn default_token_uri() -> String {
     "https://oauth2.googleapis.com/token".into()
 }

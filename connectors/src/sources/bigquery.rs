@@ -437,16 +437,7 @@ fn decode_page(body: &[u8], fields: &[TableField], schema: &SchemaRef) -> Result
 
 impl BigQuerySource {
     pub fn new(name: &str, config: BigQueryConfig, env: &ConnectorEnv) -> Result<Self, String> {
-        let text = config.service_account.expose().trim();
-        let text = if text.starts_with('{') {
-            text.to_string()
-        } else {
-            let path = env.resolve_path(text);
-            std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read the service account key {}: {e}", path.display()))?
-        };
-        let key: ServiceAccountKey = serde_json::from_str(&text)
-            .map_err(|e| format!("`service_account` is not a service account key JSON: {e}"))?;
+        let key = ServiceAccountKey::load(config.service_account.expose(), env)?;
         let project = config.project.expose().trim().to_string();
         if project.is_empty() {
             return Err("`project` is empty".into());
