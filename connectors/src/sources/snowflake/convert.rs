@@ -30,8 +30,6 @@ pub struct RowType {
     pub precision: Option<i64>,
     #[serde(default)]
     pub scale: Option<i64>,
-    #[serde(default)]
-    pub nullable: Option<bool>,
 }
 
 impl RowType {
@@ -313,8 +311,8 @@ impl ColumnKind {
     }
 }
 
-/// The Arrow schema of a result. Every column is nullable: a compiled statement's `nullable`
-/// is not a promise about the rows (an outer join's columns, say).
+/// The Arrow schema of a result. Every column is nullable: a compiled statement's `nullable` in
+/// `rowtype` is not a promise about the rows (an outer join's columns, say), so it is not read.
 pub fn schema_of(row_types: &[RowType], kinds: &[ColumnKind]) -> SchemaRef {
     let fields: Vec<Field> = row_types
         .iter()
@@ -448,7 +446,6 @@ mod tests {
             type_name: type_name.into(),
             precision: Some(precision),
             scale: Some(scale),
-            nullable: Some(true),
         }
     }
 

@@ -191,10 +191,6 @@ pub struct QueryData {
     pub statement_type_id: Option<i64>,
     #[serde(default)]
     pub total: Option<u64>,
-    #[serde(default)]
-    pub get_result_url: Option<String>,
-    #[serde(default)]
-    pub sql_state: Option<String>,
 }
 
 /// One part of a result on cloud storage.
