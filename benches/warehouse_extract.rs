@@ -14,6 +14,9 @@
 //! - **chunks**: a server in this benchmark that logs in, compiles and answers the query with
 //!   the result as gzip Arrow chunks of 100,000 rows on "cloud storage" (prepared before
 //!   timing), as Snowflake does for large results: what sluice's own client costs;
+//! - **unload**: the same server answering `COPY INTO @stage/...` by writing the result as
+//!   snappy Parquet parts of 100,000 rows (prepared before timing) into a local directory, the
+//!   stage's URL (`file://`): what sluice's read-back of unloaded files costs;
 //! - **Databricks**: a server in this benchmark following the Statement Execution API, the
 //!   result as Arrow chunks of 100,000 rows behind external links;
 //! - **BigQuery**: a server in this benchmark following REST API v2, the result as JSON pages
@@ -234,6 +237,11 @@ struct Chunks {
     base: String,
     rows: u64,
     chunks: Arc<Vec<Vec<u8>>>,
+    /// The result as Parquet parts, as `COPY INTO <location>` writes it (prepared before timing).
+    parquet_parts: Arc<Vec<(u64, Vec<u8>)>>,
+    /// The directory the `BENCH` stage's URL names.
+    stage_dir: Arc<std::path::PathBuf>,
+    copies: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn rowtype() -> Value {
@@ -312,6 +320,98 @@ fn chunk(first: u64, n: u64) -> Vec<u8> {
     gzip.finish().expect("gzip")
 }
 
+/// Rows `first..first + n` as Snowflake unloads them to Parquet (snappy; NUMBER(38, 0) in
+/// INT64, NUMBER(10, 2) as DECIMAL, TIMESTAMP_NTZ in nanoseconds).
+fn parquet_part(first: u64, n: u64) -> Vec<u8> {
+    let ids: Vec<i64> = (first as i64..(first + n) as i64).collect();
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        ("ID", Arc::new(Int64Array::from(ids.clone()))),
+        (
+            "EMAIL",
+            Arc::new(StringArray::from(
+                ids.iter()
+                    .map(|i| format!("user{i}@example.com"))
+                    .collect::<Vec<_>>(),
+            )),
+        ),
+        (
+            "PLAN",
+            Arc::new(StringArray::from(
+                ids.iter()
+                    .map(|i| if i % 3 == 0 { "pro" } else { "free" })
+                    .collect::<Vec<_>>(),
+            )),
+        ),
+        (
+            "SCORE",
+            Arc::new(
+                arrow::array::Decimal128Array::from(
+                    ids.iter().map(|i| (i % 10_000) as i128).collect::<Vec<_>>(),
+                )
+                .with_precision_and_scale(10, 2)
+                .expect("decimal"),
+            ),
+        ),
+        (
+            "ACTIVE",
+            Arc::new(BooleanArray::from(
+                ids.iter().map(|i| i % 2 == 0).collect::<Vec<_>>(),
+            )),
+        ),
+        (
+            "SIGNED_UP",
+            Arc::new(Date32Array::from(
+                ids.iter().map(|i| 17_167 + (i % 3000) as i32).collect::<Vec<_>>(),
+            )),
+        ),
+        (
+            "UPDATED_AT",
+            Arc::new(arrow::array::TimestampNanosecondArray::from(
+                ids.iter()
+                    .map(|i| (1_704_067_200 + i) * 1_000_000_000)
+                    .collect::<Vec<_>>(),
+            )),
+        ),
+    ];
+    let batch = RecordBatch::try_from_iter(columns).expect("batch");
+    let properties = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let mut bytes = Vec::new();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), Some(properties)).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+    bytes
+}
+
+/// `COPY INTO @BENCH/<path> FROM (...) ...`: the prepared parts written under the stage's
+/// directory, and a row per file answered.
+fn copy_into_stage(server: &Chunks, sql: &str) -> Json<Value> {
+    server.copies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = sql
+        .strip_prefix("COPY INTO @BENCH/")
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a COPY INTO the BENCH stage");
+    let dir = server.stage_dir.join(path);
+    std::fs::create_dir_all(&dir).expect("stage dir");
+    let rows: Vec<Value> = server
+        .parquet_parts
+        .iter()
+        .enumerate()
+        .map(|(i, (rows, bytes))| {
+            let name = format!("data_0_{i}_0.snappy.parquet");
+            std::fs::write(dir.join(&name), bytes).expect("write part");
+            json!([name, bytes.len().to_string(), rows.to_string()])
+        })
+        .collect();
+    Json(json!({"data": {"rowtype": [
+            {"name": "FILE_NAME", "type": "text"},
+            {"name": "FILE_SIZE", "type": "fixed", "precision": 19, "scale": 0},
+            {"name": "ROW_COUNT", "type": "fixed", "precision": 19, "scale": 0}],
+        "queryResultFormat": "json", "rowset": rows, "total": server.parquet_parts.len()}, "success": true}))
+}
+
 async fn chunk_login() -> Json<Value> {
     Json(json!({"data": {"token": "bench-session", "masterToken": "bench-master"}, "success": true}))
 }
@@ -321,6 +421,9 @@ async fn chunk_query(State(server): State<Chunks>, Json(body): Json<Value>) -> J
         return Json(
             json!({"data": {"rowtype": rowtype(), "statementTypeId": 4096, "rowsetBase64": ""}, "success": true}),
         );
+    }
+    if let Some(sql) = body["sqlText"].as_str().filter(|s| s.starts_with("COPY INTO")) {
+        return copy_into_stage(&server, sql);
     }
     let chunks: Vec<Value> = (0..server.chunks.len())
         .map(|i| json!({"url": format!("{}/chunks/{i}", server.base), "rowCount": CHUNK_ROWS}))
@@ -338,7 +441,7 @@ async fn chunk_get(State(server): State<Chunks>, UrlPath(i): UrlPath<usize>) -> 
     }
 }
 
-async fn start_chunk_server(rows: u64) -> String {
+async fn start_chunk_server(rows: u64, stage_dir: &Path) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let chunks: Vec<Vec<u8>> = (0..rows.div_ceil(CHUNK_ROWS as u64))
@@ -347,10 +450,20 @@ async fn start_chunk_server(rows: u64) -> String {
             chunk(first, (CHUNK_ROWS as u64).min(rows - i * CHUNK_ROWS as u64))
         })
         .collect();
+    let parquet_parts: Vec<(u64, Vec<u8>)> = (0..rows.div_ceil(CHUNK_ROWS as u64))
+        .map(|i| {
+            let n = (CHUNK_ROWS as u64).min(rows - i * CHUNK_ROWS as u64);
+            (n, parquet_part(i * CHUNK_ROWS as u64 + 1, n))
+        })
+        .collect();
+    let copies = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let server = Chunks {
         base: base.clone(),
         rows,
         chunks: Arc::new(chunks),
+        parquet_parts: Arc::new(parquet_parts),
+        stage_dir: Arc::new(stage_dir.to_path_buf()),
+        copies: copies.clone(),
     };
     let app = axum::Router::new()
         .route("/session/v1/login-request", post(chunk_login))
@@ -358,7 +471,7 @@ async fn start_chunk_server(rows: u64) -> String {
         .route("/chunks/{i}", get(chunk_get))
         .with_state(server);
     tokio::spawn(async move { axum::serve(listener, app).await.ok() });
-    base
+    (base, copies)
 }
 
 // --- Databricks ---------------------------------------------------------------------------
@@ -641,6 +754,18 @@ async fn seed_postgres(rows: u64) {
         .expect("seed");
 }
 
+/// Files under `dir`, recursively.
+fn walkdir(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| if e.path().is_dir() { walkdir(&e.path()) } else { 1 })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rows: u64 = arg(&args, "--rows").map_or(1_000_000, |r| r.parse().expect("--rows"));
@@ -651,7 +776,8 @@ fn main() {
         sluice_binary()
     );
 
-    let chunk_base = runtime.block_on(start_chunk_server(rows));
+    let stage = tempfile::tempdir().expect("stage dir");
+    let (chunk_base, copies) = runtime.block_on(start_chunk_server(rows, stage.path()));
     let databricks_base = runtime.block_on(start_databricks(rows));
     let bigquery_base = runtime.block_on(start_bigquery(rows));
     runtime.block_on(seed_postgres(rows));
@@ -677,6 +803,17 @@ fn main() {
         (
             "snowflake (chunks)",
             snowflake_source(&chunk_base),
+            "SELECT * FROM users",
+            "ID",
+            Vec::new(),
+        ),
+        (
+            "snowflake (unload: COPY INTO a stage, Parquet on local disk)",
+            format!(
+                "{}    unload:\n      url: file://{}/\n      stage: BENCH\n",
+                snowflake_source(&chunk_base),
+                stage.path().display()
+            ),
             "SELECT * FROM users",
             "ID",
             Vec::new(),
@@ -724,6 +861,13 @@ fn main() {
             figures[i].push(run);
         }
     }
+    assert_eq!(
+        copies.load(std::sync::atomic::Ordering::Relaxed),
+        rounds,
+        "each unload round ran COPY INTO once"
+    );
+    let left: usize = walkdir(stage.path());
+    assert_eq!(left, 0, "the unloaded files were deleted once read");
     println!("| source (stand-in) | wall s (each round) | median rows/s | CPU s | peak RSS MiB |");
     println!("|---|---:|---:|---:|---:|");
     for ((name, ..), runs) in jobs.iter().zip(&figures) {

@@ -28,6 +28,14 @@ fn schema_of<T: JsonSchema>() -> Value {
     schema
 }
 
+/// `schema` without one of its properties (an option another type of the same struct owns).
+fn without_property(mut schema: Value, property: &str) -> Value {
+    if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        properties.remove(property);
+    }
+    schema
+}
+
 fn connector(kind: &str, title: &str, summary: &str, options: Value) -> ConnectorType {
     ConnectorType {
         kind: kind.into(),
@@ -67,12 +75,12 @@ pub fn catalog() -> ConnectorCatalog {
             "postgres",
             "PostgreSQL",
             "PostgreSQL, read with binary COPY; optionally through an SSH tunnel.",
-            schema_of::<postgres::PostgresConfig>(),
+            without_property(schema_of::<postgres::PostgresConfig>(), "unload"),
         ),
         connector(
             "redshift",
             "Amazon Redshift",
-            "Amazon Redshift, read through a cursor over the Postgres wire protocol; optionally through an SSH tunnel.",
+            "Amazon Redshift, read through a cursor over the Postgres wire protocol, or unloaded to S3 as Parquet; optionally through an SSH tunnel.",
             schema_of::<postgres::PostgresConfig>(),
         ),
         connector(

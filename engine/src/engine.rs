@@ -380,19 +380,16 @@ impl Engine {
             .limits
             .check_query(&rendered)
             .map_err(limit_error)?;
-        let query = ModelQuery {
-            model: label.clone(),
-            sql: rendered,
-        };
+        let query = ModelQuery::new(label.clone(), rendered);
         self.preview_query(source, query, limit).await
     }
 
     async fn preview_query(&self, source_name: &str, query: ModelQuery, limit: usize) -> Result<Preview> {
         let source = self.source(source_name)?;
-        let limited = ModelQuery {
-            model: query.model.clone(),
-            sql: crate::source::limit_sql(&query.sql, limit as u64),
-        };
+        let limited = ModelQuery::new(
+            query.model.clone(),
+            crate::source::limit_sql(&query.sql, limit as u64),
+        );
         let mut stream = source.extract(&limited).await?;
         let schema = stream.schema();
         let mut batches = Vec::new();

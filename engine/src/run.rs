@@ -686,10 +686,7 @@ impl Engine {
             .limits
             .check_query(&sql)
             .map_err(limit_error)?;
-        Ok(ModelQuery {
-            model: model.to_string(),
-            sql,
-        })
+        Ok(ModelQuery::new(model, sql))
     }
 
     /// Streams the model's rows into a new committed snapshot. Stops when a shutdown is asked
@@ -711,7 +708,8 @@ impl Engine {
         observer.on_event(RunEvent::ExtractStarted {
             model: model.to_string(),
         });
-        let query = self.model_query(model, template)?;
+        let mut query = self.model_query(model, template)?;
+        query.bulk = true;
         let limits = self.project.config.limits;
         let max_records = config.max_records_per_run.unwrap_or(limits.max_records_per_run);
         let mut stream = source.extract(&query).await?;

@@ -15,6 +15,21 @@ use crate::error::SourceError;
 pub struct ModelQuery {
     pub model: String,
     pub sql: String,
+    /// The whole result goes into a snapshot (a sync), rather than a preview or a probe: a
+    /// warehouse source configured with an unload location may then unload it to object storage
+    /// and read it back, which pays off only for a whole result.
+    pub bulk: bool,
+}
+
+impl ModelQuery {
+    /// A query for a preview, a probe or a test: read as it streams, never unloaded.
+    pub fn new(model: impl Into<String>, sql: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            sql: sql.into(),
+            bulk: false,
+        }
+    }
 }
 
 /// A place models are queried: a database, a warehouse, files.
@@ -34,10 +49,7 @@ pub trait Source: Send + Sync + 'static {
     /// Checks that a model's query is valid and readable here, without reading its rows: the
     /// tables exist and the user may read them. By default the query is run with `LIMIT 0`.
     async fn check_query(&self, query: &ModelQuery) -> Result<(), SourceError> {
-        let probe = ModelQuery {
-            model: query.model.clone(),
-            sql: limit_sql(&query.sql, 0),
-        };
+        let probe = ModelQuery::new(query.model.clone(), limit_sql(&query.sql, 0));
         let mut stream = self.extract(&probe).await?;
         while let Some(batch) = futures::StreamExt::next(&mut stream).await {
             batch.map_err(|e| SourceError::Query {

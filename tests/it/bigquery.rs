@@ -10,7 +10,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use arrow::array::{Array, AsArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Decimal128Array, Int64Array, ListBuilder, RecordBatch, StringArray,
+    StringBuilder, StructArray, TimestampMicrosecondArray,
+};
+use arrow::datatypes::{DataType, Field};
 use axum::Json;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -18,12 +22,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use futures::StreamExt;
+use object_store::{ObjectStore, ObjectStoreExt};
 use ring::signature::KeyPair as _;
 use serde_json::{Value, json};
 use sluice_connectors::sources::bigquery::{BigQueryConfig, BigQuerySource};
 use sluice_engine::source::{ConnectorEnv, ModelQuery, Source};
 
-use crate::buckets::tools_dir;
+use crate::buckets::{Bucket, Provider, tools_dir};
 use crate::services::unavailable;
 
 const PROJECT: &str = "sluice-test";
@@ -97,7 +102,11 @@ struct Api {
     discovery: Arc<Value>,
     public_key: Arc<Vec<u8>>,
     base: Arc<OnceLock<String>>,
+    /// The Cloud Storage bucket `EXPORT DATA` writes to, and its name.
+    export: Arc<OnceLock<(Arc<dyn ObjectStore>, String)>>,
 }
+
+const EXPORT_JOB: &str = "job_sluice_export";
 
 fn google_error(status: StatusCode, reason: &str, message: &str) -> Response {
     (
@@ -154,11 +163,13 @@ impl Api {
             discovery: Arc::new(discovery),
             public_key: Arc::new(pair.public_key().as_ref().to_vec()),
             base: Arc::default(),
+            export: Arc::default(),
         };
         let app = axum::Router::new()
             .route("/token", post(token))
             .route("/bigquery/v2/projects/{project}/queries", post(query))
             .route("/bigquery/v2/projects/{project}/queries/{job}", get(results))
+            .route("/bigquery/v2/projects/{project}/jobs/{job}", get(job))
             .with_state(api.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -258,6 +269,9 @@ async fn query(
         )
         .into_response();
     }
+    if sql.starts_with("EXPORT DATA") {
+        return export_data(&api, sql).await;
+    }
     // The job outlasts the call's wait: not complete yet.
     Json(json!({"kind": "bigquery#queryResponse", "jobComplete": false,
         "jobReference": {"projectId": PROJECT, "jobId": "job_sluice_1", "location": "EU"}}))
@@ -282,6 +296,14 @@ async fn results(
         if method.get(key).is_none() {
             api.violation(format!("getQueryResults has no parameter {key}"));
         }
+    }
+    if job == EXPORT_JOB {
+        // An EXPORT DATA job returns no rows; it completes on the first poll.
+        return Json(
+            json!({"kind": "bigquery#getQueryResultsResponse", "jobComplete": true,
+            "jobReference": {"projectId": PROJECT, "jobId": job, "location": "EU"}, "totalRows": "0"}),
+        )
+        .into_response();
     }
     assert_eq!((project.as_str(), job.as_str()), (PROJECT, "job_sluice_1"));
     assert_eq!(
@@ -331,7 +353,137 @@ async fn results(
     Json(answer).into_response()
 }
 
+/// `EXPORT DATA OPTIONS (uri = 'gs://bucket/path/*.parquet', format = 'PARQUET', ...) AS query`:
+/// writes the model's five rows as BigQuery exports them (NUMERIC as DECIMAL(38, 9), TIMESTAMP
+/// in UTC microseconds, REPEATED as a list, RECORD as a group) in two files named by the
+/// wildcard, and answers a job that is not complete yet.
+async fn export_data(api: &Api, sql: &str) -> Response {
+    let (store, bucket) = api.export.get().expect("the test set the export bucket").clone();
+    let options = sql
+        .strip_prefix("EXPORT DATA OPTIONS (")
+        .and_then(|rest| rest.split_once(") AS\n"))
+        .map(|(options, query)| {
+            assert_eq!(query.trim(), MODEL_SQL, "{sql}");
+            options
+        })
+        .unwrap_or_else(|| panic!("not an EXPORT DATA statement: {sql}"));
+    assert!(
+        options.contains("format = 'PARQUET'") && options.contains("overwrite = false"),
+        "{sql}"
+    );
+    let uri = options
+        .strip_prefix("uri = 'gs://")
+        .and_then(|rest| rest.split_once('\''))
+        .map(|(uri, _)| uri)
+        .unwrap_or_else(|| panic!("no uri: {sql}"));
+    let path = uri
+        .strip_prefix(&format!("{bucket}/"))
+        .and_then(|p| p.strip_suffix("*.parquet"))
+        .unwrap_or_else(|| panic!("a uri outside the bucket or without its wildcard: {uri}"));
+    for (part, ids) in [(0, vec![1i64, 2, 3]), (1, vec![4, 5])] {
+        let mut tags = ListBuilder::new(StringBuilder::new());
+        for id in &ids {
+            tags.values().append_value("a");
+            tags.values().append_value(format!("t{id}"));
+            tags.append(true);
+        }
+        let tags = tags.finish();
+        let address = StructArray::from(vec![
+            (
+                Arc::new(Field::new("city", DataType::Utf8, true)),
+                Arc::new(StringArray::from(vec!["Paris"; ids.len()])) as ArrayRef,
+            ),
+            (
+                Arc::new(Field::new("zip", DataType::Int64, true)),
+                Arc::new(Int64Array::from(vec![75001; ids.len()])) as ArrayRef,
+            ),
+        ]);
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("id", Arc::new(Int64Array::from(ids.clone()))),
+            (
+                "amount",
+                Arc::new(
+                    Decimal128Array::from(
+                        ids.iter()
+                            .map(|id| (*id != 2).then_some(*id as i128 * 1_000_000_000 + 500_000_000))
+                            .collect::<Vec<_>>(),
+                    )
+                    .with_precision_and_scale(38, 9)
+                    .expect("decimal"),
+                ),
+            ),
+            (
+                "name",
+                Arc::new(StringArray::from(
+                    ids.iter().map(|id| format!("user {id}")).collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "seen",
+                Arc::new(
+                    TimestampMicrosecondArray::from(
+                        ids.iter()
+                            .map(|id| 1_700_000_000_000_000 + id)
+                            .collect::<Vec<_>>(),
+                    )
+                    .with_timezone("UTC"),
+                ),
+            ),
+            ("tags", Arc::new(tags)),
+            ("address", Arc::new(address)),
+        ];
+        let batch = RecordBatch::try_from_iter(columns).expect("batch");
+        let mut bytes = Vec::new();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        store
+            .put(
+                &object_store::path::Path::from(format!("{path}{part:012}.parquet").as_str()),
+                object_store::PutPayload::from(bytes),
+            )
+            .await
+            .expect("put");
+    }
+    Json(json!({"kind": "bigquery#queryResponse", "jobComplete": false,
+        "jobReference": {"projectId": PROJECT, "jobId": EXPORT_JOB, "location": "EU"}}))
+    .into_response()
+}
+
+/// `jobs.get`: the export job, with its `exportDataStatistics`.
+async fn job(
+    State(api): State<Api>,
+    UrlPath((project, job)): UrlPath<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    assert!(api.authorized(&headers));
+    let method = &api.discovery["resources"]["jobs"]["methods"]["get"]["parameters"];
+    for key in params.keys() {
+        if method.get(key).is_none() {
+            api.violation(format!("jobs.get has no parameter {key}"));
+        }
+    }
+    assert_eq!((project.as_str(), job.as_str()), (PROJECT, EXPORT_JOB));
+    assert_eq!(params.get("location").map(String::as_str), Some("EU"));
+    let answer = json!({"kind": "bigquery#job", "id": format!("{PROJECT}:EU.{EXPORT_JOB}"),
+        "jobReference": {"projectId": PROJECT, "jobId": EXPORT_JOB, "location": "EU"},
+        "status": {"state": "DONE"},
+        "statistics": {"creationTime": "1700000000000", "query": {"statementType": "EXPORT_DATA",
+            "exportDataStatistics": {"fileCount": "2", "rowCount": "5"}}}});
+    // The answer is held to the discovery document too, so the fields read are BigQuery's.
+    if let Err(e) = conforms(&api.discovery, "Job", &answer, "Job") {
+        api.violation(e);
+    }
+    Json(answer).into_response()
+}
+
 fn source(base: &str, project: &str) -> BigQuerySource {
+    source_with(base, project, None)
+}
+
+fn source_with(base: &str, project: &str, unload: Option<Value>) -> BigQuerySource {
     let key = json!({
         "type": "service_account",
         "project_id": PROJECT,
@@ -340,23 +492,23 @@ fn source(base: &str, project: &str) -> BigQuerySource {
         "client_email": CLIENT_EMAIL,
         "token_uri": format!("{base}/token"),
     });
-    let config: BigQueryConfig = serde_json::from_value(json!({
+    let mut config = json!({
         "project": project,
         "service_account": key.to_string(),
         "location": "EU",
         "dataset": "analytics",
         "page_rows": 2,
         "url": base,
-    }))
-    .expect("config");
+    });
+    if let Some(unload) = unload {
+        config["unload"] = unload;
+    }
+    let config: BigQueryConfig = serde_json::from_value(config).expect("config");
     BigQuerySource::new("bq", config, &ConnectorEnv::rooted_at(std::env::temp_dir())).expect("source")
 }
 
 fn model(sql: &str) -> ModelQuery {
-    ModelQuery {
-        model: "users".into(),
-        sql: sql.into(),
-    }
+    ModelQuery::new("users", sql)
 }
 
 #[tokio::test]
@@ -488,5 +640,80 @@ async fn writes_missing_tables_and_denied_projects_fail_with_bigquery_own_errors
     assert!(
         err.contains("accessDenied") && err.contains("roles/bigquery.jobUser"),
         "{err}"
+    );
+}
+
+/// Every batch of a stream, as one batch sorted by its first column.
+async fn sorted(mut stream: sluice_engine::source::SendableRecordBatchStream) -> RecordBatch {
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        batches.push(batch.expect("batch"));
+    }
+    let batch = arrow::compute::concat_batches(&stream.schema(), &batches).expect("concat");
+    let order = arrow::compute::sort_to_indices(batch.column(0), None, None).expect("sort");
+    arrow::compute::take_record_batch(&batch, &order).expect("take")
+}
+
+#[tokio::test]
+async fn a_sync_exports_parquet_to_cloud_storage_that_reads_back_as_the_pages_do() {
+    let Some(discovery) = discovery() else {
+        return;
+    };
+    let Some(bucket) = Bucket::new(Provider::Gcs, "bigquery-export").await else {
+        return;
+    };
+    let (api, base) = Api::start(discovery).await;
+    assert!(api.export.set((bucket.store(), bucket.name.clone())).is_ok());
+    let paged = sorted(
+        source(&base, PROJECT)
+            .extract(&model(MODEL_SQL))
+            .await
+            .expect("pages"),
+    )
+    .await;
+    assert_eq!(paged.num_rows(), 5);
+
+    let options: serde_json::Map<String, Value> = bucket
+        .options()
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let source = source_with(
+        &base,
+        PROJECT,
+        Some(json!({"url": bucket.url("exports/"), "options": options})),
+    );
+    let mut query = model(MODEL_SQL);
+    query.bulk = true;
+    let exported = sorted(source.extract(&query).await.expect("export")).await;
+    assert_eq!(
+        exported, paged,
+        "exported Parquet reads as the same types and values as the pages, records and arrays as the same JSON"
+    );
+    assert_eq!(
+        bucket.list("").await,
+        Vec::<String>::new(),
+        "files are deleted once read"
+    );
+
+    let seen = api.seen.lock().unwrap();
+    assert!(
+        seen.violations.is_empty(),
+        "outside the discovery document: {:?}",
+        seen.violations
+    );
+    let export = seen.bodies.last().expect("bodies");
+    assert_eq!(export["dryRun"], false);
+    assert!(
+        export["query"].as_str().is_some_and(|q| q.starts_with(&format!(
+            "EXPORT DATA OPTIONS (uri = '{}users/",
+            bucket.url("exports/")
+        ))),
+        "{export}"
+    );
+    assert_eq!(
+        seen.bodies[seen.bodies.len() - 2]["dryRun"],
+        true,
+        "a dry run first"
     );
 }

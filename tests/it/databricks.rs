@@ -398,10 +398,7 @@ fn source(base: &str, auth: Value) -> DatabricksSource {
 }
 
 fn model(sql: &str) -> ModelQuery {
-    ModelQuery {
-        model: "orders".into(),
-        sql: sql.into(),
-    }
+    ModelQuery::new("orders", sql)
 }
 
 #[tokio::test]

@@ -12,8 +12,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Date32Array, Int8Array, Int16Array, Int32Array, Int64Array, RecordBatch,
-    StringArray, StructArray,
+    Array, ArrayRef, AsArray, Date32Array, Decimal128Array, Int8Array, Int16Array, Int32Array, Int64Array,
+    RecordBatch, StringArray, StructArray, TimestampMicrosecondArray, TimestampNanosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Fields, Schema};
 use axum::Json;
@@ -23,12 +23,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use futures::StreamExt;
+use object_store::{ObjectStore, ObjectStoreExt};
 use ring::signature::KeyPair as _;
 use serde_json::{Value, json};
 use sluice_connectors::sources::snowflake::{SnowflakeConfig, SnowflakeSource};
 use sluice_engine::source::{ConnectorEnv, ModelQuery, Source};
 
-use crate::buckets::{free_port, start_server, tools_dir};
+use crate::buckets::{Bucket, Provider, free_port, start_server, tools_dir};
 use crate::common::{TestProject, stderr, stdout};
 use crate::services::{self, unavailable};
 
@@ -305,6 +306,7 @@ struct Seen {
     chunk_requests: HashMap<String, u32>,
     authorized_chunk_requests: u32,
     describe_only: Vec<bool>,
+    copies: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -313,7 +315,12 @@ struct ProtocolServer {
     public_key: Arc<Vec<u8>>,
     fingerprint: String,
     base: Arc<OnceLock<String>>,
+    /// The bucket `COPY INTO <location>` writes to, and the key prefix of the test's stage.
+    unload: Arc<OnceLock<(Arc<dyn ObjectStore>, String)>>,
 }
+
+/// The stage the unload test names, whose URL is `<bucket>/stage-root/`.
+const STAGE: &str = "ANALYTICS.PUBLIC.SLUICE_UNLOAD";
 
 fn fixture_key() -> String {
     std::fs::read_to_string(concat!(
@@ -415,6 +422,7 @@ impl ProtocolServer {
             public_key: Arc::new(pair.public_key().as_ref().to_vec()),
             fingerprint,
             base: Arc::default(),
+            unload: Arc::default(),
         };
         let app = axum::Router::new()
             .route("/session/v1/login-request", post(login))
@@ -536,6 +544,12 @@ async fn query(
         )
         .into_response();
     }
+    if let Some(copy) = body["sqlText"].as_str().filter(|s| s.starts_with("COPY INTO"))
+        && !describe_only
+    {
+        server.seen.lock().unwrap().copies.push(copy.to_string());
+        return copy_into_location(&server, copy).await;
+    }
     if body["sqlText"] != "SELECT * FROM ANALYTICS.MARTS.EVENTS" && body["sqlText"] != JSON_SQL {
         return snowflake_error(
             "001003",
@@ -554,6 +568,116 @@ async fn query(
         "progressDesc": null, "queryAbortsAfterSecs": 300}, "code": "333333",
         "message": "Asynchronous execution in progress. Use provided query id to perform query monitoring and management.",
         "success": true}))
+    .into_response()
+}
+
+/// `COPY INTO @stage/path/ FROM (query) FILE_FORMAT = (TYPE = PARQUET) ...` or `COPY INTO
+/// 's3://...' STORAGE_INTEGRATION = ... FROM (...)`: writes the events as Snowflake unloads them
+/// (two files named as Snowflake names them, NUMBER as DECIMAL, TIMESTAMP_NTZ in nanoseconds)
+/// and answers a row per file, as with `DETAILED_OUTPUT = TRUE`.
+async fn copy_into_location(server: &ProtocolServer, copy: &str) -> Response {
+    let (store, bucket) = server
+        .unload
+        .get()
+        .expect("the test set the unload bucket")
+        .clone();
+    let target = copy.strip_prefix("COPY INTO ").expect("COPY INTO");
+    let key_prefix = if let Some(rest) = target.strip_prefix(&format!("@{STAGE}/")) {
+        format!("stage-root/{}", rest.split_whitespace().next().expect("path"))
+    } else {
+        let url = target
+            .strip_prefix(&format!("'s3://{bucket}/"))
+            .and_then(|rest| rest.split_once('\''))
+            .map(|(path, rest)| {
+                assert!(
+                    rest.trim_start()
+                        .starts_with("STORAGE_INTEGRATION = SLUICE_S3 FROM"),
+                    "{copy}"
+                );
+                path.to_string()
+            });
+        url.unwrap_or_else(|| panic!("an unexpected COPY target: {copy}"))
+    };
+    assert!(
+        copy.contains("FROM (\nSELECT * FROM ANALYTICS.MARTS.EVENTS\n) FILE_FORMAT = (TYPE = PARQUET) HEADER = TRUE DETAILED_OUTPUT = TRUE"),
+        "{copy}"
+    );
+    let mut answer = Vec::new();
+    for (part, ids) in [(0, 1..8i64), (1, 8..16i64)] {
+        let ids: Vec<i64> = ids.collect();
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            (
+                "ID",
+                Arc::new(
+                    Decimal128Array::from(ids.iter().map(|i| *i as i128).collect::<Vec<_>>())
+                        .with_precision_and_scale(38, 0)
+                        .expect("decimal"),
+                ),
+            ),
+            (
+                "AMOUNT",
+                Arc::new(
+                    Decimal128Array::from(ids.iter().map(|i| (*i * 125) as i128).collect::<Vec<_>>())
+                        .with_precision_and_scale(12, 2)
+                        .expect("decimal"),
+                ),
+            ),
+            (
+                "NAME",
+                Arc::new(StringArray::from(
+                    ids.iter().map(|i| format!("row {i}")).collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "SEEN",
+                Arc::new(TimestampNanosecondArray::from(
+                    ids.iter()
+                        .map(|i| (i % 3 != 0).then_some((1_700_000_000 + i) * 1_000_000_000 + 250_000_000))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "AT",
+                Arc::new(
+                    TimestampMicrosecondArray::from(
+                        ids.iter()
+                            .map(|i| (1_700_000_000_000 + i) * 1000)
+                            .collect::<Vec<_>>(),
+                    )
+                    .with_timezone("UTC"),
+                ),
+            ),
+            (
+                "DAY",
+                Arc::new(Date32Array::from(
+                    ids.iter().map(|i| 19_000 + *i as i32).collect::<Vec<_>>(),
+                )),
+            ),
+        ];
+        let batch = RecordBatch::try_from_iter(columns).expect("batch");
+        let mut bytes = Vec::new();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        let name = format!("data_0_{part}_0.snappy.parquet");
+        answer.push(json!([name, bytes.len().to_string(), ids.len().to_string()]));
+        store
+            .put(
+                &object_store::path::Path::from(format!("{key_prefix}{name}").as_str()),
+                object_store::PutPayload::from(bytes),
+            )
+            .await
+            .expect("put");
+    }
+    Json(json!({"data": {
+        "rowtype": [
+            {"name": "FILE_NAME", "type": "text", "nullable": false, "length": 16777216},
+            {"name": "FILE_SIZE", "type": "fixed", "precision": 19, "scale": 0, "nullable": false},
+            {"name": "ROW_COUNT", "type": "fixed", "precision": 19, "scale": 0, "nullable": false}
+        ],
+        "statementTypeId": 20480, "queryResultFormat": "json", "rowset": answer, "total": 2,
+        "queryId": QUERY_ID}, "success": true, "code": null, "message": null}))
     .into_response()
 }
 
@@ -662,7 +786,11 @@ async fn chunk(
 }
 
 fn source(base: &str, user: &str) -> SnowflakeSource {
-    let config: SnowflakeConfig = serde_json::from_value(json!({
+    source_with(base, user, None)
+}
+
+fn source_with(base: &str, user: &str, unload: Option<Value>) -> SnowflakeSource {
+    let mut config = json!({
         "account": ACCOUNT,
         "url": base,
         "user": user,
@@ -670,8 +798,11 @@ fn source(base: &str, user: &str) -> SnowflakeSource {
         "warehouse": "REPORTING",
         "database": "ANALYTICS",
         "role": "SLUICE_READER",
-    }))
-    .expect("config");
+    });
+    if let Some(unload) = unload {
+        config["unload"] = unload;
+    }
+    let config: SnowflakeConfig = serde_json::from_value(config).expect("config");
     SnowflakeSource::new(
         "warehouse",
         config,
@@ -684,10 +815,7 @@ fn source(base: &str, user: &str) -> SnowflakeSource {
 async fn key_pair_login_polling_renewal_and_chunked_arrow_results_follow_the_protocol() {
     let (server, base) = ProtocolServer::start().await;
     let source = source(&base, "sluice");
-    let query = ModelQuery {
-        model: "events".into(),
-        sql: "SELECT * FROM ANALYTICS.MARTS.EVENTS;".into(),
-    };
+    let query = ModelQuery::new("events", "SELECT * FROM ANALYTICS.MARTS.EVENTS;");
     let mut stream = source.extract(&query).await.expect("extract");
     let mut batches = Vec::new();
     while let Some(batch) = stream.next().await {
@@ -767,10 +895,7 @@ async fn a_refused_key_names_its_fingerprint_and_a_bad_query_its_error() {
         "{err}"
     );
     let err = source(&base, "sluice")
-        .check_query(&ModelQuery {
-            model: "events".into(),
-            sql: "SELEC 1".into(),
-        })
+        .check_query(&ModelQuery::new("events", "SELEC 1"))
         .await
         .expect_err("syntax")
         .to_string();
@@ -782,10 +907,7 @@ async fn json_rowsets_are_read_into_the_same_types_as_arrow() {
     let (_server, base) = ProtocolServer::start().await;
     let source = source(&base, "sluice");
     let mut stream = source
-        .extract(&ModelQuery {
-            model: "events".into(),
-            sql: JSON_SQL.into(),
-        })
+        .extract(&ModelQuery::new("events", JSON_SQL))
         .await
         .expect("extract");
     let mut batches = Vec::new();
@@ -809,4 +931,75 @@ async fn json_rowsets_are_read_into_the_same_types_as_arrow() {
         .column(4)
         .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
     assert_eq!(at.value(3), -1_000_000, "LTZ seconds");
+}
+
+/// Every batch of a stream, as one batch sorted by its first column.
+async fn sorted(mut stream: sluice_engine::source::SendableRecordBatchStream) -> RecordBatch {
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        batches.push(batch.expect("batch"));
+    }
+    let batch = arrow::compute::concat_batches(&stream.schema(), &batches).expect("concat");
+    let order = arrow::compute::sort_to_indices(batch.column(0), None, None).expect("sort");
+    arrow::compute::take_record_batch(&batch, &order).expect("take")
+}
+
+#[tokio::test]
+async fn unloaded_parquet_reads_back_as_the_same_batches_as_the_result_and_is_deleted() {
+    let Some(bucket) = Bucket::new(Provider::S3, "snowflake-unload").await else {
+        return;
+    };
+    let (server, base) = ProtocolServer::start().await;
+    assert!(server.unload.set((bucket.store(), bucket.name.clone())).is_ok());
+    let options: serde_json::Map<String, Value> = bucket
+        .options()
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+
+    let streamed = sorted(
+        source(&base, "sluice")
+            .extract(&ModelQuery::new("events", "SELECT * FROM ANALYTICS.MARTS.EVENTS"))
+            .await
+            .expect("extract"),
+    )
+    .await;
+    assert_eq!(streamed.num_rows(), 15);
+
+    for unload in [
+        json!({"url": bucket.url("stage-root/"), "stage": format!("@{STAGE}"), "options": options}),
+        json!({"url": bucket.url("direct/"), "storage_integration": "SLUICE_S3", "options": options}),
+    ] {
+        let source = source_with(&base, "sluice", Some(unload.clone()));
+        // A preview or a probe reads the result as it streams; only a sync unloads.
+        let copies_before = server.seen.lock().unwrap().copies.len();
+        let mut query = ModelQuery::new("events", "SELECT * FROM ANALYTICS.MARTS.EVENTS");
+        query.bulk = true;
+        let unloaded = sorted(source.extract(&query).await.expect("unload")).await;
+        assert_eq!(
+            server.seen.lock().unwrap().copies.len(),
+            copies_before + 1,
+            "{unload}"
+        );
+        assert_eq!(
+            unloaded, streamed,
+            "unloaded Parquet reads as the same types and values as the result ({unload})"
+        );
+    }
+    let copies = server.seen.lock().unwrap().copies.clone();
+    assert!(
+        copies[0].starts_with(&format!("COPY INTO @{STAGE}/events/")),
+        "{}",
+        copies[0]
+    );
+    assert!(
+        copies[1].starts_with(&format!("COPY INTO '{}events/", bucket.url("direct/"))),
+        "{}",
+        copies[1]
+    );
+    assert_eq!(
+        bucket.list("").await,
+        Vec::<String>::new(),
+        "files are deleted once read"
+    );
 }

@@ -95,16 +95,21 @@ pub struct ServiceAccountKey {
 impl ServiceAccountKey {
     /// The key from `service_account`: its JSON as written, or the path of the key file.
     pub fn load(text: &str, env: &sluice_engine::source::ConnectorEnv) -> Result<Self, String> {
-        let text = text.trim();
-        let text = if text.starts_with('{') {
-            text.to_string()
-        } else {
-            let path = env.resolve_path(text);
-            std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read the service account key {}: {e}", path.display()))?
-        };
+        let text = Self::json_text(text, env)?;
         serde_json::from_str(&text)
             .map_err(|e| format!("`service_account` is not a service account key JSON: {e}"))
+    }
+
+    /// The key's JSON text from `service_account` (as written, or read from the key file), for
+    /// clients that take the key whole (object_store's `google_service_account_key`).
+    pub fn json_text(text: &str, env: &sluice_engine::source::ConnectorEnv) -> Result<String, String> {
+        let text = text.trim();
+        if text.starts_with('{') {
+            return Ok(text.to_string());
+        }
+        let path = env.resolve_path(text);
+        std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read the service account key {}: {e}", path.display()))
     }
 }
 

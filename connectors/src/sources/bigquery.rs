@@ -28,6 +28,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
 use arrow::util::display::FormatOptions;
 use async_trait::async_trait;
 use base64::Engine as _;
+use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -39,6 +40,7 @@ use sluice_engine::{ConfigString, SourceError};
 use tokio::sync::{Mutex, mpsc};
 use url::Url;
 
+use super::unload::{UnloadLocation, UnloadRead, UnloadedFile};
 use crate::HumanDuration;
 use crate::destinations::http::{describe_reqwest_error, parse_retry_after, snippet};
 use crate::destinations::oauth::{ServiceAccountKey, google_token, rsa_key};
@@ -77,6 +79,28 @@ pub struct BigQueryConfig {
     /// API root instead of `https://bigquery.googleapis.com/` (private service connect, tests).
     #[serde(default)]
     pub url: Option<ConfigString>,
+    /// Export each sync's whole result to Cloud Storage as Parquet (`EXPORT DATA`) and read it
+    /// back, rather than page through it (previews and checks still read pages).
+    #[serde(default)]
+    pub unload: Option<BigQueryUnload>,
+}
+
+/// Where a `bigquery` source exports a sync's result.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BigQueryUnload {
+    /// `gs://bucket/prefix/` the service account may write, list, read and delete in
+    /// (`roles/storage.objectAdmin` on the bucket); each sync writes under
+    /// `<url>/<model>/<time>-<id>/` and deletes its files once read. The bucket must be in the
+    /// location the query runs in (or a multi-region containing it).
+    pub url: ConfigString,
+    /// object_store options for sluice to read the files (default: the source's service
+    /// account key, as `google_service_account_key`).
+    #[serde(default)]
+    pub options: IndexMap<String, ConfigString>,
+    /// Keep the files after reading them (default false: they are deleted).
+    #[serde(default)]
+    pub keep_files: bool,
 }
 
 #[derive(Clone)]
@@ -93,6 +117,7 @@ pub struct BigQuerySource {
     key: Arc<ring::signature::RsaKeyPair>,
     token_uri: Url,
     token: Arc<Mutex<Option<(String, Instant)>>>,
+    unload: Option<Arc<UnloadLocation>>,
 }
 
 /// BigQuery's error: its reason (`notFound`, `accessDenied`, `invalidQuery`, ...) and message.
@@ -438,6 +463,36 @@ fn decode_page(body: &[u8], fields: &[TableField], schema: &SchemaRef) -> Result
 impl BigQuerySource {
     pub fn new(name: &str, config: BigQueryConfig, env: &ConnectorEnv) -> Result<Self, String> {
         let key = ServiceAccountKey::load(config.service_account.expose(), env)?;
+        let unload = match &config.unload {
+            Some(unload) => {
+                if !unload.url.expose().starts_with("gs://") {
+                    return Err(format!(
+                        "unload `url` must be a gs:// URL (BigQuery exports to Cloud Storage), not `{}`",
+                        unload.url.expose()
+                    ));
+                }
+                let mut options = unload.options.clone();
+                if !options
+                    .keys()
+                    .any(|k| k.starts_with("google_service_account") || k == "google_application_credentials")
+                {
+                    options.insert(
+                        "google_service_account_key".into(),
+                        ConfigString::literal(ServiceAccountKey::json_text(
+                            config.service_account.expose(),
+                            env,
+                        )?),
+                    );
+                }
+                Some(Arc::new(UnloadLocation::open(
+                    name,
+                    unload.url.expose(),
+                    &options,
+                    unload.keep_files,
+                )?))
+            }
+            None => None,
+        };
         let project = config.project.expose().trim().to_string();
         if project.is_empty() {
             return Err("`project` is empty".into());
@@ -482,6 +537,7 @@ impl BigQuerySource {
             key: Arc::new(rsa_key(&key.private_key)?),
             token_uri: Url::parse(&key.token_uri).map_err(|e| format!("`token_uri` of the key: {e}"))?,
             token: Arc::default(),
+            unload,
         })
     }
 
@@ -725,6 +781,98 @@ impl BigQuerySource {
         self.call_raw(reqwest::Method::GET, url, None).await
     }
 
+    /// `EXPORT DATA` of the model to Parquet under a fresh prefix, then the files read back;
+    /// the job's export statistics (files, rows) are checked against what is read.
+    async fn extract_with_export(
+        &self,
+        unload: &UnloadLocation,
+        query: &ModelQuery,
+        sql: &str,
+        fields: Vec<TableField>,
+        schema: SchemaRef,
+    ) -> Result<SendableRecordBatchStream, SourceError> {
+        let prefix = unload.fresh_prefix(&query.model);
+        // GoogleSQL escapes quotes in literals with a backslash; the URI holds neither anyway.
+        let uri = format!("{}*.parquet", prefix.url)
+            .replace('\\', "\\\\")
+            .replace('\'', "\\'");
+        let statement =
+            format!("EXPORT DATA OPTIONS (uri = '{uri}', format = 'PARQUET', overwrite = false) AS\n{sql}\n");
+        tracing::info!(model = %query.model, to = %prefix.url, "exporting the model to Cloud Storage");
+        let reader = PageReader {
+            source: self.clone(),
+            model: query.model.clone(),
+            fields: Arc::new(fields),
+            schema: schema.clone(),
+        };
+        let exported = async {
+            let url = self
+                .url(&format!("bigquery/v2/projects/{}/queries", self.project), &[])
+                .map_err(|e| self.query_error(&query.model, &e))?;
+            let first = self
+                .call_raw(
+                    reqwest::Method::POST,
+                    url,
+                    Some(&self.query_request(&statement, false)),
+                )
+                .await
+                .map_err(|e| self.query_error(&query.model, &e))?;
+            let (job_id, location, _, _) = reader.wait(first).await?;
+            let url = self
+                .url(
+                    &format!("bigquery/v2/projects/{}/jobs/{job_id}", self.project),
+                    &location
+                        .iter()
+                        .map(|l| ("location", l.clone()))
+                        .collect::<Vec<_>>(),
+                )
+                .map_err(|e| self.query_error(&query.model, &e))?;
+            let job = self
+                .call(reqwest::Method::GET, url, None)
+                .await
+                .map_err(|e| self.query_error(&query.model, &e))?;
+            let statistics = &job["statistics"]["query"]["exportDataStatistics"];
+            let count = |name: &str| statistics[name].as_str().and_then(|n| n.parse::<u64>().ok());
+            Ok::<_, SourceError>((count("fileCount"), count("rowCount")))
+        };
+        let (file_count, row_count) = match exported.await {
+            Ok(counts) => counts,
+            Err(e) => {
+                unload.discard(&query.model, &prefix).await;
+                return Err(e);
+            }
+        };
+        let files: Vec<UnloadedFile> = unload
+            .list(&query.model, &prefix)
+            .await?
+            .into_iter()
+            .map(|meta| UnloadedFile {
+                path: meta.location,
+                size: Some(meta.size),
+            })
+            .collect();
+        if let Some(expected) = file_count
+            && expected != files.len() as u64
+        {
+            unload.discard(&query.model, &prefix).await;
+            return Err(reader.error(
+                format!(
+                    "BigQuery reported {expected} files exported, but {} are under {}",
+                    files.len(),
+                    prefix.url
+                ),
+                None,
+            ));
+        }
+        Ok(unload.read(UnloadRead {
+            model: query.model.clone(),
+            schema,
+            files,
+            expected_rows: row_count,
+            also_delete: Vec::new(),
+        }))
+    }
+
     async fn cancel(&self, job_id: &str, location: Option<&str>) {
         let query: Vec<(&str, String)> = location
             .map(|l| ("location", l.to_string()))
@@ -773,6 +921,13 @@ impl Source for BigQuerySource {
 
     async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError> {
         let (sql, fields, schema) = self.describe(query).await?;
+        if let Some(unload) = &self.unload
+            && query.bulk
+        {
+            return self
+                .extract_with_export(unload, query, &sql, fields, schema)
+                .await;
+        }
         let url = self
             .url(&format!("bigquery/v2/projects/{}/queries", self.project), &[])
             .map_err(|e| self.query_error(&query.model, &e))?;
@@ -806,14 +961,12 @@ struct PageReader {
 }
 
 impl PageReader {
-    fn head(&self, body: &[u8]) -> Result<PageHead, SourceError> {
-        // Only the fields named: the rows are skipped here and parsed on a blocking thread.
-        serde_json::from_slice(body)
-            .map_err(|e| self.error(format!("an answer that does not parse: {e}"), None))
-    }
-
-    /// Waits for the job, then reads its pages in order, decoding one while fetching the next.
-    async fn read(&self, mut body: bytes::Bytes, tx: &BatchSender) -> Result<(), SourceError> {
+    /// Polls the job the first answer names until it is complete (cancelling it past
+    /// `query_timeout`): its id, location, and the answer that says it is complete.
+    async fn wait(
+        &self,
+        mut body: bytes::Bytes,
+    ) -> Result<(String, Option<String>, PageHead, bytes::Bytes), SourceError> {
         let mut head = self.head(&body)?;
         let reference = head.job_reference.take().unwrap_or_default();
         let job_id = reference
@@ -839,6 +992,22 @@ impl PageReader {
             body = self.page(&job_id, location.as_deref(), None).await?;
             head = self.head(&body)?;
         }
+        if let Some(first) = head.errors.first() {
+            let e = api_error_of(None, &json!({"errors": head.errors, "message": first["message"]}));
+            return Err(self.error(e.to_string(), self.source.hint(&e)));
+        }
+        Ok((job_id, location, head, body))
+    }
+
+    fn head(&self, body: &[u8]) -> Result<PageHead, SourceError> {
+        // Only the fields named: the rows are skipped here and parsed on a blocking thread.
+        serde_json::from_slice(body)
+            .map_err(|e| self.error(format!("an answer that does not parse: {e}"), None))
+    }
+
+    /// Waits for the job, then reads its pages in order, decoding one while fetching the next.
+    async fn read(&self, body: bytes::Bytes, tx: &BatchSender) -> Result<(), SourceError> {
+        let (job_id, location, mut head, mut body) = self.wait(body).await?;
         let total: Option<u64> = head.total_rows.as_deref().and_then(|t| t.parse().ok());
         let mut rows_read = 0u64;
         loop {

@@ -361,10 +361,7 @@ mod extract_tests {
     }
 
     async fn rows(source: &FilesSource, sql: &str) -> Result<usize, String> {
-        let query = ModelQuery {
-            model: "m".into(),
-            sql: sql.into(),
-        };
+        let query = ModelQuery::new("m", sql);
         let stream = source.extract(&query).await.map_err(|e| e.to_string())?;
         let batches: Vec<_> = stream.try_collect().await.map_err(|e| e.to_string())?;
         Ok(batches.iter().map(|b| b.num_rows()).sum())

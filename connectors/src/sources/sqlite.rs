@@ -471,10 +471,7 @@ mod tests {
     }
 
     async fn extract(source: &SqliteSource, sql: &str) -> Result<Vec<RecordBatch>, String> {
-        let query = ModelQuery {
-            model: "m".into(),
-            sql: sql.into(),
-        };
+        let query = ModelQuery::new("m", sql);
         let stream = source.extract(&query).await.map_err(|e| e.to_string())?;
         stream.try_collect().await.map_err(|e| e.to_string())
     }
@@ -520,10 +517,7 @@ mod tests {
     #[tokio::test]
     async fn an_empty_result_still_has_its_columns() {
         let (_dir, source) = database(&["CREATE TABLE t (id INTEGER, name TEXT)"]).await;
-        let query = ModelQuery {
-            model: "m".into(),
-            sql: "SELECT id, name FROM t".into(),
-        };
+        let query = ModelQuery::new("m", "SELECT id, name FROM t");
         let stream = source.extract(&query).await.unwrap();
         assert_eq!(stream.schema().fields().len(), 2);
         assert_eq!(stream.schema().field(0).data_type(), &DataType::Int64);

@@ -38,6 +38,7 @@ use arrow::datatypes::{Field, Schema};
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
+use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::datafusion::error::DataFusionError;
@@ -50,6 +51,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use self::decode::{ColumnKind, CopyDecoder, Progress};
+use super::unload::{UnloadLocation, UnloadRead, UnloadedFile, quote_literal};
 use crate::HumanDuration;
 use crate::tunnel::{SshTunnel, SshTunnelConfig};
 
@@ -90,6 +92,31 @@ pub struct PostgresConfig {
     /// Connect through an SSH bastion; `host` and `port` are then as the bastion sees them.
     #[serde(default)]
     pub ssh_tunnel: Option<SshTunnelConfig>,
+    /// Redshift only: unload each sync's whole result to S3 as Parquet and read it back, rather
+    /// than fetch it through a cursor (previews and checks still use the cursor).
+    #[serde(default)]
+    pub unload: Option<RedshiftUnload>,
+}
+
+/// Where a `redshift` source unloads a sync's result: `UNLOAD ('query') TO 's3://...'
+/// IAM_ROLE '...' FORMAT AS PARQUET MANIFEST VERBOSE`, read back through object_store.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedshiftUnload {
+    /// `s3://bucket/prefix/` Redshift may write to and sluice may list, read and delete in; each
+    /// sync writes under `<url>/<model>/<time>-<id>/` and deletes its files once read.
+    pub url: ConfigString,
+    /// The IAM role Redshift assumes to write there: `arn:aws:iam::123456789012:role/unload`.
+    pub iam_role: ConfigString,
+    /// The bucket's region when it is not the cluster's (Redshift's `REGION` option).
+    #[serde(default)]
+    pub region: Option<ConfigString>,
+    /// object_store options for sluice to read the files (`aws_region`, credentials, endpoint).
+    #[serde(default)]
+    pub options: IndexMap<String, ConfigString>,
+    /// Keep the files after reading them (default false: they are deleted).
+    #[serde(default)]
+    pub keep_files: bool,
 }
 
 /// libpq's `sslmode` values.
@@ -129,6 +156,29 @@ pub enum Dialect {
     Redshift,
 }
 
+/// What `UNLOAD ... MANIFEST VERBOSE` writes beside the files (the fields sluice reads).
+#[derive(Debug, Deserialize)]
+struct UnloadManifest {
+    entries: Vec<ManifestEntry>,
+    #[serde(default)]
+    meta: Option<ManifestMeta>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ManifestEntry {
+    url: String,
+    #[serde(default)]
+    meta: Option<ManifestMeta>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ManifestMeta {
+    #[serde(default)]
+    content_length: Option<u64>,
+    #[serde(default)]
+    record_count: Option<u64>,
+}
+
 /// The cursor a `redshift` source reads a model through.
 const CURSOR: &str = "sluice_cursor";
 
@@ -139,6 +189,14 @@ pub struct PostgresSource {
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     batch_rows: usize,
     tunnel: Option<SshTunnel>,
+    unload: Option<Unload>,
+}
+
+/// A `redshift` source's unload location, opened.
+struct Unload {
+    location: UnloadLocation,
+    iam_role: String,
+    region: Option<String>,
 }
 
 impl PostgresSource {
@@ -225,6 +283,30 @@ impl PostgresSource {
         if batch_rows == 0 {
             return Err("`batch_rows` must be at least 1".into());
         }
+        let unload = match (options.unload, dialect) {
+            (None, _) => None,
+            (Some(_), Dialect::Postgres) => {
+                return Err("`unload` is for `type: redshift` sources; PostgreSQL is read with COPY".into());
+            }
+            (Some(unload), Dialect::Redshift) => {
+                if !unload.url.expose().starts_with("s3://") {
+                    return Err(format!(
+                        "unload `url` must be an s3:// URL (Redshift unloads to S3), not `{}`",
+                        unload.url.expose()
+                    ));
+                }
+                Some(Unload {
+                    location: UnloadLocation::open(
+                        name,
+                        unload.url.expose(),
+                        &unload.options,
+                        unload.keep_files,
+                    )?,
+                    iam_role: unload.iam_role.expose().to_string(),
+                    region: unload.region.map(|r| r.expose().to_string()),
+                })
+            }
+        };
         Ok(Self {
             name: name.to_string(),
             dialect,
@@ -232,6 +314,7 @@ impl PostgresSource {
             tls,
             batch_rows,
             tunnel,
+            unload,
         })
     }
 
@@ -333,6 +416,87 @@ impl PostgresSource {
         Ok(super::receiver_stream(schema, rx))
     }
 
+    /// Unloads the model to S3 as Parquet and reads the files back. The description's
+    /// transaction is closed first: `UNLOAD` takes only a query (the model is wrapped in
+    /// `SELECT * FROM (...)`, which also lets a model end in `LIMIT`, as `UNLOAD` otherwise
+    /// refuses), so it cannot write, and it reads one consistent state on its own.
+    async fn extract_with_unload(
+        &self,
+        unload: &Unload,
+        client: Client,
+        query: &ModelQuery,
+        sql: String,
+        schema: Arc<Schema>,
+    ) -> Result<SendableRecordBatchStream, SourceError> {
+        client.batch_execute("ROLLBACK").await.ok();
+        let prefix = unload.location.fresh_prefix(&query.model);
+        let inner = format!("SELECT * FROM (\n{sql}\n) AS sluice_unload");
+        let mut statement = format!(
+            "UNLOAD ({}) TO {} IAM_ROLE {} FORMAT AS PARQUET MANIFEST VERBOSE MAXFILESIZE 256 MB",
+            quote_literal(&inner, true),
+            quote_literal(&prefix.url, true),
+            quote_literal(&unload.iam_role, true),
+        );
+        if let Some(region) = &unload.region {
+            statement.push_str(&format!(" REGION {}", quote_literal(region, true)));
+        }
+        tracing::info!(model = %query.model, to = %prefix.url, "unloading the model to S3");
+        if let Err(e) = client.batch_execute(&statement).await {
+            unload.location.discard(&query.model, &prefix).await;
+            return Err(self.query_error(&query.model, &e, &sql));
+        }
+        let manifest_path = prefix.path.clone().join("manifest");
+        let manifest = match unload.location.get(&manifest_path).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                unload.location.discard(&query.model, &prefix).await;
+                return Err(self.unload_error(
+                    &query.model,
+                    format!("reading the UNLOAD manifest {}manifest: {e}", prefix.url),
+                ));
+            }
+        };
+        let manifest: UnloadManifest = match serde_json::from_slice(&manifest) {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                unload.location.discard(&query.model, &prefix).await;
+                return Err(self.unload_error(
+                    &query.model,
+                    format!("the UNLOAD manifest {}manifest is not one: {e}", prefix.url),
+                ));
+            }
+        };
+        let mut files = Vec::with_capacity(manifest.entries.len());
+        for entry in &manifest.entries {
+            match unload.location.path_of(&entry.url) {
+                Ok(path) => files.push(UnloadedFile {
+                    path,
+                    size: entry.meta.as_ref().and_then(|m| m.content_length),
+                }),
+                Err(e) => {
+                    unload.location.discard(&query.model, &prefix).await;
+                    return Err(self.unload_error(&query.model, format!("the UNLOAD manifest names {e}")));
+                }
+            }
+        }
+        Ok(unload.location.read(UnloadRead {
+            model: query.model.clone(),
+            schema,
+            files,
+            expected_rows: manifest.meta.and_then(|m| m.record_count),
+            also_delete: vec![manifest_path],
+        }))
+    }
+
+    fn unload_error(&self, model: &str, message: String) -> SourceError {
+        SourceError::Query {
+            model: model.to_string(),
+            source_name: self.name.clone(),
+            message,
+            hint: Some("the unload `options` must let sluice read and delete under the unload `url`".into()),
+        }
+    }
+
     /// Opens the read-only, repeatable-read transaction and describes the query's columns.
     async fn begin_and_describe(
         &self,
@@ -406,6 +570,11 @@ impl Source for PostgresSource {
 
     async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError> {
         let (client, sql, kinds, schema) = self.begin_and_describe(query).await?;
+        if let Some(unload) = &self.unload
+            && query.bulk
+        {
+            return self.extract_with_unload(unload, client, query, sql, schema).await;
+        }
         if self.dialect == Dialect::Redshift {
             return self.extract_with_cursor(client, query, sql, kinds, schema).await;
         }

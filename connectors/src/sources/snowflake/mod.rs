@@ -31,6 +31,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use futures::StreamExt;
+use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
@@ -44,6 +45,7 @@ use url::Url;
 
 use self::convert::{ColumnKind, RowType, schema_of};
 use self::protocol::{ChunkAccess, Client, ClientConfig, Credentials, ProtocolError, QueryData, Session};
+use super::unload::{UnloadLocation, UnloadPrefix, UnloadRead, UnloadedFile, quote_literal};
 use crate::HumanDuration;
 
 const DEFAULT_DOWNLOADS: usize = 4;
@@ -95,6 +97,100 @@ pub struct SnowflakeConfig {
     /// Result chunks downloaded at once (default 4).
     #[serde(default)]
     pub download_concurrency: Option<usize>,
+    /// Unload each sync's whole result as Parquet (`COPY INTO <location>`) and read it back,
+    /// rather than download the result's chunks (previews and checks still read the result).
+    #[serde(default)]
+    pub unload: Option<SnowflakeUnload>,
+}
+
+/// Where a `snowflake` source unloads a sync's result, and how Snowflake may write there: a
+/// named external stage on that location, or a storage integration for it.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnowflakeUnload {
+    /// Where sluice reads the files back: `s3://bucket/prefix/`, `gs://bucket/prefix/` or
+    /// `az://container/prefix/`; the stage's own URL when `stage` is set. Each sync writes under
+    /// `<url>/<model>/<time>-<id>/` and deletes its files once read.
+    pub url: ConfigString,
+    /// A named external stage whose URL is `url` (`ANALYTICS.PUBLIC.SLUICE_UNLOAD`); Snowflake
+    /// writes through it (`COPY INTO @stage/...`).
+    #[serde(default)]
+    pub stage: Option<ConfigString>,
+    /// Or a storage integration allowed to write to `url` (`COPY INTO 's3://...'
+    /// STORAGE_INTEGRATION = ...`); S3 and GCS only (for Azure, use a stage).
+    #[serde(default)]
+    pub storage_integration: Option<ConfigString>,
+    /// object_store options for sluice to read the files (credentials, region, endpoint).
+    #[serde(default)]
+    pub options: IndexMap<String, ConfigString>,
+    /// Keep the files after reading them (default false: they are deleted).
+    #[serde(default)]
+    pub keep_files: bool,
+}
+
+/// How Snowflake writes to the unload location.
+enum UnloadWriter {
+    Stage(String),
+    Integration(String),
+}
+
+struct Unload {
+    location: UnloadLocation,
+    writer: UnloadWriter,
+}
+
+impl Unload {
+    fn new(source_name: &str, config: &SnowflakeUnload) -> Result<Self, String> {
+        let location = UnloadLocation::open(
+            source_name,
+            config.url.expose(),
+            &config.options,
+            config.keep_files,
+        )?;
+        let writer = match (&config.stage, &config.storage_integration) {
+            (Some(stage), None) => UnloadWriter::Stage(
+                stage
+                    .expose()
+                    .trim()
+                    .trim_start_matches('@')
+                    .trim_end_matches('/')
+                    .to_string(),
+            ),
+            (None, Some(integration)) => {
+                if !matches!(location.url().scheme(), "s3" | "gs") {
+                    return Err(format!(
+                        "unload `storage_integration` writes to s3:// or gs:// URLs, not `{}`; for Azure, create a stage on the container and set `stage`",
+                        location.url()
+                    ));
+                }
+                UnloadWriter::Integration(integration.expose().trim().to_string())
+            }
+            _ => return Err("unload: set exactly one of `stage` or `storage_integration`".into()),
+        };
+        Ok(Self { location, writer })
+    }
+
+    /// `COPY INTO <location> FROM (<sql>) ...` writing one extraction's files under `prefix`.
+    fn statement(&self, prefix: &UnloadPrefix, sql: &str) -> String {
+        let target = match &self.writer {
+            UnloadWriter::Stage(stage) => format!("@{stage}/{}", prefix.relative),
+            UnloadWriter::Integration(integration) => {
+                // Snowflake names Google Cloud Storage `gcs://`.
+                let url = match prefix.url.strip_prefix("gs://") {
+                    Some(rest) => format!("gcs://{rest}"),
+                    None => prefix.url.clone(),
+                };
+                format!(
+                    "{} STORAGE_INTEGRATION = {integration}",
+                    quote_literal(&url, true)
+                )
+            }
+        };
+        // HEADER keeps the column names; DETAILED_OUTPUT answers a row per file with its count.
+        format!(
+            "COPY INTO {target} FROM (\n{sql}\n) FILE_FORMAT = (TYPE = PARQUET) HEADER = TRUE DETAILED_OUTPUT = TRUE MAX_FILE_SIZE = 268435456"
+        )
+    }
 }
 
 pub struct SnowflakeSource {
@@ -102,6 +198,7 @@ pub struct SnowflakeSource {
     client: Arc<Client>,
     fingerprint: Option<String>,
     downloads: usize,
+    unload: Option<Unload>,
 }
 
 impl SnowflakeSource {
@@ -160,11 +257,13 @@ impl SnowflakeSource {
             statement_timeout: config.query_timeout.map(|d| d.0),
             connect_timeout: config.connect_timeout.map_or(Duration::from_secs(10), |d| d.0),
         })?;
+        let unload = config.unload.as_ref().map(|u| Unload::new(name, u)).transpose()?;
         Ok(Self {
             name: name.to_string(),
             client: Arc::new(client),
             fingerprint,
             downloads: config.download_concurrency.unwrap_or(DEFAULT_DOWNLOADS).max(1),
+            unload,
         })
     }
 
@@ -254,6 +353,131 @@ impl SnowflakeSource {
     }
 }
 
+impl SnowflakeSource {
+    /// Unloads the model as Parquet files under a fresh prefix and reads them back, checking the
+    /// rows read against the per-file counts Snowflake answered.
+    async fn extract_with_unload(
+        &self,
+        unload: &Unload,
+        session: &mut Session,
+        query: &ModelQuery,
+        sql: &str,
+        schema: SchemaRef,
+    ) -> Result<SendableRecordBatchStream, SourceError> {
+        let prefix = unload.location.fresh_prefix(&query.model);
+        let statement = unload.statement(&prefix, sql);
+        tracing::info!(model = %query.model, to = %prefix.url, "unloading the model as Parquet");
+        let answered = match self.copy_answer(session, query, &statement).await {
+            Ok(answered) => answered,
+            Err(e) => {
+                unload.location.discard(&query.model, &prefix).await;
+                return Err(e);
+            }
+        };
+        let expected_rows = match unloaded_rows(&answered) {
+            Ok(rows) => rows,
+            Err(message) => {
+                unload.location.discard(&query.model, &prefix).await;
+                return Err(self.query_error_text(&query.model, message));
+            }
+        };
+        let files = unload
+            .location
+            .list(&query.model, &prefix)
+            .await?
+            .into_iter()
+            .map(|meta| UnloadedFile {
+                path: meta.location,
+                size: Some(meta.size),
+            })
+            .collect();
+        Ok(unload.location.read(UnloadRead {
+            model: query.model.clone(),
+            schema,
+            files,
+            expected_rows: Some(expected_rows),
+            also_delete: Vec::new(),
+        }))
+    }
+
+    /// Runs `COPY INTO <location>` and reads its small answer (a row per file written).
+    async fn copy_answer(
+        &self,
+        session: &mut Session,
+        query: &ModelQuery,
+        statement: &str,
+    ) -> Result<Vec<RecordBatch>, SourceError> {
+        let result = self
+            .client
+            .query(session, statement, false)
+            .await
+            .map_err(|e| self.query_error(&query.model, &e))?;
+        let kinds = kinds_of(&query.model, &result.rowtype)?;
+        let schema = schema_of(&result.rowtype, &kinds);
+        let reader = ResultReader {
+            model: query.model.clone(),
+            source: self.name.clone(),
+            client: self.client.clone(),
+            schema,
+            kinds: Arc::new(kinds),
+            downloads: self.downloads,
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let reading = async move { reader.read(result, &tx).await };
+        let collecting = async {
+            let mut batches = Vec::new();
+            while let Some(batch) = rx.recv().await {
+                batches.push(batch);
+            }
+            batches
+        };
+        let (read, batches) = tokio::join!(reading, collecting);
+        read?;
+        batches
+            .into_iter()
+            .map(|b| b.map_err(|e| self.query_error_text(&query.model, e.to_string())))
+            .collect()
+    }
+
+    fn query_error_text(&self, model: &str, message: String) -> SourceError {
+        SourceError::Query {
+            model: model.to_string(),
+            source_name: self.name.clone(),
+            message,
+            hint: None,
+        }
+    }
+}
+
+/// The rows `COPY INTO <location>` says it unloaded: the sum of `ROW_COUNT` (a row per file
+/// with `DETAILED_OUTPUT`), or `ROWS_UNLOADED` (one summary row without it).
+fn unloaded_rows(answer: &[RecordBatch]) -> Result<u64, String> {
+    let mut rows: u64 = 0;
+    for batch in answer {
+        let schema = batch.schema();
+        let column = ["ROW_COUNT", "ROWS_UNLOADED"]
+            .iter()
+            .find_map(|name| {
+                schema
+                    .fields()
+                    .iter()
+                    .position(|f| f.name().eq_ignore_ascii_case(name))
+            })
+            .ok_or_else(|| {
+                let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                format!("COPY INTO answered columns {names:?}, without ROW_COUNT or ROWS_UNLOADED")
+            })?;
+        let counts = arrow::compute::cast(batch.column(column), &arrow::datatypes::DataType::UInt64)
+            .map_err(|e| format!("COPY INTO's row counts: {e}"))?;
+        let counts = counts
+            .as_any()
+            .downcast_ref::<arrow::array::UInt64Array>()
+            .ok_or("COPY INTO's row counts are not numbers")?;
+        rows += counts.iter().flatten().sum::<u64>();
+    }
+    Ok(rows)
+}
+
 fn kinds_of(model: &str, row_types: &[RowType]) -> Result<Vec<ColumnKind>, SourceError> {
     row_types
         .iter()
@@ -294,6 +518,13 @@ impl Source for SnowflakeSource {
 
     async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError> {
         let (mut session, sql, kinds, schema) = self.describe(query).await?;
+        if let Some(unload) = &self.unload
+            && query.bulk
+        {
+            return self
+                .extract_with_unload(unload, &mut session, query, &sql, schema)
+                .await;
+        }
         let result = self
             .client
             .query(&mut session, &sql, false)
