@@ -14,6 +14,7 @@ mod alerts;
 pub mod catalog;
 pub mod destinations;
 mod duration;
+pub mod google_auth;
 pub mod sources;
 pub mod tunnel;
 

@@ -90,6 +90,10 @@ fn conforms(discovery: &Value, name: &str, value: &Value, at: &str) -> Result<()
 #[derive(Default)]
 struct Seen {
     tokens: u32,
+    /// Token exchanges at the STS, impersonations, metadata-server tokens.
+    exchanges: Vec<HashMap<String, String>>,
+    impersonations: Vec<Value>,
+    metadata_tokens: u32,
     bodies: Vec<Value>,
     result_calls: u32,
     page_tokens: Vec<Option<String>>,
@@ -170,6 +174,12 @@ impl Api {
             .route("/bigquery/v2/projects/{project}/queries", post(query))
             .route("/bigquery/v2/projects/{project}/queries/{job}", get(results))
             .route("/bigquery/v2/projects/{project}/jobs/{job}", get(job))
+            .route("/sts/v1/token", post(sts_token))
+            .route("/iam/v1/projects/-/serviceAccounts/{account}", post(impersonate))
+            .route(
+                "/computeMetadata/v1/instance/service-accounts/default/token",
+                get(metadata_token),
+            )
             .with_state(api.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -222,6 +232,81 @@ async fn token(State(api): State<Api>, body: String) -> Response {
             .into_response();
     }
     api.seen.lock().unwrap().tokens += 1;
+    Json(json!({"access_token": "ya29.sluice-test", "expires_in": 3599, "token_type": "Bearer"}))
+        .into_response()
+}
+
+const SUBJECT_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.workload-identity.signature";
+const AUDIENCE: &str =
+    "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/ci/providers/k8s";
+
+/// Google's STS (RFC 8693 token exchange): the workload's token for a federated token.
+async fn sts_token(State(api): State<Api>, body: String) -> Response {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    api.seen.lock().unwrap().exchanges.push(form.clone());
+    let expected = [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+        ("audience", AUDIENCE),
+        ("subject_token", SUBJECT_TOKEN),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        (
+            "requested_token_type",
+            "urn:ietf:params:oauth:token-type:access_token",
+        ),
+        ("scope", "https://www.googleapis.com/auth/cloud-platform"),
+    ];
+    if expected
+        .iter()
+        .any(|(k, v)| form.get(*k).map(String::as_str) != Some(*v))
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_request", "error_description": "Invalid value for one of the token exchange fields."})),
+        )
+            .into_response();
+    }
+    Json(json!({"access_token": "federated-1", "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "token_type": "Bearer", "expires_in": 3600}))
+    .into_response()
+}
+
+/// IAM Credentials' `generateAccessToken` for the impersonated service account.
+async fn impersonate(
+    State(api): State<Api>,
+    UrlPath(account): UrlPath<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    api.seen.lock().unwrap().impersonations.push(body.clone());
+    if account != format!("{CLIENT_EMAIL}:generateAccessToken")
+        || headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer federated-1")
+    {
+        return google_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Permission 'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist).",
+        );
+    }
+    assert_eq!(body["scope"], json!(["https://www.googleapis.com/auth/bigquery"]));
+    Json(json!({"accessToken": "ya29.sluice-test", "expireTime": "2099-01-01T00:00:00Z"})).into_response()
+}
+
+/// The metadata server's token for the instance's service account.
+async fn metadata_token(
+    State(api): State<Api>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if headers.get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
+        return (StatusCode::FORBIDDEN, "Missing Metadata-Flavor:Google header.").into_response();
+    }
+    assert_eq!(
+        params.get("scopes").map(String::as_str),
+        Some("https://www.googleapis.com/auth/bigquery")
+    );
+    api.seen.lock().unwrap().metadata_tokens += 1;
     Json(json!({"access_token": "ya29.sluice-test", "expires_in": 3599, "token_type": "Bearer"}))
         .into_response()
 }
@@ -483,6 +568,17 @@ fn source(base: &str, project: &str) -> BigQuerySource {
     source_with(base, project, None)
 }
 
+fn source_with_credentials(base: &str, credentials: &Value) -> BigQuerySource {
+    let config: BigQueryConfig = serde_json::from_value(json!({
+        "project": PROJECT,
+        "service_account": credentials.to_string(),
+        "location": "EU",
+        "url": base,
+    }))
+    .expect("config");
+    BigQuerySource::new("bq", config, &ConnectorEnv::rooted_at(std::env::temp_dir())).expect("source")
+}
+
 fn source_with(base: &str, project: &str, unload: Option<Value>) -> BigQuerySource {
     let key = json!({
         "type": "service_account",
@@ -716,4 +812,93 @@ async fn a_sync_exports_parquet_to_cloud_storage_that_reads_back_as_the_pages_do
         true,
         "a dry run first"
     );
+}
+
+#[tokio::test]
+async fn workload_identity_federation_exchanges_the_workload_token_then_impersonates() {
+    let Some(discovery) = discovery() else {
+        return;
+    };
+    let (api, base) = Api::start(discovery).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{SUBJECT_TOKEN}\n")).expect("token file");
+    let federation = json!({
+        "type": "external_account",
+        "audience": AUDIENCE,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "token_url": format!("{base}/sts/v1/token"),
+        "service_account_impersonation_url":
+            format!("{base}/iam/v1/projects/-/serviceAccounts/{CLIENT_EMAIL}:generateAccessToken"),
+        "credential_source": {"file": token_file.display().to_string(), "format": {"type": "text"}},
+    });
+    let source = source_with_credentials(&base, &federation);
+    source
+        .check()
+        .await
+        .expect("a dry run with the impersonated token");
+    source.check().await.expect("again, with the cached token");
+    {
+        let seen = api.seen.lock().unwrap();
+        assert_eq!(seen.exchanges.len(), 1, "one exchange, then the token is cached");
+        assert_eq!(seen.impersonations.len(), 1);
+        assert_eq!(seen.impersonations[0]["lifetime"], "3600s");
+    }
+
+    // A workload the pool does not trust: STS's refusal, with what to check.
+    std::fs::write(&token_file, "another-token").expect("token file");
+    let error = source_with_credentials(&base, &federation)
+        .check()
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        error.contains("Google STS refused")
+            && error.contains("invalid_request")
+            && error.contains("audience"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn without_credentials_tokens_come_from_the_metadata_server() {
+    let Some(discovery) = discovery() else {
+        return;
+    };
+    let (api, base) = Api::start(discovery).await;
+    let project = crate::common::TestProject::new(&format!(
+        r#"state_dir: .sluice
+sources:
+  bq:
+    type: bigquery
+    project: {PROJECT}
+    location: EU
+    dataset: analytics
+    url: {base}
+models:
+  users:
+    source: bq
+    sql: "{MODEL_SQL}"
+    primary_key: id
+"#
+    ));
+    let host = base.trim_start_matches("http://").to_string();
+    let output = project
+        .sluice_with_env(&["check", "bq"], &[("GCE_METADATA_HOST", host.as_str())])
+        .await;
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        crate::common::stdout(&output),
+        crate::common::stderr(&output)
+    );
+    assert!(api.seen.lock().unwrap().metadata_tokens >= 1);
+
+    // Off Google Cloud, the error says where the token was looked for.
+    let output = project
+        .sluice_with_env(&["check", "bq"], &[("GCE_METADATA_HOST", "127.0.0.1:9")])
+        .await;
+    assert!(!output.status.success());
+    let said = crate::common::stderr(&output) + &crate::common::stdout(&output);
+    assert!(said.contains("metadata server"), "{said}");
 }

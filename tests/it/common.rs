@@ -180,12 +180,21 @@ impl TestProject {
 
     /// Runs the real binary with `args` and the project's config.
     pub async fn sluice(&self, args: &[&str]) -> Output {
+        self.sluice_with_env(args, &[]).await
+    }
+
+    /// Runs the real binary with `args`, the project's config and `env` set.
+    pub async fn sluice_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
         command
             .args(args)
             .arg("--config")
             .arg(self.config_path())
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            .env_remove("GOOGLE_APPLICATION_CREDENTIALS");
+        for (name, value) in env {
+            command.env(name, value);
+        }
         command.output().await.expect("run sluice")
     }
 }

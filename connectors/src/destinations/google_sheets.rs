@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use schemars::JsonSchema;
@@ -41,13 +41,16 @@ use tokio::sync::Mutex;
 use crate::destinations::http::{
     DeliverySettings, HttpAnswer, HttpDelivery, VendorLimits, classify, describe_reqwest_error,
 };
-use crate::destinations::oauth::{ServiceAccountKey, google_token, rsa_key};
+use crate::google_auth::GoogleAuth;
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SheetsConfig {
-    /// The service account key: its JSON text, or the path of the JSON file.
-    pub service_account: sluice_engine::ConfigString,
+    /// Google credentials: a service account key (or an `external_account` or
+    /// `authorized_user` credential), its JSON text or the path of its file. Without it:
+    /// `GOOGLE_APPLICATION_CREDENTIALS`, else the metadata server.
+    #[serde(default)]
+    pub service_account: Option<sluice_engine::ConfigString>,
     /// The Sheets API (a test server, a proxy).
     #[serde(default)]
     pub url: Option<sluice_engine::ConfigString>,
@@ -72,22 +75,18 @@ fn parse_options(options: &serde_json::Map<String, Value>) -> Result<SheetOption
         .map_err(|e| format!("Google Sheets mapping `options`: {e} (it takes `spreadsheet_id` and `sheet`)"))
 }
 
-const AUTH_HINT: &str = "check the service account key, and share the spreadsheet with the service account's client_email as an editor";
+const AUTH_HINT: &str = "check the Google credentials, and share the spreadsheet with the service account's client_email as an editor";
 const SCOPE: &str = "https://www.googleapis.com/auth/spreadsheets";
 
 pub struct SheetsDestination {
     name: String,
     api: reqwest::Url,
-    client_email: String,
-    key: std::sync::Arc<ring::signature::RsaKeyPair>,
-    token_uri: reqwest::Url,
     delivery: HttpDelivery,
-    token: std::sync::Arc<Mutex<Option<(String, Instant)>>>,
+    auth: std::sync::Arc<GoogleAuth>,
 }
 
 impl SheetsDestination {
     pub fn new(name: &str, config: SheetsConfig, env: &ConnectorEnv) -> Result<Self, String> {
-        let key = ServiceAccountKey::load(config.service_account.expose(), env)?;
         let api = config
             .url
             .as_ref()
@@ -115,34 +114,18 @@ impl SheetsDestination {
         Ok(Self {
             name: name.to_string(),
             api: reqwest::Url::parse(&api).map_err(|e| format!("`url` {api} is not a valid URL: {e}"))?,
-            client_email: key.client_email,
-            key: std::sync::Arc::new(rsa_key(&key.private_key)?),
-            token_uri: reqwest::Url::parse(&key.token_uri).map_err(|e| format!("`token_uri`: {e}"))?,
+            auth: std::sync::Arc::new(GoogleAuth::new(
+                config.service_account.as_ref().map(|s| s.expose()),
+                env,
+                delivery.client.clone(),
+            )?),
             delivery,
-            token: std::sync::Arc::new(Mutex::new(None)),
         })
     }
 
     async fn token(&self) -> Result<String, String> {
-        fetch_token(
-            &self.token,
-            &self.delivery.client,
-            &self.token_uri,
-            &self.client_email,
-            &self.key,
-        )
-        .await
+        self.auth.token(SCOPE, AUTH_HINT).await
     }
-}
-
-async fn fetch_token(
-    cache: &Mutex<Option<(String, Instant)>>,
-    client: &reqwest::Client,
-    token_uri: &reqwest::Url,
-    client_email: &str,
-    key: &ring::signature::RsaKeyPair,
-) -> Result<String, String> {
-    google_token(cache, client, token_uri, client_email, key, SCOPE, AUTH_HINT).await
 }
 
 #[async_trait]
@@ -192,10 +175,7 @@ impl Destination for SheetsDestination {
             key_header: run.primary_key.join(","),
             client: self.delivery.client.clone(),
             policy: self.delivery.policy.clone(),
-            token: self.token.clone(),
-            token_uri: self.token_uri.clone(),
-            client_email: self.client_email.clone(),
-            key: self.key.clone(),
+            auth: self.auth.clone(),
             sheet: Mutex::new(None),
         }))
     }
@@ -218,10 +198,7 @@ struct SheetsWriter {
     key_header: String,
     client: reqwest::Client,
     policy: DeliveryPolicy,
-    token: std::sync::Arc<Mutex<Option<(String, Instant)>>>,
-    token_uri: reqwest::Url,
-    client_email: String,
-    key: std::sync::Arc<ring::signature::RsaKeyPair>,
+    auth: std::sync::Arc<GoogleAuth>,
     sheet: Mutex<Option<SheetIndex>>,
 }
 
@@ -287,15 +264,11 @@ impl SheetsWriter {
         url: reqwest::Url,
         body: Option<&Value>,
     ) -> Result<Value, SendOutcome> {
-        let token = fetch_token(
-            &self.token,
-            &self.client,
-            &self.token_uri,
-            &self.client_email,
-            &self.key,
-        )
-        .await
-        .map_err(|reason| SendOutcome::Fatal { reason })?;
+        let token = self
+            .auth
+            .token(SCOPE, AUTH_HINT)
+            .await
+            .map_err(|reason| SendOutcome::Fatal { reason })?;
         let mut request = self.client.request(method, url).bearer_auth(token);
         if let Some(body) = body {
             request = request
@@ -315,7 +288,7 @@ impl SheetsWriter {
             return Ok(serde_json::from_str(&answer.body).unwrap_or(Value::Null));
         }
         if answer.status.as_u16() == 401 {
-            *self.token.lock().await = None;
+            self.auth.forget().await;
         }
         Err(classify("Google Sheets", &answer, AUTH_HINT))
     }

@@ -37,16 +37,16 @@ use sluice_engine::source::{
     ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source, strip_statement_end,
 };
 use sluice_engine::{ConfigString, SourceError};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 use url::Url;
 
 use super::unload::{UnloadLocation, UnloadRead, UnloadedFile};
 use crate::HumanDuration;
 use crate::destinations::http::{describe_reqwest_error, parse_retry_after, snippet};
-use crate::destinations::oauth::{ServiceAccountKey, google_token, rsa_key};
+use crate::google_auth::GoogleAuth;
 
 const SCOPE: &str = "https://www.googleapis.com/auth/bigquery";
-const AUTH_HINT: &str = "check the service account key";
+const AUTH_HINT: &str = "check the Google credentials in `service_account` (or, without it, GOOGLE_APPLICATION_CREDENTIALS or the metadata server)";
 const DEFAULT_PAGE_ROWS: u32 = 50_000;
 /// Attempts of one API call that failed on the network, with 429 or 5xx.
 const ATTEMPTS: u32 = 5;
@@ -58,9 +58,13 @@ const CALL_WAIT_MS: u64 = 10_000;
 pub struct BigQueryConfig {
     /// The project that runs (and is billed for) the queries.
     pub project: ConfigString,
-    /// A service account key: its JSON, or the path of the key file. The account needs
-    /// `roles/bigquery.jobUser` on `project` and read access to what the models read.
-    pub service_account: ConfigString,
+    /// Google credentials: a service account key, a workload identity federation
+    /// configuration (`external_account`) or `authorized_user` credentials; their JSON, or the
+    /// path of their file. Without it: `GOOGLE_APPLICATION_CREDENTIALS`, else the metadata
+    /// server (a VM's, GKE workload identity's, Cloud Run's service account). The principal
+    /// needs `roles/bigquery.jobUser` on `project` and read access to what the models read.
+    #[serde(default)]
+    pub service_account: Option<ConfigString>,
     /// Where the jobs run, e.g. `US`, `EU`, `europe-west1` (default: where the data is).
     #[serde(default)]
     pub location: Option<ConfigString>,
@@ -113,10 +117,7 @@ pub struct BigQuerySource {
     page_rows: u32,
     query_timeout: Duration,
     http: reqwest::Client,
-    client_email: String,
-    key: Arc<ring::signature::RsaKeyPair>,
-    token_uri: Url,
-    token: Arc<Mutex<Option<(String, Instant)>>>,
+    auth: Arc<GoogleAuth>,
     unload: Option<Arc<UnloadLocation>>,
 }
 
@@ -462,7 +463,15 @@ fn decode_page(body: &[u8], fields: &[TableField], schema: &SchemaRef) -> Result
 
 impl BigQuerySource {
     pub fn new(name: &str, config: BigQueryConfig, env: &ConnectorEnv) -> Result<Self, String> {
-        let key = ServiceAccountKey::load(config.service_account.expose(), env)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout.map_or(Duration::from_secs(10), |d| d.0))
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let auth = GoogleAuth::new(
+            config.service_account.as_ref().map(|s| s.expose()),
+            env,
+            http.clone(),
+        )?;
         let unload = match &config.unload {
             Some(unload) => {
                 if !unload.url.expose().starts_with("gs://") {
@@ -472,17 +481,14 @@ impl BigQuerySource {
                     ));
                 }
                 let mut options = unload.options.clone();
-                if !options
-                    .keys()
-                    .any(|k| k.starts_with("google_service_account") || k == "google_application_credentials")
+                // Cloud Storage is read with the source's key unless the options name other
+                // credentials; without a key, object_store asks the metadata server itself.
+                if let Some(key) = auth.key_json()
+                    && !options.keys().any(|k| {
+                        k.starts_with("google_service_account") || k == "google_application_credentials"
+                    })
                 {
-                    options.insert(
-                        "google_service_account_key".into(),
-                        ConfigString::literal(ServiceAccountKey::json_text(
-                            config.service_account.expose(),
-                            env,
-                        )?),
-                    );
+                    options.insert("google_service_account_key".into(), ConfigString::literal(key));
                 }
                 Some(Arc::new(UnloadLocation::open(
                     name,
@@ -518,10 +524,6 @@ impl BigQuerySource {
         if page_rows == 0 {
             return Err("`page_rows` must be at least 1".into());
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout.map_or(Duration::from_secs(10), |d| d.0))
-            .build()
-            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
         Ok(Self {
             name: name.to_string(),
             api,
@@ -533,10 +535,7 @@ impl BigQuerySource {
                 .query_timeout
                 .map_or(Duration::from_secs(2 * 3600), |d| d.0),
             http,
-            client_email: key.client_email,
-            key: Arc::new(rsa_key(&key.private_key)?),
-            token_uri: Url::parse(&key.token_uri).map_err(|e| format!("`token_uri` of the key: {e}"))?,
-            token: Arc::default(),
+            auth: Arc::new(auth),
             unload,
         })
     }
@@ -579,21 +578,15 @@ impl BigQuerySource {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let token = google_token(
-                &self.token,
-                &self.http,
-                &self.token_uri,
-                &self.client_email,
-                &self.key,
-                SCOPE,
-                AUTH_HINT,
-            )
-            .await
-            .map_err(|message| ApiError {
-                status: None,
-                reason: Some("authentication".into()),
-                message,
-            })?;
+            let token = self
+                .auth
+                .token(SCOPE, AUTH_HINT)
+                .await
+                .map_err(|message| ApiError {
+                    status: None,
+                    reason: Some("authentication".into()),
+                    message,
+                })?;
             let mut request = self.http.request(method.clone(), url.clone()).bearer_auth(token);
             if let Some(body) = body {
                 request = request
@@ -633,7 +626,7 @@ impl BigQuerySource {
                     }
                     if status.as_u16() == 401 {
                         // A token revoked early: the next attempt fetches a new one.
-                        *self.token.lock().await = None;
+                        self.auth.forget().await;
                         if attempt < 2 {
                             continue;
                         }
@@ -687,8 +680,8 @@ impl BigQuerySource {
         Some(match (e.reason.as_deref(), e.status) {
             (Some("authentication"), _) | (_, Some(401)) => AUTH_HINT.to_string(),
             (Some("accessDenied"), _) | (_, Some(403)) => format!(
-                "the service account {} needs roles/bigquery.jobUser on project `{}` and read access (roles/bigquery.dataViewer) to what the model reads",
-                self.client_email, self.project
+                "{} needs roles/bigquery.jobUser on project `{}` and read access (roles/bigquery.dataViewer) to what the model reads",
+                self.auth.principal(), self.project
             ),
             (Some("notFound"), _) | (_, Some(404)) => {
                 "check the names: project.dataset.table, or set `dataset`; and `location` if the data is not where the job runs".into()
