@@ -98,7 +98,7 @@ pub fn catalog() -> ConnectorCatalog {
         connector(
             "bigquery",
             "Google BigQuery",
-            "BigQuery through its REST API (dry run first, then the job's result pages); a service account key.",
+            "BigQuery: a dry run first, then the job's result through the Storage Read API (Arrow) or its pages, or exported to Cloud Storage; service account keys, workload identity federation or the metadata server.",
             schema_of::<bigquery::BigQueryConfig>(),
         ),
         connector(

@@ -26,6 +26,10 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use ring::signature::KeyPair as _;
 use serde_json::{Value, json};
 use sluice_connectors::sources::bigquery::{BigQueryConfig, BigQuerySource};
+use sluice_connectors::sources::bigquery_storage::{
+    ArrowRecordBatch, ArrowSchema, CreateReadSessionRequest, ReadRowsRequest, ReadRowsResponse, ReadSession,
+    ReadStream, SERVICE,
+};
 use sluice_engine::source::{ConnectorEnv, ModelQuery, Source};
 
 use crate::buckets::{Bucket, Provider, tools_dir};
@@ -92,6 +96,9 @@ struct Seen {
     tokens: u32,
     /// Token exchanges at the STS, impersonations, metadata-server tokens.
     exchanges: Vec<HashMap<String, String>>,
+    /// Storage Read API calls: `CreateReadSession` requests, streams read.
+    sessions: Vec<CreateReadSessionRequest>,
+    streams_read: Vec<String>,
     impersonations: Vec<Value>,
     metadata_tokens: u32,
     bodies: Vec<Value>,
@@ -108,9 +115,13 @@ struct Api {
     base: Arc<OnceLock<String>>,
     /// The Cloud Storage bucket `EXPORT DATA` writes to, and its name.
     export: Arc<OnceLock<(Arc<dyn ObjectStore>, String)>>,
+    /// The Storage Read API refuses read sessions (a permission not granted).
+    storage_denied: Arc<std::sync::atomic::AtomicBool>,
 }
 
 const EXPORT_JOB: &str = "job_sluice_export";
+const ANON_DATASET: &str = "_8f2b0c1d_anon";
+const ANON_TABLE: &str = "anon1a2b3c4d_result";
 
 fn google_error(status: StatusCode, reason: &str, message: &str) -> Response {
     (
@@ -168,6 +179,7 @@ impl Api {
             public_key: Arc::new(pair.public_key().as_ref().to_vec()),
             base: Arc::default(),
             export: Arc::default(),
+            storage_denied: Arc::default(),
         };
         let app = axum::Router::new()
             .route("/token", post(token))
@@ -466,58 +478,7 @@ async fn export_data(api: &Api, sql: &str) -> Response {
         .and_then(|p| p.strip_suffix("*.parquet"))
         .unwrap_or_else(|| panic!("a uri outside the bucket or without its wildcard: {uri}"));
     for (part, ids) in [(0, vec![1i64, 2, 3]), (1, vec![4, 5])] {
-        let mut tags = ListBuilder::new(StringBuilder::new());
-        for id in &ids {
-            tags.values().append_value("a");
-            tags.values().append_value(format!("t{id}"));
-            tags.append(true);
-        }
-        let tags = tags.finish();
-        let address = StructArray::from(vec![
-            (
-                Arc::new(Field::new("city", DataType::Utf8, true)),
-                Arc::new(StringArray::from(vec!["Paris"; ids.len()])) as ArrayRef,
-            ),
-            (
-                Arc::new(Field::new("zip", DataType::Int64, true)),
-                Arc::new(Int64Array::from(vec![75001; ids.len()])) as ArrayRef,
-            ),
-        ]);
-        let columns: Vec<(&str, ArrayRef)> = vec![
-            ("id", Arc::new(Int64Array::from(ids.clone()))),
-            (
-                "amount",
-                Arc::new(
-                    Decimal128Array::from(
-                        ids.iter()
-                            .map(|id| (*id != 2).then_some(*id as i128 * 1_000_000_000 + 500_000_000))
-                            .collect::<Vec<_>>(),
-                    )
-                    .with_precision_and_scale(38, 9)
-                    .expect("decimal"),
-                ),
-            ),
-            (
-                "name",
-                Arc::new(StringArray::from(
-                    ids.iter().map(|id| format!("user {id}")).collect::<Vec<_>>(),
-                )),
-            ),
-            (
-                "seen",
-                Arc::new(
-                    TimestampMicrosecondArray::from(
-                        ids.iter()
-                            .map(|id| 1_700_000_000_000_000 + id)
-                            .collect::<Vec<_>>(),
-                    )
-                    .with_timezone("UTC"),
-                ),
-            ),
-            ("tags", Arc::new(tags)),
-            ("address", Arc::new(address)),
-        ];
-        let batch = RecordBatch::try_from_iter(columns).expect("batch");
+        let batch = users_arrow(&ids);
         let mut bytes = Vec::new();
         let mut writer =
             parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).expect("writer");
@@ -536,6 +497,69 @@ async fn export_data(api: &Api, sql: &str) -> Response {
     .into_response()
 }
 
+/// Rows `ids` of the model as BigQuery's Arrow (and Parquet) carries them: NUMERIC as
+/// Decimal128(38, 9), TIMESTAMP as UTC microseconds, REPEATED as a list, RECORD as a struct.
+fn users_arrow(ids: &[i64]) -> RecordBatch {
+    let mut tags = ListBuilder::new(StringBuilder::new());
+    for id in ids {
+        tags.values().append_value("a");
+        tags.values().append_value(format!("t{id}"));
+        tags.append(true);
+    }
+    let tags = tags.finish();
+    let address = StructArray::from(vec![
+        (
+            Arc::new(Field::new("city", DataType::Utf8, true)),
+            Arc::new(StringArray::from(vec!["Paris"; ids.len()])) as ArrayRef,
+        ),
+        (
+            Arc::new(Field::new("zip", DataType::Int64, true)),
+            Arc::new(Int64Array::from(vec![75001; ids.len()])) as ArrayRef,
+        ),
+    ]);
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        ("id", Arc::new(Int64Array::from(ids.to_vec()))),
+        (
+            "amount",
+            Arc::new(
+                Decimal128Array::from(
+                    ids.iter()
+                        .map(|id| (*id != 2).then_some(*id as i128 * 1_000_000_000 + 500_000_000))
+                        .collect::<Vec<_>>(),
+                )
+                .with_precision_and_scale(38, 9)
+                .expect("decimal"),
+            ),
+        ),
+        (
+            "name",
+            Arc::new(StringArray::from(
+                ids.iter().map(|id| format!("user {id}")).collect::<Vec<_>>(),
+            )),
+        ),
+        (
+            "seen",
+            Arc::new(
+                TimestampMicrosecondArray::from(
+                    ids.iter()
+                        .map(|id| 1_700_000_000_000_000 + id)
+                        .collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+        ),
+        ("tags", Arc::new(tags)),
+        ("address", Arc::new(address)),
+    ];
+    // As BigQuery declares them: `id` REQUIRED, the rest NULLABLE.
+    RecordBatch::try_from_iter_with_nullable(
+        columns
+            .into_iter()
+            .map(|(name, column)| (name, column, name != "id")),
+    )
+    .expect("batch")
+}
+
 /// `jobs.get`: the export job, with its `exportDataStatistics`.
 async fn job(
     State(api): State<Api>,
@@ -550,8 +574,21 @@ async fn job(
             api.violation(format!("jobs.get has no parameter {key}"));
         }
     }
-    assert_eq!((project.as_str(), job.as_str()), (PROJECT, EXPORT_JOB));
     assert_eq!(params.get("location").map(String::as_str), Some("EU"));
+    if (project.as_str(), job.as_str()) == (PROJECT, "job_sluice_1") {
+        // A query's result is an anonymous table, which the Storage Read API reads.
+        let answer = json!({"kind": "bigquery#job", "id": format!("{PROJECT}:EU.{job}"),
+            "jobReference": {"projectId": PROJECT, "jobId": job, "location": "EU"},
+            "status": {"state": "DONE"},
+            "configuration": {"jobType": "QUERY", "query": {"query": MODEL_SQL, "useLegacySql": false,
+                "destinationTable": {"projectId": PROJECT, "datasetId": ANON_DATASET, "tableId": ANON_TABLE}}},
+            "statistics": {"creationTime": "1700000000000", "query": {"statementType": "SELECT", "totalBytesProcessed": "1024"}}});
+        if let Err(e) = conforms(&api.discovery, "Job", &answer, "Job") {
+            api.violation(e);
+        }
+        return Json(answer).into_response();
+    }
+    assert_eq!((project.as_str(), job.as_str()), (PROJECT, EXPORT_JOB));
     let answer = json!({"kind": "bigquery#job", "id": format!("{PROJECT}:EU.{EXPORT_JOB}"),
         "jobReference": {"projectId": PROJECT, "jobId": EXPORT_JOB, "location": "EU"},
         "status": {"state": "DONE"},
@@ -565,7 +602,7 @@ async fn job(
 }
 
 fn source(base: &str, project: &str) -> BigQuerySource {
-    source_with(base, project, None)
+    source_with(base, project, json!({}))
 }
 
 fn source_with_credentials(base: &str, credentials: &Value) -> BigQuerySource {
@@ -579,7 +616,8 @@ fn source_with_credentials(base: &str, credentials: &Value) -> BigQuerySource {
     BigQuerySource::new("bq", config, &ConnectorEnv::rooted_at(std::env::temp_dir())).expect("source")
 }
 
-fn source_with(base: &str, project: &str, unload: Option<Value>) -> BigQuerySource {
+/// A source of the test project with `extra` options set.
+fn source_with(base: &str, project: &str, extra: Value) -> BigQuerySource {
     let key = json!({
         "type": "service_account",
         "project_id": PROJECT,
@@ -596,8 +634,8 @@ fn source_with(base: &str, project: &str, unload: Option<Value>) -> BigQuerySour
         "page_rows": 2,
         "url": base,
     });
-    if let Some(unload) = unload {
-        config["unload"] = unload;
+    for (key, value) in extra.as_object().expect("an object") {
+        config[key] = value.clone();
     }
     let config: BigQueryConfig = serde_json::from_value(config).expect("config");
     BigQuerySource::new("bq", config, &ConnectorEnv::rooted_at(std::env::temp_dir())).expect("source")
@@ -777,7 +815,7 @@ async fn a_sync_exports_parquet_to_cloud_storage_that_reads_back_as_the_pages_do
     let source = source_with(
         &base,
         PROJECT,
-        Some(json!({"url": bucket.url("exports/"), "options": options})),
+        json!({"unload": {"url": bucket.url("exports/"), "options": options}}),
     );
     let mut query = model(MODEL_SQL);
     query.bulk = true;
@@ -901,4 +939,211 @@ models:
     assert!(!output.status.success());
     let said = crate::common::stderr(&output) + &crate::common::stdout(&output);
     assert!(said.contains("metadata server"), "{said}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Storage Read API: `google.cloud.bigquery.storage.v1.BigQueryRead` over gRPC
+
+const SESSION: &str = "projects/sluice-test/locations/eu/sessions/CAISDmFub24tc2Vzc2lvbg";
+
+/// The routing header and bearer token every Storage Read API call must carry.
+fn storage_metadata_error<T>(request: &tonic::Request<T>, routing: &str) -> Option<tonic::Status> {
+    let metadata = request.metadata();
+    if metadata.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer ya29.sluice-test") {
+        return Some(tonic::Status::unauthenticated(
+            "Request had invalid authentication credentials. Expected OAuth 2 access token.",
+        ));
+    }
+    if metadata
+        .get("x-goog-request-params")
+        .and_then(|v| v.to_str().ok())
+        != Some(routing)
+    {
+        return Some(tonic::Status::invalid_argument(format!(
+            "missing or wrong x-goog-request-params; expected {routing}"
+        )));
+    }
+    None
+}
+
+/// An IPC stream of `batches`, split as the API sends it: the schema message, then each batch's.
+fn ipc_messages(batches: &[RecordBatch]) -> (bytes::Bytes, Vec<(bytes::Bytes, i64)>) {
+    let mut writer =
+        arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &batches[0].schema()).expect("ipc");
+    let schema = bytes::Bytes::from(writer.get_ref().clone());
+    let mut messages = Vec::new();
+    for batch in batches {
+        let before = writer.get_ref().len();
+        writer.write(batch).expect("write");
+        messages.push((
+            bytes::Bytes::from(writer.get_ref()[before..].to_vec()),
+            batch.num_rows() as i64,
+        ));
+    }
+    (schema, messages)
+}
+
+/// The two streams of the session: rows 1-3 in two responses, rows 4-5 in one.
+fn stream_batches(stream: &str) -> Vec<RecordBatch> {
+    match stream.rsplit('/').next() {
+        Some("0") => vec![users_arrow(&[1, 2]), users_arrow(&[3])],
+        Some("1") => vec![users_arrow(&[4, 5])],
+        other => panic!("no stream {other:?}"),
+    }
+}
+
+async fn create_read_session(
+    api: Api,
+    request: tonic::Request<CreateReadSessionRequest>,
+) -> Result<tonic::Response<ReadSession>, tonic::Status> {
+    let table = format!("projects/{PROJECT}/datasets/{ANON_DATASET}/tables/{ANON_TABLE}");
+    if let Some(refusal) = storage_metadata_error(&request, &format!("read_session.table={table}")) {
+        return Err(refusal);
+    }
+    let message = request.into_inner();
+    api.seen.lock().unwrap().sessions.push(message.clone());
+    if api.storage_denied.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(tonic::Status::permission_denied(format!(
+            "request failed: the user does not have 'bigquery.readsessions.create' permission for 'projects/{PROJECT}'"
+        )));
+    }
+    let session = message.read_session.clone().unwrap_or_default();
+    if message.parent != format!("projects/{PROJECT}") || session.table != table || session.data_format != 2 {
+        return Err(tonic::Status::invalid_argument(format!(
+            "unexpected session request {message:?}"
+        )));
+    }
+    let (schema, _) = ipc_messages(&[users_arrow(&[1])]);
+    Ok(tonic::Response::new(ReadSession {
+        name: SESSION.into(),
+        data_format: 2,
+        arrow_schema: Some(ArrowSchema {
+            serialized_schema: schema,
+        }),
+        table,
+        streams: (0..2)
+            .map(|i| ReadStream {
+                name: format!("{SESSION}/streams/{i}"),
+            })
+            .collect(),
+    }))
+}
+
+type ReadRowsStream = futures::stream::BoxStream<'static, Result<ReadRowsResponse, tonic::Status>>;
+
+async fn read_rows(
+    api: Api,
+    request: tonic::Request<ReadRowsRequest>,
+) -> Result<tonic::Response<ReadRowsStream>, tonic::Status> {
+    let stream = request.get_ref().read_stream.clone();
+    if let Some(refusal) = storage_metadata_error(&request, &format!("read_stream={stream}")) {
+        return Err(refusal);
+    }
+    api.seen.lock().unwrap().streams_read.push(stream.clone());
+    let (_, messages) = ipc_messages(&stream_batches(&stream));
+    let responses = messages.into_iter().map(|(bytes, rows)| {
+        Ok(ReadRowsResponse {
+            arrow_record_batch: Some(ArrowRecordBatch {
+                serialized_record_batch: bytes,
+                row_count: rows,
+            }),
+            row_count: rows,
+        })
+    });
+    Ok(tonic::Response::new(futures::stream::iter(responses).boxed()))
+}
+
+#[derive(Clone)]
+struct StorageApi(Api);
+
+impl tonic::server::NamedService for StorageApi {
+    const NAME: &'static str = SERVICE;
+}
+
+impl tower::Service<axum::http::Request<tonic::body::Body>> for StorageApi {
+    type Response = axum::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::http::Request<tonic::body::Body>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move {
+            Ok(match request.uri().path() {
+                "/google.cloud.bigquery.storage.v1.BigQueryRead/CreateReadSession" => {
+                    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                    let service = tower::service_fn(move |r| create_read_session(api.clone(), r));
+                    grpc.unary(service, request).await
+                }
+                "/google.cloud.bigquery.storage.v1.BigQueryRead/ReadRows" => {
+                    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                    let service = tower::service_fn(move |r| read_rows(api.clone(), r));
+                    grpc.server_streaming(service, request).await
+                }
+                _ => tonic::Status::unimplemented("not a BigQueryRead method").into_http(),
+            })
+        })
+    }
+}
+
+/// The Storage Read API on loopback (plain HTTP/2): its `storage_url`.
+async fn start_storage_api(api: &Api) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let service = StorageApi(api.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .ok()
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test]
+async fn a_sync_reads_the_result_table_through_the_storage_read_api_in_parallel_streams() {
+    let Some(discovery) = discovery() else {
+        return;
+    };
+    let (api, base) = Api::start(discovery).await;
+    let storage_url = start_storage_api(&api).await;
+    let source = source_with(
+        &base,
+        PROJECT,
+        json!({"storage_url": storage_url, "read_streams": 2}),
+    );
+    // A preview reads pages: only a sync's whole result goes through a read session.
+    let paged = sorted(source.extract(&model(MODEL_SQL)).await.expect("pages")).await;
+    assert!(api.seen.lock().unwrap().sessions.is_empty());
+
+    let mut query = model(MODEL_SQL);
+    query.bulk = true;
+    let streamed = sorted(source.extract(&query).await.expect("storage read")).await;
+    assert_eq!(
+        streamed, paged,
+        "Arrow from the Storage Read API reads as the same types and values as the pages"
+    );
+    {
+        let seen = api.seen.lock().unwrap();
+        assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+        assert_eq!(seen.sessions.len(), 1);
+        assert_eq!(seen.sessions[0].max_stream_count, 2);
+        let mut streams = seen.streams_read.clone();
+        streams.sort();
+        assert_eq!(
+            streams,
+            vec![format!("{SESSION}/streams/0"), format!("{SESSION}/streams/1")]
+        );
+    }
+
+    // Without the permission, the result is read through pages, whole.
+    api.storage_denied
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let fallback = sorted(source.extract(&query).await.expect("pages after a refusal")).await;
+    assert_eq!(fallback, paged);
+    assert_eq!(api.seen.lock().unwrap().sessions.len(), 2);
 }

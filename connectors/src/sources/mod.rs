@@ -8,6 +8,7 @@ use sluice_engine::source::SendableRecordBatchStream;
 use tokio::sync::mpsc;
 
 pub mod bigquery;
+pub mod bigquery_storage;
 pub(crate) mod chunks;
 pub mod databricks;
 pub mod files;
