@@ -21,6 +21,9 @@
 //!   result as Arrow chunks of 100,000 rows behind external links;
 //! - **BigQuery**: a server in this benchmark following REST API v2, the result as JSON pages
 //!   of 50,000 rows (prepared before timing);
+//! - **BigQuery Storage Read API**: a gRPC server in this benchmark answering the read session
+//!   of the same job with 4 streams of Arrow record batches of 50,000 rows (encoded before
+//!   timing);
 //! - **Redshift**: the local PostgreSQL read through the `redshift` source's cursor, beside the
 //!   `postgres` source's `COPY` of the same table.
 
@@ -715,9 +718,215 @@ async fn start_bigquery(rows: u64) -> String {
             "/bigquery/v2/projects/{project}/queries/{job}",
             get(bigquery_results),
         )
+        .route("/bigquery/v2/projects/{project}/jobs/{job}", get(bigquery_job))
         .with_state(server);
     tokio::spawn(async move { axum::serve(listener, app).await.ok() });
     base
+}
+
+/// `jobs.get`: the query's anonymous result table, for the Storage Read API.
+async fn bigquery_job() -> Json<Value> {
+    Json(
+        json!({"jobReference": {"projectId": "bench", "jobId": "job_bench", "location": "US"},
+        "configuration": {"query": {"destinationTable": {"projectId": "bench", "datasetId": "_anon", "tableId": "result"}}}}),
+    )
+}
+
+// --- BigQuery Storage Read API ------------------------------------------------------------
+
+const READ_STREAMS: u64 = 4;
+
+/// The read session's schema message and each stream's batch messages, encoded before timing.
+#[derive(Clone)]
+struct StorageRead {
+    schema: bytes::Bytes,
+    streams: Arc<Vec<Vec<(bytes::Bytes, i64)>>>,
+}
+
+/// Rows `first..first + n` as the Storage Read API's Arrow carries them (NUMERIC as
+/// Decimal128(38, 9), TIMESTAMP as UTC microseconds).
+fn bigquery_arrow(first: u64, n: u64) -> RecordBatch {
+    let ids: Vec<i64> = (first as i64..(first + n) as i64).collect();
+    let columns: Vec<(&str, ArrayRef, bool)> = vec![
+        ("id", Arc::new(Int64Array::from(ids.clone())), false),
+        (
+            "email",
+            Arc::new(StringArray::from(
+                ids.iter()
+                    .map(|i| format!("user{i}@example.com"))
+                    .collect::<Vec<_>>(),
+            )),
+            true,
+        ),
+        (
+            "plan",
+            Arc::new(StringArray::from(
+                ids.iter()
+                    .map(|i| if i % 3 == 0 { "pro" } else { "free" })
+                    .collect::<Vec<_>>(),
+            )),
+            true,
+        ),
+        (
+            "score",
+            Arc::new(
+                arrow::array::Decimal128Array::from(
+                    ids.iter()
+                        .map(|i| (i % 10_000) as i128 * 10_000_000)
+                        .collect::<Vec<_>>(),
+                )
+                .with_precision_and_scale(38, 9)
+                .expect("decimal"),
+            ),
+            true,
+        ),
+        (
+            "active",
+            Arc::new(BooleanArray::from(
+                ids.iter().map(|i| i % 2 == 0).collect::<Vec<_>>(),
+            )),
+            true,
+        ),
+        (
+            "signed_up",
+            Arc::new(Date32Array::from(
+                ids.iter().map(|i| 17_167 + (i % 3000) as i32).collect::<Vec<_>>(),
+            )),
+            true,
+        ),
+        (
+            "updated_at",
+            Arc::new(
+                arrow::array::TimestampMicrosecondArray::from(
+                    ids.iter()
+                        .map(|i| (1_704_067_200 + i) * 1_000_000)
+                        .collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+            true,
+        ),
+    ];
+    RecordBatch::try_from_iter_with_nullable(columns).expect("batch")
+}
+
+fn prepare_storage_read(rows: u64) -> StorageRead {
+    let per_stream = rows.div_ceil(READ_STREAMS);
+    let mut schema = bytes::Bytes::new();
+    let streams = (0..READ_STREAMS)
+        .map(|s| {
+            let start = s * per_stream;
+            let end = rows.min(start + per_stream);
+            let mut writer =
+                arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &bigquery_arrow(1, 1).schema())
+                    .expect("ipc");
+            schema = bytes::Bytes::from(writer.get_ref().clone());
+            let mut messages = Vec::new();
+            let mut first = start;
+            while first < end {
+                let n = BIGQUERY_PAGE_ROWS.min(end - first);
+                let before = writer.get_ref().len();
+                writer.write(&bigquery_arrow(first + 1, n)).expect("write");
+                messages.push((bytes::Bytes::from(writer.get_ref()[before..].to_vec()), n as i64));
+                first += n;
+            }
+            messages
+        })
+        .collect();
+    StorageRead {
+        schema,
+        streams: Arc::new(streams),
+    }
+}
+
+impl tonic::server::NamedService for StorageRead {
+    const NAME: &'static str = sluice_connectors::sources::bigquery_storage::SERVICE;
+}
+
+impl tower::Service<axum::http::Request<tonic::body::Body>> for StorageRead {
+    type Response = axum::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::http::Request<tonic::body::Body>) -> Self::Future {
+        use sluice_connectors::sources::bigquery_storage::{
+            ArrowRecordBatch, ArrowSchema, CreateReadSessionRequest, ReadRowsRequest, ReadRowsResponse,
+            ReadSession, ReadStream,
+        };
+        let server = self.clone();
+        Box::pin(async move {
+            Ok(match request.uri().path() {
+                "/google.cloud.bigquery.storage.v1.BigQueryRead/CreateReadSession" => {
+                    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                    let service = tower::service_fn(move |r: tonic::Request<CreateReadSessionRequest>| {
+                        let server = server.clone();
+                        async move {
+                            Ok::<_, tonic::Status>(tonic::Response::new(ReadSession {
+                                name: "projects/bench/locations/us/sessions/s".into(),
+                                data_format: 2,
+                                arrow_schema: Some(ArrowSchema {
+                                    serialized_schema: server.schema.clone(),
+                                }),
+                                table: r.into_inner().read_session.unwrap_or_default().table,
+                                streams: (0..server.streams.len())
+                                    .map(|i| ReadStream {
+                                        name: format!("projects/bench/locations/us/sessions/s/streams/{i}"),
+                                    })
+                                    .collect(),
+                            }))
+                        }
+                    });
+                    grpc.unary(service, request).await
+                }
+                "/google.cloud.bigquery.storage.v1.BigQueryRead/ReadRows" => {
+                    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                    let service = tower::service_fn(move |r: tonic::Request<ReadRowsRequest>| {
+                        let server = server.clone();
+                        async move {
+                            let index: usize = r
+                                .get_ref()
+                                .read_stream
+                                .rsplit('/')
+                                .next()
+                                .and_then(|i| i.parse().ok())
+                                .unwrap_or(0);
+                            let messages = server.streams[index].clone();
+                            let responses = messages.into_iter().map(|(bytes, rows)| {
+                                Ok::<_, tonic::Status>(ReadRowsResponse {
+                                    arrow_record_batch: Some(ArrowRecordBatch {
+                                        serialized_record_batch: bytes,
+                                        row_count: rows,
+                                    }),
+                                    row_count: rows,
+                                })
+                            });
+                            Ok::<_, tonic::Status>(tonic::Response::new(futures::stream::iter(responses)))
+                        }
+                    });
+                    grpc.server_streaming(service, request).await
+                }
+                _ => tonic::Status::unimplemented("not a BigQueryRead method").into_http(),
+            })
+        })
+    }
+}
+
+async fn start_storage_read(rows: u64) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let service = prepare_storage_read(rows);
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .ok()
+    });
+    format!("http://{address}")
 }
 
 fn bigquery_key(base: &str) -> String {
@@ -780,6 +989,7 @@ fn main() {
     let (chunk_base, copies) = runtime.block_on(start_chunk_server(rows, stage.path()));
     let databricks_base = runtime.block_on(start_databricks(rows));
     let bigquery_base = runtime.block_on(start_bigquery(rows));
+    let storage_base = runtime.block_on(start_storage_read(rows));
     runtime.block_on(seed_postgres(rows));
     let fakesnow = runtime.block_on(start_fakesnow(rows));
     let pg = |kind: &str| {
@@ -830,7 +1040,16 @@ fn main() {
         (
             "bigquery",
             format!(
-                "    type: bigquery\n    project: bench\n    service_account: key.json\n    url: {bigquery_base}\n"
+                "    type: bigquery\n    project: bench\n    service_account: key.json\n    url: {bigquery_base}\n    storage_read: false\n"
+            ),
+            "SELECT * FROM users",
+            "id",
+            vec![("key.json", bigquery_key(&bigquery_base))],
+        ),
+        (
+            "bigquery (Storage Read API, 4 streams)",
+            format!(
+                "    type: bigquery\n    project: bench\n    service_account: key.json\n    url: {bigquery_base}\n    storage_url: {storage_base}\n"
             ),
             "SELECT * FROM users",
             "id",
