@@ -361,7 +361,14 @@ async fn two_replicas_share_schedules_never_run_a_mapping_twice_and_take_over_fr
             .await
             .expect("leases");
         let held = held_by_a(leases);
-        if !held.is_empty() {
+        // Mid-run: a lease is taken just before its run is recorded and kept a moment after it
+        // ends, so a lease alone does not mean a run is in flight to be interrupted.
+        let running = !held.is_empty()
+            && runs(&metadata)
+                .await
+                .iter()
+                .any(|r| r.pid == replica_a_pid && r.status == "running");
+        if running {
             replica_a.start_kill().expect("SIGKILL replica A");
             break (Utc::now(), held);
         }
