@@ -33,6 +33,7 @@ use sluice_connectors::sources::bigquery_storage::{
 use sluice_engine::source::{ConnectorEnv, ModelQuery, Source};
 
 use crate::buckets::{Bucket, Provider, tools_dir};
+use crate::common::sorted;
 use crate::services::unavailable;
 
 const PROJECT: &str = "sluice-test";
@@ -775,17 +776,6 @@ async fn writes_missing_tables_and_denied_projects_fail_with_bigquery_own_errors
         err.contains("accessDenied") && err.contains("roles/bigquery.jobUser"),
         "{err}"
     );
-}
-
-/// Every batch of a stream, as one batch sorted by its first column.
-async fn sorted(mut stream: sluice_engine::source::SendableRecordBatchStream) -> RecordBatch {
-    let mut batches = Vec::new();
-    while let Some(batch) = stream.next().await {
-        batches.push(batch.expect("batch"));
-    }
-    let batch = arrow::compute::concat_batches(&stream.schema(), &batches).expect("concat");
-    let order = arrow::compute::sort_to_indices(batch.column(0), None, None).expect("sort");
-    arrow::compute::take_record_batch(&batch, &order).expect("take")
 }
 
 #[tokio::test]

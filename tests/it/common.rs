@@ -199,6 +199,19 @@ impl TestProject {
     }
 }
 
+/// Every batch of a source's stream, as one batch sorted by its first column (to compare two
+/// read paths whose batches arrive in different orders).
+pub async fn sorted(mut stream: sluice_engine::source::SendableRecordBatchStream) -> RecordBatch {
+    use futures::StreamExt;
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        batches.push(batch.expect("batch"));
+    }
+    let batch = arrow::compute::concat_batches(&stream.schema(), &batches).expect("concat");
+    let order = arrow::compute::sort_to_indices(batch.column(0), None, None).expect("sort");
+    arrow::compute::take_record_batch(&batch, &order).expect("take")
+}
+
 pub fn write_parquet(path: &Path, batch: &RecordBatch) {
     let file = std::fs::File::create(path).expect("create parquet");
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).expect("writer");

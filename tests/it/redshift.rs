@@ -280,7 +280,41 @@ impl Unloader {
     }
 }
 
+/// Updates, deletes and inserts one row each, runs again, and checks that exactly those went out.
+async fn second_sync_sends_exactly_the_changes(
+    db: &tokio_postgres::Client,
+    schema: &str,
+    project: &TestProject,
+) {
+    db.batch_execute(&format!(
+        "UPDATE {schema}.events SET amount = 0 WHERE id = 1000;
+         DELETE FROM {schema}.events WHERE id = 2000;
+         INSERT INTO {schema}.events (id, name) VALUES (3000, 'late');"
+    ))
+    .await
+    .expect("changes");
+    let output = project.sluice(&["run"]).await;
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let mut changes = services::latest_export(project.path(), "events_out");
+    changes.sort_by_key(|r| r["key"]["id"].as_i64());
+    let ops: Vec<(i64, &str)> = changes
+        .iter()
+        .map(|r| (r["key"]["id"].as_i64().unwrap(), r["op"].as_str().unwrap()))
+        .collect();
+    assert_eq!(ops, vec![(1000, "updated"), (2000, "deleted"), (3000, "added")]);
+}
+
 fn project(port: u16, kind: &str, sql: &str) -> TestProject {
+    project_with(port, kind, sql, "")
+}
+
+/// A project whose `warehouse` source has `extra` YAML lines.
+fn project_with(port: u16, kind: &str, sql: &str, extra: &str) -> TestProject {
     TestProject::new(&format!(
         r#"state_dir: .sluice
 sources:
@@ -289,7 +323,7 @@ sources:
     url: postgres://postgres@127.0.0.1:{port}/test
     sslmode: disable
     batch_rows: 1000
-models:
+{extra}models:
   events:
     source: warehouse
     sql: "{sql}"
@@ -376,27 +410,7 @@ async fn redshift_reads_through_a_cursor_never_copy_and_syncs_changes() {
         "Redshift takes no isolation level: {statements:#?}"
     );
 
-    db.batch_execute(&format!(
-        "UPDATE {schema}.events SET amount = 0 WHERE id = 1000;
-         DELETE FROM {schema}.events WHERE id = 2000;
-         INSERT INTO {schema}.events (id, name) VALUES (3000, 'late');"
-    ))
-    .await
-    .expect("changes");
-    let output = project.sluice(&["run"]).await;
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    let mut changes = services::latest_export(project.path(), "events_out");
-    changes.sort_by_key(|r| r["key"]["id"].as_i64());
-    let ops: Vec<(i64, &str)> = changes
-        .iter()
-        .map(|r| (r["key"]["id"].as_i64().unwrap(), r["op"].as_str().unwrap()))
-        .collect();
-    assert_eq!(ops, vec![(1000, "updated"), (2000, "deleted"), (3000, "added")]);
+    second_sync_sends_exactly_the_changes(&db, schema, &project).await;
 }
 
 #[tokio::test]
@@ -435,35 +449,16 @@ async fn redshift_refuses_writes_and_names_types_it_cannot_carry() {
 }
 
 fn unloading_project(port: u16, bucket: &Bucket, sql: &str) -> TestProject {
-    TestProject::new(&format!(
-        r#"state_dir: .sluice
-sources:
-  warehouse:
-    type: redshift
-    url: postgres://postgres@127.0.0.1:{port}/test
-    sslmode: disable
-    batch_rows: 1000
-    unload:
-      url: {url}
-      iam_role: arn:aws:iam::123456789012:role/sluice-unload
-      options: {options}
-models:
-  events:
-    source: warehouse
-    sql: "{sql}"
-    primary_key: id
-destinations:
-  exports:
-    type: file
-    url: exports/
-mappings:
-  events_out:
-    model: events
-    destination: exports
-"#,
-        url = bucket.url("unload/"),
-        options = yaml_map(&bucket.options()),
-    ))
+    project_with(
+        port,
+        "redshift",
+        sql,
+        &format!(
+            "    unload:\n      url: {}\n      iam_role: arn:aws:iam::123456789012:role/sluice-unload\n      options: {}\n",
+            bucket.url("unload/"),
+            yaml_map(&bucket.options())
+        ),
+    )
 }
 
 #[tokio::test]
@@ -547,27 +542,7 @@ async fn redshift_unloads_syncs_to_s3_as_parquet_and_reads_them_back() {
     assert!(statements.iter().any(|s| s.starts_with("DECLARE")));
 
     // The second sync finds exactly the changes: the unloaded types match the first sync's.
-    db.batch_execute(&format!(
-        "UPDATE {schema}.events SET amount = 0 WHERE id = 1000;
-         DELETE FROM {schema}.events WHERE id = 2000;
-         INSERT INTO {schema}.events (id, name) VALUES (3000, 'late');"
-    ))
-    .await
-    .expect("changes");
-    let output = project.sluice(&["run"]).await;
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    let mut changes = services::latest_export(project.path(), "events_out");
-    changes.sort_by_key(|r| r["key"]["id"].as_i64());
-    let ops: Vec<(i64, &str)> = changes
-        .iter()
-        .map(|r| (r["key"]["id"].as_i64().unwrap(), r["op"].as_str().unwrap()))
-        .collect();
-    assert_eq!(ops, vec![(1000, "updated"), (2000, "deleted"), (3000, "added")]);
+    second_sync_sends_exactly_the_changes(&db, schema, &project).await;
 }
 
 #[tokio::test]

@@ -30,7 +30,7 @@ use sluice_connectors::sources::snowflake::{SnowflakeConfig, SnowflakeSource};
 use sluice_engine::source::{ConnectorEnv, ModelQuery, Source};
 
 use crate::buckets::{Bucket, Provider, free_port, start_server, tools_dir};
-use crate::common::{TestProject, stderr, stdout};
+use crate::common::{TestProject, sorted, stderr, stdout};
 use crate::services::{self, unavailable};
 
 // ---------------------------------------------------------------------------------------------
@@ -931,17 +931,6 @@ async fn json_rowsets_are_read_into_the_same_types_as_arrow() {
         .column(4)
         .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
     assert_eq!(at.value(3), -1_000_000, "LTZ seconds");
-}
-
-/// Every batch of a stream, as one batch sorted by its first column.
-async fn sorted(mut stream: sluice_engine::source::SendableRecordBatchStream) -> RecordBatch {
-    let mut batches = Vec::new();
-    while let Some(batch) = stream.next().await {
-        batches.push(batch.expect("batch"));
-    }
-    let batch = arrow::compute::concat_batches(&stream.schema(), &batches).expect("concat");
-    let order = arrow::compute::sort_to_indices(batch.column(0), None, None).expect("sort");
-    arrow::compute::take_record_batch(&batch, &order).expect("take")
 }
 
 #[tokio::test]

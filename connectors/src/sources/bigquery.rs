@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use url::Url;
 
 use super::bigquery_storage::StorageClient;
-use super::unload::{UnloadLocation, UnloadRead, UnloadedFile};
+use super::unload::{BatchStream, UnloadLocation, UnloadRead, UnloadedFile, stream_or_error};
 use crate::HumanDuration;
 use crate::destinations::http::{describe_reqwest_error, parse_retry_after, snippet};
 use crate::google_auth::GoogleAuth;
@@ -1213,16 +1213,6 @@ impl PageReader {
             message,
             hint,
         }
-    }
-}
-
-type BatchStream = futures::stream::BoxStream<'static, Result<RecordBatch, String>>;
-
-/// An opened stream, or one yielding why it could not be opened.
-fn stream_or_error(opened: Result<BatchStream, String>) -> BatchStream {
-    match opened {
-        Ok(stream) => stream,
-        Err(message) => futures::stream::once(async move { Err(message) }).boxed(),
     }
 }
 

@@ -13,11 +13,12 @@ use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::StreamDecoder;
 use bytes::Bytes;
 use futures::StreamExt;
-use futures::stream::BoxStream;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use url::Url;
+
+use super::unload::BatchStream;
 
 pub const SERVICE: &str = "google.cloud.bigquery.storage.v1.BigQueryRead";
 const CREATE_READ_SESSION: &str = "/google.cloud.bigquery.storage.v1.BigQueryRead/CreateReadSession";
@@ -198,7 +199,7 @@ impl StorageClient {
         stream: &str,
         session_schema: Bytes,
         schema: SchemaRef,
-    ) -> Result<BoxStream<'static, Result<RecordBatch, String>>, StorageError> {
+    ) -> Result<BatchStream, StorageError> {
         let request = Self::request(
             ReadRowsRequest {
                 read_stream: stream.to_string(),

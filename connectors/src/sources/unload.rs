@@ -230,7 +230,10 @@ async fn read_files(
         message,
         hint: None,
     };
-    let streams = futures::stream::iter(read.files.iter().cloned().map(|file| {
+    // Owned pieces only: the pipeline is boxed as a 'static stream.
+    let files = read.files.clone();
+    let store = store.clone();
+    let streams: BatchStream = futures::stream::iter(files.into_iter().map(move |file| {
         let store = store.clone();
         async move {
             let size = match file.size {
@@ -255,17 +258,16 @@ async fn read_files(
                 .build()
                 .map_err(|e| format!("reading unloaded file {}: {e}", file.path))?;
             let path = file.path.clone();
-            Ok::<_, String>(
-                stream.map(move |batch| batch.map_err(|e| format!("reading unloaded file {path}: {e}"))),
-            )
+            let batches: BatchStream = stream
+                .map(move |batch| batch.map_err(|e| format!("reading unloaded file {path}: {e}")))
+                .boxed();
+            Ok::<_, String>(batches)
         }
     }))
     .buffer_unordered(FILES_AT_ONCE)
-    .map(|opened| match opened {
-        Ok(stream) => stream.boxed(),
-        Err(message) => futures::stream::once(async move { Err(message) }).boxed(),
-    })
-    .flatten_unordered(FILES_AT_ONCE);
+    .map(stream_or_error)
+    .flatten_unordered(FILES_AT_ONCE)
+    .boxed();
     futures::pin_mut!(streams);
     let mut rows: u64 = 0;
     while let Some(batch) = streams.next().await {
@@ -284,6 +286,18 @@ async fn read_files(
         )));
     }
     Ok(())
+}
+
+/// Batches of one file or stream, errors as text for the caller to wrap.
+pub(crate) type BatchStream = futures::stream::BoxStream<'static, Result<RecordBatch, String>>;
+
+/// An opened stream, or one yielding why it could not be opened (for reading several at once
+/// with `flatten_unordered`).
+pub(crate) fn stream_or_error(opened: Result<BatchStream, String>) -> BatchStream {
+    match opened {
+        Ok(stream) => stream,
+        Err(message) => futures::stream::once(async move { Err(message) }).boxed(),
+    }
 }
 
 /// One unloaded file, read through object_store: ranged reads of its column chunks, the footer
