@@ -4,6 +4,7 @@
 //! ```sh
 //! .ci/test-tools   # installs fakesnow
 //! cargo bench --bench warehouse_extract -- --rows 1000000 --rounds 3
+//! # a subset, by name: --only sqlserver,postgres
 //! ```
 //!
 //! Each warehouse source reads the same 7-column `users` model (id, email, plan, score
@@ -25,10 +26,17 @@
 //!   of the same job with 4 streams of Arrow record batches of 50,000 rows (encoded before
 //!   timing);
 //! - **Redshift**: the local PostgreSQL read through the `redshift` source's cursor, beside the
-//!   `postgres` source's `COPY` of the same table.
+//!   `postgres` source's `COPY` of the same table;
+//! - **SQL Server**: the tests' TDS server (`tests/it/tds.rs`) in this process, answering the
+//!   same PostgreSQL table in SQL Server's row encodings (its own reading of PostgreSQL and
+//!   encoding is inside the figure), without TLS and with TDS 8.0 TLS.
 
 #[path = "common/process.rs"]
 mod process;
+// The tests' SQL Server stand-in; the bench uses its server, not its record of batches.
+#[allow(dead_code)]
+#[path = "../tests/it/tds.rs"]
+mod tds;
 
 use std::io::Write;
 use std::path::Path;
@@ -992,6 +1000,28 @@ fn main() {
     let storage_base = runtime.block_on(start_storage_read(rows));
     runtime.block_on(seed_postgres(rows));
     let fakesnow = runtime.block_on(start_fakesnow(rows));
+    let certificate_dir = tempfile::tempdir().expect("certificate dir");
+    let (_, cert, key) =
+        tds::localhost_certificate(certificate_dir.path()).expect("a certificate for the TDS server");
+    let tds_options = |tls| tds::TdsOptions {
+        postgres_url: PG_URL.into(),
+        user: "bench".into(),
+        password: "bench".into(),
+        database: "public".into(),
+        tls,
+        allow_snapshot: true,
+    };
+    let tds_plain = runtime.block_on(tds::TdsServer::start(tds_options(tds::TdsTls::None), None));
+    let tds_strict = runtime.block_on(tds::TdsServer::start(
+        tds_options(tds::TdsTls::Strict),
+        Some((&cert, &key)),
+    ));
+    let sqlserver = |port: u16, encrypt: &str| {
+        format!(
+            "    type: sqlserver\n    url: sqlserver://bench:bench@localhost:{port}/public\n    encrypt: {encrypt}\n    trust_server_certificate: {}\n",
+            encrypt != "\"off\""
+        )
+    };
     let pg = |kind: &str| {
         format!("    type: {kind}\n    url: postgres://postgres@127.0.0.1:5432/test\n    sslmode: disable\n")
     };
@@ -1069,22 +1099,47 @@ fn main() {
             "id",
             Vec::new(),
         ),
+        (
+            "sqlserver (TDS stand-in on PostgreSQL, no TLS)",
+            sqlserver(tds_plain.port, "\"off\""),
+            "SELECT * FROM bench_warehouse_users",
+            "id",
+            Vec::new(),
+        ),
+        (
+            "sqlserver (TDS stand-in on PostgreSQL, TDS 8.0 TLS)",
+            sqlserver(tds_strict.port, "strict"),
+            "SELECT * FROM bench_warehouse_users",
+            "id",
+            Vec::new(),
+        ),
     ];
+    let jobs: Vec<Job> = match arg(&args, "--only") {
+        Some(only) => jobs
+            .into_iter()
+            .filter(|job| only.split(',').any(|part| job.0.contains(part)))
+            .collect(),
+        None => jobs,
+    };
     let mut figures: Vec<Vec<Figures>> = vec![Vec::new(); jobs.len()];
     let mut fakesnow_alone = Vec::new();
     for round in 0..rounds {
-        fakesnow_alone.push(runtime.block_on(fakesnow_answer_seconds(&fakesnow.base)));
+        if jobs.iter().any(|job| job.0.contains("fakesnow")) {
+            fakesnow_alone.push(runtime.block_on(fakesnow_answer_seconds(&fakesnow.base)));
+        }
         for (i, (name, source, sql, key, files)) in jobs.iter().enumerate() {
             let run = extract_once(source, sql, key, files);
             println!("round {}: {name}: {:.2} s, {:.0} MiB", round + 1, run.0, run.2);
             figures[i].push(run);
         }
     }
-    assert_eq!(
-        copies.load(std::sync::atomic::Ordering::Relaxed),
-        rounds,
-        "each unload round ran COPY INTO once"
-    );
+    if jobs.iter().any(|job| job.0.contains("unload")) {
+        assert_eq!(
+            copies.load(std::sync::atomic::Ordering::Relaxed),
+            rounds,
+            "each unload round ran COPY INTO once"
+        );
+    }
     let left: usize = walkdir(stage.path());
     assert_eq!(left, 0, "the unloaded files were deleted once read");
     println!("| source (stand-in) | wall s (each round) | median rows/s | CPU s | peak RSS MiB |");

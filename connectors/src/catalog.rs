@@ -11,7 +11,7 @@ use crate::destinations::{
     braze, customerio, file, google_sheets, hubspot, iterable, klaviyo, mixpanel, postgres as pg_destination,
     salesforce, segment, webhook,
 };
-use crate::sources::{bigquery, databricks, files, mysql, postgres, snowflake, sqlite};
+use crate::sources::{bigquery, databricks, files, mysql, postgres, snowflake, sqlite, sqlserver};
 
 /// A schema with every subschema inline: a form walks it without resolving references, and
 /// each secret is marked where it is used.
@@ -88,6 +88,12 @@ pub fn catalog() -> ConnectorCatalog {
             "MySQL / MariaDB",
             "MySQL and MariaDB, read with a streaming query; optionally through an SSH tunnel.",
             schema_of::<mysql::MysqlConfig>(),
+        ),
+        connector(
+            "sqlserver",
+            "Microsoft SQL Server",
+            "SQL Server and Azure SQL over TDS with TLS; SQL authentication; optionally through an SSH tunnel.",
+            schema_of::<sqlserver::SqlServerConfig>(),
         ),
         connector(
             "snowflake",

@@ -34,6 +34,7 @@ pub const SOURCE_TYPES: &[&str] = &[
     "snowflake",
     "bigquery",
     "databricks",
+    "sqlserver",
 ];
 /// Destination types, as written in `type:`.
 pub const DESTINATION_TYPES: &[&str] = &[
@@ -66,6 +67,7 @@ impl ConnectorFactory for Connectors {
         config: &ConnectorConfig,
         env: &ConnectorEnv,
     ) -> Result<Arc<dyn Source>, String> {
+        install_crypto_provider();
         match config.kind.as_str() {
             "files" => Ok(Arc::new(sources::files::FilesSource::new(
                 name,
@@ -107,6 +109,11 @@ impl ConnectorFactory for Connectors {
                 parse(config)?,
                 env,
             )?)),
+            "sqlserver" | "mssql" => Ok(Arc::new(sources::sqlserver::SqlServerSource::new(
+                name,
+                parse(config)?,
+                env,
+            )?)),
             other => Err(unknown_type("source", other, SOURCE_TYPES)),
         }
     }
@@ -117,6 +124,7 @@ impl ConnectorFactory for Connectors {
         config: &ConnectorConfig,
         env: &ConnectorEnv,
     ) -> Result<Arc<dyn Destination>, String> {
+        install_crypto_provider();
         match config.kind.as_str() {
             "webhook" => Ok(Arc::new(destinations::webhook::WebhookDestination::new(
                 name,
@@ -172,6 +180,17 @@ impl ConnectorFactory for Connectors {
             other => Err(unknown_type("destination", other, DESTINATION_TYPES)),
         }
     }
+}
+
+/// Makes ring the process's rustls crypto provider. tiberius (SQL Server) compiles aws-lc-rs
+/// into rustls beside ring, and with two providers compiled in rustls cannot choose one for
+/// `ClientConfig::builder()`, which mysql_async and tiberius call. Idempotent.
+pub fn install_crypto_provider() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // Err means another provider was installed first, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 fn unknown_type(kind: &str, name: &str, known: &[&str]) -> String {

@@ -386,10 +386,7 @@ impl Engine {
 
     async fn preview_query(&self, source_name: &str, query: ModelQuery, limit: usize) -> Result<Preview> {
         let source = self.source(source_name)?;
-        let limited = ModelQuery::new(
-            query.model.clone(),
-            crate::source::limit_sql(&query.sql, limit as u64),
-        );
+        let limited = ModelQuery::new(query.model.clone(), source.limit_sql(&query.sql, limit as u64));
         let mut stream = source.extract(&limited).await?;
         let schema = stream.schema();
         let mut batches = Vec::new();
@@ -440,10 +437,10 @@ impl Engine {
         }
         let template = self.template_values(&model, chrono::Utc::now()).await?;
         let mut query = self.model_query(&model, &template)?;
-        if key.is_none() {
-            query.sql = crate::source::limit_sql(&query.sql, 1);
-        }
         let source = self.source(&model_config.source)?;
+        if key.is_none() {
+            query.sql = source.limit_sql(&query.sql, 1);
+        }
         let mut stream = source.extract(&query).await?;
         let query_error = |e: datafusion::error::DataFusionError| SourceError::Query {
             model: model.clone(),

@@ -46,10 +46,16 @@ pub trait Source: Send + Sync + 'static {
     /// `DataFusionError::External` wrapping a [`SourceError`].
     async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError>;
 
+    /// The model's SQL wrapped so that at most `limit` rows come back, in this source's dialect
+    /// (previews, probes and record lookups use it). By default `SELECT * FROM (...) LIMIT n`.
+    fn limit_sql(&self, sql: &str, limit: u64) -> String {
+        limit_sql(sql, limit)
+    }
+
     /// Checks that a model's query is valid and readable here, without reading its rows: the
     /// tables exist and the user may read them. By default the query is run with `LIMIT 0`.
     async fn check_query(&self, query: &ModelQuery) -> Result<(), SourceError> {
-        let probe = ModelQuery::new(query.model.clone(), limit_sql(&query.sql, 0));
+        let probe = ModelQuery::new(query.model.clone(), self.limit_sql(&query.sql, 0));
         let mut stream = self.extract(&probe).await?;
         while let Some(batch) = futures::StreamExt::next(&mut stream).await {
             batch.map_err(|e| SourceError::Query {

@@ -26,4 +26,6 @@ mod s3_proxy;
 mod serve;
 mod services;
 mod snowflake;
+mod sqlserver;
+mod tds;
 mod vendors;

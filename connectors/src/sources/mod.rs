@@ -16,6 +16,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod snowflake;
 pub mod sqlite;
+pub mod sqlserver;
 pub(crate) mod unload;
 
 /// The batches a reader task sends, as the record batch stream `Source::extract` returns.

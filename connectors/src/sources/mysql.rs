@@ -186,6 +186,7 @@ impl MysqlSource {
     }
 
     async fn connect(&self) -> Result<Conn, SourceError> {
+        crate::install_crypto_provider();
         let mut opts = self.opts.clone();
         if let Some(tunnel) = &self.tunnel {
             let local = tunnel.open().await.map_err(|message| SourceError::Connect {
