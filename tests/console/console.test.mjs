@@ -473,7 +473,7 @@ test("sources and destinations are listed and test their connections; a model pr
 
   await page.getByRole("link", { name: "Models", exact: true }).click();
   await page.getByRole("link", { name: "users", exact: true }).click();
-  await page.getByRole("heading", { name: "users" }).waitFor();
+  await page.getByRole("heading", { name: "users", exact: true }).waitFor();
   // The SQL is highlighted: keywords get their own spans.
   assert.ok((await page.locator("pre.sql .sql-keyword").count()) > 0);
   await page.getByRole("button", { name: "Preview" }).click();
@@ -539,7 +539,8 @@ test("a new mapping is made with the field editor, a constant and a schedule pic
   assert.equal(await page.getByLabel("constant 1 field").inputValue(), "context.app");
   await page.getByLabel("Records", { exact: true }).selectOption("added");
   await page.getByRole("button", { name: "Save" }).click();
-  await page.getByRole("heading", { name: "users_to_copy" }).waitFor();
+  // Exact: "Edit users_to_copy" contains the name too, and the save may not have landed yet.
+  await page.getByRole("heading", { name: "users_to_copy", exact: true }).waitFor();
   const { body: edited } = await api("GET", "/mappings/users_to_copy");
   assert.deepEqual(edited.definition, { ...made.definition, send: ["added"] });
   await context.close();
@@ -621,7 +622,7 @@ test("a new model is written in the SQL editor, previewed, given a primary key f
   assert.ok(await page.getByLabel("key id").isChecked());
   await page.getByLabel("SQL", { exact: true }).fill("SELECT id, email, plan FROM users WHERE plan IN ('pro', 'team')");
   await page.getByRole("button", { name: "Save" }).click();
-  await page.getByRole("heading", { name: "pro_users" }).waitFor();
+  await page.getByRole("heading", { name: "pro_users", exact: true }).waitFor();
   const { body: edited } = await api("GET", "/models/pro_users");
   assert.deepEqual(edited.definition, { ...model.definition, sql: "SELECT id, email, plan FROM users WHERE plan IN ('pro', 'team')" });
   await context.close();
