@@ -337,7 +337,11 @@ mod tests {
             }
             schema
         };
-        for (kind, path) in [("postgres", &["password"][..]), ("mysql", &["password"])] {
+        for (kind, path) in [
+            ("postgres", &["password"][..]),
+            ("mysql", &["password"]),
+            ("sqlserver", &["password"]),
+        ] {
             assert_eq!(
                 option(catalog.source(kind), path)["writeOnly"],
                 true,
