@@ -28,8 +28,9 @@
 //! - **Redshift**: the local PostgreSQL read through the `redshift` source's cursor, beside the
 //!   `postgres` source's `COPY` of the same table;
 //! - **SQL Server**: the tests' TDS server (`tests/it/tds.rs`) in this process, answering the
-//!   same PostgreSQL table in SQL Server's row encodings (its own reading of PostgreSQL and
-//!   encoding is inside the figure), without TLS and with TDS 8.0 TLS.
+//!   same PostgreSQL table in SQL Server's row encodings (`varchar(n)` columns as `nvarchar(n)`;
+//!   its own reading of PostgreSQL and encoding run in this process, beside the timed one),
+//!   without TLS and with TDS 8.0 TLS.
 
 #[path = "common/process.rs"]
 mod process;
@@ -960,8 +961,8 @@ async fn seed_postgres(rows: u64) {
     client
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS bench_warehouse_users;
-             CREATE TABLE bench_warehouse_users AS SELECT g::bigint AS id, 'user' || g || '@example.com' AS email,
-               CASE WHEN g % 3 = 0 THEN 'pro' ELSE 'free' END AS plan, ((g % 10000) / 100.0)::numeric(10, 2) AS score,
+             CREATE TABLE bench_warehouse_users AS SELECT g::bigint AS id, ('user' || g || '@example.com')::varchar(64) AS email,
+               (CASE WHEN g % 3 = 0 THEN 'pro' ELSE 'free' END)::varchar(8) AS plan, ((g % 10000) / 100.0)::numeric(10, 2) AS score,
                g % 2 = 0 AS active, DATE '2017-01-01' + (g % 3000)::int AS signed_up,
                TIMESTAMP '2024-01-01' + g * INTERVAL '1 second' AS updated_at
              FROM generate_series(1, {rows}) AS g;
