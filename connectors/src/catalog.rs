@@ -282,6 +282,7 @@ pub fn catalog() -> ConnectorCatalog {
 mod tests {
     use super::*;
     use crate::{DESTINATION_TYPES, SOURCE_TYPES};
+    use serde_json::json;
 
     #[test]
     fn every_type_is_described_once() {
@@ -317,6 +318,66 @@ mod tests {
         ] {
             assert_eq!(names(kind), actions.to_vec(), "{kind}");
         }
+    }
+
+    /// Every option whose name looks like a credential is declared secret by its type
+    /// (`Secret`/`SecretUrl`, the `x-sluice-secret` keyword), so redaction and sealing do not
+    /// depend on a name rule a new connector's author would have to know.
+    #[test]
+    fn credential_looking_options_are_declared_secret() {
+        fn declared(schema: &Value) -> bool {
+            schema.get(sluice_engine::SECRET_KEYWORD).is_some()
+                || ["anyOf", "oneOf", "allOf"].iter().any(|k| {
+                    schema[*k]
+                        .as_array()
+                        .is_some_and(|branches| branches.iter().any(declared))
+                })
+        }
+        fn walk(connector: &str, schema: &Value, path: &str, missing: &mut Vec<String>) {
+            let mut nodes = vec![schema];
+            for k in ["anyOf", "oneOf", "allOf"] {
+                if let Some(branches) = schema[k].as_array() {
+                    nodes.extend(branches);
+                }
+            }
+            for node in nodes {
+                if let Some(properties) = node["properties"].as_object() {
+                    for (key, property) in properties {
+                        let here = format!("{path}.{key}");
+                        // Free-form object_store option maps are judged key by key at run time.
+                        let free_form = key == "options";
+                        let string_like = property["type"] == "string"
+                            || property["anyOf"]
+                                .as_array()
+                                .is_some_and(|b| b.iter().any(|b| b["type"] == "string"))
+                            || property["additionalProperties"]["type"] == "string";
+                        if sluice_engine::secrets::is_secret_key(key)
+                            && !free_form
+                            && string_like
+                            && !declared(property)
+                            && !declared(&property["additionalProperties"])
+                        {
+                            missing.push(format!("{connector}{here}"));
+                        }
+                        walk(connector, property, &here, missing);
+                    }
+                }
+            }
+        }
+        let catalog = catalog();
+        let mut missing = Vec::new();
+        for connector in catalog.sources.iter().chain(&catalog.destinations) {
+            walk(&connector.kind, &connector.options, "", &mut missing);
+        }
+        assert!(missing.is_empty(), "declare these options `Secret`: {missing:?}");
+        // And the webhook's address is a credential as a whole.
+        let webhook = catalog
+            .destination("webhook")
+            .map(|c| c.options["properties"]["url"].clone());
+        assert_eq!(
+            webhook.map(|u| u[sluice_engine::SECRET_KEYWORD].clone()),
+            Some(json!("url"))
+        );
     }
 
     /// The options a user types secrets into are write-only in the served catalog.

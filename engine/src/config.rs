@@ -577,6 +577,121 @@ impl Serialize for ConfigString {
     }
 }
 
+/// A credential among a connector's options: a [`ConfigString`] declared secret by its type.
+/// The catalog marks it `writeOnly` (and `x-sluice-secret`), the API seals it at rest and never
+/// shows it, and Debug and Display print only the placeholder. Declaring an option with this
+/// type is what makes it secret; no rule about option names has to be remembered.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(ConfigString);
+
+/// The JSON Schema keyword that marks an option secret: `true` for a value shown as the
+/// placeholder, `"url"` for a URL that is a credential as a whole (shown as its scheme and host).
+pub const SECRET_KEYWORD: &str = "x-sluice-secret";
+
+impl Secret {
+    pub fn literal(value: impl Into<String>) -> Self {
+        Self(ConfigString::literal(value))
+    }
+
+    /// The resolved value: use it, never print it.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    pub fn has_references(&self) -> bool {
+        self.0.has_references()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({:?})", crate::secrets::REDACTED)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(crate::secrets::REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The template, as ConfigString: `${VAR}` references stay references.
+        self.0.serialize(serializer)
+    }
+}
+
+impl schemars::JsonSchema for Secret {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Secret".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "writeOnly": true, "x-sluice-secret": true })
+    }
+}
+
+/// A URL that is a credential as a whole (an incoming-webhook address: whoever has it can
+/// post). Like [`Secret`], but shown as its scheme and host followed by `…`, so a reader can
+/// still tell where records go.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(ConfigString);
+
+impl SecretUrl {
+    pub fn literal(value: impl Into<String>) -> Self {
+        Self(ConfigString::literal(value))
+    }
+
+    /// The resolved URL: use it, never print it.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// `scheme://host[:port]/…`: what may be shown.
+    pub fn display(&self) -> String {
+        crate::secrets::url_host_display(self.0.expose())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({:?})", self.display())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl schemars::JsonSchema for SecretUrl {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SecretUrl".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "format": "uri", "writeOnly": true, "x-sluice-secret": "url" })
+    }
+}
+
 /// A loaded, validated project file.
 #[derive(Debug, Clone)]
 pub struct Project {

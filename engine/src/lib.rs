@@ -48,7 +48,7 @@ pub mod source;
 pub mod tokens;
 pub mod workload;
 
-pub use config::{ConfigString, ConnectorConfig, Op, Project};
+pub use config::{ConfigString, ConnectorConfig, Op, Project, SECRET_KEYWORD, Secret, SecretUrl};
 pub use engine::{Engine, METADATA_FILE, PayloadPreview, Preview};
 pub use error::{ConfigError, DestinationError, EngineError, MappingError, Result, SourceError};
 pub use metadata::Trigger;

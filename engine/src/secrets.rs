@@ -3,12 +3,13 @@
 //! key from the environment, `SLUICE_SECRET_KEY`).
 //!
 //! A definition is the JSON of a source, model, destination or mapping as `sluice.yaml` writes
-//! it. In a source's or destination's options, a string is a secret when a key on its path
-//! names one (`password`, `api_key`, `token`, `client_secret`, `private_key`,
-//! `service_account`, anything under `headers`, ...); in a mapping, an alert's `urls`; and a
-//! URL's password is a secret wherever the URL is. The rule is by name so a connector added
-//! later is covered without a list to keep up to date; the tests name every secret option of
-//! every connector.
+//! it. In a source's or destination's options, a string is a secret when the connector declares
+//! the option's type [`crate::Secret`] or [`crate::SecretUrl`] (the `x-sluice-secret` keyword in
+//! its options schema, [`SecretSchemas`]); as a second net, and for the keys of free-form maps
+//! that no type can declare (object_store `options`), when a key on its path is named like one
+//! ([`is_secret_key`]). In a mapping, an alert's `urls` are secrets; and a URL's password is a
+//! secret wherever the URL is. A connectors test fails when an option named like a credential is
+//! not declared secret by its type.
 //!
 //! Sealed, a secret becomes `{"$sealed": "v1.<key id>.<nonce+ciphertext, base64>", "display":
 //! "********"}`: the display form (a URL keeps everything but its password) is what the API
@@ -208,8 +209,100 @@ pub fn is_secret_key(key: &str) -> bool {
         || key == "headers"
 }
 
-/// Whether the string at `path` of a `kind` definition is a secret as a whole.
-fn secret_path(kind: Kind, path: &[Step]) -> bool {
+/// Each connector type's options schema, as the catalog gives it: where the types declared
+/// [`crate::Secret`] and [`crate::SecretUrl`] options (the `x-sluice-secret` keyword).
+#[derive(Debug, Clone, Default)]
+pub struct SecretSchemas {
+    sources: std::collections::HashMap<String, Value>,
+    destinations: std::collections::HashMap<String, Value>,
+}
+
+impl SecretSchemas {
+    pub fn from_catalog(catalog: &crate::connector_types::ConnectorCatalog) -> Self {
+        let index = |types: &[crate::connector_types::ConnectorType]| {
+            types
+                .iter()
+                .map(|t| (t.kind.clone(), t.options.clone()))
+                .collect()
+        };
+        Self {
+            sources: index(&catalog.sources),
+            destinations: index(&catalog.destinations),
+        }
+    }
+
+    /// The options schema of a `kind` definition, by its `type`.
+    fn of(&self, kind: Kind, definition: &Value) -> Option<&Value> {
+        let kind_name = definition.get("type")?.as_str()?;
+        match kind {
+            Kind::Source => self.sources.get(kind_name),
+            Kind::Destination => self.destinations.get(kind_name),
+            Kind::Model | Kind::Mapping => None,
+        }
+    }
+}
+
+/// How a secret string is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// As the placeholder.
+    Placeholder,
+    /// As its scheme and host: a URL that is a credential as a whole.
+    UrlHost,
+}
+
+fn marker(schema: &Value) -> Option<Shown> {
+    match schema.get(crate::config::SECRET_KEYWORD)? {
+        Value::Bool(true) => Some(Shown::Placeholder),
+        Value::String(s) if s == "url" => Some(Shown::UrlHost),
+        _ => None,
+    }
+}
+
+/// `schema` and the branches of its `anyOf`/`oneOf`/`allOf` (an optional option is `anyOf
+/// [T, null]`).
+fn branches(schema: &Value) -> Vec<&Value> {
+    let mut out = vec![schema];
+    for alternatives in ["anyOf", "oneOf", "allOf"] {
+        if let Some(Value::Array(items)) = schema.get(alternatives) {
+            for item in items {
+                out.extend(branches(item));
+            }
+        }
+    }
+    out
+}
+
+/// Whether the options schema declares the option at `path`, or one containing it, secret.
+fn declared_secret(schema: &Value, path: &[Step]) -> Option<Shown> {
+    let mut nodes: Vec<&Value> = branches(schema);
+    for step in path {
+        if let Some(shown) = nodes.iter().find_map(|n| marker(n)) {
+            return Some(shown);
+        }
+        let mut next = Vec::new();
+        for node in nodes {
+            let child = match step {
+                Step::Key(key) => node
+                    .get("properties")
+                    .and_then(|p| p.get(*key))
+                    .or_else(|| node.get("additionalProperties").filter(|a| a.is_object())),
+                Step::Index(_) => node.get("items"),
+            };
+            if let Some(child) = child {
+                next.extend(branches(child));
+            }
+        }
+        nodes = next;
+    }
+    nodes.iter().find_map(|n| marker(n))
+}
+
+/// Whether the string at `path` of a `kind` definition is a secret as a whole, and how it is
+/// shown. Declared by type in the connector's options (`schema`); by name for what a type
+/// cannot declare (the keys of free-form maps such as object_store `options`), which also
+/// stays as a second net under every connector option.
+fn secret_path(kind: Kind, schema: Option<&Value>, path: &[Step]) -> Option<Shown> {
     let keys: Vec<&str> = path
         .iter()
         .filter_map(|s| match s {
@@ -218,10 +311,32 @@ fn secret_path(kind: Kind, path: &[Step]) -> bool {
         })
         .collect();
     match kind {
-        Kind::Source | Kind::Destination => keys.iter().any(|k| is_secret_key(k)),
+        Kind::Source | Kind::Destination => {
+            schema
+                .and_then(|schema| declared_secret(schema, path))
+                .or_else(|| {
+                    keys.iter()
+                        .any(|k| is_secret_key(k))
+                        .then_some(Shown::Placeholder)
+                })
+        }
         // An alert's webhook URL is itself the credential (Slack's hooks.slack.com/services/...).
-        Kind::Mapping => keys.starts_with(&["alerts", "urls"]),
-        Kind::Model => false,
+        Kind::Mapping => keys.starts_with(&["alerts", "urls"]).then_some(Shown::UrlHost),
+        Kind::Model => None,
+    }
+}
+
+/// `scheme://host[:port]/…`: what may be shown of a URL that is a credential as a whole.
+pub fn url_host_display(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(parsed) => match parsed.host_str() {
+            Some(host) => match parsed.port() {
+                Some(port) => format!("{}://{host}:{port}/…", parsed.scheme()),
+                None => format!("{}://{host}/…", parsed.scheme()),
+            },
+            None => REDACTED.to_string(),
+        },
+        Err(_) => REDACTED.to_string(),
     }
 }
 
@@ -234,26 +349,26 @@ fn url_display(text: &str) -> Option<String> {
 }
 
 /// How a plain string at `path` is shown: `None` when it is not secret.
-fn display_of(kind: Kind, path: &[Step], text: &str) -> Option<String> {
-    if secret_path(kind, path) {
-        Some(REDACTED.to_string())
-    } else {
-        url_display(text)
+fn display_of(kind: Kind, schema: Option<&Value>, path: &[Step], text: &str) -> Option<String> {
+    match secret_path(kind, schema, path) {
+        Some(Shown::Placeholder) => Some(REDACTED.to_string()),
+        Some(Shown::UrlHost) => Some(url_host_display(text)),
+        None => url_display(text),
     }
 }
 
 /// A definition as the API shows it: secrets (plain or sealed) replaced by their display form.
-pub fn redact(kind: Kind, value: &Value) -> Value {
-    fn walk<'a>(kind: Kind, value: &'a Value, path: &mut Vec<Step<'a>>) -> Value {
+pub fn redact(kind: Kind, schemas: &SecretSchemas, value: &Value) -> Value {
+    fn walk<'a>(kind: Kind, schema: Option<&Value>, value: &'a Value, path: &mut Vec<Step<'a>>) -> Value {
         match value {
             Value::String(text) => {
-                Value::String(display_of(kind, path, text).unwrap_or_else(|| text.clone()))
+                Value::String(display_of(kind, schema, path, text).unwrap_or_else(|| text.clone()))
             }
             Value::Array(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for (i, item) in items.iter().enumerate() {
                     path.push(Step::Index(i));
-                    out.push(walk(kind, item, path));
+                    out.push(walk(kind, schema, item, path));
                     path.pop();
                 }
                 Value::Array(out)
@@ -265,7 +380,7 @@ pub fn redact(kind: Kind, value: &Value) -> Value {
                 let mut out = Map::new();
                 for (key, item) in map {
                     path.push(Step::Key(key));
-                    out.insert(key.clone(), walk(kind, item, path));
+                    out.insert(key.clone(), walk(kind, schema, item, path));
                     path.pop();
                 }
                 Value::Object(out)
@@ -273,7 +388,7 @@ pub fn redact(kind: Kind, value: &Value) -> Value {
             other => other.clone(),
         }
     }
-    walk(kind, value, &mut Vec::new())
+    walk(kind, schemas.of(kind, value), value, &mut Vec::new())
 }
 
 fn sealed_display(map: &Map<String, Value>) -> Option<String> {
@@ -316,12 +431,14 @@ fn visit_strings<'a>(value: &'a Value, path: &mut Vec<Step<'a>>, f: &mut dyn FnM
 /// `previous` (the stored definition) has at the same path.
 pub fn seal(
     kind: Kind,
+    schemas: &SecretSchemas,
     value: &Value,
     previous: Option<&Value>,
     key: Option<&SecretKey>,
 ) -> Result<Value, SecretError> {
     fn walk<'a>(
         kind: Kind,
+        schema: Option<&Value>,
         value: &'a Value,
         previous: Option<&Value>,
         key: Option<&SecretKey>,
@@ -329,7 +446,7 @@ pub fn seal(
     ) -> Result<Value, SecretError> {
         match value {
             Value::String(text) => {
-                let Some(display) = display_of(kind, path, text) else {
+                let Some(display) = display_of(kind, schema, path, text) else {
                     return Ok(value.clone());
                 };
                 if *text == display || text == REDACTED {
@@ -359,7 +476,14 @@ pub fn seal(
                 let mut out = Vec::with_capacity(items.len());
                 for (i, item) in items.iter().enumerate() {
                     path.push(Step::Index(i));
-                    out.push(walk(kind, item, before.and_then(|b| b.get(i)), key, path)?);
+                    out.push(walk(
+                        kind,
+                        schema,
+                        item,
+                        before.and_then(|b| b.get(i)),
+                        key,
+                        path,
+                    )?);
                     path.pop();
                 }
                 Ok(Value::Array(out))
@@ -371,7 +495,7 @@ pub fn seal(
                     path.push(Step::Key(k));
                     out.insert(
                         k.clone(),
-                        walk(kind, item, before.and_then(|b| b.get(k)), key, path)?,
+                        walk(kind, schema, item, before.and_then(|b| b.get(k)), key, path)?,
                     );
                     path.pop();
                 }
@@ -380,7 +504,14 @@ pub fn seal(
             other => Ok(other.clone()),
         }
     }
-    walk(kind, value, previous, key, &mut Vec::new())
+    walk(
+        kind,
+        schemas.of(kind, value),
+        value,
+        previous,
+        key,
+        &mut Vec::new(),
+    )
 }
 
 /// The definition with its sealed secrets opened, as the connectors read it. Opened secrets are
@@ -426,10 +557,11 @@ pub fn open(value: &Value, key: Option<&SecretKey>) -> Result<Value, SecretError
 /// The first plain (not secret) string of a connector definition that holds an environment
 /// reference: definitions made through the API are literal, so `${` there is refused rather
 /// than expanded (a reference would let a client read the server's environment).
-pub fn env_reference(kind: Kind, value: &Value) -> Option<String> {
+pub fn env_reference(kind: Kind, schemas: &SecretSchemas, value: &Value) -> Option<String> {
+    let schema = schemas.of(kind, value);
     let mut found = None;
     visit_strings(value, &mut Vec::new(), &mut |path, text| {
-        if found.is_none() && display_of(kind, path, text).is_none() && text.contains("${") {
+        if found.is_none() && display_of(kind, schema, path, text).is_none() && text.contains("${") {
             found = Some(path_text(path));
         }
     });
@@ -476,6 +608,57 @@ mod tests {
     }
 
     #[test]
+    fn options_declared_secret_by_type_are_hidden_whatever_their_name() {
+        // The options schema of a connector whose credentials have names no rule would catch.
+        let catalog = crate::connector_types::ConnectorCatalog {
+            sources: Vec::new(),
+            destinations: vec![crate::connector_types::ConnectorType {
+                kind: "hook".into(),
+                title: "Hook".into(),
+                summary: String::new(),
+                options: json!({
+                    "type": "object",
+                    "properties": {
+                        "url": {"type": "string", "writeOnly": true, "x-sluice-secret": "url"},
+                        "signing": {"anyOf": [{"type": "string", "x-sluice-secret": true}, {"type": "null"}]},
+                        "extra": {"type": "object", "additionalProperties": {"type": "string", "x-sluice-secret": true}},
+                        "name": {"type": "string"}
+                    }
+                }),
+                actions: Vec::new(),
+                mapping_options: None,
+            }],
+        };
+        let schemas = SecretSchemas::from_catalog(&catalog);
+        let spec = json!({
+            "type": "hook",
+            "url": "https://hooks.example.com/services/T0/B0/XoXoSecretPath?api_key=QQSECRET",
+            "signing": "whsec_1",
+            "extra": {"X-Anything": "v1"},
+            "name": "visible"
+        });
+        let shown = redact(Kind::Destination, &schemas, &spec);
+        assert_eq!(shown["url"], "https://hooks.example.com/…");
+        assert_eq!(shown["signing"], REDACTED);
+        assert_eq!(shown["extra"]["X-Anything"], REDACTED);
+        assert_eq!(shown["name"], "visible");
+        let sealed = seal(Kind::Destination, &schemas, &spec, None, Some(&key())).unwrap();
+        assert!(!sealed.to_string().contains("QQSECRET"), "{sealed}");
+        // Sent back as shown, the stored URL is kept.
+        let kept = seal(Kind::Destination, &schemas, &shown, Some(&sealed), Some(&key())).unwrap();
+        assert_eq!(kept["url"], sealed["url"]);
+        // An environment reference in a declared secret is the secret's business, not refused.
+        assert_eq!(
+            env_reference(
+                Kind::Destination,
+                &schemas,
+                &json!({"type": "hook", "signing": "${S}"})
+            ),
+            None
+        );
+    }
+
+    #[test]
     fn redaction_hides_secrets_and_url_passwords_only() {
         let spec = json!({
             "type": "postgres",
@@ -485,7 +668,7 @@ mod tests {
             "headers": {"Authorization": "Bearer abc"},
             "port": 5432
         });
-        let shown = redact(Kind::Source, &spec);
+        let shown = redact(Kind::Source, &SecretSchemas::default(), &spec);
         assert_eq!(shown["password"], REDACTED);
         assert_eq!(shown["url"], "postgres://app:********@db.internal:5432/prod");
         assert_eq!(shown["ssh_tunnel"]["host_key"], "ssh-ed25519 AAAA");
@@ -493,9 +676,12 @@ mod tests {
         assert_eq!(shown["headers"]["Authorization"], REDACTED);
         // Alerts are a mapping's; models hold no secrets at all (`primary_key` is a column).
         let mapping = json!({"model": "m", "destination": "d", "alerts": {"urls": ["https://hooks.slack.com/services/T/B/X"]}});
-        assert_eq!(redact(Kind::Mapping, &mapping)["alerts"]["urls"][0], REDACTED);
+        assert_eq!(
+            redact(Kind::Mapping, &SecretSchemas::default(), &mapping)["alerts"]["urls"][0],
+            "https://hooks.slack.com/…"
+        );
         let model = json!({"source": "s", "sql": "SELECT 1", "primary_key": "id"});
-        assert_eq!(redact(Kind::Model, &model), model);
+        assert_eq!(redact(Kind::Model, &SecretSchemas::default(), &model), model);
         assert_eq!(shown["port"], 5432);
         assert!(!shown.to_string().contains("hunter2"));
         assert!(!shown.to_string().contains("abc"));
@@ -506,11 +692,21 @@ mod tests {
         let key = key();
         let spec =
             json!({"type": "hubspot", "token": "pat-na1-${not-a-ref}", "url": "https://api.hubapi.com"});
-        let sealed = seal(Kind::Destination, &spec, None, Some(&key)).unwrap();
+        let sealed = seal(
+            Kind::Destination,
+            &SecretSchemas::default(),
+            &spec,
+            None,
+            Some(&key),
+        )
+        .unwrap();
         let text = sealed.to_string();
         assert!(!text.contains("pat-na1"), "{text}");
         assert_eq!(sealed["url"], "https://api.hubapi.com");
-        assert_eq!(redact(Kind::Destination, &sealed)["token"], REDACTED);
+        assert_eq!(
+            redact(Kind::Destination, &SecretSchemas::default(), &sealed)["token"],
+            REDACTED
+        );
         let opened = open(&sealed, Some(&key)).unwrap();
         // Literal: a `${` in a secret is escaped so it is never expanded.
         assert_eq!(opened["token"], "pat-na1-$${not-a-ref}");
@@ -524,40 +720,69 @@ mod tests {
         let key = key();
         let first = seal(
             Kind::Source,
+            &SecretSchemas::default(),
             &json!({"password": "one", "host": "a"}),
             None,
             Some(&key),
         )
         .unwrap();
         let update = json!({"password": REDACTED, "host": "b"});
-        let second = seal(Kind::Source, &update, Some(&first), Some(&key)).unwrap();
+        let second = seal(
+            Kind::Source,
+            &SecretSchemas::default(),
+            &update,
+            Some(&first),
+            Some(&key),
+        )
+        .unwrap();
         assert_eq!(second["password"], first["password"]);
         assert_eq!(open(&second, Some(&key)).unwrap()["password"], "one");
         // With nothing stored, the placeholder is refused.
         assert!(matches!(
-            seal(Kind::Source, &update, None, Some(&key)),
+            seal(Kind::Source, &SecretSchemas::default(), &update, None, Some(&key)),
             Err(SecretError::Placeholder { .. })
         ));
         // A URL sent back with its placeholder password keeps the stored URL.
         let url = seal(
             Kind::Source,
+            &SecretSchemas::default(),
             &json!({"url": "postgres://u:pw@h/db"}),
             None,
             Some(&key),
         )
         .unwrap();
-        let shown = redact(Kind::Source, &url);
-        let kept = seal(Kind::Source, &shown, Some(&url), Some(&key)).unwrap();
+        let shown = redact(Kind::Source, &SecretSchemas::default(), &url);
+        let kept = seal(
+            Kind::Source,
+            &SecretSchemas::default(),
+            &shown,
+            Some(&url),
+            Some(&key),
+        )
+        .unwrap();
         assert_eq!(open(&kept, Some(&key)).unwrap()["url"], "postgres://u:pw@h/db");
     }
 
     #[test]
     fn keys_are_required_and_checked() {
         assert_eq!(
-            seal(Kind::Destination, &json!({"api_key": "k"}), None, None),
+            seal(
+                Kind::Destination,
+                &SecretSchemas::default(),
+                &json!({"api_key": "k"}),
+                None,
+                None
+            ),
             Err(SecretError::NoKey)
         );
-        let sealed = seal(Kind::Destination, &json!({"api_key": "k"}), None, Some(&key())).unwrap();
+        let sealed = seal(
+            Kind::Destination,
+            &SecretSchemas::default(),
+            &json!({"api_key": "k"}),
+            None,
+            Some(&key()),
+        )
+        .unwrap();
         assert!(matches!(open(&sealed, None), Err(SecretError::KeyNeeded { .. })));
         let other = SecretKey::from_bytes(&[8u8; 32]).unwrap();
         assert!(matches!(
@@ -580,10 +805,18 @@ mod tests {
         assert_eq!(
             env_reference(
                 Kind::Destination,
+                &SecretSchemas::default(),
                 &json!({"url": "http://x/${HOME}", "token": "${T}"})
             ),
             Some("url".to_string())
         );
-        assert_eq!(env_reference(Kind::Destination, &json!({"token": "${T}"})), None);
+        assert_eq!(
+            env_reference(
+                Kind::Destination,
+                &SecretSchemas::default(),
+                &json!({"token": "${T}"})
+            ),
+            None
+        );
     }
 }

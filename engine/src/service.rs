@@ -59,6 +59,8 @@ const ANONYMOUS: &str = "anonymous";
 /// The control plane.
 pub struct Service {
     connectors: Arc<dyn ConnectorFactory>,
+    /// Which connector options are secret by their declared types.
+    secret_schemas: crate::secrets::SecretSchemas,
     observer: Arc<dyn RunObserver>,
     current: RwLock<Arc<Engine>>,
     /// Changes to definitions happen one at a time.
@@ -92,8 +94,10 @@ impl Service {
             board: progress.clone(),
             next: observer,
         });
+        let secret_schemas = crate::secrets::SecretSchemas::from_catalog(&connectors.catalog());
         Ok(Arc::new(Self {
             connectors,
+            secret_schemas,
             observer,
             progress,
             current: RwLock::new(Arc::new(engine)),
@@ -207,14 +211,14 @@ impl Service {
         names.dedup();
         names
             .iter()
-            .filter_map(|name| view(&engine, kind, name))
+            .filter_map(|name| view(&engine, &self.secret_schemas, kind, name))
             .collect()
     }
 
     /// One definition, or [`EngineError::Unknown`].
     pub fn definition(&self, kind: Kind, name: &str) -> Result<DefinitionView> {
         let engine = self.engine();
-        view(&engine, kind, name).ok_or_else(|| unknown(&engine, kind, name))
+        view(&engine, &self.secret_schemas, kind, name).ok_or_else(|| unknown(&engine, kind, name))
     }
 
     /// Creates (`create`) or replaces a definition made through the API. `spec` is the JSON
@@ -243,7 +247,7 @@ impl Service {
                 message: format!("a {kind} is a JSON object, as in sluice.yaml"),
             });
         }
-        let (candidate, sealed) = candidate(&engine, kind, name, &spec)?;
+        let (candidate, sealed) = candidate(&engine, &self.secret_schemas, kind, name, &spec)?;
         let checked = engine.with_catalog(candidate, self.connectors.as_ref())?;
         if let Some(problem) = checked.problems.iter().find(|p| p.kind == kind && p.name == name) {
             return Err(EngineError::Invalid {
@@ -260,7 +264,7 @@ impl Service {
         }
         engine.metadata.put_definition(kind, name, &sealed).await?;
         let engine = self.reload().await?;
-        view(&engine, kind, name).ok_or_else(|| unknown(&engine, kind, name))
+        view(&engine, &self.secret_schemas, kind, name).ok_or_else(|| unknown(&engine, kind, name))
     }
 
     /// Connects with a source or destination that is not saved (a form's "Test connection"
@@ -290,7 +294,7 @@ impl Service {
             });
         }
         // Options that cannot be used are the test's answer, not a failed request.
-        let candidate = match candidate(&engine, kind, name, &spec) {
+        let candidate = match candidate(&engine, &self.secret_schemas, kind, name, &spec) {
             Ok((candidate, _)) => candidate,
             Err(EngineError::Invalid { message }) => return Ok(Err(message)),
             Err(e) => return Err(e),
@@ -380,7 +384,8 @@ impl Service {
         }
         engine.metadata.set_mapping_switch(mapping, enabled).await?;
         let engine = self.reload().await?;
-        view(&engine, Kind::Mapping, mapping).ok_or_else(|| unknown(&engine, Kind::Mapping, mapping))
+        view(&engine, &self.secret_schemas, Kind::Mapping, mapping)
+            .ok_or_else(|| unknown(&engine, Kind::Mapping, mapping))
     }
 
     /// Starts a run of `mapping` and returns it at once, recorded as running; the run goes on
@@ -714,7 +719,12 @@ async fn dry_run_recorded(engine: Arc<Engine>, run: RunRecord, observer: Arc<dyn
     }
 }
 
-fn view(engine: &Engine, kind: Kind, name: &str) -> Option<DefinitionView> {
+fn view(
+    engine: &Engine,
+    schemas: &crate::secrets::SecretSchemas,
+    kind: Kind,
+    name: &str,
+) -> Option<DefinitionView> {
     let origin = engine.origin(kind, name)?;
     let problem = engine
         .problems
@@ -752,7 +762,7 @@ fn view(engine: &Engine, kind: Kind, name: &str) -> Option<DefinitionView> {
         kind,
         name: name.to_string(),
         origin,
-        definition: crate::secrets::redact(kind, &raw),
+        definition: crate::secrets::redact(kind, schemas, &raw),
         created_at,
         updated_at,
         problem,
@@ -778,9 +788,15 @@ fn unknown(engine: &Engine, kind: Kind, name: &str) -> EngineError {
 /// The catalog with `spec` as the API-made `kind` `name` (its secrets sealed, a placeholder
 /// keeping the stored value), and the sealed definition: what [`Service::put`] stores and
 /// [`Service::test_draft`] connects with.
-fn candidate(engine: &Engine, kind: Kind, name: &str, spec: &Value) -> Result<(CatalogState, Value)> {
+fn candidate(
+    engine: &Engine,
+    schemas: &crate::secrets::SecretSchemas,
+    kind: Kind,
+    name: &str,
+    spec: &Value,
+) -> Result<(CatalogState, Value)> {
     if kind.is_connector()
-        && let Some(path) = crate::secrets::env_reference(kind, spec)
+        && let Some(path) = crate::secrets::env_reference(kind, schemas, spec)
     {
         return Err(EngineError::Invalid {
             message: format!(
@@ -789,10 +805,16 @@ fn candidate(engine: &Engine, kind: Kind, name: &str, spec: &Value) -> Result<(C
         });
     }
     let previous = engine.catalog.get(kind, name);
-    let sealed = crate::secrets::seal(kind, spec, previous.map(|d| &d.spec), engine.secret_key.as_ref())
-        .map_err(|e| EngineError::Invalid {
-            message: e.to_string(),
-        })?;
+    let sealed = crate::secrets::seal(
+        kind,
+        schemas,
+        spec,
+        previous.map(|d| &d.spec),
+        engine.secret_key.as_ref(),
+    )
+    .map_err(|e| EngineError::Invalid {
+        message: e.to_string(),
+    })?;
     let now = Utc::now();
     let catalog = engine.catalog.with(StoredDefinition {
         kind,

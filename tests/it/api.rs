@@ -520,7 +520,7 @@ async fn a_draft_connection_is_tested_before_it_is_saved() {
     let (_, body) = draft(
         "destination",
         "hook",
-        json!({"type": "webhook", "url": "${HOOK_URL}"}),
+        json!({"type": "file", "url": "${EXPORT_DIR}"}),
     )
     .await;
     assert!(
@@ -882,6 +882,30 @@ async fn definitions_are_created_listed_replaced_and_deleted_with_secrets_write_
             .expect("state")
             .is_none()
     );
+
+    // An incoming-webhook address with a secret path and a key in its query is a credential
+    // as a whole: sealed at rest, shown to a read token as its scheme and host only.
+    let address = "https://hooks.example.com/services/T0/B0/XoXoSecretPath?api_key=QQSECRET";
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/destinations",
+            Some(json!({"name": "chat_hook", "definition": {"type": "webhook", "url": address}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let read = api.read.clone();
+    for path in ["/api/v1/destinations/chat_hook", "/api/v1/destinations"] {
+        let (status, shown) = api.call(Method::GET, path, Some(&read), None).await;
+        assert_eq!(status, StatusCode::OK, "{shown}");
+        let text = shown.to_string();
+        assert!(text.contains("https://hooks.example.com/…"), "{text}");
+        assert!(!text.contains("QQSECRET") && !text.contains("XoXo"), "{text}");
+    }
+    let stored = api.service.engine().metadata().catalog().await.expect("catalog");
+    let text =
+        serde_json::to_string(&stored.definitions.iter().map(|d| &d.spec).collect::<Vec<_>>()).expect("json");
+    assert!(!text.contains("QQSECRET"), "sealed at rest: {text}");
 }
 
 #[tokio::test]
@@ -1013,9 +1037,7 @@ async fn bad_requests_get_json_errors_that_say_what_is_wrong() {
         .admin(
             Method::POST,
             "/api/v1/destinations",
-            Some(
-                json!({"name": "d", "definition": {"type": "webhook", "url": "http://127.0.0.1:1/${HOME}"}}),
-            ),
+            Some(json!({"name": "d", "definition": {"type": "file", "url": "${HOME}/exports"}})),
         )
         .await;
     assert_error(
@@ -1129,12 +1151,26 @@ async fn secrets_cannot_be_stored_without_a_key() {
         "invalid_definition",
     );
     assert!(message(&body).contains("SLUICE_SECRET_KEY"), "{body}");
+    // A webhook's address is a credential as a whole: it needs the key too.
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/destinations",
+            Some(json!({"name": "hook", "definition": {"type": "webhook", "url": receiver.url}})),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_definition",
+    );
     // Without secrets, a definition needs no key.
     let (status, body) = api
         .admin(
             Method::POST,
             "/api/v1/destinations",
-            Some(json!({"name": "plain", "definition": {"type": "webhook", "url": receiver.url}})),
+            Some(json!({"name": "plain", "definition": {"type": "file", "url": "exports/"}})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");

@@ -36,7 +36,7 @@ use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
     RunInfo, SendOutcome, SyncMode, ValueFormat,
 };
-use sluice_engine::{ConfigString, DestinationError};
+use sluice_engine::{ConfigString, DestinationError, Secret};
 
 use crate::destinations::http::{
     ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits,
@@ -47,7 +47,7 @@ use crate::destinations::http::{
 #[serde(deny_unknown_fields)]
 pub struct BrazeConfig {
     /// A REST API key with the `users.track` and `users.delete` permissions.
-    pub api_key: ConfigString,
+    pub api_key: Secret,
     /// The instance's REST endpoint (`https://rest.iad-01.braze.com`, `https://rest.fra-01.braze.eu`).
     pub url: ConfigString,
     #[serde(default)]

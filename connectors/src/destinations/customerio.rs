@@ -40,7 +40,7 @@ use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
     RunInfo, SendOutcome, SyncMode, ValueFormat,
 };
-use sluice_engine::{ConfigString, DestinationError};
+use sluice_engine::{ConfigString, DestinationError, Secret};
 
 use crate::destinations::http::{
     ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits, basic_auth,
@@ -53,7 +53,7 @@ pub struct CustomerioConfig {
     /// The workspace's Site ID, shown with its Track API key.
     pub site_id: ConfigString,
     /// The workspace's Track API key (not an App API key).
-    pub api_key: ConfigString,
+    pub api_key: Secret,
     /// Data center of the workspace: `us` (default) or `eu`.
     #[serde(default)]
     pub region: Region,

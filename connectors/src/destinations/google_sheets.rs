@@ -50,7 +50,7 @@ pub struct SheetsConfig {
     /// `authorized_user` credential), its JSON text or the path of its file. Without it:
     /// `GOOGLE_APPLICATION_CREDENTIALS`, else the metadata server.
     #[serde(default)]
-    pub service_account: Option<sluice_engine::ConfigString>,
+    pub service_account: Option<sluice_engine::Secret>,
     /// The Sheets API (a test server, a proxy).
     #[serde(default)]
     pub url: Option<sluice_engine::ConfigString>,

@@ -35,7 +35,7 @@ use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
     RunInfo, SendOutcome, SyncMode,
 };
-use sluice_engine::{ConfigString, DestinationError};
+use sluice_engine::{ConfigString, DestinationError, Secret};
 
 use crate::destinations::http::{
     ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits,
@@ -46,7 +46,7 @@ use crate::destinations::http::{
 #[serde(deny_unknown_fields)]
 pub struct HubspotConfig {
     /// The private app's access token (Settings → Integrations → Private apps).
-    pub token: ConfigString,
+    pub token: Secret,
     /// API base URL (default `https://api.hubapi.com`); change it only for a proxy or a test server.
     #[serde(default = "default_url")]
     pub url: ConfigString,

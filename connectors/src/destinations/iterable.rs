@@ -35,7 +35,7 @@ use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
     RunInfo, SendOutcome, SyncMode, ValueFormat,
 };
-use sluice_engine::{ConfigString, DestinationError};
+use sluice_engine::{ConfigString, DestinationError, Secret};
 
 use crate::destinations::http::{
     ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits,
@@ -46,7 +46,7 @@ use crate::destinations::http::{
 #[serde(deny_unknown_fields)]
 pub struct IterableConfig {
     /// A server-side API key of the project (Integrations → API Keys).
-    pub api_key: ConfigString,
+    pub api_key: Secret,
     /// Data center of the project: `us` (default) or `eu`.
     #[serde(default)]
     pub region: Region,

@@ -42,7 +42,7 @@ use serde_json::{Map, Value, json};
 use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RunInfo, SyncMode,
 };
-use sluice_engine::{ConfigString, DestinationError};
+use sluice_engine::{ConfigString, DestinationError, Secret};
 
 use crate::destinations::http::{
     ApiRequest, DeliverySettings, HttpDelivery, HttpWriter, VendorApi, VendorLimits, check_request,
@@ -56,7 +56,7 @@ pub const REVISION: &str = "2026-07-15";
 #[serde(deny_unknown_fields)]
 pub struct KlaviyoConfig {
     /// A private API key with the profiles, events, lists and subscriptions write scopes.
-    pub api_key: ConfigString,
+    pub api_key: Secret,
     /// API base URL (default `https://a.klaviyo.com`); change it only for a proxy or a test server.
     #[serde(default)]
     pub url: Option<ConfigString>,

@@ -41,7 +41,7 @@ use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
     RunInfo, SendOutcome, SyncMode, ValueFormat,
 };
-use sluice_engine::{ConfigString, DestinationError};
+use sluice_engine::{ConfigString, DestinationError, Secret};
 
 use crate::destinations::http::{
     ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits, basic_auth,
@@ -65,10 +65,10 @@ pub struct MixpanelConfig {
     pub service_account: Option<ServiceAccount>,
     /// The project's API secret, instead of a service account (legacy auth).
     #[serde(default)]
-    pub api_secret: Option<ConfigString>,
+    pub api_secret: Option<Secret>,
     /// The project's token; needed for the `profile`, `profile_unset` and `group` actions.
     #[serde(default)]
-    pub project_token: Option<ConfigString>,
+    pub project_token: Option<Secret>,
     #[serde(default)]
     pub delivery: DeliverySettings,
 }
@@ -79,7 +79,7 @@ pub struct ServiceAccount {
     /// The service account's user name (`name.abc123.mp-service-account`).
     pub username: ConfigString,
     /// The service account's secret.
-    pub secret: ConfigString,
+    pub secret: Secret,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]

@@ -40,7 +40,7 @@ use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RecordAction, RecordFailure,
     RunInfo, SendOutcome, SyncMode,
 };
-use sluice_engine::{ConfigString, DestinationError};
+use sluice_engine::{ConfigString, DestinationError, Secret};
 use tokio::sync::Mutex;
 
 use crate::destinations::http::{
@@ -58,13 +58,13 @@ pub struct SalesforceConfig {
     pub client_id: ConfigString,
     /// The connected app's consumer secret, for the client-credentials flow.
     #[serde(default)]
-    pub client_secret: Option<ConfigString>,
+    pub client_secret: Option<Secret>,
     /// Salesforce user to act as, for the JWT bearer flow (with `private_key`).
     #[serde(default)]
     pub username: Option<ConfigString>,
     /// PEM (PKCS#8 or PKCS#1) RSA private key for the JWT bearer flow.
     #[serde(default)]
-    pub private_key: Option<ConfigString>,
+    pub private_key: Option<Secret>,
     /// REST API version (default `62.0`).
     #[serde(default = "default_version")]
     pub api_version: String,

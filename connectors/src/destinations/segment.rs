@@ -36,7 +36,7 @@ use serde_json::json;
 use sluice_engine::destination::{
     ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RunInfo,
 };
-use sluice_engine::{ConfigString, DestinationError};
+use sluice_engine::{ConfigString, DestinationError, Secret};
 
 use crate::destinations::http::{
     ApiRequest, DeliverySettings, HttpDelivery, HttpWriter, VendorApi, VendorLimits, basic_auth,
@@ -47,7 +47,7 @@ use crate::destinations::http::{
 #[serde(deny_unknown_fields)]
 pub struct SegmentConfig {
     /// Write key of the source the records go to (Segment, RudderStack or Customer.io Data Pipelines).
-    pub write_key: ConfigString,
+    pub write_key: Secret,
     /// Base URL of the collector; `/v1/batch` is appended.
     #[serde(default = "default_url")]
     pub url: ConfigString,

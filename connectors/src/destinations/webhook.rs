@@ -34,7 +34,7 @@ use sluice_engine::destination::{
     DeliveryPolicy, Destination, DestinationWriter, OutgoingBatch, PreparedRequest, RecordFailure,
     RetryPolicy, RunInfo, SendOutcome,
 };
-use sluice_engine::{ConfigString, DestinationError};
+use sluice_engine::{DestinationError, Secret, SecretUrl};
 
 use crate::HumanDuration;
 use crate::destinations::http::{describe_reqwest_error, parse_retry_after, redact_url, snippet};
@@ -43,10 +43,10 @@ use crate::destinations::http::{describe_reqwest_error, parse_retry_after, redac
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Endpoint the JSON batches are POSTed to (http or https).
-    pub url: ConfigString,
+    pub url: SecretUrl,
     /// Extra headers sent with every request, e.g. `Authorization: Bearer ${TOKEN}`.
     #[serde(default)]
-    pub headers: IndexMap<String, ConfigString>,
+    pub headers: IndexMap<String, Secret>,
     /// Records per request (default 100).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,

@@ -37,7 +37,7 @@ use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::source::{
     ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source, strip_statement_end,
 };
-use sluice_engine::{ConfigString, SourceError};
+use sluice_engine::{ConfigString, Secret, SourceError};
 use tokio::sync::mpsc;
 use url::Url;
 
@@ -68,7 +68,7 @@ pub struct BigQueryConfig {
     /// server (a VM's, GKE workload identity's, Cloud Run's service account). The principal
     /// needs `roles/bigquery.jobUser` on `project` and read access to what the models read.
     #[serde(default)]
-    pub service_account: Option<ConfigString>,
+    pub service_account: Option<Secret>,
     /// Where the jobs run, e.g. `US`, `EU`, `europe-west1` (default: where the data is).
     #[serde(default)]
     pub location: Option<ConfigString>,

@@ -34,7 +34,7 @@ use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::source::{
     ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source, strip_statement_end,
 };
-use sluice_engine::{ConfigString, SourceError};
+use sluice_engine::{ConfigString, Secret, SourceError};
 use tokio::sync::{Mutex, mpsc};
 use url::Url;
 
@@ -56,13 +56,13 @@ pub struct DatabricksConfig {
     pub warehouse_id: ConfigString,
     /// A personal access token.
     #[serde(default)]
-    pub token: Option<ConfigString>,
+    pub token: Option<Secret>,
     /// OAuth machine-to-machine: a service principal's client id (with `client_secret`).
     #[serde(default)]
     pub client_id: Option<ConfigString>,
     /// The service principal's OAuth secret.
     #[serde(default)]
-    pub client_secret: Option<ConfigString>,
+    pub client_secret: Option<Secret>,
     /// Default catalog of the statements.
     #[serde(default)]
     pub catalog: Option<ConfigString>,

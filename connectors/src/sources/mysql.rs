@@ -37,7 +37,7 @@ use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::source::{
     ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source, strip_statement_end,
 };
-use sluice_engine::{ConfigString, SourceError};
+use sluice_engine::{ConfigString, Secret, SourceError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::HumanDuration;
@@ -64,7 +64,7 @@ pub struct MysqlConfig {
     pub user: Option<ConfigString>,
     /// Password of the user; overrides the URL's password.
     #[serde(default)]
-    pub password: Option<ConfigString>,
+    pub password: Option<Secret>,
     /// Database (schema) to connect to; overrides the URL's database.
     #[serde(default)]
     pub database: Option<ConfigString>,

@@ -36,7 +36,7 @@ use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::source::{
     ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source, strip_statement_end,
 };
-use sluice_engine::{ConfigString, SourceError};
+use sluice_engine::{ConfigString, Secret, SourceError};
 use tiberius::{AuthMethod, Client, ColumnData, Config, EncryptionLevel, QueryItem};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -70,7 +70,7 @@ pub struct SqlServerConfig {
     pub user: Option<ConfigString>,
     /// Password of the login; overrides the URL's password.
     #[serde(default)]
-    pub password: Option<ConfigString>,
+    pub password: Option<Secret>,
     /// Database to connect to; overrides the URL's path (default: the login's default database).
     #[serde(default)]
     pub database: Option<ConfigString>,

@@ -39,7 +39,7 @@ use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::source::{
     ConnectorEnv, ModelQuery, SendableRecordBatchStream, Source, strip_statement_end,
 };
-use sluice_engine::{ConfigString, SourceError};
+use sluice_engine::{ConfigString, Secret, SourceError};
 use tokio::sync::mpsc;
 use url::Url;
 
@@ -62,16 +62,16 @@ pub struct SnowflakeConfig {
     pub user: ConfigString,
     /// The user's RSA private key (PEM, unencrypted PKCS#8) for key-pair authentication.
     #[serde(default)]
-    pub private_key: Option<ConfigString>,
+    pub private_key: Option<Secret>,
     /// A file holding that key, instead of `private_key`.
     #[serde(default)]
     pub private_key_path: Option<ConfigString>,
     /// An OAuth access token issued by the account's security integration.
     #[serde(default)]
-    pub oauth_token: Option<ConfigString>,
+    pub oauth_token: Option<Secret>,
     /// The user's password (Snowflake is phasing passwords out for service users: prefer a key).
     #[serde(default)]
-    pub password: Option<ConfigString>,
+    pub password: Option<Secret>,
     /// Virtual warehouse that runs the models.
     #[serde(default)]
     pub warehouse: Option<ConfigString>,
