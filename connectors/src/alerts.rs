@@ -28,7 +28,8 @@ impl AlertSender for HttpAlerts {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| format!("posting to the alert URL failed: {e}"))?;
+            // The URL is the credential (a Slack hook's path): reqwest's error would print it.
+            .map_err(|e| format!("posting to the alert URL failed: {}", e.without_url()))?;
         let status = response.status();
         if status.is_success() {
             Ok(())

@@ -340,12 +340,62 @@ pub fn url_host_display(text: &str) -> String {
     }
 }
 
-/// `url` with its password replaced by the placeholder, when it has one.
-fn url_display(text: &str) -> Option<String> {
+/// Whether a URL's query parameter named `name` carries a credential: the option-name rule,
+/// and the names signing and API schemes give them (`sig` of an Azure SAS, `X-Amz-Signature` of
+/// a presigned S3 URL, `key` of Google APIs, ...).
+pub fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    is_secret_key(&name)
+        || matches!(
+            name.as_str(),
+            "key"
+                | "apikey"
+                | "api-key"
+                | "sig"
+                | "signature"
+                | "auth"
+                | "code"
+                | "x-amz-signature"
+                | "x-amz-credential"
+                | "x-amz-security-token"
+                | "x-goog-signature"
+                | "x-goog-credential"
+        )
+}
+
+/// `text` as a URL with its password and credential-looking query values replaced by the
+/// placeholder; `None` when it has neither, or is not a URL.
+pub fn hide_url_credentials(text: &str) -> Option<String> {
     let mut parsed = url::Url::parse(text).ok()?;
-    parsed.password()?;
-    parsed.set_password(Some(REDACTED)).ok()?;
-    Some(parsed.to_string())
+    if parsed.cannot_be_a_base() {
+        return None;
+    }
+    let mut changed = false;
+    if parsed.password().is_some() {
+        parsed.set_password(Some(REDACTED)).ok()?;
+        changed = true;
+    }
+    let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+    if pairs.iter().any(|(name, _)| is_secret_param(name)) {
+        let mut query = parsed.query_pairs_mut();
+        query.clear();
+        for (name, value) in &pairs {
+            let value = if is_secret_param(name) {
+                REDACTED
+            } else {
+                value.as_str()
+            };
+            query.append_pair(name, value);
+        }
+        drop(query);
+        changed = true;
+    }
+    changed.then(|| parsed.to_string())
+}
+
+/// `url` with its credentials hidden, when it has any.
+fn url_display(text: &str) -> Option<String> {
+    hide_url_credentials(text)
 }
 
 /// How a plain string at `path` is shown: `None` when it is not secret.
@@ -656,6 +706,25 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn url_credentials_in_query_strings_are_hidden_and_sealed() {
+        let presigned = "https://bucket.s3.amazonaws.com/f.parquet?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc123&x-id=GetObject";
+        let shown = hide_url_credentials(presigned).unwrap();
+        assert!(!shown.contains("abc123") && !shown.contains("AKIA"), "{shown}");
+        assert!(shown.contains("x-id=GetObject"), "{shown}");
+        assert_eq!(
+            hide_url_credentials("https://acct.blob.core.windows.net/c?sv=2024&sig=s3cr3t").as_deref(),
+            Some("https://acct.blob.core.windows.net/c?sv=2024&sig=********")
+        );
+        assert_eq!(hide_url_credentials("https://example.com/a?page=2"), None);
+        assert_eq!(hide_url_credentials("not a url"), None);
+        let spec = json!({"type": "files", "tables": {"t": "https://example.com/x.csv?token=T0K3N"}});
+        let sealed = seal(Kind::Source, &SecretSchemas::default(), &spec, None, Some(&key())).unwrap();
+        assert!(!sealed.to_string().contains("T0K3N"), "{sealed}");
+        let shown = redact(Kind::Source, &SecretSchemas::default(), &sealed);
+        assert_eq!(shown["tables"]["t"], "https://example.com/x.csv?token=********");
     }
 
     #[test]

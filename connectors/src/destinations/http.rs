@@ -448,7 +448,8 @@ pub fn redact_url(url: &reqwest::Url) -> String {
     let mut shown = url.clone();
     let _ = shown.set_password(None);
     let _ = shown.set_username("");
-    shown.to_string()
+    let text = shown.to_string();
+    sluice_engine::secrets::hide_url_credentials(&text).unwrap_or(text)
 }
 
 pub fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -497,6 +498,20 @@ pub fn snippet(text: &str) -> String {
 }
 
 pub fn describe_reqwest_error(e: &reqwest::Error) -> String {
+    describe_reqwest_error_showing(e, e.url().map(redact_url))
+}
+
+/// [`describe_reqwest_error`] with the request's URL written as `shown` (a destination whose
+/// whole URL is a credential shows its scheme and host only).
+pub fn describe_reqwest_error_showing(e: &reqwest::Error, shown: Option<String>) -> String {
+    let message = describe_reqwest_error_raw(e);
+    match (e.url(), shown) {
+        (Some(url), Some(shown)) => message.replace(url.as_str(), &shown),
+        _ => message,
+    }
+}
+
+fn describe_reqwest_error_raw(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {

@@ -37,7 +37,7 @@ use sluice_engine::destination::{
 use sluice_engine::{DestinationError, Secret, SecretUrl};
 
 use crate::HumanDuration;
-use crate::destinations::http::{describe_reqwest_error, parse_retry_after, redact_url, snippet};
+use crate::destinations::http::{describe_reqwest_error_showing, parse_retry_after, snippet};
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -101,6 +101,11 @@ pub struct WebhookDestination {
 }
 
 impl WebhookDestination {
+    /// The address as it may be shown: its scheme and host (the whole URL is a credential).
+    fn shown_url(&self) -> String {
+        sluice_engine::secrets::url_host_display(self.url.as_str())
+    }
+
     pub fn new(name: &str, config: WebhookConfig) -> Result<Self, String> {
         let url = reqwest::Url::parse(config.url.expose())
             .map_err(|e| format!("`url` {} is not a valid URL: {e}", config.url))?;
@@ -165,7 +170,7 @@ impl Destination for WebhookDestination {
             .map(|_| ())
             .map_err(|e| DestinationError::Unreachable {
                 destination: self.name.clone(),
-                message: describe_reqwest_error(&e),
+                message: describe_reqwest_error_showing(&e, Some(self.shown_url())),
             })
     }
 
@@ -196,6 +201,11 @@ struct WebhookWriter {
 }
 
 impl WebhookWriter {
+    /// The address as it may be shown: its scheme and host (the whole URL is a credential).
+    fn shown_url(&self) -> String {
+        sluice_engine::secrets::url_host_display(self.url.as_str())
+    }
+
     fn body(batch: &OutgoingBatch, range: Range<usize>) -> Vec<u8> {
         let mut body = Vec::with_capacity(batch.approximate_bytes(range.clone()) + 16);
         body.extend_from_slice(b"{\"records\":[");
@@ -220,7 +230,7 @@ impl DestinationWriter for WebhookWriter {
         let body = Self::body(batch, range.clone());
         vec![PreparedRequest {
             method: "POST".into(),
-            target: redact_url(&self.url),
+            target: self.shown_url(),
             records: range.len(),
             body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         }]
@@ -248,7 +258,7 @@ impl DestinationWriter for WebhookWriter {
             Err(e) => {
                 sluice_engine::metrics::destination_request("webhook", None, started.elapsed());
                 return SendOutcome::Retry {
-                    reason: describe_reqwest_error(&e),
+                    reason: describe_reqwest_error_showing(&e, Some(self.shown_url())),
                     after: None,
                 };
             }
