@@ -2278,3 +2278,62 @@ async fn probe(router: Router, token: &str, path: &str) -> StatusCode {
         .expect("request");
     router.oneshot(request).await.expect("response").status()
 }
+
+/// Generated from the OpenAPI document, so a route added later cannot be forgotten: every
+/// operation but the health and readiness checks refuses a request without a token (401), and
+/// every operation that changes or triggers something refuses a read token (403). The only
+/// writes a read token may make are the three that only read: a history query, a schedule
+/// preview and a destination's record shape.
+#[tokio::test]
+async fn every_documented_route_needs_a_token_and_every_write_an_admin_token() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 3).await;
+    let document = serde_json::to_value(sluice_api::openapi()).expect("document");
+    let read = api.read.clone();
+    let read_only_posts = [
+        "/api/v1/query",
+        "/api/v1/schedules/preview",
+        "/api/v1/destinations/{name}/shape",
+    ];
+    let mut checked = 0;
+    for (template, operations) in document["paths"].as_object().expect("paths") {
+        // Path parameters as a name that exists nowhere; the token check comes first.
+        let path = template
+            .split('/')
+            .map(|part| {
+                if part.starts_with('{') {
+                    "no_such_thing"
+                } else {
+                    part
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in operations.as_object().expect("operations").keys() {
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+            let body = (method != Method::GET && method != Method::DELETE).then(|| json!({}));
+            let (status, answer) = api.call(method.clone(), &path, None, body.clone()).await;
+            if template == "/healthz" || template == "/readyz" {
+                assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {template}: {answer}");
+                continue;
+            }
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {template} without a token: {answer}"
+            );
+            let (status, answer) = api.call(method.clone(), &path, Some(&read), body).await;
+            let reads = method == Method::GET || read_only_posts.contains(&template.as_str());
+            if reads {
+                assert!(
+                    status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                    "{method} {template} with a read token: {status} {answer}"
+                );
+            } else {
+                assert_error(status, &answer, StatusCode::FORBIDDEN, "forbidden");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "only {checked} operations were checked");
+}
