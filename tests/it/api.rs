@@ -2337,3 +2337,53 @@ async fn every_documented_route_needs_a_token_and_every_write_an_admin_token() {
     }
     assert!(checked >= 40, "only {checked} operations were checked");
 }
+
+/// Names in paths that try to climb out, end early or overflow are refused with a JSON error,
+/// never a server error, and create nothing.
+#[tokio::test]
+async fn hostile_names_in_paths_are_refused_and_create_nothing() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 3).await;
+    let long = "a".repeat(10_000);
+    let names = [
+        "..",
+        "%2E%2E",
+        "..%2F..%2Fetc%2Fpasswd",
+        "a%2Fb",
+        "%00",
+        "a%00b",
+        "a%0Ab",
+        long.as_str(),
+    ];
+    for name in names {
+        for collection in ["sources", "destinations", "models", "mappings"] {
+            let path = format!("/api/v1/{collection}/{name}");
+            let definition = json!({"definition": {"type": "files", "tables": {}}});
+            for (method, body) in [
+                (Method::GET, None),
+                (Method::PUT, Some(definition)),
+                (Method::DELETE, None),
+            ] {
+                let (status, answer) = api.admin(method.clone(), &path, body).await;
+                assert!(
+                    status.is_client_error(),
+                    "{method} {}: {status} {answer}",
+                    &path[..path.len().min(80)]
+                );
+                assert!(
+                    answer["error"]["code"].is_string(),
+                    "{method} {}: {answer}",
+                    &path[..path.len().min(80)]
+                );
+            }
+        }
+    }
+    let (_, sources) = api.admin(Method::GET, "/api/v1/sources", None).await;
+    let names: Vec<&str> = sources["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["warehouse"], "nothing was created");
+}

@@ -52,6 +52,23 @@ struct Seen {
 
 type Shared = Arc<Mutex<Seen>>;
 
+/// A request of `run` in flight at the destination, until dropped.
+struct InFlight {
+    seen: Shared,
+    mapping: String,
+    run: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut seen) = self.seen.lock()
+            && let Some(runs) = seen.in_flight.get_mut(&self.mapping)
+        {
+            runs.remove(&self.run);
+        }
+    }
+}
+
 async fn receive(State(seen): State<Shared>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
     let header = |name: &str| {
         headers
@@ -71,15 +88,21 @@ async fn receive(State(seen): State<Shared>, headers: HeaderMap, body: Bytes) ->
             seen.overlaps.push(runs);
         }
     }
+    // The request leaves the in-flight set however this handler ends: axum drops it unfinished
+    // when the client's connection closes (a replica killed mid-request), and a run left there
+    // would look as if it were still sending beside every later one.
+    let in_flight = InFlight {
+        seen: seen.clone(),
+        mapping: mapping.clone(),
+        run,
+    };
     // Long enough for two runs' requests to meet, were they ever to run at once.
     tokio::time::sleep(Duration::from_millis(15)).await;
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return (StatusCode::BAD_REQUEST, "not JSON").into_response();
     };
+    drop(in_flight);
     let mut seen = seen.lock().expect("lock");
-    if let Some(runs) = seen.in_flight.get_mut(&mapping) {
-        runs.remove(&run);
-    }
     let acks = seen.acks.entry(mapping).or_default();
     for r in body["records"].as_array().into_iter().flatten() {
         acks.push(Ack {
