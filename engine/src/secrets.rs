@@ -618,6 +618,60 @@ pub fn env_reference(kind: Kind, schemas: &SecretSchemas, value: &Value) -> Opti
     found
 }
 
+/// The secret values a definition holds, longest first: whole secrets, a URL's password and
+/// its credential-looking query values, and the path of a URL that is a secret as a whole.
+/// [`scrub`] takes them out of free text (a connector's error) before a caller sees it.
+pub fn secret_values(kind: Kind, schemas: &SecretSchemas, value: &Value) -> Vec<String> {
+    let schema = schemas.of(kind, value);
+    let mut out = Vec::new();
+    visit_strings(value, &mut Vec::new(), &mut |path, text| {
+        let parsed = url::Url::parse(text).ok();
+        match secret_path(kind, schema, path) {
+            Some(shown) => {
+                out.push(text.to_string());
+                if let (Shown::UrlHost, Some(url)) = (shown, &parsed) {
+                    // Errors print URLs normalised; the part after the host is the secret.
+                    out.push(url.path().to_string());
+                    if let Some(query) = url.query() {
+                        out.push(query.to_string());
+                    }
+                }
+            }
+            None => {
+                if let Some(url) = &parsed {
+                    if let Some(password) = url.password() {
+                        out.push(password.to_string());
+                    }
+                    for (name, value) in url.query_pairs() {
+                        if is_secret_param(&name) {
+                            out.push(value.into_owned());
+                        }
+                    }
+                }
+            }
+        }
+    });
+    // Too short to tell from ordinary text, or already what is shown.
+    out.retain(|v| v.chars().count() >= 4 && v != REDACTED && v != "/");
+    out.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    out.dedup();
+    out
+}
+
+/// `text` with every one of `secrets` replaced by the placeholder.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    // Longest first, so a secret that contains another goes whole.
+    let mut ordered: Vec<&String> = secrets.iter().collect();
+    ordered.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    let mut out = text.to_string();
+    for secret in ordered {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), REDACTED);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,6 +760,32 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn errors_are_scrubbed_of_the_definitions_secrets() {
+        let spec = json!({
+            "type": "postgres",
+            "url": "postgres://app:hunter22@db.internal/prod?sslmode=require",
+            "password": "correct horse",
+            "host": "db.internal"
+        });
+        let secrets = secret_values(Kind::Source, &SecretSchemas::default(), &spec);
+        let error = "login as app with `correct horse` to postgres://app:hunter22@db.internal failed";
+        let scrubbed = scrub(error, &secrets);
+        assert!(
+            !scrubbed.contains("correct horse") && !scrubbed.contains("hunter22"),
+            "{scrubbed}"
+        );
+        assert!(scrubbed.contains("db.internal"), "{scrubbed}");
+        // A whole-URL secret: its path is taken out of errors that print the URL normalised.
+        let alerts = json!({"alerts": {"urls": ["https://hooks.slack.com/services/T0/B0/XoXo"]}});
+        let secrets = secret_values(Kind::Mapping, &SecretSchemas::default(), &alerts);
+        let scrubbed = scrub(
+            "POST https://hooks.slack.com/services/T0/B0/XoXo/ refused",
+            &secrets,
+        );
+        assert!(!scrubbed.contains("XoXo"), "{scrubbed}");
     }
 
     #[test]

@@ -293,6 +293,29 @@ impl Service {
                 message: format!("a {kind} is a JSON object, as in sluice.yaml"),
             });
         }
+        // What the test answers is scrubbed of the secrets it was given, and of the stored ones
+        // a placeholder keeps: a connector's error may echo an option's value.
+        let mut secrets = crate::secrets::secret_values(kind, &self.secret_schemas, &spec);
+        if let Some(stored) = engine.catalog.get(kind, name)
+            && let Ok(opened) = crate::secrets::open(&stored.spec, engine.secret_key.as_ref())
+        {
+            secrets.extend(crate::secrets::secret_values(kind, &self.secret_schemas, &opened));
+        }
+        let answer = self
+            .test_draft_unscrubbed(&engine, kind, name, spec, caller)
+            .await?;
+        Ok(answer.map_err(|message| crate::secrets::scrub(&message, &secrets)))
+    }
+
+    async fn test_draft_unscrubbed(
+        &self,
+        engine: &Arc<Engine>,
+        kind: Kind,
+        name: &str,
+        spec: Value,
+        caller: &str,
+    ) -> Result<std::result::Result<(), String>> {
+        let engine = engine.clone();
         // Options that cannot be used are the test's answer, not a failed request.
         let candidate = match candidate(&engine, &self.secret_schemas, kind, name, &spec) {
             Ok((candidate, _)) => candidate,
