@@ -166,7 +166,7 @@ impl Session {
             TdsTls::Prelogin => 1,
             TdsTls::Strict => 1,
         };
-        write_message(&mut stream, TABULAR_RESULT, &prelogin_response(answer)).await?;
+        write_message(&mut stream, &prelogin_response(answer)).await?;
         if self.options.tls == TdsTls::Prelogin && answer == 1 {
             let acceptor = acceptor.ok_or("TLS without a certificate")?;
             let wrapped = PreloginFramed::new(stream);
@@ -192,7 +192,7 @@ impl Session {
                 &format!("Login failed for user '{}'.", login.user),
             );
             done(&mut out, 0x0002, 0, 0);
-            write_message(&mut stream, TABULAR_RESULT, &out).await?;
+            write_message(&mut stream, &out).await?;
             return Ok(());
         }
         if !login.database.is_empty() && login.database != self.options.database {
@@ -215,7 +215,7 @@ impl Session {
                 &format!("Login failed for user '{}'.", login.user),
             );
             done(&mut out, 0x0002, 0, 0);
-            write_message(&mut stream, TABULAR_RESULT, &out).await?;
+            write_message(&mut stream, &out).await?;
             return Ok(());
         }
         let (pg, connection) = tokio_postgres::connect(&self.options.postgres_url, tokio_postgres::NoTls)
@@ -226,7 +226,7 @@ impl Session {
             .await
             .map_err(|e| e.to_string())?;
         self.pg = Some(pg);
-        write_message(&mut stream, TABULAR_RESULT, &login_ack(&self.options.database)).await?;
+        write_message(&mut stream, &login_ack(&self.options.database)).await?;
 
         while let Some((kind, message)) = read_message(&mut stream).await? {
             match kind {
@@ -238,7 +238,7 @@ impl Session {
                 ATTENTION => {
                     let mut out = BytesMut::new();
                     done(&mut out, 0x0020, 0, 0);
-                    write_message(&mut stream, TABULAR_RESULT, &out).await?;
+                    write_message(&mut stream, &out).await?;
                 }
                 other => return Err(format!("packet type {other:#x} is not played here")),
             }
@@ -992,27 +992,25 @@ async fn read_message(stream: &mut Box<dyn Stream>) -> Outcome<Option<(u8, Vec<u
     }
 }
 
-async fn write_message(stream: &mut Box<dyn Stream>, kind: u8, payload: &[u8]) -> Outcome<()> {
-    let mut packet_id = 1u8;
-    let chunks: Vec<&[u8]> = if payload.is_empty() {
-        vec![&[]]
-    } else {
-        payload.chunks(PACKET_SIZE - 8).collect()
-    };
-    let last = chunks.len() - 1;
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        let mut packet = BytesMut::with_capacity(chunk.len() + 8);
-        packet.put_u8(kind);
-        packet.put_u8(u8::from(i == last));
-        packet.put_u16((chunk.len() + 8) as u16);
-        packet.put_u16(0);
-        packet.put_u8(packet_id);
-        packet.put_u8(0);
-        packet.put_slice(chunk);
-        stream.write_all(&packet).await.map_err(|e| e.to_string())?;
-        packet_id = packet_id.wrapping_add(1);
-    }
-    stream.flush().await.map_err(|e| e.to_string())
+/// One TDS packet: the 8-byte header (type, status with end-of-message, length, SPID 0,
+/// packet id, window 0), then `payload`.
+fn packet(kind: u8, last: bool, packet_id: u8, payload: &[u8]) -> BytesMut {
+    let mut packet = BytesMut::with_capacity(payload.len() + 8);
+    packet.put_u8(kind);
+    packet.put_u8(u8::from(last));
+    packet.put_u16((payload.len() + 8) as u16);
+    packet.put_u16(0);
+    packet.put_u8(packet_id);
+    packet.put_u8(0);
+    packet.put_slice(payload);
+    packet
+}
+
+/// A whole response message, in as many packets as it takes.
+async fn write_message(stream: &mut Box<dyn Stream>, payload: &[u8]) -> Outcome<()> {
+    let mut writer = Writer::new(stream);
+    writer.buf.extend_from_slice(payload);
+    writer.finish().await
 }
 
 /// A response written in full packets as rows are encoded, the last marked end-of-message.
@@ -1032,14 +1030,7 @@ impl<'a> Writer<'a> {
     }
 
     async fn packet(&mut self, payload: &[u8], last: bool) -> Outcome<()> {
-        let mut packet = BytesMut::with_capacity(payload.len() + 8);
-        packet.put_u8(TABULAR_RESULT);
-        packet.put_u8(u8::from(last));
-        packet.put_u16((payload.len() + 8) as u16);
-        packet.put_u16(0);
-        packet.put_u8(self.packet_id);
-        packet.put_u8(0);
-        packet.put_slice(payload);
+        let packet = packet(TABULAR_RESULT, last, self.packet_id, payload);
         self.packet_id = self.packet_id.wrapping_add(1);
         self.stream.write_all(&packet).await.map_err(|e| e.to_string())
     }
@@ -1175,13 +1166,7 @@ impl AsyncWrite for PreloginFramed {
         let this = &mut *self;
         if this.framing && !this.pending.is_empty() {
             if this.written == 0 {
-                let mut packet = Vec::with_capacity(this.pending.len() + 8);
-                packet.push(PRELOGIN);
-                packet.push(0x01);
-                packet.extend_from_slice(&((this.pending.len() + 8) as u16).to_be_bytes());
-                packet.extend_from_slice(&[0, 0, 1, 0]);
-                packet.extend_from_slice(&this.pending);
-                this.pending = packet;
+                this.pending = packet(PRELOGIN, true, 1, &this.pending).to_vec();
             }
             while this.written < this.pending.len() {
                 match std::pin::Pin::new(&mut this.inner).poll_write(cx, &this.pending[this.written..]) {
