@@ -193,6 +193,11 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// The key that seals secrets made through the API (`SLUICE_SECRET_KEY`).
+    Secrets {
+        #[command(subcommand)]
+        action: SecretsAction,
+    },
     /// Retire old snapshots by each model's `retain:` policy (all models when none is named);
     /// `sluice serve` does this after scheduled runs.
     Retire {
@@ -246,6 +251,18 @@ enum TokenAction {
 }
 
 #[derive(Subcommand)]
+enum SecretsAction {
+    /// Print a new random key for `SLUICE_SECRET_KEY`.
+    NewKey,
+    /// Seal every stored secret again under the current `SLUICE_SECRET_KEY`, opening each with
+    /// that key or one in `SLUICE_SECRET_KEY_PREVIOUS`; afterwards the earlier keys can go.
+    RotateKey {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
 enum SshKeyAction {
     /// Create a new key pair for SOURCE and print its public key for the bastion's
     /// authorized_keys. The new key replaces the current one once a connection with it works.
@@ -274,9 +291,30 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let message = format!("{e:#}");
+            eprintln!("error: {}", sluice_engine::secrets::scrub_known(&message));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Standard error with every secret the process knows taken out of each log line (the
+/// formatter writes a whole event at once), at every level: a system's error quoted in a log
+/// may carry a credential it was sent.
+struct ScrubbedStderr;
+
+impl std::io::Write for ScrubbedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::Write::write_all(
+            &mut std::io::stderr(),
+            sluice_engine::secrets::scrub_known(&text).as_bytes(),
+        )?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(&mut std::io::stderr())
     }
 }
 
@@ -285,7 +323,7 @@ fn init_tracing(format: LogFormat, default_level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| ScrubbedStderr)
         .with_target(false);
     match format {
         LogFormat::Text => builder.init(),
@@ -548,6 +586,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token { action } => token(action).await,
+        Command::Secrets { action } => secrets(action).await,
         Command::Retire { models, config } => {
             let engine = open(&config.config).await?;
             let models: Vec<String> = if models.is_empty() {
@@ -733,6 +772,48 @@ pub async fn run(engine: &Engine, request: RunRequest) -> Result<Vec<sluice_engi
     observer.finish();
     report::print_runs(&runs);
     Ok(runs)
+}
+
+async fn secrets(action: SecretsAction) -> Result<ExitCode> {
+    use sluice_engine::secrets::{KEY_ENV, PREVIOUS_KEYS_ENV, SecretKey};
+    match action {
+        SecretsAction::NewKey => {
+            println!("{}", SecretKey::generate()?);
+            eprintln!(
+                "a new key; to rotate to it, see `sluice secrets rotate-key --help` (the earlier key goes in {PREVIOUS_KEYS_ENV} until the rotation is done)"
+            );
+        }
+        SecretsAction::RotateKey { config } => {
+            let Some(key) = SecretKey::from_env()? else {
+                anyhow::bail!(
+                    "{KEY_ENV} is not set: set it to the new key (`sluice secrets new-key` makes one) and {PREVIOUS_KEYS_ENV} to the earlier one"
+                );
+            };
+            let engine = open(&config.config).await?;
+            let report = engine.metadata().reseal_secrets(&key).await;
+            engine.close().await;
+            let report = report?;
+            println!(
+                "{} secret(s) in {} definition(s) sealed again under key {}; {} definition(s) were under it already",
+                report.secrets,
+                report.definitions,
+                key.id(),
+                report.current
+            );
+            if !report.changed_meanwhile.is_empty() {
+                println!(
+                    "changed while this ran (run it again to be sure): {}",
+                    report.changed_meanwhile.join(", ")
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!(
+                "every stored secret is under key {}; {PREVIOUS_KEYS_ENV} can be removed once every sluice process runs with the new {KEY_ENV}",
+                key.id()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn token(action: TokenAction) -> Result<ExitCode> {

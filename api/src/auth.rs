@@ -110,16 +110,35 @@ impl Authenticator {
         }
     }
 
-    /// The caller a token belongs to.
+    /// The caller a token belongs to. Tokens are looked up by their SHA-256, never compared as
+    /// text, so how long a refusal takes says nothing about how much of a token was right.
     pub async fn caller(&self, state: &AppState, token: &str) -> Option<Arc<Caller>> {
-        let hash = tokens::hash(token);
-        if let Some(caller) = self.from_file.get(&hash) {
+        self.caller_by_hash(state, &tokens::hash(token)).await
+    }
+
+    /// The caller of a console session: the token it was opened with, if that is still
+    /// accepted. A session that was signed out, has expired, or whose token was revoked has none.
+    pub async fn session_caller(&self, state: &AppState, session_id: &str) -> Option<Arc<Caller>> {
+        let metadata = state.service.engine().metadata().clone();
+        match metadata.session_token_hash(session_id).await {
+            Ok(Some(hash)) => self.caller_by_hash(state, &hash).await,
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the console sessions");
+                None
+            }
+        }
+    }
+
+    /// The caller whose token has SHA-256 `hash`.
+    pub async fn caller_by_hash(&self, state: &AppState, hash: &str) -> Option<Arc<Caller>> {
+        if let Some(caller) = self.from_file.get(hash) {
             return Some(caller.clone());
         }
         let (found, age) = {
             let stored = self.stored.read().await;
             (
-                stored.callers.get(&hash).cloned(),
+                stored.callers.get(hash).cloned(),
                 stored.loaded.map(|t| t.elapsed()),
             )
         };
@@ -128,7 +147,7 @@ impl Authenticator {
         if stale || retry {
             let max_age = if stale { RELOAD_ALWAYS } else { RELOAD_ON_MISS };
             self.reload(state, max_age).await;
-            return self.stored.read().await.callers.get(&hash).cloned();
+            return self.stored.read().await.callers.get(hash).cloned();
         }
         found
     }
@@ -160,10 +179,10 @@ pub async fn require_token(State(state): State<AppState>, mut request: Request, 
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .map(str::to_string);
-    let token = match bearer {
-        Some(token) => token,
+    let caller = match bearer {
+        Some(token) => state.auth.caller(&state, &token).await,
         None => match session::cookie(request.headers(), session::SESSION_COOKIE) {
-            Some(token) => {
+            Some(session_id) => {
                 let provided = request
                     .headers()
                     .get(session::CSRF_HEADER)
@@ -177,7 +196,7 @@ pub async fn require_token(State(state): State<AppState>, mut request: Request, 
                     )
                     .into_response();
                 }
-                token
+                state.auth.session_caller(&state, &session_id).await
             }
             None => {
                 return ApiError::new(
@@ -189,11 +208,11 @@ pub async fn require_token(State(state): State<AppState>, mut request: Request, 
             }
         },
     };
-    let Some(caller) = state.auth.caller(&state, &token).await else {
+    let Some(caller) = caller else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "the API token is not known (revoked, or mistyped); `sluice token list` shows the tokens there are",
+            "the API token is not known (revoked, or mistyped; a console session ends when you sign out); `sluice token list` shows the tokens there are",
         )
         .into_response();
     };

@@ -56,7 +56,7 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
 /// Whether the request carries a session the API would accept.
 async fn signed_in(state: &AppState, headers: &HeaderMap) -> bool {
     match cookie(headers, SESSION_COOKIE) {
-        Some(token) => state.auth.caller(state, &token).await.is_some(),
+        Some(session_id) => state.auth.session_caller(state, &session_id).await.is_some(),
         None => false,
     }
 }

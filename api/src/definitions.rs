@@ -499,7 +499,8 @@ fn outcome(checked: Result<(), impl std::fmt::Display>) -> TestResult {
         },
         Err(e) => TestResult {
             ok: false,
-            error: Some(e.to_string()),
+            // A system's error may quote the credential it refused.
+            error: Some(sluice_engine::secrets::scrub_known(&e.to_string()).into_owned()),
         },
     }
 }

@@ -74,7 +74,8 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code.to_string(),
-                message: self.message,
+                // A system's error may quote a credential it was sent.
+                message: sluice_engine::secrets::scrub_known(&self.message).into_owned(),
                 details: self.details.map(|d| *d),
             },
         };

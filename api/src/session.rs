@@ -1,6 +1,7 @@
-//! Browser sessions, for the web console. A login form takes an API token and keeps it in an
-//! `HttpOnly`, `SameSite=Strict` cookie, so scripts cannot read it and other sites cannot send
-//! it. Every state-changing request that authenticates with that cookie must also carry the
+//! Browser sessions, for the web console. A login form takes an API token and opens a session
+//! in the metadata store; the browser keeps only the session's random id, in an `HttpOnly`,
+//! `SameSite=Strict` cookie, so scripts cannot read it and other sites cannot send it. Signing
+//! out ends the session on the server, so a cookie copied before is refused after. Every state-changing request that authenticates with that cookie must also carry the
 //! session's CSRF token: a second cookie, readable by the console's own pages, echoed in the
 //! `X-CSRF-Token` header or the form's `csrf` field (the double-submit pattern). A request
 //! authenticated with `Authorization: Bearer` needs none, since no browser adds that header by
@@ -20,8 +21,10 @@ pub const SESSION_COOKIE: &str = "sluice_session";
 pub const CSRF_COOKIE: &str = "sluice_csrf";
 /// The header a cookie-authenticated change carries the CSRF token in.
 pub const CSRF_HEADER: &str = "x-csrf-token";
-/// How long a browser keeps a session: a working day and a half.
-const SESSION_SECONDS: u64 = 36 * 3600;
+/// How long a browser keeps a session (the store ends it then too).
+const SESSION_SECONDS: u64 = sluice_engine::tokens::SESSION_LIFETIME
+    .num_seconds()
+    .unsigned_abs();
 
 /// The value of cookie `name` in a request, if it sent one.
 pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -45,11 +48,16 @@ pub fn is_safe(method: &Method) -> bool {
 pub fn csrf_matches(headers: &HeaderMap, provided: Option<&str>) -> bool {
     match (cookie(headers, CSRF_COOKIE), provided) {
         (Some(expected), Some(provided)) if !provided.is_empty() => {
-            let (a, b) = (expected.as_bytes(), provided.as_bytes());
-            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+            same_secret(expected.as_bytes(), provided.as_bytes())
         }
         _ => false,
     }
+}
+
+/// Whether two secrets are equal, in time that depends on their length only (never on where
+/// they first differ, which would let a guesser find one byte at a time).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A fresh CSRF token: 32 random bytes, hex.
@@ -140,13 +148,27 @@ pub async fn login(
             StatusCode::UNAUTHORIZED,
         );
     };
+    // The browser keeps a session id, never the API token: signing out ends the session on the
+    // server, so a copied cookie is worthless afterwards.
+    let metadata = state.service.engine().metadata().clone();
+    let session_id = match metadata.create_session(&sluice_engine::tokens::hash(token)).await {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a console session");
+            return login_html(
+                &csrf,
+                Some("The metadata store could not open a session; try again, and see the server's log."),
+                StatusCode::SERVICE_UNAVAILABLE,
+            );
+        }
+    };
     tracing::info!(token = caller.token_name, scope = %caller.scope, "console sign-in");
     let mut response = Redirect::to("/").into_response();
     *response.status_mut() = StatusCode::SEE_OTHER;
     let headers = response.headers_mut();
     headers.append(
         header::SET_COOKIE,
-        set_cookie(SESSION_COOKIE, token, true, SESSION_SECONDS),
+        set_cookie(SESSION_COOKIE, &session_id, true, SESSION_SECONDS),
     );
     // A new session gets a new CSRF token.
     headers.append(
@@ -156,14 +178,30 @@ pub async fn login(
     response
 }
 
-/// `POST /logout`: ends the session (the form carries the CSRF token).
-pub async fn logout(headers: HeaderMap, Form(form): Form<LogoutForm>) -> Response {
+/// `POST /logout`: ends the session on the server and in the browser (the form carries the
+/// CSRF token).
+pub async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<LogoutForm>,
+) -> Response {
     if !csrf_matches(&headers, Some(&form.csrf)) {
         return (
             StatusCode::FORBIDDEN,
             Html("<!doctype html><title>sluice</title><p>This sign-out form did not come from this sluice.</p>"),
         )
             .into_response();
+    }
+    if let Some(session_id) = cookie(&headers, SESSION_COOKIE) {
+        let metadata = state.service.engine().metadata().clone();
+        if let Err(e) = metadata.end_session(&session_id).await {
+            tracing::warn!(error = %e, "cannot end a console session");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Html("<!doctype html><title>sluice</title><p>The session could not be ended (the metadata store did not answer); try again.</p>"),
+            )
+                .into_response();
+        }
     }
     let mut response = Redirect::to("/login").into_response();
     *response.status_mut() = StatusCode::SEE_OTHER;
@@ -244,6 +282,36 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, HeaderValue::from_str(cookie).expect("cookie"));
         headers
+    }
+
+    #[test]
+    fn secrets_compare_in_the_same_time_wherever_they_differ() {
+        use std::hint::black_box;
+        use std::time::{Duration, Instant};
+        // Long enough that an early exit (as `==` takes) would be thousands of times faster.
+        let expected = vec![b'a'; 256 * 1024];
+        let mut first = expected.clone();
+        first[0] = b'b';
+        let mut last = expected.clone();
+        *last.last_mut().expect("byte") = b'b';
+        let fastest = |provided: &[u8]| {
+            (0..40)
+                .map(|_| {
+                    let started = Instant::now();
+                    black_box(same_secret(black_box(&expected), black_box(provided)));
+                    started.elapsed()
+                })
+                .min()
+                .unwrap_or(Duration::ZERO)
+        };
+        assert!(same_secret(&expected, &expected.clone()));
+        assert!(!same_secret(&expected, &first) && !same_secret(&expected, &last));
+        let (early, late) = (fastest(&first), fastest(&last));
+        let ratio = late.as_secs_f64() / early.as_secs_f64().max(1e-9);
+        assert!(
+            (0.33..3.0).contains(&ratio),
+            "differing in the first byte took {early:?}, in the last {late:?}"
+        );
     }
 
     #[test]

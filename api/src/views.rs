@@ -263,7 +263,8 @@ pub struct Health {
     pub version: String,
 }
 
-/// `GET /readyz`: each store's state (`ok` or its error).
+/// `GET /readyz`: each store's state (`ok`, or `unavailable` with the reason in the log: the
+/// route needs no token, so it tells no details of the infrastructure).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
     pub metadata_store: String,

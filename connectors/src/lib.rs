@@ -202,5 +202,38 @@ fn unknown_type(kind: &str, name: &str, known: &[&str]) -> String {
 
 /// Parses a connector's options into its typed config.
 fn parse<T: DeserializeOwned>(config: &ConnectorConfig) -> Result<T, String> {
-    serde_json::from_value(serde_json::Value::Object(config.options.clone())).map_err(|e| e.to_string())
+    serde_json::from_value(serde_json::Value::Object(config.options.clone()))
+        .map_err(|e| without_quoted_value(&e.to_string()))
+}
+
+/// A parse error without the value it quotes (`invalid type: string "…", expected …`): the
+/// value may be a credential given to the wrong option, or of the wrong type.
+fn without_quoted_value(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let Some(start) = message.find(QUOTED) else {
+        return message.to_string();
+    };
+    let rest = &message[start + QUOTED.len()..];
+    match rest.rfind("\", expected") {
+        Some(end) => format!("{}a string{}", &message[..start], &rest[end + 1..]),
+        None => format!("{}a string", &message[..start]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_do_not_quote_the_value() {
+        assert_eq!(
+            without_quoted_value("invalid type: string \"hunter2\", expected u32"),
+            "invalid type: a string, expected u32"
+        );
+        assert_eq!(
+            without_quoted_value("invalid value: string \"a\", expected x\", expected y"),
+            "invalid value: a string, expected y"
+        );
+        assert_eq!(without_quoted_value("missing field `url`"), "missing field `url`");
+    }
 }

@@ -242,6 +242,50 @@ impl MetadataStore {
         })
     }
 
+    /// Seals every stored secret again under `key` (the current `SLUICE_SECRET_KEY`), opening
+    /// each with whichever of `key`'s keys sealed it: the step of a key rotation that lets the
+    /// earlier key go. One definition at a time, each only if no one changed it meanwhile (a
+    /// changed one is counted as skipped: a change seals under the current key anyway).
+    pub async fn reseal_secrets(&self, key: &crate::secrets::SecretKey) -> Result<Resealed> {
+        let mut report = Resealed::default();
+        for definition in self.catalog().await?.definitions {
+            let what = format!("{} `{}`", definition.kind, definition.name);
+            let (resealed, count) = crate::secrets::reseal(&definition.spec, key)
+                .map_err(|e| EngineError::Usage(format!("{what}: {e}")))?;
+            if count == 0 {
+                report.current += 1;
+                continue;
+            }
+            let before = serde_json::to_string(&definition.spec)
+                .map_err(|e| EngineError::Internal(format!("cannot serialise a definition: {e}")))?;
+            let after = serde_json::to_string(&resealed)
+                .map_err(|e| EngineError::Internal(format!("cannot serialise a definition: {e}")))?;
+            let mut tx = self.pool().begin().await.map_err(self.err())?;
+            let changed = sqlx::query(
+                self.sql("UPDATE definitions SET spec = ? WHERE kind = ? AND name = ? AND spec = ?"),
+            )
+            .bind(&after)
+            .bind(definition.kind.as_str())
+            .bind(&definition.name)
+            .bind(&before)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.err())?
+            .rows_affected();
+            if changed == 1 {
+                // Running servers take the definition in again (the same values, sealed anew).
+                bump(self, &mut tx).await?;
+                tx.commit().await.map_err(self.err())?;
+                report.definitions += 1;
+                report.secrets += count;
+            } else {
+                tx.rollback().await.map_err(self.err())?;
+                report.changed_meanwhile.push(what);
+            }
+        }
+        Ok(report)
+    }
+
     /// Deletes a definition; `false` when there was none. Deleting a mapping also forgets what
     /// its destination was sent (so a new mapping of that name starts with a full sync) and its
     /// switch; its runs stay in the history.
@@ -290,6 +334,19 @@ impl MetadataStore {
 
 /// Bumps the catalog version inside a change's transaction (which also takes SQLite's write
 /// lock first, so concurrent changes queue instead of failing).
+/// What [`MetadataStore::reseal_secrets`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resealed {
+    /// Definitions sealed anew, and the secrets in them.
+    pub definitions: usize,
+    pub secrets: usize,
+    /// Definitions whose secrets were all under the current key already (or that hold none).
+    pub current: usize,
+    /// Definitions changed by someone else while this ran (sealed under the current key by
+    /// that change, or to be resealed by running the command again).
+    pub changed_meanwhile: Vec<String>,
+}
+
 async fn bump(store: &MetadataStore, tx: &mut sqlx::AnyConnection) -> Result<()> {
     sqlx::query(store.sql("UPDATE catalog_version SET version = version + 1 WHERE id = 1"))
         .execute(&mut *tx)

@@ -537,15 +537,23 @@ impl ConfigString {
     }
 }
 
+// Shown as written, `${VAR}` unexpanded; a URL written literally keeps its password and
+// credential-looking query values out of what is shown.
 impl fmt::Debug for ConfigString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.template)
+        match crate::secrets::hide_url_credentials(&self.template) {
+            Some(hidden) => write!(f, "{hidden:?}"),
+            None => write!(f, "{:?}", self.template),
+        }
     }
 }
 
 impl fmt::Display for ConfigString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.template)
+        match crate::secrets::hide_url_credentials(&self.template) {
+            Some(hidden) => f.write_str(&hidden),
+            None => f.write_str(&self.template),
+        }
     }
 }
 

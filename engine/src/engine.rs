@@ -169,6 +169,9 @@ impl Engine {
             }
         }
         project.resolve_defaults();
+        // Before any connector is built (its error may quote an option): the secrets this
+        // project holds are scrubbed from every error, run record and log line from now on.
+        crate::secrets::remember(project_secret_values(&project, connectors));
         let is_api = |kind: Kind, name: &str| from_api.iter().any(|(k, n)| *k == kind && n == name);
         let leave_out =
             |project: &mut Project, problems: &mut Vec<Problem>, kind: Kind, name: &str, message: String| {
@@ -243,6 +246,9 @@ impl Engine {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        for problem in &mut problems {
+            problem.message = crate::secrets::scrub_known(&problem.message).into_owned();
         }
         Ok(Self {
             project: Arc::new(project),
@@ -742,6 +748,58 @@ fn remove(project: &mut Project, kind: Kind, name: &str) {
 }
 
 /// What every engine built from one `Engine::open` shares.
+/// The secret values of a project as its connectors will see them (`${VAR}` expanded, sealed
+/// values open): connector credentials by their declared types, alert addresses, the stores'
+/// credentials and the API tokens the file declares.
+fn project_secret_values(project: &Project, connectors: &dyn ConnectorFactory) -> Vec<String> {
+    use crate::secrets;
+    let schemas = secrets::SecretSchemas::from_catalog(&connectors.catalog());
+    let mut out = Vec::new();
+    for (kind, configs) in [
+        (Kind::Source, &project.config.sources),
+        (Kind::Destination, &project.config.destinations),
+    ] {
+        for config in configs.values() {
+            let mut spec = serde_json::Value::Object(config.options.clone());
+            if let serde_json::Value::Object(map) = &mut spec {
+                map.insert("type".into(), serde_json::Value::String(config.kind.clone()));
+            }
+            out.extend(secrets::secret_values(
+                kind,
+                &schemas,
+                &secrets::expand_env(&spec),
+            ));
+        }
+    }
+    for mapping in project.config.mappings.values() {
+        for url in mapping.alerts.iter().flat_map(|a| &a.urls) {
+            out.extend(secrets::whole_url_secret_values(url.expose()));
+        }
+    }
+    for location in [&project.config.metadata_store, &project.config.snapshot_store]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(url) = url::Url::parse(location.expose()) {
+            out.extend(url.password().map(str::to_string));
+        }
+    }
+    for (key, value) in &project.config.snapshot_store_options {
+        if secrets::is_secret_key(key) {
+            out.push(value.expose().to_string());
+        }
+    }
+    out.extend(
+        project
+            .config
+            .api
+            .tokens
+            .iter()
+            .map(|t| t.token.expose().to_string()),
+    );
+    out
+}
+
 struct Shared {
     snapshots: SnapshotStore,
     metadata: MetadataStore,

@@ -1148,7 +1148,8 @@ async fn insert_failures(
                 .bind(run_id)
                 .bind(f.record_key.as_str())
                 .bind(f.op.as_str())
-                .bind(f.error.as_str())
+                // A destination's rejection may quote a credential it was sent.
+                .bind(crate::secrets::scrub_known(&f.error).into_owned())
                 .bind(f.attempts)
                 .bind(f.first_failed_at.to_rfc3339())
                 .bind(f.last_failed_at.to_rfc3339())
@@ -1187,7 +1188,11 @@ async fn update_run(backend: Backend, tx: &mut AnyConnection, run: &RunRecord) -
     .bind(run.timings.render_ms as i64)
     .bind(run.timings.checkpoint_ms as i64)
     .bind(&run.schema_change)
-    .bind(&run.error)
+    .bind(
+        run.error
+            .as_deref()
+            .map(|e| crate::secrets::scrub_known(e).into_owned()),
+    )
     .bind(&run.recommended_action)
     .bind(&run.id)
     .execute(&mut *tx)

@@ -430,9 +430,9 @@ impl Engine {
                         run.status = RunStatus::Failed;
                         run.finished_at = Some(Utc::now());
                         run.recommended_action = e.recommended_action();
-                        run.error = Some(format!(
+                        run.error = Some(crate::secrets::scrub_known(&format!(
                             "taking in the results of an earlier run that did not finish: {e}"
-                        ));
+                        )).into_owned());
                         self.metadata.commit_run(&run, None).await?;
                         self.finish_run(observer, &run).await;
                         done.push(run);
@@ -478,7 +478,7 @@ impl Engine {
         let manifest = match extracted {
             Ok(manifest) => Arc::new(manifest),
             Err(e) => {
-                let message = e.to_string();
+                let message = crate::secrets::scrub_known(&e.to_string()).into_owned();
                 tracing::error!(model, error = %message, "extraction failed");
                 let status = stopped_status(&e);
                 let mut done = Vec::new();
@@ -516,7 +516,7 @@ impl Engine {
                     .instrument(span)
                     .await;
                 if let Err(e) = outcome {
-                    let message = e.to_string();
+                    let message = crate::secrets::scrub_known(&e.to_string()).into_owned();
                     run.status = stopped_status(&e);
                     if run.status == RunStatus::Interrupted {
                         tracing::warn!(
@@ -1661,6 +1661,13 @@ impl Delivery<'_> {
         }
         result.failures.sort_by_key(|f| f.index);
         result.failures.dedup_by_key(|f| f.index);
+        // A rejection may quote a credential the destination was sent; what is kept (failure
+        // samples, the exceptions queryable with SQL, the run's first failure) must not.
+        for failure in &mut result.failures {
+            if let std::borrow::Cow::Owned(scrubbed) = crate::secrets::scrub_known(&failure.error) {
+                failure.error = scrubbed;
+            }
+        }
         self.run.timings.deliver_ms += started.elapsed().as_millis() as u64;
         let failed = result.failures.len() as u64;
         self.run.counts.sent += outgoing.len() as u64 - blocked_count;

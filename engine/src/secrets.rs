@@ -28,6 +28,12 @@ pub const REDACTED: &str = "********";
 /// The environment variable holding the key that seals secrets at rest.
 pub const KEY_ENV: &str = "SLUICE_SECRET_KEY";
 const SEALED: &str = "$sealed";
+/// Shorter values of a definition are not scrubbed from its connection test's answer: they
+/// cannot be told from ordinary words.
+const MIN_SCRUBBED: usize = 4;
+/// Shorter values are not scrubbed from everything the process writes (a short password would
+/// take ordinary words out of every message); real credentials are longer.
+const MIN_KNOWN: usize = 8;
 const DISPLAY: &str = "display";
 
 /// Why a secret could not be sealed or opened.
@@ -40,7 +46,7 @@ pub enum SecretError {
     #[error("{KEY_ENV} is not 32 bytes encoded as base64: {0}")]
     BadKey(String),
     #[error(
-        "`{path}` was sealed with another {KEY_ENV} (key id {found}; this process has {have}); set the key it was created with, or send the secret again"
+        "`{path}` was sealed with another {KEY_ENV} (key id {found}; this process has {have}); set the key it was created with (an earlier key goes in {PREVIOUS_KEYS_ENV}), or send the secret again"
     )]
     WrongKey {
         path: String,
@@ -57,12 +63,18 @@ pub enum SecretError {
     Placeholder { path: String },
 }
 
-/// The key that seals secrets at rest.
+/// The environment variable holding earlier keys (comma-separated), which open secrets sealed
+/// before a rotation but never seal.
+pub const PREVIOUS_KEYS_ENV: &str = "SLUICE_SECRET_KEY_PREVIOUS";
+
+/// The key that seals secrets at rest, with the earlier keys that still open what they sealed.
 #[derive(Clone)]
 pub struct SecretKey {
     key: std::sync::Arc<LessSafeKey>,
     /// First bytes of the key's SHA-256, to tell keys apart in messages.
     id: String,
+    /// Keys of before a rotation: they open, never seal.
+    previous: Vec<SecretKey>,
 }
 
 impl std::fmt::Debug for SecretKey {
@@ -72,12 +84,45 @@ impl std::fmt::Debug for SecretKey {
 }
 
 impl SecretKey {
-    /// The key in `SLUICE_SECRET_KEY`, if set.
+    /// The key in `SLUICE_SECRET_KEY`, if set, with the earlier ones in
+    /// `SLUICE_SECRET_KEY_PREVIOUS`.
     pub fn from_env() -> Result<Option<Self>, SecretError> {
-        match std::env::var(KEY_ENV) {
-            Ok(text) if !text.trim().is_empty() => Self::from_base64(text.trim()).map(Some),
-            _ => Ok(None),
-        }
+        let key = match std::env::var(KEY_ENV) {
+            Ok(text) if !text.trim().is_empty() => Self::from_base64(text.trim())?,
+            _ => return Ok(None),
+        };
+        let previous = std::env::var(PREVIOUS_KEYS_ENV).unwrap_or_default();
+        let previous = previous
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                Self::from_base64(k).map_err(|e| SecretError::BadKey(format!("in {PREVIOUS_KEYS_ENV}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(key.with_previous(previous)))
+    }
+
+    /// This key, opening also what `previous` keys sealed.
+    pub fn with_previous(mut self, previous: Vec<SecretKey>) -> Self {
+        self.previous = previous
+            .into_iter()
+            .filter(|k| k.id != self.id)
+            .map(|mut k| {
+                k.previous.clear();
+                k
+            })
+            .collect();
+        self
+    }
+
+    /// A new random key, base64 (what `SLUICE_SECRET_KEY` takes).
+    pub fn generate() -> Result<String, SecretError> {
+        let mut bytes = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| SecretError::BadKey("no randomness for a key".into()))?;
+        Ok(STANDARD.encode(bytes))
     }
 
     pub fn from_base64(text: &str) -> Result<Self, SecretError> {
@@ -102,6 +147,7 @@ impl SecretKey {
         Ok(Self {
             key: std::sync::Arc::new(LessSafeKey::new(unbound)),
             id,
+            previous: Vec::new(),
         })
     }
 
@@ -143,13 +189,18 @@ impl SecretKey {
         let (Some("v1"), Some(id), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(corrupt("not a sealed value sluice wrote"));
         };
-        if id != self.id {
+        let Some(key) = std::iter::once(self).chain(&self.previous).find(|k| k.id == id) else {
+            let mut have = self.id.clone();
+            for k in &self.previous {
+                have.push_str(", ");
+                have.push_str(&k.id);
+            }
             return Err(SecretError::WrongKey {
                 path: path.to_string(),
                 found: id.to_string(),
-                have: self.id.clone(),
+                have,
             });
-        }
+        };
         let bytes = STANDARD.decode(body).map_err(|_| corrupt("not base64"))?;
         if bytes.len() < NONCE_LEN {
             return Err(corrupt("too short"));
@@ -157,9 +208,9 @@ impl SecretKey {
         let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| corrupt("bad nonce"))?;
         let mut data = ciphertext.to_vec();
-        let plain = self
+        let plain = key
             .key
-            .open_in_place(nonce, Aad::from(self.id.as_bytes()), &mut data)
+            .open_in_place(nonce, Aad::from(key.id.as_bytes()), &mut data)
             .map_err(|_| corrupt("authentication failed (changed or damaged)"))?;
         String::from_utf8(plain.to_vec()).map_err(|_| corrupt("not UTF-8"))
     }
@@ -393,6 +444,18 @@ pub fn hide_url_credentials(text: &str) -> Option<String> {
     changed.then(|| parsed.to_string())
 }
 
+/// A location (URL or path) as an error may quote it: credentials hidden, and an address that
+/// does not parse, yet looks like it carries some (`@`, `?`), not quoted at all.
+pub fn shown_location(text: &str) -> String {
+    if let Some(hidden) = hide_url_credentials(text) {
+        return hidden;
+    }
+    if url::Url::parse(text).is_err() && (text.contains('@') || text.contains('?')) {
+        return "(the location given)".to_string();
+    }
+    text.to_string()
+}
+
 /// `url` with its credentials hidden, when it has any.
 fn url_display(text: &str) -> Option<String> {
     hide_url_credentials(text)
@@ -604,6 +667,52 @@ pub fn open(value: &Value, key: Option<&SecretKey>) -> Result<Value, SecretError
     walk(value, key, &mut Vec::new())
 }
 
+/// A definition with every secret sealed under an earlier key sealed again under `key` (the
+/// display form kept), and how many were; values already under `key` are left as they are.
+pub fn reseal(value: &Value, key: &SecretKey) -> Result<(Value, usize), SecretError> {
+    fn walk<'a>(
+        value: &'a Value,
+        key: &SecretKey,
+        path: &mut Vec<Step<'a>>,
+        count: &mut usize,
+    ) -> Result<Value, SecretError> {
+        match value {
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    path.push(Step::Index(i));
+                    out.push(walk(item, key, path, count)?);
+                    path.pop();
+                }
+                Ok(Value::Array(out))
+            }
+            Value::Object(map) => {
+                if let Some(sealed) = sealed_value(value) {
+                    if sealed.split('.').nth(1) == Some(key.id()) {
+                        return Ok(value.clone());
+                    }
+                    let plain = key.open(sealed, &path_text(path))?;
+                    let mut out = map.clone();
+                    out.insert(SEALED.into(), Value::String(key.seal(&plain)?));
+                    *count += 1;
+                    return Ok(Value::Object(out));
+                }
+                let mut out = Map::new();
+                for (k, item) in map {
+                    path.push(Step::Key(k));
+                    out.insert(k.clone(), walk(item, key, path, count)?);
+                    path.pop();
+                }
+                Ok(Value::Object(out))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+    let mut count = 0;
+    let resealed = walk(value, key, &mut Vec::new(), &mut count)?;
+    Ok((resealed, count))
+}
+
 /// The first plain (not secret) string of a connector definition that holds an environment
 /// reference: definitions made through the API are literal, so `${` there is refused rather
 /// than expanded (a reference would let a client read the server's environment).
@@ -651,11 +760,33 @@ pub fn secret_values(kind: Kind, schemas: &SecretSchemas, value: &Value) -> Vec<
             }
         }
     });
+    // A header value's credential goes alone too (a system echoes the key, not `Bearer key`).
+    let parts: Vec<String> = out.iter().flat_map(|v| credential_parts(v)).collect();
+    out.extend(parts);
     // Too short to tell from ordinary text, or already what is shown.
-    out.retain(|v| v.chars().count() >= 4 && v != REDACTED && v != "/");
+    out.retain(|v| v.chars().count() >= MIN_SCRUBBED && v != REDACTED && v != "/");
     out.sort_by_key(|v| std::cmp::Reverse(v.len()));
     out.dedup();
     out
+}
+
+/// The credential inside a value written with an authorization scheme: `Bearer <token>` gives
+/// the token, `Basic <base64>` the decoded `user:password` and the password.
+fn credential_parts(value: &str) -> Vec<String> {
+    let Some((scheme, credential)) = value.trim().rsplit_once(char::is_whitespace) else {
+        return Vec::new();
+    };
+    let mut parts = vec![credential.to_string()];
+    if scheme.trim().eq_ignore_ascii_case("basic")
+        && let Ok(decoded) = STANDARD.decode(credential)
+        && let Ok(decoded) = String::from_utf8(decoded)
+    {
+        if let Some((_, password)) = decoded.split_once(':') {
+            parts.push(password.to_string());
+        }
+        parts.push(decoded);
+    }
+    parts
 }
 
 /// `text` with every one of `secrets` replaced by the placeholder.
@@ -672,6 +803,102 @@ pub fn scrub(text: &str, secrets: &[String]) -> String {
     out
 }
 
+/// Every secret value this process has been configured with (connector credentials, alert
+/// and webhook addresses, API tokens from the file), longest first. Errors the API answers,
+/// run records and failure samples as they are stored, and log lines as they are written are
+/// scrubbed of them: a system's error may echo a credential it was sent, and no path out of
+/// sluice should carry one. Values once known stay known (an old key may still be quoted by a
+/// run that started before a change).
+static KNOWN: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds values to the ones [`scrub_known`] takes out.
+pub fn remember(values: impl IntoIterator<Item = String>) {
+    let fresh: Vec<String> = values
+        .into_iter()
+        .filter(|v| v.chars().count() >= MIN_KNOWN && v != REDACTED)
+        .collect();
+    if fresh.is_empty() {
+        return;
+    }
+    let mut known = KNOWN.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let before = known.len();
+    for value in fresh {
+        if !known.contains(&value) {
+            known.push(value);
+        }
+    }
+    if known.len() != before {
+        known.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    }
+}
+
+/// Whether `text` holds a secret value this process knows.
+pub fn contains_known(text: &str) -> bool {
+    let known = KNOWN.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    known.iter().any(|secret| text.contains(secret.as_str()))
+}
+
+/// Every string of `value` scrubbed of the secret values this process knows.
+pub fn scrub_known_strings(value: Value) -> Value {
+    match value {
+        Value::String(text) => match scrub_known(&text) {
+            std::borrow::Cow::Borrowed(_) => Value::String(text),
+            std::borrow::Cow::Owned(scrubbed) => Value::String(scrubbed),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(scrub_known_strings).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, scrub_known_strings(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// `text` with every secret value this process knows replaced by the placeholder.
+pub fn scrub_known(text: &str) -> std::borrow::Cow<'_, str> {
+    let known = KNOWN.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !known.iter().any(|secret| text.contains(secret.as_str())) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(scrub(text, &known))
+}
+
+/// A string's value with its `${VAR}` references expanded (as a connector will see it).
+fn expanded(text: &str) -> String {
+    if !text.contains('$') {
+        return text.to_string();
+    }
+    crate::config::ConfigString::resolve(text)
+        .map(|c| c.expose().to_string())
+        .unwrap_or_else(|_| text.to_string())
+}
+
+/// A definition with every string's `${VAR}` references expanded.
+pub fn expand_env(value: &Value) -> Value {
+    match value {
+        Value::String(text) => Value::String(expanded(text)),
+        Value::Array(items) => Value::Array(items.iter().map(expand_env).collect()),
+        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), expand_env(v))).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The secret parts of a URL that is a credential as a whole (an alert hook): its path, its
+/// query and its password.
+pub fn whole_url_secret_values(text: &str) -> Vec<String> {
+    let text = expanded(text);
+    let mut out = vec![text.clone()];
+    if let Ok(url) = url::Url::parse(&text) {
+        if url.path() != "/" {
+            out.push(url.path().to_string());
+        }
+        out.extend(url.query().map(str::to_string));
+        out.extend(url.password().map(str::to_string));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,6 +906,62 @@ mod tests {
 
     fn key() -> SecretKey {
         SecretKey::from_bytes(&[7u8; 32]).unwrap()
+    }
+
+    #[test]
+    fn a_rotation_reseals_under_the_new_key_and_earlier_keys_only_open() {
+        let old = key();
+        let schemas = SecretSchemas::default();
+        let spec = json!({"type": "postgres", "password": "hunter2-old", "host": "db"});
+        let sealed = seal(Kind::Source, &schemas, &spec, None, Some(&old)).unwrap();
+        let new = SecretKey::from_bytes(&[9u8; 32]).unwrap();
+        // The new key alone cannot open it, and says which keys it has.
+        let refused = open(&sealed, Some(&new)).unwrap_err();
+        assert!(matches!(refused, SecretError::WrongKey { .. }), "{refused}");
+        assert!(refused.to_string().contains(PREVIOUS_KEYS_ENV), "{refused}");
+        let both = new.clone().with_previous(vec![old.clone()]);
+        assert_eq!(open(&sealed, Some(&both)).unwrap(), spec);
+        let (resealed, count) = reseal(&sealed, &both).unwrap();
+        assert_eq!(count, 1);
+        assert_eq!(
+            redact(Kind::Source, &schemas, &resealed),
+            redact(Kind::Source, &schemas, &sealed)
+        );
+        // Now the new key alone opens it, and a second pass changes nothing.
+        assert_eq!(open(&resealed, Some(&new)).unwrap(), spec);
+        assert!(open(&resealed, Some(&old)).is_err());
+        let (again, count) = reseal(&resealed, &both).unwrap();
+        assert_eq!((again, count), (resealed, 0));
+    }
+
+    #[test]
+    fn a_header_credential_is_scrubbed_without_its_scheme() {
+        let schemas = SecretSchemas::default();
+        let spec = json!({"type": "webhook", "headers": {
+            "Authorization": "Bearer tok-QQ-1234567",
+            "Proxy-Authorization": format!("Basic {}", STANDARD.encode("svc:pw-QQ-7654321")),
+        }});
+        let values = secret_values(Kind::Destination, &schemas, &spec);
+        let echoed = "bad token tok-QQ-1234567; user svc:pw-QQ-7654321; password pw-QQ-7654321";
+        assert_eq!(
+            scrub(echoed, &values),
+            "bad token ********; user ********; password ********"
+        );
+    }
+
+    #[test]
+    fn known_secrets_are_scrubbed_from_any_text_and_short_ones_left() {
+        remember(["QQ-known-secret-3b8f".to_string(), "short".to_string()]);
+        assert_eq!(
+            scrub_known("server said: token QQ-known-secret-3b8f is revoked"),
+            "server said: token ******** is revoked"
+        );
+        assert!(contains_known("x QQ-known-secret-3b8f y"));
+        assert_eq!(scrub_known("a short word"), "a short word");
+        assert_eq!(
+            scrub_known_strings(json!({"sql": "SELECT 'QQ-known-secret-3b8f'", "n": 1})),
+            json!({"sql": "SELECT '********'", "n": 1})
+        );
     }
 
     #[test]

@@ -785,7 +785,9 @@ fn view(
         kind,
         name: name.to_string(),
         origin,
-        definition: crate::secrets::redact(kind, schemas, &raw),
+        // Beyond the declared secrets: a known credential written into a plain option or a
+        // model's SQL is not shown either.
+        definition: crate::secrets::scrub_known_strings(crate::secrets::redact(kind, schemas, &raw)),
         created_at,
         updated_at,
         problem,
@@ -825,6 +827,16 @@ fn candidate(
             message: format!(
                 "`{path}`: definitions made through the API are taken literally, so `${{...}}` is not expanded; write the value itself (secrets are sealed at rest), or define the {kind} in sluice.yaml to use environment variables"
             ),
+        });
+    }
+    if kind == Kind::Model
+        && spec
+            .get("sql")
+            .and_then(Value::as_str)
+            .is_some_and(crate::secrets::contains_known)
+    {
+        return Err(EngineError::Invalid {
+            message: "`sql` holds a credential of this sluice (a source's, destination's or token's secret); a model is shown to every read token, so keep credentials in a source's options, where they are sealed".into(),
         });
     }
     let previous = engine.catalog.get(kind, name);

@@ -150,10 +150,81 @@ impl MetadataStore {
             .collect())
     }
 
-    /// Revokes a token; `false` when there was none of that name.
+    /// Revokes a token, and ends the console sessions opened with it; `false` when there was no
+    /// token of that name.
     pub async fn revoke_token(&self, name: &str) -> Result<bool> {
+        let mut tx = self.pool().begin().await.map_err(self.err())?;
+        sqlx::query(self.sql(
+            "DELETE FROM console_sessions WHERE token_hash IN \
+             (SELECT token_hash FROM api_tokens WHERE name = ?)",
+        ))
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(self.err())?;
         let removed = sqlx::query(self.sql("DELETE FROM api_tokens WHERE name = ?"))
             .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.err())?
+            .rows_affected();
+        tx.commit().await.map_err(self.err())?;
+        Ok(removed > 0)
+    }
+}
+
+/// How long a console session lasts: a working day and a half.
+pub const SESSION_LIFETIME: chrono::Duration = chrono::Duration::hours(36);
+
+fn session_time(t: DateTime<Utc>) -> String {
+    // One fixed width, so the store can compare the texts.
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+impl MetadataStore {
+    /// Opens a console session for the token whose SHA-256 is `token_hash` and returns the
+    /// session's id, the one thing the browser keeps (never the API token itself). Sessions
+    /// that have expired are removed on the way.
+    pub async fn create_session(&self, token_hash: &str) -> Result<String> {
+        let now = Utc::now();
+        sqlx::query(self.sql("DELETE FROM console_sessions WHERE expires_at <= ?"))
+            .bind(session_time(now))
+            .execute(self.pool())
+            .await
+            .map_err(self.err())?;
+        let id = generate()?.replacen("sluice_", "session_", 1);
+        sqlx::query(self.sql(
+            "INSERT INTO console_sessions (session_hash, token_hash, created_at, expires_at) \
+             VALUES (?, ?, ?, ?)",
+        ))
+        .bind(hash(&id))
+        .bind(token_hash)
+        .bind(session_time(now))
+        .bind(session_time(now + SESSION_LIFETIME))
+        .execute(self.pool())
+        .await
+        .map_err(self.err())?;
+        Ok(id)
+    }
+
+    /// The SHA-256 of the API token a live session was opened with; `None` for a session that
+    /// was ended, has expired, or never was.
+    pub async fn session_token_hash(&self, session_id: &str) -> Result<Option<String>> {
+        let row = sqlx::query(
+            self.sql("SELECT token_hash FROM console_sessions WHERE session_hash = ? AND expires_at > ?"),
+        )
+        .bind(hash(session_id))
+        .bind(session_time(Utc::now()))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(self.err())?;
+        Ok(row.map(|r| r.get("token_hash")))
+    }
+
+    /// Ends a session (signing out); `false` when there was no such session.
+    pub async fn end_session(&self, session_id: &str) -> Result<bool> {
+        let removed = sqlx::query(self.sql("DELETE FROM console_sessions WHERE session_hash = ?"))
+            .bind(hash(session_id))
             .execute(self.pool())
             .await
             .map_err(self.err())?
@@ -182,6 +253,37 @@ mod tests {
         assert!(store.revoke_token("ci").await.unwrap());
         assert!(!store.revoke_token("ci").await.unwrap());
         assert!(store.tokens().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn sessions_end_when_signed_out_and_keep_no_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetadataStore::open_sqlite(&dir.path().join("m.db"))
+            .await
+            .unwrap();
+        let token_hash = hash("sluice_token");
+        let id = store.create_session(&token_hash).await.unwrap();
+        assert!(id.starts_with("session_") && !id.contains("sluice_token"), "{id}");
+        assert_eq!(
+            store.session_token_hash(&id).await.unwrap().as_deref(),
+            Some(token_hash.as_str())
+        );
+        let other = store.create_session(&token_hash).await.unwrap();
+        assert_ne!(id, other);
+        assert!(store.end_session(&id).await.unwrap());
+        assert_eq!(store.session_token_hash(&id).await.unwrap(), None);
+        assert!(!store.end_session(&id).await.unwrap());
+        // Another session of the same token lives on.
+        assert!(store.session_token_hash(&other).await.unwrap().is_some());
+        assert_eq!(store.session_token_hash("session_made_up").await.unwrap(), None);
+
+        // Revoking a token ends its sessions at once.
+        let token = store.create_token("console", Scope::Read).await.unwrap();
+        let session = store.create_session(&hash(&token)).await.unwrap();
+        assert!(store.session_token_hash(&session).await.unwrap().is_some());
+        assert!(store.revoke_token("console").await.unwrap());
+        assert_eq!(store.session_token_hash(&session).await.unwrap(), None);
+        assert!(store.session_token_hash(&other).await.unwrap().is_some());
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod postgres_metadata;
 mod redshift;
 mod replicas;
 mod s3_proxy;
+mod security;
 mod serve;
 mod services;
 mod snowflake;

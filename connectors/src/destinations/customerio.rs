@@ -97,7 +97,7 @@ impl CustomerioDestination {
                 Region::Eu => "https://track-eu.customer.io".into(),
             },
         };
-        let base = reqwest::Url::parse(&base).map_err(|e| format!("`url` {base} is not a valid URL: {e}"))?;
+        let base = super::http::parse_url_option("url", &base)?;
         let batch_url = base.join("/api/v2/batch").map_err(|e| e.to_string())?;
         let delivery = HttpDelivery::new(
             &config.delivery,

@@ -113,7 +113,7 @@ impl SheetsDestination {
         }
         Ok(Self {
             name: name.to_string(),
-            api: reqwest::Url::parse(&api).map_err(|e| format!("`url` {api} is not a valid URL: {e}"))?,
+            api: super::http::parse_url_option("url", &api)?,
             auth: std::sync::Arc::new(GoogleAuth::new(
                 config.service_account.as_ref().map(|s| s.expose()),
                 env,

@@ -443,6 +443,14 @@ pub fn no_options(kind: &str, options: &serde_json::Map<String, serde_json::Valu
     }
 }
 
+/// Parses a connector's URL option (`option` names it in the error). The text is not quoted
+/// back: an address can be a credential, and one that does not parse cannot be shown safely.
+pub fn parse_url_option(option: &str, text: &str) -> Result<reqwest::Url, String> {
+    reqwest::Url::parse(text).map_err(|e| {
+        format!("`{option}` is not a valid URL ({e}); give a whole address, as in https://api.example.com")
+    })
+}
+
 /// A URL without credentials or secret query values, for display.
 pub fn redact_url(url: &reqwest::Url) -> String {
     let mut shown = url.clone();

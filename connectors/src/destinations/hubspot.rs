@@ -109,8 +109,7 @@ pub struct HubspotDestination {
 
 impl HubspotDestination {
     pub fn new(name: &str, config: HubspotConfig) -> Result<Self, String> {
-        let base = reqwest::Url::parse(config.url.expose())
-            .map_err(|e| format!("`url` {} is not a valid URL: {e}", config.url))?;
+        let base = super::http::parse_url_option("url", config.url.expose())?;
         let delivery = HttpDelivery::new(
             &config.delivery,
             VendorLimits {

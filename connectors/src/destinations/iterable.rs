@@ -85,7 +85,7 @@ impl IterableDestination {
                 Region::Eu => "https://api.eu.iterable.com".into(),
             },
         };
-        let base = reqwest::Url::parse(&base).map_err(|e| format!("`url` {base} is not a valid URL: {e}"))?;
+        let base = super::http::parse_url_option("url", &base)?;
         let limits = |rate: u32| VendorLimits {
             max_records: 1000,
             // Deletes go one user a request.

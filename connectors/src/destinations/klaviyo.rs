@@ -124,7 +124,7 @@ impl KlaviyoDestination {
             .url
             .as_ref()
             .map_or("https://a.klaviyo.com".to_string(), |u| u.expose().to_string());
-        let base = reqwest::Url::parse(&base).map_err(|e| format!("`url` {base} is not a valid URL: {e}"))?;
+        let base = super::http::parse_url_option("url", &base)?;
         let mut headers = HeaderMap::new();
         headers.insert(
             AUTHORIZATION,

@@ -137,7 +137,7 @@ impl MixpanelDestination {
             Some(url) => url.expose().to_string(),
             None => config.region.url().to_string(),
         };
-        let base = reqwest::Url::parse(&base).map_err(|e| format!("`url` {base} is not a valid URL: {e}"))?;
+        let base = super::http::parse_url_option("url", &base)?;
         let import_auth = match (&config.service_account, &config.api_secret) {
             (Some(_), Some(_)) => {
                 return Err("give either `service_account` or `api_secret`, not both".into());

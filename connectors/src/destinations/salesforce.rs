@@ -147,8 +147,7 @@ const BULK_RECORDS: usize = 10_000;
 
 impl SalesforceDestination {
     pub fn new(name: &str, config: SalesforceConfig) -> Result<Self, String> {
-        let login_url = reqwest::Url::parse(config.login_url.expose())
-            .map_err(|e| format!("`login_url` {} is not a valid URL: {e}", config.login_url))?;
+        let login_url = super::http::parse_url_option("login_url", config.login_url.expose())?;
         let flow = match (&config.client_secret, &config.username, &config.private_key) {
             (Some(secret), None, None) => Flow::ClientCredentials {
                 secret: secret.expose().to_string(),

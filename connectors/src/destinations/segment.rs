@@ -118,8 +118,7 @@ pub struct SegmentDestination {
 
 impl SegmentDestination {
     pub fn new(name: &str, config: SegmentConfig) -> Result<Self, String> {
-        let base = reqwest::Url::parse(config.url.expose())
-            .map_err(|e| format!("`url` {} is not a valid URL: {e}", config.url))?;
+        let base = super::http::parse_url_option("url", config.url.expose())?;
         let batch_url = base
             .join(&format!("{}/v1/batch", base.path().trim_end_matches('/')))
             .map_err(|e| format!("`url` {}: {e}", config.url))?;

@@ -107,8 +107,7 @@ impl WebhookDestination {
     }
 
     pub fn new(name: &str, config: WebhookConfig) -> Result<Self, String> {
-        let url = reqwest::Url::parse(config.url.expose())
-            .map_err(|e| format!("`url` {} is not a valid URL: {e}", config.url))?;
+        let url = super::http::parse_url_option("url", config.url.expose())?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("`url` {} must be http or https", config.url));
         }

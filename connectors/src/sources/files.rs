@@ -181,7 +181,12 @@ impl FilesSource {
         for table in &self.tables {
             let connect_error = |e: DataFusionError| SourceError::Connect {
                 source_name: self.name.clone(),
-                message: format!("table `{}` ({}): {}", table.name, table.location, first_line(&e)),
+                message: format!(
+                    "table `{}` ({}): {}",
+                    table.name,
+                    sluice_engine::secrets::shown_location(&table.location),
+                    first_line(&e)
+                ),
                 hint: hint_for(&e),
             };
             if table.location.contains("://") && !table.location.starts_with("file://") {
@@ -221,9 +226,10 @@ impl FilesSource {
             message,
             hint: None,
         };
-        let url = Url::parse(location).map_err(|e| error(format!("`{location}` is not a valid URL: {e}")))?;
+        let shown = sluice_engine::secrets::shown_location(location);
+        let url = Url::parse(location).map_err(|e| error(format!("`{shown}` is not a valid URL: {e}")))?;
         let opened = sluice_snapshots::open_store(&url, self.options.clone())
-            .map_err(|e| error(format!("cannot open `{location}`: {e}")))?;
+            .map_err(|e| error(format!("cannot open `{shown}`: {e}")))?;
         let mut base = url.clone();
         base.set_path("/");
         base.set_query(None);

@@ -88,7 +88,8 @@ impl UnloadLocation {
         options: &IndexMap<String, ConfigString>,
         keep_files: bool,
     ) -> Result<Self, String> {
-        let mut parsed = Url::parse(url).map_err(|e| format!("unload `url` `{url}` is not a URL: {e}"))?;
+        let shown = sluice_engine::secrets::shown_location(url);
+        let mut parsed = Url::parse(url).map_err(|e| format!("unload `url` `{shown}` is not a URL: {e}"))?;
         if !parsed.path().ends_with('/') {
             let path = format!("{}/", parsed.path());
             parsed.set_path(&path);
@@ -98,7 +99,7 @@ impl UnloadLocation {
             .map(|(k, v)| (k.clone(), v.expose().to_string()))
             .collect();
         let opened = sluice_snapshots::open_store(&parsed, options)
-            .map_err(|e| format!("unload `url` `{url}`: {e}"))?;
+            .map_err(|e| format!("unload `url` `{shown}`: {e}"))?;
         Ok(Self {
             source_name: source_name.to_string(),
             url: parsed,
