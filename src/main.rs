@@ -193,6 +193,12 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// The project's dbt side: `exposures` writes each mapping that reads a dbt model as a dbt
+    /// exposure, so dbt's lineage shows where its models go.
+    Dbt {
+        #[command(subcommand)]
+        action: DbtAction,
+    },
     /// The key that seals secrets made through the API (`SLUICE_SECRET_KEY`).
     Secrets {
         #[command(subcommand)]
@@ -245,6 +251,19 @@ enum TokenAction {
     /// Revoke a token; the API refuses it within ten seconds.
     Revoke {
         name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbtAction {
+    /// Write a dbt `exposures:` YAML file declaring every mapping whose model reads dbt models
+    /// (`dbt_model:` or `ref()`); put it in the dbt project's models directory.
+    Exposures {
+        /// Where to write it (standard output when not given).
+        #[arg(long)]
+        output: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -587,6 +606,58 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Token { action } => token(action).await,
         Command::Secrets { action } => secrets(action).await,
+        Command::Dbt {
+            action: DbtAction::Exposures { output, config },
+        } => {
+            let project = Project::load(&config.config)?;
+            // An object-store manifest is read as the engine reads it.
+            let project = if project.dbt_pending() {
+                let engine = Engine::open(project, &Connectors).await?;
+                let project = engine.project().clone();
+                engine.close().await;
+                project
+            } else {
+                project
+            };
+            if project.config.dbt.is_none() {
+                anyhow::bail!(
+                    "{} has no `dbt:` section: add `dbt: {{manifest: path/to/target/manifest.json}}`",
+                    config.config.display()
+                );
+            }
+            let mappings: Vec<_> = project
+                .config
+                .mappings
+                .iter()
+                .filter_map(|(name, mapping)| {
+                    let models = project.dbt_sources_of(&mapping.model);
+                    (!models.is_empty()).then(|| {
+                        let description = format!(
+                            "sluice sends the rows of model `{}` to destination `{}`{}.",
+                            mapping.model,
+                            mapping.destination,
+                            project
+                                .config
+                                .destinations
+                                .get(&mapping.destination)
+                                .map(|d| format!(" ({})", d.kind))
+                                .unwrap_or_default()
+                        );
+                        (name.clone(), mapping.destination.clone(), description, models)
+                    })
+                })
+                .collect();
+            let yaml = sluice_engine::dbt::exposures_yaml(project.dbt_project_name(), &mappings);
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, &yaml)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!("{} exposure(s) written to {}", mappings.len(), path.display());
+                }
+                None => print!("{yaml}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Retire { models, config } => {
             let engine = open(&config.config).await?;
             let models: Vec<String> = if models.is_empty() {

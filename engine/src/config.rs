@@ -56,6 +56,9 @@ pub struct ProjectConfig {
     /// Where the diff runs: in this process (default) or on a Ballista cluster.
     #[serde(default)]
     pub diff: DiffConfig,
+    /// A dbt project whose models sluice models may name (`dbt_model:`) and `ref()`.
+    #[serde(default)]
+    pub dbt: Option<crate::dbt::DbtConfig>,
 }
 
 /// `diff:` — which engine executes the diff of each bucket.
@@ -117,7 +120,13 @@ impl<'de> Deserialize<'de> for ConnectorConfig {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub source: String,
+    /// The query; or, with `dbt_model`, none (sluice selects from the model's relation).
+    #[serde(default)]
     pub sql: String,
+    /// A model of the project's dbt manifest (`name` or `package.name`) to read instead of
+    /// `sql`: its relation, with its key from dbt when `primary_key` is not given.
+    #[serde(default)]
+    pub dbt_model: Option<String>,
     /// `snapshot` (default): rows diffed against what each mapping last sent; `events`: each
     /// row is one event, sent once.
     #[serde(default)]
@@ -714,6 +723,12 @@ pub struct Project {
     raw: std::sync::Arc<serde_json::Value>,
     /// Definitions that came from the API (section, name): their errors name no file line.
     api_defined: std::collections::HashSet<(String, String)>,
+    /// The dbt manifest `dbt.manifest` points at, once read.
+    pub(crate) dbt_manifest: Option<std::sync::Arc<crate::dbt::Manifest>>,
+    /// The models that read a dbt model (by sluice model name), as the manifest describes it.
+    pub dbt_models: IndexMap<String, crate::dbt::DbtModel>,
+    /// The models whose SQL `ref()`s dbt models, and those models.
+    pub dbt_refs: IndexMap<String, Vec<crate::dbt::DbtModel>>,
 }
 
 impl Project {
@@ -753,10 +768,151 @@ impl Project {
             text: text.to_string(),
             raw: std::sync::Arc::new(raw),
             api_defined: Default::default(),
+            dbt_manifest: None,
+            dbt_models: IndexMap::new(),
+            dbt_refs: IndexMap::new(),
         };
         project.resolve_defaults();
+        // A manifest on disk is read now; one in object storage when the engine opens.
+        if let Some(path) = project.dbt_manifest_path() {
+            let bytes = std::fs::read(&path).map_err(|e| {
+                project.error_at(
+                    &["dbt", "manifest"],
+                    format!(
+                        "cannot read the dbt manifest {}: {e}; run `dbt build` (or `dbt parse`) in the dbt project to write it",
+                        path.display()
+                    ),
+                )
+            })?;
+            project.take_in_dbt(&bytes)?;
+        }
         project.validate()?;
         Ok(project)
+    }
+
+    /// The dbt manifest's local path, when `dbt.manifest` is one (not an object-store URL).
+    pub fn dbt_manifest_path(&self) -> Option<PathBuf> {
+        let location = self.config.dbt.as_ref()?.manifest.expose();
+        match location.split_once("://") {
+            Some(("file", path)) => Some(PathBuf::from(path)),
+            Some(_) => None,
+            None => Some(self.base_dir.join(location)),
+        }
+    }
+
+    /// Whether dbt models wait for a manifest in object storage ([`Project::take_in_dbt`]).
+    pub fn dbt_pending(&self) -> bool {
+        self.config.dbt.is_some() && self.dbt_manifest.is_none()
+    }
+
+    /// The dbt models each of `model`'s rows come from: the one it reads, or those it `ref()`s.
+    pub fn dbt_sources_of(&self, model: &str) -> Vec<crate::dbt::DbtModel> {
+        match self.dbt_models.get(model) {
+            Some(dbt) => vec![dbt.clone()],
+            None => self.dbt_refs.get(model).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// The dbt project's name, as its manifest gives it.
+    pub fn dbt_project_name(&self) -> Option<&str> {
+        self.dbt_manifest.as_ref()?.metadata.project_name.as_deref()
+    }
+
+    /// Parses the dbt manifest and resolves the models that use it (then validates them).
+    pub fn take_in_dbt(&mut self, bytes: &[u8]) -> Result<(), ConfigError> {
+        let manifest =
+            crate::dbt::Manifest::parse(bytes).map_err(|m| self.error_at(&["dbt", "manifest"], m))?;
+        self.dbt_manifest = Some(std::sync::Arc::new(manifest));
+        self.resolve_dbt()
+    }
+
+    /// Resolves every model that reads a dbt model or `ref()`s one and is not resolved yet:
+    /// its SQL becomes a select from the relation, and its key, unless given, what the dbt
+    /// project says identifies a row.
+    pub(crate) fn resolve_dbt(&mut self) -> Result<(), ConfigError> {
+        let names: Vec<String> = self.config.models.keys().cloned().collect();
+        for name in names {
+            self.resolve_dbt_model(&name)?;
+        }
+        Ok(())
+    }
+
+    /// [`Project::resolve_dbt`] for one model.
+    pub(crate) fn resolve_dbt_model(&mut self, name: &str) -> Result<(), ConfigError> {
+        let manifest = self.dbt_manifest.clone();
+        let name = name.to_string();
+        {
+            if self.dbt_models.contains_key(&name) || self.dbt_refs.contains_key(&name) {
+                return Ok(());
+            }
+            let Some(model) = self.config.models.get(&name) else {
+                return Ok(());
+            };
+            let Some(reference) = model.dbt_model.clone() else {
+                if crate::dbt::has_refs(&model.sql) {
+                    let Some(manifest) = &manifest else {
+                        return Err(self.error_at(
+                            &["models", &name, "sql"],
+                            format!("model `{name}` uses `ref()`, which needs a dbt manifest: add `dbt: {{manifest: path/to/target/manifest.json}}`"),
+                        ));
+                    };
+                    let (rendered, used) = manifest.render_refs(&model.sql).map_err(|m| {
+                        self.error_at(&["models", &name, "sql"], format!("model `{name}`: {m}"))
+                    })?;
+                    if let Some(model) = self.config.models.get_mut(&name) {
+                        model.sql = rendered;
+                    }
+                    self.dbt_refs.insert(name, used);
+                }
+                return Ok(());
+            };
+            if !model.sql.trim().is_empty() {
+                return Err(self.error_at(
+                    &["models", &name, "dbt_model"],
+                    format!("model `{name}` gives both `sql` and `dbt_model`; give one"),
+                ));
+            }
+            let Some(manifest) = &manifest else {
+                if self.config.dbt.is_some() {
+                    // In object storage: resolved when the engine opens.
+                    return Ok(());
+                }
+                return Err(self.error_at(
+                    &["models", &name, "dbt_model"],
+                    format!("model `{name}` reads dbt model `{reference}`, and there is no dbt manifest: add `dbt: {{manifest: path/to/target/manifest.json}}`"),
+                ));
+            };
+            let dbt = manifest.model(&reference).map_err(|m| {
+                self.error_at(&["models", &name, "dbt_model"], format!("model `{name}`: {m}"))
+            })?;
+            let events = model.kind == ModelKind::Events;
+            let key = if model.primary_key.0.is_empty() && !events {
+                match &dbt.primary_key {
+                    Some((key, _)) => Some(key.clone()),
+                    None => {
+                        return Err(self.error_at(
+                            &["models", &name, "dbt_model"],
+                            format!(
+                                "model `{name}`: dbt model `{reference}` says nothing of its key; add a `unique` test on the key column (or `meta: {{primary_key: ...}}`) in dbt, or `primary_key:` here"
+                            ),
+                        ));
+                    }
+                }
+            } else {
+                None
+            };
+            if let Some(model) = self.config.models.get_mut(&name) {
+                model.sql = format!("SELECT * FROM {}", dbt.relation);
+                if let Some(key) = key {
+                    model.primary_key = PrimaryKey(key);
+                }
+                if model.description.is_none() && !dbt.description.is_empty() {
+                    model.description = Some(dbt.description.clone());
+                }
+            }
+            self.dbt_models.insert(name, dbt);
+        }
+        Ok(())
     }
 
     /// An error pointing at the line of `section.name[.key]` in the file, when it can be found
@@ -835,7 +991,7 @@ impl Project {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         for (section, names) in [
             ("sources", c.sources.keys().collect::<Vec<_>>()),
@@ -880,6 +1036,10 @@ impl Project {
                     defined(c.sources.keys())
                 ),
             ));
+        }
+        if model.dbt_model.is_some() && !self.dbt_models.contains_key(name) && self.dbt_pending() {
+            // Resolved once the manifest is read from object storage.
+            return Ok(());
         }
         if model.sql.trim().is_empty() {
             return Err(self.error_at(

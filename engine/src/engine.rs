@@ -56,10 +56,19 @@ impl Engine {
     /// [`Engine::open`] with `secret_key` sealing the API's secrets instead of the one in
     /// `SLUICE_SECRET_KEY` (for embedding sluice, and tests).
     pub async fn open_with_key(
-        project: Project,
+        mut project: Project,
         connectors: &dyn ConnectorFactory,
         secret_key: Option<SecretKey>,
     ) -> Result<Self> {
+        if project.dbt_pending()
+            && let Some(dbt) = project.config.dbt.clone()
+        {
+            let bytes = crate::dbt::read_manifest(&dbt)
+                .await
+                .map_err(|m| project.error_at(&["dbt", "manifest"], format!("the dbt manifest: {m}")))?;
+            project.take_in_dbt(&bytes)?;
+            project.validate()?;
+        }
         let state_dir = project.state_dir();
         let snapshot_location = match &project.config.snapshot_store {
             Some(location) => location.expose().to_string(),
@@ -213,6 +222,14 @@ impl Engine {
             },
             |name, config| connectors.destination(name, config, &env),
         )?;
+        // The API's models that read dbt models, resolved against the manifest.
+        for (kind, name) in from_api.clone() {
+            if kind == Kind::Model
+                && let Err(e) = project.resolve_dbt_model(&name)
+            {
+                leave_out(&mut project, &mut problems, kind, &name, e.message);
+            }
+        }
         // The API's models and mappings against what is left (a model whose source could not
         // be built is left out, and so are its mappings).
         for (kind, name) in &from_api {
@@ -538,7 +555,60 @@ impl Engine {
             .model(model)
             .ok_or_else(|| EngineError::Internal(format!("model `{model}` vanished")))?;
         self.source(&config.source)?.check_query(&query).await?;
+        if let Some(dbt) = self.project.dbt_models.get(model) {
+            self.check_dbt_columns(model, dbt, &config.primary_key.0).await?;
+        }
         Ok(())
+    }
+
+    /// A model that reads a dbt model: the relation still has the columns the dbt project
+    /// documents and the key sluice diffs on (a dbt change that dropped or renamed one, or a
+    /// manifest newer than what was built, shows here rather than in a failed run).
+    async fn check_dbt_columns(&self, model: &str, dbt: &crate::dbt::DbtModel, key: &[String]) -> Result<()> {
+        let preview = self.preview(model, 0).await?;
+        let present: std::collections::HashSet<String> = preview
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().to_lowercase())
+            .collect();
+        let lacks = |column: &str| !present.contains(&column.trim_matches('"').to_lowercase());
+        let missing_key: Vec<&str> = key.iter().map(String::as_str).filter(|c| lacks(c)).collect();
+        let missing_documented: Vec<&str> = dbt
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .filter(|c| lacks(c))
+            .collect();
+        if missing_key.is_empty() && missing_documented.is_empty() {
+            return Ok(());
+        }
+        let mut problems = Vec::new();
+        if !missing_key.is_empty() {
+            problems.push(format!("its key column(s) {} are gone", missing_key.join(", ")));
+        }
+        if !missing_documented.is_empty() {
+            problems.push(format!(
+                "the dbt project documents column(s) {} that the relation does not have",
+                missing_documented.join(", ")
+            ));
+        }
+        let mut columns: Vec<&str> = preview
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        columns.sort_unstable();
+        Err(EngineError::Invalid {
+            message: format!(
+                "dbt model `{}` ({}) changed its columns: {}; it has {}. Run `dbt build` if the manifest is newer than the warehouse, or update the model's key and the mappings that read it",
+                dbt.name,
+                dbt.relation,
+                problems.join("; "),
+                columns.join(", ")
+            ),
+        })
     }
 
     /// Closes the metadata store cleanly.

@@ -22,6 +22,7 @@ pub mod catalog;
 pub mod checkpoint;
 pub mod config;
 pub mod connector_types;
+pub mod dbt;
 pub mod delivery;
 pub mod destination;
 pub mod diff;

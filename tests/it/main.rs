@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod convergence;
 mod databricks;
+mod dbt;
 mod diff_properties;
 mod faults;
 mod gcs;
