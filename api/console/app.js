@@ -1469,10 +1469,14 @@ function NewMapping({ id: editing }) {
   }, [editing]);
   // The model's columns come from its own preview (its query, run now); an edited mapping's
   // fields are put back beside their columns.
+  // A preview answering after another model was picked is dropped, and what was typed beside
+  // a column before its preview answered stays.
   useEffect(() => {
     if (!model) return;
+    let current = true;
     api("POST", `/models/${encodeURIComponent(model)}/preview`, { limit: 1 })
       .then((p) => {
+        if (!current) return;
         setColumns(p.columns);
         const next = Object.fromEntries(p.columns.map((c) => [c.name, ""]));
         if (original && original.model === model) {
@@ -1484,9 +1488,18 @@ function NewMapping({ id: editing }) {
             next[column] = to;
           }
         }
-        setFields(next);
+        setFields((typed) => {
+          const merged = { ...next };
+          for (const column of Object.keys(merged)) {
+            if (typed?.[column]) merged[column] = typed[column];
+          }
+          return merged;
+        });
       })
-      .catch((e) => setError(e.message));
+      .catch((e) => current && setError(e.message));
+    return () => {
+      current = false;
+    };
   }, [model, original]);
 
   // The destination type's actions and mapping options, from the server's connector catalog.

@@ -1075,6 +1075,65 @@ impl Project {
     }
 
     /// Checks one mapping against the rest of the project.
+    /// A mapping scheduled `after:` others: they exist, and following `after:` from them never
+    /// leads back to it (a cycle would never start).
+    fn validate_sequence(&self, name: &str, mapping: &MappingConfig) -> Result<(), ConfigError> {
+        let schedule = mapping
+            .schedule
+            .clone()
+            .or_else(|| self.model(&mapping.model).and_then(|m| m.schedule.clone()));
+        let Some(Schedule::After(first)) = schedule else {
+            return Ok(());
+        };
+        let at = if mapping.schedule.is_some() {
+            vec!["mappings", name, "schedule"]
+        } else {
+            vec!["models", mapping.model.as_str(), "schedule"]
+        };
+        for before in &first {
+            if before == name {
+                return Err(self.error_at(&at, format!("mapping `{name}` is scheduled after itself")));
+            }
+            if !self.config.mappings.contains_key(before) {
+                return Err(self.error_at(
+                    &at,
+                    format!(
+                        "mapping `{name}` is scheduled after `{before}`, which is not a mapping{}",
+                        defined(self.config.mappings.keys())
+                    ),
+                ));
+            }
+        }
+        // Walk what the prerequisites run after; meeting `name` is a cycle.
+        let mut stack: Vec<(String, Vec<String>)> = first
+            .iter()
+            .map(|m| (m.clone(), vec![name.to_string(), m.clone()]))
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        while let Some((current, trail)) = stack.pop() {
+            if current == name {
+                return Err(self.error_at(
+                    &at,
+                    format!(
+                        "mappings scheduled after each other never start: {}",
+                        trail.join(" after ")
+                    ),
+                ));
+            }
+            if !seen.insert(current.clone()) {
+                continue;
+            }
+            if let Schedule::After(next) = self.schedule_of(&current) {
+                for m in next {
+                    let mut longer = trail.clone();
+                    longer.push(m.clone());
+                    stack.push((m, longer));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn validate_mapping(&self, name: &str, mapping: &MappingConfig) -> Result<(), ConfigError> {
         let c = &self.config;
         check_name(name).map_err(|m| self.error_at(&["mappings", name], m))?;
@@ -1098,6 +1157,7 @@ impl Project {
                 ),
             ));
         }
+        self.validate_sequence(name, mapping)?;
         let events = c
             .models
             .get(&mapping.model)

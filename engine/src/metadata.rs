@@ -955,6 +955,22 @@ impl MetadataStore {
             .collect())
     }
 
+    /// When each mapping's latest successful run finished (what `after:` schedules wait for).
+    pub async fn last_successes(&self) -> Result<std::collections::HashMap<String, DateTime<Utc>>> {
+        // (RFC 3339 texts in UTC order as their instants do, whole seconds and fractions alike.)
+        let rows = sqlx::query(self.sql(
+            "SELECT mapping, MAX(finished_at) AS finished_at FROM runs \
+             WHERE status = 'succeeded' AND dry_run = 0 AND finished_at IS NOT NULL GROUP BY mapping",
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.err())?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get("mapping"), parse_time(row.get("finished_at"))))
+            .collect())
+    }
+
     pub async fn run(&self, id: &str) -> Result<Option<RunRecord>> {
         let row = sqlx::query(self.sql("SELECT * FROM runs WHERE id = ?"))
             .bind(id)

@@ -82,6 +82,15 @@ impl PartialSchema for Schedule {
                     .additional_properties(Some(AdditionalProperties::FreeForm(false)))
                     .description(Some("A cron expression evaluated in a time zone")),
             )
+            .item(
+                ObjectBuilder::new()
+                    .property("after", ArrayBuilder::new().items(string()).min_items(Some(1)))
+                    .required("after")
+                    .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+                    .description(Some(
+                        "After other mappings: once each has finished a successful run since this one last started",
+                    )),
+            )
             .description(Some("When the mapping runs"))
             .into()
     }

@@ -5,6 +5,7 @@
 //! schedule: { every: 15m }                            # at least 1 minute
 //! schedule: { days: [mon, thu], at: "09:00", timezone: Europe/Paris }
 //! schedule: { cron: "0 */2 * * 1-5", timezone: America/New_York }
+//! schedule: { after: [load_accounts, load_contacts] }  # when those have all succeeded since
 //! ```
 //!
 //! Day-and-time and cron schedules are evaluated in their time zone (default UTC), through
@@ -43,6 +44,9 @@ pub enum Schedule {
         expression: String,
         timezone: Tz,
     },
+    /// After other mappings: due once each of them has finished a successful run since this
+    /// mapping last started (a sequence; see [`crate::scheduler`]).
+    After(Vec<String>),
 }
 
 impl Schedule {
@@ -54,7 +58,7 @@ impl Schedule {
         last_start: Option<DateTime<Utc>>,
     ) -> Option<DateTime<Utc>> {
         match self {
-            Schedule::Manual => None,
+            Schedule::Manual | Schedule::After(_) => None,
             Schedule::Every(interval) => {
                 let interval = chrono::Duration::from_std(*interval).ok()?;
                 Some(match last_start {
@@ -128,6 +132,7 @@ impl fmt::Display for Schedule {
             Schedule::Cron {
                 expression, timezone, ..
             } => write!(f, "cron `{expression}` ({timezone})"),
+            Schedule::After(mappings) => write!(f, "after {}", mappings.join(", ")),
         }
     }
 }
@@ -204,6 +209,7 @@ impl<'de> Deserialize<'de> for Schedule {
             at: Option<String>,
             cron: Option<String>,
             timezone: Option<String>,
+            after: Option<Vec<String>>,
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -211,13 +217,29 @@ impl<'de> Deserialize<'de> for Schedule {
             Word(String),
             Fields(Fields),
         }
-        let shapes = "`schedule` is `manual`, `{every: 15m}`, `{days: [mon, thu], at: \"09:00\", timezone: Europe/Paris}` or `{cron: \"0 9 * * 1-5\", timezone: UTC}`";
+        let shapes = "`schedule` is `manual`, `{every: 15m}`, `{days: [mon, thu], at: \"09:00\", timezone: Europe/Paris}` `{cron: \"0 9 * * 1-5\", timezone: UTC}` or `{after: [other_mapping]}`";
         let raw = Raw::deserialize(deserializer).map_err(|_| de::Error::custom(shapes))?;
         let fields = match raw {
             Raw::Word(word) if word == "manual" => return Ok(Schedule::Manual),
             Raw::Word(_) => return Err(de::Error::custom(shapes)),
             Raw::Fields(fields) => fields,
         };
+        if let Some(after) = fields.after {
+            if fields.every.is_some()
+                || fields.days.is_some()
+                || fields.at.is_some()
+                || fields.cron.is_some()
+                || fields.timezone.is_some()
+            {
+                return Err(de::Error::custom(
+                    "`after:` stands alone: a mapping runs after others, or on a clock, not both",
+                ));
+            }
+            if after.is_empty() || after.iter().any(|m| m.trim().is_empty()) {
+                return Err(de::Error::custom("`after:` lists the mappings to run after"));
+            }
+            return Ok(Schedule::After(after));
+        }
         match (fields.every, fields.days, fields.at, fields.cron) {
             (Some(every), None, None, None) => {
                 if fields.timezone.is_some() {
@@ -287,6 +309,16 @@ mod tests {
     #[test]
     fn schedules_parse_and_bad_ones_say_why() {
         assert_eq!(parse("manual").unwrap(), Schedule::Manual);
+        assert_eq!(
+            parse("{after: [a, b]}").unwrap(),
+            Schedule::After(vec!["a".into(), "b".into()])
+        );
+        assert!(
+            parse("{after: [a], every: 15m}")
+                .unwrap_err()
+                .contains("stands alone")
+        );
+        assert!(parse("{after: []}").unwrap_err().contains("lists the mappings"));
         assert_eq!(
             parse("{every: 15m}").unwrap(),
             Schedule::Every(Duration::from_secs(900))

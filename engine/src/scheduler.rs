@@ -35,6 +35,9 @@ struct Entry {
     /// Start of the latest run, the anchor of `every:` intervals.
     last_start: Option<DateTime<Utc>>,
     next_due: Option<DateTime<Utc>>,
+    /// An `after:` mapping found due: the latest finish of its prerequisites that made it so
+    /// (a fire another process made at or after it covers this one).
+    waiting_since: Option<DateTime<Utc>>,
 }
 
 /// Fire times of every scheduled mapping.
@@ -42,6 +45,9 @@ struct Entry {
 pub struct Scheduler {
     entries: Vec<Entry>,
     last_tick: Option<DateTime<Utc>>,
+    /// When scheduling began: an `after:` mapping that never ran waits for prerequisites that
+    /// finish after this.
+    started: Option<DateTime<Utc>>,
 }
 
 /// A mapping that is due, and its model.
@@ -72,13 +78,49 @@ impl Scheduler {
                     schedule,
                     last_start,
                     next_due,
+                    waiting_since: None,
                 }
             })
             .collect();
         Self {
             entries,
             last_tick: None,
+            started: Some(now),
         }
+    }
+
+    /// Whether some mapping runs `after:` others (so their successes are worth looking up).
+    pub fn has_sequences(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| matches!(e.schedule, Schedule::After(_)))
+    }
+
+    /// The `after:` mappings that are due: each mapping they run after has finished a
+    /// successful run since they last started (or, for one that never ran, since scheduling
+    /// began). `succeeded` holds each mapping's latest successful finish.
+    pub fn due_after(&mut self, succeeded: &HashMap<String, DateTime<Utc>>, now: DateTime<Utc>) -> Vec<Due> {
+        let started = self.started.unwrap_or(now);
+        let mut due = Vec::new();
+        for entry in &mut self.entries {
+            let Schedule::After(before) = &entry.schedule else {
+                continue;
+            };
+            let anchor = entry.last_start.unwrap_or(started);
+            let finishes: Option<Vec<DateTime<Utc>>> = before
+                .iter()
+                .map(|m| succeeded.get(m).copied().filter(|t| *t > anchor))
+                .collect();
+            if let Some(latest) = finishes.and_then(|f| f.into_iter().max()) {
+                entry.waiting_since = Some(latest);
+                entry.last_start = Some(now);
+                due.push(Due {
+                    mapping: entry.mapping.clone(),
+                    model: entry.model.clone(),
+                });
+            }
+        }
+        due
     }
 
     /// The scheduled mappings of `engine`'s project (enabled ones only), anchored on their
@@ -117,9 +159,11 @@ impl Scheduler {
             {
                 entry.last_start = old.last_start;
                 entry.next_due = old.next_due;
+                entry.waiting_since = old.waiting_since;
             }
         }
         self.last_tick = previous.last_tick;
+        self.started = previous.started.or(self.started);
     }
 
     /// Number of scheduled mappings.
@@ -164,6 +208,14 @@ impl Scheduler {
         let Some(entry) = self.entries.iter_mut().find(|e| e.mapping == mapping) else {
             return false;
         };
+        if let Schedule::After(_) = entry.schedule {
+            // Covered by a fire made once its prerequisites had finished.
+            let covered = entry.waiting_since.is_some_and(|t| fired_at >= t);
+            if covered {
+                entry.last_start = Some(fired_at);
+            }
+            return !covered;
+        }
         let next = entry.schedule.next_after(fired_at, Some(fired_at));
         if next.is_some_and(|t| t <= now) {
             return true;
@@ -279,6 +331,33 @@ mod tests {
         assert!(s.observe_fire("c", at(9, 0), at(9, 10)));
         // A mapping this scheduler does not have is never due here.
         assert!(!s.observe_fire("gone", at(9, 0), at(9, 10)));
+    }
+
+    #[test]
+    fn a_sequence_runs_once_each_prerequisite_has_succeeded_since_it_last_started() {
+        let after = Schedule::After(vec!["a".into(), "b".into()]);
+        let mut s = Scheduler::new([("c".into(), "m".into(), after)], &HashMap::new(), at(9, 0));
+        assert!(s.has_sequences());
+        assert!(s.tick(at(9, 0)).is_empty(), "never due by the clock");
+        assert_eq!(s.next_wake(), None);
+        // Successes from before scheduling began do not count for a mapping that never ran.
+        let mut succeeded = HashMap::from([("a".to_string(), at(8, 0)), ("b".to_string(), at(8, 5))]);
+        assert!(s.due_after(&succeeded, at(9, 1)).is_empty());
+        succeeded.insert("a".into(), at(9, 10));
+        assert!(
+            s.due_after(&succeeded, at(9, 11)).is_empty(),
+            "b has not run since"
+        );
+        succeeded.insert("b".into(), at(9, 20));
+        assert_eq!(names(s.due_after(&succeeded, at(9, 21))), ["c"]);
+        assert!(s.due_after(&succeeded, at(9, 22)).is_empty(), "once per round");
+        // Another process fired c at 9:21 too, after the finishes: covered.
+        assert!(!s.observe_fire("c", at(9, 21), at(9, 21)));
+        // A fire before the finishes (the previous round) does not cover a new one.
+        succeeded.insert("a".into(), at(10, 0));
+        succeeded.insert("b".into(), at(10, 5));
+        assert_eq!(names(s.due_after(&succeeded, at(10, 6))), ["c"]);
+        assert!(s.observe_fire("c", at(9, 21), at(10, 6)));
     }
 
     #[test]

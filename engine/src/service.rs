@@ -66,7 +66,7 @@ pub struct Service {
     /// Changes to definitions happen one at a time.
     changes: tokio::sync::Mutex<()>,
     /// Wakes the scheduler when the definitions change.
-    changed: tokio::sync::Notify,
+    changed: Arc<tokio::sync::Notify>,
     last_refresh: Mutex<Instant>,
     /// Runs started through the API, so a shutdown can wait for them.
     tasks: Mutex<tokio::task::JoinSet<()>>,
@@ -102,7 +102,7 @@ impl Service {
             progress,
             current: RwLock::new(Arc::new(engine)),
             changes: tokio::sync::Mutex::new(()),
-            changed: tokio::sync::Notify::new(),
+            changed: Arc::new(tokio::sync::Notify::new()),
             last_refresh: Mutex::new(Instant::now()),
             tasks: Mutex::new(tokio::task::JoinSet::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -459,6 +459,7 @@ impl Service {
                 let model = config.model.clone();
                 let full = options.full;
                 let on = engine.clone();
+                let changed = self.changed.clone();
                 self.spawn(&on, async move {
                     if let Err(e) = engine
                         .execute(&model, vec![claimed], full, observer.as_ref())
@@ -466,6 +467,8 @@ impl Service {
                     {
                         tracing::error!(model, error = %e, "a triggered run could not be recorded");
                     }
+                    // Mappings scheduled after this one may be due now.
+                    changed.notify_one();
                 });
                 Ok(run)
             }
@@ -547,7 +550,16 @@ impl Service {
                 );
             }
             let now = Utc::now();
-            let due = scheduler.tick(now);
+            let mut due = scheduler.tick(now);
+            if scheduler.has_sequences() {
+                // Runs of any process sharing the store count, so the store is asked.
+                match engine.metadata.last_successes().await {
+                    Ok(succeeded) => due.extend(scheduler.due_after(&succeeded, now)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read which runs succeeded, for `after:` schedules")
+                    }
+                }
+            }
             let due = match claim_fires(&engine, &mut scheduler, due, now).await {
                 Ok(claimed) => claimed,
                 Err(e) => {
@@ -568,6 +580,7 @@ impl Service {
                 let observer = self.observer.clone();
                 tracing::info!(model, ?mappings, "scheduled run due");
                 let runs = engine.workloads.runs_handle().cloned();
+                let changed = self.changed.clone();
                 let run = async move {
                     let request = RunRequest {
                         mappings,
@@ -581,6 +594,8 @@ impl Service {
                     if let Err(e) = engine.retire_snapshots(&model).await {
                         tracing::warn!(model, error = %e, "could not retire old snapshots");
                     }
+                    // Mappings scheduled after these may be due now.
+                    changed.notify_one();
                 };
                 match runs {
                     Some(runs) => running.spawn_on(run, &runs),

@@ -1931,6 +1931,85 @@ async fn a_schedule_made_through_the_api_is_taken_up_by_the_running_scheduler() 
         .expect("scheduler");
 }
 
+/// A mapping scheduled `after:` another runs when that one has succeeded, once per success, and
+/// not while it fails; a schedule that would never start (a cycle, an unknown mapping) is
+/// refused.
+#[tokio::test]
+async fn a_mapping_scheduled_after_another_runs_when_that_one_succeeds() {
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let api = Api::start(&config(&receiver.url), 5).await;
+    let (status, body) = api
+        .admin(
+            Method::POST,
+            "/api/v1/mappings",
+            Some(json!({"name": "then_archive", "definition": {
+                "model": "users", "destination": "crm", "schedule": {"after": ["users_to_crm"]}
+            }})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    for (name, after) in [("loop_a", "loop_a"), ("nowhere", "no_such_mapping")] {
+        let (status, body) = api
+            .admin(
+                Method::POST,
+                "/api/v1/mappings",
+                Some(json!({"name": name, "definition": {
+                    "model": "users", "destination": "crm", "schedule": {"after": [after]}
+                }})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {body}");
+    }
+    let scheduler = tokio::spawn(api.service.clone().run_schedules());
+    let runs_of = |mapping: &'static str| {
+        let api = &api;
+        async move {
+            let (_, page) = api
+                .admin(Method::GET, &format!("/api/v1/runs?mapping={mapping}"), None)
+                .await;
+            page["runs"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(runs_of("then_archive").await.is_empty(), "nothing ran before it");
+
+    // The first mapping fails: the one after it waits.
+    receiver.behave(|_| Answer::Status(StatusCode::INTERNAL_SERVER_ERROR, "down", None));
+    let failed = api.run("users_to_crm", json!({})).await;
+    assert_ne!(failed["status"], "succeeded", "{failed}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(runs_of("then_archive").await.is_empty(), "ran after a failure");
+
+    // It succeeds: the one after it runs, as a scheduled run, once.
+    receiver.behave(|_| Answer::Refuse(Vec::new()));
+    let succeeded = api.run("users_to_crm", json!({})).await;
+    assert_eq!(succeeded["status"], "succeeded", "{succeeded}");
+    let mut after = Vec::new();
+    for _ in 0..100 {
+        after = runs_of("then_archive").await;
+        if after.first().is_some_and(|r| r["status"] != "running") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0]["trigger"], "schedule", "{after:?}");
+    assert_eq!(after[0]["status"], "succeeded", "{after:?}");
+    assert!(
+        after[0]["started_at"].as_str() >= succeeded["finished_at"].as_str(),
+        "started after the success: {after:?} {succeeded}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(runs_of("then_archive").await.len(), 1, "once per success");
+
+    api.service.engine().shutdown().request();
+    tokio::time::timeout(Duration::from_secs(30), scheduler)
+        .await
+        .expect("the scheduler stops")
+        .expect("join")
+        .expect("scheduler");
+}
+
 /// A cancellation asked for through the API reaches a run of another process (`sluice run`)
 /// through the metadata store.
 #[tokio::test]
