@@ -1337,11 +1337,19 @@ function ModelPage({ id: name }) {
 
 const WEEKDAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
-/** A schedule picker: manual, an interval, weekdays at a time, or cron; with its next five runs. */
+/** A schedule picker: manual, an interval, weekdays at a time, cron, or after other mappings;
+ * with its next five runs. */
 function SchedulePicker({ value, onChange }) {
   // `value`, a schedule as sluice.yaml writes it, is where the picker starts.
   const start = value && typeof value === "object" ? value : {};
-  const [mode, setMode] = useState(start.every ? "every" : start.cron ? "cron" : start.at ? "days" : "manual");
+  const [mode, setMode] = useState(start.after ? "after" : start.every ? "every" : start.cron ? "cron" : start.at ? "days" : "manual");
+  const [after, setAfter] = useState(start.after ?? []);
+  // The mappings a sequence may follow, loaded when that mode is picked.
+  const [mappingNames, setMappingNames] = useState(null);
+  useEffect(() => {
+    if (mode !== "after" || mappingNames) return;
+    all("/mappings").then((m) => setMappingNames(m.map((x) => x.name))).catch(() => setMappingNames([]));
+  }, [mode]);
   const [every, setEvery] = useState(start.every ?? "1h");
   // Days and a time with no `days` is every day.
   const [days, setDays] = useState(start.days ?? (start.at ? WEEKDAYS : ["mon", "tue", "wed", "thu", "fri"]));
@@ -1351,6 +1359,7 @@ function SchedulePicker({ value, onChange }) {
 
   const schedule =
     mode === "manual" ? "manual"
+      : mode === "after" ? { after }
       : mode === "every" ? { every }
         : mode === "days" ? { days, at, timezone }
           : { cron, timezone };
@@ -1367,7 +1376,11 @@ function SchedulePicker({ value, onChange }) {
         <option value="every">at an interval</option>
         <option value="days">on days at a time</option>
         <option value="cron">on a cron expression</option>
+        <option value="after">after other mappings succeed</option>
       </select>
+      ${mode === "after" && html`<span role="group" aria-label="After mappings">${[...new Set([...(mappingNames ?? []), ...after])].map((m) => html`<label class="day">
+          <input type="checkbox" checked=${after.includes(m)}
+            onChange=${(e) => setAfter(e.currentTarget.checked ? [...after, m] : after.filter((x) => x !== m))} />${m}</label>`)}</span>`}
       ${mode === "every" && html`<label for="schedule-every">every</label>
         <input id="schedule-every" value=${every} size="6" onInput=${(e) => setEvery(e.currentTarget.value)} />`}
       ${mode === "days" && html`<span role="group" aria-label="Days">${WEEKDAYS.map((d) => html`<label class="day">
@@ -1386,7 +1399,9 @@ function SchedulePicker({ value, onChange }) {
             ${preview.next_runs.length > 0
               ? html`<p class="muted small">Next runs (your time zone):</p>
                   <ol class="next-runs">${preview.next_runs.map((t) => html`<li>${localTime(t)}</li>`)}</ol>`
-              : html`<p class="muted small">Runs only when started by hand or through the API.</p>`}`
+              : mode === "after"
+                ? html`<p class="muted small">Runs once each of these has succeeded since it last ran (and by hand or through the API).</p>`
+                : html`<p class="muted small">Runs only when started by hand or through the API.</p>`}`
         : html`<p class="error small">${preview.error}</p>`)}
     </div>
   </fieldset>`;

@@ -545,6 +545,26 @@ test("a new mapping is made with the field editor, a constant and a schedule pic
   await page.getByRole("heading", { name: "users_to_copy", exact: true }).waitFor();
   const { body: edited } = await api("GET", "/mappings/users_to_copy");
   assert.deepEqual(edited.definition, { ...made.definition, send: ["added"] });
+
+  // A sequence: after another mapping, picked from the mappings there are; editing it again
+  // starts from the sequence, and saving keeps it.
+  await page.getByRole("link", { name: "Edit", exact: true }).click();
+  await page.getByRole("heading", { name: "Edit users_to_copy" }).waitFor();
+  await page.getByLabel("Runs", { exact: true }).selectOption("after");
+  await page.getByLabel("users_to_crm", { exact: true }).check();
+  await page.locator(".schedule-preview", { hasText: "after users_to_crm" }).waitFor();
+  await page.getByRole("button", { name: "Save" }).click();
+  await page.getByRole("heading", { name: "users_to_copy", exact: true }).waitFor();
+  const { body: sequenced } = await api("GET", "/mappings/users_to_copy");
+  assert.deepEqual(sequenced.definition.schedule, { after: ["users_to_crm"] });
+  await page.getByRole("link", { name: "Edit", exact: true }).click();
+  await page.getByRole("heading", { name: "Edit users_to_copy" }).waitFor();
+  assert.equal(await page.getByLabel("Runs", { exact: true }).inputValue(), "after");
+  assert.ok(await page.getByLabel("users_to_crm", { exact: true }).isChecked());
+  await page.getByRole("button", { name: "Save" }).click();
+  await page.getByRole("heading", { name: "users_to_copy", exact: true }).waitFor();
+  const { body: kept } = await api("GET", "/mappings/users_to_copy");
+  assert.deepEqual(kept.definition.schedule, { after: ["users_to_crm"] });
   await context.close();
 });
 
