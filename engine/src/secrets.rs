@@ -630,77 +630,61 @@ pub fn seal(
 /// The definition with its sealed secrets opened, as the connectors read it. Opened secrets are
 /// literal text: `${` in them is written `$${` so that no environment reference is expanded.
 pub fn open(value: &Value, key: Option<&SecretKey>) -> Result<Value, SecretError> {
-    fn walk<'a>(
-        value: &'a Value,
-        key: Option<&SecretKey>,
-        path: &mut Vec<Step<'a>>,
-    ) -> Result<Value, SecretError> {
-        match value {
-            Value::Array(items) => {
-                let mut out = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    path.push(Step::Index(i));
-                    out.push(walk(item, key, path)?);
-                    path.pop();
-                }
-                Ok(Value::Array(out))
-            }
-            Value::Object(map) => {
-                if let Some(sealed) = sealed_value(value) {
-                    let key = key.ok_or_else(|| SecretError::KeyNeeded {
-                        path: path_text(path),
-                    })?;
-                    let plain = key.open(sealed, &path_text(path))?;
-                    return Ok(Value::String(plain.replace("${", "$${")));
-                }
-                let mut out = Map::new();
-                for (k, item) in map {
-                    path.push(Step::Key(k));
-                    out.insert(k.clone(), walk(item, key, path)?);
-                    path.pop();
-                }
-                Ok(Value::Object(out))
-            }
-            other => Ok(other.clone()),
-        }
-    }
-    walk(value, key, &mut Vec::new())
+    map_sealed(value, &mut |_, sealed, path| {
+        let key = key.ok_or_else(|| SecretError::KeyNeeded {
+            path: path.to_string(),
+        })?;
+        let plain = key.open(sealed, path)?;
+        Ok(Value::String(plain.replace("${", "$${")))
+    })
 }
 
 /// A definition with every secret sealed under an earlier key sealed again under `key` (the
 /// display form kept), and how many were; values already under `key` are left as they are.
 pub fn reseal(value: &Value, key: &SecretKey) -> Result<(Value, usize), SecretError> {
+    let mut count = 0;
+    let resealed = map_sealed(value, &mut |map, sealed, path| {
+        if sealed.split('.').nth(1) == Some(key.id()) {
+            return Ok(Value::Object(map.clone()));
+        }
+        let plain = key.open(sealed, path)?;
+        let mut out = map.clone();
+        out.insert(SEALED.into(), Value::String(key.seal(&plain)?));
+        count += 1;
+        Ok(Value::Object(out))
+    })?;
+    Ok((resealed, count))
+}
+
+/// What [`map_sealed`] makes of a sealed secret: from its object, its sealed text and its path
+/// (as text), the value to put in its place.
+type SealedMap<'f> = dyn FnMut(&Map<String, Value>, &str, &str) -> Result<Value, SecretError> + 'f;
+
+/// `value` with each sealed secret replaced by what `f` makes of it; everything else copied.
+fn map_sealed(value: &Value, f: &mut SealedMap<'_>) -> Result<Value, SecretError> {
     fn walk<'a>(
         value: &'a Value,
-        key: &SecretKey,
         path: &mut Vec<Step<'a>>,
-        count: &mut usize,
+        f: &mut SealedMap<'_>,
     ) -> Result<Value, SecretError> {
         match value {
             Value::Array(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for (i, item) in items.iter().enumerate() {
                     path.push(Step::Index(i));
-                    out.push(walk(item, key, path, count)?);
+                    out.push(walk(item, path, f)?);
                     path.pop();
                 }
                 Ok(Value::Array(out))
             }
             Value::Object(map) => {
                 if let Some(sealed) = sealed_value(value) {
-                    if sealed.split('.').nth(1) == Some(key.id()) {
-                        return Ok(value.clone());
-                    }
-                    let plain = key.open(sealed, &path_text(path))?;
-                    let mut out = map.clone();
-                    out.insert(SEALED.into(), Value::String(key.seal(&plain)?));
-                    *count += 1;
-                    return Ok(Value::Object(out));
+                    return f(map, sealed, &path_text(path));
                 }
                 let mut out = Map::new();
                 for (k, item) in map {
                     path.push(Step::Key(k));
-                    out.insert(k.clone(), walk(item, key, path, count)?);
+                    out.insert(k.clone(), walk(item, path, f)?);
                     path.pop();
                 }
                 Ok(Value::Object(out))
@@ -708,9 +692,7 @@ pub fn reseal(value: &Value, key: &SecretKey) -> Result<(Value, usize), SecretEr
             other => Ok(other.clone()),
         }
     }
-    let mut count = 0;
-    let resealed = walk(value, key, &mut Vec::new(), &mut count)?;
-    Ok((resealed, count))
+    walk(value, &mut Vec::new(), f)
 }
 
 /// The first plain (not secret) string of a connector definition that holds an environment

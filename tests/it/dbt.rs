@@ -45,6 +45,18 @@ impl DbtProject {
         Some(project)
     }
 
+    /// The shop project: staged users, and `customers` on them, documented and tested.
+    fn shop(schema: &str) -> Option<Self> {
+        let project = Self::new(schema)?;
+        project.write("models/stg_users.sql", STAGED_USERS);
+        project.write(
+            "models/customers.sql",
+            "select id, email, plan from {{ ref('stg_users') }}\n",
+        );
+        project.write("models/schema.yml", CUSTOMERS_DOCS);
+        Some(project)
+    }
+
     fn write(&self, path: &str, text: &str) {
         let path = self.dir.path().join(path);
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
@@ -130,15 +142,9 @@ async fn a_dbt_model_syncs_by_name_and_a_dropped_column_is_caught_by_check() {
     let Some(_pg) = postgres("dbt_shop").await else {
         return;
     };
-    let Some(dbt) = DbtProject::new("dbt_shop") else {
+    let Some(dbt) = DbtProject::shop("dbt_shop") else {
         return;
     };
-    dbt.write("models/stg_users.sql", STAGED_USERS);
-    dbt.write(
-        "models/customers.sql",
-        "select id, email, plan from {{ ref('stg_users') }}\n",
-    );
-    dbt.write("models/schema.yml", CUSTOMERS_DOCS);
     dbt.build().await;
 
     let receiver = AckReceiver::start(Duration::ZERO).await;
@@ -236,15 +242,9 @@ async fn a_missing_or_ephemeral_dbt_model_is_reported_with_what_there_is() {
     let Some(_pg) = postgres("dbt_missing").await else {
         return;
     };
-    let Some(dbt) = DbtProject::new("dbt_missing") else {
+    let Some(dbt) = DbtProject::shop("dbt_missing") else {
         return;
     };
-    dbt.write("models/stg_users.sql", STAGED_USERS);
-    dbt.write(
-        "models/customers.sql",
-        "select id, email, plan from {{ ref('stg_users') }}\n",
-    );
-    dbt.write("models/schema.yml", CUSTOMERS_DOCS);
     dbt.write(
         "models/recent.sql",
         "{{ config(materialized='ephemeral') }}\nselect * from {{ ref('customers') }}\n",
