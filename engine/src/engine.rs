@@ -554,11 +554,11 @@ impl Engine {
             .project
             .model(model)
             .ok_or_else(|| EngineError::Internal(format!("model `{model}` vanished")))?;
-        self.source(&config.source)?.check_query(&query).await?;
-        if let Some(dbt) = self.project.dbt_models.get(model) {
-            self.check_dbt_columns(model, dbt, &config.primary_key.0).await?;
+        match self.project.dbt_models.get(model) {
+            // Its 0-row preview is the query's check too.
+            Some(dbt) => self.check_dbt_columns(model, dbt, &config.primary_key.0).await,
+            None => Ok(self.source(&config.source)?.check_query(&query).await?),
         }
-        Ok(())
     }
 
     /// A model that reads a dbt model: the relation still has the columns the dbt project
