@@ -619,9 +619,9 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 project
             };
-            if project.config.dbt.is_none() {
+            if project.config.dbt.as_ref().is_none_or(|d| d.manifest.is_none()) {
                 anyhow::bail!(
-                    "{} has no `dbt:` section: add `dbt: {{manifest: path/to/target/manifest.json}}`",
+                    "{} names no dbt manifest: add `dbt: {{manifest: path/to/target/manifest.json}}`",
                     config.config.display()
                 );
             }

@@ -1319,11 +1319,13 @@ function ModelPage({ id: name }) {
   return html`
     <p><a href="#/models">← Models</a></p>
     <h1>${name}</h1>
-    <p class="muted">from ${d.source} · primary key ${keys.join(", ")} · defined in ${model.origin === "file" ? "sluice.yaml" : "the API"}</p>
+    <p class="muted">from ${d.source} · primary key ${keys.length > 0 ? keys.join(", ") : d.dbt_model ? "from dbt" : ""} · defined in ${model.origin === "file" ? "sluice.yaml" : "the API"}</p>
     <div class="actions"><${DefinitionActions} kind="models" one="model" name=${name} origin=${model.origin} setError=${setError} /></div>
     <section class="panel" aria-labelledby="sql-heading">
-      <h2 id="sql-heading">SQL</h2>
-      <pre class="sql" aria-label="SQL">${highlightSql(d.sql ?? "")}</pre>
+      <h2 id="sql-heading">${d.dbt_model ? "dbt model" : "SQL"}</h2>
+      ${d.dbt_model
+        ? html`<p>Reads the relation dbt builds for <code>${d.dbt_model}</code>, as the manifest names it.</p>`
+        : html`<pre class="sql" aria-label="SQL">${highlightSql(d.sql ?? "")}</pre>`}
       <button type="button" disabled=${busy} onClick=${runPreview}>Preview</button>
       <span class="muted small"> The first 10 rows and their column types; no snapshot is written.</span>
     </section>
@@ -1337,13 +1339,16 @@ function ModelPage({ id: name }) {
 
 const WEEKDAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
-/** A schedule picker: manual, an interval, weekdays at a time, cron, or after other mappings;
- * with its next five runs. */
+/** A schedule picker: manual, an interval, weekdays at a time, cron, after other mappings, or
+ * after dbt; with its next five runs. */
 function SchedulePicker({ value, onChange }) {
   // `value`, a schedule as sluice.yaml writes it, is where the picker starts.
   const start = value && typeof value === "object" ? value : {};
-  const [mode, setMode] = useState(start.after ? "after" : start.every ? "every" : start.cron ? "cron" : start.at ? "days" : "manual");
+  const [mode, setMode] = useState(start.after_dbt ? "after_dbt" : start.after ? "after" : start.every ? "every" : start.cron ? "cron" : start.at ? "days" : "manual");
   const [after, setAfter] = useState(start.after ?? []);
+  // dbt Cloud jobs (ids or names) for `after_dbt`; none: whenever dbt builds the model's models.
+  const [dbtJobs, setDbtJobs] = useState((start.after_dbt?.jobs ?? []).join(", "));
+  const jobs = dbtJobs.split(",").map((j) => j.trim()).filter(Boolean).map((j) => (/^\d+$/.test(j) ? Number(j) : j));
   // The mappings a sequence may follow, loaded when that mode is picked.
   const [mappingNames, setMappingNames] = useState(null);
   useEffect(() => {
@@ -1360,6 +1365,7 @@ function SchedulePicker({ value, onChange }) {
   const schedule =
     mode === "manual" ? "manual"
       : mode === "after" ? { after }
+      : mode === "after_dbt" ? { after_dbt: jobs.length > 0 ? { jobs } : true }
       : mode === "every" ? { every }
         : mode === "days" ? { days, at, timezone }
           : { cron, timezone };
@@ -1377,7 +1383,11 @@ function SchedulePicker({ value, onChange }) {
         <option value="days">on days at a time</option>
         <option value="cron">on a cron expression</option>
         <option value="after">after other mappings succeed</option>
+        <option value="after_dbt">after dbt builds its data</option>
       </select>
+      ${mode === "after_dbt" && html`<label for="schedule-dbt-jobs">dbt Cloud jobs</label>
+        <input id="schedule-dbt-jobs" value=${dbtJobs} size="24" placeholder="any (ids or names, comma-separated)"
+          onInput=${(e) => setDbtJobs(e.currentTarget.value)} />`}
       ${mode === "after" && html`<span role="group" aria-label="After mappings">${[...new Set([...(mappingNames ?? []), ...after])].map((m) => html`<label class="day">
           <input type="checkbox" checked=${after.includes(m)}
             onChange=${(e) => setAfter(e.currentTarget.checked ? [...after, m] : after.filter((x) => x !== m))} />${m}</label>`)}</span>`}
@@ -1401,6 +1411,10 @@ function SchedulePicker({ value, onChange }) {
                   <ol class="next-runs">${preview.next_runs.map((t) => html`<li>${localTime(t)}</li>`)}</ol>`
               : mode === "after"
                 ? html`<p class="muted small">Runs once each of these has succeeded since it last ran (and by hand or through the API).</p>`
+              : mode === "after_dbt"
+                ? html`<p class="muted small">${jobs.length > 0
+                    ? "Runs when one of these dbt Cloud jobs succeeds (its webhook, POST /api/v1/triggers/dbt)."
+                    : "Runs when a dbt build has built the dbt models its model reads (run_results.json), or any dbt Cloud job succeeds."}</p>`
                 : html`<p class="muted small">Runs only when started by hand or through the API.</p>`}`
         : html`<p class="error small">${preview.error}</p>`)}
     </div>
@@ -1658,14 +1672,19 @@ function SqlEditor({ id, value, onInput, onRun }) {
   </div>`;
 }
 
-/** A new model, or an API-made one edited: a source, its SQL (previewed), a primary key picked
- * from its columns, a schedule. Options the form does not show are kept as they were. */
+/** A new model, or an API-made one edited: a source, its SQL (previewed) or a model of the
+ * project's dbt manifest, a primary key picked from its columns (or dbt's), a schedule. Options
+ * the form does not show are kept as they were. */
 function NewModel({ id: editing }) {
   const [sources, setSources] = useState(null);
   const [original, setOriginal] = useState(null);
   const [name, setName] = useState(editing || "");
   const [source, setSource] = useState("");
   const [sql, setSql] = useState("SELECT * FROM ");
+  // The dbt manifest's models (none when the project has no manifest); "sql" or "dbt".
+  const [dbt, setDbt] = useState({ manifest: null, models: [] });
+  const [reads, setReads] = useState("sql");
+  const [dbtModel, setDbtModel] = useState("");
   const [preview, setPreview] = useState(null);
   const [keys, setKeys] = useState([]);
   const [schedule, setSchedule] = useState("manual");
@@ -1673,8 +1692,13 @@ function NewModel({ id: editing }) {
   const [error, setError] = useState(null);
 
   useEffect(() => {
-    Promise.all([all("/sources"), editing ? api("GET", `/models/${encodeURIComponent(editing)}`) : null])
-      .then(([list, model]) => {
+    Promise.all([
+      all("/sources"),
+      editing ? api("GET", `/models/${encodeURIComponent(editing)}`) : null,
+      api("GET", "/dbt/models").catch(() => ({ manifest: null, models: [] })),
+    ])
+      .then(([list, model, dbtModels]) => {
+        setDbt(dbtModels);
         if (model) {
           const d = model.definition;
           setOriginal(d);
@@ -1682,8 +1706,16 @@ function NewModel({ id: editing }) {
           setSql(d.sql ?? "");
           setKeys([].concat(d.primary_key ?? []));
           setSchedule(d.schedule ?? "manual");
-          // Its columns, for the key picker, come from its own query.
-          runPreview(d.source, d.sql ?? "");
+          if (d.dbt_model) {
+            setReads("dbt");
+            setDbtModel(d.dbt_model);
+            const picked = dbtModels.models.find((m) => m.reference === d.dbt_model);
+            if (!d.primary_key && picked?.primary_key) setKeys(picked.primary_key);
+            if (picked) runPreview(d.source, `SELECT * FROM ${picked.relation}`);
+          } else {
+            // Its columns, for the key picker, come from its own query.
+            runPreview(d.source, d.sql ?? "");
+          }
         } else if (list[0]) {
           setSource(list[0].name);
         }
@@ -1707,15 +1739,35 @@ function NewModel({ id: editing }) {
     }
   };
 
+  const picked = dbt.models.find((m) => m.reference === dbtModel);
+  const pickDbtModel = (reference) => {
+    setDbtModel(reference);
+    const model = dbt.models.find((m) => m.reference === reference);
+    setKeys(model?.primary_key ?? []);
+    setPreview(null);
+    if (model) runPreview(source, `SELECT * FROM ${model.relation}`);
+  };
+  const sameKey = (a, b) => a && b && a.length === b.length && a.every((k) => b.includes(k));
+
   const submit = async (event) => {
     event.preventDefault();
+    if (reads === "dbt" && !picked) {
+      setError("Pick the dbt model this model reads.");
+      return;
+    }
     if (keys.length === 0) {
-      setError("Pick the column (or columns) that identify a row: preview the query, then tick its primary key.");
+      setError(reads === "dbt"
+        ? "dbt names no key for this model: preview it, then tick the column (or columns) that identify a row."
+        : "Pick the column (or columns) that identify a row: preview the query, then tick its primary key.");
       return;
     }
     setBusy(true);
-    const { schedule: _, ...kept } = original ?? {};
-    const definition = { ...kept, source, sql, primary_key: keys.length === 1 ? keys[0] : keys };
+    const { schedule: _, sql: _sql, dbt_model: _dbt, primary_key: _key, ...kept } = original ?? {};
+    const key = keys.length === 1 ? keys[0] : keys;
+    const definition = reads === "dbt"
+      // The key dbt gives is left to dbt, so a change there is followed.
+      ? { ...kept, source, dbt_model: dbtModel, ...(sameKey(keys, picked.primary_key) ? {} : { primary_key: key }) }
+      : { ...kept, source, sql, primary_key: key };
     if (schedule !== "manual" || original?.schedule === "manual") definition.schedule = schedule;
     try {
       if (editing) await api("PUT", `/models/${encodeURIComponent(editing)}`, { definition });
@@ -1744,12 +1796,31 @@ function NewModel({ id: editing }) {
         <select id="model-source" value=${source} onChange=${(e) => setSource(e.currentTarget.value)}>
           ${sources.map((s) => html`<option value=${s.name}>${s.name} (${s.definition.type})</option>`)}</select>
       </div>
+      ${(dbt.models.length > 0 || reads === "dbt") && html`<div class="controls" role="radiogroup" aria-label="Reads">
+        <label class="day"><input type="radio" name="model-reads" checked=${reads === "sql"}
+          onChange=${() => { setReads("sql"); setPreview(null); }} />a SQL query</label>
+        <label class="day"><input type="radio" name="model-reads" checked=${reads === "dbt"}
+          onChange=${() => { setReads("dbt"); setPreview(null); if (dbtModel) pickDbtModel(dbtModel); }} />a dbt model</label>
+        ${dbt.manifest && html`<span class="muted small">dbt project ${dbt.manifest.project_name ?? ""}, manifest of ${localTime(dbt.manifest.generated_at)}</span>`}
+      </div>`}
+      ${reads === "dbt" ? html`
+        <label for="model-dbt">dbt model</label>
+        <select id="model-dbt" value=${dbtModel} onChange=${(e) => pickDbtModel(e.currentTarget.value)}>
+          <option value="">Pick a dbt model…</option>
+          ${dbt.models.map((m) => html`<option value=${m.reference}>${m.reference}${m.description ? ` — ${m.description}` : ""}</option>`)}
+        </select>
+        ${picked && html`<div class="panel dbt-model" aria-label="The dbt model">
+          <p><code>${picked.relation}</code>${picked.description && html` · ${picked.description}`}</p>
+          <p class="muted small">Key: ${picked.primary_key ? html`<code>${picked.primary_key.join(", ")}</code> (${picked.key_note.replaceAll("`", "")})` : picked.key_note.replaceAll("`", "")}</p>
+          ${picked.columns.length > 0 && html`<table aria-label="Documented columns"><thead><tr><th>Column</th><th>Type</th><th>Description</th></tr></thead>
+            <tbody>${picked.columns.map((c) => html`<tr><td>${c.name}</td><td>${c.data_type ?? ""}</td><td>${c.description}</td></tr>`)}</tbody></table>`}
+        </div>`}` : html`
       <label for="model-sql">SQL</label>
       <${SqlEditor} id="model-sql" value=${sql} onInput=${setSql} onRun=${() => runPreview()} />
       <div class="controls">
         <button type="button" class="secondary" disabled=${busy || !sql.trim()} onClick=${() => runPreview()}>Preview</button>
         <span class="muted small">Ctrl+Enter previews: the first 10 rows and their column types.</span>
-      </div>
+      </div>`}
       ${preview && html`
         <fieldset>
           <legend>Primary key</legend>

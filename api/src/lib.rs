@@ -21,6 +21,7 @@ pub mod auth;
 mod cache;
 mod connector_types;
 mod console;
+mod dbt_models;
 mod definitions;
 pub mod error;
 mod extract;
@@ -29,6 +30,7 @@ mod rows;
 mod runs;
 mod schedules;
 pub mod session;
+pub mod triggers;
 pub mod views;
 
 use error::{ApiError, ErrorBody};
@@ -49,7 +51,7 @@ pub struct AppState {
 #[openapi(
     info(
         title = "sluice",
-        description = "Reverse ETL: manage sources, models, destinations and mappings; trigger runs and backfills; read load results; query snapshot history with SQL. Every route but /healthz and /readyz needs `Authorization: Bearer <token>`: a `read` token may list, get, read runs and query; an `admin` token may also change and trigger."
+        description = "Reverse ETL: manage sources, models, destinations and mappings; trigger runs and backfills; read load results; query snapshot history with SQL. Every route but /healthz, /readyz and the signed dbt Cloud webhook (/api/v1/triggers/dbt) needs `Authorization: Bearer <token>`: a `read` token may list, get, read runs and query; an `admin` token may also change and trigger."
     ),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
@@ -81,6 +83,15 @@ impl Modify for BearerAuth {
                     ))
                     .build(),
             ),
+        );
+        components.add_security_scheme(
+            "dbt_signature",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
+                utoipa::openapi::security::ApiKeyValue::with_description(
+                    "Authorization",
+                    "dbt Cloud's webhook signature: the hex HMAC-SHA256 of the body under `dbt.webhook_secret`",
+                ),
+            )),
         );
     }
 }
@@ -119,6 +130,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(query::query))
         .routes(routes!(query::history_tables))
         .routes(routes!(schedules::preview_schedule))
+        .routes(routes!(dbt_models::dbt_models))
         .routes(routes!(connector_types::connector_catalog))
         .routes(routes!(openapi_json))
 }
@@ -134,6 +146,8 @@ fn public_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        // Signed by dbt Cloud, not token-authenticated.
+        .routes(routes!(triggers::dbt_webhook))
 }
 
 /// The API's routes over `service`, and the state its handlers share.
@@ -202,6 +216,7 @@ fn document_errors(document: &mut OpenApiDocument) {
     );
     for (path, item) in document.paths.paths.iter_mut() {
         let public = path == "/healthz" || path == "/readyz";
+        let signed = path == triggers::DBT_WEBHOOK_PATH;
         for operation in [
             &mut item.get,
             &mut item.put,
@@ -213,7 +228,9 @@ fn document_errors(document: &mut OpenApiDocument) {
         .flatten()
         {
             let mut codes = vec!["default"];
-            if !public {
+            if signed {
+                codes.extend(["400", "401", "404", "405", "413"]);
+            } else if !public {
                 codes.extend(["400", "401", "403", "404", "405", "413", "415"]);
             }
             for code in codes {

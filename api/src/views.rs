@@ -304,3 +304,16 @@ pub struct FieldAlias {
     pub column: String,
     pub field: String,
 }
+
+/// What a dbt Cloud webhook did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DbtWebhookAnswer {
+    /// dbt Cloud's `eventId`.
+    pub event_id: String,
+    /// Whether the event says a job run succeeded (and was recorded).
+    pub accepted: bool,
+    /// Why it starts nothing, when it does not.
+    pub reason: Option<String>,
+    /// The mappings scheduled `after_dbt:` that it makes due; the scheduler starts them.
+    pub mappings: Vec<String>,
+}

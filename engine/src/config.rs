@@ -743,6 +743,17 @@ impl Project {
 
     /// Parses and validates a project from `text`, as if read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_with(text, path, None)
+    }
+
+    /// This project as its file says, with its dbt models read from `manifest` (the manifest's
+    /// bytes, written anew by dbt) instead of the manifest it was loaded with.
+    pub fn with_manifest(&self, manifest: &[u8]) -> Result<Self, ConfigError> {
+        Self::parse_with(&self.text, &self.path, Some(manifest))
+    }
+
+    /// [`Project::parse`]; a local manifest is read unless `manifest` gives its bytes.
+    fn parse_with(text: &str, path: &Path, manifest: Option<&[u8]>) -> Result<Self, ConfigError> {
         let config: ProjectConfig = serde_norway::from_str(text).map_err(|e| ConfigError {
             path: path.to_path_buf(),
             line: e.location().map(|l| l.line()),
@@ -774,7 +785,9 @@ impl Project {
         };
         project.resolve_defaults();
         // A manifest on disk is read now; one in object storage when the engine opens.
-        if let Some(path) = project.dbt_manifest_path() {
+        if let Some(bytes) = manifest {
+            project.take_in_dbt(bytes)?;
+        } else if let Some(path) = project.dbt_manifest_path() {
             let bytes = std::fs::read(&path).map_err(|e| {
                 project.error_at(
                     &["dbt", "manifest"],
@@ -792,7 +805,7 @@ impl Project {
 
     /// The dbt manifest's local path, when `dbt.manifest` is one (not an object-store URL).
     pub fn dbt_manifest_path(&self) -> Option<PathBuf> {
-        let location = self.config.dbt.as_ref()?.manifest.expose();
+        let location = self.config.dbt.as_ref()?.manifest_location()?;
         match location.split_once("://") {
             Some(("file", path)) => Some(PathBuf::from(path)),
             Some(_) => None,
@@ -802,7 +815,7 @@ impl Project {
 
     /// Whether dbt models wait for a manifest in object storage ([`Project::take_in_dbt`]).
     pub fn dbt_pending(&self) -> bool {
-        self.config.dbt.is_some() && self.dbt_manifest.is_none()
+        self.config.dbt.as_ref().is_some_and(|d| d.manifest.is_some()) && self.dbt_manifest.is_none()
     }
 
     /// The dbt models each of `model`'s rows come from: the one it reads, or those it `ref()`s.
@@ -811,6 +824,25 @@ impl Project {
             Some(dbt) => vec![dbt.clone()],
             None => self.dbt_refs.get(model).cloned().unwrap_or_default(),
         }
+    }
+
+    /// When the dbt manifest in use was written (its `metadata.generated_at`).
+    pub fn dbt_manifest_generated_at(&self) -> Option<&str> {
+        Some(self.dbt_manifest.as_ref()?.metadata.generated_at.as_str())
+    }
+
+    /// The dbt manifest in use.
+    pub fn dbt_manifest(&self) -> Option<&crate::dbt::Manifest> {
+        self.dbt_manifest.as_deref()
+    }
+
+    /// For a mapping scheduled `after_dbt:`, the external events any of which starts it.
+    pub fn after_dbt_events(&self, mapping: &str) -> Option<Vec<String>> {
+        let Schedule::AfterDbt { jobs } = self.schedule_of(mapping) else {
+            return None;
+        };
+        let model = &self.config.mappings.get(mapping)?.model;
+        Some(crate::dbt::events_of(&jobs, &self.dbt_sources_of(model)))
     }
 
     /// The dbt project's name, as its manifest gives it.
@@ -873,7 +905,7 @@ impl Project {
                 ));
             }
             let Some(manifest) = &manifest else {
-                if self.config.dbt.is_some() {
+                if self.dbt_pending() {
                     // In object storage: resolved when the engine opens.
                     return Ok(());
                 }
@@ -1082,13 +1114,26 @@ impl Project {
             .schedule
             .clone()
             .or_else(|| self.model(&mapping.model).and_then(|m| m.schedule.clone()));
-        let Some(Schedule::After(first)) = schedule else {
-            return Ok(());
-        };
         let at = if mapping.schedule.is_some() {
             vec!["mappings", name, "schedule"]
         } else {
             vec!["models", mapping.model.as_str(), "schedule"]
+        };
+        if let Some(Schedule::AfterDbt { jobs }) = &schedule
+            && jobs.is_empty()
+            && !self.dbt_pending()
+            && self.dbt_sources_of(&mapping.model).is_empty()
+        {
+            return Err(self.error_at(
+                &at,
+                format!(
+                    "mapping `{name}` runs `after_dbt`, and its model `{}` reads no dbt model, so no dbt build would start it: read the model with `dbt_model:` or `ref()`, or name the dbt Cloud jobs to wait for (`after_dbt: {{jobs: [job id or name]}}`)",
+                    mapping.model
+                ),
+            ));
+        }
+        let Some(Schedule::After(first)) = schedule else {
+            return Ok(());
         };
         for before in &first {
             if before == name {

@@ -18,12 +18,42 @@ use serde_json::Value;
 #[serde(deny_unknown_fields)]
 pub struct DbtConfig {
     /// `target/manifest.json` of the dbt project: a path (relative to `sluice.yaml`) or an
-    /// object-store URL (`s3://`, `gs://`, `az://`, ...).
-    pub manifest: crate::config::ConfigString,
+    /// object-store URL (`s3://`, `gs://`, `az://`, ...). Needed to read dbt models; a project
+    /// that only takes dbt Cloud's webhooks may leave it out.
+    #[serde(default)]
+    pub manifest: Option<crate::config::ConfigString>,
     /// Options for an object-store manifest's store (region, endpoint, credentials), as
     /// `snapshot_store_options` takes them.
     #[serde(default)]
     pub options: indexmap::IndexMap<String, crate::config::ConfigString>,
+    /// `run_results.json` of the same dbt invocations (default: beside the manifest): when it
+    /// moves, `after_dbt:` mappings whose dbt models were built run.
+    #[serde(default)]
+    pub run_results: Option<crate::config::ConfigString>,
+    /// The secret token dbt Cloud gives a webhook subscription: `POST /api/v1/triggers/dbt`
+    /// takes job-completion events signed with it.
+    #[serde(default)]
+    pub webhook_secret: Option<crate::config::ConfigString>,
+}
+
+impl DbtConfig {
+    /// The manifest's location, when one is given.
+    pub fn manifest_location(&self) -> Option<&str> {
+        self.manifest.as_ref().map(|m| m.expose())
+    }
+
+    /// Where `run_results.json` is: `run_results:`, or the manifest's sibling; `None` with
+    /// neither.
+    pub fn run_results_location(&self) -> Option<String> {
+        if let Some(location) = &self.run_results {
+            return Some(location.expose().to_string());
+        }
+        let manifest = self.manifest_location()?;
+        Some(match manifest.rfind('/') {
+            Some(slash) => format!("{}run_results.json", &manifest[..=slash]),
+            None => "run_results.json".to_string(),
+        })
+    }
 }
 
 /// The parts of a dbt manifest sluice reads.
@@ -231,22 +261,7 @@ impl Manifest {
                 node.config.materialized.as_deref().unwrap_or("unknown")
             )
         })?;
-        Ok(DbtModel {
-            unique_id: node.unique_id.clone(),
-            name: node.name.clone(),
-            relation,
-            primary_key: self.primary_key(node)?,
-            description: node.description.clone(),
-            columns: node
-                .columns
-                .values()
-                .map(|c| DbtColumn {
-                    name: c.name.clone(),
-                    description: c.description.clone(),
-                    data_type: c.data_type.clone(),
-                })
-                .collect(),
-        })
+        Ok(node.as_model(relation, self.primary_key(node)?))
     }
 
     /// What the dbt project says identifies a row of `node`, in order: `meta.primary_key` (of
@@ -330,6 +345,35 @@ impl Manifest {
         Ok(None)
     }
 
+    /// Every model (and seed, and snapshot) a sluice model can read, by package and name:
+    /// each with its relation, documented columns and key (`primary_key` is `None`, and the
+    /// second item says why, when the dbt project names none or several). Ephemeral models,
+    /// which build no relation, are left out.
+    pub fn models(&self) -> Vec<(DbtModel, Option<String>)> {
+        let mut listed: Vec<(DbtModel, Option<String>)> = self
+            .nodes
+            .values()
+            .filter(|n| RELATIONS.contains(&n.resource_type.as_str()))
+            .filter(|n| n.config.materialized.as_deref() != Some("ephemeral"))
+            .filter(|n| n.version.is_none() || n.version == n.latest_version)
+            .filter_map(|node| {
+                let key = self.primary_key(node);
+                let problem = match &key {
+                    Ok(None) => Some(format!(
+                        "dbt says nothing of `{}`'s key: pick it, or add a `unique` test in dbt",
+                        node.name
+                    )),
+                    Ok(Some(_)) => None,
+                    Err(message) => Some(message.clone()),
+                };
+                let relation = node.relation_name.clone().filter(|r| !r.trim().is_empty())?;
+                Some((node.as_model(relation, key.ok().flatten()), problem))
+            })
+            .collect();
+        listed.sort_by(|(a, _), (b, _)| (a.package(), &a.name).cmp(&(b.package(), &b.name)));
+        listed
+    }
+
     /// `sql` with every `{{ ref('name') }}` (or `{{ ref('package', 'name') }}`) replaced by the
     /// relation dbt built for it; other `{{ ... }}` are left for sluice's own variables.
     pub fn render_refs(&self, sql: &str) -> Result<(String, Vec<DbtModel>), String> {
@@ -341,6 +385,28 @@ impl Manifest {
             Ok(relation)
         })?;
         Ok((rendered, used.into_inner()))
+    }
+}
+
+impl Node {
+    /// This node as sluice uses it, reading `relation` with `primary_key`.
+    fn as_model(&self, relation: String, primary_key: Option<(Vec<String>, String)>) -> DbtModel {
+        DbtModel {
+            unique_id: self.unique_id.clone(),
+            name: self.name.clone(),
+            relation,
+            primary_key,
+            description: self.description.clone(),
+            columns: self
+                .columns
+                .values()
+                .map(|c| DbtColumn {
+                    name: c.name.clone(),
+                    description: c.description.clone(),
+                    data_type: c.data_type.clone(),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -363,23 +429,329 @@ fn columns_of(value: &Value) -> Option<Vec<String>> {
 
 /// Reads a manifest from object storage.
 pub async fn read_manifest(config: &DbtConfig) -> Result<bytes::Bytes, String> {
-    use object_store::ObjectStoreExt;
-    let location = config.manifest.expose();
+    let location = config.manifest_location().unwrap_or_default();
+    read_artifact(config, location, std::path::Path::new("."))
+        .await?
+        .ok_or_else(|| format!("`{}` does not exist", crate::secrets::shown_location(location)))
+}
+
+/// Whether `location` is an object-store URL (not a local path).
+fn is_url(location: &str) -> bool {
+    location.contains("://") && !location.starts_with("file://")
+}
+
+/// Where a dbt artifact is: a local file, or an object in a store.
+enum Artifact {
+    Local(std::path::PathBuf),
+    Remote(sluice_snapshots::OpenedStore),
+}
+
+/// `location`: a path (relative to `base_dir`) or an object-store URL opened with the `dbt:`
+/// section's options.
+fn locate(config: &DbtConfig, location: &str, base_dir: &std::path::Path) -> Result<Artifact, String> {
+    if !is_url(location) {
+        return Ok(Artifact::Local(
+            base_dir.join(location.strip_prefix("file://").unwrap_or(location)),
+        ));
+    }
     let shown = crate::secrets::shown_location(location);
     let url = url::Url::parse(location).map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
     let options = config
         .options
         .iter()
         .map(|(k, v)| (k.clone(), v.expose().to_string()));
-    let opened = sluice_snapshots::open_store(&url, options).map_err(|e| format!("`{shown}`: {e}"))?;
-    let got = opened
-        .store
-        .get(&opened.prefix)
-        .await
-        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
-    got.bytes()
-        .await
-        .map_err(|e| format!("cannot read `{shown}`: {e}"))
+    sluice_snapshots::open_store(&url, options)
+        .map(Artifact::Remote)
+        .map_err(|e| format!("`{shown}`: {e}"))
+}
+
+/// A dbt artifact's bytes (see [`locate`]); `None` when it does not exist.
+pub async fn read_artifact(
+    config: &DbtConfig,
+    location: &str,
+    base_dir: &std::path::Path,
+) -> Result<Option<bytes::Bytes>, String> {
+    use object_store::ObjectStoreExt;
+    let shown = crate::secrets::shown_location(location);
+    match locate(config, location, base_dir)? {
+        Artifact::Local(path) => match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(Some(bytes.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        },
+        Artifact::Remote(opened) => match opened.store.get(&opened.prefix).await {
+            Ok(got) => got
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|e| format!("cannot read `{shown}`: {e}")),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(format!("cannot read `{shown}`: {e}")),
+        },
+    }
+}
+
+/// What changes when a dbt artifact is written again (a local file's modification time and
+/// size, an object's ETag, modification time and size): looked at before reading it. `None`
+/// when it does not exist.
+pub async fn artifact_stamp(
+    config: &DbtConfig,
+    location: &str,
+    base_dir: &std::path::Path,
+) -> Result<Option<String>, String> {
+    use object_store::ObjectStoreExt;
+    let shown = crate::secrets::shown_location(location);
+    match locate(config, location, base_dir)? {
+        Artifact::Local(path) => match tokio::fs::metadata(&path).await {
+            Ok(meta) => {
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_nanos())
+                    .unwrap_or_default();
+                Ok(Some(format!("{modified}:{}", meta.len())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        },
+        Artifact::Remote(opened) => match opened.store.head(&opened.prefix).await {
+            Ok(meta) => Ok(Some(format!(
+                "{}:{}:{}",
+                meta.e_tag.unwrap_or_default(),
+                meta.last_modified.to_rfc3339(),
+                meta.size
+            ))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(format!("cannot read `{shown}`: {e}")),
+        },
+    }
+}
+
+/// The name of the event a successful run of dbt Cloud job `job` (its id or its name) records,
+/// for `after_dbt: {jobs: [...]}`.
+pub fn job_event(job: &str) -> String {
+    format!("dbt_job:{job}")
+}
+
+/// The event any successful dbt Cloud job run records.
+pub const ANY_JOB_EVENT: &str = "dbt_job:*";
+
+/// The event a dbt invocation records for a node it built, and whose tests it ran passed.
+pub fn node_event(unique_id: &str) -> String {
+    format!("dbt_node:{unique_id}")
+}
+
+/// The events an `after_dbt:` schedule waits for: any of them newer than the mapping's last
+/// start makes it due. With `jobs`, those dbt Cloud jobs' successes; without, any dbt Cloud
+/// job's success, and a build of any dbt model the mapping's model reads (`reads`).
+pub fn events_of(jobs: &[String], reads: &[DbtModel]) -> Vec<String> {
+    if !jobs.is_empty() {
+        return jobs.iter().map(|job| job_event(job)).collect();
+    }
+    let mut events = vec![ANY_JOB_EVENT.to_string()];
+    events.extend(reads.iter().map(|model| node_event(&model.unique_id)));
+    events.sort();
+    events.dedup();
+    events
+}
+
+/// The parts of a dbt `run_results.json` sluice reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunResults {
+    pub metadata: RunResultsMetadata,
+    #[serde(default)]
+    pub results: Vec<NodeResult>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunResultsMetadata {
+    /// When the invocation wrote the file, at its end (RFC 3339).
+    pub generated_at: String,
+    #[serde(default)]
+    pub invocation_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeResult {
+    pub unique_id: String,
+    /// `success`, `error` or `skipped` for models, seeds and snapshots; `pass`, `fail`,
+    /// `warn`, `error` or `skipped` for tests.
+    pub status: String,
+}
+
+impl RunResults {
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not a dbt run_results.json sluice can read: {e}"))
+    }
+
+    /// When the invocation finished.
+    pub fn finished_at(&self) -> Result<chrono::DateTime<chrono::Utc>, String> {
+        chrono::DateTime::parse_from_rfc3339(&self.metadata.generated_at)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .map_err(|e| {
+                format!(
+                    "run_results.json: `generated_at` {:?} is not a time: {e}",
+                    self.metadata.generated_at
+                )
+            })
+    }
+
+    /// The relations this invocation built and whose tests in it did not fail (a table whose
+    /// `unique` test failed is not one to sync): `success` models, seeds and snapshots with no
+    /// `fail` or `error` among the tests `manifest` attaches to them.
+    pub fn built(&self, manifest: &Manifest) -> Vec<String> {
+        let failed_tests: std::collections::HashSet<&str> = self
+            .results
+            .iter()
+            .filter(|r| r.unique_id.starts_with("test.") && matches!(r.status.as_str(), "fail" | "error"))
+            .filter_map(|r| manifest.nodes.get(&r.unique_id)?.attached_node.as_deref())
+            .collect();
+        let mut built: Vec<String> = self
+            .results
+            .iter()
+            .filter(|r| r.status == "success")
+            .filter(|r| {
+                RELATIONS
+                    .iter()
+                    .any(|kind| r.unique_id.starts_with(&format!("{kind}.")))
+            })
+            .filter(|r| !failed_tests.contains(r.unique_id.as_str()))
+            .map(|r| r.unique_id.clone())
+            .collect();
+        built.sort();
+        built.dedup();
+        built
+    }
+}
+
+/// A dbt Cloud webhook event (`job.run.started`, `job.run.completed`, `job.run.errored`), as
+/// docs.getdbt.com/docs/deploy/webhooks gives its shape.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudEvent {
+    pub event_id: String,
+    pub event_type: String,
+    /// When dbt Cloud sent it (RFC 3339).
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    pub data: CloudRun,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudRun {
+    pub job_id: Value,
+    #[serde(default)]
+    pub job_name: Option<String>,
+    #[serde(default)]
+    pub run_id: Option<Value>,
+    /// `Success`, `Errored`, `Cancelled` (or `Running` when started).
+    #[serde(default)]
+    pub run_status: Option<String>,
+    /// 10 success, 20 error, 30 cancelled.
+    #[serde(default)]
+    pub run_status_code: Option<i64>,
+    #[serde(default)]
+    pub run_finished_at: Option<String>,
+}
+
+/// The `runStatusCode` of a successful dbt Cloud run.
+const CLOUD_SUCCESS: i64 = 10;
+
+impl CloudEvent {
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| format!("not a dbt Cloud job webhook event (eventId, eventType, data.jobId): {e}"))
+    }
+
+    /// The job's id as text (dbt Cloud sends it as a string; a number is taken too).
+    pub fn job_id(&self) -> String {
+        match &self.data.job_id {
+            Value::String(id) => id.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Whether this says a job run completed successfully (`job.run.completed` with status
+    /// `Success`); `Err` says why not.
+    pub fn succeeded(&self) -> Result<(), String> {
+        if self.event_type != "job.run.completed" {
+            return Err(format!(
+                "`{}` events start nothing; subscribe the webhook to job.run.completed",
+                self.event_type
+            ));
+        }
+        let success = self.data.run_status_code == Some(CLOUD_SUCCESS)
+            || self
+                .data
+                .run_status
+                .as_deref()
+                .is_some_and(|s| s.eq_ignore_ascii_case("success"));
+        if !success {
+            return Err(format!(
+                "dbt Cloud run {} of job {} did not succeed ({}); nothing starts",
+                self.data
+                    .run_id
+                    .as_ref()
+                    .map(|r| r.as_str().map(str::to_string).unwrap_or_else(|| r.to_string()))
+                    .unwrap_or_else(|| "?".into()),
+                self.job_id(),
+                self.data.run_status.as_deref().unwrap_or("no status")
+            ));
+        }
+        Ok(())
+    }
+
+    /// When the run finished (its `runFinishedAt`, else the event's `timestamp`), never later
+    /// than `now` (a clock ahead of ours would keep the mapping due).
+    pub fn finished_at(&self, now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+        [&self.data.run_finished_at, &self.timestamp]
+            .into_iter()
+            .flatten()
+            .find_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc).min(now))
+            .unwrap_or(now)
+    }
+
+    /// The events this success records: the job's id, its name, and any job.
+    pub fn events(&self) -> Vec<String> {
+        let mut events = vec![job_event(&self.job_id()), ANY_JOB_EVENT.to_string()];
+        if let Some(name) = self.data.job_name.as_deref().filter(|n| !n.trim().is_empty()) {
+            events.push(job_event(name.trim()));
+        }
+        events
+    }
+}
+
+/// Whether `authorization` (the webhook's `Authorization` header) is the hex HMAC-SHA256 of
+/// `body` under `secret`, as dbt Cloud signs its webhooks. Compared in constant time.
+pub fn signature_is_valid(secret: &str, body: &[u8], authorization: &str) -> bool {
+    let Some(signature) = decode_hex(authorization.trim()) else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    ring::hmac::verify(&key, body, &signature).is_ok()
+}
+
+/// The hex HMAC-SHA256 of `body` under `secret` (what dbt Cloud sends; for tests and tools).
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    ring::hmac::sign(&key, body)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
 }
 
 impl DbtModel {
@@ -629,5 +1001,162 @@ mod tests {
         );
         assert!(has_refs("select {{ ref('x') }}"));
         assert!(!has_refs("select {{ last_sync_time }}"));
+    }
+
+    /// dbt Cloud's example `job.run.completed` body (docs.getdbt.com/docs/deploy/webhooks).
+    const COMPLETED: &str = r#"{
+      "accountId": 1, "webhooksID": "wsu_12345abcde", "eventId": "wev_2L6ZDoilyiWzKkSA59Gmc2d7FDD",
+      "timestamp": "2023-01-31T19:29:35.789265936Z", "eventType": "job.run.completed", "webhookName": "test",
+      "data": {"jobId": "123", "jobName": "Daily Job (dbt build)", "runId": "12345", "environmentId": "1234",
+               "environmentName": "Production", "dbtVersion": "1.0.0", "projectName": "Snowflake Github Demo",
+               "projectId": "167194", "runStatus": "Success", "runStatusCode": 10, "runStatusMessage": "None",
+               "runReason": "Kicked off from UI by test@test.com", "runStartedAt": "2023-01-31T19:28:07Z",
+               "runFinishedAt": "2023-01-31T19:29:32Z"}
+    }"#;
+
+    #[test]
+    fn webhook_signatures_are_hmac_sha256_in_hex() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            sign("Jefe", b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let body = COMPLETED.as_bytes();
+        let signature = sign("whsec-for-tests", body);
+        assert!(signature_is_valid("whsec-for-tests", body, &signature));
+        assert!(signature_is_valid(
+            "whsec-for-tests",
+            body,
+            &signature.to_uppercase()
+        ));
+        assert!(!signature_is_valid("another-secret", body, &signature));
+        assert!(!signature_is_valid("whsec-for-tests", b"{}", &signature));
+        assert!(!signature_is_valid("whsec-for-tests", body, "not hex"));
+        assert!(!signature_is_valid("whsec-for-tests", body, ""));
+        assert!(!signature_is_valid(
+            "whsec-for-tests",
+            body,
+            &format!("Bearer {signature}")
+        ));
+    }
+
+    #[test]
+    fn cloud_events_say_which_jobs_succeeded() {
+        let event = CloudEvent::parse(COMPLETED.as_bytes()).unwrap();
+        assert!(event.succeeded().is_ok());
+        assert_eq!(event.job_id(), "123");
+        assert_eq!(
+            event.events(),
+            ["dbt_job:123", "dbt_job:*", "dbt_job:Daily Job (dbt build)"]
+        );
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(event.finished_at(now).to_rfc3339(), "2023-01-31T19:29:32+00:00");
+        // A clock ahead of ours is taken as now.
+        let past = chrono::DateTime::parse_from_rfc3339("2020-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(event.finished_at(past), past);
+
+        let errored = COMPLETED
+            .replace("\"Success\"", "\"Errored\"")
+            .replace("\"runStatusCode\": 10", "\"runStatusCode\": 20");
+        let errored = CloudEvent::parse(errored.as_bytes()).unwrap();
+        assert!(
+            errored
+                .succeeded()
+                .unwrap_err()
+                .contains("did not succeed (Errored)")
+        );
+        let started = COMPLETED.replace("job.run.completed", "job.run.started");
+        let started = CloudEvent::parse(started.as_bytes()).unwrap();
+        assert!(started.succeeded().unwrap_err().contains("job.run.completed"));
+        assert!(
+            CloudEvent::parse(b"{\"hello\": 1}")
+                .unwrap_err()
+                .contains("eventId")
+        );
+    }
+
+    #[test]
+    fn run_results_name_the_relations_built_with_passing_tests() {
+        let manifest = manifest(json!({
+            "model.shop.orders": {
+                "unique_id": "model.shop.orders", "name": "orders", "resource_type": "model",
+                "package_name": "shop", "relation_name": "\"test\".\"analytics\".\"orders\"",
+                "config": {"materialized": "table"}
+            },
+            "test.shop.unique_orders_id.1": {
+                "unique_id": "test.shop.unique_orders_id.1", "name": "unique_orders_id",
+                "resource_type": "test", "package_name": "shop", "attached_node": "model.shop.orders",
+                "column_name": "id", "test_metadata": {"name": "unique", "kwargs": {}}
+            }
+        }));
+        let results = RunResults::parse(
+            json!({
+                "metadata": {"dbt_schema_version": "https://schemas.getdbt.com/dbt/run-results/v6.json",
+                             "dbt_version": "1.11.16", "generated_at": "2026-12-06T10:00:01.5Z",
+                             "invocation_id": "8c2f"},
+                "results": [
+                    {"unique_id": "model.shop.customers", "status": "success", "timing": [], "thread_id": "Thread-1"},
+                    {"unique_id": "test.shop.unique_customers_id.70f3d3fd20", "status": "pass"},
+                    {"unique_id": "model.shop.orders", "status": "success"},
+                    {"unique_id": "test.shop.unique_orders_id.1", "status": "fail"},
+                    {"unique_id": "seed.shop.plans", "status": "success"},
+                    {"unique_id": "model.shop.late", "status": "skipped"}
+                ],
+                "elapsed_time": 1.2, "args": {"which": "build"}
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            results.finished_at().unwrap().to_rfc3339(),
+            "2026-12-06T10:00:01.500+00:00"
+        );
+        assert_eq!(
+            results.built(&manifest),
+            ["model.shop.customers", "seed.shop.plans"]
+        );
+    }
+
+    #[test]
+    fn the_models_a_sluice_model_can_read_are_listed_with_their_keys() {
+        let listed = manifest(json!({})).models();
+        let names: Vec<&str> = listed.iter().map(|(m, _)| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["customers"],
+            "the ephemeral model and the test are left out"
+        );
+        let (customers, problem) = &listed[0];
+        assert_eq!(
+            customers.primary_key.as_ref().map(|k| k.0.clone()),
+            Some(vec!["id".to_string()])
+        );
+        assert_eq!(problem, &None);
+        assert_eq!(customers.columns.len(), 2);
+    }
+
+    #[test]
+    fn after_dbt_waits_for_the_jobs_named_or_the_models_read() {
+        let customers = manifest(json!({})).model("customers").unwrap();
+        assert_eq!(
+            events_of(&[], std::slice::from_ref(&customers)),
+            ["dbt_job:*", "dbt_node:model.shop.customers"]
+        );
+        assert_eq!(events_of(&["7".into()], &[customers]), ["dbt_job:7"]);
+        let config = DbtConfig {
+            manifest: Some(crate::config::ConfigString::literal("dbt/target/manifest.json")),
+            options: Default::default(),
+            run_results: None,
+            webhook_secret: None,
+        };
+        assert_eq!(
+            config.run_results_location().as_deref(),
+            Some("dbt/target/run_results.json")
+        );
     }
 }

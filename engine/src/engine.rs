@@ -123,18 +123,63 @@ impl Engine {
         Self::assemble(
             self.file.clone(),
             Arc::new(catalog),
-            Shared {
-                snapshots: self.snapshots.clone(),
-                metadata: self.metadata.clone(),
-                secret_key: self.secret_key.clone(),
-                shutdown: self.shutdown.clone(),
-                alert_sender: self.alert_sender.clone(),
-                controls: self.controls.clone(),
-                workloads: self.workloads.clone(),
-            },
+            self.shared(),
             connectors,
             Some(self),
         )
+    }
+
+    /// What every engine built from this one shares with it: stores, key, stop switches.
+    fn shared(&self) -> Shared {
+        Shared {
+            snapshots: self.snapshots.clone(),
+            metadata: self.metadata.clone(),
+            secret_key: self.secret_key.clone(),
+            shutdown: self.shutdown.clone(),
+            alert_sender: self.alert_sender.clone(),
+            controls: self.controls.clone(),
+            workloads: self.workloads.clone(),
+        }
+    }
+
+    /// This engine with the dbt manifest read again, when dbt wrote a new one (its
+    /// `generated_at` moved): models that read dbt models take the relations and keys it gives.
+    /// `Ok(None)` when the manifest is the one in use, or gone (dbt writes it anew at the start
+    /// of each invocation); an error when the new manifest cannot be used (a model sluice
+    /// reads is gone, say), and then this engine stays in use.
+    pub async fn with_new_manifest(&self, connectors: &dyn ConnectorFactory) -> Result<Option<Self>> {
+        let Some((dbt, location)) = self
+            .file
+            .config
+            .dbt
+            .as_ref()
+            .and_then(|dbt| Some((dbt, dbt.manifest_location()?)))
+        else {
+            return Ok(None);
+        };
+        let manifest_error = |m: String| {
+            self.file
+                .error_at(&["dbt", "manifest"], format!("the dbt manifest: {m}"))
+        };
+        let Some(bytes) = crate::dbt::read_artifact(dbt, location, &self.file.base_dir)
+            .await
+            .map_err(manifest_error)?
+        else {
+            return Ok(None);
+        };
+        let manifest = crate::dbt::Manifest::parse(&bytes).map_err(manifest_error)?;
+        if Some(manifest.metadata.generated_at.as_str()) == self.file.dbt_manifest_generated_at() {
+            return Ok(None);
+        }
+        let file = self.file.with_manifest(&bytes)?;
+        Self::assemble(
+            Arc::new(file),
+            self.catalog.clone(),
+            self.shared(),
+            connectors,
+            Some(self),
+        )
+        .map(Some)
     }
 
     /// `sluice.yaml` with the API's definitions taken in; connectors built (or kept from
@@ -858,6 +903,15 @@ fn project_secret_values(project: &Project, connectors: &dyn ConnectorFactory) -
         if secrets::is_secret_key(key) {
             out.push(value.expose().to_string());
         }
+    }
+    if let Some(dbt) = &project.config.dbt {
+        out.extend(dbt.webhook_secret.iter().map(|s| s.expose().to_string()));
+        out.extend(
+            dbt.options
+                .iter()
+                .filter(|(key, _)| secrets::is_secret_key(key))
+                .map(|(_, value)| value.expose().to_string()),
+        );
     }
     out.extend(
         project

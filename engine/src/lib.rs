@@ -47,6 +47,7 @@ pub mod secrets;
 pub mod service;
 pub mod source;
 pub mod tokens;
+pub mod triggers;
 pub mod workload;
 
 pub use config::{ConfigString, ConnectorConfig, Op, Project, SECRET_KEYWORD, Secret, SecretUrl};

@@ -971,6 +971,37 @@ impl MetadataStore {
             .collect())
     }
 
+    /// Records that the external event `name` happened at `at` (told by `detail`); an older
+    /// time than the one recorded changes nothing, so the same event told twice (a webhook
+    /// retried, a file seen by several processes) counts once. `true` when it was newer.
+    pub async fn record_event(&self, name: &str, at: DateTime<Utc>, detail: &str) -> Result<bool> {
+        let recorded = sqlx::query(self.sql(
+            "INSERT INTO external_events (name, happened_at, detail) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET happened_at = excluded.happened_at, detail = excluded.detail \
+             WHERE external_events.happened_at < excluded.happened_at",
+        ))
+        .bind(name)
+        .bind(at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
+        .bind(detail)
+        .execute(&self.pool)
+        .await
+        .map_err(self.err())?
+        .rows_affected();
+        Ok(recorded == 1)
+    }
+
+    /// When each external event last happened (what `after_dbt:` schedules wait for).
+    pub async fn external_events(&self) -> Result<std::collections::HashMap<String, DateTime<Utc>>> {
+        let rows = sqlx::query(self.sql("SELECT name, happened_at FROM external_events"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err())?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>("name"), parse_time(r.get("happened_at"))))
+            .collect())
+    }
+
     pub async fn run(&self, id: &str) -> Result<Option<RunRecord>> {
         let row = sqlx::query(self.sql("SELECT * FROM runs WHERE id = ?"))
             .bind(id)
@@ -1419,6 +1450,31 @@ mod tests {
         assert_eq!(two.schedule_fires().await.unwrap()["m"], t(60));
         // Mappings are independent.
         assert!(one.claim_fire("other", None, t(61)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_external_event_keeps_its_latest_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetadataStore::open_sqlite(&dir.path().join("m.db"))
+            .await
+            .unwrap();
+        let t = |s: i64, nanos: u32| DateTime::from_timestamp(1_800_000_000 + s, nanos).unwrap();
+        assert!(store.record_event("dbt_job:1", t(0, 500), "wev_1").await.unwrap());
+        // Told again (a retried webhook): nothing changes.
+        assert!(!store.record_event("dbt_job:1", t(0, 500), "wev_1").await.unwrap());
+        // An older event (delivered late) does not move it back; a fraction later does.
+        assert!(!store.record_event("dbt_job:1", t(-60, 0), "wev_0").await.unwrap());
+        assert!(store.record_event("dbt_job:1", t(0, 600), "wev_2").await.unwrap());
+        assert!(store.record_event("dbt_job:1", t(9, 0), "wev_3").await.unwrap());
+        assert!(
+            store
+                .record_event("dbt_node:model.a.b", t(1, 0), "inv")
+                .await
+                .unwrap()
+        );
+        let events = store.external_events().await.unwrap();
+        assert_eq!(events["dbt_job:1"], t(9, 0));
+        assert_eq!(events["dbt_node:model.a.b"], t(1, 0));
     }
 
     #[tokio::test]

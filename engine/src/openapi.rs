@@ -91,6 +91,37 @@ impl PartialSchema for Schedule {
                         "After other mappings: once each has finished a successful run since this one last started",
                     )),
             )
+            .item(
+                ObjectBuilder::new()
+                    .property(
+                        "after_dbt",
+                        OneOfBuilder::new()
+                            .item(
+                                ObjectBuilder::new()
+                                    .schema_type(Type::Boolean)
+                                    .enum_values(Some([true]))
+                                    .description(Some("After dbt builds the dbt models the mapping's model reads, or any dbt Cloud job succeeds")),
+                            )
+                            .item(
+                                ObjectBuilder::new()
+                                    .property(
+                                        "jobs",
+                                        ArrayBuilder::new().items(
+                                            OneOfBuilder::new()
+                                                .item(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)))
+                                                .item(string().min_length(Some(1))),
+                                        ),
+                                    )
+                                    .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+                                    .description(Some("dbt Cloud jobs (ids or names) whose successful runs start the mapping; none: as `true`")),
+                            ),
+                    )
+                    .required("after_dbt")
+                    .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+                    .description(Some(
+                        "After dbt: when a dbt Cloud job's completion webhook (POST /api/v1/triggers/dbt) or a new run_results.json says dbt built what the mapping reads",
+                    )),
+            )
             .description(Some("When the mapping runs"))
             .into()
     }

@@ -6,6 +6,8 @@
 //! schedule: { days: [mon, thu], at: "09:00", timezone: Europe/Paris }
 //! schedule: { cron: "0 */2 * * 1-5", timezone: America/New_York }
 //! schedule: { after: [load_accounts, load_contacts] }  # when those have all succeeded since
+//! schedule: { after_dbt: true }                       # when dbt has built the model's dbt models
+//! schedule: { after_dbt: { jobs: [70403, nightly] } } # when one of these dbt Cloud jobs succeeds
 //! ```
 //!
 //! Day-and-time and cron schedules are evaluated in their time zone (default UTC), through
@@ -47,6 +49,12 @@ pub enum Schedule {
     /// After other mappings: due once each of them has finished a successful run since this
     /// mapping last started (a sequence; see [`crate::scheduler`]).
     After(Vec<String>),
+    /// After dbt: due once dbt has finished building what the mapping reads since it last
+    /// started: a dbt Cloud job in `jobs` (by id or name) that succeeded, as its webhook tells;
+    /// with no `jobs`, any successful dbt Cloud job, or a dbt invocation whose
+    /// `run_results.json` shows the model's dbt models built and tested (see
+    /// [`crate::dbt::events_of`]).
+    AfterDbt { jobs: Vec<String> },
 }
 
 impl Schedule {
@@ -58,7 +66,7 @@ impl Schedule {
         last_start: Option<DateTime<Utc>>,
     ) -> Option<DateTime<Utc>> {
         match self {
-            Schedule::Manual | Schedule::After(_) => None,
+            Schedule::Manual | Schedule::After(_) | Schedule::AfterDbt { .. } => None,
             Schedule::Every(interval) => {
                 let interval = chrono::Duration::from_std(*interval).ok()?;
                 Some(match last_start {
@@ -133,6 +141,8 @@ impl fmt::Display for Schedule {
                 expression, timezone, ..
             } => write!(f, "cron `{expression}` ({timezone})"),
             Schedule::After(mappings) => write!(f, "after {}", mappings.join(", ")),
+            Schedule::AfterDbt { jobs } if jobs.is_empty() => f.write_str("after dbt builds its models"),
+            Schedule::AfterDbt { jobs } => write!(f, "after dbt job {}", jobs.join(" or ")),
         }
     }
 }
@@ -210,6 +220,26 @@ impl<'de> Deserialize<'de> for Schedule {
             cron: Option<String>,
             timezone: Option<String>,
             after: Option<Vec<String>>,
+            after_dbt: Option<AfterDbt>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum AfterDbt {
+            Flag(bool),
+            Jobs(DbtJobs),
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct DbtJobs {
+            #[serde(default)]
+            jobs: Vec<JobRef>,
+        }
+        /// A dbt Cloud job id (a number) or name.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum JobRef {
+            Id(u64),
+            Name(String),
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -217,13 +247,42 @@ impl<'de> Deserialize<'de> for Schedule {
             Word(String),
             Fields(Fields),
         }
-        let shapes = "`schedule` is `manual`, `{every: 15m}`, `{days: [mon, thu], at: \"09:00\", timezone: Europe/Paris}` `{cron: \"0 9 * * 1-5\", timezone: UTC}` or `{after: [other_mapping]}`";
+        let shapes = "`schedule` is `manual`, `{every: 15m}`, `{days: [mon, thu], at: \"09:00\", timezone: Europe/Paris}` `{cron: \"0 9 * * 1-5\", timezone: UTC}`, `{after: [other_mapping]}`, `{after_dbt: true}` or `{after_dbt: {jobs: [dbt_cloud_job_id]}}`";
         let raw = Raw::deserialize(deserializer).map_err(|_| de::Error::custom(shapes))?;
         let fields = match raw {
             Raw::Word(word) if word == "manual" => return Ok(Schedule::Manual),
             Raw::Word(_) => return Err(de::Error::custom(shapes)),
             Raw::Fields(fields) => fields,
         };
+        let clock = fields.every.is_some()
+            || fields.days.is_some()
+            || fields.at.is_some()
+            || fields.cron.is_some()
+            || fields.timezone.is_some();
+        if let Some(after_dbt) = fields.after_dbt {
+            if clock || fields.after.is_some() {
+                return Err(de::Error::custom(
+                    "`after_dbt:` stands alone: a mapping runs after dbt, after other mappings, or on a clock",
+                ));
+            }
+            let jobs = match after_dbt {
+                AfterDbt::Flag(true) => Vec::new(),
+                AfterDbt::Flag(false) => {
+                    return Err(de::Error::custom(
+                        "`after_dbt: false` says nothing; write `manual` for a mapping that runs on demand",
+                    ));
+                }
+                AfterDbt::Jobs(DbtJobs { jobs }) => jobs
+                    .into_iter()
+                    .map(|job| match job {
+                        JobRef::Id(id) => Ok(id.to_string()),
+                        JobRef::Name(name) if !name.trim().is_empty() => Ok(name.trim().to_string()),
+                        JobRef::Name(_) => Err(de::Error::custom("`after_dbt.jobs` has an empty job name")),
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            return Ok(Schedule::AfterDbt { jobs });
+        }
         if let Some(after) = fields.after {
             if fields.every.is_some()
                 || fields.days.is_some()
@@ -319,6 +378,31 @@ mod tests {
                 .contains("stands alone")
         );
         assert!(parse("{after: []}").unwrap_err().contains("lists the mappings"));
+        assert_eq!(
+            parse("{after_dbt: true}").unwrap(),
+            Schedule::AfterDbt { jobs: Vec::new() }
+        );
+        assert_eq!(
+            parse("{after_dbt: {jobs: [70403, \"Nightly build\"]}}").unwrap(),
+            Schedule::AfterDbt {
+                jobs: vec!["70403".into(), "Nightly build".into()]
+            }
+        );
+        assert_eq!(
+            parse("{after_dbt: {}}").unwrap(),
+            Schedule::AfterDbt { jobs: Vec::new() }
+        );
+        assert!(
+            parse("{after_dbt: true, every: 1h}")
+                .unwrap_err()
+                .contains("stands alone")
+        );
+        assert!(parse("{after_dbt: false}").unwrap_err().contains("manual"));
+        assert!(parse("{after_dbt: {job: [1]}}").is_err());
+        assert_eq!(
+            parse("{after_dbt: {jobs: [1, 2]}}").unwrap().to_string(),
+            "after dbt job 1 or 2"
+        );
         assert_eq!(
             parse("{every: 15m}").unwrap(),
             Schedule::Every(Duration::from_secs(900))

@@ -35,9 +35,12 @@ struct Entry {
     /// Start of the latest run, the anchor of `every:` intervals.
     last_start: Option<DateTime<Utc>>,
     next_due: Option<DateTime<Utc>>,
-    /// An `after:` mapping found due: the latest finish of its prerequisites that made it so
-    /// (a fire another process made at or after it covers this one).
+    /// An `after:` or `after_dbt:` mapping found due: the latest finish of its prerequisites
+    /// (or time of the event) that made it so (a fire another process made at or after it
+    /// covers this one).
     waiting_since: Option<DateTime<Utc>>,
+    /// An `after_dbt:` mapping: the external events any of which makes it due.
+    events: Vec<String>,
 }
 
 /// Fire times of every scheduled mapping.
@@ -79,6 +82,7 @@ impl Scheduler {
                     last_start,
                     next_due,
                     waiting_since: None,
+                    events: Vec::new(),
                 }
             })
             .collect();
@@ -96,23 +100,72 @@ impl Scheduler {
             .any(|e| matches!(e.schedule, Schedule::After(_)))
     }
 
+    /// Whether some mapping runs `after_dbt:` (so external events are worth looking up).
+    pub fn has_external_triggers(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| matches!(e.schedule, Schedule::AfterDbt { .. }))
+    }
+
+    /// The external events (see [`crate::dbt::events_of`]) any of which makes `after_dbt:`
+    /// mapping `mapping` due.
+    pub fn set_events(&mut self, mapping: &str, events: Vec<String>) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.mapping == mapping) {
+            entry.events = events;
+        }
+    }
+
+    /// The `after_dbt:` mappings that are due: one of their events happened since they last
+    /// started (or, for one that never ran, since scheduling began). `happened` holds each
+    /// event's latest time.
+    pub fn due_on_events(
+        &mut self,
+        happened: &HashMap<String, DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Vec<Due> {
+        self.due_when(now, |entry, anchor| {
+            if !matches!(entry.schedule, Schedule::AfterDbt { .. }) {
+                return None;
+            }
+            entry
+                .events
+                .iter()
+                .filter_map(|name| happened.get(name).copied())
+                .filter(|t| *t > anchor)
+                .max()
+        })
+    }
+
     /// The `after:` mappings that are due: each mapping they run after has finished a
     /// successful run since they last started (or, for one that never ran, since scheduling
     /// began). `succeeded` holds each mapping's latest successful finish.
     pub fn due_after(&mut self, succeeded: &HashMap<String, DateTime<Utc>>, now: DateTime<Utc>) -> Vec<Due> {
-        let started = self.started.unwrap_or(now);
-        let mut due = Vec::new();
-        for entry in &mut self.entries {
+        self.due_when(now, |entry, anchor| {
             let Schedule::After(before) = &entry.schedule else {
-                continue;
+                return None;
             };
-            let anchor = entry.last_start.unwrap_or(started);
             let finishes: Option<Vec<DateTime<Utc>>> = before
                 .iter()
                 .map(|m| succeeded.get(m).copied().filter(|t| *t > anchor))
                 .collect();
-            if let Some(latest) = finishes.and_then(|f| f.into_iter().max()) {
-                entry.waiting_since = Some(latest);
+            finishes.and_then(|f| f.into_iter().max())
+        })
+    }
+
+    /// The mappings `ready` finds due: given an entry and its anchor (its last start, or when
+    /// scheduling began), the time of what made it due. Each is marked started at `now`, waiting
+    /// since that time (a fire another process made at or after it covers this one).
+    fn due_when(
+        &mut self,
+        now: DateTime<Utc>,
+        ready: impl Fn(&Entry, DateTime<Utc>) -> Option<DateTime<Utc>>,
+    ) -> Vec<Due> {
+        let started = self.started.unwrap_or(now);
+        let mut due = Vec::new();
+        for entry in &mut self.entries {
+            let anchor = entry.last_start.unwrap_or(started);
+            if let Some(since) = ready(entry, anchor) {
+                entry.waiting_since = Some(since);
                 entry.last_start = Some(now);
                 due.push(Due {
                     mapping: entry.mapping.clone(),
@@ -145,7 +198,14 @@ impl Scheduler {
             .filter(|(_, m)| m.enabled)
             .map(|(name, m)| (name.clone(), m.model.clone(), project.schedule_of(name)))
             .collect();
-        Ok(Self::new(mappings, &last, now))
+        let names: Vec<String> = mappings.iter().map(|(name, _, _)| name.clone()).collect();
+        let mut scheduler = Self::new(mappings, &last, now);
+        for mapping in names {
+            if let Some(events) = project.after_dbt_events(&mapping) {
+                scheduler.set_events(&mapping, events);
+            }
+        }
+        Ok(scheduler)
     }
 
     /// Keeps the fire times of `previous` for mappings whose schedule did not change (when the
@@ -208,7 +268,7 @@ impl Scheduler {
         let Some(entry) = self.entries.iter_mut().find(|e| e.mapping == mapping) else {
             return false;
         };
-        if let Schedule::After(_) = entry.schedule {
+        if let Schedule::After(_) | Schedule::AfterDbt { .. } = entry.schedule {
             // Covered by a fire made once its prerequisites had finished.
             let covered = entry.waiting_since.is_some_and(|t| fired_at >= t);
             if covered {
@@ -358,6 +418,40 @@ mod tests {
         succeeded.insert("b".into(), at(10, 5));
         assert_eq!(names(s.due_after(&succeeded, at(10, 6))), ["c"]);
         assert!(s.observe_fire("c", at(9, 21), at(10, 6)));
+    }
+
+    #[test]
+    fn after_dbt_runs_once_per_event_newer_than_its_last_start() {
+        let after_dbt = Schedule::AfterDbt { jobs: Vec::new() };
+        let mut s = Scheduler::new(
+            [
+                ("c".into(), "m".into(), after_dbt),
+                ("clock".into(), "m".into(), every(60)),
+            ],
+            &HashMap::new(),
+            at(9, 0),
+        );
+        s.set_events(
+            "c",
+            vec!["dbt_job:*".into(), "dbt_node:model.shop.customers".into()],
+        );
+        assert!(s.has_external_triggers());
+        assert!(!s.has_sequences());
+        // Events from before scheduling began, and events it does not wait for, do not count.
+        let mut happened = HashMap::from([
+            ("dbt_node:model.shop.customers".to_string(), at(8, 0)),
+            ("dbt_node:model.shop.orders".to_string(), at(9, 5)),
+        ]);
+        assert!(s.due_on_events(&happened, at(9, 6)).is_empty());
+        happened.insert("dbt_node:model.shop.customers".into(), at(9, 10));
+        assert_eq!(names(s.due_on_events(&happened, at(9, 11))), ["c"]);
+        assert!(s.due_on_events(&happened, at(9, 12)).is_empty(), "once per event");
+        // Another process fired it after the event: covered.
+        assert!(!s.observe_fire("c", at(9, 11), at(9, 11)));
+        happened.insert("dbt_job:*".into(), at(9, 30));
+        assert_eq!(names(s.due_on_events(&happened, at(9, 31))), ["c"]);
+        // A fire from before this event does not cover it.
+        assert!(s.observe_fire("c", at(9, 11), at(9, 31)));
     }
 
     #[test]

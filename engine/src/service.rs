@@ -58,15 +58,15 @@ const ANONYMOUS: &str = "anonymous";
 
 /// The control plane.
 pub struct Service {
-    connectors: Arc<dyn ConnectorFactory>,
+    pub(crate) connectors: Arc<dyn ConnectorFactory>,
     /// Which connector options are secret by their declared types.
     secret_schemas: crate::secrets::SecretSchemas,
     observer: Arc<dyn RunObserver>,
     current: RwLock<Arc<Engine>>,
     /// Changes to definitions happen one at a time.
-    changes: tokio::sync::Mutex<()>,
-    /// Wakes the scheduler when the definitions change.
-    changed: Arc<tokio::sync::Notify>,
+    pub(crate) changes: tokio::sync::Mutex<()>,
+    /// Wakes the scheduler when the definitions change, a run ends or dbt finishes.
+    pub(crate) changed: Arc<tokio::sync::Notify>,
     last_refresh: Mutex<Instant>,
     /// Runs started through the API, so a shutdown can wait for them.
     tasks: Mutex<tokio::task::JoinSet<()>>,
@@ -156,7 +156,7 @@ impl Service {
         Ok(self.engine())
     }
 
-    fn swap(&self, engine: Engine) -> Arc<Engine> {
+    pub(crate) fn swap(&self, engine: Engine) -> Arc<Engine> {
         let engine = Arc::new(engine);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = engine.clone();
         self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -534,10 +534,13 @@ impl Service {
         tracing::info!(mappings = scheduler.len(), "scheduler started");
         let mut running = tokio::task::JoinSet::new();
         let shutdown = engine.shutdown().clone();
+        let mut dbt = crate::triggers::DbtWatch::default();
         while !shutdown.is_requested() {
             if let Err(e) = self.refresh().await {
                 tracing::warn!(error = %e, "could not look for changed definitions");
             }
+            // A manifest dbt wrote anew is taken in before anything runs on it.
+            dbt.look(&self).await;
             let latest = self.engine();
             if !Arc::ptr_eq(&latest, &engine) {
                 engine = latest;
@@ -557,6 +560,15 @@ impl Service {
                     Ok(succeeded) => due.extend(scheduler.due_after(&succeeded, now)),
                     Err(e) => {
                         tracing::warn!(error = %e, "could not read which runs succeeded, for `after:` schedules")
+                    }
+                }
+            }
+            if scheduler.has_external_triggers() {
+                // Events any process recorded (a webhook one replica answered) count.
+                match engine.metadata.external_events().await {
+                    Ok(happened) => due.extend(scheduler.due_on_events(&happened, now)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read dbt's events, for `after_dbt:` schedules")
                     }
                 }
             }
@@ -604,11 +616,22 @@ impl Service {
             }
             // Reap finished runs so the set does not grow.
             while running.try_join_next().is_some() {}
+            let longest = if engine
+                .file
+                .config
+                .dbt
+                .as_ref()
+                .is_some_and(|d| d.manifest.is_some())
+            {
+                crate::triggers::DBT_POLL_EVERY
+            } else {
+                MAX_SLEEP
+            };
             let sleep = scheduler
                 .next_wake()
                 .and_then(|t| (t - Utc::now()).to_std().ok())
-                .unwrap_or(MAX_SLEEP)
-                .min(MAX_SLEEP);
+                .unwrap_or(longest)
+                .min(longest);
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = self.changed.notified() => {}

@@ -11,7 +11,7 @@ import { spawn, execFileSync } from "node:child_process";
 import { createServer } from "node:http";
 import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { mkdtempSync, mkdirSync, rmSync, existsSync, writeFileSync } from "node:fs";
+import { mkdtempSync, mkdirSync, rmSync, existsSync, writeFileSync, cpSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -703,6 +703,96 @@ test("an empty project's screens say what to do next, and their links lead there
     await page.getByText("A model needs a source.").waitFor();
     await page.getByRole("link", { name: "Add a source" }).click();
     await page.getByRole("heading", { name: "Add source" }).waitFor();
+    await context.close();
+  } finally {
+    started.child.kill("SIGTERM");
+  }
+});
+
+/** A dbt manifest (dbt 1.11's shape, trimmed) whose `customers` model is the quickstart's
+ * `users` table in SQLite, documented and tested `unique` on `id`. */
+function shopManifest() {
+  const node = (id, extra) => ({ unique_id: id, package_name: "shop", config: { materialized: "table", meta: {} }, meta: {}, ...extra });
+  return {
+    metadata: { dbt_schema_version: "https://schemas.getdbt.com/dbt/manifest/v12.json", dbt_version: "1.11.16",
+      generated_at: "2026-12-06T08:00:00.000000Z", project_name: "shop", adapter_type: "sqlite" },
+    nodes: {
+      "model.shop.customers": node("model.shop.customers", {
+        name: "customers", resource_type: "model", relation_name: '"main"."users"',
+        description: "One row per customer with an email",
+        columns: {
+          id: { name: "id", description: "The customer's id", data_type: "integer", constraints: [] },
+          email: { name: "email", description: "Where to reach them", data_type: "text", constraints: [] },
+          plan: { name: "plan", description: "", data_type: null, constraints: [] },
+        },
+        constraints: [],
+      }),
+      "model.shop.stg_users": node("model.shop.stg_users", {
+        name: "stg_users", resource_type: "model", relation_name: null, config: { materialized: "ephemeral" },
+      }),
+      "test.shop.unique_customers_id.70f3d3fd20": node("test.shop.unique_customers_id.70f3d3fd20", {
+        name: "unique_customers_id", resource_type: "test", attached_node: "model.shop.customers",
+        column_name: "id", test_metadata: { name: "unique", kwargs: { column_name: "id" } }, config: { materialized: "test" },
+      }),
+    },
+    disabled: {},
+  };
+}
+
+test("a new model reads a dbt model picked from the manifest, with its description, columns and key, and runs after dbt", async () => {
+  // A copy of the quickstart with a dbt manifest, served on its own.
+  const dbtDir = join(dir, "with-dbt");
+  cpSync(join(dir, "qs"), dbtDir, { recursive: true });
+  mkdirSync(join(dbtDir, "dbt", "target"), { recursive: true });
+  writeFileSync(join(dbtDir, "dbt", "target", "manifest.json"), JSON.stringify(shopManifest()));
+  const dbtConfig = join(dbtDir, "sluice.yaml");
+  writeFileSync(dbtConfig, `${readFileSync(dbtConfig, "utf8")}dbt:\n  manifest: dbt/target/manifest.json\n`);
+  const started = await serve(dbtConfig);
+  try {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    await page.goto(`${started.url}/login`);
+    await page.getByLabel("API token").fill(token);
+    await page.keyboard.press("Enter");
+    await page.getByRole("heading", { name: "Overview" }).waitFor();
+    await page.goto(`${started.url}/#/new-model`);
+    await page.getByRole("heading", { name: "New model" }).waitFor();
+    await page.getByLabel("Name", { exact: true }).fill("customers");
+    await page.getByLabel("a dbt model").check();
+    // The ephemeral model builds no relation, so it is not offered.
+    const offered = await page.getByLabel("dbt model", { exact: true }).locator("option").allTextContents();
+    assert.deepEqual(offered, ["Pick a dbt model…", "customers — One row per customer with an email"]);
+    await page.getByLabel("dbt model", { exact: true }).selectOption("customers");
+    const described = page.getByLabel("The dbt model");
+    await described.getByText('"main"."users"').waitFor();
+    assert.match(await described.innerText(), /Key: id \(from its unique test on id\)/);
+    assert.deepEqual(await described.locator("tbody td:first-child").allTextContents(), ["id", "email", "plan"]);
+    // Its rows, previewed from the relation; the key dbt names is ticked.
+    await page.locator("table.preview tbody tr").first().waitFor();
+    assert.ok(await page.getByLabel("key id").isChecked());
+    await page.getByLabel("Runs", { exact: true }).selectOption("after_dbt");
+    await page.locator(".schedule-preview", { hasText: "after dbt builds its models" }).waitFor();
+    await screenshot(page, "new-model-dbt");
+    await page.getByRole("button", { name: "Create model" }).click();
+    await page.getByRole("heading", { name: "customers", exact: true }).waitFor();
+    const made = await (await fetch(`${started.url}/api/v1/models/customers`, { headers: { Authorization: `Bearer ${token}` } })).json();
+    // The key is left to dbt, so a change there is followed.
+    assert.deepEqual(made.definition, { source: "warehouse", dbt_model: "customers", schedule: { after_dbt: true } });
+    assert.equal(made.problem ?? null, null);
+    await page.getByText("Reads the relation dbt builds for").waitFor();
+
+    // Edited: the form starts from the dbt model; a job narrows the schedule.
+    await page.getByRole("link", { name: "Edit", exact: true }).click();
+    await page.getByRole("heading", { name: "Edit customers" }).waitFor();
+    assert.ok(await page.getByLabel("a dbt model").isChecked());
+    assert.equal(await page.getByLabel("dbt model", { exact: true }).inputValue(), "customers");
+    assert.equal(await page.getByLabel("Runs", { exact: true }).inputValue(), "after_dbt");
+    await page.getByLabel("dbt Cloud jobs", { exact: true }).fill("70403, Nightly build");
+    await page.locator(".schedule-preview", { hasText: "after dbt job 70403 or Nightly build" }).waitFor();
+    await page.getByRole("button", { name: "Save" }).click();
+    await page.getByRole("heading", { name: "customers", exact: true }).waitFor();
+    const edited = await (await fetch(`${started.url}/api/v1/models/customers`, { headers: { Authorization: `Bearer ${token}` } })).json();
+    assert.deepEqual(edited.definition.schedule, { after_dbt: { jobs: [70403, "Nightly build"] } });
     await context.close();
   } finally {
     started.child.kill("SIGTERM");

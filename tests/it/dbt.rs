@@ -268,3 +268,241 @@ async fn a_missing_or_ephemeral_dbt_model_is_reported_with_what_there_is() {
     assert!(!output.status.success());
     assert!(stderr.contains("ephemeral"), "{stderr}");
 }
+
+/// The hex HMAC-SHA256 of `body` under `secret`, computed by Python's `hmac` as dbt Cloud's
+/// documentation verifies its webhooks (independent of sluice's own code).
+fn dbt_cloud_signature(secret: &str, body: &str) -> String {
+    let output = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import hashlib, hmac, sys; print(hmac.new(sys.argv[1].encode(), sys.stdin.buffer.read(), hashlib.sha256).hexdigest())",
+            secret,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().expect("stdin").write_all(body.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("python3");
+    assert!(output.status.success());
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// A dbt Cloud `job.run.completed` body, as docs.getdbt.com/docs/deploy/webhooks shows it.
+fn dbt_cloud_event(event_id: &str, job_id: &str, status: &str, code: u32) -> String {
+    serde_json::json!({
+        "accountId": 1, "webhooksID": "wsu_12345abcde", "eventId": event_id,
+        "timestamp": chrono::Utc::now().to_rfc3339(), "eventType": "job.run.completed",
+        "webhookName": "sluice",
+        "data": {
+            "jobId": job_id, "jobName": "Nightly build", "runId": "12345", "environmentId": "1234",
+            "environmentName": "Production", "dbtVersion": "1.11.16", "projectName": "shop",
+            "projectId": "167194", "runStatus": status, "runStatusCode": code,
+            "runStatusMessage": "None", "runReason": "Kicked off by the scheduler",
+            "runStartedAt": chrono::Utc::now().to_rfc3339(),
+            "runFinishedAt": chrono::Utc::now().to_rfc3339()
+        }
+    })
+    .to_string()
+}
+
+/// `sluice serve` with mappings scheduled `after_dbt`: a `dbt build` that rebuilds the model
+/// starts its mapping (seen in `run_results.json`), with the manifest taken in anew when dbt
+/// moved the model to another relation; a signed dbt Cloud webhook for a job starts the mapping
+/// that waits for that job, once, however often dbt Cloud delivers it; a bad signature, a
+/// failed job and an API token are refused or start nothing.
+#[tokio::test]
+async fn dbt_builds_and_dbt_cloud_webhooks_start_the_mappings_scheduled_after_dbt() {
+    let Some(_pg) = postgres("dbt_after").await else {
+        return;
+    };
+    let Some(dbt) = DbtProject::shop("dbt_after") else {
+        return;
+    };
+    dbt.build().await;
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let secret = "whsec-sluice-test-0123456789";
+    let config = sluice_config(&dbt.manifest(), &receiver.url, "customers")
+        .replace("dbt:\n", &format!("dbt:\n  webhook_secret: {secret}\n"))
+        .replace(
+            "    fields: { email: email, \"traits.plan\": plan }\n",
+            "    fields: { email: email, \"traits.plan\": plan }\n    schedule: { after_dbt: true }\n",
+        )
+        .replace(
+            "    fields: { email: email }\n",
+            "    fields: { email: email }\n    schedule: { after_dbt: { jobs: [70403] } }\n",
+        );
+    assert_eq!(config.matches("after_dbt").count(), 2, "{config}");
+    let project = TestProject::new(&config);
+    let created = project
+        .sluice(&["token", "create", "ops", "--scope", "admin"])
+        .await;
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let token = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    let port = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(project.config_path())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..100 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "serve did not start");
+    let runs_of = |mapping: &'static str| {
+        let http = http.clone();
+        let base = base.clone();
+        let token = token.clone();
+        async move {
+            let page = http
+                .get(format!("{base}/api/v1/runs?mapping={mapping}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("runs")
+                .text()
+                .await
+                .expect("text");
+            let page: serde_json::Value = serde_json::from_str(&page).expect("json");
+            page["runs"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let wait_for_acks = |count: usize| {
+        let receiver = &receiver;
+        async move {
+            for _ in 0..400 {
+                if receiver.acks().len() >= count {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("{count} records expected, {} arrived", receiver.acks().len());
+        }
+    };
+
+    // The build before `serve` started is old news: nothing runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(runs_of("customers_to_crm").await.is_empty());
+
+    // dbt rebuilds `customers`, into another relation, with a fourth user: the manifest is
+    // taken in and the mapping reads the new relation (the old table keeps three rows).
+    dbt.write(
+        "models/stg_users.sql",
+        &format!("{STAGED_USERS}union all select 4, 'd@example.com', 'free'\n"),
+    );
+    dbt.write(
+        "models/customers.sql",
+        "{{ config(alias='customers_v2') }}\nselect id, email, plan from {{ ref('stg_users') }}\n",
+    );
+    dbt.build().await;
+    wait_for_acks(4).await;
+    let emails: Vec<String> = receiver.acks().iter().map(|a| a.data.to_string()).collect();
+    assert!(emails.iter().any(|e| e.contains("d@example.com")), "{emails:?}");
+    let runs = runs_of("customers_to_crm").await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["trigger"], "schedule", "{runs:?}");
+    assert!(
+        runs_of("pro_to_crm").await.is_empty(),
+        "it waits for dbt Cloud job 70403"
+    );
+
+    // dbt Cloud: a bad signature, an API token, a failed run and another event start nothing.
+    let webhook = |body: String, authorization: Option<String>| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let mut request = http
+                .post(format!("{base}/api/v1/triggers/dbt"))
+                .header("content-type", "application/json")
+                .body(body);
+            if let Some(authorization) = authorization {
+                request = request.header("authorization", authorization);
+            }
+            let response = request.send().await.expect("webhook");
+            let status = response.status().as_u16();
+            let text = response.text().await.expect("text");
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&text).expect("json"),
+            )
+        }
+    };
+    let success = dbt_cloud_event("wev_2L6ZDoilyiWzKkSA59Gmc2d7FDD", "70403", "Success", 10);
+    let (status, answer) = webhook(success.clone(), None).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = webhook(
+        success.clone(),
+        Some(dbt_cloud_signature("not-the-secret", &success)),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("invalid_signature")),
+        "{answer}"
+    );
+    let (status, answer) = webhook(success.clone(), Some(format!("Bearer {token}"))).await;
+    assert_eq!(status, 401, "an API token is no signature: {answer}");
+    let failed = dbt_cloud_event("wev_failed", "70403", "Errored", 20);
+    let (status, answer) = webhook(failed.clone(), Some(dbt_cloud_signature(secret, &failed))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], false, "{answer}");
+    assert!(
+        answer["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not succeed"),
+        "{answer}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(runs_of("pro_to_crm").await.is_empty());
+
+    // The job succeeds: both mappings are due (`after_dbt: true` takes any dbt Cloud job), and
+    // dbt Cloud delivering the event again starts nothing more.
+    let signature = dbt_cloud_signature(secret, &success);
+    let (status, answer) = webhook(success.clone(), Some(signature.clone())).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], true, "{answer}");
+    assert_eq!(
+        answer["mappings"],
+        serde_json::json!(["customers_to_crm", "pro_to_crm"]),
+        "{answer}"
+    );
+    // Two pro customers (the view through `ref()` reads the new relation too).
+    wait_for_acks(6).await;
+    let (status, _) = webhook(success.clone(), Some(signature)).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(runs_of("pro_to_crm").await.len(), 1, "one run for one event");
+    assert_eq!(runs_of("customers_to_crm").await.len(), 2);
+    assert_eq!(
+        receiver.acks().len(),
+        6,
+        "the second run of customers_to_crm had nothing new"
+    );
+
+    crate::faults::terminate(&serve);
+    let output = serve.wait_with_output().await.expect("serve");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("the dbt manifest changed"), "{log}");
+    assert!(!log.contains(secret), "the webhook secret is never logged");
+}
