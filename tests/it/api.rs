@@ -1615,6 +1615,8 @@ async fn the_openapi_document_matches_the_routes() {
         ("post", "/api/v1/models/{name}/preview"),
         ("post", "/api/v1/mappings/{name}/test-record"),
         ("post", "/api/v1/sources/{name}/preview"),
+        ("post", "/api/v1/triggers/dbt"),
+        ("get", "/api/v1/dbt/models"),
     ];
     let mut all = expected.to_vec();
     for collection in ["sources", "models", "destinations", "mappings"] {
