@@ -74,6 +74,10 @@ impl Service {
         body: &[u8],
         authorization: Option<&str>,
     ) -> crate::error::Result<std::result::Result<WebhookOutcome, WebhookRefusal>> {
+        // Unsigned is refused first, set up or not (what the route documents).
+        let Some(authorization) = authorization.filter(|a| !a.trim().is_empty()) else {
+            return Ok(Err(WebhookRefusal::BadSignature));
+        };
         let engine = self.current().await?;
         let Some(secret) = engine
             .file
@@ -86,7 +90,7 @@ impl Service {
         else {
             return Ok(Err(WebhookRefusal::NotConfigured));
         };
-        if !authorization.is_some_and(|a| crate::dbt::signature_is_valid(&secret, body, a)) {
+        if !crate::dbt::signature_is_valid(&secret, body, authorization) {
             return Ok(Err(WebhookRefusal::BadSignature));
         }
         let event = match crate::dbt::CloudEvent::parse(body) {
