@@ -130,6 +130,29 @@ pub enum ValueFormat {
     UnixMs,
     /// The same, in whole seconds.
     UnixSeconds,
+    /// Personal data as the ad platforms take it: normalised, then the lowercase hex SHA-256;
+    /// the raw value is never sent (see [`crate::pii`]). Trimmed and lower case.
+    Sha256,
+    /// An email address, trimmed and lower case.
+    Sha256Email,
+    /// A phone number in E.164 (`+16505551212`), as Google and TikTok hash it.
+    Sha256Phone,
+    /// The same digits without `+` (`16505551212`), as Meta and Snapchat hash it.
+    Sha256PhoneDigits,
+    /// A first or last name: lower case, no punctuation.
+    Sha256Name,
+    /// A city: lower case letters only.
+    Sha256City,
+    /// A state or region: lower case letters only.
+    Sha256State,
+    /// A postal code: lower case, no spaces; a US ZIP+4 keeps its first five digits.
+    Sha256Zip,
+    /// A two-letter ISO 3166-1 country code, lower case.
+    Sha256Country,
+    /// `f` or `m`.
+    Sha256Gender,
+    /// A date of birth as `YYYYMMDD` (from a date column or text).
+    Sha256DateOfBirth,
 }
 
 /// What one action of a destination writes, so the engine can compile mappings for it.

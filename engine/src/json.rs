@@ -361,8 +361,50 @@ pub fn encode_formatted(
                 }
             }
         }
+        // The hashed formats of personal data.
+        Some(hashed) => match crate::pii::Pii::of(hashed) {
+            Some(pii) => return encode_hashed(array, pii),
+            None => encode_column(array)?,
+        },
     };
     Ok((column, problems))
+}
+
+/// `array`'s values hashed as `pii` asks (see [`crate::pii`]): dates as `YYYY-MM-DD` text,
+/// anything else as its text. A value that cannot be normalised is a problem of its row.
+fn encode_hashed(
+    array: &ArrayRef,
+    pii: crate::pii::Pii,
+) -> Result<(JsonColumn, Vec<(usize, String)>), ArrowError> {
+    let text = match array.data_type() {
+        DataType::Timestamp(..) | DataType::Date64 => {
+            arrow::compute::cast(&arrow::compute::cast(array, &DataType::Date32)?, &DataType::Utf8)?
+        }
+        _ => arrow::compute::cast(array, &DataType::Utf8)?,
+    };
+    let text = text.as_string::<i32>();
+    let mut problems = Vec::new();
+    let mut out = JsonColumn::with_capacity(text.len(), text.len() * 67);
+    for i in 0..text.len() {
+        if text.is_null(i) {
+            out.push(b"null");
+            continue;
+        }
+        match pii.hash(text.value(i)) {
+            Ok(hash) => {
+                let buf = out.buffer();
+                buf.push(b'"');
+                buf.extend_from_slice(hash.as_bytes());
+                buf.push(b'"');
+                out.end_row();
+            }
+            Err(reason) => {
+                problems.push((i, reason));
+                out.push(b"null");
+            }
+        }
+    }
+    Ok((out, problems))
 }
 
 /// Each row of `batch` as a flat JSON object keyed by column name (`{"id":1,"traits.plan":"pro"}`),

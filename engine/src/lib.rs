@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "openapi")]
 pub mod openapi;
+pub mod pii;
 #[doc = "How far this process's runs have got, for the API and console."]
 pub mod progress;
 pub mod query;

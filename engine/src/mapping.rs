@@ -725,6 +725,17 @@ fn format_name(format: Option<ValueFormat>) -> &'static str {
         Some(ValueFormat::String) => "string",
         Some(ValueFormat::UnixMs) => "unix_ms",
         Some(ValueFormat::UnixSeconds) => "unix_seconds",
+        Some(ValueFormat::Sha256) => "sha256",
+        Some(ValueFormat::Sha256Email) => "sha256_email",
+        Some(ValueFormat::Sha256Phone) => "sha256_phone",
+        Some(ValueFormat::Sha256PhoneDigits) => "sha256_phone_digits",
+        Some(ValueFormat::Sha256Name) => "sha256_name",
+        Some(ValueFormat::Sha256City) => "sha256_city",
+        Some(ValueFormat::Sha256State) => "sha256_state",
+        Some(ValueFormat::Sha256Zip) => "sha256_zip",
+        Some(ValueFormat::Sha256Country) => "sha256_country",
+        Some(ValueFormat::Sha256Gender) => "sha256_gender",
+        Some(ValueFormat::Sha256DateOfBirth) => "sha256_date_of_birth",
     }
 }
 

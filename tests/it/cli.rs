@@ -796,3 +796,60 @@ async fn snapshot_history_is_queryable_with_sql() {
     }
     assert!(!std::path::Path::new("/tmp/sluice-copy.csv").exists());
 }
+
+/// Personal data mapped `as: sha256_email` (and `sha256`) reaches the destination only as the
+/// SHA-256 of its normalised value: not in the payload, the run's output or the failures. A
+/// value that cannot be normalised fails its record, naming the column and the format.
+#[tokio::test]
+async fn hashed_fields_send_only_the_hash_and_a_bad_value_fails_its_record() {
+    let receiver = Receiver::start().await;
+    let config = webhook_config(&receiver.url, "").replace(
+        r#"fields: { email: email, "traits.plan": plan, "traits.score": lead_score }"#,
+        r#"fields: { "user_data.em": { column: email, as: sha256_email }, "user_data.external_id": { column: plan, as: sha256 } }"#,
+    );
+    assert!(config.contains("sha256_email"), "{config}");
+    let project = TestProject::new(&config);
+    let mut people = users();
+    people[0].email = Some("  Mary@Example.com ");
+    people[1].email = Some("not an email");
+    project.write_users(&people);
+    let output = project.sluice(&["run"]).await;
+    let text = format!("{}{}", stdout(&output), stderr(&output));
+    let records = receiver.take_records();
+    assert_eq!(
+        records.len(),
+        4,
+        "the bad email's record is not sent: {records:?}"
+    );
+    let mary = records
+        .iter()
+        .find(|r| r["key"]["id"] == 1)
+        .expect("mary's record");
+    // Meta's published hash of mary@example.com.
+    assert_eq!(
+        mary["data"]["user_data"]["em"], "f1904cf1a9d73a55fa5de0ac823c4403ded71afd4c3248d00bdcd0866552bb79",
+        "{mary}"
+    );
+    assert_eq!(
+        mary["data"]["user_data"]["external_id"],
+        sluice_engine::pii::sha256_hex(b"free")
+    );
+    let everything = serde_json::to_string(&records).expect("json");
+    for raw in [
+        "Mary@Example.com",
+        "mary@example.com",
+        "linus@example.com",
+        "\"free\"",
+    ] {
+        assert!(!everything.contains(raw), "{raw} was sent: {everything}");
+    }
+    let runs = project.sluice(&["runs"]).await;
+    let run_id = crate::common::newest_run_id(&runs, "users_to_crm");
+    let failures = project.sluice(&["failures", &run_id]).await;
+    let failures = format!("{}{}", stdout(&failures), stderr(&failures));
+    assert!(
+        failures.contains("column `email` is not an email address; it is mapped `as: sha256_email`"),
+        "{text}\n{failures}"
+    );
+    assert!(!text.contains("not an email\"") && !failures.contains("\"not an email\""));
+}
