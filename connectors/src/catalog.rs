@@ -8,8 +8,8 @@ use serde_json::Value;
 use sluice_engine::connector_types::{ActionType, ConnectorCatalog, ConnectorType};
 
 use crate::destinations::{
-    braze, customerio, file, google_sheets, hubspot, iterable, klaviyo, mixpanel, postgres as pg_destination,
-    salesforce, segment, webhook,
+    braze, customerio, file, google_sheets, hubspot, iterable, klaviyo, meta, mixpanel,
+    postgres as pg_destination, salesforce, segment, webhook,
 };
 use crate::sources::{bigquery, databricks, files, mysql, postgres, snowflake, sqlite, sqlserver};
 
@@ -192,6 +192,16 @@ pub fn catalog() -> ConnectorCatalog {
         )),
         with_actions(
             connector(
+                "meta",
+                "Meta",
+                "Meta Conversions API: offline and enriched conversion events, with customer information hashed as Meta asks.",
+                schema_of::<meta::MetaConfig>(),
+            ),
+            None,
+            &[("conversions", "Conversion events (Conversions API)")],
+        ),
+        with_actions(
+            connector(
                 "braze",
                 "Braze",
                 "Braze user attributes, custom events and purchases through /users/track, and user deletion.",
@@ -312,6 +322,7 @@ mod tests {
             ("segment", segment::ACTIONS),
             ("mixpanel", mixpanel::ACTIONS),
             ("braze", braze::ACTIONS),
+            ("meta", meta::ACTIONS),
             ("iterable", iterable::ACTIONS),
             ("customerio", customerio::ACTIONS),
             ("klaviyo", klaviyo::ACTIONS),
@@ -413,6 +424,7 @@ mod tests {
             ("hubspot", &["token"][..]),
             ("segment", &["write_key"]),
             ("braze", &["api_key"]),
+            ("meta", &["access_token"]),
             ("iterable", &["api_key"]),
             ("klaviyo", &["api_key"]),
             ("salesforce", &["client_secret"]),

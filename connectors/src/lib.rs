@@ -50,6 +50,7 @@ pub const DESTINATION_TYPES: &[&str] = &[
     "salesforce",
     "google_sheets",
     "postgres",
+    "meta",
 ];
 
 impl ConnectorFactory for Connectors {
@@ -153,6 +154,10 @@ impl ConnectorFactory for Connectors {
                 env,
             )?)),
             "braze" => Ok(Arc::new(destinations::braze::BrazeDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "meta" => Ok(Arc::new(destinations::meta::MetaDestination::new(
                 name,
                 parse(config)?,
             )?)),

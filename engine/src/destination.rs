@@ -466,6 +466,19 @@ impl RecordRef<'_> {
 }
 
 impl OutgoingBatch {
+    /// A batch of no records (for requests that carry none, and tests).
+    pub fn empty() -> Self {
+        Self {
+            ops: Vec::new(),
+            actions: Vec::new(),
+            message_ids: Vec::new(),
+            keys: Default::default(),
+            bodies: Default::default(),
+            ids: Default::default(),
+            fields: RecordBatch::new_empty(std::sync::Arc::new(arrow::datatypes::Schema::empty())),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.ops.len()
     }

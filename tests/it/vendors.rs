@@ -790,7 +790,12 @@ async fn vendor_payloads_are_pinned() {
     api_secret: secret
   app_db:
     type: postgres
-    url: postgres://postgres@127.0.0.1:9/test"#,
+    url: postgres://postgres@127.0.0.1:9/test
+  meta:
+    type: meta
+    access_token: meta-token-never-shown
+    pixel_id: "1234567890"
+    url: http://127.0.0.1:9"#,
         r#"  contacts:
     model: users
     destination: hubspot
@@ -811,7 +816,13 @@ async fn vendor_payloads_are_pinned() {
     model: users
     destination: app_db
     mode: mirror
-    fields: { id: id, email: email, "traits.plan": plan }"#,
+    fields: { id: id, email: email, "traits.plan": plan }
+  conversions:
+    model: users
+    destination: meta
+    action: conversions
+    fields: { event_time: lead_score, user_data.em: email, user_data.external_id: id, value: lifetime_value }
+    constants: { event_name: Lead, action_source: system_generated }"#,
     );
     project.write_users(&users()[..2]);
     let output = project.sluice(&["run", "--dry-run"]).await;
@@ -820,6 +831,10 @@ async fn vendor_payloads_are_pinned() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
+    assert!(
+        !stdout(&output).contains("meta-token-never-shown"),
+        "the token is hidden in dry runs"
+    );
     insta::assert_json_snapshot!(lines);
 }
 
@@ -1600,4 +1615,162 @@ async fn salesforce_bulk_jobs_upload_csv_wait_and_read_failed_results() {
     let text = stdout(&runs);
     assert!(text.contains("INVALID_EMAIL_ADDRESS"), "{text}");
     assert!(text.contains(r#"{"id":3}"#), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Meta
+
+/// A stand-in for Meta's Conversions API: checks each request as Meta documents it (the token
+/// as `access_token`, at most 1,000 events in `data`, each with `event_name`, an integer
+/// `event_time`, `event_id`, `action_source` and hashed `user_data`) and answers as Meta does:
+/// `events_received`, a whole request refused with code 100 for one bad event, throttling
+/// (code 80004, HTTP 400) once, and an expired token (code 190) when told to.
+fn meta_server(expired: Arc<Mutex<bool>>) -> impl FnMut(&VendorRequest) -> Response + Send + 'static {
+    let mut throttled_once = false;
+    move |request: &VendorRequest| {
+        let error = |code: i64, subcode: Option<i64>, message: &str, user_msg: &str| {
+            let mut error = json!({"message": message, "type": "OAuthException", "code": code, "fbtrace_id": "AK2w1lTqtwQ"});
+            if let Some(subcode) = subcode {
+                error["error_subcode"] = json!(subcode);
+            }
+            if !user_msg.is_empty() {
+                error["error_user_title"] = json!("Invalid parameter");
+                error["error_user_msg"] = json!(user_msg);
+            }
+            (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": error }))).into_response()
+        };
+        assert_eq!(request.method, Method::POST);
+        assert_eq!(request.path, "/v26.0/1234567890/events");
+        assert!(
+            request.query.contains("access_token=meta-token"),
+            "{}",
+            request.query
+        );
+        if *expired.lock().expect("lock") {
+            return error(
+                190,
+                Some(463),
+                "Error validating access token: Session has expired on Saturday, 05-Dec-26 10:00:00 PST.",
+                "",
+            );
+        }
+        if !throttled_once {
+            throttled_once = true;
+            return error(
+                80004,
+                Some(2446079),
+                "(#80004) There have been too many calls to this ad-account. Wait a bit and try again.",
+                "",
+            );
+        }
+        let events = request.body["data"].as_array().cloned().unwrap_or_default();
+        assert!(!events.is_empty() && events.len() <= 1000);
+        for event in &events {
+            assert!(event["event_name"].is_string(), "{event}");
+            assert!(event["event_time"].is_i64(), "{event}");
+            assert!(
+                event["event_id"].as_str().is_some_and(|id| !id.is_empty()),
+                "{event}"
+            );
+            assert!(event["action_source"].is_string(), "{event}");
+            let em = event["user_data"]["em"].as_str().unwrap_or_default();
+            assert!(
+                em.len() == 64 && em.bytes().all(|b| b.is_ascii_hexdigit()),
+                "em is hashed: {event}"
+            );
+        }
+        // Meta refuses a request whole for one bad event.
+        if events.iter().any(|e| e["custom_data"]["plan"] == "starter") {
+            return error(
+                100,
+                Some(2804019),
+                "Invalid parameter",
+                "The value of custom_data.plan is not allowed for this dataset.",
+            );
+        }
+        Json(json!({"events_received": events.len(), "messages": [], "fbtrace_id": "AK2w1lTqtwQ"}))
+    }
+}
+
+#[tokio::test]
+async fn meta_conversions_hash_customer_information_dedupe_by_event_id_and_isolate_a_refused_event() {
+    let expired = Arc::new(Mutex::new(false));
+    let vendor = MockVendor::start(meta_server(expired.clone())).await;
+    let project = project(
+        &format!(
+            "  meta:\n    type: meta\n    access_token: meta-token\n    pixel_id: \"1234567890\"\n    url: {}\n    delivery: {{ initial_backoff: 10ms, max_backoff: 50ms }}",
+            vendor.url
+        ),
+        "  users_to_meta:\n    model: users\n    destination: meta\n    action: conversions\n    send: [added, updated]\n    fields: { event_time: lead_score, user_data.em: email, value: lifetime_value, plan: plan }\n    constants: { event_name: Purchase, action_source: system_generated, currency: USD }\n",
+    );
+    project.write_users(&users());
+    let output = project.sluice(&["run"]).await;
+    let text = format!("{}{}", stdout(&output), stderr(&output));
+    assert_eq!(output.status.code(), Some(2), "one event refused: {text}");
+    let requests = vendor.take();
+    let delivered: Vec<Value> = requests
+        .iter()
+        .filter(|r| {
+            !r.body["data"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|e| e["custom_data"]["plan"] == "starter"))
+        })
+        .flat_map(|r| r.body["data"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let ada = delivered
+        .iter()
+        .find(|e| e["custom_data"]["value"] == 10.5)
+        .unwrap_or_else(|| panic!("ada's event: {delivered:?}"));
+    assert_eq!(ada["event_name"], "Purchase");
+    assert_eq!(ada["event_time"], 10);
+    assert_eq!(ada["action_source"], "system_generated");
+    assert_eq!(ada["custom_data"]["currency"], "USD");
+    assert_eq!(
+        ada["user_data"]["em"],
+        sluice_engine::pii::sha256_hex(b"ada@example.com")
+    );
+    let everything =
+        serde_json::to_string(&requests.iter().map(|r| &r.body).collect::<Vec<_>>()).expect("json");
+    assert!(!everything.contains("@example.com"), "no raw email reaches Meta");
+    let runs = stdout(&project.sluice(&["runs", "--failures", "5"]).await);
+    assert!(
+        runs.contains("The value of custom_data.plan is not allowed") && runs.contains("code 100"),
+        "{runs}"
+    );
+
+    // Sent again (a changed row): the same record, a new event id; an expired token stops the
+    // run and says what to do, and the next run sends what it could not.
+    let event_ids: HashSet<String> = delivered
+        .iter()
+        .filter_map(|e| e["event_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(event_ids.len(), delivered.len(), "one event id per event");
+    let mut rows = users();
+    rows[1].lead_score = 99;
+    project.write_users(&rows);
+    *expired.lock().expect("lock") = true;
+    let output = project.sluice(&["run"]).await;
+    let text = format!("{}{}", stdout(&output), stderr(&output));
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("code 190, subcode 463") && text.contains("system user token"),
+        "{text}"
+    );
+    *expired.lock().expect("lock") = false;
+    vendor.take();
+    let output = project.sluice(&["run"]).await;
+    assert!(
+        output.status.code() == Some(2) || output.status.success(),
+        "{}",
+        stdout(&output)
+    );
+    let resent: Vec<Value> = vendor
+        .take()
+        .iter()
+        .flat_map(|r| r.body["data"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert!(
+        resent.iter().any(|e| e["event_time"] == 99),
+        "grace's update is sent: {resent:?}"
+    );
 }

@@ -6,6 +6,7 @@ pub mod http;
 pub mod hubspot;
 pub mod iterable;
 pub mod klaviyo;
+pub mod meta;
 pub mod mixpanel;
 pub mod oauth;
 pub mod postgres;

@@ -492,7 +492,7 @@ impl BulkWriter {
         if answer.status.is_success() {
             Ok(answer.body)
         } else {
-            Err(self.api.on_error(&answer, &empty_batch(), 0..0))
+            Err(self.api.on_error(&answer, &OutgoingBatch::empty(), 0..0))
         }
     }
 
@@ -688,18 +688,6 @@ fn split_csv_line(line: &str) -> Vec<String> {
     }
     fields.push(field);
     fields
-}
-
-fn empty_batch() -> OutgoingBatch {
-    OutgoingBatch {
-        ops: Vec::new(),
-        actions: Vec::new(),
-        message_ids: Vec::new(),
-        keys: Default::default(),
-        bodies: Default::default(),
-        ids: Default::default(),
-        fields: arrow::array::RecordBatch::new_empty(std::sync::Arc::new(arrow::datatypes::Schema::empty())),
-    }
 }
 
 #[async_trait]

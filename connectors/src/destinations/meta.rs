@@ -1,0 +1,471 @@
+//! `type: meta`: Meta's Conversions API (`POST /{version}/{pixel_id}/events`): each record is
+//! one server event, offline or enriched conversions that Meta matches to people by hashed
+//! customer information.
+//!
+//! ```yaml
+//! destinations:
+//!   meta:
+//!     type: meta
+//!     access_token: ${META_ACCESS_TOKEN}    # a system user token with ads_management
+//!     pixel_id: "1234567890"                # the dataset (pixel) the events go to
+//! mappings:
+//!   purchases_to_meta:
+//!     model: purchases
+//!     destination: meta
+//!     action: conversions
+//!     fields:
+//!       event_time: purchased_at            # sent as Unix seconds
+//!       user_data.em: email                 # hashed: never sent raw
+//!       user_data.ph: phone
+//!       value: amount                       # into custom_data
+//!       currency: currency
+//!     constants: { event_name: Purchase, action_source: system_generated }
+//! ```
+//!
+//! Up to 1,000 events a request. `event_id` is sluice's message id unless mapped, so Meta
+//! deduplicates an event sluice sends again (and one the pixel also sent with that id).
+//! Customer information under `user_data` is normalised and SHA-256 hashed as Meta asks (`em`,
+//! `ph`, `fn`, `ln`, `ct`, `st`, `zp`, `country`, `ge`, `db`, `external_id`) unless mapped with
+//! an explicit `as:`; `client_ip_address`, `client_user_agent`, `fbc` and `fbp` go as they are.
+//! Fields outside the event's own go into `custom_data`. Meta refuses a whole request for one
+//! bad event (code 100), so the delivery layer splits it to find that event, which fails alone
+//! with Meta's message. Throttling (codes 4, 17, 32, 341, 613, 80000–80014) waits and retries;
+//! an expired or invalid token (code 190) stops the run.
+
+use std::ops::Range;
+
+use async_trait::async_trait;
+use reqwest::Method;
+use reqwest::header::HeaderMap;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use sluice_engine::destination::{
+    ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RunInfo, SendOutcome,
+    ValueFormat,
+};
+use sluice_engine::{ConfigString, DestinationError, Secret};
+
+use crate::destinations::http::{
+    ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits, snippet,
+};
+
+/// The Graph API version used unless `api_version` says otherwise.
+pub const DEFAULT_API_VERSION: &str = "v26.0";
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetaConfig {
+    /// A system user access token with `ads_management` on the dataset (pixel).
+    pub access_token: Secret,
+    /// The dataset (pixel) id the events go to.
+    pub pixel_id: ConfigString,
+    /// The Graph API version (default v26.0).
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// Events Manager's test code: events show under Test Events (Meta still processes them).
+    #[serde(default)]
+    pub test_event_code: Option<ConfigString>,
+    /// The Graph API's address (default https://graph.facebook.com).
+    #[serde(default)]
+    pub url: Option<ConfigString>,
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+}
+
+pub const ACTIONS: &[&str] = &["conversions"];
+const AUTH_HINT: &str = "the access token is invalid, expired or lacks ads_management on this dataset: generate a system user token in Business Settings";
+
+/// The server event's own fields; any other mapped field goes into `custom_data`.
+const EVENT_FIELDS: &[&str] = &[
+    "event_name",
+    "event_time",
+    "event_id",
+    "event_source_url",
+    "action_source",
+    "opt_out",
+    "user_data",
+    "custom_data",
+    "app_data",
+    "referrer_url",
+    "original_event_data",
+    "data_processing_options",
+    "data_processing_options_country",
+    "data_processing_options_state",
+];
+
+/// Customer information Meta takes only hashed, and how each is normalised.
+const HASHED: &[(&str, ValueFormat)] = &[
+    ("user_data.em", ValueFormat::Sha256Email),
+    ("user_data.ph", ValueFormat::Sha256PhoneDigits),
+    ("user_data.fn", ValueFormat::Sha256Name),
+    ("user_data.ln", ValueFormat::Sha256Name),
+    ("user_data.ct", ValueFormat::Sha256City),
+    ("user_data.st", ValueFormat::Sha256State),
+    ("user_data.zp", ValueFormat::Sha256Zip),
+    ("user_data.country", ValueFormat::Sha256Country),
+    ("user_data.ge", ValueFormat::Sha256Gender),
+    ("user_data.db", ValueFormat::Sha256DateOfBirth),
+    ("user_data.external_id", ValueFormat::Sha256),
+];
+
+/// What Meta matches an event to a person by: a record needs one of these.
+const MATCH_KEYS: &[&str] = &[
+    "user_data.em",
+    "user_data.ph",
+    "user_data.external_id",
+    "user_data.fbc",
+    "user_data.fbp",
+    "user_data.client_ip_address",
+    "user_data.madid",
+];
+
+pub struct MetaDestination {
+    name: String,
+    events: reqwest::Url,
+    pixel: reqwest::Url,
+    test_event_code: Option<String>,
+    delivery: HttpDelivery,
+}
+
+impl MetaDestination {
+    pub fn new(name: &str, config: MetaConfig) -> Result<Self, String> {
+        let base = match &config.url {
+            Some(url) => super::http::parse_url_option("url", url.expose())?,
+            None => super::http::parse_url_option("url", "https://graph.facebook.com")?,
+        };
+        let version = config.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION);
+        if !version.starts_with('v') || version[1..].parse::<f32>().is_err() {
+            return Err(format!(
+                "`api_version: {version}` is not a Graph API version; write it as {DEFAULT_API_VERSION}"
+            ));
+        }
+        let pixel_id = config.pixel_id.expose().trim();
+        if pixel_id.is_empty() || !pixel_id.chars().all(|c| c.is_ascii_digit()) {
+            return Err("`pixel_id` is the dataset's numeric id, as Events Manager shows it".into());
+        }
+        let with_token = |path: &str| -> Result<reqwest::Url, String> {
+            let mut url = base
+                .join(&format!("/{version}/{pixel_id}{path}"))
+                .map_err(|e| e.to_string())?;
+            // As Meta documents it; URLs are shown with it hidden, and requests are never logged.
+            url.query_pairs_mut()
+                .append_pair("access_token", config.access_token.expose());
+            Ok(url)
+        };
+        let delivery = HttpDelivery::new(
+            &config.delivery,
+            VendorLimits {
+                max_records: 1000,
+                per_action: Vec::new(),
+                max_bytes: 4 * 1024 * 1024,
+                max_record_bytes: None,
+                concurrency: 4,
+                rate: None,
+                gzip: false,
+            },
+        )?;
+        Ok(Self {
+            name: name.to_string(),
+            events: with_token("/events")?,
+            pixel: with_token("")?,
+            test_event_code: config
+                .test_event_code
+                .as_ref()
+                .map(|c| c.expose().to_string())
+                .filter(|c| !c.is_empty()),
+            delivery,
+        })
+    }
+}
+
+#[async_trait]
+impl Destination for MetaDestination {
+    fn kind(&self) -> &'static str {
+        "meta"
+    }
+
+    fn action(
+        &self,
+        action: Option<&str>,
+        options: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<ActionSpec>, String> {
+        crate::destinations::http::no_options("meta", options)?;
+        match action.unwrap_or("conversions") {
+            "conversions" => {
+                let mut shape = PayloadShape::default()
+                    .top_level(EVENT_FIELDS)
+                    .container("custom_data")
+                    .message_id("event_id")
+                    .identity(MATCH_KEYS)
+                    .required(&["event_name", "event_time", "action_source"])
+                    .format("event_time", ValueFormat::UnixSeconds);
+                for (field, format) in HASHED {
+                    shape = shape.format(field, *format);
+                }
+                Ok(Some(ActionSpec::new("conversions", shape).events()))
+            }
+            other => Err(format!(
+                "unknown action `{other}`; the meta destination offers {}",
+                ACTIONS.join(", ")
+            )),
+        }
+    }
+
+    /// Reads the dataset: a refused token or an unknown dataset says so.
+    async fn check(&self) -> Result<(), DestinationError> {
+        let mut url = self.pixel.clone();
+        url.query_pairs_mut().append_pair("fields", "id");
+        let response =
+            self.delivery
+                .client
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| DestinationError::Unreachable {
+                    destination: self.name.clone(),
+                    message: format!("Meta: {}", crate::destinations::http::describe_reqwest_error(&e)),
+                })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = response.text().await.unwrap_or_default();
+        let message = match GraphError::parse(&body) {
+            Some(error) if error.code == 190 => format!("Meta: {}; {AUTH_HINT}", error.describe()),
+            Some(error) if error.code == 100 => format!(
+                "Meta: {}; check `pixel_id`, and that the token's system user is assigned the dataset",
+                error.describe()
+            ),
+            Some(error) => format!("Meta: {}", error.describe()),
+            None => format!("HTTP {status} from Meta{}", snippet(&body)),
+        };
+        Err(DestinationError::Unreachable {
+            destination: self.name.clone(),
+            message,
+        })
+    }
+
+    async fn open(&self, _run: &RunInfo) -> Result<Box<dyn DestinationWriter>, DestinationError> {
+        Ok(HttpWriter::boxed(
+            MetaApi {
+                events: self.events.clone(),
+                test_event_code: self.test_event_code.clone(),
+            },
+            &self.delivery,
+        ))
+    }
+}
+
+struct MetaApi {
+    events: reqwest::Url,
+    test_event_code: Option<String>,
+}
+
+/// Graph API's error envelope: `{"error": {"message", "type", "code", "error_subcode",
+/// "error_user_title", "error_user_msg", "is_transient", "fbtrace_id"}}`.
+#[derive(Debug, Deserialize)]
+struct GraphError {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    code: i64,
+    #[serde(default)]
+    error_subcode: Option<i64>,
+    #[serde(default)]
+    error_user_msg: Option<String>,
+    #[serde(default)]
+    is_transient: bool,
+    #[serde(default)]
+    fbtrace_id: Option<String>,
+}
+
+impl GraphError {
+    fn parse(body: &str) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Envelope {
+            error: GraphError,
+        }
+        serde_json::from_str::<Envelope>(body).ok().map(|e| e.error)
+    }
+
+    fn describe(&self) -> String {
+        let mut text = self.message.clone();
+        if let Some(user) = self.error_user_msg.as_deref().filter(|m| !m.is_empty()) {
+            text.push_str(": ");
+            text.push_str(user);
+        }
+        text.push_str(&format!(" (code {}", self.code));
+        if let Some(subcode) = self.error_subcode {
+            text.push_str(&format!(", subcode {subcode}"));
+        }
+        if let Some(trace) = &self.fbtrace_id {
+            text.push_str(&format!(", fbtrace_id {trace}"));
+        }
+        text.push(')');
+        text
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsAnswer {
+    #[serde(default)]
+    events_received: Option<usize>,
+}
+
+#[async_trait]
+impl VendorApi for MetaApi {
+    fn vendor(&self) -> &'static str {
+        "Meta"
+    }
+
+    fn auth_hint(&self) -> &'static str {
+        AUTH_HINT
+    }
+
+    async fn request(&self, batch: &OutgoingBatch, range: Range<usize>) -> Result<ApiRequest, String> {
+        let mut body = Vec::with_capacity(batch.bodies.bytes_of(range.clone()) + 64);
+        body.extend_from_slice(b"{\"data\":[");
+        for (n, i) in range.enumerate() {
+            if n > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(batch.bodies.get(i));
+        }
+        body.push(b']');
+        if let Some(code) = &self.test_event_code {
+            body.extend_from_slice(b",\"test_event_code\":");
+            body.extend_from_slice(serde_json::Value::String(code.clone()).to_string().as_bytes());
+        }
+        body.push(b'}');
+        Ok(ApiRequest::json(
+            Method::POST,
+            self.events.clone(),
+            HeaderMap::new(),
+            body,
+        ))
+    }
+
+    /// `{"events_received": n, "messages": [], "fbtrace_id": "..."}`: Meta takes a request
+    /// whole or not at all.
+    fn on_success(&self, answer: &HttpAnswer, _batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+        match serde_json::from_str::<EventsAnswer>(&answer.body) {
+            Ok(EventsAnswer {
+                events_received: Some(received),
+            }) if received < range.len() => SendOutcome::Invalid {
+                reason: format!(
+                    "Meta received {received} of the {} events sent{}",
+                    range.len(),
+                    snippet(&answer.body)
+                ),
+            },
+            _ => SendOutcome::Accepted,
+        }
+    }
+
+    /// Classified by the error's code, not the HTTP status (Meta answers 400 for throttling
+    /// and for expired tokens alike).
+    fn on_error(&self, answer: &HttpAnswer, _batch: &OutgoingBatch, _range: Range<usize>) -> SendOutcome {
+        let Some(error) = GraphError::parse(&answer.body) else {
+            return crate::destinations::http::classify("Meta", answer, AUTH_HINT);
+        };
+        let reason = format!("Meta: {}", error.describe());
+        match error.code {
+            190 | 102 => SendOutcome::Fatal {
+                reason: format!("{reason}; {AUTH_HINT}"),
+            },
+            10 | 200..=299 => SendOutcome::Fatal {
+                reason: format!(
+                    "{reason}; the token's system user lacks a permission on this dataset (ads_management)"
+                ),
+            },
+            4 | 17 | 32 | 341 | 613 | 80000..=80014 => SendOutcome::RateLimited {
+                reason,
+                after: answer.retry_after(),
+            },
+            1 | 2 => SendOutcome::Retry {
+                reason,
+                after: answer.retry_after(),
+            },
+            _ if error.is_transient => SendOutcome::Retry {
+                reason,
+                after: answer.retry_after(),
+            },
+            // An invalid parameter: one event may be the cause, so the request is split.
+            100 => SendOutcome::Invalid { reason },
+            _ if answer.status.is_server_error() => SendOutcome::Retry {
+                reason,
+                after: answer.retry_after(),
+            },
+            _ => SendOutcome::Rejected { reason },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &str) -> HttpAnswer {
+        HttpAnswer {
+            status: reqwest::StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: body.to_string(),
+        }
+    }
+
+    fn api() -> MetaApi {
+        MetaApi {
+            events: reqwest::Url::parse("https://graph.facebook.com/v26.0/1/events").unwrap(),
+            test_event_code: None,
+        }
+    }
+
+    fn outcome(status: u16, body: &str) -> SendOutcome {
+        let batch = OutgoingBatch::empty();
+        api().on_error(&answer(status, body), &batch, 0..1)
+    }
+
+    #[test]
+    fn errors_are_classified_by_meta_s_code_not_the_status() {
+        let expired = r#"{"error":{"message":"Error validating access token: Session has expired on Friday, 04-Dec-26 10:00:00 PST.","type":"OAuthException","code":190,"error_subcode":463,"fbtrace_id":"AbC"}}"#;
+        assert!(
+            matches!(outcome(400, expired), SendOutcome::Fatal { reason } if reason.contains("code 190, subcode 463") && reason.contains("system user token"))
+        );
+        let throttled = r#"{"error":{"message":"(#80004) There have been too many calls to this ad-account. Wait a bit and try again.","type":"OAuthException","code":80004,"error_subcode":2446079,"fbtrace_id":"AbC"}}"#;
+        assert!(matches!(outcome(400, throttled), SendOutcome::RateLimited { .. }));
+        let app_limit = r#"{"error":{"message":"(#4) Application request limit reached","type":"OAuthException","is_transient":true,"code":4,"fbtrace_id":"AbC"}}"#;
+        assert!(matches!(outcome(403, app_limit), SendOutcome::RateLimited { .. }));
+        let invalid = r#"{"error":{"message":"Invalid parameter","type":"OAuthException","code":100,"error_subcode":2804019,"error_user_title":"Invalid event","error_user_msg":"The event_name is missing","fbtrace_id":"AbC"}}"#;
+        assert!(
+            matches!(outcome(400, invalid), SendOutcome::Invalid { reason } if reason.contains("The event_name is missing"))
+        );
+        let down = r#"{"error":{"message":"An unknown error occurred","type":"OAuthException","code":1,"fbtrace_id":"AbC"}}"#;
+        assert!(matches!(outcome(500, down), SendOutcome::Retry { .. }));
+        assert!(matches!(
+            outcome(502, "<html>bad gateway</html>"),
+            SendOutcome::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn a_request_is_taken_whole() {
+        let batch = OutgoingBatch::empty();
+        let api = api();
+        assert!(matches!(
+            api.on_success(
+                &answer(200, r#"{"events_received":2,"messages":[],"fbtrace_id":"x"}"#),
+                &batch,
+                0..2
+            ),
+            SendOutcome::Accepted
+        ));
+        assert!(matches!(
+            api.on_success(
+                &answer(200, r#"{"events_received":1,"messages":[],"fbtrace_id":"x"}"#),
+                &batch,
+                0..2
+            ),
+            SendOutcome::Invalid { .. }
+        ));
+    }
+}
