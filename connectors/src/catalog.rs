@@ -194,11 +194,17 @@ pub fn catalog() -> ConnectorCatalog {
             connector(
                 "meta",
                 "Meta",
-                "Meta Conversions API: offline and enriched conversion events, with customer information hashed as Meta asks.",
+                "Meta Conversions API events and Custom Audience members, with customer information hashed as Meta asks.",
                 schema_of::<meta::MetaConfig>(),
             ),
             None,
-            &[("conversions", "Conversion events (Conversions API)")],
+            &[
+                ("conversions", "Conversion events (Conversions API)"),
+                (
+                    "audience",
+                    "Custom Audience members (options.audience_name or audience_id)",
+                ),
+            ],
         ),
         with_actions(
             connector(

@@ -1774,3 +1774,119 @@ async fn meta_conversions_hash_customer_information_dedupe_by_event_id_and_isola
         "grace's update is sent: {resent:?}"
     );
 }
+
+/// A stand-in for Meta's Custom Audience endpoints: the ad account's audiences (two pages),
+/// creating one, and adding (`POST`) and removing (`DELETE`) members, each request one whole
+/// session; answers with Meta's documented bodies.
+fn meta_audience_server(url: Arc<Mutex<String>>) -> impl FnMut(&VendorRequest) -> Response + Send + 'static {
+    let mut created: Option<String> = None;
+    move |request: &VendorRequest| {
+        assert!(
+            request.query.contains("access_token=meta-token"),
+            "{}",
+            request.query
+        );
+        match (request.method.as_str(), request.path.as_str()) {
+            ("GET", "/v26.0/act_555/customaudiences") if !request.query.contains("after=") => {
+                let next = format!(
+                    "{}/v26.0/act_555/customaudiences?access_token=meta-token&fields=id%2Cname&limit=500&after=QVFIUm",
+                    url.lock().expect("lock")
+                );
+                Json(json!({"data": [{"id": "23850000000000111", "name": "Someone else's list"}],
+                            "paging": {"cursors": {"before": "QVFIUl", "after": "QVFIUm"}, "next": next}}))
+            }
+            ("GET", "/v26.0/act_555/customaudiences") => {
+                let data: Vec<Value> = created
+                    .iter()
+                    .map(|id| json!({"id": id, "name": "Lead scorers"}))
+                    .collect();
+                Json(json!({"data": data, "paging": {"cursors": {"before": "QVFIUm", "after": "QVFIUm"}}}))
+            }
+            ("POST", "/v26.0/act_555/customaudiences") => {
+                assert_eq!(request.body["subtype"], "CUSTOM");
+                assert_eq!(request.body["customer_file_source"], "USER_PROVIDED_ONLY");
+                assert_eq!(request.body["name"], "Lead scorers");
+                assert!(created.is_none(), "created once");
+                created = Some("23850000000000999".into());
+                Json(json!({"id": "23850000000000999"}))
+            }
+            ("POST" | "DELETE", "/v26.0/23850000000000999/users") => {
+                let payload = &request.body["payload"];
+                let session = &request.body["session"];
+                let rows = payload["data"].as_array().cloned().unwrap_or_default();
+                assert!(!rows.is_empty() && rows.len() <= 10_000);
+                assert!(session["session_id"].as_u64().is_some_and(|id| id > 0 && id <= i64::MAX as u64), "{session}");
+                assert_eq!(session["batch_seq"], 1);
+                assert_eq!(session["last_batch_flag"], true);
+                let schema = payload["schema"].as_array().cloned().unwrap_or_default();
+                for row in &rows {
+                    assert_eq!(row.as_array().map(Vec::len), Some(schema.len()), "{row}");
+                }
+                Json(json!({"audience_id": "23850000000000999", "session_id": session["session_id"].to_string(),
+                            "num_received": rows.len(), "num_invalid_entries": 0, "invalid_entry_samples": {}}))
+            }
+            _ => (StatusCode::BAD_REQUEST, axum::Json(json!({"error": {"message": "Unknown path components", "type": "OAuthException", "code": 2500, "fbtrace_id": "x"}}))).into_response(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn meta_audiences_are_created_once_and_mirror_the_model_with_hashed_members() {
+    let url = Arc::new(Mutex::new(String::new()));
+    let vendor = MockVendor::start(meta_audience_server(url.clone())).await;
+    *url.lock().expect("lock") = vendor.url.clone();
+    let project = project(
+        &format!(
+            "  meta:\n    type: meta\n    access_token: meta-token\n    ad_account_id: act_555\n    url: {}",
+            vendor.url
+        ),
+        "  users_to_audience:\n    model: users\n    destination: meta\n    action: audience\n    mode: mirror\n    options: { audience_name: Lead scorers }\n    fields: { EMAIL: email, EXTERN_ID: { column: id, as: string } }\n",
+    );
+    let mut rows = users();
+    project.write_users(&rows);
+    // A dry run creates nothing and sends nothing.
+    let output = project.sluice(&["run", "--dry-run"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("audience:Lead%20scorers/users"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(vendor.take().is_empty(), "a dry run reaches nothing");
+
+    let output = project.sluice(&["run"]).await;
+    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+    let requests = vendor.take();
+    let adds: Vec<&VendorRequest> = requests.iter().filter(|r| r.path.ends_with("/users")).collect();
+    assert_eq!(adds.len(), 1, "{requests:?}");
+    assert_eq!(adds[0].method, Method::POST);
+    assert_eq!(adds[0].body["payload"]["schema"], json!(["EMAIL", "EXTERN_ID"]));
+    let data = adds[0].body["payload"]["data"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(data.len(), 4);
+    assert!(
+        data.contains(&json!([sluice_engine::pii::sha256_hex(b"ada@example.com"), "1"])),
+        "{data:?}"
+    );
+    assert!(!adds[0].body.to_string().contains("@example.com"));
+
+    // Ada leaves the model: she leaves the audience; the audience is found, not made again.
+    rows.remove(0);
+    project.write_users(&rows);
+    let output = project.sluice(&["run"]).await;
+    assert!(output.status.success(), "{}{}", stdout(&output), stderr(&output));
+    let requests = vendor.take();
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.method == Method::POST && r.path.ends_with("customaudiences"))
+    );
+    let removes: Vec<&VendorRequest> = requests.iter().filter(|r| r.method == Method::DELETE).collect();
+    assert_eq!(removes.len(), 1, "{requests:?}");
+    assert_eq!(
+        removes[0].body["payload"]["data"],
+        json!([[sluice_engine::pii::sha256_hex(b"ada@example.com"), "1"]])
+    );
+}

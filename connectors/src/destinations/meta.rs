@@ -31,6 +31,14 @@
 //! bad event (code 100), so the delivery layer splits it to find that event, which fails alone
 //! with Meta's message. Throttling (codes 4, 17, 32, 341, 613, 80000–80014) waits and retries;
 //! an expired or invalid token (code 190) stops the run.
+//!
+//! Action `audience` keeps a Custom Audience's members: `options: {audience_name: ...}` finds
+//! the audience in `ad_account_id` or creates it on the first run (`{audience_id: ...}` names
+//! an existing one). Fields are Meta's schema keys (`EMAIL`, `PHONE`, `FN`, `LN`, `CT`, `ST`,
+//! `ZIP`, `COUNTRY`, `GEN`, `DOBY`, `EXTERN_ID`, `MADID`, ...), hashed as Meta asks but for
+//! `EXTERN_ID` and `MADID`. Added and changed rows join (`POST /{audience}/users`); with mode
+//! `mirror`, deleted rows leave (`DELETE`). Each request of up to 10,000 members is one whole
+//! session.
 
 use std::ops::Range;
 
@@ -40,7 +48,7 @@ use reqwest::header::HeaderMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
-    ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RunInfo, SendOutcome,
+    ActionSpec, Destination, DestinationWriter, OutgoingBatch, PayloadShape, RunInfo, SendOutcome, SyncMode,
     ValueFormat,
 };
 use sluice_engine::{ConfigString, DestinationError, Secret};
@@ -57,8 +65,13 @@ pub const DEFAULT_API_VERSION: &str = "v26.0";
 pub struct MetaConfig {
     /// A system user access token with `ads_management` on the dataset (pixel).
     pub access_token: Secret,
-    /// The dataset (pixel) id the events go to.
-    pub pixel_id: ConfigString,
+    /// The dataset (pixel) id the events go to (action `conversions`).
+    #[serde(default)]
+    pub pixel_id: Option<ConfigString>,
+    /// The ad account (`act_123` or `123`) where action `audience` finds or creates its
+    /// audience by name.
+    #[serde(default)]
+    pub ad_account_id: Option<ConfigString>,
     /// The Graph API version (default v26.0).
     #[serde(default)]
     pub api_version: Option<String>,
@@ -72,7 +85,7 @@ pub struct MetaConfig {
     pub delivery: DeliverySettings,
 }
 
-pub const ACTIONS: &[&str] = &["conversions"];
+pub const ACTIONS: &[&str] = &["conversions", "audience"];
 const AUTH_HINT: &str = "the access token is invalid, expired or lacks ads_management on this dataset: generate a system user token in Business Settings";
 
 /// The server event's own fields; any other mapped field goes into `custom_data`.
@@ -119,10 +132,79 @@ const MATCH_KEYS: &[&str] = &[
     "user_data.madid",
 ];
 
+/// A Custom Audience's schema keys (the mapping's field names) and how each is normalised
+/// before hashing; `EXTERN_ID` and `MADID` go as they are, as Meta asks.
+const AUDIENCE_KEYS: &[(&str, Option<ValueFormat>)] = &[
+    ("EMAIL", Some(ValueFormat::Sha256Email)),
+    ("PHONE", Some(ValueFormat::Sha256PhoneDigits)),
+    ("FN", Some(ValueFormat::Sha256Name)),
+    ("LN", Some(ValueFormat::Sha256Name)),
+    ("FI", Some(ValueFormat::Sha256Name)),
+    ("CT", Some(ValueFormat::Sha256City)),
+    ("ST", Some(ValueFormat::Sha256State)),
+    ("ZIP", Some(ValueFormat::Sha256Zip)),
+    ("COUNTRY", Some(ValueFormat::Sha256Country)),
+    ("GEN", Some(ValueFormat::Sha256Gender)),
+    ("DOBY", Some(ValueFormat::Sha256)),
+    ("DOBM", Some(ValueFormat::Sha256)),
+    ("DOBD", Some(ValueFormat::Sha256)),
+    ("EXTERN_ID", None),
+    ("MADID", None),
+];
+
+/// A mapping's `options:` for action `audience`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AudienceOptions {
+    /// An existing Custom Audience.
+    #[serde(default)]
+    audience_id: Option<String>,
+    /// Or the audience's name: found in the ad account, or created on the first run.
+    #[serde(default)]
+    audience_name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+impl AudienceOptions {
+    fn parse(options: &serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        let parsed: Self = serde_json::from_value(serde_json::Value::Object(options.clone())).map_err(|e| {
+            format!("Meta audience `options`: {e} (write `options: {{audience_name: Newsletter subscribers}}` or `{{audience_id: \"2385...\"}}`)")
+        })?;
+        match (&parsed.audience_id, &parsed.audience_name) {
+            (Some(id), None) if !id.trim().is_empty() && id.trim().chars().all(|c| c.is_ascii_digit()) => Ok(parsed),
+            (None, Some(name)) if !name.trim().is_empty() => Ok(parsed),
+            _ => Err("a Meta audience mapping names its audience: `options: {audience_name: ...}` (found or created in `ad_account_id`), or `{audience_id: ...}` (a numeric id)".into()),
+        }
+    }
+}
+
+/// The Graph API's addresses, with the token.
+#[derive(Clone)]
+struct Graph {
+    base: reqwest::Url,
+    version: String,
+    token: String,
+}
+
+impl Graph {
+    /// `/{version}/{path}` with the token as `access_token`, as Meta documents it (URLs are
+    /// shown with it hidden, and requests are never logged).
+    fn url(&self, path: &str) -> Result<reqwest::Url, String> {
+        let mut url = self
+            .base
+            .join(&format!("/{}/{path}", self.version))
+            .map_err(|e| e.to_string())?;
+        url.query_pairs_mut().append_pair("access_token", &self.token);
+        Ok(url)
+    }
+}
+
 pub struct MetaDestination {
     name: String,
-    events: reqwest::Url,
-    pixel: reqwest::Url,
+    graph: Graph,
+    pixel_id: Option<String>,
+    ad_account: Option<String>,
     test_event_code: Option<String>,
     delivery: HttpDelivery,
 }
@@ -139,19 +221,21 @@ impl MetaDestination {
                 "`api_version: {version}` is not a Graph API version; write it as {DEFAULT_API_VERSION}"
             ));
         }
-        let pixel_id = config.pixel_id.expose().trim();
-        if pixel_id.is_empty() || !pixel_id.chars().all(|c| c.is_ascii_digit()) {
+        let pixel_id = config.pixel_id.as_ref().map(|p| p.expose().trim().to_string());
+        if let Some(pixel_id) = &pixel_id
+            && (pixel_id.is_empty() || !pixel_id.chars().all(|c| c.is_ascii_digit()))
+        {
             return Err("`pixel_id` is the dataset's numeric id, as Events Manager shows it".into());
         }
-        let with_token = |path: &str| -> Result<reqwest::Url, String> {
-            let mut url = base
-                .join(&format!("/{version}/{pixel_id}{path}"))
-                .map_err(|e| e.to_string())?;
-            // As Meta documents it; URLs are shown with it hidden, and requests are never logged.
-            url.query_pairs_mut()
-                .append_pair("access_token", config.access_token.expose());
-            Ok(url)
-        };
+        let ad_account = config.ad_account_id.as_ref().map(|a| {
+            let id = a.expose().trim();
+            id.strip_prefix("act_").unwrap_or(id).to_string()
+        });
+        if let Some(account) = &ad_account
+            && (account.is_empty() || !account.chars().all(|c| c.is_ascii_digit()))
+        {
+            return Err("`ad_account_id` is the ad account's id (`act_123` or `123`)".into());
+        }
         let delivery = HttpDelivery::new(
             &config.delivery,
             VendorLimits {
@@ -166,8 +250,13 @@ impl MetaDestination {
         )?;
         Ok(Self {
             name: name.to_string(),
-            events: with_token("/events")?,
-            pixel: with_token("")?,
+            graph: Graph {
+                base,
+                version: version.to_string(),
+                token: config.access_token.expose().to_string(),
+            },
+            pixel_id,
+            ad_account,
             test_event_code: config
                 .test_event_code
                 .as_ref()
@@ -189,9 +278,15 @@ impl Destination for MetaDestination {
         action: Option<&str>,
         options: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Option<ActionSpec>, String> {
-        crate::destinations::http::no_options("meta", options)?;
         match action.unwrap_or("conversions") {
             "conversions" => {
+                crate::destinations::http::no_options("meta", options)?;
+                if self.pixel_id.is_none() {
+                    return Err(
+                        "action `conversions` sends events to a dataset: give the destination its `pixel_id`"
+                            .into(),
+                    );
+                }
                 let mut shape = PayloadShape::default()
                     .top_level(EVENT_FIELDS)
                     .container("custom_data")
@@ -204,6 +299,24 @@ impl Destination for MetaDestination {
                 }
                 Ok(Some(ActionSpec::new("conversions", shape).events()))
             }
+            "audience" => {
+                let parsed = AudienceOptions::parse(options)?;
+                if parsed.audience_name.is_some() && self.ad_account.is_none() {
+                    return Err("an audience named by `audience_name` is found or created in an ad account: give the destination its `ad_account_id`".into());
+                }
+                let keys: Vec<&str> = AUDIENCE_KEYS.iter().map(|(k, _)| *k).collect();
+                let mut shape = PayloadShape::default().top_level(&keys).identity(&keys);
+                for (key, format) in AUDIENCE_KEYS {
+                    if let Some(format) = format {
+                        shape = shape.format(key, *format);
+                    }
+                }
+                Ok(Some(
+                    ActionSpec::new("audience", shape)
+                        .modes(&[SyncMode::Upsert, SyncMode::Mirror])
+                        .deletes(),
+                ))
+            }
             other => Err(format!(
                 "unknown action `{other}`; the meta destination offers {}",
                 ACTIONS.join(", ")
@@ -213,7 +326,23 @@ impl Destination for MetaDestination {
 
     /// Reads the dataset: a refused token or an unknown dataset says so.
     async fn check(&self) -> Result<(), DestinationError> {
-        let mut url = self.pixel.clone();
+        let target = match (&self.pixel_id, &self.ad_account) {
+            (Some(pixel), _) => pixel.clone(),
+            (None, Some(account)) => format!("act_{account}"),
+            (None, None) => {
+                return Err(DestinationError::Config {
+                    destination: self.name.clone(),
+                    message: "give `pixel_id` (conversions) or `ad_account_id` (audiences)".into(),
+                });
+            }
+        };
+        let mut url = self
+            .graph
+            .url(&target)
+            .map_err(|message| DestinationError::Config {
+                destination: self.name.clone(),
+                message,
+            })?;
         url.query_pairs_mut().append_pair("fields", "id");
         let response =
             self.delivery
@@ -233,7 +362,7 @@ impl Destination for MetaDestination {
         let message = match GraphError::parse(&body) {
             Some(error) if error.code == 190 => format!("Meta: {}; {AUTH_HINT}", error.describe()),
             Some(error) if error.code == 100 => format!(
-                "Meta: {}; check `pixel_id`, and that the token's system user is assigned the dataset",
+                "Meta: {}; check `pixel_id` (or `ad_account_id`), and that the token's system user is assigned it",
                 error.describe()
             ),
             Some(error) => format!("Meta: {}", error.describe()),
@@ -245,14 +374,257 @@ impl Destination for MetaDestination {
         })
     }
 
-    async fn open(&self, _run: &RunInfo) -> Result<Box<dyn DestinationWriter>, DestinationError> {
+    async fn open(&self, run: &RunInfo) -> Result<Box<dyn DestinationWriter>, DestinationError> {
+        let config = |message: String| DestinationError::Config {
+            destination: self.name.clone(),
+            message,
+        };
+        if run.action.as_deref() == Some("audience") {
+            let options = AudienceOptions::parse(&run.options).map_err(config)?;
+            let audience = match (&options.audience_id, &options.audience_name) {
+                (Some(id), _) => id.trim().to_string(),
+                // A dry run creates nothing: its requests name the audience.
+                (None, Some(name)) if run.dry_run => format!("audience:{name}"),
+                (None, Some(name)) => {
+                    self.find_or_create_audience(name.trim(), options.description.as_deref())
+                        .await?
+                }
+                (None, None) => return Err(config("no audience named".into())),
+            };
+            return Ok(HttpWriter::boxed(
+                AudienceApi {
+                    users: self.graph.url(&format!("{audience}/users")).map_err(config)?,
+                },
+                &self.delivery,
+            ));
+        }
+        let pixel = self
+            .pixel_id
+            .as_deref()
+            .ok_or_else(|| config("action `conversions` needs the destination's `pixel_id`".into()))?;
         Ok(HttpWriter::boxed(
             MetaApi {
-                events: self.events.clone(),
+                events: self.graph.url(&format!("{pixel}/events")).map_err(config)?,
                 test_event_code: self.test_event_code.clone(),
             },
             &self.delivery,
         ))
+    }
+}
+
+impl MetaDestination {
+    /// The id of the ad account's Custom Audience named `name`, created (`subtype: CUSTOM`,
+    /// from a customer list) when there is none.
+    async fn find_or_create_audience(
+        &self,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<String, DestinationError> {
+        let failed = |message: String| DestinationError::Unreachable {
+            destination: self.name.clone(),
+            message,
+        };
+        let account = self
+            .ad_account
+            .as_deref()
+            .ok_or_else(|| failed("no `ad_account_id` to find the audience in".into()))?;
+        let answer = |status: reqwest::StatusCode, body: &str| match GraphError::parse(body) {
+            Some(error) if error.code == 190 => format!("Meta: {}; {AUTH_HINT}", error.describe()),
+            Some(error) => format!("Meta: {}", error.describe()),
+            None => format!("HTTP {status} from Meta{}", snippet(body)),
+        };
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            data: Vec<Audience>,
+            #[serde(default)]
+            paging: Option<Paging>,
+        }
+        #[derive(Deserialize)]
+        struct Audience {
+            id: String,
+            #[serde(default)]
+            name: String,
+        }
+        #[derive(Deserialize)]
+        struct Paging {
+            #[serde(default)]
+            next: Option<String>,
+        }
+        let mut url = self
+            .graph
+            .url(&format!("act_{account}/customaudiences"))
+            .map_err(failed)?;
+        url.query_pairs_mut()
+            .append_pair("fields", "id,name")
+            .append_pair("limit", "500");
+        // Pages of 500; an account holds at most 500 customer-list audiences.
+        for _ in 0..20 {
+            let response = self.delivery.client.get(url.clone()).send().await.map_err(|e| {
+                failed(format!(
+                    "Meta: {}",
+                    crate::destinations::http::describe_reqwest_error(&e)
+                ))
+            })?;
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            if !status.is_success() {
+                return Err(failed(answer(status, &body)));
+            }
+            let page: Page = serde_json::from_str(&body).map_err(|e| {
+                failed(format!(
+                    "Meta answered the audience list with {e}{}",
+                    snippet(&body)
+                ))
+            })?;
+            if let Some(found) = page.data.into_iter().find(|a| a.name == name) {
+                return Ok(found.id);
+            }
+            match page.paging.and_then(|p| p.next).map(|n| reqwest::Url::parse(&n)) {
+                Some(Ok(next)) => url = next,
+                _ => break,
+            }
+        }
+        let mut body = serde_json::json!({
+            "name": name,
+            "subtype": "CUSTOM",
+            "customer_file_source": "USER_PROVIDED_ONLY",
+        });
+        if let Some(description) = description {
+            body["description"] = serde_json::Value::String(description.to_string());
+        }
+        let response = self
+            .delivery
+            .client
+            .post(
+                self.graph
+                    .url(&format!("act_{account}/customaudiences"))
+                    .map_err(failed)?,
+            )
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| {
+                failed(format!(
+                    "Meta: {}",
+                    crate::destinations::http::describe_reqwest_error(&e)
+                ))
+            })?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(failed(answer(status, &body)));
+        }
+        #[derive(Deserialize)]
+        struct Created {
+            id: String,
+        }
+        let created: Created = serde_json::from_str(&body).map_err(|e| {
+            failed(format!(
+                "Meta answered the new audience with {e}{}",
+                snippet(&body)
+            ))
+        })?;
+        tracing::info!(
+            audience = name,
+            id = created.id,
+            "created the Meta Custom Audience"
+        );
+        Ok(created.id)
+    }
+}
+
+/// Action `audience`: members added (`POST /{audience}/users`) and removed (`DELETE`), each
+/// request a whole session of its own.
+struct AudienceApi {
+    users: reqwest::Url,
+}
+
+#[derive(Deserialize)]
+struct UsersAnswer {
+    #[serde(default)]
+    num_received: Option<usize>,
+    #[serde(default)]
+    num_invalid_entries: Option<usize>,
+}
+
+#[async_trait]
+impl VendorApi for AudienceApi {
+    fn vendor(&self) -> &'static str {
+        "Meta"
+    }
+
+    fn auth_hint(&self) -> &'static str {
+        AUTH_HINT
+    }
+
+    /// `{"payload": {"schema": [...], "data": [[...], ...]}, "session": {...}}`: the schema is
+    /// the mapped keys, each row their values in that order (`""` for none).
+    async fn request(&self, batch: &OutgoingBatch, range: Range<usize>) -> Result<ApiRequest, String> {
+        let remove = batch.actions[range.start] == sluice_engine::destination::RecordAction::Delete;
+        let mut schema: Vec<String> = Vec::new();
+        let mut data = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            let member: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(batch.ids.get(i)).map_err(|e| e.to_string())?;
+            if schema.is_empty() {
+                schema = member.keys().cloned().collect();
+            }
+            let row: Vec<serde_json::Value> = schema
+                .iter()
+                .map(|key| match member.get(key) {
+                    Some(serde_json::Value::String(text)) => serde_json::Value::String(text.clone()),
+                    Some(serde_json::Value::Null) | None => serde_json::Value::String(String::new()),
+                    Some(other) => serde_json::Value::String(other.to_string()),
+                })
+                .collect();
+            data.push(serde_json::Value::Array(row));
+        }
+        // A positive int64 naming this request's session (one batch, the last).
+        let session_id = uuid::Uuid::now_v7().as_u64_pair().1 & (i64::MAX as u64);
+        let body = serde_json::json!({
+            "payload": {"schema": schema, "data": data},
+            "session": {"session_id": session_id, "batch_seq": 1, "last_batch_flag": true, "estimated_num_total": range.len()},
+        });
+        Ok(ApiRequest::json(
+            if remove { Method::DELETE } else { Method::POST },
+            self.users.clone(),
+            HeaderMap::new(),
+            body.to_string().into_bytes(),
+        ))
+    }
+
+    /// `{"audience_id", "session_id", "num_received", "num_invalid_entries",
+    /// "invalid_entry_samples"}`: Meta says how many entries it could not use, not which, so
+    /// only a request none of whose entries it could use fails its records.
+    fn on_success(&self, answer: &HttpAnswer, _batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+        match serde_json::from_str::<UsersAnswer>(&answer.body) {
+            Ok(UsersAnswer {
+                num_received: Some(received),
+                num_invalid_entries: Some(invalid),
+            }) if invalid > 0 => {
+                if invalid >= range.len() && received <= range.len() {
+                    return SendOutcome::Rejected {
+                        reason: format!(
+                            "Meta could not use any of the {} entries (num_invalid_entries {invalid}); check the mapped keys' formats",
+                            range.len()
+                        ),
+                    };
+                }
+                tracing::warn!(
+                    invalid,
+                    sent = range.len(),
+                    "Meta could not use some audience entries (it does not say which)"
+                );
+                SendOutcome::Accepted
+            }
+            _ => SendOutcome::Accepted,
+        }
+    }
+
+    fn on_error(&self, answer: &HttpAnswer, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+        classify_graph_error(answer, batch, range)
     }
 }
 
@@ -364,7 +736,15 @@ impl VendorApi for MetaApi {
 
     /// Classified by the error's code, not the HTTP status (Meta answers 400 for throttling
     /// and for expired tokens alike).
-    fn on_error(&self, answer: &HttpAnswer, _batch: &OutgoingBatch, _range: Range<usize>) -> SendOutcome {
+    fn on_error(&self, answer: &HttpAnswer, batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
+        classify_graph_error(answer, batch, range)
+    }
+}
+
+/// A Graph API error, classified by Meta's code, not the HTTP status (Meta answers 400 for
+/// throttling and for expired tokens alike).
+fn classify_graph_error(answer: &HttpAnswer, _batch: &OutgoingBatch, _range: Range<usize>) -> SendOutcome {
+    {
         let Some(error) = GraphError::parse(&answer.body) else {
             return crate::destinations::http::classify("Meta", answer, AUTH_HINT);
         };
@@ -392,6 +772,11 @@ impl VendorApi for MetaApi {
             },
             // An invalid parameter: one event may be the cause, so the request is split.
             100 => SendOutcome::Invalid { reason },
+            // "Something went wrong" updating an audience: try again.
+            2650 if error.error_subcode == Some(1870148) => SendOutcome::Retry {
+                reason,
+                after: answer.retry_after(),
+            },
             _ if answer.status.is_server_error() => SendOutcome::Retry {
                 reason,
                 after: answer.retry_after(),
@@ -444,6 +829,47 @@ mod tests {
         assert!(matches!(
             outcome(502, "<html>bad gateway</html>"),
             SendOutcome::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn an_audience_mapping_names_its_audience_and_a_wholly_unusable_request_fails() {
+        let options = |value: serde_json::Value| AudienceOptions::parse(value.as_object().unwrap());
+        assert!(options(serde_json::json!({"audience_name": "Lead scorers"})).is_ok());
+        assert!(options(serde_json::json!({"audience_id": "23850000000000999"})).is_ok());
+        assert!(
+            options(serde_json::json!({}))
+                .unwrap_err()
+                .contains("names its audience")
+        );
+        assert!(options(serde_json::json!({"audience_id": "list-1"})).is_err());
+        assert!(
+            options(serde_json::json!({"audience": "x"}))
+                .unwrap_err()
+                .contains("audience_name")
+        );
+        let api = AudienceApi {
+            users: reqwest::Url::parse("https://graph.facebook.com/v26.0/1/users").unwrap(),
+        };
+        let batch = OutgoingBatch::empty();
+        let answer = |invalid: usize| HttpAnswer {
+            status: reqwest::StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: format!(
+                r#"{{"audience_id":"1","session_id":"9","num_received":2,"num_invalid_entries":{invalid},"invalid_entry_samples":{{}}}}"#
+            ),
+        };
+        assert!(matches!(
+            api.on_success(&answer(0), &batch, 0..2),
+            SendOutcome::Accepted
+        ));
+        assert!(matches!(
+            api.on_success(&answer(1), &batch, 0..2),
+            SendOutcome::Accepted
+        ));
+        assert!(matches!(
+            api.on_success(&answer(2), &batch, 0..2),
+            SendOutcome::Rejected { .. }
         ));
     }
 
