@@ -207,6 +207,7 @@ pub struct MetaDestination {
     ad_account: Option<String>,
     test_event_code: Option<String>,
     delivery: HttpDelivery,
+    audience_delivery: HttpDelivery,
 }
 
 impl MetaDestination {
@@ -236,18 +237,18 @@ impl MetaDestination {
         {
             return Err("`ad_account_id` is the ad account's id (`act_123` or `123`)".into());
         }
-        let delivery = HttpDelivery::new(
-            &config.delivery,
-            VendorLimits {
-                max_records: 1000,
-                per_action: Vec::new(),
-                max_bytes: 4 * 1024 * 1024,
-                max_record_bytes: None,
-                concurrency: 4,
-                rate: None,
-                gzip: false,
-            },
-        )?;
+        let limits = |max_records: usize| VendorLimits {
+            max_records,
+            per_action: Vec::new(),
+            max_bytes: 4 * 1024 * 1024,
+            max_record_bytes: None,
+            concurrency: 4,
+            rate: None,
+            gzip: false,
+        };
+        // 1,000 events a Conversions API request; 10,000 members an audience request.
+        let delivery = HttpDelivery::new(&config.delivery, limits(1000))?;
+        let audience_delivery = HttpDelivery::new(&config.delivery, limits(10_000))?;
         Ok(Self {
             name: name.to_string(),
             graph: Graph {
@@ -263,6 +264,7 @@ impl MetaDestination {
                 .map(|c| c.expose().to_string())
                 .filter(|c| !c.is_empty()),
             delivery,
+            audience_delivery,
         })
     }
 }
@@ -395,7 +397,7 @@ impl Destination for MetaDestination {
                 AudienceApi {
                     users: self.graph.url(&format!("{audience}/users")).map_err(config)?,
                 },
-                &self.delivery,
+                &self.audience_delivery,
             ));
         }
         let pixel = self
@@ -871,6 +873,25 @@ mod tests {
             api.on_success(&answer(2), &batch, 0..2),
             SendOutcome::Rejected { .. }
         ));
+    }
+
+    #[test]
+    fn events_go_a_thousand_a_request_and_audience_members_ten_thousand() {
+        let config: MetaConfig = serde_json::from_value(serde_json::json!({
+            "access_token": "token", "pixel_id": "1", "ad_account_id": "act_2"
+        }))
+        .unwrap();
+        let meta = MetaDestination::new("meta", config).unwrap();
+        assert_eq!(meta.delivery.policy.max_records, 1000);
+        assert_eq!(meta.audience_delivery.policy.max_records, 10_000);
+        let bad: MetaConfig =
+            serde_json::from_value(serde_json::json!({"access_token": "token", "pixel_id": "px-1"})).unwrap();
+        assert!(
+            MetaDestination::new("meta", bad)
+                .err()
+                .unwrap_or_default()
+                .contains("pixel_id")
+        );
     }
 
     #[test]
