@@ -309,6 +309,86 @@ fn dbt_cloud_event(event_id: &str, job_id: &str, status: &str, code: u32) -> Str
     .to_string()
 }
 
+/// `sluice serve` on a free loopback port over `project`, once it answers; and its address.
+async fn start_serve(project: &TestProject) -> (tokio::process::Child, String) {
+    let port = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(project.config_path())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok() {
+            return (serve, base);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("serve did not start");
+}
+
+/// Waits (up to 40 s) until `receiver` has `count` records.
+async fn wait_for_acks(receiver: &AckReceiver, count: usize) {
+    for _ in 0..400 {
+        if receiver.acks().len() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{count} records expected, {} arrived", receiver.acks().len());
+}
+
+/// Where there is no run_results.json (a job that uploads only its manifest once it has
+/// built), a manifest with a new `generated_at` starts the `after_dbt` mappings.
+#[tokio::test]
+async fn without_run_results_a_new_manifest_starts_the_mappings_scheduled_after_dbt() {
+    let Some(_pg) = postgres("dbt_manifest_only").await else {
+        return;
+    };
+    let Some(dbt) = DbtProject::shop("dbt_manifest_only") else {
+        return;
+    };
+    dbt.build().await;
+    let receiver = AckReceiver::start(Duration::ZERO).await;
+    let config = sluice_config(&dbt.manifest(), &receiver.url, "customers")
+        .replace("dbt:\n", "dbt:\n  run_results: not/written/run_results.json\n")
+        .replace(
+            "    fields: { email: email, \"traits.plan\": plan }\n",
+            "    fields: { email: email, \"traits.plan\": plan }\n    schedule: { after_dbt: true }\n",
+        );
+    assert!(
+        config.contains("after_dbt") && config.contains("not/written"),
+        "{config}"
+    );
+    let project = TestProject::new(&config);
+    let (serve, _) = start_serve(&project).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        receiver.acks().is_empty(),
+        "the manifest serve started with is old news"
+    );
+    dbt.write(
+        "models/stg_users.sql",
+        &format!("{STAGED_USERS}union all select 4, 'd@example.com', 'free'\n"),
+    );
+    dbt.build().await;
+    wait_for_acks(&receiver, 4).await;
+    crate::faults::terminate(&serve);
+    let output = serve.wait_with_output().await.expect("serve");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// `sluice serve` with mappings scheduled `after_dbt`: a `dbt build` that rebuilds the model
 /// starts its mapping (seen in `run_results.json`), with the manifest taken in anew when dbt
 /// moved the model to another relation; a signed dbt Cloud webhook for a job starts the mapping
@@ -346,29 +426,8 @@ async fn dbt_builds_and_dbt_cloud_webhooks_start_the_mappings_scheduled_after_db
         String::from_utf8_lossy(&created.stderr)
     );
     let token = String::from_utf8_lossy(&created.stdout).trim().to_string();
-    let port = {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        listener.local_addr().expect("addr").port()
-    };
-    let serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-        .arg(project.config_path())
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let base = format!("http://127.0.0.1:{port}");
+    let (serve, base) = start_serve(&project).await;
     let http = reqwest::Client::new();
-    let mut ready = false;
-    for _ in 0..100 {
-        if http.get(format!("{base}/healthz")).send().await.is_ok() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "serve did not start");
     let runs_of = |mapping: &'static str| {
         let http = http.clone();
         let base = base.clone();
@@ -387,18 +446,6 @@ async fn dbt_builds_and_dbt_cloud_webhooks_start_the_mappings_scheduled_after_db
             page["runs"].as_array().cloned().unwrap_or_default()
         }
     };
-    let wait_for_acks = |count: usize| {
-        let receiver = &receiver;
-        async move {
-            for _ in 0..400 {
-                if receiver.acks().len() >= count {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("{count} records expected, {} arrived", receiver.acks().len());
-        }
-    };
 
     // The build before `serve` started is old news: nothing runs.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -415,7 +462,7 @@ async fn dbt_builds_and_dbt_cloud_webhooks_start_the_mappings_scheduled_after_db
         "{{ config(alias='customers_v2') }}\nselect id, email, plan from {{ ref('stg_users') }}\n",
     );
     dbt.build().await;
-    wait_for_acks(4).await;
+    wait_for_acks(&receiver, 4).await;
     let emails: Vec<String> = receiver.acks().iter().map(|a| a.data.to_string()).collect();
     assert!(emails.iter().any(|e| e.contains("d@example.com")), "{emails:?}");
     let runs = runs_of("customers_to_crm").await;
@@ -488,7 +535,7 @@ async fn dbt_builds_and_dbt_cloud_webhooks_start_the_mappings_scheduled_after_db
         "{answer}"
     );
     // Two pro customers (the view through `ref()` reads the new relation too).
-    wait_for_acks(6).await;
+    wait_for_acks(&receiver, 6).await;
     let (status, _) = webhook(success.clone(), Some(signature)).await;
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_secs(3)).await;
