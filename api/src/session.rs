@@ -65,7 +65,7 @@ fn new_csrf_token() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    sluice_engine::secrets::hex(&bytes)
 }
 
 /// A `Set-Cookie` value (`max_age` 0 removes the cookie).

@@ -746,14 +746,18 @@ impl Project {
         Self::parse_with(text, path, None)
     }
 
-    /// This project as its file says, with its dbt models read from `manifest` (the manifest's
-    /// bytes, written anew by dbt) instead of the manifest it was loaded with.
-    pub fn with_manifest(&self, manifest: &[u8]) -> Result<Self, ConfigError> {
+    /// This project as its file says, with its dbt models read from `manifest` (written anew by
+    /// dbt) instead of the manifest it was loaded with.
+    pub fn with_manifest(&self, manifest: crate::dbt::Manifest) -> Result<Self, ConfigError> {
         Self::parse_with(&self.text, &self.path, Some(manifest))
     }
 
-    /// [`Project::parse`]; a local manifest is read unless `manifest` gives its bytes.
-    fn parse_with(text: &str, path: &Path, manifest: Option<&[u8]>) -> Result<Self, ConfigError> {
+    /// [`Project::parse`]; a local manifest is read unless `manifest` is given.
+    fn parse_with(
+        text: &str,
+        path: &Path,
+        manifest: Option<crate::dbt::Manifest>,
+    ) -> Result<Self, ConfigError> {
         let config: ProjectConfig = serde_norway::from_str(text).map_err(|e| ConfigError {
             path: path.to_path_buf(),
             line: e.location().map(|l| l.line()),
@@ -785,8 +789,8 @@ impl Project {
         };
         project.resolve_defaults();
         // A manifest on disk is read now; one in object storage when the engine opens.
-        if let Some(bytes) = manifest {
-            project.take_in_dbt(bytes)?;
+        if let Some(manifest) = manifest {
+            project.take_in_manifest(manifest)?;
         } else if let Some(path) = project.dbt_manifest_path() {
             let bytes = std::fs::read(&path).map_err(|e| {
                 project.error_at(
@@ -854,6 +858,11 @@ impl Project {
     pub fn take_in_dbt(&mut self, bytes: &[u8]) -> Result<(), ConfigError> {
         let manifest =
             crate::dbt::Manifest::parse(bytes).map_err(|m| self.error_at(&["dbt", "manifest"], m))?;
+        self.take_in_manifest(manifest)
+    }
+
+    /// [`Project::take_in_dbt`] with the manifest already parsed.
+    fn take_in_manifest(&mut self, manifest: crate::dbt::Manifest) -> Result<(), ConfigError> {
         self.dbt_manifest = Some(std::sync::Arc::new(manifest));
         self.resolve_dbt()
     }

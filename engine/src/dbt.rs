@@ -737,11 +737,7 @@ pub fn signature_is_valid(secret: &str, body: &[u8], authorization: &str) -> boo
 /// The hex HMAC-SHA256 of `body` under `secret` (what dbt Cloud sends; for tests and tools).
 pub fn sign(secret: &str, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    ring::hmac::sign(&key, body)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::secrets::hex(ring::hmac::sign(&key, body).as_ref())
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {

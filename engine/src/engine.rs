@@ -171,7 +171,8 @@ impl Engine {
         if Some(manifest.metadata.generated_at.as_str()) == self.file.dbt_manifest_generated_at() {
             return Ok(None);
         }
-        let file = self.file.with_manifest(&bytes)?;
+        // (Parsed once: the manifest of a large dbt project runs to tens of megabytes.)
+        let file = self.file.with_manifest(manifest)?;
         Self::assemble(
             Arc::new(file),
             self.catalog.clone(),

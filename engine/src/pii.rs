@@ -169,13 +169,7 @@ impl Pii {
 
 /// The lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = String::with_capacity(64);
-    for byte in digest.as_ref() {
-        out.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
-        out.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
-    }
-    out
+    crate::secrets::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 fn is_sha256_hex(text: &str) -> bool {

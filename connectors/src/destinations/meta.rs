@@ -361,15 +361,11 @@ impl Destination for MetaDestination {
             return Ok(());
         }
         let body = response.text().await.unwrap_or_default();
-        let message = match GraphError::parse(&body) {
-            Some(error) if error.code == 190 => format!("Meta: {}; {AUTH_HINT}", error.describe()),
-            Some(error) if error.code == 100 => format!(
-                "Meta: {}; check `pixel_id` (or `ad_account_id`), and that the token's system user is assigned it",
-                error.describe()
-            ),
-            Some(error) => format!("Meta: {}", error.describe()),
-            None => format!("HTTP {status} from Meta{}", snippet(&body)),
-        };
+        let message = failure(
+            status,
+            &body,
+            "check `pixel_id` (or `ad_account_id`), and that the token's system user is assigned it",
+        );
         Err(DestinationError::Unreachable {
             destination: self.name.clone(),
             message,
@@ -430,10 +426,12 @@ impl MetaDestination {
             .ad_account
             .as_deref()
             .ok_or_else(|| failed("no `ad_account_id` to find the audience in".into()))?;
-        let answer = |status: reqwest::StatusCode, body: &str| match GraphError::parse(body) {
-            Some(error) if error.code == 190 => format!("Meta: {}; {AUTH_HINT}", error.describe()),
-            Some(error) => format!("Meta: {}", error.describe()),
-            None => format!("HTTP {status} from Meta{}", snippet(body)),
+        let answer = |status, body: &str| {
+            failure(
+                status,
+                body,
+                "check `ad_account_id`, and that the token's system user is assigned it",
+            )
         };
         #[derive(Deserialize)]
         struct Page {
@@ -534,6 +532,17 @@ impl MetaDestination {
             "created the Meta Custom Audience"
         );
         Ok(created.id)
+    }
+}
+
+/// What a refused call outside the delivery layer says: Meta's error, with what to do for a
+/// refused token (code 190) or an unknown or unassigned object (code 100, `on_unknown`).
+fn failure(status: reqwest::StatusCode, body: &str, on_unknown: &str) -> String {
+    match GraphError::parse(body) {
+        Some(error) if error.code == 190 => format!("Meta: {}; {AUTH_HINT}", error.describe()),
+        Some(error) if error.code == 100 => format!("Meta: {}; {on_unknown}", error.describe()),
+        Some(error) => format!("Meta: {}", error.describe()),
+        None => format!("HTTP {status} from Meta{}", snippet(body)),
     }
 }
 
