@@ -8,8 +8,8 @@ use serde_json::Value;
 use sluice_engine::connector_types::{ActionType, ConnectorCatalog, ConnectorType};
 
 use crate::destinations::{
-    braze, customerio, file, google_sheets, hubspot, iterable, klaviyo, meta, mixpanel,
-    postgres as pg_destination, salesforce, segment, webhook,
+    braze, customerio, file, google_ads, google_sheets, hubspot, iterable, klaviyo, meta, mixpanel,
+    postgres as pg_destination, salesforce, segment, sfmc, snapchat, tiktok, webhook,
 };
 use crate::sources::{bigquery, databricks, files, mysql, postgres, snowflake, sqlite, sqlserver};
 
@@ -190,6 +190,45 @@ pub fn catalog() -> ConnectorCatalog {
                 ("group", "Sets group profile properties (`options.group_key`)"),
             ],
         )),
+        with_mapping_options::<google_ads::MappingOptions>(with_actions(
+            connector(
+                "google_ads",
+                "Google Ads",
+                "Offline conversions and Customer Match lists in Google Ads, through Google's Data Manager API, with customer information hashed as Google asks.",
+                schema_of::<google_ads::GoogleAdsConfig>(),
+            ),
+            None,
+            &[
+                (
+                    "conversions",
+                    "Offline conversions (options.conversion_action_id)",
+                ),
+                (
+                    "customer_match",
+                    "Customer Match list members (options.user_list_name or user_list_id)",
+                ),
+            ],
+        )),
+        with_actions(
+            connector(
+                "tiktok",
+                "TikTok",
+                "TikTok Events API events (web, app, offline or CRM), with customer information hashed as TikTok asks.",
+                schema_of::<tiktok::TiktokConfig>(),
+            ),
+            Some("events"),
+            &[("events", "Events (Events API 2.0)")],
+        ),
+        with_actions(
+            connector(
+                "snapchat",
+                "Snapchat",
+                "Snap Conversions API v3 events, with customer information hashed as Snap asks.",
+                schema_of::<snapchat::SnapchatConfig>(),
+            ),
+            Some("conversions"),
+            &[("conversions", "Conversion events (Conversions API v3)")],
+        ),
         with_actions(
             connector(
                 "meta",
@@ -261,6 +300,19 @@ pub fn catalog() -> ConnectorCatalog {
                 ("subscribe", "Subscribes profiles to a list (`options.list_id`)"),
             ],
         )),
+        with_mapping_options::<sfmc::DataExtensionOptions>(with_actions(
+            connector(
+                "salesforce_marketing_cloud",
+                "Salesforce Marketing Cloud",
+                "Data extension rows upserted through the REST API and deleted through SOAP, with the installed package's client credentials.",
+                schema_of::<sfmc::SfmcConfig>(),
+            ),
+            Some("data_extension"),
+            &[(
+                "data_extension",
+                "Rows of a data extension (options.external_key and keys)",
+            )],
+        )),
         with_mapping_options::<google_sheets::SheetOptions>(with_actions(
             connector(
                 "google_sheets",
@@ -329,6 +381,9 @@ mod tests {
             ("mixpanel", mixpanel::ACTIONS),
             ("braze", braze::ACTIONS),
             ("meta", meta::ACTIONS),
+            ("tiktok", tiktok::ACTIONS),
+            ("google_ads", google_ads::ACTIONS),
+            ("snapchat", snapchat::ACTIONS),
             ("iterable", iterable::ACTIONS),
             ("customerio", customerio::ACTIONS),
             ("klaviyo", klaviyo::ACTIONS),
@@ -431,6 +486,10 @@ mod tests {
             ("segment", &["write_key"]),
             ("braze", &["api_key"]),
             ("meta", &["access_token"]),
+            ("tiktok", &["access_token"]),
+            ("google_ads", &["service_account"]),
+            ("salesforce_marketing_cloud", &["client_secret"]),
+            ("snapchat", &["access_token"]),
             ("iterable", &["api_key"]),
             ("klaviyo", &["api_key"]),
             ("salesforce", &["client_secret"]),

@@ -51,6 +51,10 @@ pub const DESTINATION_TYPES: &[&str] = &[
     "google_sheets",
     "postgres",
     "meta",
+    "tiktok",
+    "snapchat",
+    "google_ads",
+    "salesforce_marketing_cloud",
 ];
 
 impl ConnectorFactory for Connectors {
@@ -161,6 +165,14 @@ impl ConnectorFactory for Connectors {
                 name,
                 parse(config)?,
             )?)),
+            "tiktok" => Ok(Arc::new(destinations::tiktok::TiktokDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "snapchat" => Ok(Arc::new(destinations::snapchat::SnapchatDestination::new(
+                name,
+                parse(config)?,
+            )?)),
             "iterable" => Ok(Arc::new(destinations::iterable::IterableDestination::new(
                 name,
                 parse(config)?,
@@ -178,6 +190,15 @@ impl ConnectorFactory for Connectors {
                 parse(config)?,
             )?)),
             "google_sheets" => Ok(Arc::new(destinations::google_sheets::SheetsDestination::new(
+                name,
+                parse(config)?,
+                env,
+            )?)),
+            "salesforce_marketing_cloud" => Ok(Arc::new(destinations::sfmc::SfmcDestination::new(
+                name,
+                parse(config)?,
+            )?)),
+            "google_ads" => Ok(Arc::new(destinations::google_ads::GoogleAdsDestination::new(
                 name,
                 parse(config)?,
                 env,

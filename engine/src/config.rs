@@ -323,7 +323,7 @@ pub struct MappingConfig {
     #[serde(skip)]
     #[cfg_attr(feature = "openapi", schema(ignore))]
     pub send: Vec<Op>,
-    /// Destination field <- model column (or `{column: c, as: json|string|unix_ms|unix_seconds}`).
+    /// Destination field <- model column (or `{column: c, as: json|string|unix_ms|unix_seconds|rfc3339|sha256…}`).
     /// Dotted destination names nest.
     #[serde(default)]
     pub fields: Option<IndexMap<String, FieldSpec>>,
@@ -423,7 +423,7 @@ impl<'de> Deserialize<'de> for FieldSpec {
         }
         match Either::deserialize(deserializer).map_err(|_| {
             de::Error::custom(
-                "a field maps a model column: `field: column`, or `field: {column: c, as: json|string|unix_ms|unix_seconds}`",
+                "a field maps a model column: `field: column`, or `field: {column: c, as: json|string|unix_ms|unix_seconds|rfc3339|sha256…}`",
             )
         })? {
             Either::Column(column) => Ok(Self::column(column)),

@@ -146,6 +146,55 @@ async fn deliver_range(
                     }
                 }
             }
+            SendOutcome::RefusedBecauseOf(failures) if failures.iter().any(|f| f.index < range.len()) => {
+                let mut at_fault = vec![false; range.len()];
+                for failure in failures {
+                    if let Some(flag) = at_fault.get_mut(failure.index)
+                        && !*flag
+                    {
+                        *flag = true;
+                        result.failures.push(RecordFailure {
+                            index: range.start + failure.index,
+                            error: failure.error,
+                        });
+                    }
+                }
+                // The others, in the runs between the refused records, go again (last run
+                // pushed first, so they go in order).
+                let mut runs = Vec::new();
+                let mut start = None;
+                for (offset, refused) in at_fault.iter().chain([&true]).enumerate() {
+                    match (start, refused) {
+                        (None, false) => start = Some(offset),
+                        (Some(from), true) => {
+                            runs.push(range.start + from..range.start + offset);
+                            start = None;
+                        }
+                        _ => {}
+                    }
+                }
+                pending.extend(runs.into_iter().rev());
+            }
+            SendOutcome::RefusedBecauseOf(failures) if range.len() > 1 => {
+                tracing::debug!(
+                    named = failures.len(),
+                    records = range.len(),
+                    "request refused for records outside it; splitting it"
+                );
+                let middle = range.start + range.len() / 2;
+                pending.push(middle..range.end);
+                pending.push(range.start..middle);
+            }
+            SendOutcome::RefusedBecauseOf(failures) => {
+                let reason = failures
+                    .into_iter()
+                    .next()
+                    .map_or_else(|| "refused".to_string(), |f| f.error);
+                result.failures.extend(range.map(|index| RecordFailure {
+                    index,
+                    error: reason.clone(),
+                }));
+            }
             SendOutcome::Invalid { reason } if range.len() > 1 => {
                 tracing::debug!(%reason, records = range.len(), "request refused as a whole; splitting it");
                 let middle = range.start + range.len() / 2;
@@ -442,6 +491,56 @@ mod tests {
         assert_eq!(result.failures[0].error, "HTTP 400: invalid");
         // 8 -> 4+4 -> (2+2)+(2+2) -> singles around the bad ones: far fewer than 8 requests each.
         assert!(result.requests < 16, "{}", result.requests);
+    }
+
+    #[tokio::test]
+    async fn records_a_refusal_names_fail_and_the_others_go_again_without_them() {
+        // The vendor refuses any request holding record 2 or 5, naming them by their index in
+        // the request.
+        let writer = Scripted {
+            calls: AtomicUsize::new(0),
+            answer: Box::new(|range, _| {
+                let named: Vec<RecordFailure> = [2usize, 5]
+                    .into_iter()
+                    .filter(|i| range.contains(i))
+                    .map(|i| RecordFailure {
+                        index: i - range.start,
+                        error: format!("events[{}]: bad", i - range.start),
+                    })
+                    .collect();
+                if named.is_empty() {
+                    SendOutcome::Accepted
+                } else {
+                    SendOutcome::RefusedBecauseOf(named)
+                }
+            }),
+        };
+        let result = deliver(&writer, &batch(8), &fast_policy(8)).await.unwrap();
+        let failed: Vec<(usize, &str)> = result
+            .failures
+            .iter()
+            .map(|f| (f.index, f.error.as_str()))
+            .collect();
+        assert_eq!(failed, [(2, "events[2]: bad"), (5, "events[5]: bad")]);
+        // One refused request, then the three runs around the refused records: 0..2, 3..5, 6..8.
+        assert_eq!(result.requests, 4);
+
+        // A refusal naming no record of the request is split like any whole refusal.
+        let vague = Scripted {
+            calls: AtomicUsize::new(0),
+            answer: Box::new(|range, _| {
+                if range.contains(&1) {
+                    SendOutcome::RefusedBecauseOf(vec![RecordFailure {
+                        index: 99,
+                        error: "bad".into(),
+                    }])
+                } else {
+                    SendOutcome::Accepted
+                }
+            }),
+        };
+        let result = deliver(&vague, &batch(4), &fast_policy(4)).await.unwrap();
+        assert_eq!(result.failures.iter().map(|f| f.index).collect::<Vec<_>>(), [1]);
     }
 
     #[tokio::test]

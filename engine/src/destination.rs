@@ -130,11 +130,17 @@ pub enum ValueFormat {
     UnixMs,
     /// The same, in whole seconds.
     UnixSeconds,
+    /// A timestamp, date or ISO 8601 text as RFC 3339 in UTC (`2026-12-01T14:35:00Z`); a
+    /// timestamp without a time zone is taken as UTC, an integer as Unix seconds.
+    Rfc3339,
     /// Personal data as the ad platforms take it: normalised, then the lowercase hex SHA-256;
     /// the raw value is never sent (see [`crate::pii`]). Trimmed and lower case.
     Sha256,
     /// An email address, trimmed and lower case.
     Sha256Email,
+    /// The same, and for `gmail.com` and `googlemail.com` addresses without dots or a `+tag`
+    /// in the local part, as Google's formatting guide asks.
+    Sha256EmailGoogle,
     /// A phone number in E.164 (`+16505551212`), as Google and TikTok hash it.
     Sha256Phone,
     /// The same digits without `+` (`16505551212`), as Meta and Snapchat hash it.
@@ -598,6 +604,10 @@ pub enum SendOutcome {
     /// The destination refused the request for its content as a whole (HTTP 400, 413, 422):
     /// one record may be the cause, so the delivery layer splits the request to find it.
     Invalid { reason: String },
+    /// Nothing was accepted because of these records (the vendor named them: Google's field
+    /// violations, TikTok's `Batch.N`): they fail, and the request's other records are sent
+    /// again without them. Naming no record in the request, it is [`SendOutcome::Invalid`].
+    RefusedBecauseOf(Vec<RecordFailure>),
     /// Nothing was accepted and the same records will fail again however they are sent.
     Rejected { reason: String },
     /// Nothing can be delivered in this run (credentials refused, the object does not exist):

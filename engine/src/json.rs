@@ -361,6 +361,53 @@ pub fn encode_formatted(
                 }
             }
         }
+        Some(ValueFormat::Rfc3339) => {
+            let millis = match array.data_type() {
+                // Integers are Unix seconds.
+                dt if dt.is_integer() => arrow::compute::cast(
+                    &arrow::compute::kernels::numeric::mul(
+                        &arrow::compute::cast(array, &DataType::Int64)?,
+                        &arrow::array::Int64Array::new_scalar(1000),
+                    )?,
+                    &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                )?,
+                DataType::Timestamp(..)
+                | DataType::Date32
+                | DataType::Date64
+                | DataType::Utf8
+                | DataType::LargeUtf8
+                | DataType::Utf8View => arrow::compute::cast(
+                    array,
+                    &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                )?,
+                other => {
+                    return Err(ArrowError::CastError(format!(
+                        "a {other} column cannot be written as an RFC 3339 timestamp"
+                    )));
+                }
+            };
+            let millis = millis.as_primitive::<TimestampMillisecondType>();
+            let mut out = JsonColumn::with_capacity(millis.len(), millis.len() * 27);
+            for i in 0..millis.len() {
+                match (
+                    millis.is_null(i),
+                    chrono::DateTime::from_timestamp_millis(millis.value(i)),
+                ) {
+                    (false, Some(at)) => {
+                        let text = at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+                        write_json_string(out.buffer(), &text);
+                        out.end_row();
+                    }
+                    (null, _) => {
+                        if !null || array.is_valid(i) {
+                            problems.push((i, "is not a date or timestamp".to_string()));
+                        }
+                        out.push(b"null");
+                    }
+                }
+            }
+            out
+        }
         // The hashed formats of personal data.
         Some(hashed) => match crate::pii::Pii::of(hashed) {
             Some(pii) => return encode_hashed(array, pii),

@@ -725,8 +725,10 @@ fn format_name(format: Option<ValueFormat>) -> &'static str {
         Some(ValueFormat::String) => "string",
         Some(ValueFormat::UnixMs) => "unix_ms",
         Some(ValueFormat::UnixSeconds) => "unix_seconds",
+        Some(ValueFormat::Rfc3339) => "rfc3339",
         Some(ValueFormat::Sha256) => "sha256",
         Some(ValueFormat::Sha256Email) => "sha256_email",
+        Some(ValueFormat::Sha256EmailGoogle) => "sha256_email_google",
         Some(ValueFormat::Sha256Phone) => "sha256_phone",
         Some(ValueFormat::Sha256PhoneDigits) => "sha256_phone_digits",
         Some(ValueFormat::Sha256Name) => "sha256_name",
@@ -1194,6 +1196,19 @@ mod tests {
         assert_eq!(first["w"], 1_704_164_645_000i64);
         assert_eq!(encoded.unsendable.len(), 1);
         assert!(encoded.unsendable[0].error.contains("not a date or timestamp"));
+
+        // RFC 3339 in UTC: from a timestamp, from ISO text with an offset, from Unix seconds.
+        let encoded = encode_with(
+            "{model: users, destination: s, fields: {a: {column: at, as: rfc3339}, w: {column: when, as: rfc3339}, i: {column: id, as: rfc3339}}}",
+            &batch,
+            None,
+        )
+        .unwrap();
+        let first = body(&encoded, 0);
+        assert_eq!(first["a"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(first["w"], "2024-01-02T03:04:05Z");
+        assert_eq!(first["i"], "1970-01-01T00:00:01Z");
+        assert_eq!(encoded.unsendable.len(), 1, "`yesterday` is no time");
     }
 
     #[test]
@@ -1324,10 +1339,10 @@ mod tests {
                 ("ts", Arc::new(TimestampMicrosecondArray::from(micros[..rows].to_vec()).with_timezone("UTC")) as ArrayRef),
                 ("d", Arc::new(Date32Array::from(micros[..rows].iter().map(|m| m.map(|m| (m / 86_400_000_000) as i32)).collect::<Vec<_>>())) as ArrayRef),
             ]).unwrap();
-            for format in ["json", "string", "unix_ms", "unix_seconds"] {
+            for format in ["json", "string", "unix_ms", "unix_seconds", "rfc3339"] {
                 let yaml = format!(
                     "{{model: users, destination: s, columns: all, fields: {{a: {{column: t, as: {format}}}, b: {{column: ts, as: {format}}}, c: {{column: d, as: {format}}}, e: {{column: f, as: {}}}}}}}",
-                    if format.starts_with("unix") { "string" } else { format }
+                    if format.starts_with("unix") || format == "rfc3339" { "string" } else { format }
                 );
                 let encoded = encode_with(&yaml, &batch, None).unwrap();
                 for row in 0..rows {

@@ -19,6 +19,9 @@ pub enum Pii {
     /// Trimmed and lower case (an external id, anything else).
     Plain,
     Email,
+    /// An email address as Google matches it: a Gmail address without dots or `+tag` in its
+    /// local part.
+    GoogleEmail,
     /// E.164: `+` and 8 to 15 digits.
     Phone,
     /// E.164 digits without `+`.
@@ -45,6 +48,7 @@ impl Pii {
         Some(match format {
             ValueFormat::Sha256 => Pii::Plain,
             ValueFormat::Sha256Email => Pii::Email,
+            ValueFormat::Sha256EmailGoogle => Pii::GoogleEmail,
             ValueFormat::Sha256Phone => Pii::Phone,
             ValueFormat::Sha256PhoneDigits => Pii::PhoneDigits,
             ValueFormat::Sha256Name => Pii::Name,
@@ -54,7 +58,11 @@ impl Pii {
             ValueFormat::Sha256Country => Pii::Country,
             ValueFormat::Sha256Gender => Pii::Gender,
             ValueFormat::Sha256DateOfBirth => Pii::DateOfBirth,
-            ValueFormat::Json | ValueFormat::String | ValueFormat::UnixMs | ValueFormat::UnixSeconds => {
+            ValueFormat::Json
+            | ValueFormat::String
+            | ValueFormat::UnixMs
+            | ValueFormat::UnixSeconds
+            | ValueFormat::Rfc3339 => {
                 return None;
             }
         })
@@ -70,12 +78,20 @@ impl Pii {
         let lower = trimmed.to_lowercase();
         match self {
             Pii::Plain => Ok(lower),
-            Pii::Email => {
+            Pii::Email | Pii::GoogleEmail => {
                 let lower: String = lower.chars().filter(|c| !c.is_whitespace()).collect();
                 match lower.split_once('@') {
                     Some((local, domain))
                         if !local.is_empty() && domain.contains('.') && !domain.contains('@') =>
                     {
+                        if self == Pii::GoogleEmail && matches!(domain, "gmail.com" | "googlemail.com") {
+                            // Gmail ignores dots and delivers `+tag` addresses to the same box.
+                            let local = local.split('+').next().unwrap_or_default().replace('.', "");
+                            if local.is_empty() {
+                                return Err("is not an email address".into());
+                            }
+                            return Ok(format!("{local}@{domain}"));
+                        }
                         Ok(lower)
                     }
                     _ => Err("is not an email address".into()),
@@ -281,6 +297,20 @@ mod tests {
             ok(Pii::Email, "  Ada.Lovelace@Example.COM "),
             "ada.lovelace@example.com"
         );
+        // Google's formatting guide: Gmail addresses lose dots and `+tag`s, others keep them.
+        assert_eq!(
+            ok(Pii::GoogleEmail, " Cloudy.SanFrancisco+Shopping@gmail.com"),
+            "cloudysanfrancisco@gmail.com"
+        );
+        assert_eq!(
+            ok(Pii::GoogleEmail, "user.name+NYC@Example.com"),
+            "user.name+nyc@example.com"
+        );
+        assert_eq!(
+            ok(Pii::Email, "cloudy.sanfrancisco+shopping@gmail.com"),
+            "cloudy.sanfrancisco+shopping@gmail.com"
+        );
+        assert!(Pii::GoogleEmail.normalize("+tag@gmail.com").is_err());
         assert_eq!(ok(Pii::Phone, "+1 (650) 555-1212"), "+16505551212");
         assert_eq!(ok(Pii::Phone, "0044 20 7946 0958"), "+442079460958");
         assert_eq!(ok(Pii::PhoneDigits, "+44 20 7946 0958"), "442079460958");

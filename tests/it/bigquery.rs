@@ -32,64 +32,16 @@ use sluice_connectors::sources::bigquery_storage::{
 };
 use sluice_engine::source::{ConnectorEnv, ModelQuery, Source};
 
-use crate::buckets::{Bucket, Provider, tools_dir};
+use crate::buckets::{Bucket, Provider};
 use crate::common::sorted;
-use crate::services::unavailable;
+use crate::services::{discovery_conforms, google_discovery};
 
 const PROJECT: &str = "sluice-test";
 const CLIENT_EMAIL: &str = "sluice@sluice-test.iam.gserviceaccount.com";
 const MODEL_SQL: &str = "SELECT * FROM analytics.users";
 
 fn discovery() -> Option<Value> {
-    let path = tools_dir().join(
-        "warehouses/lib/python3.11/site-packages/googleapiclient/discovery_cache/documents/bigquery.v2.json",
-    );
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).expect("discovery document")),
-        Err(e) => {
-            unavailable(
-                "BigQuery's discovery document (PyPI google-api-python-client, from .ci/test-tools)",
-                format!("{}: {e}", path.display()),
-            );
-            None
-        }
-    }
-}
-
-/// Every key of `value` is a property of the discovery schema `name`, recursively.
-fn conforms(discovery: &Value, name: &str, value: &Value, at: &str) -> Result<(), String> {
-    let schema = &discovery["schemas"][name];
-    let properties = schema["properties"]
-        .as_object()
-        .ok_or_else(|| format!("no schema {name}"))?;
-    for (key, inner) in value
-        .as_object()
-        .ok_or_else(|| format!("{at} is not an object"))?
-    {
-        let property = properties
-            .get(key)
-            .ok_or_else(|| format!("{at}.{key} is not a field of {name}"))?;
-        if let Some(reference) = property["$ref"].as_str() {
-            conforms(discovery, reference, inner, &format!("{at}.{key}"))?;
-        } else {
-            let expected = property["type"].as_str().unwrap_or("any");
-            let ok = match expected {
-                "string" => inner.is_string(),
-                "boolean" => inner.is_boolean(),
-                "integer" => inner.is_u64() || inner.is_i64(),
-                "object" => inner.is_object(),
-                "array" => inner.is_array(),
-                _ => true,
-            };
-            if !ok {
-                return Err(format!(
-                    "{at}.{key} should be {expected} ({})",
-                    property["format"]
-                ));
-            }
-        }
-    }
-    Ok(())
+    google_discovery("bigquery.v2.json", "BigQuery")
 }
 
 #[derive(Default)]
@@ -337,7 +289,7 @@ async fn query(
             "Request had invalid authentication credentials.",
         );
     }
-    if let Err(e) = conforms(&api.discovery, "QueryRequest", &body, "QueryRequest") {
+    if let Err(e) = discovery_conforms(&api.discovery, "QueryRequest", &body, "QueryRequest") {
         api.violation(e);
     }
     api.seen.lock().unwrap().bodies.push(body.clone());
@@ -584,7 +536,7 @@ async fn job(
             "configuration": {"jobType": "QUERY", "query": {"query": MODEL_SQL, "useLegacySql": false,
                 "destinationTable": {"projectId": PROJECT, "datasetId": ANON_DATASET, "tableId": ANON_TABLE}}},
             "statistics": {"creationTime": "1700000000000", "query": {"statementType": "SELECT", "totalBytesProcessed": "1024"}}});
-        if let Err(e) = conforms(&api.discovery, "Job", &answer, "Job") {
+        if let Err(e) = discovery_conforms(&api.discovery, "Job", &answer, "Job") {
             api.violation(e);
         }
         return Json(answer).into_response();
@@ -596,7 +548,7 @@ async fn job(
         "statistics": {"creationTime": "1700000000000", "query": {"statementType": "EXPORT_DATA",
             "exportDataStatistics": {"fileCount": "2", "rowCount": "5"}}}});
     // The answer is held to the discovery document too, so the fields read are BigQuery's.
-    if let Err(e) = conforms(&api.discovery, "Job", &answer, "Job") {
+    if let Err(e) = discovery_conforms(&api.discovery, "Job", &answer, "Job") {
         api.violation(e);
     }
     Json(answer).into_response()

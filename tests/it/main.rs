@@ -1,5 +1,6 @@
 //! Integration tests, one binary (linking DataFusion once).
 
+mod ads;
 mod api;
 #[cfg(feature = "ballista")]
 mod ballista;

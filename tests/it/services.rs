@@ -225,3 +225,81 @@ pub fn raw_exports(project_dir: &Path, mapping: &str) -> String {
         .map(|f| std::fs::read_to_string(f).expect("read export"))
         .collect()
 }
+
+/// A Google API's published discovery document (`bigquery.v2.json`, `datamanager.v1.json`),
+/// from PyPI's `google-api-python-client`, which `.ci/test-tools` installs; `None` (skipped,
+/// or a failure under `SLUICE_REQUIRE_SERVICES=1`) when it is not there.
+pub fn google_discovery(document: &str, api: &str) -> Option<serde_json::Value> {
+    let path = crate::buckets::tools_dir().join(format!(
+        "warehouses/lib/python3.11/site-packages/googleapiclient/discovery_cache/documents/{document}"
+    ));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Some(serde_json::from_str(&text).expect("discovery document")),
+        Err(e) => {
+            unavailable(
+                &format!("{api}'s discovery document (PyPI google-api-python-client, from .ci/test-tools)"),
+                format!("{}: {e}", path.display()),
+            );
+            None
+        }
+    }
+}
+
+/// `value` is an instance of the discovery document's schema `name`: every key is one of its
+/// properties, of its type, inside lists too, and a value from its `enum` where it has one.
+pub fn discovery_conforms(
+    discovery: &serde_json::Value,
+    name: &str,
+    value: &serde_json::Value,
+    at: &str,
+) -> Result<(), String> {
+    let schema = &discovery["schemas"][name];
+    let properties = schema["properties"]
+        .as_object()
+        .ok_or_else(|| format!("no schema {name}"))?;
+    for (key, inner) in value
+        .as_object()
+        .ok_or_else(|| format!("{at} is not an object"))?
+    {
+        let property = properties
+            .get(key)
+            .ok_or_else(|| format!("{at}.{key} is not a field of {name}"))?;
+        conforms_to_property(discovery, property, inner, &format!("{at}.{key}"))?;
+    }
+    Ok(())
+}
+
+fn conforms_to_property(
+    discovery: &serde_json::Value,
+    property: &serde_json::Value,
+    value: &serde_json::Value,
+    at: &str,
+) -> Result<(), String> {
+    if let Some(reference) = property["$ref"].as_str() {
+        return discovery_conforms(discovery, reference, value, at);
+    }
+    let expected = property["type"].as_str().unwrap_or("any");
+    let ok = match expected {
+        "string" => value.is_string(),
+        "boolean" => value.is_boolean(),
+        "integer" => value.is_u64() || value.is_i64(),
+        "number" => value.is_number(),
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        _ => true,
+    };
+    if !ok {
+        return Err(format!("{at} should be {expected} ({})", property["format"]));
+    }
+    if let (Some(allowed), Some(text)) = (property["enum"].as_array(), value.as_str())
+        && !allowed.iter().any(|a| a == text)
+    {
+        return Err(format!("{at} is `{text}`, not one of {allowed:?}"));
+    }
+    if let (Some(items), Some(elements)) = (property.get("items"), value.as_array()) {
+        for (i, element) in elements.iter().enumerate() {
+            conforms_to_property(discovery, items, element, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}

@@ -29,7 +29,7 @@ pub struct VendorRequest {
 }
 
 impl VendorRequest {
-    fn header(&self, name: &str) -> &str {
+    pub fn header(&self, name: &str) -> &str {
         self.headers
             .get(name)
             .and_then(|v| v.to_str().ok())
@@ -103,7 +103,11 @@ async fn record(
     let form = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded") || v.starts_with("text/csv"));
+        .is_some_and(|v| {
+            v.starts_with("application/x-www-form-urlencoded")
+                || v.starts_with("text/csv")
+                || v.starts_with("text/xml")
+        });
     let body = if bytes.is_empty() {
         Value::Null
     } else if form {
@@ -137,6 +141,16 @@ fn users() -> Vec<User> {
 }
 
 fn project(destination: &str, mapping: &str) -> TestProject {
+    project_with_model(
+        "SELECT id, email, plan, lead_score, lifetime_value FROM users",
+        destination,
+        mapping,
+    )
+}
+
+/// A project whose model `users` (key `id`) runs `sql` over `data/users.parquet`, with these
+/// destinations and mappings.
+pub fn project_with_model(sql: &str, destination: &str, mapping: &str) -> TestProject {
     TestProject::new(&format!(
         r#"sources:
   warehouse:
@@ -146,7 +160,7 @@ fn project(destination: &str, mapping: &str) -> TestProject {
 models:
   users:
     source: warehouse
-    sql: SELECT id, email, plan, lead_score, lifetime_value FROM users
+    sql: {sql}
     primary_key: id
 destinations:
 {destination}

@@ -115,6 +115,22 @@ pub struct VendorLimits {
     pub gzip: bool,
 }
 
+impl VendorLimits {
+    /// `max_records` and `max_bytes` a request, four requests in flight, no pacing, no gzip:
+    /// what most vendors take; a vendor that needs more sets those fields on it.
+    pub fn per_request(max_records: usize, max_bytes: usize) -> Self {
+        Self {
+            max_records,
+            per_action: Vec::new(),
+            max_bytes,
+            max_record_bytes: None,
+            concurrency: 4,
+            rate: None,
+            gzip: false,
+        }
+    }
+}
+
 /// A destination's resolved delivery: its policy (with a rate limiter shared by every run of
 /// the destination in this process), its HTTP client and whether bodies are gzipped.
 #[derive(Clone)]
@@ -546,6 +562,34 @@ pub fn write_array<'a>(out: &mut Vec<u8>, parts: impl Iterator<Item = &'a [u8]>)
         out.extend_from_slice(part);
     }
     out.push(b']');
+}
+
+/// `{"<key>":[<parts>],"<name>":<value>,…}`: records' bodies as an array under `key`, then the
+/// request's other members (`test_event_code`, the event source). `capacity` is the parts'
+/// byte count.
+pub fn array_envelope<'a>(
+    key: &str,
+    parts: impl Iterator<Item = &'a [u8]>,
+    capacity: usize,
+    members: &[(&str, serde_json::Value)],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity + key.len() + 64);
+    out.push(b'{');
+    write_json_key(&mut out, key);
+    write_array(&mut out, parts);
+    for (name, value) in members {
+        out.push(b',');
+        write_json_key(&mut out, name);
+        // Serialising a JSON value into memory cannot fail.
+        let _ = serde_json::to_writer(&mut out, value);
+    }
+    out.push(b'}');
+    out
+}
+
+fn write_json_key(out: &mut Vec<u8>, key: &str) {
+    let _ = serde_json::to_writer(&mut *out, key);
+    out.push(b':');
 }
 
 /// Appends `{<extra>,<rest of object>}`: `object` with `extra` (`"k":v` pairs, no braces)

@@ -237,15 +237,7 @@ impl MetaDestination {
         {
             return Err("`ad_account_id` is the ad account's id (`act_123` or `123`)".into());
         }
-        let limits = |max_records: usize| VendorLimits {
-            max_records,
-            per_action: Vec::new(),
-            max_bytes: 4 * 1024 * 1024,
-            max_record_bytes: None,
-            concurrency: 4,
-            rate: None,
-            gzip: false,
-        };
+        let limits = |max_records: usize| VendorLimits::per_request(max_records, 4 * 1024 * 1024);
         // 1,000 events a Conversions API request; 10,000 members an audience request.
         let delivery = HttpDelivery::new(&config.delivery, limits(1000))?;
         let audience_delivery = HttpDelivery::new(&config.delivery, limits(10_000))?;
@@ -403,7 +395,11 @@ impl Destination for MetaDestination {
         Ok(HttpWriter::boxed(
             MetaApi {
                 events: self.graph.url(&format!("{pixel}/events")).map_err(config)?,
-                test_event_code: self.test_event_code.clone(),
+                envelope: self
+                    .test_event_code
+                    .iter()
+                    .map(|code| ("test_event_code", serde_json::Value::String(code.clone())))
+                    .collect(),
             },
             &self.delivery,
         ))
@@ -641,7 +637,8 @@ impl VendorApi for AudienceApi {
 
 struct MetaApi {
     events: reqwest::Url,
-    test_event_code: Option<String>,
+    /// `test_event_code`, when there is one.
+    envelope: Vec<(&'static str, serde_json::Value)>,
 }
 
 /// Graph API's error envelope: `{"error": {"message", "type", "code", "error_subcode",
@@ -706,20 +703,12 @@ impl VendorApi for MetaApi {
     }
 
     async fn request(&self, batch: &OutgoingBatch, range: Range<usize>) -> Result<ApiRequest, String> {
-        let mut body = Vec::with_capacity(batch.bodies.bytes_of(range.clone()) + 64);
-        body.extend_from_slice(b"{\"data\":[");
-        for (n, i) in range.enumerate() {
-            if n > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(batch.bodies.get(i));
-        }
-        body.push(b']');
-        if let Some(code) = &self.test_event_code {
-            body.extend_from_slice(b",\"test_event_code\":");
-            body.extend_from_slice(serde_json::Value::String(code.clone()).to_string().as_bytes());
-        }
-        body.push(b'}');
+        let body = crate::destinations::http::array_envelope(
+            "data",
+            range.clone().map(|i| batch.bodies.get(i)),
+            batch.bodies.bytes_of(range),
+            &self.envelope,
+        );
         Ok(ApiRequest::json(
             Method::POST,
             self.events.clone(),
@@ -812,7 +801,7 @@ mod tests {
     fn api() -> MetaApi {
         MetaApi {
             events: reqwest::Url::parse("https://graph.facebook.com/v26.0/1/events").unwrap(),
-            test_event_code: None,
+            envelope: Vec::new(),
         }
     }
 

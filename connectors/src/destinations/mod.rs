@@ -1,6 +1,7 @@
 pub mod braze;
 pub mod customerio;
 pub mod file;
+pub mod google_ads;
 pub mod google_sheets;
 pub mod http;
 pub mod hubspot;
@@ -12,4 +13,7 @@ pub mod oauth;
 pub mod postgres;
 pub mod salesforce;
 pub mod segment;
+pub mod sfmc;
+pub mod snapchat;
+pub mod tiktok;
 pub mod webhook;

@@ -169,18 +169,7 @@ impl SalesforceDestination {
                 config.api_version
             ));
         }
-        let delivery = HttpDelivery::new(
-            &config.delivery,
-            VendorLimits {
-                max_records: 200,
-                per_action: Vec::new(),
-                max_bytes: 6 * 1024 * 1024,
-                max_record_bytes: None,
-                concurrency: 4,
-                rate: None,
-                gzip: false,
-            },
-        )?;
+        let delivery = HttpDelivery::new(&config.delivery, VendorLimits::per_request(200, 6 * 1024 * 1024))?;
         Ok(Self {
             name: name.to_string(),
             login_url,
