@@ -8,7 +8,7 @@ use serde_json::Value;
 use sluice_engine::connector_types::{ActionType, ConnectorCatalog, ConnectorType};
 
 use crate::destinations::{
-    braze, customerio, file, google_ads, google_sheets, hubspot, iterable, klaviyo, meta, mixpanel,
+    braze, customerio, file, google_ads, google_sheets, hubspot, iterable, klaviyo, linkedin, meta, mixpanel,
     postgres as pg_destination, salesforce, segment, sfmc, snapchat, tiktok, webhook,
 };
 use crate::sources::{bigquery, databricks, files, mysql, postgres, snowflake, sqlite, sqlserver};
@@ -300,6 +300,19 @@ pub fn catalog() -> ConnectorCatalog {
                 ("subscribe", "Subscribes profiles to a list (`options.list_id`)"),
             ],
         )),
+        with_mapping_options::<linkedin::ConversionOptions>(with_actions(
+            connector(
+                "linkedin",
+                "LinkedIn",
+                "LinkedIn Conversions API events, matched by hashed email, LinkedIn's click id or the member's name and company.",
+                schema_of::<linkedin::LinkedinConfig>(),
+            ),
+            Some("conversions"),
+            &[(
+                "conversions",
+                "Conversion events of a conversion rule (options.conversion_id)",
+            )],
+        )),
         with_mapping_options::<sfmc::DataExtensionOptions>(with_actions(
             connector(
                 "salesforce_marketing_cloud",
@@ -383,6 +396,7 @@ mod tests {
             ("meta", meta::ACTIONS),
             ("tiktok", tiktok::ACTIONS),
             ("google_ads", google_ads::ACTIONS),
+            ("linkedin", linkedin::ACTIONS),
             ("snapchat", snapchat::ACTIONS),
             ("iterable", iterable::ACTIONS),
             ("customerio", customerio::ACTIONS),
@@ -488,6 +502,7 @@ mod tests {
             ("meta", &["access_token"]),
             ("tiktok", &["access_token"]),
             ("google_ads", &["service_account"]),
+            ("linkedin", &["access_token"]),
             ("salesforce_marketing_cloud", &["client_secret"]),
             ("snapchat", &["access_token"]),
             ("iterable", &["api_key"]),

@@ -55,6 +55,7 @@ pub const DESTINATION_TYPES: &[&str] = &[
     "snapchat",
     "google_ads",
     "salesforce_marketing_cloud",
+    "linkedin",
 ];
 
 impl ConnectorFactory for Connectors {
@@ -193,6 +194,10 @@ impl ConnectorFactory for Connectors {
                 name,
                 parse(config)?,
                 env,
+            )?)),
+            "linkedin" => Ok(Arc::new(destinations::linkedin::LinkedinDestination::new(
+                name,
+                parse(config)?,
             )?)),
             "salesforce_marketing_cloud" => Ok(Arc::new(destinations::sfmc::SfmcDestination::new(
                 name,

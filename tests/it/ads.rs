@@ -764,3 +764,83 @@ async fn marketing_cloud_rows_are_upserted_a_refused_row_fails_alone_and_deleted
     );
     assert_eq!(deletes[0].matches("<Objects ").count(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// LinkedIn
+
+/// LinkedIn's Conversions API: a `BATCH_CREATE` of `elements` with the versioned headers, each
+/// event naming the conversion rule's URN, `conversionHappenedAt` in milliseconds, `amount` as
+/// text and a hashed email among `user.userIds`; a batch holding a bad event is refused with
+/// 422 and `Index: N` in the message, the others answered with one status each.
+fn linkedin_server() -> impl FnMut(&VendorRequest) -> Response + Send + 'static {
+    move |request: &VendorRequest| {
+        assert_eq!(request.method, Method::POST);
+        assert_eq!(request.path, "/rest/conversionEvents");
+        assert_eq!(request.header("authorization"), "Bearer li-token");
+        assert_eq!(request.header("linkedin-version"), "202606");
+        assert_eq!(request.header("x-restli-protocol-version"), "2.0.0");
+        assert_eq!(request.header("x-restli-method"), "BATCH_CREATE");
+        let elements = request.body["elements"].as_array().cloned().unwrap_or_default();
+        assert!(!elements.is_empty() && elements.len() <= 5000);
+        let mut refused = String::new();
+        for (i, element) in elements.iter().enumerate() {
+            assert_eq!(
+                element["conversion"], "urn:lla:llaPartnerConversion:104012",
+                "{element}"
+            );
+            assert!(element["conversionHappenedAt"].is_i64(), "{element}");
+            assert!(element["conversionValue"]["amount"].is_string(), "{element}");
+            assert!(element["eventId"].is_string(), "{element}");
+            assert_eq!(element["user"]["userIds"][0]["idType"], "SHA256_EMAIL");
+            assert!(is_sha256(&element["user"]["userIds"][0]["idValue"]), "{element}");
+            if element["user"]["userInfo"]["title"] == "starter" {
+                refused.push_str(&format!("Index: {i}, ERROR :: /user/userInfo/firstName :: field is required but not found and has no default value\n"));
+            }
+        }
+        if !refused.is_empty() {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(json!({"status": 422, "message": refused})),
+            )
+                .into_response();
+        }
+        let statuses: Vec<Value> = elements.iter().map(|_| json!({"status": 201})).collect();
+        ok(json!({ "elements": statuses }))
+    }
+}
+
+#[tokio::test]
+async fn linkedin_conversions_are_batched_and_an_event_linkedin_names_fails_alone() {
+    let vendor = MockVendor::start(linkedin_server()).await;
+    let project = project(
+        &format!(
+            "  linkedin:\n    type: linkedin\n    access_token: li-token\n    url: {}",
+            vendor.url
+        ),
+        "  users_to_linkedin:\n    model: users\n    destination: linkedin\n    options: { conversion_id: \"104012\" }\n    fields: { conversionHappenedAt: purchased_at, email: email, conversionValue.amount: lifetime_value, title: plan }\n    constants: { conversionValue.currencyCode: USD }\n",
+    );
+    project.write_users(&users());
+    let output = project.sluice(&["run"]).await;
+    let text = format!("{}{}", stdout(&output), stderr(&output));
+    assert_eq!(output.status.code(), Some(2), "one event refused: {text}");
+    let requests = vendor.take();
+    assert_eq!(requests.len(), 2, "refused for ken, then the rest: {requests:?}");
+    let delivered = events(&requests[1..], "elements");
+    assert_eq!(delivered.len(), 3);
+    let ada = delivered
+        .iter()
+        .find(|e| e["conversionValue"]["amount"] == "10.5")
+        .unwrap_or_else(|| panic!("{delivered:?}"));
+    assert_eq!(ada["conversionHappenedAt"], 1_764_590_001_000i64);
+    assert_eq!(ada["conversionValue"]["currencyCode"], "USD");
+    assert_eq!(
+        ada["user"]["userIds"],
+        json!([{"idType": "SHA256_EMAIL", "idValue": sha256_hex(b"ada.lovelace+ads@gmail.com")}])
+    );
+    no_raw_email(&requests);
+    let runs = stdout(&project.sluice(&["runs", "--failures", "5"]).await);
+    assert!(
+        runs.contains("Index: 3, ERROR :: /user/userInfo/firstName"),
+        "{runs}"
+    );
+}

@@ -7,6 +7,7 @@ pub mod http;
 pub mod hubspot;
 pub mod iterable;
 pub mod klaviyo;
+pub mod linkedin;
 pub mod meta;
 pub mod mixpanel;
 pub mod oauth;
