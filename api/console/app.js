@@ -1431,12 +1431,17 @@ function ShapeHint({ shape }) {
   const list = (names) => names.map((n, i) => html`${i > 0 ? ", " : ""}<code>${n}</code>`);
   const idAliases = shape.aliases.filter((a) => shape.identity.includes(a.field));
   const topLevel = shape.top_level.filter((f) => !shape.filled.includes(f));
+  const formats = shape.formats || [];
+  const hashed = formats.filter((f) => f.format.startsWith("sha256"));
+  const written = formats.filter((f) => !f.format.startsWith("sha256"));
   return html`<ul class="muted small shape-hint" aria-label="What the destination expects">
     ${shape.identity.length > 0 && html`<li>Each record needs ${shape.identity.length > 1 ? "one of " : ""}${list(shape.identity)}${idAliases.length > 0 ? html` (taken from a ${list(idAliases.map((a) => a.column))} column when not mapped)` : ""}.</li>`}
     ${shape.required.length > 0 && html`<li>Must be filled: ${list(shape.required)}.</li>`}
     ${topLevel.length > 0 && html`<li>Top-level fields: ${list(topLevel)}.</li>`}
     ${shape.filled.length > 0 && html`<li>sluice fills ${list(shape.filled)} itself.</li>`}
     ${shape.container && html`<li>Any other field goes under <code>${shape.container}</code>.</li>`}
+    ${hashed.length > 0 && html`<li>Sent SHA-256 hashed, never raw: ${list(hashed.map((f) => f.field))}.</li>`}
+    ${written.length > 0 && html`<li>Written as: ${written.map((f, i) => html`${i > 0 ? ", " : ""}<code>${f.field}</code> ${f.format.replace("_", " ")}`)}.</li>`}
     ${shape.events && html`<li>Each record is an event, sent once.</li>`}
   </ul>`;
 }

@@ -18,7 +18,9 @@ use crate::AppState;
 use crate::cache::{FOR_OTHERS, to_json};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, optional_body};
-use crate::views::{Column, Definition, DefinitionPage, FieldAlias, Preview, RecordShape, TestResult};
+use crate::views::{
+    Column, Definition, DefinitionPage, FieldAlias, FieldFormat, Preview, RecordShape, TestResult,
+};
 
 /// Most items one page of definitions holds.
 const MAX_PAGE: usize = 1000;
@@ -487,6 +489,11 @@ pub async fn destination_shape(
             .map(|(column, field)| FieldAlias { column, field })
             .collect(),
         filled,
+        formats: shape
+            .formats
+            .into_iter()
+            .map(|(field, format)| FieldFormat { field, format })
+            .collect(),
     }))
 }
 

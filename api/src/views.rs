@@ -296,6 +296,16 @@ pub struct RecordShape {
     pub aliases: Vec<FieldAlias>,
     /// Fields sluice fills itself (`type`, the message id).
     pub filled: Vec<String>,
+    /// How fields mapped without an explicit `as:` are written: `sha256_email` (hashed, never
+    /// sent raw), `unix_seconds`, `rfc3339`, ...
+    pub formats: Vec<FieldFormat>,
+}
+
+/// The format a destination writes a field in unless the mapping says otherwise.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FieldFormat {
+    pub field: String,
+    pub format: sluice_engine::destination::ValueFormat,
 }
 
 /// A model column taken for a destination field by default.

@@ -474,6 +474,10 @@ async fn a_destinations_record_shape_says_what_a_mapping_must_fill() {
             "hubspot",
             json!({"type": "hubspot", "token": "pat", "url": receiver.url}),
         ),
+        (
+            "tiktok",
+            json!({"type": "tiktok", "access_token": "tt", "event_source_id": "CJ1", "url": receiver.url}),
+        ),
     ] {
         let (status, body) = api
             .admin(
@@ -506,6 +510,19 @@ async fn a_destinations_record_shape_says_what_a_mapping_must_fill() {
     let (_, body) = shape("segment", json!({"action": "track"})).await;
     assert_eq!(body["required"], json!(["event"]), "{body}");
     assert_eq!(body["events"], true);
+    assert_eq!(body["formats"], json!([]), "{body}");
+    // An ad platform's customer information is hashed, and the shape says so.
+    let (status, body) = shape("tiktok", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let formats = body["formats"].as_array().cloned().unwrap_or_default();
+    assert!(
+        formats.contains(&json!({"field": "user.email", "format": "sha256_email"})),
+        "{body}"
+    );
+    assert!(
+        formats.contains(&json!({"field": "event_time", "format": "unix_seconds"})),
+        "{body}"
+    );
 
     let (status, body) = shape("segment", json!({})).await;
     assert_error(
