@@ -13,7 +13,13 @@
 //! - `tiktok`, `snapchat`: Events API / Conversions API events, email hashed.
 //!
 //! `cargo bench --bench deliver -- [rows] [destination ...]` (default 1,000,000, all).
+//!
+//! With `--whole-run`, each destination is then also timed as the user's whole job: the rows
+//! written as a Parquet file, and `sluice run` (this build's binary, or `SLUICE_BENCH_BIN`) as a
+//! process reading them through the `files` source, snapshotting, diffing and delivering to the
+//! same receiver; wall time, the process's CPU time and peak RSS.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -27,6 +33,9 @@ use sluice_engine::config::{ConnectorConfig, MappingConfig};
 use sluice_engine::destination::{RunInfo, SyncMode};
 use sluice_engine::mapping::MappingPlan;
 use sluice_engine::source::{ConnectorEnv, ConnectorFactory};
+
+#[path = "common/process.rs"]
+mod process;
 
 const BATCH_ROWS: usize = 65_536;
 
@@ -165,7 +174,36 @@ async fn receive(counter: Arc<AtomicUsize>, uri: axum::http::Uri, body: Bytes) -
     axum::Json(answer).into_response()
 }
 
+/// A project running `profile`'s mapping over `data/users.parquet` in `dir`.
+fn write_project(
+    dir: &Path,
+    profile: &Profile,
+    options: &serde_json::Map<String, serde_json::Value>,
+) -> std::path::PathBuf {
+    let mut destination = options.clone();
+    destination.insert("type".into(), profile.kind.into());
+    let config = format!(
+        "state_dir: .sluice\nsources:\n  warehouse:\n    type: files\n    tables:\n      users: data/users.parquet\nmodels:\n  users:\n    source: warehouse\n    sql: SELECT id, email, plan, country FROM users\n    primary_key: id\ndestinations:\n  d: {}\nmappings:\n  bench: {}\n",
+        serde_json::Value::Object(destination),
+        profile.mapping
+    );
+    let path = dir.join("sluice.yaml");
+    std::fs::write(&path, config).expect("config");
+    path
+}
+
+fn write_parquet(path: &Path, batches: &[RecordBatch]) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("data dir");
+    let file = std::fs::File::create(path).expect("parquet file");
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batches[0].schema(), None).expect("writer");
+    for batch in batches {
+        writer.write(batch).expect("write");
+    }
+    writer.close().expect("close");
+}
+
 fn main() {
+    let whole_run = std::env::args().any(|a| a == "--whole-run");
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let rows: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
     let wanted: Vec<&String> = args.iter().filter(|a| a.parse::<usize>().is_err()).collect();
@@ -252,6 +290,32 @@ fn main() {
                 policy.max_records,
                 policy.concurrency
             );
+            if whole_run {
+                let dir = tempfile::tempdir().expect("project dir");
+                write_parquet(&dir.path().join("data/users.parquet"), &batches);
+                let mut options = profile.options.as_object().cloned().expect("options");
+                options.insert("delivery".into(), serde_json::json!({"rate_limit": "off"}));
+                let config = write_project(dir.path(), &profile, &options);
+                received.store(0, Ordering::Relaxed);
+                let binary = std::env::var_os("SLUICE_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into());
+                let mut command = std::process::Command::new(binary);
+                command
+                    .args(["run", "--config"])
+                    .arg(&config)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                let (cost, _) = process::measure(&mut command, false);
+                assert_eq!(cost.exit, 0, "{}: sluice run failed", profile.name);
+                assert_eq!(received.load(Ordering::Relaxed), rows, "{}: the receiver got every record", profile.name);
+                println!(
+                    "{:<22} whole `sluice run`: {:.2} s wall, {:.2} s CPU, {:.0} MiB peak RSS: {:.0} records/s",
+                    profile.name,
+                    cost.wall,
+                    cost.cpu,
+                    cost.peak_rss_mib,
+                    rows as f64 / cost.wall
+                );
+            }
         }
     });
 }
