@@ -844,3 +844,99 @@ async fn linkedin_conversions_are_batched_and_an_event_linkedin_names_fails_alon
         "{runs}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Payloads
+
+/// Every ad destination's requests for two users, as a dry run shows them (no vendor is
+/// reached, no token is fetched or shown), pinned.
+#[tokio::test]
+async fn ad_payloads_are_pinned() {
+    let credential = json!({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "refresh-never-shown", "token_uri": "http://127.0.0.1:9/token"});
+    let project = project(
+        &format!(
+            r#"  tiktok:
+    type: tiktok
+    access_token: tiktok-token-never-shown
+    event_source_id: CJ1ABC
+    url: http://127.0.0.1:9
+  snapchat:
+    type: snapchat
+    access_token: snap-token-never-shown
+    pixel_id: 6b8c1bd4-pixel
+    url: http://127.0.0.1:9
+  google:
+    type: google_ads
+    service_account: '{credential}'
+    customer_id: 123-456-7890
+    consent: {{ ad_user_data: granted, ad_personalization: denied }}
+    customer_match_terms_accepted: true
+    url: http://127.0.0.1:9
+  linkedin:
+    type: linkedin
+    access_token: li-token-never-shown
+    url: http://127.0.0.1:9
+  sfmc:
+    type: salesforce_marketing_cloud
+    subdomain: mc563885gzs27c5t9-63k636ttgm
+    client_id: c
+    client_secret: sfmc-secret-never-shown
+    auth_url: http://127.0.0.1:9"#
+        ),
+        r#"  to_tiktok:
+    model: users
+    destination: tiktok
+    fields: { event_time: purchased_at, user.email: email, user.phone: phone, value: lifetime_value }
+    constants: { event: CompletePayment, currency: USD }
+  to_snapchat:
+    model: users
+    destination: snapchat
+    fields: { event_time: purchased_at, user_data.em: email, user_data.ph: phone, value: lifetime_value }
+    constants: { event_name: PURCHASE, action_source: OFFLINE }
+  to_google:
+    model: users
+    destination: google
+    action: conversions
+    options: { conversion_action_id: "6543210987" }
+    fields: { eventTimestamp: purchased_at, adIdentifiers.gclid: gclid, email: email, phone: phone, conversionValue: lifetime_value, plan: plan }
+    constants: { eventSource: WEB, currency: EUR }
+  to_customer_match:
+    model: users
+    destination: google
+    action: customer_match
+    options: { user_list_id: "5555555555" }
+    fields: { email: email, phone: phone }
+  to_linkedin:
+    model: users
+    destination: linkedin
+    options: { conversion_id: "104012" }
+    fields: { conversionHappenedAt: purchased_at, email: email, conversionValue.amount: lifetime_value }
+    constants: { conversionValue.currencyCode: USD }
+  to_sfmc:
+    model: users
+    destination: sfmc
+    options: { external_key: Users_DE, keys: [SubscriberKey] }
+    fields: { SubscriberKey: { column: id, as: string }, EmailAddress: email, Plan: plan }"#,
+    );
+    project.write_users(&users()[..2]);
+    let output = project.sluice(&["run", "--dry-run"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        !text.contains("never-shown"),
+        "no credential shows in a dry run: {text}"
+    );
+    // The ad platforms get customer information hashed; a data extension gets it as it is.
+    let ads: String = text.lines().filter(|l| !l.contains("marketing-cloud")).collect();
+    assert!(
+        !ads.contains("@example.com") && !ads.contains("@gmail.com"),
+        "{text}"
+    );
+    let mut lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    // The mappings run at once: pin them in a stable order.
+    lines.sort_by_key(|l| l.to_string());
+    insta::assert_json_snapshot!(lines);
+}
