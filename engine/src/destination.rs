@@ -260,6 +260,16 @@ impl PayloadShape {
         self.formats.push((field.to_string(), format));
         self
     }
+    /// Formats of several fields (the customer information a platform takes hashed); a field
+    /// without one is sent as it is.
+    pub fn formats(mut self, formats: &[(&str, Option<ValueFormat>)]) -> Self {
+        for (field, format) in formats {
+            if let Some(format) = format {
+                self.formats.push((field.to_string(), *format));
+            }
+        }
+        self
+    }
 }
 
 /// How the delivery layer should batch and pace requests to a destination.

@@ -56,7 +56,6 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -73,8 +72,8 @@ use sluice_engine::source::ConnectorEnv;
 use sluice_engine::{ConfigString, DestinationError, Secret};
 
 use crate::destinations::http::{
-    ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits,
-    secret_header, snippet,
+    ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, TokenRefusals, VendorApi,
+    VendorLimits, secret_header, snippet,
 };
 use crate::google_auth::GoogleAuth;
 
@@ -443,18 +442,14 @@ impl Destination for GoogleAdsDestination {
                 MappingOptions::parse("conversions", options)?;
                 let mut top: Vec<&str> = EVENT_FIELDS.to_vec();
                 top.extend(IDENTIFIERS.iter().map(|(name, _)| *name));
-                let mut shape = PayloadShape::default()
+                let shape = PayloadShape::default()
                     .top_level(&top)
                     .container("customVariables")
                     .identity(CONVERSION_MATCH)
                     .required(&["eventTimestamp"])
                     .format("eventTimestamp", ValueFormat::Rfc3339)
-                    .format("lastUpdatedTimestamp", ValueFormat::Rfc3339);
-                for (name, format) in IDENTIFIERS {
-                    if let Some(format) = format {
-                        shape = shape.format(name, *format);
-                    }
-                }
+                    .format("lastUpdatedTimestamp", ValueFormat::Rfc3339)
+                    .formats(IDENTIFIERS);
                 Ok(Some(ActionSpec::new("conversions", shape)))
             }
             "customer_match" => {
@@ -463,12 +458,10 @@ impl Destination for GoogleAdsDestination {
                     return Err("Google requires every Customer Match upload to say the account accepted the Customer Match terms (Google Ads > Audience manager): once it has, set `customer_match_terms_accepted: true` on the destination".into());
                 }
                 let names: Vec<&str> = IDENTIFIERS.iter().map(|(name, _)| *name).collect();
-                let mut shape = PayloadShape::default().top_level(&names).identity(&names);
-                for (name, format) in IDENTIFIERS {
-                    if let Some(format) = format {
-                        shape = shape.format(name, *format);
-                    }
-                }
+                let shape = PayloadShape::default()
+                    .top_level(&names)
+                    .identity(&names)
+                    .formats(IDENTIFIERS);
                 Ok(Some(
                     ActionSpec::new("customer_match", shape)
                         .modes(&[SyncMode::Upsert, SyncMode::Mirror])
@@ -540,8 +533,7 @@ impl Destination for GoogleAdsDestination {
                 consent: self.consent.clone(),
                 auth: self.auth.clone(),
                 token: tokio::sync::Mutex::new(None),
-                refusals: AtomicUsize::new(0),
-                stale: AtomicBool::new(false),
+                tokens: TokenRefusals::default(),
             },
             delivery,
         ))
@@ -559,10 +551,7 @@ struct DataManagerApi {
     auth: Arc<GoogleAuth>,
     /// The access token requests carry (none in a dry run).
     token: tokio::sync::Mutex<Option<String>>,
-    /// Access tokens refused in a row: the first is fetched again, the next stops the run.
-    refusals: AtomicUsize,
-    /// The cached access token was refused: the next request fetches a new one.
-    stale: AtomicBool,
+    tokens: TokenRefusals,
 }
 
 /// Google's error envelope: `{"error": {"code", "message", "status", "details": [...]}}`,
@@ -747,7 +736,7 @@ impl VendorApi for DataManagerApi {
     }
 
     async fn authorize(&self) -> Result<(), SendOutcome> {
-        if self.stale.swap(false, Ordering::Relaxed) {
+        if self.tokens.take_stale() {
             self.auth.forget().await;
         }
         let token = self
@@ -813,7 +802,7 @@ impl VendorApi for DataManagerApi {
     /// `{"requestId": "...", "fieldWarnings": [...]}`: the request was taken whole; warnings
     /// are about optional fields Google ignored.
     fn on_success(&self, answer: &HttpAnswer, _batch: &OutgoingBatch, range: Range<usize>) -> SendOutcome {
-        self.refusals.store(0, Ordering::Relaxed);
+        self.tokens.accepted();
         if let Ok(parsed) = serde_json::from_str::<Value>(&answer.body)
             && let Some(warnings) = parsed["fieldWarnings"].as_array().filter(|w| !w.is_empty())
         {
@@ -834,20 +823,7 @@ impl VendorApi for DataManagerApi {
         };
         let reason = format!("Google Data Manager: {}", error.describe());
         match answer.status.as_u16() {
-            401 => {
-                // An access token can expire between being fetched and used: fetch it again
-                // once; refused again, the credentials themselves are wrong.
-                if self.refusals.fetch_add(1, Ordering::Relaxed) == 0 {
-                    self.stale.store(true, Ordering::Relaxed);
-                    return SendOutcome::Retry {
-                        reason,
-                        after: Some(Duration::from_millis(50)),
-                    };
-                }
-                SendOutcome::Fatal {
-                    reason: format!("{reason}; {AUTH_HINT}"),
-                }
-            }
+            401 => self.tokens.refused(reason, AUTH_HINT),
             403 | 404 => SendOutcome::Fatal {
                 reason: format!(
                     "{reason}; check `customer_id`, `login_customer_id`, the mapping's conversion action or list, and the credentials' access ({AUTH_HINT})"
@@ -915,8 +891,7 @@ mod tests {
             consent: destination.consent.clone(),
             auth: destination.auth.clone(),
             token: tokio::sync::Mutex::new(None),
-            refusals: AtomicUsize::new(0),
-            stale: AtomicBool::new(false),
+            tokens: TokenRefusals::default(),
         }
     }
 
@@ -1013,10 +988,7 @@ mod tests {
             api.on_error(&answer(401, expired.clone()), &batch, 0..1),
             SendOutcome::Retry { .. }
         ));
-        assert!(
-            api.stale.load(Ordering::Relaxed),
-            "the next request fetches a new token"
-        );
+        assert!(api.tokens.is_stale(), "the next request fetches a new token");
         assert!(matches!(
             api.on_error(&answer(401, expired.clone()), &batch, 0..1),
             SendOutcome::Fatal { .. }

@@ -592,6 +592,46 @@ fn write_json_key(out: &mut Vec<u8>, key: &str) {
     out.push(b':');
 }
 
+/// A cached access token the vendor refused: the next request drops it and fetches another,
+/// once; refused again before any request is accepted, the credentials themselves are wrong
+/// and the run stops. (A token can expire between being fetched and being used.)
+#[derive(Debug, Default)]
+pub struct TokenRefusals {
+    stale: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl TokenRefusals {
+    /// Whether the cached token must be dropped before the next request; asking clears it.
+    pub fn take_stale(&self) -> bool {
+        self.stale.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the next request drops the cached token.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The outcome of a refused token: a retry with a new one, or the run's end with `hint`.
+    pub fn refused(&self, reason: String, hint: &str) -> SendOutcome {
+        if self.refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return SendOutcome::Fatal {
+                reason: format!("{reason}; {hint}"),
+            };
+        }
+        self.stale.store(true, std::sync::atomic::Ordering::Relaxed);
+        SendOutcome::Retry {
+            reason,
+            after: Some(Duration::from_millis(50)),
+        }
+    }
+
+    /// A request was accepted: the token works.
+    pub fn accepted(&self) {
+        self.refused.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Appends `{<extra>,<rest of object>}`: `object` with `extra` (`"k":v` pairs, no braces)
 /// inserted first. `object` must be a JSON object.
 pub fn write_object_with(out: &mut Vec<u8>, extra: &[u8], object: &[u8]) {

@@ -107,18 +107,18 @@ const EVENT_FIELDS: &[&str] = &[
 ];
 
 /// Customer information Meta takes only hashed, and how each is normalised.
-const HASHED: &[(&str, ValueFormat)] = &[
-    ("user_data.em", ValueFormat::Sha256Email),
-    ("user_data.ph", ValueFormat::Sha256PhoneDigits),
-    ("user_data.fn", ValueFormat::Sha256Name),
-    ("user_data.ln", ValueFormat::Sha256Name),
-    ("user_data.ct", ValueFormat::Sha256City),
-    ("user_data.st", ValueFormat::Sha256State),
-    ("user_data.zp", ValueFormat::Sha256Zip),
-    ("user_data.country", ValueFormat::Sha256Country),
-    ("user_data.ge", ValueFormat::Sha256Gender),
-    ("user_data.db", ValueFormat::Sha256DateOfBirth),
-    ("user_data.external_id", ValueFormat::Sha256),
+const HASHED: &[(&str, Option<ValueFormat>)] = &[
+    ("user_data.em", Some(ValueFormat::Sha256Email)),
+    ("user_data.ph", Some(ValueFormat::Sha256PhoneDigits)),
+    ("user_data.fn", Some(ValueFormat::Sha256Name)),
+    ("user_data.ln", Some(ValueFormat::Sha256Name)),
+    ("user_data.ct", Some(ValueFormat::Sha256City)),
+    ("user_data.st", Some(ValueFormat::Sha256State)),
+    ("user_data.zp", Some(ValueFormat::Sha256Zip)),
+    ("user_data.country", Some(ValueFormat::Sha256Country)),
+    ("user_data.ge", Some(ValueFormat::Sha256Gender)),
+    ("user_data.db", Some(ValueFormat::Sha256DateOfBirth)),
+    ("user_data.external_id", Some(ValueFormat::Sha256)),
 ];
 
 /// What Meta matches an event to a person by: a record needs one of these.
@@ -281,16 +281,14 @@ impl Destination for MetaDestination {
                             .into(),
                     );
                 }
-                let mut shape = PayloadShape::default()
+                let shape = PayloadShape::default()
                     .top_level(EVENT_FIELDS)
                     .container("custom_data")
                     .message_id("event_id")
                     .identity(MATCH_KEYS)
                     .required(&["event_name", "event_time", "action_source"])
-                    .format("event_time", ValueFormat::UnixSeconds);
-                for (field, format) in HASHED {
-                    shape = shape.format(field, *format);
-                }
+                    .format("event_time", ValueFormat::UnixSeconds)
+                    .formats(HASHED);
                 Ok(Some(ActionSpec::new("conversions", shape).events()))
             }
             "audience" => {
@@ -299,12 +297,10 @@ impl Destination for MetaDestination {
                     return Err("an audience named by `audience_name` is found or created in an ad account: give the destination its `ad_account_id`".into());
                 }
                 let keys: Vec<&str> = AUDIENCE_KEYS.iter().map(|(k, _)| *k).collect();
-                let mut shape = PayloadShape::default().top_level(&keys).identity(&keys);
-                for (key, format) in AUDIENCE_KEYS {
-                    if let Some(format) = format {
-                        shape = shape.format(key, *format);
-                    }
-                }
+                let shape = PayloadShape::default()
+                    .top_level(&keys)
+                    .identity(&keys)
+                    .formats(AUDIENCE_KEYS);
                 Ok(Some(
                     ActionSpec::new("audience", shape)
                         .modes(&[SyncMode::Upsert, SyncMode::Mirror])

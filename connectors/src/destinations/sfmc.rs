@@ -30,7 +30,6 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -46,8 +45,8 @@ use sluice_engine::destination::{
 use sluice_engine::{ConfigString, DestinationError, Secret};
 
 use crate::destinations::http::{
-    ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, VendorApi, VendorLimits,
-    secret_header, snippet,
+    ApiRequest, DeliverySettings, HttpAnswer, HttpDelivery, HttpWriter, TokenRefusals, VendorApi,
+    VendorLimits, secret_header, snippet,
 };
 
 pub const ACTIONS: &[&str] = &["data_extension"];
@@ -309,8 +308,7 @@ impl Destination for SfmcDestination {
                 keys: options.keys,
                 credentials: self.credentials.clone(),
                 token: tokio::sync::Mutex::new(None),
-                stale: AtomicBool::new(false),
-                refused_once: AtomicBool::new(false),
+                tokens: TokenRefusals::default(),
             },
             &self.delivery,
         ))
@@ -323,11 +321,7 @@ struct DataExtensionApi {
     credentials: Arc<Credentials>,
     /// The token requests carry (none in a dry run).
     token: tokio::sync::Mutex<Option<Token>>,
-    /// The token was refused: the next request fetches another.
-    stale: AtomicBool,
-    /// A token was refused since the last accepted request: refused again, the credentials
-    /// are wrong.
-    refused_once: AtomicBool,
+    tokens: TokenRefusals,
 }
 
 /// Marketing Cloud's REST error envelope: `{"message", "errorcode", "documentation",
@@ -491,20 +485,6 @@ impl DataExtensionApi {
         Ok(xml.into_bytes())
     }
 
-    /// A refused token: fetched again once; refused again, the run stops.
-    fn token_refused(&self, reason: String) -> SendOutcome {
-        if self.refused_once.swap(true, Ordering::Relaxed) {
-            return SendOutcome::Fatal {
-                reason: format!("{reason}; {AUTH_HINT}"),
-            };
-        }
-        self.stale.store(true, Ordering::Relaxed);
-        SendOutcome::Retry {
-            reason,
-            after: Some(Duration::from_millis(50)),
-        }
-    }
-
     fn on_delete_answer(&self, answer: &HttpAnswer, range: Range<usize>) -> SendOutcome {
         let parsed = match read_soap(&answer.body) {
             Ok(parsed) => parsed,
@@ -516,7 +496,7 @@ impl DataExtensionApi {
         if let Some(fault) = parsed.fault {
             let reason = format!("Marketing Cloud SOAP fault: {fault}");
             if fault.to_lowercase().contains("token expired") || answer.status.as_u16() == 401 {
-                return self.token_refused(reason);
+                return self.tokens.refused(reason, AUTH_HINT);
             }
             // Marketing Cloud throttles SOAP calls with HTTP 500.
             if answer.status.is_server_error() {
@@ -530,7 +510,7 @@ impl DataExtensionApi {
         if !answer.status.is_success() {
             return crate::destinations::http::classify("Marketing Cloud", answer, AUTH_HINT);
         }
-        self.refused_once.store(false, Ordering::Relaxed);
+        self.tokens.accepted();
         let mut failures = Vec::new();
         for (position, result) in parsed.results.iter().enumerate() {
             let ok = result.status_code.eq_ignore_ascii_case("OK")
@@ -582,7 +562,7 @@ impl VendorApi for DataExtensionApi {
     }
 
     async fn authorize(&self) -> Result<(), SendOutcome> {
-        if self.stale.swap(false, Ordering::Relaxed) {
+        if self.tokens.take_stale() {
             self.credentials.forget().await;
         }
         let token = self
@@ -642,7 +622,7 @@ impl VendorApi for DataExtensionApi {
         if batch.actions[range.start] == RecordAction::Delete {
             return self.on_delete_answer(answer, range);
         }
-        self.refused_once.store(false, Ordering::Relaxed);
+        self.tokens.accepted();
         SendOutcome::Accepted
     }
 
@@ -655,7 +635,7 @@ impl VendorApi for DataExtensionApi {
         };
         let reason = format!("Marketing Cloud: {}", error.describe());
         match (answer.status.as_u16(), error.errorcode) {
-            (401, _) => self.token_refused(reason),
+            (401, _) => self.tokens.refused(reason, AUTH_HINT),
             (403, _) | (_, Some(20002)) => SendOutcome::Fatal {
                 reason: format!("{reason}; {AUTH_HINT}"),
             },
@@ -734,8 +714,7 @@ mod tests {
             .unwrap()
             .credentials,
             token: tokio::sync::Mutex::new(None),
-            stale: AtomicBool::new(false),
-            refused_once: AtomicBool::new(false),
+            tokens: TokenRefusals::default(),
         };
         let mut batch = OutgoingBatch::empty();
         batch.actions.push(RecordAction::Upsert);

@@ -90,18 +90,18 @@ const EVENT_FIELDS: &[&str] = &[
 ];
 
 /// Customer information Snap takes only hashed, and how each is normalised.
-const HASHED: &[(&str, ValueFormat)] = &[
-    ("user_data.em", ValueFormat::Sha256Email),
-    ("user_data.ph", ValueFormat::Sha256PhoneDigits),
-    ("user_data.fn", ValueFormat::Sha256Name),
-    ("user_data.ln", ValueFormat::Sha256Name),
-    ("user_data.ge", ValueFormat::Sha256Gender),
-    ("user_data.ct", ValueFormat::Sha256City),
-    ("user_data.st", ValueFormat::Sha256State),
-    ("user_data.zp", ValueFormat::Sha256Zip),
-    ("user_data.country", ValueFormat::Sha256Country),
-    ("user_data.external_id", ValueFormat::Sha256),
-    ("user_data.db", ValueFormat::Sha256DateOfBirth),
+const HASHED: &[(&str, Option<ValueFormat>)] = &[
+    ("user_data.em", Some(ValueFormat::Sha256Email)),
+    ("user_data.ph", Some(ValueFormat::Sha256PhoneDigits)),
+    ("user_data.fn", Some(ValueFormat::Sha256Name)),
+    ("user_data.ln", Some(ValueFormat::Sha256Name)),
+    ("user_data.ge", Some(ValueFormat::Sha256Gender)),
+    ("user_data.ct", Some(ValueFormat::Sha256City)),
+    ("user_data.st", Some(ValueFormat::Sha256State)),
+    ("user_data.zp", Some(ValueFormat::Sha256Zip)),
+    ("user_data.country", Some(ValueFormat::Sha256Country)),
+    ("user_data.external_id", Some(ValueFormat::Sha256)),
+    ("user_data.db", Some(ValueFormat::Sha256DateOfBirth)),
 ];
 
 /// `user_data` fields Snap's OpenAPI document types as lists of strings.
@@ -181,16 +181,14 @@ impl Destination for SnapchatDestination {
         match action.unwrap_or("conversions") {
             "conversions" => {
                 crate::destinations::http::no_options("snapchat", options)?;
-                let mut shape = PayloadShape::default()
+                let shape = PayloadShape::default()
                     .top_level(EVENT_FIELDS)
                     .container("custom_data")
                     .message_id("event_id")
                     .identity(MATCH_KEYS)
                     .required(&["event_name", "event_time", "action_source"])
-                    .format("event_time", ValueFormat::UnixSeconds);
-                for (field, format) in HASHED {
-                    shape = shape.format(field, *format);
-                }
+                    .format("event_time", ValueFormat::UnixSeconds)
+                    .formats(HASHED);
                 Ok(Some(ActionSpec::new("conversions", shape).events()))
             }
             other => Err(format!(

@@ -110,13 +110,13 @@ const EVENT_FIELDS: &[&str] = &[
 ];
 
 /// Customer information TikTok takes only hashed, and how each is normalised.
-const HASHED: &[(&str, ValueFormat)] = &[
-    ("user.email", ValueFormat::Sha256Email),
-    ("user.phone", ValueFormat::Sha256Phone),
-    ("user.external_id", ValueFormat::Sha256),
-    ("user.first_name", ValueFormat::Sha256Name),
-    ("user.last_name", ValueFormat::Sha256Name),
-    ("user.zip_code", ValueFormat::Sha256Zip),
+const HASHED: &[(&str, Option<ValueFormat>)] = &[
+    ("user.email", Some(ValueFormat::Sha256Email)),
+    ("user.phone", Some(ValueFormat::Sha256Phone)),
+    ("user.external_id", Some(ValueFormat::Sha256)),
+    ("user.first_name", Some(ValueFormat::Sha256Name)),
+    ("user.last_name", Some(ValueFormat::Sha256Name)),
+    ("user.zip_code", Some(ValueFormat::Sha256Zip)),
 ];
 
 /// What TikTok matches an event to a person by: a record needs one of these.
@@ -215,16 +215,14 @@ impl Destination for TiktokDestination {
         match action.unwrap_or("events") {
             "events" => {
                 crate::destinations::http::no_options("tiktok", options)?;
-                let mut shape = PayloadShape::default()
+                let shape = PayloadShape::default()
                     .top_level(EVENT_FIELDS)
                     .container("properties")
                     .message_id("event_id")
                     .identity(MATCH_KEYS)
                     .required(&["event", "event_time"])
-                    .format("event_time", ValueFormat::UnixSeconds);
-                for (field, format) in HASHED {
-                    shape = shape.format(field, *format);
-                }
+                    .format("event_time", ValueFormat::UnixSeconds)
+                    .formats(HASHED);
                 Ok(Some(ActionSpec::new("events", shape).events()))
             }
             other => Err(format!(
