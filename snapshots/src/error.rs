@@ -65,6 +65,11 @@ pub enum SnapshotError {
     #[error("the query returned batches with different schemas: expected {expected}, got {got}")]
     SchemaMismatch { expected: String, got: String },
 
+    #[error(
+        "model `{model}`: a changed row was taken for an unchanged one while streaming (a 64-bit fingerprint collision, odds of about one in 2^40 a row); nothing was committed, and the next run salts its fingerprints anew, so run it again"
+    )]
+    FingerprintCollision { model: String },
+
     #[error("background snapshot writer failed: {0}")]
     Task(String),
 }

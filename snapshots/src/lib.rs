@@ -4,9 +4,11 @@
 //! its parent does not hold; see [`SnapshotWriter`]).
 
 mod error;
+mod fingerprints;
 pub mod hash;
 mod history;
 mod manifest;
+mod object_reader;
 mod prune;
 mod storage;
 mod store;
@@ -20,6 +22,7 @@ pub use manifest::{
     OP_DELETED, OP_UPDATED, RESERVED_PREFIX, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest, column_infos,
     covering,
 };
+pub use object_reader::ObjectFileReader;
 pub use storage::{OpenError, OpenedStore, UnfinishedUpload, UploadJanitor, open_store, store_action};
 pub use store::SnapshotStore;
 pub use table::{

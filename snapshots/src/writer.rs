@@ -8,7 +8,11 @@
 //!
 //! Writing happens in two phases, so memory stays bounded however large the model:
 //! 1. **Spill** (while the source streams): each batch gets its row hash column and is cut by
-//!    key hash into [`PARTITIONS`] fine partitions, appended to local Arrow IPC files.
+//!    key hash into [`PARTITIONS`] fine partitions, appended to local Arrow IPC files. A
+//!    snapshot that is to be a delta first loads fingerprints of its parent's keys and row
+//!    hashes (`fingerprints`), and probes each row: every row's key and hash are spilled, but
+//!    whole rows only for those the parent does not hold (new or changed), a few percent of a
+//!    typical run instead of all of them.
 //! 2. **Sort and write** (at commit, when the row count is known), two buckets at a time, as a
 //!    base or as a delta of a parent snapshot:
 //!    - a **base** writes every row: the bucket count is chosen from the row count; each bucket
@@ -18,7 +22,8 @@
 //!      bucket are sorted; a merge with the parent's index (keys, row hashes, layers, sorted the
 //!      same way) finds the rows that are new or changed, and the bucket's files are a new index
 //!      (every key with its row hash and the layer holding its row) and the changed rows alone,
-//!      gathered from the spill. A delta shares its parent's bucket count.
+//!      gathered from the spill. The merge is exact; the probe only chose what to spill. A delta
+//!      shares its parent's bucket count.
 //!
 //!    Equal keys end up adjacent either way, so duplicate keys are found without a second pass.
 //!
@@ -54,6 +59,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::error::{Result, SnapshotError};
+use crate::fingerprints::Fingerprints;
 use crate::hash::{bucket_of, key_hashes, row_hashes};
 use crate::manifest::{
     BASE_HASH_COLUMN, CHANGE_OP_COLUMN, FORMAT_VERSION, LAYER_COLUMN, OP_ADDED, OP_DELETED, OP_UPDATED,
@@ -131,12 +137,22 @@ pub struct SnapshotWriter {
     /// Whether the marker naming the parent was written (and is to be removed).
     marked: bool,
     started: bool,
+    /// The parent's rows, probed as rows stream in when this snapshot is to be its delta:
+    /// unchanged rows spill only their keys and hashes.
+    probe: Option<Fingerprints>,
+    /// Whether rows were spilled while probing: then the snapshot must be written as a delta
+    /// (the values of unchanged rows were not kept).
+    probed: bool,
 }
 
 /// Phase one: fine partitions on local disk.
 struct Spill {
     dir: tempfile::TempDir,
+    /// Rows: every row, or while probing the parent only the rows it does not hold.
     partitions: Vec<SpillPartition>,
+    /// While probing: every row's key columns, row hash and position in its partition's rows
+    /// spill ([`NOT_KEPT`] for a row the parent holds unchanged). Empty otherwise.
+    key_partitions: Vec<SpillPartition>,
 }
 
 struct SpillPartition {
@@ -144,6 +160,25 @@ struct SpillPartition {
     writer: Option<IpcWriter<FileBuffer<File>>>,
     path: PathBuf,
     rows: u64,
+    /// Rows pushed so far (written or buffered).
+    pushed: u64,
+}
+
+/// The position of a row whose values were not kept (the parent holds it unchanged).
+const NOT_KEPT: u32 = u32::MAX;
+/// The keys spill's column of positions in the rows spill.
+const SPILL_POSITION_COLUMN: &str = "__sluice_spill_position";
+
+/// The keys spill's schema: the key columns, the row hash and the row's spill position.
+fn spilled_keys_schema(stored: &Schema, key_columns: &[String]) -> Result<SchemaRef> {
+    let mut fields = key_fields(stored, key_columns)?;
+    fields.push(Arc::new(Field::new(ROW_HASH_COLUMN, DataType::UInt64, false)));
+    fields.push(Arc::new(Field::new(
+        SPILL_POSITION_COLUMN,
+        DataType::UInt32,
+        false,
+    )));
+    Ok(Arc::new(Schema::new(fields)))
 }
 
 impl SnapshotWriter {
@@ -162,6 +197,8 @@ impl SnapshotWriter {
             parent: None,
             marked: false,
             started: false,
+            probe: None,
+            probed: false,
         }
     }
 
@@ -215,8 +252,82 @@ impl SnapshotWriter {
                 "the parent snapshot was retired; writing a base"
             );
             self.parent = None;
+            return Ok(());
+        }
+        if self.may_be_delta_of(&parent) {
+            self.probe = Some(self.parent_fingerprints(&parent).await?);
         }
         Ok(())
+    }
+
+    /// Whether a snapshot of `parent`'s key may be written as its delta, as far as can be told
+    /// before the first row (the columns are checked on the first batch).
+    fn may_be_delta_of(&self, parent: &SnapshotManifest) -> bool {
+        parent.rows > 0
+            && parent.key_columns == self.spec.key_columns
+            && parent.layers.len() + 1 < MAX_LAYERS
+            && parent.delta_rows().saturating_mul(2) <= parent.rows
+            && self.spec.buckets.is_none_or(|fixed| fixed == parent.buckets)
+    }
+
+    /// Fingerprints of every `(key, row hash)` of `parent`, read from its index (only the key
+    /// and hash columns are fetched).
+    async fn parent_fingerprints(&self, parent: &SnapshotManifest) -> Result<Fingerprints> {
+        use parquet::arrow::ParquetRecordBatchStreamBuilder;
+        use parquet::arrow::ProjectionMask;
+        let parquet_err = |source| SnapshotError::Parquet {
+            model: self.spec.model.clone(),
+            source,
+        };
+        // A fresh seed a writer: a collision one run meets, the next does not.
+        let seed = uuid::Uuid::now_v7().as_u64_pair().1 ^ self.extracted_at.timestamp_micros() as u64;
+        let mut fingerprints = Vec::with_capacity(parent.rows as usize);
+        for file in parent.index_files() {
+            let reader = crate::ObjectFileReader::new(
+                self.store.object_store(),
+                self.store.path(&file.path),
+                file.bytes,
+            );
+            let builder = ParquetRecordBatchStreamBuilder::new(reader)
+                .await
+                .map_err(parquet_err)?;
+            let schema = builder.schema().clone();
+            let mut wanted = Vec::new();
+            for key in &self.spec.key_columns {
+                wanted.push(
+                    schema
+                        .index_of(key)
+                        .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })?,
+                );
+            }
+            wanted.push(schema.index_of(ROW_HASH_COLUMN)?);
+            let mask = ProjectionMask::roots(builder.parquet_schema(), wanted);
+            let mut stream = builder
+                .with_projection(mask)
+                .with_batch_size(64 * 1024)
+                .build()
+                .map_err(parquet_err)?;
+            while let Some(batch) = stream.try_next().await.map_err(parquet_err)? {
+                let keys = key_hashes(&batch, &self.spec.key_columns)?;
+                let hashes = batch
+                    .column_by_name(ROW_HASH_COLUMN)
+                    .map(|c| arrow::compute::cast(c, &DataType::UInt64))
+                    .transpose()?
+                    .ok_or_else(|| SnapshotError::MissingFile {
+                        model: self.spec.model.clone(),
+                        path: file.path.clone(),
+                    })?;
+                let hashes = hashes.as_primitive::<UInt64Type>();
+                fingerprints.extend(
+                    keys.iter()
+                        .zip(hashes.values())
+                        .map(|(k, h)| Fingerprints::of(seed, *k, *h)),
+                );
+            }
+        }
+        tokio::task::spawn_blocking(move || Fingerprints::new(seed, fingerprints))
+            .await
+            .map_err(|e| SnapshotError::Task(e.to_string()))
     }
 
     async fn remove_marker(&mut self) {
@@ -234,6 +345,11 @@ impl SnapshotWriter {
     /// with the bucket count to use.
     fn delta_parent(&self, model_schema: &Schema) -> Option<(Arc<SnapshotManifest>, u32)> {
         let parent = self.parent.clone()?;
+        if self.probed {
+            // Unchanged rows were not kept: this snapshot is the parent's delta, whatever its
+            // size (when it outgrew the parent's bucket count, the next one compacts).
+            return Some((parent.clone(), parent.buckets));
+        }
         if self.rows == 0
             || parent.rows == 0
             || parent.key_columns != self.spec.key_columns
@@ -291,16 +407,31 @@ impl SnapshotWriter {
             return Ok(());
         }
         self.check_keys_not_null(&batch)?;
+        let key_hashes = key_hashes(&batch, &self.spec.key_columns)?;
         let hashes = row_hashes(&batch, &self.spec.key_columns)?;
+        // While probing, rows the parent holds unchanged keep only their keys and hashes.
+        let kept: Option<Vec<bool>> = self.probe.as_ref().map(|probe| {
+            key_hashes
+                .iter()
+                .zip(&hashes)
+                .map(|(k, h)| !probe.contains(*k, *h))
+                .collect()
+        });
+        let hashes: ArrayRef = Arc::new(UInt64Array::from(hashes));
         let mut columns = batch.columns().to_vec();
-        columns.push(Arc::new(UInt64Array::from(hashes)) as ArrayRef);
+        columns.push(hashes.clone());
         let batch = RecordBatch::try_new(stored_schema.clone(), columns)?;
         self.rows += batch.num_rows() as u64;
 
-        let key_hashes = key_hashes(&batch, &self.spec.key_columns)?;
+        let keys_schema = match &kept {
+            Some(_) => Some(spilled_keys_schema(&stored_schema, &self.spec.key_columns)?),
+            None => None,
+        };
         let spill = match self.spill.as_mut() {
             Some(spill) => spill,
-            None => self.spill.insert(Spill::new(&self.store, &stored_schema)?),
+            None => self
+                .spill
+                .insert(Spill::new(&self.store, &stored_schema, keys_schema.as_ref())?),
         };
         // Counting sort of row indices by partition, then one take per non-empty partition.
         let partitions = PARTITIONS as usize;
@@ -318,12 +449,55 @@ impl SnapshotWriter {
             order[cursor[*p as usize]] = row as u32;
             cursor[*p as usize] += 1;
         }
+        let Some(kept) = kept else {
+            let order = UInt32Array::from(order);
+            for p in 0..partitions {
+                let (start, end) = (starts[p], starts[p + 1]);
+                if start < end {
+                    let indices = order.slice(start, end - start);
+                    spill.partitions[p].push(batch.clone(), &indices)?;
+                }
+            }
+            return Ok(());
+        };
+        self.probed = true;
+        // Kept rows go to the rows spill; every row's key and hash go to the keys spill, with
+        // the row's position in its partition's rows spill (none for a row not kept).
+        let mut positions = vec![NOT_KEPT; ids.len()];
+        let mut kept_order: Vec<u32> = Vec::new();
+        let mut kept_starts = vec![0usize; partitions + 1];
+        for p in 0..partitions {
+            let mut next = spill.partitions[p].pushed as u32;
+            for &row in &order[starts[p]..starts[p + 1]] {
+                if kept[row as usize] {
+                    positions[row as usize] = next;
+                    next += 1;
+                    kept_order.push(row);
+                }
+            }
+            kept_starts[p + 1] = kept_order.len();
+        }
+        let keys_schema =
+            keys_schema.ok_or_else(|| SnapshotError::Task("keys spill without a schema".into()))?;
+        let mut key_columns: Vec<ArrayRef> = self
+            .spec
+            .key_columns
+            .iter()
+            .map(|k| Ok(batch.column(batch.schema().index_of(k)?).clone()))
+            .collect::<Result<_>>()?;
+        key_columns.push(hashes);
+        key_columns.push(Arc::new(UInt32Array::from(positions)));
+        let keys_batch = RecordBatch::try_new(keys_schema, key_columns)?;
         let order = UInt32Array::from(order);
+        let kept_order = UInt32Array::from(kept_order);
         for p in 0..partitions {
             let (start, end) = (starts[p], starts[p + 1]);
             if start < end {
-                let indices = order.slice(start, end - start);
-                spill.partitions[p].push(batch.clone(), &indices)?;
+                spill.key_partitions[p].push(keys_batch.clone(), &order.slice(start, end - start))?;
+            }
+            let (start, end) = (kept_starts[p], kept_starts[p + 1]);
+            if start < end {
+                spill.partitions[p].push(batch.clone(), &kept_order.slice(start, end - start))?;
             }
         }
         Ok(())
@@ -345,6 +519,14 @@ impl SnapshotWriter {
         let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
         fields.push(Arc::new(Field::new(ROW_HASH_COLUMN, DataType::UInt64, false)));
         let stored = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+        // Columns that moved away from the parent's make a base: stop probing before any row.
+        if self
+            .parent
+            .as_ref()
+            .is_some_and(|parent| parent.columns != column_infos(&schema))
+        {
+            self.probe = None;
+        }
         self.schema = Some((schema, stored.clone()));
         Ok(stored)
     }
@@ -400,11 +582,24 @@ impl SnapshotWriter {
             delta_of = delta.as_ref().map(|(p, _)| p.id.as_str()),
             "rows spilled; sorting and writing buckets"
         );
+        // The memory the probe held goes before the buckets are sorted.
+        self.probe = None;
         let mut bucket_inputs: Vec<Vec<PathBuf>> = vec![Vec::new(); buckets as usize];
+        // While probing, each bucket's keys spills, with the rows its earlier partitions kept
+        // (a keys spill's positions count within its own partition).
+        let mut bucket_keys: Vec<Vec<(PathBuf, u64)>> = vec![Vec::new(); buckets as usize];
         if let Some(spill) = self.spill.as_mut() {
+            let mut kept_before = vec![0u64; buckets as usize];
             for (p, partition) in spill.partitions.iter_mut().enumerate() {
+                let bucket = p % buckets as usize;
+                if let Some(keys) = spill.key_partitions.get_mut(p)
+                    && let Some(path) = keys.finish()?
+                {
+                    bucket_keys[bucket].push((path, kept_before[bucket]));
+                }
+                kept_before[bucket] += partition.pushed;
                 if let Some(path) = partition.finish()? {
-                    bucket_inputs[p % buckets as usize].push(path);
+                    bucket_inputs[bucket].push(path);
                 }
             }
         }
@@ -435,15 +630,17 @@ impl SnapshotWriter {
         );
         let jobs = bucket_inputs
             .into_iter()
+            .zip(bucket_keys)
             .enumerate()
             // A delta's bucket the new rows left empty still has the parent's rows to delete.
-            .filter(|(bucket, inputs)| {
+            .filter(|(bucket, (inputs, keys))| {
                 !inputs.is_empty()
+                    || !keys.is_empty()
                     || delta.as_ref().is_some_and(|(parent, _)| {
                         parent.index_covering(*bucket as u32, buckets).next().is_some()
                     })
             })
-            .map(|(bucket, inputs)| BucketJob {
+            .map(|(bucket, (inputs, key_inputs))| BucketJob {
                 in_memory_sort_bytes: self.in_memory_sort_bytes,
                 ctx: ctx.clone(),
                 store: self.store.clone(),
@@ -452,6 +649,7 @@ impl SnapshotWriter {
                 relative: format!("{data_dir}/bucket-{bucket:04}-of-{buckets:04}.parquet"),
                 bucket: bucket as u32,
                 inputs,
+                key_inputs,
                 schema: stored_schema.clone(),
                 props: props.clone(),
                 delta: delta.as_ref().map(|(parent, _)| DeltaJob {
@@ -574,7 +772,7 @@ impl SnapshotWriter {
 }
 
 impl Spill {
-    fn new(store: &SnapshotStore, schema: &SchemaRef) -> Result<Self> {
+    fn new(store: &SnapshotStore, schema: &SchemaRef, keys_schema: Option<&SchemaRef>) -> Result<Self> {
         let base = store.temp_dir();
         std::fs::create_dir_all(&base).map_err(|e| spill_error(&base, e))?;
         let dir = tempfile::Builder::new()
@@ -582,19 +780,35 @@ impl Spill {
             .tempdir_in(&base)
             .map_err(|e| spill_error(&base, e))?;
         let partitions = (0..PARTITIONS)
-            .map(|p| SpillPartition {
-                coalescer: BatchCoalescer::new(schema.clone(), SPILL_BATCH_ROWS),
-                writer: None,
-                path: dir.path().join(format!("part-{p:04}.arrow")),
-                rows: 0,
-            })
+            .map(|p| SpillPartition::new(schema, dir.path().join(format!("part-{p:04}.arrow"))))
             .collect();
-        Ok(Self { dir, partitions })
+        let key_partitions = match keys_schema {
+            Some(keys_schema) => (0..PARTITIONS)
+                .map(|p| SpillPartition::new(keys_schema, dir.path().join(format!("keys-{p:04}.arrow"))))
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(Self {
+            dir,
+            partitions,
+            key_partitions,
+        })
     }
 }
 
 impl SpillPartition {
+    fn new(schema: &SchemaRef, path: PathBuf) -> Self {
+        Self {
+            coalescer: BatchCoalescer::new(schema.clone(), SPILL_BATCH_ROWS),
+            writer: None,
+            path,
+            rows: 0,
+            pushed: 0,
+        }
+    }
+
     fn push(&mut self, batch: RecordBatch, indices: &UInt32Array) -> Result<()> {
+        self.pushed += indices.len() as u64;
         self.coalescer.push_batch_with_indices(batch, indices)?;
         while let Some(full) = self.coalescer.next_completed_batch() {
             self.write(&full)?;
@@ -648,7 +862,11 @@ struct BucketJob {
     key_columns: Vec<String>,
     relative: String,
     bucket: u32,
+    /// Spilled rows (every row, or while probing only those kept).
     inputs: Vec<PathBuf>,
+    /// While probing: the keys spills, each with the kept rows of the bucket's inputs before
+    /// its partition's.
+    key_inputs: Vec<(PathBuf, u64)>,
     schema: SchemaRef,
     props: Arc<WriterProperties>,
     /// Set when the snapshot is a delta.
@@ -805,21 +1023,46 @@ impl BucketJob {
             .collect::<Result<_>>()?;
         let hash_index = self.schema.index_of(ROW_HASH_COLUMN)?;
 
-        // The bucket's keys and hashes, in spill order (a row's position is its index here).
+        // The bucket's keys and hashes, in spill order; while probing, with the position of
+        // each kept row among the bucket's spilled rows (without probing, a row's position is
+        // its index here).
         let mut projection = key_indices.clone();
         projection.push(hash_index);
         let mut parts = Vec::new();
-        for path in &self.inputs {
-            let file = File::open(path).map_err(|e| spill_error(path, e))?;
-            let reader = arrow::ipc::reader::FileReader::try_new(
-                std::io::BufReader::new(file),
-                Some(projection.clone()),
-            )?;
-            for batch in reader {
-                parts.push(batch?);
+        let keys_schema = if self.key_inputs.is_empty() {
+            for path in &self.inputs {
+                let file = File::open(path).map_err(|e| spill_error(path, e))?;
+                let reader = arrow::ipc::reader::FileReader::try_new(
+                    std::io::BufReader::new(file),
+                    Some(projection.clone()),
+                )?;
+                for batch in reader {
+                    parts.push(batch?);
+                }
             }
-        }
-        let keys_schema = Arc::new(self.schema.project(&projection)?);
+            Arc::new(self.schema.project(&projection)?)
+        } else {
+            let schema = spilled_keys_schema(&self.schema, &self.key_columns)?;
+            for (path, kept_before) in &self.key_inputs {
+                let file = File::open(path).map_err(|e| spill_error(path, e))?;
+                let reader = arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)?;
+                for batch in reader {
+                    let batch = batch?;
+                    let mut columns = batch.columns().to_vec();
+                    let offset = *kept_before as u32;
+                    if let Some(last) = columns.last_mut()
+                        && offset > 0
+                    {
+                        let positions: &UInt32Array = last.as_primitive();
+                        *last = Arc::new(
+                            positions.unary::<_, UInt32Type>(|p| if p == NOT_KEPT { p } else { p + offset }),
+                        );
+                    }
+                    parts.push(RecordBatch::try_new(schema.clone(), columns)?);
+                }
+            }
+            schema
+        };
         let spilled = arrow::compute::concat_batches(&keys_schema, &parts)?;
         drop(parts);
         let rows = spilled.num_rows();
@@ -829,6 +1072,12 @@ impl BucketJob {
         drop(spilled);
         let sorted_keys: Vec<ArrayRef> = sorted.columns()[..key_count].to_vec();
         let sorted_hashes = sorted.column(key_count).as_primitive::<UInt64Type>().clone();
+        // Where each row's values are among the spilled rows.
+        let spill_positions: UInt32Array = if self.key_inputs.is_empty() {
+            order.clone()
+        } else {
+            sorted.column(key_count + 1).as_primitive::<UInt32Type>().clone()
+        };
 
         let fields: Vec<SortField> = sorted_keys
             .iter()
@@ -975,11 +1224,17 @@ impl BucketJob {
         } else {
             // Own rows in key order: their spill positions, gathered in spill order, then put
             // back in key order.
-            let mut wanted: Vec<(u32, u32)> = own
-                .iter()
-                .enumerate()
-                .map(|(rank, i)| (order.value(*i as usize), rank as u32))
-                .collect();
+            let mut wanted: Vec<(u32, u32)> = Vec::with_capacity(own.len());
+            for (rank, i) in own.iter().enumerate() {
+                let position = spill_positions.value(*i as usize);
+                if position == NOT_KEPT {
+                    // The probe took this new or changed row for one the parent holds.
+                    return Err(SnapshotError::FingerprintCollision {
+                        model: self.model.clone(),
+                    });
+                }
+                wanted.push((position, rank as u32));
+            }
             wanted.sort_unstable();
             let gathered = self.gather(&wanted)?;
             let mut back = vec![0u32; wanted.len()];
@@ -1216,15 +1471,22 @@ impl DuplicateRuns {
     }
 }
 
+/// The key columns' fields of the stored schema, in key order.
+fn key_fields(stored: &Schema, key_columns: &[String]) -> Result<Vec<Arc<Field>>> {
+    key_columns
+        .iter()
+        .map(|key| {
+            stored
+                .field_with_name(key)
+                .map(|field| Arc::new(field.clone()))
+                .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })
+        })
+        .collect()
+}
+
 /// The schema of a delta's index files: the key columns, the row hash and the layer.
 fn index_schema(stored: &Schema, key_columns: &[String]) -> Result<SchemaRef> {
-    let mut fields: Vec<Arc<Field>> = Vec::new();
-    for key in key_columns {
-        let field = stored
-            .field_with_name(key)
-            .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })?;
-        fields.push(Arc::new(field.clone()));
-    }
+    let mut fields = key_fields(stored, key_columns)?;
     fields.push(Arc::new(Field::new(ROW_HASH_COLUMN, DataType::UInt64, false)));
     fields.push(Arc::new(Field::new(LAYER_COLUMN, DataType::UInt32, false)));
     Ok(Arc::new(Schema::new(fields)))
@@ -1234,13 +1496,7 @@ fn index_schema(stored: &Schema, key_columns: &[String]) -> Result<SchemaRef> {
 /// 3 deleted), the new row hash (null when deleted), the parent's (null when added) and the
 /// layer holding the row (the new one, or the parent's last for a deleted key).
 fn changes_schema(stored: &Schema, key_columns: &[String]) -> Result<SchemaRef> {
-    let mut fields: Vec<Arc<Field>> = Vec::new();
-    for key in key_columns {
-        let field = stored
-            .field_with_name(key)
-            .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })?;
-        fields.push(Arc::new(field.clone()));
-    }
+    let mut fields = key_fields(stored, key_columns)?;
     fields.push(Arc::new(Field::new(CHANGE_OP_COLUMN, DataType::UInt8, false)));
     fields.push(Arc::new(Field::new(ROW_HASH_COLUMN, DataType::UInt64, true)));
     fields.push(Arc::new(Field::new(BASE_HASH_COLUMN, DataType::UInt64, true)));
@@ -1704,6 +1960,72 @@ mod tests {
         let same = write_version(&store, v3.clone(), Some(&third)).await;
         assert!(same.files.is_empty());
         assert_eq!(read_back(&store, &same).await, expected(&v3));
+    }
+
+    #[tokio::test]
+    async fn while_probing_the_parent_only_new_and_changed_rows_are_spilled_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let ids: Vec<i64> = (0..2000).collect();
+        let base = write_version(&store, named(&ids, &|i| format!("user {i}")), None).await;
+        // 40 renamed (i % 50 == 0), 20 deleted (i % 100 == 1), 9 added (2000..2010 but 2001).
+        let next_ids: Vec<i64> = (0..2010).filter(|i| i % 100 != 1).collect();
+        let v2 = named(&next_ids, &|i| {
+            if i % 50 == 0 {
+                format!("renamed {i}")
+            } else {
+                format!("user {i}")
+            }
+        });
+        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(base.clone());
+        w.write(v2.slice(0, 1000)).await.unwrap();
+        w.write(v2.slice(1000, v2.num_rows() - 1000)).await.unwrap();
+        assert!(w.probe.is_some(), "a delta-to-be probes its parent");
+        let spill = w.spill.as_ref().unwrap();
+        let whole: u64 = spill.partitions.iter().map(|p| p.pushed).sum();
+        let keys: u64 = spill.key_partitions.iter().map(|p| p.pushed).sum();
+        assert_eq!(whole, 40 + 9, "only renamed and added rows are spilled whole");
+        assert_eq!(keys, v2.num_rows() as u64, "every row's key is spilled");
+        let delta = w.commit().await.unwrap();
+        assert!(!delta.is_base());
+        assert_eq!(delta.files.iter().map(|f| f.rows).sum::<u64>(), 40 + 9);
+        assert_eq!(read_back(&store, &delta).await, expected(&v2));
+        // Deleted rows are recorded as changes too.
+        let changes: u64 = delta.changes.iter().map(|f| f.rows).sum();
+        assert_eq!(changes, 40 + 20 + 9);
+    }
+
+    #[tokio::test]
+    async fn a_changed_row_the_probe_takes_for_unchanged_fails_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let base = write_version(&store, users(&[1, 2, 3]), None).await;
+        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(base.clone());
+        w.write(RecordBatch::new_empty(users(&[]).schema()))
+            .await
+            .unwrap();
+        // A probe that (as a fingerprint collision would) holds the changed row 2.
+        let changed = named(&[1, 2, 3], &|i| {
+            if i == 2 {
+                "renamed".into()
+            } else {
+                format!("user {i}")
+            }
+        });
+        let keys = key_hashes(&changed, &["id".to_string()]).unwrap();
+        let rows = row_hashes(&changed, &["id".to_string()]).unwrap();
+        let seed = 7;
+        let all = keys
+            .iter()
+            .zip(&rows)
+            .map(|(k, r)| Fingerprints::of(seed, *k, *r))
+            .collect();
+        w.probe = Some(Fingerprints::new(seed, all));
+        w.write(changed).await.unwrap();
+        let err = w.commit().await.unwrap_err();
+        assert!(matches!(err, SnapshotError::FingerprintCollision { .. }), "{err}");
+        assert!(err.to_string().contains("run it again"), "{err}");
+        assert_eq!(store.list_snapshots("users").await.unwrap(), vec![base]);
     }
 
     #[tokio::test]

@@ -14,20 +14,15 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use indexmap::IndexMap;
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
-use parquet::arrow::arrow_reader::ArrowReaderOptions;
-use parquet::arrow::async_reader::AsyncFileReader;
-use parquet::errors::ParquetError;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use sluice_engine::datafusion::error::DataFusionError;
 use sluice_engine::source::SendableRecordBatchStream;
 use sluice_engine::{ConfigString, SourceError};
+use sluice_snapshots::ObjectFileReader;
 use tokio::sync::mpsc;
 use url::Url;
 
@@ -247,11 +242,7 @@ async fn read_files(
                         .size
                 }
             };
-            let reader = FileReader {
-                store,
-                path: file.path.clone(),
-                size,
-            };
+            let reader = ObjectFileReader::new(store, file.path.clone(), size);
             let stream = ParquetRecordBatchStreamBuilder::new(reader)
                 .await
                 .map_err(|e| format!("reading unloaded file {}: {e}", file.path))?
@@ -298,57 +289,6 @@ pub(crate) fn stream_or_error(opened: Result<BatchStream, String>) -> BatchStrea
     match opened {
         Ok(stream) => stream,
         Err(message) => futures::stream::once(async move { Err(message) }).boxed(),
-    }
-}
-
-/// One unloaded file, read through object_store: ranged reads of its column chunks, the footer
-/// read knowing the size (the listing or manifest gives it).
-struct FileReader {
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-    size: u64,
-}
-
-impl AsyncFileReader for FileReader {
-    fn get_bytes(
-        &mut self,
-        range: std::ops::Range<u64>,
-    ) -> BoxFuture<'_, parquet::errors::Result<bytes::Bytes>> {
-        async move {
-            self.store
-                .get_range(&self.path, range)
-                .await
-                .map_err(|e| ParquetError::External(Box::new(e)))
-        }
-        .boxed()
-    }
-
-    fn get_byte_ranges(
-        &mut self,
-        ranges: Vec<std::ops::Range<u64>>,
-    ) -> BoxFuture<'_, parquet::errors::Result<Vec<bytes::Bytes>>> {
-        async move {
-            self.store
-                .get_ranges(&self.path, &ranges)
-                .await
-                .map_err(|e| ParquetError::External(Box::new(e)))
-        }
-        .boxed()
-    }
-
-    fn get_metadata<'a>(
-        &'a mut self,
-        options: Option<&'a ArrowReaderOptions>,
-    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
-        async move {
-            let size = self.size;
-            let metadata = ParquetMetaDataReader::new()
-                .with_arrow_reader_options(options)
-                .load_and_finish(self, size)
-                .await?;
-            Ok(Arc::new(metadata))
-        }
-        .boxed()
     }
 }
 
