@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod destinations;
 mod duration;
 pub mod google_auth;
+mod parquet_writer;
 pub mod sources;
 pub mod tunnel;
 

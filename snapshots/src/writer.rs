@@ -76,7 +76,9 @@ pub const ROWS_PER_BUCKET: u64 = 1_000_000;
 const SPILL_BATCH_ROWS: usize = 8192;
 /// Rows per Parquet row group of a bucket file.
 const ROW_GROUP_ROWS: usize = 128 * 1024;
-/// Memory the bucket sorts may use together before spilling to disk.
+/// Memory the bucket sorts may use together before spilling to disk, shared out evenly: each
+/// sort has a pool of its own (in one pool a sort could take it all and leave the other's merge
+/// of its spill files without the few megabytes it needs).
 const SORT_MEMORY_BYTES: usize = 512 * 1024 * 1024;
 /// Buckets sorted and encoded at once.
 const PARALLEL_BUCKETS: usize = 2;
@@ -121,6 +123,19 @@ pub fn buckets_for(rows: u64) -> u32 {
     wanted.next_power_of_two() as u32
 }
 
+/// The fewest buckets (a power of two, at most [`PARTITIONS`]) over which `spilled` bytes come
+/// to at most `in_memory` bytes a bucket, so each is sorted whole in memory rather than by a
+/// spilling sort.
+fn buckets_to_sort_in_memory(spilled: u64, in_memory: u64) -> u32 {
+    if in_memory == 0 {
+        return 1;
+    }
+    spilled
+        .div_ceil(in_memory)
+        .clamp(1, PARTITIONS as u64)
+        .next_power_of_two() as u32
+}
+
 pub struct SnapshotWriter {
     store: SnapshotStore,
     spec: SnapshotSpec,
@@ -132,6 +147,8 @@ pub struct SnapshotWriter {
     rows: u64,
     /// Spilled bytes up to which a bucket is sorted in memory.
     in_memory_sort_bytes: u64,
+    /// Memory the spilling sorts of larger buckets share.
+    sort_memory_bytes: usize,
     /// The snapshot to write this one as a delta of, when it qualifies.
     parent: Option<Arc<SnapshotManifest>>,
     /// Whether the marker naming the parent was written (and is to be removed).
@@ -139,7 +156,10 @@ pub struct SnapshotWriter {
     started: bool,
     /// The parent's rows, probed as rows stream in when this snapshot is to be its delta:
     /// unchanged rows spill only their keys and hashes.
-    probe: Option<Fingerprints>,
+    probe: Option<Arc<Fingerprints>>,
+    /// The last batch written, being hashed (and probed) on a blocking thread while this one
+    /// is spilled: the two halves of a batch's work run on two cores.
+    hashing: Option<tokio::task::JoinHandle<Result<HashedBatch>>>,
     /// Whether rows were spilled while probing: then the snapshot must be written as a delta
     /// (the values of unchanged rows were not kept).
     probed: bool,
@@ -162,6 +182,42 @@ struct SpillPartition {
     rows: u64,
     /// Rows pushed so far (written or buffered).
     pushed: u64,
+}
+
+/// A batch with its row hash column, its key hashes and, while probing, which rows to keep
+/// whole (the parent does not hold them unchanged).
+struct HashedBatch {
+    batch: RecordBatch,
+    key_hashes: Vec<u64>,
+    hashes: ArrayRef,
+    kept: Option<Vec<bool>>,
+}
+
+fn hash_batch(
+    batch: RecordBatch,
+    key_columns: &[String],
+    stored_schema: SchemaRef,
+    probe: Option<Arc<Fingerprints>>,
+) -> Result<HashedBatch> {
+    let key_hashes = key_hashes(&batch, key_columns)?;
+    let hashes = row_hashes(&batch, key_columns)?;
+    let kept: Option<Vec<bool>> = probe.map(|probe| {
+        key_hashes
+            .iter()
+            .zip(&hashes)
+            .map(|(k, h)| !probe.contains(*k, *h))
+            .collect()
+    });
+    let hashes: ArrayRef = Arc::new(UInt64Array::from(hashes));
+    let mut columns = batch.columns().to_vec();
+    columns.push(hashes.clone());
+    let batch = RecordBatch::try_new(stored_schema, columns)?;
+    Ok(HashedBatch {
+        batch,
+        key_hashes,
+        hashes,
+        kept,
+    })
 }
 
 /// The position of a row whose values were not kept (the parent holds it unchanged).
@@ -194,10 +250,12 @@ impl SnapshotWriter {
             spill: None,
             rows: 0,
             in_memory_sort_bytes: IN_MEMORY_SORT_BYTES,
+            sort_memory_bytes: SORT_MEMORY_BYTES,
             parent: None,
             marked: false,
             started: false,
             probe: None,
+            hashing: None,
             probed: false,
         }
     }
@@ -255,7 +313,7 @@ impl SnapshotWriter {
             return Ok(());
         }
         if self.may_be_delta_of(&parent) {
-            self.probe = Some(self.parent_fingerprints(&parent).await?);
+            self.probe = Some(Arc::new(self.parent_fingerprints(&parent).await?));
         }
         Ok(())
     }
@@ -378,6 +436,14 @@ impl SnapshotWriter {
         self
     }
 
+    /// The memory the spilling sorts share (the default is 512 MiB); a test's small budget
+    /// makes them spill and merge.
+    #[cfg(test)]
+    fn with_sort_memory_bytes(mut self, bytes: usize) -> Self {
+        self.sort_memory_bytes = bytes;
+        self
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -407,22 +473,33 @@ impl SnapshotWriter {
             return Ok(());
         }
         self.check_keys_not_null(&batch)?;
-        let key_hashes = key_hashes(&batch, &self.spec.key_columns)?;
-        let hashes = row_hashes(&batch, &self.spec.key_columns)?;
-        // While probing, rows the parent holds unchanged keep only their keys and hashes.
-        let kept: Option<Vec<bool>> = self.probe.as_ref().map(|probe| {
-            key_hashes
-                .iter()
-                .zip(&hashes)
-                .map(|(k, h)| !probe.contains(*k, *h))
-                .collect()
-        });
-        let hashes: ArrayRef = Arc::new(UInt64Array::from(hashes));
-        let mut columns = batch.columns().to_vec();
-        columns.push(hashes.clone());
-        let batch = RecordBatch::try_new(stored_schema.clone(), columns)?;
         self.rows += batch.num_rows() as u64;
+        let key_columns = self.spec.key_columns.clone();
+        let probe = self.probe.clone();
+        let hashing =
+            tokio::task::spawn_blocking(move || hash_batch(batch, &key_columns, stored_schema, probe));
+        match self.hashing.replace(hashing) {
+            Some(previous) => self.spill_hashed(previous).await,
+            None => Ok(()),
+        }
+    }
 
+    /// Spills the batch being hashed, if any.
+    async fn drain(&mut self) -> Result<()> {
+        match self.hashing.take() {
+            Some(hashing) => self.spill_hashed(hashing).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn spill_hashed(&mut self, hashing: tokio::task::JoinHandle<Result<HashedBatch>>) -> Result<()> {
+        let HashedBatch {
+            batch,
+            key_hashes,
+            hashes,
+            kept,
+        } = hashing.await.map_err(|e| SnapshotError::Task(e.to_string()))??;
+        let stored_schema = batch.schema();
         let keys_schema = match &kept {
             Some(_) => Some(spilled_keys_schema(&stored_schema, &self.spec.key_columns)?),
             None => None,
@@ -563,6 +640,7 @@ impl SnapshotWriter {
     }
 
     async fn finish(&mut self) -> Result<SnapshotManifest> {
+        self.drain().await?;
         let Some((model_schema, stored_schema)) = self.schema.clone() else {
             // No batch at all, not even an empty one: nothing tells us the columns.
             return Err(SnapshotError::SchemaMismatch {
@@ -573,7 +651,10 @@ impl SnapshotWriter {
         let delta = self.delta_parent(&model_schema);
         let buckets = match &delta {
             Some((_, buckets)) => *buckets,
-            None => self.spec.buckets.unwrap_or_else(|| buckets_for(self.rows)),
+            None => self.spec.buckets.unwrap_or_else(|| {
+                let spilled = self.spill.as_ref().map_or(0, Spill::bytes);
+                buckets_for(self.rows).max(buckets_to_sort_in_memory(spilled, self.in_memory_sort_bytes))
+            }),
         };
         tracing::debug!(
             model = self.spec.model,
@@ -608,16 +689,7 @@ impl SnapshotWriter {
             Some(spill) => spill.dir.path().to_path_buf(),
             None => self.store.temp_dir(),
         };
-        let runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(SORT_MEMORY_BYTES, 1.0)
-            .with_temp_file_path(sort_dir)
-            .build_arc()?;
-        let ctx = SessionContext::new_with_config_rt(
-            SessionConfig::new()
-                .with_target_partitions(1)
-                .with_batch_size(8192),
-            runtime,
-        );
+        let sort_memory_bytes = self.sort_memory_bytes / PARALLEL_BUCKETS;
         let data_dir = SnapshotStore::data_dir(&self.spec.model, &self.id);
         let own_layer = delta.as_ref().map_or(0, |(parent, _)| parent.own_layer() + 1);
         let index_schema = index_schema(&stored_schema, &self.spec.key_columns)?;
@@ -642,7 +714,8 @@ impl SnapshotWriter {
             })
             .map(|(bucket, (inputs, key_inputs))| BucketJob {
                 in_memory_sort_bytes: self.in_memory_sort_bytes,
-                ctx: ctx.clone(),
+                sort_memory_bytes,
+                sort_dir: sort_dir.clone(),
                 store: self.store.clone(),
                 model: self.spec.model.clone(),
                 key_columns: self.spec.key_columns.clone(),
@@ -772,6 +845,15 @@ impl SnapshotWriter {
 }
 
 impl Spill {
+    /// Bytes of rows spilled so far (rows still buffered not counted).
+    fn bytes(&self) -> u64 {
+        self.partitions
+            .iter()
+            .filter_map(|p| std::fs::metadata(&p.path).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     fn new(store: &SnapshotStore, schema: &SchemaRef, keys_schema: Option<&SchemaRef>) -> Result<Self> {
         let base = store.temp_dir();
         std::fs::create_dir_all(&base).map_err(|e| spill_error(&base, e))?;
@@ -856,7 +938,10 @@ fn spill_error(path: &std::path::Path, e: std::io::Error) -> SnapshotError {
 /// Phase two for one bucket.
 struct BucketJob {
     in_memory_sort_bytes: u64,
-    ctx: SessionContext,
+    /// This bucket's share of [`SORT_MEMORY_BYTES`] when it is too large to sort in memory.
+    sort_memory_bytes: usize,
+    /// Where that sort spills.
+    sort_dir: PathBuf,
     store: SnapshotStore,
     model: String,
     key_columns: Vec<String>,
@@ -921,8 +1006,20 @@ impl BucketJob {
             schema: Some(&self.schema),
             ..Default::default()
         };
-        let stream = self
-            .ctx
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.sort_memory_bytes, 1.0)
+            .with_temp_file_path(self.sort_dir.clone())
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(
+            SessionConfig::new()
+                .with_target_partitions(1)
+                .with_batch_size(8192)
+                // What the merge of the spill files holds back (DataFusion's default, 10 MiB,
+                // unless the pool is small).
+                .with_sort_spill_reservation_bytes((self.sort_memory_bytes / 8).min(10 * 1024 * 1024)),
+            runtime,
+        );
+        let stream = ctx
             .read_arrow(paths, options)
             .await?
             .sort(sort)?
@@ -961,14 +1058,12 @@ impl BucketJob {
         };
         drop(key_columns);
         let schema = self.schema.clone();
-        let slices: Vec<Result<RecordBatch, datafusion::error::DataFusionError>> = (0..order.len())
-            .step_by(IN_MEMORY_SLICE_ROWS)
-            .map(|start| {
-                let len = IN_MEMORY_SLICE_ROWS.min(order.len() - start);
-                arrow::compute::take_record_batch(&all, &order.slice(start, len))
-                    .map_err(datafusion::error::DataFusionError::from)
-            })
-            .collect();
+        // Gathered slice by slice as the writer asks: the bucket is held once, not twice.
+        let slices = (0..order.len()).step_by(IN_MEMORY_SLICE_ROWS).map(move |start| {
+            let len = IN_MEMORY_SLICE_ROWS.min(order.len() - start);
+            arrow::compute::take_record_batch(&all, &order.slice(start, len))
+                .map_err(datafusion::error::DataFusionError::from)
+        });
         let stream: datafusion::execution::SendableRecordBatchStream =
             Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
                 schema,
@@ -1784,7 +1879,13 @@ mod tests {
         let manifest = w.commit().await.unwrap();
         assert_eq!(manifest.buckets, 4);
         assert_eq!(manifest.files.iter().map(|f| f.rows).sum::<u64>(), 5000);
+        assert_eq!(rows_in_key_order_in_their_buckets(&store, &manifest).await, 5000);
+    }
+
+    /// Checks each bucket file holds only its bucket's keys, in key order; counts its rows.
+    async fn rows_in_key_order_in_their_buckets(store: &SnapshotStore, manifest: &SnapshotManifest) -> u64 {
         let ctx = SessionContext::new();
+        let mut seen = 0;
         for file in &manifest.files {
             let batches = ctx
                 .read_parquet(store.url(&file.path).to_string(), ParquetReadOptions::default())
@@ -1796,13 +1897,59 @@ mod tests {
             let mut previous = i64::MIN;
             for batch in batches {
                 let keys = key_hashes(&batch, &["id".to_string()]).unwrap();
-                assert!(keys.iter().all(|k| bucket_of(*k, 4) == file.bucket));
+                assert!(
+                    keys.iter()
+                        .all(|k| bucket_of(*k, manifest.buckets) == file.bucket)
+                );
                 for id in batch.column(0).as_primitive::<Int64Type>().values() {
                     assert!(*id > previous, "sorted by key");
                     previous = *id;
+                    seen += 1;
                 }
             }
         }
+        seen
+    }
+
+    #[tokio::test]
+    async fn buckets_sorted_at_once_each_spill_and_merge_within_their_share_of_memory() {
+        // Two spilling sorts at once, each far over its share of an 8 MiB budget: each spills
+        // and merges its spill files (with one pool shared, one sort could starve the other's
+        // merge).
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4)))
+            .with_in_memory_sort_bytes(0)
+            .with_sort_memory_bytes(8 * 1024 * 1024);
+        let padding = "x".repeat(100);
+        let rows = 200_000i64;
+        for chunk in (0..rows).rev().collect::<Vec<_>>().chunks(8192) {
+            let names: Vec<String> = chunk.iter().map(|i| format!("user {i} {padding}")).collect();
+            let batch = RecordBatch::try_from_iter(vec![
+                ("id", Arc::new(Int64Array::from(chunk.to_vec())) as ArrayRef),
+                ("name", Arc::new(StringArray::from(names)) as ArrayRef),
+            ])
+            .unwrap();
+            w.write(batch).await.unwrap();
+        }
+        let manifest = w.commit().await.unwrap();
+        assert_eq!(manifest.files.len(), 4);
+        assert_eq!(
+            rows_in_key_order_in_their_buckets(&store, &manifest).await,
+            rows as u64
+        );
+    }
+
+    #[test]
+    fn buckets_are_added_until_each_fits_the_in_memory_sort() {
+        let mib = 1024 * 1024;
+        assert_eq!(buckets_to_sort_in_memory(0, 96 * mib), 1);
+        assert_eq!(buckets_to_sort_in_memory(96 * mib, 96 * mib), 1);
+        assert_eq!(buckets_to_sort_in_memory(96 * mib + 1, 96 * mib), 2);
+        // 30M rows of the benchmark's table: 32 buckets by rows, 64 by bytes.
+        assert_eq!(buckets_to_sort_in_memory(3_840 * mib, 96 * mib), 64);
+        assert_eq!(buckets_to_sort_in_memory(u64::MAX / 2, 96 * mib), PARTITIONS);
+        assert_eq!(buckets_to_sort_in_memory(mib, u64::MAX), 1);
     }
 
     #[tokio::test]
@@ -1981,6 +2128,8 @@ mod tests {
         w.write(v2.slice(0, 1000)).await.unwrap();
         w.write(v2.slice(1000, v2.num_rows() - 1000)).await.unwrap();
         assert!(w.probe.is_some(), "a delta-to-be probes its parent");
+        // The last batch is spilled once its hashing is done.
+        w.drain().await.unwrap();
         let spill = w.spill.as_ref().unwrap();
         let whole: u64 = spill.partitions.iter().map(|p| p.pushed).sum();
         let keys: u64 = spill.key_partitions.iter().map(|p| p.pushed).sum();
@@ -2020,7 +2169,7 @@ mod tests {
             .zip(&rows)
             .map(|(k, r)| Fingerprints::of(seed, *k, *r))
             .collect();
-        w.probe = Some(Fingerprints::new(seed, all));
+        w.probe = Some(Arc::new(Fingerprints::new(seed, all)));
         w.write(changed).await.unwrap();
         let err = w.commit().await.unwrap_err();
         assert!(matches!(err, SnapshotError::FingerprintCollision { .. }), "{err}");

@@ -24,8 +24,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use indexmap::IndexMap;
 use object_store::buffered::BufWriter;
-use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use sluice_engine::destination::{
@@ -38,6 +38,8 @@ use sluice_engine::{ConfigString, DestinationError};
 use sluice_snapshots::SnapshotStore;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
+
+use crate::parquet_writer::ParallelParquetWriter;
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -148,12 +150,12 @@ enum Sink {
 }
 
 /// A Parquet file being written. Encoding is the CPU-heavy part of a file destination's run:
-/// it happens on a blocking thread, so the run's task goes on reading and preparing the next
-/// batch meanwhile (encoded inline, it held that task and a run's delivery used one core); the
-/// bytes it produces are streamed to the store as row groups complete.
+/// it happens on blocking threads, a column per task, so the run's task goes on reading and
+/// preparing the next batch meanwhile (encoded inline, it held that task and a run's delivery
+/// used one core); the bytes it produces are streamed to the store as row groups complete.
 struct ParquetSink {
     /// `None` only while a batch is being encoded.
-    encoder: Option<ArrowWriter<EncodedBytes>>,
+    encoder: Option<ParallelParquetWriter<EncodedBytes>>,
     encoded: EncodedBytes,
     out: BufWriter,
     schema: SchemaRef,
@@ -187,8 +189,13 @@ impl ParquetSink {
         // peak under 1 GiB where the default 1M rows went over, for about 0.3 s more encoding.
         let properties = WriterProperties::builder()
             .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP_ROWS))
+            // A record's message id and key are unique: a dictionary would only be built to be
+            // dropped once it outgrew its page.
+            .set_column_dictionary_enabled(ColumnPath::from("_message_id"), false)
+            .set_column_dictionary_enabled(ColumnPath::from("_key"), false)
             .build();
-        let encoder = ArrowWriter::try_new(encoded.clone(), schema.clone(), Some(properties))
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let encoder = ParallelParquetWriter::try_new(encoded.clone(), schema.clone(), properties, threads)
             .map_err(|e| e.to_string())?;
         Ok(Self {
             encoder: Some(encoder),
