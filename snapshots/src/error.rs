@@ -37,6 +37,15 @@ pub enum SnapshotError {
     )]
     MissingFile { model: String, path: String },
 
+    #[error(
+        "snapshot file `{path}` of model `{model}` has no column `{column}`; it was not written by this version of sluice or was changed by hand: run with --full to write a new base"
+    )]
+    DamagedFile {
+        model: String,
+        path: String,
+        column: String,
+    },
+
     #[error("primary key column `{column}` is not among the columns the query returns")]
     MissingKeyColumn { column: String },
 

@@ -184,6 +184,46 @@ struct SpillPartition {
     pushed: u64,
 }
 
+/// The key columns, the row hash and (`with_layer`, where the file has one) the layer column
+/// of a snapshot's data or index file, through ranged reads: only those column chunks are
+/// fetched, not the file. Columns come in the file's order.
+async fn index_columns(
+    store: &SnapshotStore,
+    model: &str,
+    file: &SnapshotFile,
+    key_columns: &[String],
+    with_layer: bool,
+) -> Result<parquet::arrow::async_reader::ParquetRecordBatchStream<crate::ObjectFileReader>> {
+    use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
+    let parquet_err = |source| SnapshotError::Parquet {
+        model: model.to_string(),
+        source,
+    };
+    let reader = crate::ObjectFileReader::new(store.object_store(), store.path(&file.path), file.bytes);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(parquet_err)?;
+    let schema = builder.schema().clone();
+    let damaged = |column: &str| SnapshotError::DamagedFile {
+        model: model.to_string(),
+        path: file.path.clone(),
+        column: column.to_string(),
+    };
+    let mut wanted = Vec::new();
+    for column in key_columns.iter().map(String::as_str).chain([ROW_HASH_COLUMN]) {
+        wanted.push(schema.index_of(column).map_err(|_| damaged(column))?);
+    }
+    if with_layer {
+        wanted.extend(schema.index_of(LAYER_COLUMN).ok());
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), wanted);
+    builder
+        .with_projection(mask)
+        .with_batch_size(64 * 1024)
+        .build()
+        .map_err(parquet_err)
+}
+
 /// A batch with its row hash column, its key hashes and, while probing, which rows to keep
 /// whole (the parent does not hold them unchanged).
 struct HashedBatch {
@@ -341,39 +381,18 @@ impl SnapshotWriter {
         let seed = uuid::Uuid::now_v7().as_u64_pair().1 ^ self.extracted_at.timestamp_micros() as u64;
         let mut fingerprints = Vec::with_capacity(parent.rows as usize);
         for file in parent.index_files() {
-            let reader = crate::ObjectFileReader::new(
-                self.store.object_store(),
-                self.store.path(&file.path),
-                file.bytes,
-            );
-            let builder = ParquetRecordBatchStreamBuilder::new(reader)
-                .await
-                .map_err(parquet_err)?;
-            let schema = builder.schema().clone();
-            let mut wanted = Vec::new();
-            for key in &self.spec.key_columns {
-                wanted.push(
-                    schema
-                        .index_of(key)
-                        .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })?,
-                );
-            }
-            wanted.push(schema.index_of(ROW_HASH_COLUMN)?);
-            let mask = ProjectionMask::roots(builder.parquet_schema(), wanted);
-            let mut stream = builder
-                .with_projection(mask)
-                .with_batch_size(64 * 1024)
-                .build()
-                .map_err(parquet_err)?;
+            let mut stream =
+                index_columns(&self.store, &self.spec.model, file, &self.spec.key_columns, false).await?;
             while let Some(batch) = stream.try_next().await.map_err(parquet_err)? {
                 let keys = key_hashes(&batch, &self.spec.key_columns)?;
                 let hashes = batch
                     .column_by_name(ROW_HASH_COLUMN)
                     .map(|c| arrow::compute::cast(c, &DataType::UInt64))
                     .transpose()?
-                    .ok_or_else(|| SnapshotError::MissingFile {
+                    .ok_or_else(|| SnapshotError::DamagedFile {
                         model: self.spec.model.clone(),
                         path: file.path.clone(),
+                        column: ROW_HASH_COLUMN.to_string(),
                     })?;
                 let hashes = hashes.as_primitive::<UInt64Type>();
                 fingerprints.extend(
@@ -1395,63 +1414,49 @@ impl BucketJob {
         new_keys: &[ArrayRef],
         converter: &RowConverter,
     ) -> Result<ParentIndex> {
-        use parquet::arrow::ProjectionMask;
-        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-        let parquet_err = |source| SnapshotError::Parquet {
-            model: self.model.clone(),
-            source,
-        };
-        // One bucket's index: keys, hashes and layers, a few MiB; read whole.
-        let bytes = self
-            .store
-            .get(&file.path)
-            .await?
-            .ok_or_else(|| SnapshotError::MissingFile {
-                model: self.model.clone(),
-                path: file.path.clone(),
-            })?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(parquet_err)?;
-        let schema = builder.schema().clone();
-        let mut wanted: Vec<usize> = Vec::new();
-        for key in &self.key_columns {
-            wanted.push(
-                schema
-                    .index_of(key)
-                    .map_err(|_| SnapshotError::MissingKeyColumn { column: key.clone() })?,
-            );
-        }
-        wanted.push(schema.index_of(ROW_HASH_COLUMN)?);
-        let layer_index = schema.index_of(LAYER_COLUMN).ok();
-        wanted.extend(layer_index);
-        let mask = ProjectionMask::roots(builder.parquet_schema(), wanted.iter().copied());
-        let reader = builder
-            .with_projection(mask)
-            .with_batch_size(64 * 1024)
-            .build()
-            .map_err(parquet_err)?;
-        let batches: Vec<RecordBatch> = reader.collect::<std::result::Result<_, _>>()?;
-        let projected = Arc::new(schema.project(&wanted)?);
-        let all = arrow::compute::concat_batches(&projected, &batches)?;
+        // One bucket's keys, hashes and layers, a few MiB: only those column chunks are read.
+        let stream = index_columns(&self.store, &self.model, file, &self.key_columns, true).await?;
+        let schema = stream.schema().clone();
+        let batches: Vec<RecordBatch> =
+            stream
+                .try_collect()
+                .await
+                .map_err(|source| SnapshotError::Parquet {
+                    model: self.model.clone(),
+                    source,
+                })?;
+        let all = arrow::compute::concat_batches(&schema, &batches)?;
         drop(batches);
-        let key_count = self.key_columns.len();
-        let keys = all.columns()[..key_count]
+        // By name: the reader gives a projection's columns in the file's order.
+        let column = |name: &str| {
+            all.column_by_name(name)
+                .cloned()
+                .ok_or_else(|| SnapshotError::DamagedFile {
+                    model: self.model.clone(),
+                    path: file.path.clone(),
+                    column: name.to_string(),
+                })
+        };
+        let keys = self
+            .key_columns
             .iter()
             .zip(new_keys)
-            .map(|(old, new)| {
+            .map(|(name, new)| {
+                let old = column(name)?;
                 if old.data_type() == new.data_type() {
-                    Ok(old.clone())
+                    Ok(old)
                 } else {
-                    arrow::compute::cast(old, new.data_type())
+                    Ok(arrow::compute::cast(&old, new.data_type())?)
                 }
             })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let rows = converter.convert_columns(&keys)?;
-        let hashes = arrow::compute::cast(all.column(key_count), &DataType::UInt64)?
+        let hashes = arrow::compute::cast(&column(ROW_HASH_COLUMN)?, &DataType::UInt64)?
             .as_primitive::<UInt64Type>()
             .clone();
-        let layers = match layer_index {
-            Some(_) => Some(
-                arrow::compute::cast(all.column(key_count + 1), &DataType::UInt32)?
+        let layers = match all.column_by_name(LAYER_COLUMN) {
+            Some(layers) => Some(
+                arrow::compute::cast(layers, &DataType::UInt32)?
                     .as_primitive::<UInt32Type>()
                     .clone(),
             ),
@@ -1464,7 +1469,6 @@ impl BucketJob {
             layers,
         })
     }
-
     /// Writes `batches` as one Parquet file at `relative`.
     async fn write_batches(
         &self,
@@ -2107,6 +2111,71 @@ mod tests {
         let same = write_version(&store, v3.clone(), Some(&third)).await;
         assert!(same.files.is_empty());
         assert_eq!(read_back(&store, &same).await, expected(&v3));
+    }
+
+    #[tokio::test]
+    async fn a_delta_of_a_key_listed_out_of_column_order_finds_exactly_what_changed() {
+        // Key (region, id) where the columns run id, region: the parent's index is read by
+        // column name, not by the projection's position.
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let spec = SnapshotSpec {
+            key_columns: vec!["region".into(), "id".into()],
+            ..spec(Some(2))
+        };
+        let version = |ids: &[i64], name: &dyn Fn(i64) -> String| {
+            RecordBatch::try_from_iter(vec![
+                ("id", Arc::new(Int64Array::from(ids.to_vec())) as ArrayRef),
+                (
+                    "region",
+                    Arc::new(StringArray::from_iter_values(
+                        ids.iter().map(|i| format!("r{}", i % 3)),
+                    )) as ArrayRef,
+                ),
+                (
+                    "name",
+                    Arc::new(StringArray::from_iter_values(ids.iter().map(|i| name(*i)))) as ArrayRef,
+                ),
+            ])
+            .unwrap()
+        };
+        let ids: Vec<i64> = (0..1000).collect();
+        let mut w = SnapshotWriter::new(store.clone(), spec.clone());
+        w.write(version(&ids, &|i| format!("user {i}"))).await.unwrap();
+        let base = w.commit().await.unwrap();
+        // 10 renamed, 10 deleted, 5 added.
+        let next: Vec<i64> = (0..1005).filter(|i| i % 100 != 7).collect();
+        let mut w = SnapshotWriter::new(store.clone(), spec).with_parent(base.clone());
+        w.write(version(&next, &|i| {
+            if i % 100 == 3 {
+                format!("renamed {i}")
+            } else {
+                format!("user {i}")
+            }
+        }))
+        .await
+        .unwrap();
+        let delta = w.commit().await.unwrap();
+        assert_eq!(delta.parent.as_deref(), Some(base.id.as_str()));
+        let ctx = SessionContext::new();
+        let mut ops = std::collections::BTreeMap::new();
+        for file in &delta.changes {
+            let batches = ctx
+                .read_parquet(store.url(&file.path).to_string(), ParquetReadOptions::default())
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            for batch in batches {
+                let column = batch.column_by_name(CHANGE_OP_COLUMN).unwrap();
+                for op in column.as_primitive::<arrow::datatypes::UInt8Type>().values() {
+                    *ops.entry(*op).or_insert(0) += 1;
+                }
+            }
+        }
+        let expected = [(OP_ADDED, 5), (OP_UPDATED, 10), (OP_DELETED, 10)];
+        assert_eq!(ops, expected.into_iter().collect());
     }
 
     #[tokio::test]
