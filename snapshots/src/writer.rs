@@ -371,8 +371,6 @@ impl SnapshotWriter {
     /// Fingerprints of every `(key, row hash)` of `parent`, read from its index (only the key
     /// and hash columns are fetched).
     async fn parent_fingerprints(&self, parent: &SnapshotManifest) -> Result<Fingerprints> {
-        use parquet::arrow::ParquetRecordBatchStreamBuilder;
-        use parquet::arrow::ProjectionMask;
         let parquet_err = |source| SnapshotError::Parquet {
             model: self.spec.model.clone(),
             source,

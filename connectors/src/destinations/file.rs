@@ -24,7 +24,6 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use indexmap::IndexMap;
 use object_store::buffered::BufWriter;
-use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use schemars::JsonSchema;
@@ -190,9 +189,8 @@ impl ParquetSink {
         // peak under 1 GiB where the default 1M rows went over, for about 0.3 s more encoding.
         let properties = WriterProperties::builder()
             .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP_ROWS))
-            // What DuckDB, Spark and pyarrow write by default; the pages are compressed on the
-            // encoding threads.
-            .set_compression(Compression::SNAPPY)
+            // Uncompressed: a whole-model run is CPU-bound on both cores, and Snappy measured
+            // 12% of a 10M-row first sync's samples for no gain in time (BENCHMARKS.md).
             // A record's message id and key are unique: a dictionary would only be built to be
             // dropped once it outgrew its page.
             .set_column_dictionary_enabled(ColumnPath::from("_message_id"), false)
