@@ -157,9 +157,6 @@ pub struct SnapshotWriter {
     /// The parent's rows, probed as rows stream in when this snapshot is to be its delta:
     /// unchanged rows spill only their keys and hashes.
     probe: Option<Arc<Fingerprints>>,
-    /// The last batch written, being hashed (and probed) on a blocking thread while this one
-    /// is spilled: the two halves of a batch's work run on two cores.
-    hashing: Option<tokio::task::JoinHandle<Result<HashedBatch>>>,
     /// Whether rows were spilled while probing: then the snapshot must be written as a delta
     /// (the values of unchanged rows were not kept).
     probed: bool,
@@ -295,7 +292,6 @@ impl SnapshotWriter {
             marked: false,
             started: false,
             probe: None,
-            hashing: None,
             probed: false,
         }
     }
@@ -491,31 +487,20 @@ impl SnapshotWriter {
         }
         self.check_keys_not_null(&batch)?;
         self.rows += batch.num_rows() as u64;
-        let key_columns = self.spec.key_columns.clone();
-        let probe = self.probe.clone();
-        let hashing =
-            tokio::task::spawn_blocking(move || hash_batch(batch, &key_columns, stored_schema, probe));
-        match self.hashing.replace(hashing) {
-            Some(previous) => self.spill_hashed(previous).await,
-            None => Ok(()),
-        }
+        // Hashed and probed inline: on a blocking thread beside the spilling of the batch
+        // before, a PostgreSQL second sync took 1.5-1.8 s longer (the server's backend needs
+        // the second core) and a files sync gained nothing (BENCHMARKS.md).
+        let hashed = hash_batch(batch, &self.spec.key_columns, stored_schema, self.probe.clone())?;
+        self.spill(hashed)
     }
 
-    /// Spills the batch being hashed, if any.
-    async fn drain(&mut self) -> Result<()> {
-        match self.hashing.take() {
-            Some(hashing) => self.spill_hashed(hashing).await,
-            None => Ok(()),
-        }
-    }
-
-    async fn spill_hashed(&mut self, hashing: tokio::task::JoinHandle<Result<HashedBatch>>) -> Result<()> {
+    fn spill(&mut self, hashed: HashedBatch) -> Result<()> {
         let HashedBatch {
             batch,
             key_hashes,
             hashes,
             kept,
-        } = hashing.await.map_err(|e| SnapshotError::Task(e.to_string()))??;
+        } = hashed;
         let stored_schema = batch.schema();
         let keys_schema = match &kept {
             Some(_) => Some(spilled_keys_schema(&stored_schema, &self.spec.key_columns)?),
@@ -657,7 +642,6 @@ impl SnapshotWriter {
     }
 
     async fn finish(&mut self) -> Result<SnapshotManifest> {
-        self.drain().await?;
         let Some((model_schema, stored_schema)) = self.schema.clone() else {
             // No batch at all, not even an empty one: nothing tells us the columns.
             return Err(SnapshotError::SchemaMismatch {
@@ -2195,8 +2179,6 @@ mod tests {
         w.write(v2.slice(0, 1000)).await.unwrap();
         w.write(v2.slice(1000, v2.num_rows() - 1000)).await.unwrap();
         assert!(w.probe.is_some(), "a delta-to-be probes its parent");
-        // The last batch is spilled once its hashing is done.
-        w.drain().await.unwrap();
         let spill = w.spill.as_ref().unwrap();
         let whole: u64 = spill.partitions.iter().map(|p| p.pushed).sum();
         let keys: u64 = spill.key_partitions.iter().map(|p| p.pushed).sum();
