@@ -79,21 +79,17 @@ impl<W: Write + Send> ParallelParquetWriter<W> {
 
     fn encode(&mut self, batch: &RecordBatch) -> Result<()> {
         let mut leaves: Vec<ArrowLeafColumn> = Vec::with_capacity(self.columns.len());
+        // Each leaf's share of its column's memory: the size that orders the tasks.
+        let mut sizes: Vec<usize> = Vec::with_capacity(self.columns.len());
         for (field, column) in self.schema.fields().iter().zip(batch.columns()) {
-            leaves.extend(compute_leaves(field, column)?);
+            let column_leaves = compute_leaves(field, column)?;
+            let share = column.get_array_memory_size() / column_leaves.len().max(1);
+            sizes.extend(std::iter::repeat_n(share, column_leaves.len()));
+            leaves.extend(column_leaves);
         }
         // Largest columns first, so the last one taken is a small one and the threads finish
         // together.
         let mut order: Vec<usize> = (0..leaves.len()).collect();
-        let sizes: Vec<usize> = batch
-            .columns()
-            .iter()
-            .zip(self.schema.fields())
-            .flat_map(|(column, field)| {
-                let leaves = compute_leaf_count(field);
-                std::iter::repeat_n(column.get_array_memory_size() / leaves.max(1), leaves)
-            })
-            .collect();
         order.sort_by_key(|&i| std::cmp::Reverse(sizes.get(i).copied().unwrap_or(0)));
         let jobs: Vec<Mutex<(&mut ArrowColumnWriter, &ArrowLeafColumn)>> =
             self.columns.iter_mut().zip(&leaves).map(Mutex::new).collect();
@@ -144,20 +140,6 @@ impl<W: Write + Send> ParallelParquetWriter<W> {
     pub fn close(mut self) -> Result<ParquetMetaData> {
         self.flush_row_group()?;
         self.file.close()
-    }
-}
-
-/// How many Parquet leaf columns an Arrow field becomes.
-fn compute_leaf_count(field: &arrow::datatypes::Field) -> usize {
-    use arrow::datatypes::DataType;
-    match field.data_type() {
-        DataType::Struct(fields) => fields.iter().map(|f| compute_leaf_count(f)).sum(),
-        DataType::List(f)
-        | DataType::LargeList(f)
-        | DataType::FixedSizeList(f, _)
-        | DataType::ListView(f) => compute_leaf_count(f),
-        DataType::Map(entries, _) => compute_leaf_count(entries),
-        _ => 1,
     }
 }
 

@@ -156,7 +156,7 @@ pub struct SnapshotWriter {
     started: bool,
     /// The parent's rows, probed as rows stream in when this snapshot is to be its delta:
     /// unchanged rows spill only their keys and hashes.
-    probe: Option<Arc<Fingerprints>>,
+    probe: Option<Fingerprints>,
     /// Whether rows were spilled while probing: then the snapshot must be written as a delta
     /// (the values of unchanged rows were not kept).
     probed: bool,
@@ -219,42 +219,6 @@ async fn index_columns(
         .with_batch_size(64 * 1024)
         .build()
         .map_err(parquet_err)
-}
-
-/// A batch with its row hash column, its key hashes and, while probing, which rows to keep
-/// whole (the parent does not hold them unchanged).
-struct HashedBatch {
-    batch: RecordBatch,
-    key_hashes: Vec<u64>,
-    hashes: ArrayRef,
-    kept: Option<Vec<bool>>,
-}
-
-fn hash_batch(
-    batch: RecordBatch,
-    key_columns: &[String],
-    stored_schema: SchemaRef,
-    probe: Option<Arc<Fingerprints>>,
-) -> Result<HashedBatch> {
-    let key_hashes = key_hashes(&batch, key_columns)?;
-    let hashes = row_hashes(&batch, key_columns)?;
-    let kept: Option<Vec<bool>> = probe.map(|probe| {
-        key_hashes
-            .iter()
-            .zip(&hashes)
-            .map(|(k, h)| !probe.contains(*k, *h))
-            .collect()
-    });
-    let hashes: ArrayRef = Arc::new(UInt64Array::from(hashes));
-    let mut columns = batch.columns().to_vec();
-    columns.push(hashes.clone());
-    let batch = RecordBatch::try_new(stored_schema, columns)?;
-    Ok(HashedBatch {
-        batch,
-        key_hashes,
-        hashes,
-        kept,
-    })
 }
 
 /// The position of a row whose values were not kept (the parent holds it unchanged).
@@ -349,7 +313,7 @@ impl SnapshotWriter {
             return Ok(());
         }
         if self.may_be_delta_of(&parent) {
-            self.probe = Some(Arc::new(self.parent_fingerprints(&parent).await?));
+            self.probe = Some(self.parent_fingerprints(&parent).await?);
         }
         Ok(())
     }
@@ -490,17 +454,31 @@ impl SnapshotWriter {
         // Hashed and probed inline: on a blocking thread beside the spilling of the batch
         // before, a PostgreSQL second sync took 1.5-1.8 s longer (the server's backend needs
         // the second core) and a files sync gained nothing (BENCHMARKS.md).
-        let hashed = hash_batch(batch, &self.spec.key_columns, stored_schema, self.probe.clone())?;
-        self.spill(hashed)
+        let key_hashes = key_hashes(&batch, &self.spec.key_columns)?;
+        let hashes = row_hashes(&batch, &self.spec.key_columns)?;
+        // While probing, the rows to keep whole: those the parent does not hold unchanged.
+        let kept: Option<Vec<bool>> = self.probe.as_ref().map(|probe| {
+            key_hashes
+                .iter()
+                .zip(&hashes)
+                .map(|(k, h)| !probe.contains(*k, *h))
+                .collect()
+        });
+        let hashes: ArrayRef = Arc::new(UInt64Array::from(hashes));
+        let mut columns = batch.columns().to_vec();
+        columns.push(hashes.clone());
+        let batch = RecordBatch::try_new(stored_schema, columns)?;
+        self.spill(batch, &key_hashes, hashes, kept)
     }
 
-    fn spill(&mut self, hashed: HashedBatch) -> Result<()> {
-        let HashedBatch {
-            batch,
-            key_hashes,
-            hashes,
-            kept,
-        } = hashed;
+    /// Appends a hashed batch (`hashes` is its row hash column) to the fine partitions.
+    fn spill(
+        &mut self,
+        batch: RecordBatch,
+        key_hashes: &[u64],
+        hashes: ArrayRef,
+        kept: Option<Vec<bool>>,
+    ) -> Result<()> {
         let stored_schema = batch.schema();
         let keys_schema = match &kept {
             Some(_) => Some(spilled_keys_schema(&stored_schema, &self.spec.key_columns)?),
@@ -2218,7 +2196,7 @@ mod tests {
             .zip(&rows)
             .map(|(k, r)| Fingerprints::of(seed, *k, *r))
             .collect();
-        w.probe = Some(Arc::new(Fingerprints::new(seed, all)));
+        w.probe = Some(Fingerprints::new(seed, all));
         w.write(changed).await.unwrap();
         let err = w.commit().await.unwrap_err();
         assert!(matches!(err, SnapshotError::FingerprintCollision { .. }), "{err}");
