@@ -27,6 +27,9 @@ pub(crate) struct Fingerprints {
 
 /// Fingerprints per directory slot, on average.
 const PER_SLOT: usize = 32;
+/// Lookups whose cache lines are loaded before any is searched: their lines (256 KiB) stay in
+/// cache until the searches reach them.
+const LOOKUPS_AT_ONCE: usize = 4096;
 /// Bits an in-place radix pass sorts by: 2,048 places to write to, all of them in cache.
 const RADIX_BITS: u32 = 11;
 
@@ -71,17 +74,66 @@ impl Fingerprints {
 
     /// Whether the parent holds a row with this key hash and row hash (up to fingerprint
     /// collisions, see the module documentation).
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn contains(&self, key_hash: u64, row_hash: u64) -> bool {
         let fp = Self::of(self.seed, key_hash, row_hash);
+        self.find_from(fp, self.guess(fp))
+    }
+
+    /// [`Self::contains`] for each pair of `key_hashes` and `row_hashes`. A lookup is one
+    /// cache miss; one at a time, each waits for the last (the walk's branches depend on the
+    /// loaded value, so a mispredicted one discards the loads issued past it). Here a first
+    /// pass, without data-dependent branches, only guesses positions and loads the values
+    /// there, so the misses of many rows overlap; the walks then run in cache.
+    pub(crate) fn contains_all(&self, key_hashes: &[u64], row_hashes: &[u64]) -> Vec<bool> {
+        let mut held = Vec::with_capacity(key_hashes.len());
+        let mut fps = Vec::with_capacity(LOOKUPS_AT_ONCE);
+        let mut guesses = Vec::with_capacity(LOOKUPS_AT_ONCE);
+        for (keys, rows) in key_hashes
+            .chunks(LOOKUPS_AT_ONCE)
+            .zip(row_hashes.chunks(LOOKUPS_AT_ONCE))
+        {
+            fps.clear();
+            fps.extend(keys.iter().zip(rows).map(|(k, r)| Self::of(self.seed, *k, *r)));
+            guesses.clear();
+            guesses.extend(fps.iter().map(|fp| self.guess(*fp)));
+            // Loaded for their cache lines; the values decide nothing yet.
+            let landed = guesses
+                .iter()
+                .map(|&i| self.sorted.get(i).copied().unwrap_or(0))
+                .fold(0u64, |acc, v| acc ^ v);
+            std::hint::black_box(landed);
+            held.extend(
+                fps.iter()
+                    .zip(&guesses)
+                    .map(|(fp, guess)| self.find_from(*fp, *guess)),
+            );
+        }
+        held
+    }
+
+    /// Where `fp` falls in its slot, were the slot's values evenly spread (`sorted.len()` when
+    /// the slot is empty).
+    #[inline]
+    fn guess(&self, fp: u64) -> usize {
         let slot = (fp >> self.shift) as usize;
         let (start, end) = (self.directory[slot] as usize, self.directory[slot + 1] as usize);
         if start == end {
+            return self.sorted.len();
+        }
+        let within = ((fp << (64 - self.shift)) >> 32) as usize;
+        start + ((within * (end - start)) >> 32)
+    }
+
+    /// Whether `fp` is held, walking from `guess` within its slot.
+    #[inline]
+    fn find_from(&self, fp: u64, guess: usize) -> bool {
+        if guess >= self.sorted.len() {
             return false;
         }
-        // Where `fp` falls in its slot, were the slot's values evenly spread; then a walk to it.
-        let within = ((fp << (64 - self.shift)) >> 32) as usize;
-        let mut i = start + ((within * (end - start)) >> 32);
+        let slot = (fp >> self.shift) as usize;
+        let (start, end) = (self.directory[slot] as usize, self.directory[slot + 1] as usize);
+        let mut i = guess;
         if self.sorted[i] < fp {
             while i + 1 < end && self.sorted[i] < fp {
                 i += 1;
@@ -170,6 +222,7 @@ mod tests {
     fn an_empty_set_holds_nothing() {
         let fps = set(1, &[]);
         assert!(!fps.contains(1, 2));
+        assert_eq!(fps.contains_all(&[1, 3], &[2, 4]), vec![false, false]);
     }
 
     #[test]
@@ -204,6 +257,10 @@ mod tests {
             for pair in held.iter().chain(&probed) {
                 prop_assert_eq!(fps.contains(pair.0, pair.1), reference.contains(pair));
             }
+            // The batched lookup answers as the single one.
+            let (keys, hashes): (Vec<u64>, Vec<u64>) = held.iter().chain(&probed).copied().unzip();
+            let expected: Vec<bool> = held.iter().chain(&probed).map(|p| reference.contains(p)).collect();
+            prop_assert_eq!(fps.contains_all(&keys, &hashes), expected);
         }
     }
 }

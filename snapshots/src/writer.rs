@@ -458,11 +458,9 @@ impl SnapshotWriter {
         let hashes = row_hashes(&batch, &self.spec.key_columns)?;
         // While probing, the rows to keep whole: those the parent does not hold unchanged.
         let kept: Option<Vec<bool>> = self.probe.as_ref().map(|probe| {
-            key_hashes
-                .iter()
-                .zip(&hashes)
-                .map(|(k, h)| !probe.contains(*k, *h))
-                .collect()
+            let mut kept = probe.contains_all(&key_hashes, &hashes);
+            kept.iter_mut().for_each(|held| *held = !*held);
+            kept
         });
         let hashes: ArrayRef = Arc::new(UInt64Array::from(hashes));
         let mut columns = batch.columns().to_vec();
