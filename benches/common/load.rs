@@ -11,11 +11,11 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 /// The query the load runs: a three-way cross join of a 1,500-row history, sorted; far more
 /// work than any time limit allows.
@@ -224,13 +224,13 @@ async fn free_port() -> u16 {
     listener.local_addr().expect("port").port()
 }
 
-/// Polls `url` every `every` until `stop`, timing each answer.
+/// Polls `url` every `every` until `stop` is cancelled, timing each answer.
 fn poll(
     client: reqwest::Client,
     url: String,
     token: Option<&'static str>,
     every: Duration,
-    stop: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Latencies> {
     tokio::spawn(async move {
         let mut latencies = Latencies::default();
@@ -251,7 +251,7 @@ fn poll(
             }
             tokio::select! {
                 _ = tokio::time::sleep(every.saturating_sub(took)) => {}
-                _ = stop.notified() => return latencies,
+                _ = stop.cancelled() => return latencies,
             }
         }
     })
@@ -261,7 +261,7 @@ fn poll(
 fn watch_lease(
     metadata_url: String,
     mapping: &'static str,
-    stop: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Option<f64>> {
     tokio::spawn(async move {
         let (client, connection) = tokio_postgres::connect(&metadata_url, tokio_postgres::NoTls)
@@ -285,7 +285,7 @@ fn watch_lease(
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = stop.notified() => return smallest,
+                _ = stop.cancelled() => return smallest,
             }
         }
     })
@@ -385,7 +385,9 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, String> {
         ));
     }
 
-    let stop = Arc::new(tokio::sync::Notify::new());
+    // A cancellation, not a `Notify`: `notify_waiters` wakes only tasks waiting at that instant,
+    // and a poller in the middle of a request then polled forever.
+    let stop = CancellationToken::new();
     let health = poll(
         client.clone(),
         format!("{base}/healthz"),
@@ -472,7 +474,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, String> {
     for task in extra {
         extra_answers.push(task.await.map_err(|e| e.to_string())?);
     }
-    stop.notify_waiters();
+    stop.cancel();
     let health = health.await.map_err(|e| e.to_string())?;
     let read = read.await.map_err(|e| e.to_string())?;
     let lease_margin_min = lease.await.map_err(|e| e.to_string())?;
