@@ -387,7 +387,12 @@ fn run_sluice(
     command
         .args(["run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
+        // `SLUICE_BENCH_LOG=sluice_snapshots=debug,info` puts the snapshot writer's steps in
+        // each run's log, with their times.
+        .env(
+            "RUST_LOG",
+            std::env::var("SLUICE_BENCH_LOG").unwrap_or_else(|_| "info".to_string()),
+        )
         .stdout(log_file.try_clone().expect("log"))
         .stderr(log_file);
     measure(&mut command, sample_rss)

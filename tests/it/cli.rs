@@ -511,6 +511,22 @@ async fn file_destination_writes_parquet_across_batches_and_fails_oversized_valu
     }
     assert_eq!(ids.len(), 19_999);
     assert!(!ids.contains(&42));
+    // Pages are Snappy-compressed unless the destination says otherwise.
+    for path in &seen {
+        let file = std::fs::File::open(path).expect("open");
+        let reader = parquet::file::reader::SerializedFileReader::new(file).expect("a Parquet file");
+        use parquet::file::reader::FileReader;
+        for group in reader.metadata().row_groups() {
+            for column in group.columns() {
+                assert_eq!(
+                    column.compression(),
+                    parquet::basic::Compression::SNAPPY,
+                    "{}",
+                    column.column_path()
+                );
+            }
+        }
+    }
     let failures = stdout(&project.sluice(&["runs", "--failures", "10"]).await);
     assert!(
         failures.contains("field `email` holds 38 bytes, more than limits.max_value_bytes (30)"),

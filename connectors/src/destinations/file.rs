@@ -50,6 +50,11 @@ pub struct FileConfig {
     /// File format: `jsonl` (default), `csv` or `parquet`.
     #[serde(default)]
     pub format: FileFormat,
+    /// Compression of a Parquet file's pages: `snappy` (default: every Parquet reader has
+    /// it), `lz4` (LZ4_RAW: the fastest to write, read by current engines), `zstd` (the
+    /// smallest) or `none`. Only for `format: parquet`.
+    #[serde(default)]
+    pub compression: Option<ParquetCompression>,
     /// Options for the object_store builder (credentials, region, endpoint).
     #[serde(default)]
     pub options: IndexMap<String, ConfigString>,
@@ -63,6 +68,31 @@ pub enum FileFormat {
     Jsonl,
     Csv,
     Parquet,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ParquetCompression {
+    #[default]
+    Snappy,
+    Lz4,
+    Zstd,
+    #[serde(alias = "uncompressed")]
+    None,
+}
+
+impl ParquetCompression {
+    fn codec(self) -> parquet::basic::Compression {
+        match self {
+            ParquetCompression::Snappy => parquet::basic::Compression::SNAPPY,
+            ParquetCompression::Lz4 => parquet::basic::Compression::LZ4_RAW,
+            // Level 1: zstd's fast end, still smaller than Snappy.
+            ParquetCompression::Zstd => {
+                parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default())
+            }
+            ParquetCompression::None => parquet::basic::Compression::UNCOMPRESSED,
+        }
+    }
 }
 
 impl FileFormat {
@@ -79,6 +109,7 @@ pub struct FileDestination {
     name: String,
     store: SnapshotStore,
     format: FileFormat,
+    compression: ParquetCompression,
 }
 
 impl FileDestination {
@@ -87,12 +118,19 @@ impl FileDestination {
             .options
             .iter()
             .map(|(k, v)| (k.clone(), v.expose().to_string()));
+        if config.compression.is_some() && config.format != FileFormat::Parquet {
+            return Err(format!(
+                "`compression` applies to Parquet files only; destination `{name}` writes {}",
+                config.format.extension()
+            ));
+        }
         let store =
             SnapshotStore::open(config.url.expose(), &env.base_dir, options).map_err(|e| e.to_string())?;
         Ok(Self {
             name: name.to_string(),
             store,
             format: config.format,
+            compression: config.compression.unwrap_or_default(),
         })
     }
 }
@@ -128,6 +166,7 @@ impl Destination for FileDestination {
             store: self.store.clone(),
             relative,
             format: self.format,
+            compression: self.compression,
             sink: Mutex::new(None),
         }))
     }
@@ -163,6 +202,8 @@ struct ParquetSink {
 
 /// Rows per row group of a Parquet file the destination writes.
 const PARQUET_ROW_GROUP_ROWS: usize = 256 * 1024;
+/// The dictionary page size past which a column chunk falls back to plain encoding.
+const DICTIONARY_PAGE_BYTES: usize = 64 * 1024;
 
 /// Bytes the encoder has written and the store has not yet received.
 #[derive(Clone, Default)]
@@ -183,14 +224,20 @@ impl std::io::Write for EncodedBytes {
 }
 
 impl ParquetSink {
-    fn new(out: BufWriter, schema: SchemaRef) -> Result<Self, String> {
+    fn new(out: BufWriter, schema: SchemaRef, compression: ParquetCompression) -> Result<Self, String> {
         let encoded = EncodedBytes::default();
         // A row group is held in memory until it is complete: 256K rows kept a 10M-row run's
         // peak under 1 GiB where the default 1M rows went over, for about 0.3 s more encoding.
         let properties = WriterProperties::builder()
+            // Compressed pages cost CPU, uncompressed ones page-cache writes: on the benchmark's
+            // machine a 10M-row first sync took 10.4-10.7 s with Snappy (683 MB), 10.0-10.2 s
+            // with LZ4 (693 MB) and 10.8 s uncompressed (1,146 MB; BENCHMARKS.md).
+            .set_compression(compression.codec())
             .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP_ROWS))
-            // Uncompressed: a whole-model run is CPU-bound on both cores, and Snappy measured
-            // 12% of a 10M-row first sync's samples for no gain in time (BENCHMARKS.md).
+            // A column of mostly distinct values (ids, emails, timestamps) gives up on its
+            // dictionary after 64 KiB of them instead of 1 MiB: building and dropping
+            // dictionaries was 9% of a 10M-row first sync's delivery.
+            .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES)
             // A record's message id and key are unique: a dictionary would only be built to be
             // dropped once it outgrew its page.
             .set_column_dictionary_enabled(ColumnPath::from("_message_id"), false)
@@ -250,6 +297,7 @@ struct FileWriter {
     store: SnapshotStore,
     relative: String,
     format: FileFormat,
+    compression: ParquetCompression,
     sink: Mutex<Option<Sink>>,
 }
 
@@ -299,7 +347,7 @@ impl FileWriter {
             FileFormat::Parquet => {
                 let rows = columns_of(batch, range, false)?;
                 if guard.is_none() {
-                    let sink = ParquetSink::new(self.buf_writer(), rows.schema())?;
+                    let sink = ParquetSink::new(self.buf_writer(), rows.schema(), self.compression)?;
                     *guard = Some(Sink::Parquet(Box::new(sink)));
                 }
                 let Some(Sink::Parquet(sink)) = guard.as_mut() else {
@@ -471,4 +519,55 @@ fn conform(rows: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String
         })
         .collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: serde_json::Value) -> FileConfig {
+        serde_json::from_value(json).expect("a file destination's config")
+    }
+
+    #[test]
+    fn parquet_pages_are_snappy_unless_the_config_names_another_codec() {
+        let dir = tempfile::tempdir().expect("dir");
+        let env = ConnectorEnv::rooted_at(dir.path());
+        let parquet = |compression: Option<&str>| {
+            let mut json = serde_json::json!({"url": "exports", "format": "parquet"});
+            if let Some(name) = compression {
+                json["compression"] = name.into();
+            }
+            config(json)
+        };
+        let default = FileDestination::new("out", parquet(None), &env).expect("valid");
+        assert_eq!(default.compression.codec(), parquet::basic::Compression::SNAPPY);
+        for (name, codec) in [
+            ("lz4", parquet::basic::Compression::LZ4_RAW),
+            ("none", parquet::basic::Compression::UNCOMPRESSED),
+            ("uncompressed", parquet::basic::Compression::UNCOMPRESSED),
+        ] {
+            let destination = FileDestination::new("out", parquet(Some(name)), &env).expect("valid");
+            assert_eq!(destination.compression.codec(), codec, "{name}");
+        }
+        let zstd = FileDestination::new("out", parquet(Some("zstd")), &env).expect("valid");
+        assert!(matches!(
+            zstd.compression.codec(),
+            parquet::basic::Compression::ZSTD(_)
+        ));
+    }
+
+    #[test]
+    fn compression_is_refused_for_formats_other_than_parquet() {
+        let dir = tempfile::tempdir().expect("dir");
+        let env = ConnectorEnv::rooted_at(dir.path());
+        let jsonl = config(serde_json::json!({"url": "exports", "compression": "zstd"}));
+        let error = FileDestination::new("out", jsonl, &env).err().expect("refused");
+        assert!(
+            error.contains("Parquet files only") && error.contains("`out`"),
+            "{error}"
+        );
+        let unknown = serde_json::json!({"url": "x", "format": "parquet", "compression": "brotli"});
+        assert!(serde_json::from_value::<FileConfig>(unknown).is_err());
+    }
 }
