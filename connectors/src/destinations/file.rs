@@ -51,8 +51,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub format: FileFormat,
     /// Compression of a Parquet file's pages: `snappy` (default: every Parquet reader has
-    /// it), `lz4` (LZ4_RAW: the fastest to write, read by current engines), `zstd` (the
-    /// smallest) or `none`. Only for `format: parquet`.
+    /// it), `lz4` (LZ4_RAW: the fastest to write; older readers may lack it), `zstd` (level 1,
+    /// usually the smallest) or `none`. Only for `format: parquet`.
     #[serde(default)]
     pub compression: Option<ParquetCompression>,
     /// Options for the object_store builder (credentials, region, endpoint).
@@ -86,7 +86,7 @@ impl ParquetCompression {
         match self {
             ParquetCompression::Snappy => parquet::basic::Compression::SNAPPY,
             ParquetCompression::Lz4 => parquet::basic::Compression::LZ4_RAW,
-            // Level 1: zstd's fast end, still smaller than Snappy.
+            // Level 1: zstd's fast end, usually still smaller than Snappy's.
             ParquetCompression::Zstd => {
                 parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default())
             }
