@@ -674,6 +674,14 @@ pub trait Destination: Send + Sync + 'static {
 
     /// Starts delivering one run's records.
     async fn open(&self, run: &RunInfo) -> Result<Box<dyn DestinationWriter>, DestinationError>;
+
+    /// Whether every session of this destination acknowledges its records only when it
+    /// finishes ([`DestinationWriter::acknowledges_at_finish`]). A run that sends every row as
+    /// added (a first run, a full resync) then delivers while the model is extracted, and
+    /// finishes the session only once the snapshot has committed.
+    fn acknowledges_at_finish(&self) -> bool {
+        false
+    }
 }
 
 /// What a destination session reads of each record, besides its op, action, key and

@@ -28,7 +28,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, UInt8Type};
 use datafusion::arrow::compute::SortOptions;
 use datafusion::common::ScalarValue;
@@ -896,6 +896,53 @@ impl Differ {
     }
 }
 
+/// The columns of a model's rows as they are read back from its snapshot: DataFusion reads
+/// strings and binaries as views. Rows delivered as they are extracted take these types, so a
+/// mapping sees the same columns whichever way its rows come.
+pub fn read_back_schema(model: &Schema) -> Schema {
+    datafusion::datasource::file_format::parquet::transform_schema_to_view(model)
+}
+
+/// The schema of [`added_rows`]: the read-back columns, then the change columns.
+pub fn added_schema(model: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = read_back_schema(model)
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.extend(change_fields());
+    Arc::new(Schema::new(fields))
+}
+
+/// Extracted model rows with their row hashes as change rows that add every row, the shape
+/// [`Differ::all_added`] reads from a committed snapshot. `schema` is [`added_schema`] of the
+/// model's columns.
+pub fn added_rows(schema: &SchemaRef, rows: &RecordBatch, hashes: &UInt64Array) -> Result<RecordBatch> {
+    use arrow::array::{ArrayRef, Int64Array, UInt8Array, new_null_array};
+    let n = rows.num_rows();
+    if hashes.len() != n {
+        return Err(DataFusionError::Internal(format!(
+            "{} row hashes for {n} extracted rows",
+            hashes.len()
+        )));
+    }
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for (column, field) in rows.columns().iter().zip(schema.fields()) {
+        columns.push(if column.data_type() == field.data_type() {
+            column.clone()
+        } else {
+            arrow::compute::cast(column, field.data_type())?
+        });
+    }
+    columns.push(Arc::new(UInt8Array::from(vec![Op::Added as u8; n])));
+    columns.push(Arc::new(hashes.clone()));
+    columns.push(new_null_array(&DataType::UInt64, n));
+    columns.push(new_null_array(&DataType::Utf8, n));
+    columns.push(Arc::new(Int64Array::from(vec![0i64; n])));
+    columns.push(new_null_array(&failed_at_type(), n));
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
 /// A filtered backfill's predicate planned over a snapshot's columns (`schema`, sluice's row
 /// hash left out): a boolean expression of the row's own columns, without subqueries,
 /// aggregates or window functions.
@@ -1055,4 +1102,85 @@ fn filter_ops(batches: &[RecordBatch], keep: impl Fn(Op) -> bool) -> Result<Vec<
 
 fn external(e: sluice_snapshots::SnapshotError) -> DataFusionError {
     DataFusionError::External(Box::new(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{
+        ArrayRef, BinaryArray, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array,
+        LargeStringArray, StringArray, TimestampMicrosecondArray,
+    };
+    use futures::TryStreamExt;
+    use sluice_snapshots::{SnapshotSpec, SnapshotWriter};
+
+    /// Model rows of every kind of column a source gives.
+    fn rows(ids: &[i64]) -> RecordBatch {
+        let n = ids.len();
+        let text = |prefix: &str| -> Vec<String> { ids.iter().map(|i| format!("{prefix}{i}")).collect() };
+        RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(ids.to_vec())) as ArrayRef),
+            ("email", Arc::new(StringArray::from(text("user")))),
+            ("notes", Arc::new(LargeStringArray::from(text("note")))),
+            ("blob", Arc::new(BinaryArray::from_iter_values(text("b")))),
+            ("score", Arc::new(Int32Array::from(vec![Some(1); n]))),
+            ("value", Arc::new(Float64Array::from(vec![2.5; n]))),
+            ("active", Arc::new(BooleanArray::from(vec![true; n]))),
+            ("born", Arc::new(Date32Array::from(vec![19_000; n]))),
+            (
+                "seen_at",
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![1_700_000_000_000_000; n]).with_timezone("UTC"),
+                ),
+            ),
+        ])
+        .unwrap()
+    }
+
+    /// Rows handed over as they are extracted are the rows a committed snapshot gives a first
+    /// run: same schema, same values, same change columns.
+    #[tokio::test]
+    async fn extracted_rows_as_added_match_the_snapshots_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open("s", dir.path(), [])
+            .unwrap()
+            .with_temp_dir(dir.path().join("tmp"));
+        let spec = SnapshotSpec {
+            model: "users".into(),
+            run_id: "run-1".into(),
+            key_columns: vec!["id".into()],
+            buckets: None,
+        };
+        let extracted = rows(&[5, 3, 9, 1]);
+        let mut writer = SnapshotWriter::new(store.clone(), spec);
+        let hashes = writer.write(extracted.clone()).await.unwrap();
+        let manifest = Arc::new(writer.commit().await.unwrap());
+
+        let schema = added_schema(&extracted.schema());
+        let handed_over = added_rows(&schema, &extracted, &hashes).unwrap();
+        let differ = Differ::new(store, manifest, None).await.unwrap();
+        let stream = differ.all_added(0).await.unwrap().unwrap();
+        let from_snapshot: Vec<RecordBatch> = stream.try_collect().await.unwrap();
+        let from_snapshot =
+            arrow::compute::concat_batches(&from_snapshot[0].schema(), &from_snapshot).unwrap();
+
+        let types = |s: &Schema| -> Vec<(String, DataType)> {
+            s.fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.data_type().clone()))
+                .collect()
+        };
+        assert_eq!(types(&schema), types(&from_snapshot.schema()));
+        // The snapshot's rows come sorted by key.
+        let order = arrow::compute::sort_to_indices(handed_over.column(0), None, None).unwrap();
+        let sorted = arrow::compute::take_record_batch(&handed_over, &order).unwrap();
+        for (i, field) in schema.fields().iter().enumerate() {
+            assert_eq!(
+                sorted.column(i).as_ref(),
+                from_snapshot.column(i).as_ref(),
+                "column {}",
+                field.name()
+            );
+        }
+    }
 }

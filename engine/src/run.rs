@@ -16,6 +16,10 @@
 //!    the next run first folds the stopped run's checkpoints into it, so it sends only what the
 //!    destination had not acknowledged at the last checkpoint (at most the batch that was in
 //!    flight is sent again, with the same message ids).
+//!
+//! A run with no diff to wait for (every row added: a first run, a full resync) to a destination
+//! that publishes its records only when the session finishes (a file) does steps 2 and 3 while
+//! step 1 runs, and finishes its session once the snapshot commits ([`streamed`]).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -42,6 +46,8 @@ use crate::mapping::MappingPlan;
 use crate::metadata::{FailureRow, MappingState, RunRecord, RunStatus, Trigger};
 use crate::model::{TemplateValues, render_sql};
 use crate::source::ModelQuery;
+
+mod streamed;
 
 /// What to run.
 #[derive(Debug, Clone, Default)]
@@ -459,30 +465,79 @@ impl Engine {
     async fn run_leased(
         &self,
         model: &str,
-        mut runs: Vec<RunRecord>,
+        runs: Vec<RunRecord>,
         full: bool,
         observer: &dyn RunObserver,
     ) -> Result<Vec<RunRecord>> {
         let template = self.template_values(model, runs[0].started_at).await?;
         let started = Instant::now();
-        let run_ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        let run_ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
+        let snapshot_run = run_ids[0].clone();
         let span = tracing::info_span!("extract", model, run_ids = ?run_ids);
         let stops: Vec<Shutdown> = runs.iter().map(|r| self.controls.register(&r.id)).collect();
         // A full resync also starts a new base: nothing of earlier snapshots is relied on.
         let base = full && runs.iter().all(|r| r.filter.is_none());
-        let extracted = self
-            .extract(model, &runs[0].id, &template, &stops, base, observer)
-            .instrument(span)
-            .await;
-        let extract_ms = started.elapsed().as_millis() as u64;
+        // Runs that add every row to a destination publishing at the end are delivered while
+        // the model is extracted (see `streamed`); the others once its snapshot has committed.
+        let mut streamed = Vec::new();
+        let mut after = Vec::new();
+        for run in runs {
+            if self.delivers_while_extracting(&run, full).await? {
+                streamed.push(run);
+            } else {
+                after.push(run);
+            }
+        }
+        let (extraction_tx, extraction_rx) = tokio::sync::watch::channel(streamed::ExtractionState::Running);
+        let mut tees = Vec::new();
+        let streaming: Vec<_> = streamed
+            .into_iter()
+            .map(|run| {
+                let (tee, rows) = tokio::sync::mpsc::channel(streamed::BATCHES_IN_FLIGHT);
+                tees.push(tee);
+                self.deliver_while_extracting(run, rows, extraction_rx.clone(), observer)
+            })
+            .collect();
+        let extraction = async {
+            let extracted = self
+                .extract(
+                    model,
+                    &snapshot_run,
+                    &template,
+                    Extraction {
+                        stops: &stops,
+                        base,
+                        tees,
+                    },
+                    observer,
+                )
+                .instrument(span)
+                .await
+                .map(Arc::new);
+            let extract_ms = started.elapsed().as_millis() as u64;
+            let _ = extraction_tx.send(match &extracted {
+                Ok(manifest) => streamed::ExtractionState::Committed(manifest.clone(), extract_ms),
+                Err(_) => streamed::ExtractionState::Failed,
+            });
+            (extracted, extract_ms)
+        };
+        let ((extracted, extract_ms), streamed) =
+            tokio::join!(extraction, futures::future::join_all(streaming));
+        let mut done = Vec::new();
+        for outcome in streamed {
+            match outcome? {
+                streamed::Outcome::Done(run) => done.push(run),
+                // Recorded below, with the extraction's error.
+                streamed::Outcome::ExtractionFailed(run) => after.push(run),
+            }
+        }
         let manifest = match extracted {
-            Ok(manifest) => Arc::new(manifest),
+            Ok(manifest) => manifest,
             Err(e) => {
                 let message = crate::secrets::scrub_known(&e.to_string()).into_owned();
                 tracing::error!(model, error = %message, "extraction failed");
                 let status = stopped_status(&e);
-                let mut done = Vec::new();
-                for mut run in runs {
+                for mut run in after {
                     run.status = status;
                     run.finished_at = Some(Utc::now());
                     run.timings.extract_ms = extract_ms;
@@ -492,10 +547,10 @@ impl Engine {
                     self.finish_run(observer, &run).await;
                     done.push(run);
                 }
-                return Ok(done);
+                return Ok(in_order(done, &run_ids));
             }
         };
-        for run in &mut runs {
+        for run in &mut after {
             run.snapshot_id = Some(manifest.id.clone());
             run.counts.extracted = manifest.rows;
             run.timings.extract_ms = extract_ms;
@@ -504,8 +559,8 @@ impl Engine {
         }
         // The mappings of one model run at once: each holds its own lease and state, and their
         // diffs, rendering and requests share the cores (one waits on its destination while
-        // another renders). Results come back in the mappings' order.
-        let mappings = runs.into_iter().map(|mut run| {
+        // another renders).
+        let mappings = after.into_iter().map(|mut run| {
             let manifest = manifest.clone();
             async move {
                 let config = self.project.config.mappings[&run.mapping].clone();
@@ -516,32 +571,38 @@ impl Engine {
                     .instrument(span)
                     .await;
                 if let Err(e) = outcome {
-                    let message = crate::secrets::scrub_known(&e.to_string()).into_owned();
-                    run.status = stopped_status(&e);
-                    if run.status == RunStatus::Interrupted {
-                        tracing::warn!(
-                            mapping = run.mapping,
-                            "run stopped at a checkpoint by a shutdown request"
-                        );
-                    } else if run.status == RunStatus::Cancelled {
-                        tracing::warn!(mapping = run.mapping, "run cancelled; stopped at a checkpoint");
-                    } else {
-                        tracing::error!(mapping = run.mapping, error = %message, "run failed");
-                    }
-                    run.finished_at = Some(Utc::now());
-                    run.recommended_action = e.recommended_action();
-                    run.error = Some(message);
-                    self.metadata.commit_run(&run, None).await?;
+                    self.record_stopped_run(&mut run, &e).await?;
                 }
                 self.finish_run(observer, &run).await;
                 Ok::<_, EngineError>(run)
             }
         });
-        let done = futures::future::join_all(mappings)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
-        Ok(done)
+        for run in futures::future::join_all(mappings).await {
+            done.push(run?);
+        }
+        // Results come back in the mappings' order.
+        Ok(in_order(done, &run_ids))
+    }
+
+    /// Records a run that a failure, a shutdown or a cancellation stopped after extraction.
+    async fn record_stopped_run(&self, run: &mut RunRecord, e: &EngineError) -> Result<()> {
+        let message = crate::secrets::scrub_known(&e.to_string()).into_owned();
+        run.status = stopped_status(e);
+        if run.status == RunStatus::Interrupted {
+            tracing::warn!(
+                mapping = run.mapping,
+                "run stopped at a checkpoint by a shutdown request"
+            );
+        } else if run.status == RunStatus::Cancelled {
+            tracing::warn!(mapping = run.mapping, "run cancelled; stopped at a checkpoint");
+        } else {
+            tracing::error!(mapping = run.mapping, error = %message, "run failed");
+        }
+        run.finished_at = Some(Utc::now());
+        run.recommended_action = e.recommended_action();
+        run.error = Some(message);
+        self.metadata.commit_run(run, None).await?;
+        Ok(())
     }
 
     /// Computes what a run of `mapping` would send and writes it to `sink`: the model is
@@ -583,8 +644,11 @@ impl Engine {
                     &config.model,
                     &run.id,
                     &template,
-                    std::slice::from_ref(&stop),
-                    run.full_resync && run.filter.is_none(),
+                    Extraction {
+                        stops: std::slice::from_ref(&stop),
+                        base: run.full_resync && run.filter.is_none(),
+                        tees: Vec::new(),
+                    },
                     observer,
                 )
                 .await?;
@@ -637,7 +701,8 @@ impl Engine {
         let started_at = Utc::now();
         let template = self.template_values(model, started_at).await?;
         let id = format!("extract-{}", uuid::Uuid::now_v7());
-        self.extract(model, &id, &template, &[], false, observer).await
+        self.extract(model, &id, &template, Extraction::default(), observer)
+            .await
     }
 
     /// The values a model's SQL template is rendered with: `last_sync_time` is the earliest
@@ -696,10 +761,14 @@ impl Engine {
         model: &str,
         run_id: &str,
         template: &TemplateValues,
-        stops: &[Shutdown],
-        base: bool,
+        extraction: Extraction<'_>,
         observer: &dyn RunObserver,
     ) -> Result<SnapshotManifest> {
+        let Extraction {
+            stops,
+            base,
+            mut tees,
+        } = extraction;
         let config = self
             .project
             .model(model)
@@ -745,9 +814,13 @@ impl Engine {
             writer = writer.with_parent(parent);
         }
         let empty = RecordBatch::new_empty(stream.schema());
-        if let Err(e) = writer.write(empty).await {
-            writer.abort().await;
-            return Err(snapshot_error(e));
+        match writer.write(empty.clone()).await {
+            // The model's columns reach the mappings delivering meanwhile before any row.
+            Ok(hashes) => streamed::hand_over(&mut tees, &empty, &hashes).await,
+            Err(e) => {
+                writer.abort().await;
+                return Err(snapshot_error(e));
+            }
         }
         loop {
             if self.shutdown.is_requested() {
@@ -771,9 +844,12 @@ impl Engine {
                     return Err(source_failure(model, &config.source, e).into());
                 }
             };
-            if let Err(e) = writer.write(batch).await {
-                writer.abort().await;
-                return Err(snapshot_error(e));
+            match writer.write(batch.clone()).await {
+                Ok(hashes) => streamed::hand_over(&mut tees, &batch, &hashes).await,
+                Err(e) => {
+                    writer.abort().await;
+                    return Err(snapshot_error(e));
+                }
             }
             if writer.rows_written() > max_records {
                 writer.abort().await;
@@ -946,6 +1022,32 @@ impl Engine {
             run.finished_at = Some(Utc::now());
             return Ok(());
         }
+        let session = DeliveredSession {
+            writer,
+            exceptions,
+            unrecorded_failures,
+            first_failure,
+            state,
+        };
+        self.commit_session(run, &manifest.id, session).await
+    }
+
+    /// Finishes a run's destination session and commits the run: the mapping's baseline moves
+    /// to `snapshot_id` plus the run's exceptions.
+    async fn commit_session(
+        &self,
+        run: &mut RunRecord,
+        snapshot_id: &str,
+        session: DeliveredSession,
+    ) -> Result<()> {
+        let DeliveredSession {
+            writer,
+            exceptions,
+            unrecorded_failures,
+            first_failure,
+            state,
+        } = session;
+        let mapping = run.mapping.clone();
         let started = Instant::now();
         if let Err(e) = writer.finish().await {
             exceptions.abort().await;
@@ -987,7 +1089,7 @@ impl Engine {
         let new_state = MappingState {
             mapping: mapping.clone(),
             model: run.model.clone(),
-            baseline_snapshot_id: Some(manifest.id.clone()),
+            baseline_snapshot_id: Some(snapshot_id.to_string()),
             exceptions_path,
             exceptions_rows,
             last_run_id: run.id.clone(),
@@ -1222,6 +1324,12 @@ impl Engine {
     }
 }
 
+/// `runs` in the order of `ids`.
+fn in_order(mut runs: Vec<RunRecord>, ids: &[String]) -> Vec<RunRecord> {
+    runs.sort_by_key(|run| ids.iter().position(|id| *id == run.id));
+    runs
+}
+
 /// A baseline as a log field.
 fn run_baseline_text(baseline: Option<&crate::diff::Baseline>) -> String {
     match baseline {
@@ -1293,6 +1401,38 @@ struct Delivery<'a> {
     stop: Shutdown,
     /// Sequence number of the next batch prepared (its intent and checkpoint files).
     next_seq: i64,
+}
+
+/// How a model is extracted for its runs.
+#[derive(Default)]
+struct Extraction<'a> {
+    /// The stop switches of the runs it is for: it stops once every one is flipped.
+    stops: &'a [Shutdown],
+    /// Write a base snapshot, relying on nothing earlier (a full resync).
+    base: bool,
+    /// The runs delivering while it extracts, each handed every batch.
+    tees: Vec<streamed::Tee>,
+}
+
+/// A destination session whose records have all been handed over, waiting to be finished and
+/// committed.
+struct DeliveredSession {
+    writer: Box<dyn DestinationWriter>,
+    exceptions: ExceptionsWriter,
+    /// Failed records no checkpoint carried (a run without commit points before its end).
+    unrecorded_failures: Vec<FailureRow>,
+    /// The first error a record failed with.
+    first_failure: Option<String>,
+    /// The mapping's state when the run started.
+    state: Option<MappingState>,
+}
+
+impl DeliveredSession {
+    /// Abandons the session: nothing it wrote becomes visible.
+    async fn abort(self) {
+        self.writer.abort().await;
+        self.exceptions.abort().await;
+    }
 }
 
 /// A batch ready to send: its records rendered, those that cannot be sent set aside, and the

@@ -429,8 +429,9 @@ impl SnapshotWriter {
         self.rows
     }
 
-    /// Adds a batch of model rows.
-    pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+    /// Adds a batch of model rows. Returns their row hashes (what the diff compares), for a
+    /// caller that delivers the rows while they are extracted.
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<UInt64Array> {
         if !self.started {
             self.start().await?;
         }
@@ -447,7 +448,7 @@ impl SnapshotWriter {
             None => self.set_schema(batch.schema())?,
         };
         if batch.num_rows() == 0 {
-            return Ok(());
+            return Ok(UInt64Array::from(Vec::<u64>::new()));
         }
         self.check_keys_not_null(&batch)?;
         self.rows += batch.num_rows() as u64;
@@ -462,11 +463,13 @@ impl SnapshotWriter {
             kept.iter_mut().for_each(|held| *held = !*held);
             kept
         });
-        let hashes: ArrayRef = Arc::new(UInt64Array::from(hashes));
+        let hashes = UInt64Array::from(hashes);
+        let hash_column: ArrayRef = Arc::new(hashes.clone());
         let mut columns = batch.columns().to_vec();
-        columns.push(hashes.clone());
+        columns.push(hash_column.clone());
         let batch = RecordBatch::try_new(stored_schema, columns)?;
-        self.spill(batch, &key_hashes, hashes, kept)
+        self.spill(batch, &key_hashes, hash_column, kept)?;
+        Ok(hashes)
     }
 
     /// Appends a hashed batch (`hashes` is its row hash column) to the fine partitions.
@@ -1988,6 +1991,22 @@ mod tests {
             .collect();
         rows.sort_unstable();
         rows
+    }
+
+    #[tokio::test]
+    async fn write_returns_the_row_hashes_the_snapshot_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let mut w = SnapshotWriter::new(store.clone(), spec(None));
+        assert!(w.write(users(&[])).await.unwrap().is_empty());
+        let mut returned = Vec::new();
+        for ids in [&[3i64, 1, 2][..], &[7, 5]] {
+            let hashes = w.write(users(ids)).await.unwrap();
+            returned.extend(ids.iter().copied().zip(hashes.values().iter().copied()));
+        }
+        let manifest = w.commit().await.unwrap();
+        returned.sort_unstable();
+        assert_eq!(returned, read_back(&store, &manifest).await);
     }
 
     /// (id, row hash) of every row of `batch`, sorted.

@@ -411,6 +411,16 @@ async fn file_destination_writes_each_runs_records() {
     assert_eq!(std::fs::read_dir(&dir).expect("exports").count(), 1);
 }
 
+/// [`webhook_config`] with a second mapping of the model, `users_to_archive`, to a `file`
+/// destination writing Parquet under `exports/`; `tail` is appended.
+fn archive_config(url: &str, tail: &str) -> String {
+    let extra = "  archive:\n    type: file\n    url: exports\n    format: parquet\n";
+    format!(
+        "{}  users_to_archive:\n    model: users\n    destination: archive\n{tail}",
+        webhook_config(url, extra)
+    )
+}
+
 /// The rows of the Parquet files in `dir` that are not in `seen` (which they are added to).
 fn new_parquet_rows(
     dir: &std::path::Path,
@@ -438,12 +448,7 @@ async fn file_destination_writes_parquet_across_batches_and_fails_oversized_valu
     use arrow::datatypes::Int64Type;
 
     let receiver = Receiver::start().await;
-    let extra = "  archive:\n    type: file\n    url: exports\n    format: parquet\n";
-    let config = format!(
-        "{}  users_to_archive:\n    model: users\n    destination: archive\nlimits:\n  max_value_bytes: 30\n",
-        webhook_config(&receiver.url, extra)
-    );
-    let project = TestProject::new(&config);
+    let project = TestProject::new(&archive_config(&receiver.url, "limits:\n  max_value_bytes: 30\n"));
     // More rows than one batch holds (8,192), so the file is written in several parts.
     let mut users: Vec<User> = (1..=20_000)
         .map(|id| {
@@ -547,23 +552,123 @@ async fn file_destination_writes_parquet_across_batches_and_fails_oversized_valu
         stdout(&output),
         stderr(&output)
     );
-    let second = new_parquet_rows(&dir, &mut seen);
+    let changes = file_changes(&new_parquet_rows(&dir, &mut seen));
+    let mut want: Vec<(String, i64)> = (1..=10).map(|id| ("updated".to_string(), id)).collect();
+    want.extend((19_996..=20_000).map(|id| ("deleted".to_string(), id)));
+    want.sort();
+    assert_eq!(changes, want);
+}
+
+/// (op, id) of every record in `batches` (rows of the `file` destination), sorted.
+fn file_changes(batches: &[arrow::array::RecordBatch]) -> Vec<(String, i64)> {
+    use arrow::array::AsArray;
     let mut changes: Vec<(String, i64)> = Vec::new();
-    for batch in &second {
+    for batch in batches {
         let id = batch
             .column_by_name("id")
             .expect("id")
-            .as_primitive::<Int64Type>();
+            .as_primitive::<arrow::datatypes::Int64Type>();
         let op = batch.column_by_name("_op").expect("_op").as_string::<i32>();
         for i in 0..batch.num_rows() {
             changes.push((op.value(i).to_string(), id.value(i)));
         }
     }
     changes.sort();
-    let mut want: Vec<(String, i64)> = (1..=10).map(|id| ("updated".to_string(), id)).collect();
-    want.extend((19_996..=20_000).map(|id| ("deleted".to_string(), id)));
+    changes
+}
+
+/// A first run to a `file` destination writes its file while the model is extracted, and
+/// publishes it only once the snapshot has committed: duplicate keys leave nothing visible,
+/// and the baseline it commits is exact (the next run sends only what changed).
+#[tokio::test]
+async fn a_first_run_to_a_file_publishes_nothing_until_its_snapshot_commits() {
+    let receiver = Receiver::start().await;
+    let project = TestProject::new(&archive_config(&receiver.url, ""));
+    let dir = project.path().join("exports/users_to_archive");
+    let visible_files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&dir)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    // Duplicate keys after more rows than one batch holds: the file has been started.
+    let mut users: Vec<User> = (1..=20_000)
+        .map(|id| user(id, "u@x.io", "free", (id % 100) as i32))
+        .collect();
+    users.push(user(7, "again@x.io", "free", 1));
+    project.write_users(&users);
+    let output = project.sluice(&["run"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    assert!(
+        stdout(&output).contains("1 primary key value(s) occur more than once"),
+        "{}",
+        stdout(&output)
+    );
+    assert_eq!(
+        visible_files(),
+        Vec::<std::path::PathBuf>::new(),
+        "nothing is published"
+    );
+    assert!(receiver.take().is_empty(), "nothing is sent");
+    let runs = project.sluice(&["runs"]).await;
+    for mapping in ["users_to_archive", "users_to_crm"] {
+        assert!(
+            result_row(&runs, mapping).contains(&"failed".to_string()),
+            "{}",
+            stdout(&runs)
+        );
+    }
+
+    // Fixed: every row, once, as added; the webhook's mapping (delivered after the snapshot
+    // commits) gets the same.
+    users.pop();
+    project.write_users(&users);
+    let output = project.sluice(&["run"]).await;
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let mut seen = HashSet::new();
+    let first = file_changes(&new_parquet_rows(&dir, &mut seen));
+    let want: Vec<(String, i64)> = (1..=20_000).map(|id| ("added".to_string(), id)).collect();
+    assert_eq!(first, want);
+    assert_eq!(receiver.take_records().len(), 20_000);
+
+    // The next run sends exactly what changed.
+    for u in users.iter_mut().take(3) {
+        u.plan = "pro";
+    }
+    users.truncate(19_998);
+    project.write_users(&users);
+    let output = project.sluice(&["run", "users_to_archive"]).await;
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let mut want: Vec<(String, i64)> = (1..=3).map(|id| ("updated".to_string(), id)).collect();
+    want.extend((19_999..=20_000).map(|id| ("deleted".to_string(), id)));
     want.sort();
-    assert_eq!(changes, want);
+    assert_eq!(file_changes(&new_parquet_rows(&dir, &mut seen)), want);
+
+    // A full resync writes every row again, while extracting too.
+    let output = project.sluice(&["run", "users_to_archive", "--full"]).await;
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let want: Vec<(String, i64)> = (1..=19_998).map(|id| ("added".to_string(), id)).collect();
+    assert_eq!(file_changes(&new_parquet_rows(&dir, &mut seen)), want);
 }
 
 #[tokio::test]

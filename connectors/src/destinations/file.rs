@@ -153,6 +153,11 @@ impl Destination for FileDestination {
             })
     }
 
+    /// Its files become visible only once complete (see [`FileWriter`]).
+    fn acknowledges_at_finish(&self) -> bool {
+        true
+    }
+
     async fn open(&self, run: &RunInfo) -> Result<Box<dyn DestinationWriter>, DestinationError> {
         let relative = format!(
             "{}/{}-{}.{}",
