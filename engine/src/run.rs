@@ -1324,6 +1324,51 @@ impl Engine {
     }
 }
 
+/// Batches a changed-rows stream reads ahead of its delivery.
+const READ_AHEAD_BATCHES: usize = 4;
+
+/// Reads `rows` on a task of its own, up to [`READ_AHEAD_BATCHES`] batches ahead of whoever
+/// consumes the stream returned: the next bucket's rows are read (a deleted record's last
+/// values are a scan of its layer's bucket) while the current bucket is delivered. A reading
+/// task that stops without finishing ends the stream with an error, never early.
+fn read_ahead(
+    mut rows: datafusion::execution::SendableRecordBatchStream,
+) -> datafusion::execution::SendableRecordBatchStream {
+    let schema = rows.schema();
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<Option<RecordBatch>, DataFusionError>>(
+        READ_AHEAD_BATCHES,
+    );
+    tokio::spawn(
+        async move {
+            while let Some(batch) = rows.next().await {
+                let failed = batch.is_err();
+                if tx.send(batch.map(Some)).await.is_err() || failed {
+                    return;
+                }
+            }
+            let _ = tx.send(Ok(None)).await;
+        }
+        .in_current_span(),
+    );
+    let batches = futures::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Some(Ok(Some(batch))) => Some((Ok(batch), Some(rx))),
+            Some(Ok(None)) => None,
+            Some(Err(e)) => Some((Err(e), None)),
+            None => Some((
+                Err(DataFusionError::Execution(
+                    "reading the changed rows stopped before their end".into(),
+                )),
+                None,
+            )),
+        }
+    });
+    Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+        schema, batches,
+    ))
+}
+
 /// `runs` in the order of `ids`.
 fn in_order(mut runs: Vec<RunRecord>, ids: &[String]) -> Vec<RunRecord> {
     runs.sort_by_key(|run| ids.iter().position(|id| *id == run.id));
@@ -1595,28 +1640,44 @@ impl Delivery<'_> {
             return Ok(());
         }
         // Diffs of the next buckets run (in parallel, on their own tasks) while the current
-        // bucket is delivered.
+        // bucket is delivered, and so do the first reads of their changed rows.
         let parallelism = crate::diff::parallelism();
+        let manifests = Arc::new(manifests.clone());
+        let ops: Arc<[Op]> = send.into();
         let mut diffs = futures::stream::iter(0..buckets)
             .map(|bucket| {
                 let differ = differ.clone();
+                let manifests = manifests.clone();
+                let ops = ops.clone();
                 async move {
                     let started = Instant::now();
                     // The diff runs on its own task; the span carries the run's fields there.
                     let span = tracing::info_span!("diff", bucket);
-                    let result = tokio::spawn(async move { differ.changes(bucket).await }.instrument(span))
-                        .await
-                        .map_err(|e| DataFusionError::External(Box::new(e)))
-                        .and_then(|r| r);
+                    let result = tokio::spawn(
+                        async move {
+                            let changes = differ.changes(bucket).await?;
+                            let rows = if ChangeCounts::of(&changes).total() > 0 {
+                                let lookup = |id: &str| manifests.get(id).cloned();
+                                let streams = differ.materialize(bucket, &changes, &ops, &lookup).await?;
+                                streams.into_iter().map(read_ahead).collect()
+                            } else {
+                                Vec::new()
+                            };
+                            Ok((changes, rows))
+                        }
+                        .instrument(span),
+                    )
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))
+                    .and_then(|r| r);
                     (bucket, started.elapsed(), result)
                 }
             })
             .buffered(parallelism);
-        let lookup = |id: &str| manifests.get(id).cloned();
         while let Some((bucket, elapsed, result)) = diffs.next().await {
             self.check_stop()?;
             self.run.timings.diff_ms += elapsed.as_millis() as u64;
-            let bucket_changes = result.map_err(&diff_err)?;
+            let (bucket_changes, streams) = result.map_err(&diff_err)?;
             let counts = ChangeCounts::of(&bucket_changes);
             changes.add(counts);
             self.run.counts.added = changes.added;
@@ -1631,17 +1692,9 @@ impl Delivery<'_> {
                     self.run.counts.skipped += n;
                 }
             }
-            if counts.total() > 0 {
-                let started = Instant::now();
-                let streams = differ
-                    .materialize(bucket, &bucket_changes, send, &lookup)
-                    .await
-                    .map_err(&diff_err)?;
-                self.run.timings.read_ms += started.elapsed().as_millis() as u64;
-                for stream in streams {
-                    let span = tracing::info_span!("deliver", bucket);
-                    self.deliver_stream(stream).instrument(span).await?;
-                }
+            for stream in streams {
+                let span = tracing::info_span!("deliver", bucket);
+                self.deliver_stream(stream).instrument(span).await?;
             }
             self.progress(observer, bucket + 1, buckets, changes);
         }
