@@ -2023,6 +2023,56 @@ async fn heartbeat(
 mod tests {
     use super::*;
 
+    fn numbers(from: i64, n: i64) -> RecordBatch {
+        RecordBatch::try_from_iter(vec![(
+            "n",
+            Arc::new(arrow::array::Int64Array::from_iter_values(from..from + n)) as arrow::array::ArrayRef,
+        )])
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn rows_read_ahead_come_whole_or_end_in_an_error() {
+        use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+        let schema = numbers(0, 0).schema();
+        // Twenty batches through a channel of four: every one arrives, in order.
+        let batches: Vec<_> = (0..20).map(|i| Ok(numbers(i * 10, 10))).collect();
+        let whole = read_ahead(Box::pin(RecordBatchStreamAdapter::new(
+            schema.clone(),
+            futures::stream::iter(batches),
+        )));
+        let read: Vec<RecordBatch> = whole.try_collect().await.unwrap();
+        let values: Vec<i64> = read
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(values, (0..200).collect::<Vec<_>>());
+
+        // A reading task that dies part way (a panic here) does not pass for a short stream.
+        let dying = futures::stream::iter(0..3).map(|i| {
+            assert!(i < 2, "the reader stops");
+            Ok(numbers(i, 1))
+        });
+        let cut = read_ahead(Box::pin(RecordBatchStreamAdapter::new(schema.clone(), dying)));
+        let outcome: std::result::Result<Vec<RecordBatch>, _> = cut.try_collect().await;
+        let error = outcome.expect_err("a short stream").to_string();
+        assert!(error.contains("stopped before their end"), "{error}");
+
+        // An error is passed on as it is.
+        let failing = futures::stream::iter(vec![
+            Ok(numbers(0, 1)),
+            Err(DataFusionError::Execution("disk gone".into())),
+        ]);
+        let failed = read_ahead(Box::pin(RecordBatchStreamAdapter::new(schema, failing)));
+        let outcome: std::result::Result<Vec<RecordBatch>, _> = failed.try_collect().await;
+        assert!(outcome.expect_err("an error").to_string().contains("disk gone"));
+    }
+
     #[test]
     fn a_filter_is_one_expression_without_subqueries() {
         assert!(check_filter("plan = 'pro' AND country IN ('FR', 'DE')").is_ok());
