@@ -1007,28 +1007,14 @@ impl Engine {
         let outcome = delivery
             .all_buckets(&differ, &send, &manifests, observer, baseline.is_none())
             .await;
-        let first_failure = delivery.first_failure.take();
-        // Failed records no checkpoint carried (a run without commit points before its end).
-        let unrecorded_failures = std::mem::take(&mut delivery.failures);
-        if let Err(e) = outcome {
-            writer.abort().await;
-            exceptions.abort().await;
-            return Err(e);
-        }
+        let failures = delivery.take_failures();
+        let session = DeliveredSession::after(outcome, writer, exceptions, failures, state).await?;
         if dry_run.is_some() {
             // Nothing was sent, so nothing is finished or committed.
-            writer.abort().await;
-            exceptions.abort().await;
+            session.abort().await;
             run.finished_at = Some(Utc::now());
             return Ok(());
         }
-        let session = DeliveredSession {
-            writer,
-            exceptions,
-            unrecorded_failures,
-            first_failure,
-            state,
-        };
         self.commit_session(run, &manifest.id, session).await
     }
 
@@ -1473,6 +1459,31 @@ struct DeliveredSession {
 }
 
 impl DeliveredSession {
+    /// The session a delivery left, with the delivery's failures ([`Delivery::take_failures`]);
+    /// abandoned, and the delivery's error returned, when `outcome` is one.
+    async fn after(
+        outcome: Result<()>,
+        writer: Box<dyn DestinationWriter>,
+        exceptions: ExceptionsWriter,
+        (first_failure, unrecorded_failures): (Option<String>, Vec<FailureRow>),
+        state: Option<MappingState>,
+    ) -> Result<Self> {
+        let session = Self {
+            writer,
+            exceptions,
+            unrecorded_failures,
+            first_failure,
+            state,
+        };
+        match outcome {
+            Ok(()) => Ok(session),
+            Err(e) => {
+                session.abort().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Abandons the session: nothing it wrote becomes visible.
     async fn abort(self) {
         self.writer.abort().await;
@@ -1785,6 +1796,12 @@ impl Delivery<'_> {
         .await;
         self.run.timings.read_ms += batches.read_ms;
         outcome
+    }
+
+    /// The first error a record failed with, and the failed records no checkpoint carried (a
+    /// run without commit points before its end), taken once the delivery is over.
+    fn take_failures(&mut self) -> (Option<String>, Vec<FailureRow>) {
+        (self.first_failure.take(), std::mem::take(&mut self.failures))
     }
 
     fn take_seq(&mut self) -> i64 {

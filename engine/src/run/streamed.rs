@@ -244,19 +244,7 @@ impl Engine {
             .deliver_stream(stream)
             .instrument(tracing::info_span!("deliver"))
             .await;
-        let first_failure = delivery.first_failure.take();
-        let unrecorded_failures = std::mem::take(&mut delivery.failures);
-        if let Err(e) = outcome {
-            writer.abort().await;
-            exceptions.abort().await;
-            return Err(e);
-        }
-        Ok(DeliveredSession {
-            writer,
-            exceptions,
-            unrecorded_failures,
-            first_failure,
-            state,
-        })
+        let failures = delivery.take_failures();
+        DeliveredSession::after(outcome, writer, exceptions, failures, state).await
     }
 }
