@@ -43,7 +43,7 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, AsArray, RecordBatch, UInt32Array, UInt64Array};
 use arrow::compute::BatchCoalescer;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type, UInt64Type};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt32Type, UInt64Type};
 use arrow::ipc::writer::FileWriter as IpcWriter;
 use arrow::row::{RowConverter, SortField};
 use chrono::Utc;
@@ -1142,7 +1142,11 @@ impl BucketJob {
         drop(parts);
         let rows = spilled.num_rows();
         let key_count = key_indices.len();
-        let order = sort_order(&spilled.columns()[..key_count])?;
+        let integer_keys = IntegerKeys::of(&spilled.columns()[..key_count])?;
+        let order = match &integer_keys {
+            Some(keys) => keys.sort_order(),
+            None => sort_order(&spilled.columns()[..key_count])?,
+        };
         let sorted = arrow::compute::take_record_batch(&spilled, &order)?;
         drop(spilled);
         let sorted_keys: Vec<ArrayRef> = sorted.columns()[..key_count].to_vec();
@@ -1154,16 +1158,18 @@ impl BucketJob {
             sorted.column(key_count + 1).as_primitive::<UInt32Type>().clone()
         };
 
-        let fields: Vec<SortField> = sorted_keys
-            .iter()
-            .map(|a| SortField::new(a.data_type().clone()))
-            .collect();
-        let converter = RowConverter::new(fields)?;
-        let new_rows = converter.convert_columns(&sorted_keys)?;
+        let (comparable, new_rows) = match integer_keys {
+            Some(keys) => (ComparableKeys::Integers, KeyRows::Integers(keys.take(&order).0)),
+            None => {
+                let comparable = ComparableKeys::rows(&sorted_keys)?;
+                let rows = comparable.convert(&sorted_keys)?;
+                (comparable, rows)
+            }
+        };
 
         // The parent's keys, hashes and layers for this bucket, in key order.
         let parent = match &delta.parent_index {
-            Some(file) => Some(self.read_parent_index(file, &sorted_keys, &converter).await?),
+            Some(file) => Some(self.read_parent_index(file, &sorted_keys, &comparable).await?),
             None => None,
         };
 
@@ -1174,12 +1180,11 @@ impl BucketJob {
         let mut own_base: Vec<Option<u64>> = Vec::new();
         let mut deleted: Vec<u32> = Vec::new();
         let mut duplicates = DuplicateRuns::default();
-        let parent_rows = parent.as_ref().map_or(0, |p| p.rows.num_rows());
+        let parent_rows = parent.as_ref().map_or(0, |p| p.rows.len());
         let mut j = 0usize;
         let mut matched: Option<usize> = None;
         for i in 0..rows {
-            let key = new_rows.row(i);
-            if i > 0 && new_rows.row(i - 1) == key {
+            if i > 0 && new_rows.cmp(i - 1, &new_rows, i).is_eq() {
                 duplicates.repeat(i);
             } else {
                 duplicates.start(i);
@@ -1187,13 +1192,13 @@ impl BucketJob {
             let mut layer = delta.own_layer;
             let mut base_hash = None;
             if let Some(parent) = &parent {
-                while j < parent_rows && parent.rows.row(j) < key {
+                while j < parent_rows && parent.rows.cmp(j, &new_rows, i).is_lt() {
                     if matched != Some(j) {
                         deleted.push(j as u32);
                     }
                     j += 1;
                 }
-                if j < parent_rows && parent.rows.row(j) == key {
+                if j < parent_rows && parent.rows.cmp(j, &new_rows, i).is_eq() {
                     matched = Some(j);
                     if parent.hashes.value(j) == sorted_hashes.value(i) {
                         layer = parent.layers.as_ref().map_or(0, |l| l.value(j));
@@ -1373,7 +1378,7 @@ impl BucketJob {
         &self,
         file: &SnapshotFile,
         new_keys: &[ArrayRef],
-        converter: &RowConverter,
+        comparable: &ComparableKeys,
     ) -> Result<ParentIndex> {
         // One bucket's keys, hashes and layers, a few MiB: only those column chunks are read.
         let stream = index_columns(&self.store, &self.model, file, &self.key_columns, true).await?;
@@ -1411,7 +1416,7 @@ impl BucketJob {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let rows = converter.convert_columns(&keys)?;
+        let rows = comparable.convert(&keys)?;
         let hashes = arrow::compute::cast(&column(ROW_HASH_COLUMN)?, &DataType::UInt64)?
             .as_primitive::<UInt64Type>()
             .clone();
@@ -1464,9 +1469,110 @@ impl BucketJob {
 struct ParentIndex {
     /// Key columns in the new snapshot's types.
     keys: Vec<ArrayRef>,
-    rows: arrow::row::Rows,
+    rows: KeyRows,
     hashes: arrow::array::UInt64Array,
     layers: Option<arrow::array::UInt32Array>,
+}
+
+/// A single integer key, widened to `i64` (order-preserving): sorted and compared as plain
+/// integers, where the row format would encode every key and compare bytes.
+struct IntegerKeys(Vec<i64>);
+
+impl IntegerKeys {
+    /// The keys' values when `keys` is one integer column that fits `i64`.
+    fn of(keys: &[ArrayRef]) -> Result<Option<Self>> {
+        let [key] = keys else {
+            return Ok(None);
+        };
+        let fits = matches!(
+            key.data_type(),
+            DataType::Int8
+                | DataType::Int16
+                | DataType::Int32
+                | DataType::Int64
+                | DataType::UInt8
+                | DataType::UInt16
+                | DataType::UInt32
+        );
+        if !fits {
+            return Ok(None);
+        }
+        let widened = arrow::compute::cast(key, &DataType::Int64)?;
+        Ok(Some(Self(widened.as_primitive::<Int64Type>().values().to_vec())))
+    }
+
+    /// The order that sorts the keys. A stable sort of (key, position): extractions often come
+    /// in or near key order (a table's insertion order, a file written sorted), and its run
+    /// detection merges such runs instead of sorting them again.
+    fn sort_order(&self) -> UInt32Array {
+        let mut pairs: Vec<(i64, u32)> = self.0.iter().enumerate().map(|(i, k)| (*k, i as u32)).collect();
+        pairs.sort_by_key(|(key, _)| *key);
+        UInt32Array::from_iter_values(pairs.into_iter().map(|(_, i)| i))
+    }
+
+    /// The keys in `order`.
+    fn take(self, order: &UInt32Array) -> Self {
+        Self(order.values().iter().map(|i| self.0[*i as usize]).collect())
+    }
+}
+
+/// How a bucket's keys are compared: as integers (see [`IntegerKeys`]) or in arrow's row
+/// format, which orders any key columns as a byte string.
+enum ComparableKeys {
+    Integers,
+    Rows(RowConverter),
+}
+
+impl ComparableKeys {
+    fn rows(keys: &[ArrayRef]) -> Result<Self> {
+        let fields = keys
+            .iter()
+            .map(|a| SortField::new(a.data_type().clone()))
+            .collect();
+        Ok(Self::Rows(RowConverter::new(fields)?))
+    }
+
+    /// `keys`, in the new snapshot's key types, in comparable form.
+    fn convert(&self, keys: &[ArrayRef]) -> Result<KeyRows> {
+        Ok(match self {
+            Self::Integers => match IntegerKeys::of(keys)? {
+                Some(IntegerKeys(values)) => KeyRows::Integers(values),
+                None => {
+                    return Err(SnapshotError::Task(
+                        "an integer key read back as another type".into(),
+                    ));
+                }
+            },
+            Self::Rows(converter) => KeyRows::Rows(converter.convert_columns(keys)?),
+        })
+    }
+}
+
+/// Keys in key order, comparable across the new snapshot and its parent.
+enum KeyRows {
+    Integers(Vec<i64>),
+    Rows(arrow::row::Rows),
+}
+
+impl KeyRows {
+    fn len(&self) -> usize {
+        match self {
+            Self::Integers(values) => values.len(),
+            Self::Rows(rows) => rows.num_rows(),
+        }
+    }
+
+    /// This key at `i` against `other`'s at `j` (both made by the same [`ComparableKeys`]).
+    #[inline]
+    fn cmp(&self, i: usize, other: &KeyRows, j: usize) -> std::cmp::Ordering {
+        match (self, other) {
+            (Self::Integers(a), Self::Integers(b)) => a[i].cmp(&b[j]),
+            (Self::Rows(a), Self::Rows(b)) => a.row(i).cmp(&b.row(j)),
+            // Never made by one `ComparableKeys`; ordered so a mix-up cannot match.
+            (Self::Integers(_), Self::Rows(_)) => std::cmp::Ordering::Less,
+            (Self::Rows(_), Self::Integers(_)) => std::cmp::Ordering::Greater,
+        }
+    }
 }
 
 /// The order that sorts rows by `keys` (ascending, nulls last: keys are never null).
@@ -1609,7 +1715,8 @@ fn writer_properties(spec: &SnapshotSpec, id: &str, schema: &Schema) -> WriterPr
         .set_column_compression(hash.clone(), Compression::UNCOMPRESSED)
         .set_column_statistics_enabled(hash, EnabledStatistics::None);
     // Keys are unique, so dictionaries never pay off; the diff reads them on every run, so
-    // fixed-width keys stay plain and uncompressed (decoding is a copy).
+    // fixed-width keys stay plain and uncompressed (decoding is a copy). Delta-encoding integer
+    // keys stored a third less but made point lookups in the history slower (BENCHMARKS.md).
     for key in &spec.key_columns {
         let path = ColumnPath::from(key.as_str());
         // Each bucket spans the whole key range (buckets are by key hash), so min/max
@@ -1776,6 +1883,67 @@ mod tests {
         SnapshotStore::open("s", dir.path(), [])
             .unwrap()
             .with_temp_dir(dir.path().join("tmp"))
+    }
+
+    proptest::proptest! {
+        /// The integer fast path sorts and compares keys exactly as the row format does.
+        #[test]
+        fn integer_keys_order_as_the_row_format(
+            new in proptest::collection::vec(-50i32..50, 0..300),
+            parent in proptest::collection::vec(-50i32..50, 0..300),
+        ) {
+            let column = |values: &[i32]| -> ArrayRef { Arc::new(arrow::array::Int32Array::from(values.to_vec())) };
+            let (new, parent) = (column(&new), column(&parent));
+            let integers = IntegerKeys::of(std::slice::from_ref(&new)).unwrap().unwrap();
+            let order = integers.sort_order();
+            let by_rows = sort_order(std::slice::from_ref(&new)).unwrap();
+            let sorted = arrow::compute::take(&new, &order, None).unwrap();
+            proptest::prop_assert_eq!(&sorted, &arrow::compute::take(&new, &by_rows, None).unwrap());
+            // Stable: equal keys keep their extraction order.
+            let values = sorted.as_primitive::<arrow::datatypes::Int32Type>();
+            let stable = order
+                .values()
+                .windows(2)
+                .enumerate()
+                .all(|(at, w)| values.value(at) != values.value(at + 1) || w[0] < w[1]);
+            proptest::prop_assert!(stable, "equal keys out of extraction order");
+            let sorted_parent = arrow::compute::take(&parent, &sort_order(std::slice::from_ref(&parent)).unwrap(), None).unwrap();
+            let as_integers = (
+                KeyRows::Integers(integers.take(&order).0),
+                ComparableKeys::Integers.convert(std::slice::from_ref(&sorted_parent)).unwrap(),
+            );
+            let converter = ComparableKeys::rows(std::slice::from_ref(&sorted)).unwrap();
+            let as_rows = (
+                converter.convert(std::slice::from_ref(&sorted)).unwrap(),
+                converter.convert(std::slice::from_ref(&sorted_parent)).unwrap(),
+            );
+            for i in 0..sorted.len() {
+                for j in 0..sorted_parent.len() {
+                    proptest::prop_assert_eq!(
+                        as_integers.1.cmp(j, &as_integers.0, i),
+                        as_rows.1.cmp(j, &as_rows.0, i)
+                    );
+                }
+                if i > 0 {
+                    proptest::prop_assert_eq!(as_integers.0.cmp(i - 1, &as_integers.0, i), as_rows.0.cmp(i - 1, &as_rows.0, i));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn composite_and_wide_keys_use_the_row_format() {
+        let wide: ArrayRef = Arc::new(arrow::array::UInt64Array::from(vec![u64::MAX, 1]));
+        let text: ArrayRef = Arc::new(StringArray::from(vec!["b", "a"]));
+        let small: ArrayRef = Arc::new(arrow::array::Int16Array::from(vec![3, -1]));
+        assert!(IntegerKeys::of(&[wide]).unwrap().is_none());
+        assert!(IntegerKeys::of(&[text]).unwrap().is_none());
+        assert!(
+            IntegerKeys::of(&[small.clone(), small.clone()])
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(IntegerKeys::of(&[small]).unwrap().unwrap().0, vec![3, -1]);
     }
 
     #[test]
