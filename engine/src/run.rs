@@ -47,6 +47,7 @@ use crate::metadata::{FailureRow, MappingState, RunRecord, RunStatus, Trigger};
 use crate::model::{TemplateValues, render_sql};
 use crate::source::ModelQuery;
 
+mod partitions;
 mod streamed;
 
 /// What to run.
@@ -781,9 +782,18 @@ impl Engine {
         query.bulk = true;
         let limits = self.project.config.limits;
         let max_records = config.max_records_per_run.unwrap_or(limits.max_records_per_run);
-        let mut stream = source.extract(&query).await?;
+        let partitions = source.extract_partitions(&query).await?;
+        let mut rows =
+            partitions::PartitionedRows::new(partitions, &config.primary_key.0).map_err(|message| {
+                SourceError::Query {
+                    model: model.to_string(),
+                    source_name: config.source.clone(),
+                    message,
+                    hint: None,
+                }
+            })?;
         limits
-            .check_schema(&stream.schema())
+            .check_schema(&rows.schema())
             .map_err(|message| SourceError::Limit {
                 model: model.to_string(),
                 message,
@@ -813,7 +823,7 @@ impl Engine {
         if let Some(parent) = parent {
             writer = writer.with_parent(parent);
         }
-        let empty = RecordBatch::new_empty(stream.schema());
+        let empty = RecordBatch::new_empty(rows.schema());
         match writer.write(empty.clone()).await {
             // The model's columns reach the mappings delivering meanwhile before any row.
             Ok(hashes) => streamed::hand_over(&mut tees, &empty, &hashes).await,
@@ -835,16 +845,19 @@ impl Engine {
                     "cancelled while extracting model `{model}`; nothing was sent"
                 )));
             }
-            let next = stream.next().await;
-            let batch = match next {
+            let (batch, hashes) = match rows.next().await {
                 None => break,
-                Some(Ok(batch)) => batch,
-                Some(Err(e)) => {
+                Some(partitions::Extracted::Rows(batch, hashes)) => (batch, hashes),
+                Some(partitions::Extracted::SourceFailed(e)) => {
                     writer.abort().await;
                     return Err(source_failure(model, &config.source, e).into());
                 }
+                Some(partitions::Extracted::HashFailed(e)) => {
+                    writer.abort().await;
+                    return Err(snapshot_error(e));
+                }
             };
-            match writer.write(batch.clone()).await {
+            match writer.write_hashed(batch.clone(), hashes).await {
                 Ok(hashes) => streamed::hand_over(&mut tees, &batch, &hashes).await,
                 Err(e) => {
                     writer.abort().await;

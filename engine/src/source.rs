@@ -46,6 +46,17 @@ pub trait Source: Send + Sync + 'static {
     /// `DataFusionError::External` wrapping a [`SourceError`].
     async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError>;
 
+    /// The model's query as streams that may be read concurrently (the rows of all of them
+    /// together, in no particular order). A source whose engine reads in parallel hands its
+    /// partitions over, so that the work done on each row as it arrives (hashing) runs on the
+    /// threads that decode it. By default one stream, [`Source::extract`]'s.
+    async fn extract_partitions(
+        &self,
+        query: &ModelQuery,
+    ) -> Result<Vec<SendableRecordBatchStream>, SourceError> {
+        Ok(vec![self.extract(query).await?])
+    }
+
     /// The model's SQL wrapped so that at most `limit` rows come back, in this source's dialect
     /// (previews, probes and record lookups use it). By default `SELECT * FROM (...) LIMIT n`.
     fn limit_sql(&self, sql: &str, limit: u64) -> String {

@@ -29,4 +29,6 @@ pub use table::{
     EXTRACTED_AT_COLUMN, RUN_ID_COLUMN, SNAPSHOT_ID_COLUMN, read_files, read_rows, read_snapshot,
     register_snapshot,
 };
-pub use writer::{MAX_LAYERS, PARTITIONS, ROWS_PER_BUCKET, SnapshotSpec, SnapshotWriter, buckets_for};
+pub use writer::{
+    BatchHashes, MAX_LAYERS, PARTITIONS, ROWS_PER_BUCKET, SnapshotSpec, SnapshotWriter, buckets_for,
+};

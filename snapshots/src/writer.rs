@@ -223,6 +223,23 @@ async fn index_columns(
 
 /// The position of a row whose values were not kept (the parent holds it unchanged).
 const NOT_KEPT: u32 = u32::MAX;
+
+/// A batch's key hashes (which bucket a row goes to) and row hashes (what the diff compares).
+#[derive(Debug, Clone)]
+pub struct BatchHashes {
+    key: Vec<u64>,
+    row: Vec<u64>,
+}
+
+impl BatchHashes {
+    /// Hashes `batch` of a model whose primary key is `key_columns`.
+    pub fn of(batch: &RecordBatch, key_columns: &[String]) -> Result<Self> {
+        Ok(Self {
+            key: key_hashes(batch, key_columns)?,
+            row: row_hashes(batch, key_columns)?,
+        })
+    }
+}
 /// The keys spill's column of positions in the rows spill.
 const SPILL_POSITION_COLUMN: &str = "__sluice_spill_position";
 
@@ -432,6 +449,16 @@ impl SnapshotWriter {
     /// Adds a batch of model rows. Returns their row hashes (what the diff compares), for a
     /// caller that delivers the rows while they are extracted.
     pub async fn write(&mut self, batch: RecordBatch) -> Result<UInt64Array> {
+        self.write_hashed(batch, None).await
+    }
+
+    /// [`SnapshotWriter::write`] of a batch whose hashes were computed already, where it was
+    /// read ([`BatchHashes::of`] with this writer's key columns).
+    pub async fn write_hashed(
+        &mut self,
+        batch: RecordBatch,
+        hashes: Option<BatchHashes>,
+    ) -> Result<UInt64Array> {
         if !self.started {
             self.start().await?;
         }
@@ -452,11 +479,20 @@ impl SnapshotWriter {
         }
         self.check_keys_not_null(&batch)?;
         self.rows += batch.num_rows() as u64;
-        // Hashed and probed inline: on a blocking thread beside the spilling of the batch
-        // before, a PostgreSQL second sync took 1.5-1.8 s longer (the server's backend needs
-        // the second core) and a files sync gained nothing (BENCHMARKS.md).
-        let key_hashes = key_hashes(&batch, &self.spec.key_columns)?;
-        let hashes = row_hashes(&batch, &self.spec.key_columns)?;
+        // Hashed where the source's partitions are read when it reads in parallel (the
+        // engine's `PartitionedRows`), else here; probed here. Hashing on a blocking thread
+        // beside the spilling of the batch before made a PostgreSQL second sync 1.5-1.8 s
+        // slower (the server's backend needs the second core) (BENCHMARKS.md).
+        let BatchHashes {
+            key: key_hashes,
+            row: hashes,
+        } = match hashes {
+            Some(hashes) if hashes.key.len() == batch.num_rows() && hashes.row.len() == batch.num_rows() => {
+                hashes
+            }
+            Some(_) => return Err(SnapshotError::Task("hashes of another batch".into())),
+            None => BatchHashes::of(&batch, &self.spec.key_columns)?,
+        };
         // While probing, the rows to keep whole: those the parent does not hold unchanged.
         let kept: Option<Vec<bool>> = self.probe.as_ref().map(|probe| {
             let mut kept = probe.contains_all(&key_hashes, &hashes);

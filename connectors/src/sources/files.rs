@@ -249,23 +249,46 @@ impl Source for FilesSource {
     }
 
     async fn extract(&self, query: &ModelQuery) -> Result<SendableRecordBatchStream, SourceError> {
-        let ctx = self.session().await?;
-        let query_error = |e: DataFusionError| SourceError::Query {
+        let frame = self.frame(query).await?;
+        frame
+            .execute_stream()
+            .await
+            .map_err(|e| self.query_error(query, &e))
+    }
+
+    async fn extract_partitions(
+        &self,
+        query: &ModelQuery,
+    ) -> Result<Vec<SendableRecordBatchStream>, SourceError> {
+        let frame = self.frame(query).await?;
+        frame
+            .execute_stream_partitioned()
+            .await
+            .map_err(|e| self.query_error(query, &e))
+    }
+}
+
+impl FilesSource {
+    fn query_error(&self, query: &ModelQuery, e: &DataFusionError) -> SourceError {
+        SourceError::Query {
             model: query.model.clone(),
             source_name: self.name.clone(),
-            message: first_line(&e),
-            hint: hint_for(&e),
-        };
+            message: first_line(e),
+            hint: hint_for(e),
+        }
+    }
+
+    /// The model's query planned over the source's tables.
+    async fn frame(&self, query: &ModelQuery) -> Result<datafusion::dataframe::DataFrame, SourceError> {
+        let ctx = self.session().await?;
         // Models read; they never write or change the session.
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        let frame = ctx
-            .sql_with_options(&query.sql, options)
+        ctx.sql_with_options(&query.sql, options)
             .await
-            .map_err(query_error)?;
-        frame.execute_stream().await.map_err(query_error)
+            .map_err(|e| self.query_error(query, &e))
     }
 }
 
