@@ -240,6 +240,7 @@ impl BatchHashes {
         })
     }
 }
+
 /// The keys spill's column of positions in the rows spill.
 const SPILL_POSITION_COLUMN: &str = "__sluice_spill_position";
 
