@@ -1179,10 +1179,12 @@ impl BucketJob {
         drop(parts);
         let rows = spilled.num_rows();
         let key_count = key_indices.len();
-        let integer_keys = IntegerKeys::of(&spilled.columns()[..key_count])?;
-        let order = match &integer_keys {
-            Some(keys) => keys.sort_order(),
-            None => sort_order(&spilled.columns()[..key_count])?,
+        let (order, sorted_integers) = match IntegerKeys::of(&spilled.columns()[..key_count])? {
+            Some(keys) => {
+                let (order, sorted) = keys.into_sorted();
+                (order, Some(sorted))
+            }
+            None => (sort_order(&spilled.columns()[..key_count])?, None),
         };
         let sorted = arrow::compute::take_record_batch(&spilled, &order)?;
         drop(spilled);
@@ -1195,8 +1197,8 @@ impl BucketJob {
             sorted.column(key_count + 1).as_primitive::<UInt32Type>().clone()
         };
 
-        let (comparable, new_rows) = match integer_keys {
-            Some(keys) => (ComparableKeys::Integers, KeyRows::Integers(keys.take(&order).0)),
+        let (comparable, new_rows) = match sorted_integers {
+            Some(keys) => (ComparableKeys::Integers, KeyRows::Integers(keys)),
             None => {
                 let comparable = ComparableKeys::rows(&sorted_keys)?;
                 let rows = comparable.convert(&sorted_keys)?;
@@ -1538,18 +1540,20 @@ impl IntegerKeys {
         Ok(Some(Self(widened.as_primitive::<Int64Type>().values().to_vec())))
     }
 
-    /// The order that sorts the keys. A stable sort of (key, position): extractions often come
-    /// in or near key order (a table's insertion order, a file written sorted), and its run
-    /// detection merges such runs instead of sorting them again.
-    fn sort_order(&self) -> UInt32Array {
-        let mut pairs: Vec<(i64, u32)> = self.0.iter().enumerate().map(|(i, k)| (*k, i as u32)).collect();
+    /// The order that sorts the keys, and the keys in that order. A stable sort of (key,
+    /// position): extractions often come in or near key order (a table's insertion order, a
+    /// file written sorted), and its run detection merges such runs instead of sorting them
+    /// again.
+    fn into_sorted(self) -> (UInt32Array, Vec<i64>) {
+        let mut pairs: Vec<(i64, u32)> = self
+            .0
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (k, i as u32))
+            .collect();
         pairs.sort_by_key(|(key, _)| *key);
-        UInt32Array::from_iter_values(pairs.into_iter().map(|(_, i)| i))
-    }
-
-    /// The keys in `order`.
-    fn take(self, order: &UInt32Array) -> Self {
-        Self(order.values().iter().map(|i| self.0[*i as usize]).collect())
+        let order = UInt32Array::from_iter_values(pairs.iter().map(|(_, i)| *i));
+        (order, pairs.into_iter().map(|(key, _)| key).collect())
     }
 }
 
@@ -1932,7 +1936,7 @@ mod tests {
             let column = |values: &[i32]| -> ArrayRef { Arc::new(arrow::array::Int32Array::from(values.to_vec())) };
             let (new, parent) = (column(&new), column(&parent));
             let integers = IntegerKeys::of(std::slice::from_ref(&new)).unwrap().unwrap();
-            let order = integers.sort_order();
+            let (order, sorted_integers) = integers.into_sorted();
             let by_rows = sort_order(std::slice::from_ref(&new)).unwrap();
             let sorted = arrow::compute::take(&new, &order, None).unwrap();
             proptest::prop_assert_eq!(&sorted, &arrow::compute::take(&new, &by_rows, None).unwrap());
@@ -1946,7 +1950,7 @@ mod tests {
             proptest::prop_assert!(stable, "equal keys out of extraction order");
             let sorted_parent = arrow::compute::take(&parent, &sort_order(std::slice::from_ref(&parent)).unwrap(), None).unwrap();
             let as_integers = (
-                KeyRows::Integers(integers.take(&order).0),
+                KeyRows::Integers(sorted_integers),
                 ComparableKeys::Integers.convert(std::slice::from_ref(&sorted_parent)).unwrap(),
             );
             let converter = ComparableKeys::rows(std::slice::from_ref(&sorted)).unwrap();

@@ -43,10 +43,10 @@ enum Message {
 /// The rows of a model's partitions, as one sequence.
 pub(super) struct PartitionedRows {
     schema: SchemaRef,
-    source: Source,
+    reading: Reading,
 }
 
-enum Source {
+enum Reading {
     /// One partition, read by the consumer.
     Single(SendableRecordBatchStream),
     /// Several, each read and hashed by its own task.
@@ -72,7 +72,7 @@ impl PartitionedRows {
         {
             return Ok(Self {
                 schema,
-                source: Source::Single(single),
+                reading: Reading::Single(single),
             });
         }
         let (tx, rows) = mpsc::channel(BATCHES_AHEAD_PER_PARTITION * partitions.len());
@@ -87,7 +87,7 @@ impl PartitionedRows {
             .collect();
         Ok(Self {
             schema,
-            source: Source::Tasks { rows, tasks, running },
+            reading: Reading::Tasks { rows, tasks, running },
         })
     }
 
@@ -97,12 +97,12 @@ impl PartitionedRows {
 
     /// The next batch, or `None` once every partition has ended.
     pub(super) async fn next(&mut self) -> Option<Extracted> {
-        match &mut self.source {
-            Source::Single(stream) => Some(match stream.next().await? {
+        match &mut self.reading {
+            Reading::Single(stream) => Some(match stream.next().await? {
                 Ok(batch) => Extracted::Rows(batch, None),
                 Err(e) => Extracted::SourceFailed(e),
             }),
-            Source::Tasks { rows, running, .. } => loop {
+            Reading::Tasks { rows, running, .. } => loop {
                 if *running == 0 {
                     return None;
                 }
@@ -130,7 +130,7 @@ impl PartitionedRows {
 impl Drop for PartitionedRows {
     fn drop(&mut self) {
         // Stop reading partitions nobody will consume (a failed or cancelled extraction).
-        if let Source::Tasks { tasks, .. } = &self.source {
+        if let Reading::Tasks { tasks, .. } = &self.reading {
             for task in tasks {
                 task.abort();
             }
