@@ -783,17 +783,18 @@ impl Engine {
         let limits = self.project.config.limits;
         let max_records = config.max_records_per_run.unwrap_or(limits.max_records_per_run);
         let partitions = source.extract_partitions(&query).await?;
-        let mut rows =
-            partitions::PartitionedRows::new(partitions, &config.primary_key.0).map_err(|message| {
-                SourceError::Query {
-                    model: model.to_string(),
-                    source_name: config.source.clone(),
-                    message,
-                    hint: None,
-                }
-            })?;
+        let no_rows = |message: String| SourceError::Query {
+            model: model.to_string(),
+            source_name: config.source.clone(),
+            message,
+            hint: None,
+        };
+        let schema = partitions
+            .first()
+            .map(|p| p.schema())
+            .ok_or_else(|| no_rows("the source returned no stream at all".to_string()))?;
         limits
-            .check_schema(&rows.schema())
+            .check_schema(&schema)
             .map_err(|message| SourceError::Limit {
                 model: model.to_string(),
                 message,
@@ -823,7 +824,7 @@ impl Engine {
         if let Some(parent) = parent {
             writer = writer.with_parent(parent);
         }
-        let empty = RecordBatch::new_empty(rows.schema());
+        let empty = RecordBatch::new_empty(schema);
         match writer.write(empty.clone()).await {
             // The model's columns reach the mappings delivering meanwhile before any row.
             Ok(hashes) => streamed::hand_over(&mut tees, &empty, &hashes).await,
@@ -832,6 +833,16 @@ impl Engine {
                 return Err(snapshot_error(e));
             }
         }
+        // Started by the empty batch: the writer has loaded its parent's fingerprints (when it
+        // is to be a delta), which the partitions' readers probe with.
+        let mut rows =
+            match partitions::PartitionedRows::new(partitions, &config.primary_key.0, writer.probe()) {
+                Ok(rows) => rows,
+                Err(message) => {
+                    writer.abort().await;
+                    return Err(no_rows(message).into());
+                }
+            };
         loop {
             if self.shutdown.is_requested() {
                 writer.abort().await;

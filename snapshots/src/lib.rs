@@ -30,5 +30,5 @@ pub use table::{
     register_snapshot,
 };
 pub use writer::{
-    BatchHashes, MAX_LAYERS, PARTITIONS, ROWS_PER_BUCKET, SnapshotSpec, SnapshotWriter, buckets_for,
+    BatchHashes, MAX_LAYERS, PARTITIONS, Probe, ROWS_PER_BUCKET, SnapshotSpec, SnapshotWriter, buckets_for,
 };

@@ -12,7 +12,8 @@
 //!    snapshot that is to be a delta first loads fingerprints of its parent's keys and row
 //!    hashes (`fingerprints`), and probes each row: every row's key and hash are spilled, but
 //!    whole rows only for those the parent does not hold (new or changed), a few percent of a
-//!    typical run instead of all of them.
+//!    typical run instead of all of them. A batch may arrive hashed and probed already, on
+//!    the thread that read it from the source ([`BatchHashes`], [`SnapshotWriter::probe`]).
 //! 2. **Sort and write** (at commit, when the row count is known), two buckets at a time, as a
 //!    base or as a delta of a parent snapshot:
 //!    - a **base** writes every row: the bucket count is chosen from the row count; each bucket
@@ -156,7 +157,7 @@ pub struct SnapshotWriter {
     started: bool,
     /// The parent's rows, probed as rows stream in when this snapshot is to be its delta:
     /// unchanged rows spill only their keys and hashes.
-    probe: Option<Fingerprints>,
+    probe: Option<Probe>,
     /// Whether rows were spilled while probing: then the snapshot must be written as a delta
     /// (the values of unchanged rows were not kept).
     probed: bool,
@@ -224,11 +225,21 @@ async fn index_columns(
 /// The position of a row whose values were not kept (the parent holds it unchanged).
 const NOT_KEPT: u32 = u32::MAX;
 
-/// A batch's key hashes (which bucket a row goes to) and row hashes (what the diff compares).
-#[derive(Debug, Clone)]
+/// A batch's key hashes (which bucket a row goes to) and row hashes (what the diff compares),
+/// and, once probed, which of its rows the parent does not hold unchanged.
+#[derive(Clone)]
 pub struct BatchHashes {
     key: Vec<u64>,
     row: Vec<u64>,
+    kept: Option<ProbedRows>,
+}
+
+/// The outcome of a [`Probe`]: the rows to keep whole (new or changed since the parent).
+#[derive(Clone)]
+struct ProbedRows {
+    /// The probe that decided, so a writer only takes the outcome of its own.
+    by: Probe,
+    kept: Vec<bool>,
 }
 
 impl BatchHashes {
@@ -237,7 +248,42 @@ impl BatchHashes {
         Ok(Self {
             key: key_hashes(batch, key_columns)?,
             row: row_hashes(batch, key_columns)?,
+            kept: None,
         })
+    }
+
+    /// Probes the hashed rows against a writer's parent ([`SnapshotWriter::probe`]), where the
+    /// batch was read rather than on the writer's task.
+    pub fn probe(&mut self, probe: &Probe) {
+        self.kept = Some(ProbedRows {
+            by: probe.clone(),
+            kept: probe.kept(&self.key, &self.row),
+        });
+    }
+}
+
+impl std::fmt::Debug for BatchHashes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchHashes")
+            .field("key", &self.key)
+            .field("row", &self.row)
+            .field("kept", &self.kept.as_ref().map(|k| &k.kept))
+            .finish()
+    }
+}
+
+/// A delta writer's fingerprints of its parent's rows, shared with the threads that read the
+/// source: probing was half the work of the one task writing the snapshot, while the threads
+/// decoding the source idled (BENCHMARKS.md).
+#[derive(Clone)]
+pub struct Probe(Arc<Fingerprints>);
+
+impl Probe {
+    /// Which rows the parent does not hold unchanged (those to keep whole).
+    fn kept(&self, key_hashes: &[u64], row_hashes: &[u64]) -> Vec<bool> {
+        let mut kept = self.0.contains_all(key_hashes, row_hashes);
+        kept.iter_mut().for_each(|held| *held = !*held);
+        kept
     }
 }
 
@@ -290,6 +336,13 @@ impl SnapshotWriter {
         self.parent.as_deref()
     }
 
+    /// The probe of the parent's rows, for rows hashed before they reach [`Self::write_hashed`]
+    /// ([`BatchHashes::probe`]); `None` before the first batch (even an empty one) and when
+    /// this snapshot is written as a base.
+    pub fn probe(&self) -> Option<Probe> {
+        self.probe.clone()
+    }
+
     /// Before the first row: a marker naming the parent, so retention keeps the parent's
     /// layers; then the parent is checked to be still there (a retention that ran before the
     /// marker existed may have retired it, and then this snapshot is written as a base).
@@ -331,7 +384,7 @@ impl SnapshotWriter {
             return Ok(());
         }
         if self.may_be_delta_of(&parent) {
-            self.probe = Some(self.parent_fingerprints(&parent).await?);
+            self.probe = Some(Probe(Arc::new(self.parent_fingerprints(&parent).await?)));
         }
         Ok(())
     }
@@ -487,6 +540,7 @@ impl SnapshotWriter {
         let BatchHashes {
             key: key_hashes,
             row: hashes,
+            kept: probed,
         } = match hashes {
             Some(hashes) if hashes.key.len() == batch.num_rows() && hashes.row.len() == batch.num_rows() => {
                 hashes
@@ -495,10 +549,9 @@ impl SnapshotWriter {
             None => BatchHashes::of(&batch, &self.spec.key_columns)?,
         };
         // While probing, the rows to keep whole: those the parent does not hold unchanged.
-        let kept: Option<Vec<bool>> = self.probe.as_ref().map(|probe| {
-            let mut kept = probe.contains_all(&key_hashes, &hashes);
-            kept.iter_mut().for_each(|held| *held = !*held);
-            kept
+        let kept: Option<Vec<bool>> = self.probe.as_ref().map(|probe| match probed {
+            Some(ProbedRows { by, kept }) if Arc::ptr_eq(&by.0, &probe.0) => kept,
+            _ => probe.kept(&key_hashes, &hashes),
         });
         let hashes = UInt64Array::from(hashes);
         let hash_column: ArrayRef = Arc::new(hashes.clone());
@@ -2398,6 +2451,80 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rows_probed_where_they_are_read_are_spilled_by_that_outcome_unless_another_writer_probed_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let key = ["id".to_string()];
+        let ids: Vec<i64> = (0..2000).collect();
+        let base = write_version(&store, named(&ids, &|i| format!("user {i}")), None).await;
+        // 40 renamed (i % 50 == 0), 20 of them in each half.
+        let v2 = named(&ids, &|i| {
+            if i % 50 == 0 {
+                format!("renamed {i}")
+            } else {
+                format!("user {i}")
+            }
+        });
+        let (first, second) = (v2.slice(0, 1000), v2.slice(1000, 1000));
+        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(base.clone());
+        assert!(w.probe().is_none(), "no probe before the writer starts");
+        w.write(RecordBatch::new_empty(v2.schema())).await.unwrap();
+        let probe = w.probe().expect("a delta-to-be probes its parent");
+
+        // Another probe's outcome (one holding every row, as a collision would) is not taken:
+        // the writer probes those rows again with its own.
+        let everything = key_hashes(&v2, &key)
+            .unwrap()
+            .iter()
+            .zip(row_hashes(&v2, &key).unwrap())
+            .map(|(k, r)| Fingerprints::of(7, *k, r))
+            .collect();
+        let foreign = Probe(Arc::new(Fingerprints::new(7, everything)));
+        let mut hashes = BatchHashes::of(&first, &key).unwrap();
+        hashes.probe(&foreign);
+        assert!(hashes.kept.as_ref().unwrap().kept.iter().all(|kept| !kept));
+        w.write_hashed(first, Some(hashes)).await.unwrap();
+        let whole = |w: &SnapshotWriter| -> u64 {
+            w.spill
+                .as_ref()
+                .unwrap()
+                .partitions
+                .iter()
+                .map(|p| p.pushed)
+                .sum()
+        };
+        assert_eq!(
+            whole(&w),
+            20,
+            "the renamed rows of the first half, by the writer's own probe"
+        );
+
+        // Its own probe's outcome is taken as it is: here, told to keep every row of the
+        // second half, it spills them all whole.
+        let mut hashes = BatchHashes::of(&second, &key).unwrap();
+        hashes.probe(&probe);
+        assert_eq!(
+            hashes
+                .kept
+                .as_ref()
+                .unwrap()
+                .kept
+                .iter()
+                .filter(|kept| **kept)
+                .count(),
+            20
+        );
+        hashes.kept.as_mut().unwrap().kept.fill(true);
+        w.write_hashed(second, Some(hashes)).await.unwrap();
+        assert_eq!(whole(&w), 20 + 1000);
+
+        // The merge at commit stays exact: only the renamed rows are stored again.
+        let delta = w.commit().await.unwrap();
+        assert_eq!(delta.files.iter().map(|f| f.rows).sum::<u64>(), 40);
+        assert_eq!(read_back(&store, &delta).await, expected(&v2));
+    }
+
+    #[tokio::test]
     async fn a_changed_row_the_probe_takes_for_unchanged_fails_the_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir);
@@ -2422,7 +2549,7 @@ mod tests {
             .zip(&rows)
             .map(|(k, r)| Fingerprints::of(seed, *k, *r))
             .collect();
-        w.probe = Some(Fingerprints::new(seed, all));
+        w.probe = Some(Probe(Arc::new(Fingerprints::new(seed, all))));
         w.write(changed).await.unwrap();
         let err = w.commit().await.unwrap_err();
         assert!(matches!(err, SnapshotError::FingerprintCollision { .. }), "{err}");

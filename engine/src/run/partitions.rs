@@ -4,19 +4,19 @@
 //! partitions into one stream, and every row was then hashed on the one task consuming it,
 //! beside the probe and the spill: a profile of a 10M-row sync had that task 94% busy while the
 //! two decoding threads idled two thirds of the time. Here each partition is read by a task of
-//! its own, which hashes every batch it decodes before handing it over. A source with one
-//! stream is read as before, hashed by the snapshot writer.
+//! its own, which hashes every batch it decodes, and probes it against the parent snapshot's
+//! rows when the snapshot is to be a delta, before handing it over. A source with one stream is
+//! read as before, hashed and probed by the snapshot writer.
 //!
 //! Rows come in no particular order across partitions, as from the merged stream. A task that
 //! stops before its partition's end (a panic, an abort) ends the rows with an error, never
 //! early: the channel's closing is not taken for the end of the rows.
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use futures::StreamExt;
-use sluice_snapshots::{BatchHashes, SnapshotError};
+use sluice_snapshots::{BatchHashes, Probe, SnapshotError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -26,7 +26,7 @@ const BATCHES_AHEAD_PER_PARTITION: usize = 2;
 
 /// What the partitions hand over.
 pub(super) enum Extracted {
-    /// Rows, with their hashes when the partition's task computed them.
+    /// Rows, with their hashes (and probe) when the partition's task computed them.
     Rows(RecordBatch, Option<BatchHashes>),
     /// The source failed.
     SourceFailed(DataFusionError),
@@ -42,14 +42,13 @@ enum Message {
 
 /// The rows of a model's partitions, as one sequence.
 pub(super) struct PartitionedRows {
-    schema: SchemaRef,
     reading: Reading,
 }
 
 enum Reading {
     /// One partition, read by the consumer.
     Single(SendableRecordBatchStream),
-    /// Several, each read and hashed by its own task.
+    /// Several, each read, hashed and probed by its own task.
     Tasks {
         rows: mpsc::Receiver<Message>,
         tasks: Vec<JoinHandle<()>>,
@@ -58,20 +57,20 @@ enum Reading {
 }
 
 impl PartitionedRows {
-    /// Reads `partitions` (at least one) of a model keyed by `key_columns`.
+    /// Reads `partitions` (at least one) of a model keyed by `key_columns`, probing the rows
+    /// with `probe` (the snapshot writer's, [`sluice_snapshots::SnapshotWriter::probe`]).
     pub(super) fn new(
         mut partitions: Vec<SendableRecordBatchStream>,
         key_columns: &[String],
+        probe: Option<Probe>,
     ) -> Result<Self, String> {
-        let schema = partitions
-            .first()
-            .map(|p| p.schema())
-            .ok_or_else(|| "the source returned no stream at all".to_string())?;
+        if partitions.is_empty() {
+            return Err("the source returned no stream at all".to_string());
+        }
         if partitions.len() == 1
             && let Some(single) = partitions.pop()
         {
             return Ok(Self {
-                schema,
                 reading: Reading::Single(single),
             });
         }
@@ -82,17 +81,12 @@ impl PartitionedRows {
             .map(|partition| {
                 let tx = tx.clone();
                 let key_columns = key_columns.to_vec();
-                tokio::spawn(read_partition(partition, key_columns, tx).in_current_span())
+                tokio::spawn(read_partition(partition, key_columns, probe.clone(), tx).in_current_span())
             })
             .collect();
         Ok(Self {
-            schema,
             reading: Reading::Tasks { rows, tasks, running },
         })
-    }
-
-    pub(super) fn schema(&self) -> SchemaRef {
-        self.schema.clone()
     }
 
     /// The next batch, or `None` once every partition has ended.
@@ -138,17 +132,23 @@ impl Drop for PartitionedRows {
     }
 }
 
-/// Reads one partition to its end, hashing each batch, and hands everything over; stops at
-/// the first error, or when the consumer is gone.
+/// Reads one partition to its end, hashing (and probing) each batch, and hands everything over;
+/// stops at the first error, or when the consumer is gone.
 async fn read_partition(
     mut partition: SendableRecordBatchStream,
     key_columns: Vec<String>,
+    probe: Option<Probe>,
     tx: mpsc::Sender<Message>,
 ) {
     while let Some(batch) = partition.next().await {
         let (message, failed) = match batch {
             Ok(batch) => match BatchHashes::of(&batch, &key_columns) {
-                Ok(hashes) => (Extracted::Rows(batch, Some(hashes)), false),
+                Ok(mut hashes) => {
+                    if let Some(probe) = &probe {
+                        hashes.probe(probe);
+                    }
+                    (Extracted::Rows(batch, Some(hashes)), false)
+                }
                 Err(e) => (Extracted::HashFailed(e), true),
             },
             Err(e) => (Extracted::SourceFailed(e), true),
@@ -164,7 +164,7 @@ async fn read_partition(
 mod tests {
     use super::*;
     use arrow::array::{ArrayRef, AsArray, Int64Array};
-    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
     use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
     use std::sync::Arc;
 
@@ -206,7 +206,7 @@ mod tests {
             partition(vec![Ok(batch(150..160))]),
             partition(vec![]),
         ];
-        let mut rows = PartitionedRows::new(partitions, &keys()).unwrap();
+        let mut rows = PartitionedRows::new(partitions, &keys(), None).unwrap();
         let mut ids = Vec::new();
         while let Some(extracted) = rows.next().await {
             let Extracted::Rows(batch, Some(hashes)) = extracted else {
@@ -228,8 +228,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rows_are_probed_where_they_are_read_with_the_writers_probe() {
+        use sluice_snapshots::{SnapshotSpec, SnapshotStore, SnapshotWriter};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open("s", dir.path(), [])
+            .unwrap()
+            .with_temp_dir(dir.path().join("tmp"));
+        let spec = SnapshotSpec {
+            model: "users".into(),
+            run_id: "run-1".into(),
+            key_columns: keys(),
+            buckets: None,
+        };
+        let mut parent = SnapshotWriter::new(store.clone(), spec.clone());
+        parent.write(batch(0..120)).await.unwrap();
+        let parent = parent.commit().await.unwrap();
+        let mut writer = SnapshotWriter::new(store, spec).with_parent(parent);
+        writer.write(RecordBatch::new_empty(schema())).await.unwrap();
+        let probe = writer.probe().expect("a delta-to-be probes its parent");
+
+        let partitions = vec![
+            partition(vec![Ok(batch(0..100))]),
+            partition(vec![Ok(batch(100..150))]),
+        ];
+        let mut rows = PartitionedRows::new(partitions, &keys(), Some(probe.clone())).unwrap();
+        let mut batches = 0;
+        while let Some(extracted) = rows.next().await {
+            let Extracted::Rows(batch, Some(hashes)) = extracted else {
+                panic!("a partition failed or came unhashed");
+            };
+            let mut expected = BatchHashes::of(&batch, &keys()).unwrap();
+            expected.probe(&probe);
+            assert_eq!(format!("{hashes:?}"), format!("{expected:?}"));
+            batches += 1;
+        }
+        assert_eq!(batches, 2);
+        writer.abort().await;
+    }
+
+    #[tokio::test]
     async fn a_single_stream_is_read_by_the_consumer_and_left_to_the_writer_to_hash() {
-        let mut rows = PartitionedRows::new(vec![partition(vec![Ok(batch(0..10))])], &keys()).unwrap();
+        let mut rows = PartitionedRows::new(vec![partition(vec![Ok(batch(0..10))])], &keys(), None).unwrap();
         assert!(matches!(rows.next().await, Some(Extracted::Rows(_, None))));
         assert!(rows.next().await.is_none());
     }
@@ -240,7 +279,7 @@ mod tests {
             partition(vec![Ok(batch(0..10))]),
             partition(vec![Err(DataFusionError::Execution("disk on fire".into()))]),
         ];
-        let mut rows = PartitionedRows::new(partitions, &keys()).unwrap();
+        let mut rows = PartitionedRows::new(partitions, &keys(), None).unwrap();
         let mut errors = Vec::new();
         while let Some(extracted) = rows.next().await {
             if let Extracted::SourceFailed(e) = extracted {
@@ -262,7 +301,7 @@ mod tests {
             })),
         ));
         let partitions: Vec<SendableRecordBatchStream> = vec![dying, partition(vec![Ok(batch(10..20))])];
-        let mut rows = PartitionedRows::new(partitions, &keys()).unwrap();
+        let mut rows = PartitionedRows::new(partitions, &keys(), None).unwrap();
         let mut outcome = Vec::new();
         while let Some(extracted) = rows.next().await {
             outcome.push(matches!(extracted, Extracted::SourceFailed(_)));
@@ -272,6 +311,6 @@ mod tests {
 
     #[tokio::test]
     async fn no_stream_at_all_is_refused() {
-        assert!(PartitionedRows::new(Vec::new(), &keys()).is_err());
+        assert!(PartitionedRows::new(Vec::new(), &keys(), None).is_err());
     }
 }
