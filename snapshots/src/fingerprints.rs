@@ -1,21 +1,31 @@
 //! Fingerprints of a parent snapshot's rows, probed while a delta's rows stream in.
 //!
-//! A row whose key and row hash the parent already holds is unchanged: a delta needs its key
-//! and hash (for the index, the merge with the parent and the duplicate check) but not its
-//! values, which the parent's layers keep. Probing a fingerprint of `(key hash, row hash)` as
-//! each batch arrives lets the writer spill only the keys of unchanged rows, and the whole rows
-//! of the few that are new or changed, instead of every row of every run.
+//! A row whose key and row hash the parent already holds is unchanged: a delta needs neither
+//! its values, which the parent's layers keep, nor its key and hash, which the parent's index
+//! holds. Probing a fingerprint of `(key hash, row hash)` as each batch arrives, and claiming
+//! the parent's fingerprint it finds, lets the writer drop unchanged rows and spill only the
+//! few that are new or changed; at commit, each bucket's merge takes the parent's rows whose
+//! fingerprints were claimed as unchanged and those left as changed or deleted.
 //!
-//! The probe only decides what to spill; the merge with the parent's index at commit stays
-//! exact. A fingerprint is 64 bits, so a changed row can be taken for unchanged with odds of
-//! about one in 2^64 divided by the parent's rows (the merge then finds a changed row whose
-//! values were not kept, and the snapshot fails; each writer salts its fingerprints with a
-//! fresh seed, so the next run does not meet the same collision).
+//! A fingerprint is 64 bits, so a row can be taken for another with odds of about one in 2^64
+//! divided by the parent's rows. Each claim therefore adds a check term of the row (a second,
+//! independent hash of its key, and its row hash) to a sum, and the merges add up the terms of
+//! the parent's rows they take as claimed: the sums differ when any row was taken for one it
+//! is not, and the snapshot fails. Each writer salts its fingerprints with a fresh seed, so
+//! the next run does not meet the same collision.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Fingerprints sorted by value, with a directory of where each run of equal top bits starts.
 /// The directory is small enough to stay in cache (4 bytes per [`PER_SLOT`] fingerprints), and
 /// a slot's run is searched from where its value should be (fingerprints are uniform), so a
 /// lookup costs about one cache miss; the set costs 8.1 bytes a row.
+///
+/// Each fingerprint can be claimed once: a row found unchanged claims its parent row's
+/// fingerprint, and adds a check term (of a second, independent key hash and its row hash) to
+/// a sum. The parent's rows whose fingerprints stay unclaimed ([`Fingerprints::claims`])
+/// are those changed or deleted; the ones claimed are unchanged, and their check terms must add
+/// up to the same sum, or some row was taken for one it is not.
 pub(crate) struct Fingerprints {
     seed: u64,
     sorted: Vec<u64>,
@@ -23,6 +33,11 @@ pub(crate) struct Fingerprints {
     directory: Vec<u32>,
     /// Bits below the directory's: `fp >> shift` is a fingerprint's slot.
     shift: u32,
+    /// One bit per fingerprint of `sorted`, set by the row that claimed it.
+    claimed: Vec<AtomicU64>,
+    claimed_rows: AtomicU64,
+    /// The wrapping sum of the claiming rows' check terms ([`check_term`]).
+    claimed_check: AtomicU64,
 }
 
 /// Fingerprints per directory slot, on average.
@@ -32,6 +47,14 @@ const PER_SLOT: usize = 32;
 const LOOKUPS_AT_ONCE: usize = 4096;
 /// Bits the radix pass of the sort scatters by: 2,048 places to write to, all of them in cache.
 const RADIX_BITS: u32 = 11;
+/// Seed of the check terms, which are not fingerprints.
+const CHECK_SEED: u64 = 0x636c_6169_6d65_6421; // "claimed!"
+
+/// A row's share of the check sum: its second key hash and its row hash, mixed.
+#[inline]
+pub(crate) fn check_term(key_check: u64, row_hash: u64) -> u64 {
+    Fingerprints::of(CHECK_SEED, key_check, row_hash)
+}
 
 impl Fingerprints {
     /// The fingerprint of a row: its key hash and row hash mixed under `seed`.
@@ -46,26 +69,32 @@ impl Fingerprints {
 
     /// The set of `fingerprints` (computed with [`Fingerprints::of`] under `seed`).
     pub(crate) fn new(seed: u64, fingerprints: Vec<u64>) -> Self {
-        let n = fingerprints.len();
+        Self::from_sorted(seed, sort(fingerprints))
+    }
+
+    fn from_sorted(seed: u64, sorted: Vec<u64>) -> Self {
+        let n = sorted.len();
         let bits = (n / PER_SLOT)
             .max(1)
             .next_power_of_two()
             .trailing_zeros()
             .clamp(1, 30);
         let shift = 64 - bits;
-        let fingerprints = sort(fingerprints);
         let slots = 1usize << bits;
         let mut directory = vec![0u32; slots + 1];
         let mut at = 0usize;
         for (slot, start) in directory.iter_mut().enumerate() {
-            while at < n && ((fingerprints[at] >> shift) as usize) < slot {
+            while at < n && ((sorted[at] >> shift) as usize) < slot {
                 at += 1;
             }
             *start = at as u32;
         }
         Self {
             seed,
-            sorted: fingerprints,
+            claimed: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            claimed_rows: AtomicU64::new(0),
+            claimed_check: AtomicU64::new(0),
+            sorted,
             directory,
             shift,
         }
@@ -76,18 +105,75 @@ impl Fingerprints {
     #[cfg(test)]
     pub(crate) fn contains(&self, key_hash: u64, row_hash: u64) -> bool {
         let fp = Self::of(self.seed, key_hash, row_hash);
-        self.find_from(fp, self.guess(fp))
+        self.find_from(fp, self.guess(fp)).is_some()
     }
 
-    /// [`Self::contains`] for each pair of `key_hashes` and `row_hashes`. A lookup is one
-    /// cache miss; one at a time, each waits for the last (the walk's branches depend on the
-    /// loaded value, so a mispredicted one discards the loads issued past it). Here a first
-    /// pass, without data-dependent branches, only guesses positions and loads the values
-    /// there, so the misses of many rows overlap; the walks then run in cache.
+    /// [`Self::contains`] for each pair of `key_hashes` and `row_hashes`.
     pub(crate) fn contains_all(&self, key_hashes: &[u64], row_hashes: &[u64]) -> Vec<bool> {
         let mut held = Vec::with_capacity(key_hashes.len());
+        self.find_all(key_hashes, row_hashes, |_, at| held.push(at.is_some()));
+        held
+    }
+
+    /// Claims, for each row of `key_hashes` and `row_hashes` (with `key_checks`, its second key
+    /// hash), the fingerprint the parent holds for it. Returns the rows to keep whole: those the
+    /// parent does not hold, and those whose fingerprint another row claimed first (a duplicate
+    /// key, or a collision, which the merge of their bucket tells apart).
+    pub(crate) fn claim_all(&self, key_hashes: &[u64], row_hashes: &[u64], key_checks: &[u64]) -> Vec<bool> {
+        let mut kept = Vec::with_capacity(key_hashes.len());
+        let (mut rows, mut check) = (0u64, 0u64);
+        self.find_all(key_hashes, row_hashes, |row, at| {
+            let claimed = at.is_some_and(|i| {
+                let bit = 1u64 << (i % 64);
+                self.claimed[i / 64].fetch_or(bit, Ordering::Relaxed) & bit == 0
+            });
+            if claimed {
+                rows += 1;
+                check = check.wrapping_add(check_term(key_checks[row], row_hashes[row]));
+            }
+            kept.push(!claimed);
+        });
+        self.claimed_rows.fetch_add(rows, Ordering::Relaxed);
+        self.claimed_check.fetch_add(check, Ordering::Relaxed);
+        kept
+    }
+
+    /// The fingerprints no row claimed, and what the claims added up to. Called once every
+    /// row was probed.
+    pub(crate) fn claims(&self) -> Claims {
+        let mut left = Vec::new();
+        for (word, bits) in self.claimed.iter().enumerate() {
+            let bits = bits.load(Ordering::Relaxed);
+            if bits == u64::MAX {
+                continue;
+            }
+            let from = word * 64;
+            for (i, fp) in self.sorted[from..(from + 64).min(self.sorted.len())]
+                .iter()
+                .enumerate()
+            {
+                if bits & (1u64 << i) == 0 {
+                    left.push(*fp);
+                }
+            }
+        }
+        Claims {
+            unclaimed: Self::from_sorted(self.seed, left),
+            rows: self.claimed_rows.load(Ordering::Relaxed),
+            check: self.claimed_check.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Looks up each pair of `key_hashes` and `row_hashes`, calling `found(row, position)` in
+    /// row order. A lookup is one cache miss; one at a time, each waits for the last (the
+    /// walk's branches depend on the loaded value, so a mispredicted one discards the loads
+    /// issued past it). Here a first pass, without data-dependent branches, only guesses
+    /// positions and loads the values there, so the misses of many rows overlap; the walks
+    /// then run in cache.
+    fn find_all(&self, key_hashes: &[u64], row_hashes: &[u64], mut found: impl FnMut(usize, Option<usize>)) {
         let mut fps = Vec::with_capacity(LOOKUPS_AT_ONCE);
         let mut guesses = Vec::with_capacity(LOOKUPS_AT_ONCE);
+        let mut row = 0;
         for (keys, rows) in key_hashes
             .chunks(LOOKUPS_AT_ONCE)
             .zip(row_hashes.chunks(LOOKUPS_AT_ONCE))
@@ -102,13 +188,11 @@ impl Fingerprints {
                 .map(|&i| self.sorted.get(i).copied().unwrap_or(0))
                 .fold(0u64, |acc, v| acc ^ v);
             std::hint::black_box(landed);
-            held.extend(
-                fps.iter()
-                    .zip(&guesses)
-                    .map(|(fp, guess)| self.find_from(*fp, *guess)),
-            );
+            for (fp, guess) in fps.iter().zip(&guesses) {
+                found(row, self.find_from(*fp, *guess));
+                row += 1;
+            }
         }
-        held
     }
 
     /// Where `fp` falls in its slot, were the slot's values evenly spread (`sorted.len()` when
@@ -124,11 +208,11 @@ impl Fingerprints {
         start + ((within * (end - start)) >> 32)
     }
 
-    /// Whether `fp` is held, walking from `guess` within its slot.
+    /// Where `fp` is held, walking from `guess` within its slot.
     #[inline]
-    fn find_from(&self, fp: u64, guess: usize) -> bool {
+    fn find_from(&self, fp: u64, guess: usize) -> Option<usize> {
         if guess >= self.sorted.len() {
-            return false;
+            return None;
         }
         let slot = (fp >> self.shift) as usize;
         let (start, end) = (self.directory[slot] as usize, self.directory[slot + 1] as usize);
@@ -142,7 +226,25 @@ impl Fingerprints {
                 i -= 1;
             }
         }
-        self.sorted[i] == fp
+        (self.sorted[i] == fp).then_some(i)
+    }
+}
+
+/// What a delta's probe leaves once every row was probed: the parent's fingerprints that no
+/// row claimed (its rows changed or deleted since), and the count and check sum of the claims.
+pub(crate) struct Claims {
+    unclaimed: Fingerprints,
+    pub(crate) rows: u64,
+    pub(crate) check: u64,
+}
+
+impl Claims {
+    /// Whether a row of the parent (by its key hash and row hash) was claimed: its fingerprint
+    /// is not among those left. Only meaningful for the parent's own rows.
+    pub(crate) fn claimed_all(&self, key_hashes: &[u64], row_hashes: &[u64]) -> Vec<bool> {
+        let mut claimed = self.unclaimed.contains_all(key_hashes, row_hashes);
+        claimed.iter_mut().for_each(|c| *c = !*c);
+        claimed
     }
 }
 
@@ -265,6 +367,42 @@ mod tests {
         assert!(
             !(50_000..60_000u64).any(|i| fps.contains(xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()), i % 7))
         );
+    }
+
+    #[test]
+    fn each_fingerprint_is_claimed_once_and_the_rest_are_left_unclaimed() {
+        let pairs: Vec<(u64, u64)> = (0..10_000u64)
+            .map(|i| (xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()), i % 7))
+            .collect();
+        let fps = set(42, &pairs);
+        let checks: Vec<u64> = (0..10_000u64).map(|i| i * 31).collect();
+        // Rows 0..6000 claim theirs; row 7000 comes changed; rows 100..200 come twice.
+        let mut keys: Vec<u64> = pairs[..6000].iter().map(|p| p.0).collect();
+        let mut rows: Vec<u64> = pairs[..6000].iter().map(|p| p.1).collect();
+        keys.push(pairs[7000].0);
+        rows.push(pairs[7000].1 + 1);
+        keys.extend(pairs[100..200].iter().map(|p| p.0));
+        rows.extend(pairs[100..200].iter().map(|p| p.1));
+        let mut key_checks = checks[..6000].to_vec();
+        key_checks.push(checks[7000]);
+        key_checks.extend(&checks[100..200]);
+        let (first, second) = (5000, keys.len());
+        let mut kept = fps.claim_all(&keys[..first], &rows[..first], &key_checks[..first]);
+        kept.extend(fps.claim_all(
+            &keys[first..second],
+            &rows[first..second],
+            &key_checks[first..second],
+        ));
+        let expected: Vec<bool> = (0..second).map(|i| i >= 6000).collect();
+        assert_eq!(kept, expected, "new, changed and second copies are kept whole");
+
+        let claims = fps.claims();
+        assert_eq!(claims.rows, 6000);
+        let check = (0..6000).fold(0u64, |sum, i| sum.wrapping_add(check_term(checks[i], pairs[i].1)));
+        assert_eq!(claims.check, check);
+        let (parent_keys, parent_rows): (Vec<u64>, Vec<u64>) = pairs.iter().copied().unzip();
+        let claimed = claims.claimed_all(&parent_keys, &parent_rows);
+        assert_eq!(claimed, (0..10_000).map(|i| i < 6000).collect::<Vec<_>>());
     }
 
     #[test]

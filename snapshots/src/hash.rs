@@ -50,6 +50,9 @@ use crate::error::SnapshotError;
 pub const ROW_SEED: u64 = 0x736c_7569_6365_5231; // "sluiceR1"
 /// Initial state of every key hash.
 pub const KEY_SEED: u64 = 0x736c_7569_6365_4b31; // "sluiceK1"
+/// Initial state of a second, independent hash of the key, which only checks a delta's probe
+/// (never stored): two keys that share their key hash almost surely differ in this one.
+const KEY_CHECK_SEED: u64 = 0x736c_7569_6365_4332; // "sluiceC2"
 
 // Tags distinguish logical kinds whose canonical bytes could coincide.
 const TAG_NULL: u64 = 0x01;
@@ -107,7 +110,23 @@ pub fn row_hashes(batch: &RecordBatch, key_columns: &[String]) -> Result<Vec<u64
 
 /// Computes the key hash of every row over `key_columns`, in that order.
 pub fn key_hashes(batch: &RecordBatch, key_columns: &[String]) -> Result<Vec<u64>, SnapshotError> {
-    let mut hashes = vec![KEY_SEED; batch.num_rows()];
+    keys_hashed_from(KEY_SEED, batch, key_columns)
+}
+
+/// A second hash of every row's key, independent of [`key_hashes`] (another initial state).
+pub(crate) fn key_check_hashes(
+    batch: &RecordBatch,
+    key_columns: &[String],
+) -> Result<Vec<u64>, SnapshotError> {
+    keys_hashed_from(KEY_CHECK_SEED, batch, key_columns)
+}
+
+fn keys_hashed_from(
+    seed: u64,
+    batch: &RecordBatch,
+    key_columns: &[String],
+) -> Result<Vec<u64>, SnapshotError> {
+    let mut hashes = vec![seed; batch.num_rows()];
     for name in key_columns {
         let array = batch
             .column_by_name(name)

@@ -10,23 +10,27 @@
 //! 1. **Spill** (while the source streams): each batch gets its row hash column and is cut by
 //!    key hash into [`PARTITIONS`] fine partitions, appended to local Arrow IPC files. A
 //!    snapshot that is to be a delta first loads fingerprints of its parent's keys and row
-//!    hashes (`fingerprints`), and probes each row: every row's key and hash are spilled, but
-//!    whole rows only for those the parent does not hold (new or changed), a few percent of a
-//!    typical run instead of all of them. A batch may arrive hashed and probed already, on
-//!    the thread that read it from the source ([`BatchHashes`], [`SnapshotWriter::probe`]).
+//!    hashes (`fingerprints`), and probes each row: a row the parent holds unchanged claims its
+//!    parent row and is not spilled at all; only the rows the parent does not hold (new or
+//!    changed) are, a few percent of a typical run instead of all of them. A batch may arrive
+//!    hashed and probed already, on the thread that read it from the source ([`BatchHashes`],
+//!    [`SnapshotWriter::probe`]).
 //! 2. **Sort and write** (at commit, when the row count is known), two buckets at a time, as a
 //!    base or as a delta of a parent snapshot:
 //!    - a **base** writes every row: the bucket count is chosen from the row count; each bucket
 //!      (the union of the fine partitions that nest into it) is sorted by key — whole in memory,
 //!      or by DataFusion's sort, which spills to disk — and encoded as Parquet;
-//!    - a **delta** writes only what its parent does not hold. Only the keys and row hashes of a
-//!      bucket are sorted; a merge with the parent's index (keys, row hashes, layers, sorted the
-//!      same way) finds the rows that are new or changed, and the bucket's files are a new index
-//!      (every key with its row hash and the layer holding its row) and the changed rows alone,
-//!      gathered from the spill. The merge is exact; the probe only chose what to spill. A delta
-//!      shares its parent's bucket count.
+//!    - a **delta** writes only what its parent does not hold. The keys and row hashes of a
+//!      bucket's spilled rows are sorted and merged with the parent's index (keys, row hashes,
+//!      layers, sorted the same way): the parent's rows the probe claimed stay as they are, the
+//!      others were changed or deleted. The bucket's files are a new index (every key with its
+//!      row hash and the layer holding its row), what changed, and the new and changed rows,
+//!      gathered from the spill. Each claim added a check of its row to a sum, and the merges
+//!      add up the same check over the parent's rows they take as claimed: a row taken for
+//!      another fails the snapshot. A delta shares its parent's bucket count.
 //!
-//!    Equal keys end up adjacent either way, so duplicate keys are found without a second pass.
+//!    Equal keys end up adjacent either way (a key claimed and spilled again meets its parent
+//!    row), so duplicate keys are found without a second pass.
 //!
 //! A delta's index points into **layers**: its parent's own rows and the layers the parent
 //! pointed into, oldest (the base) first. A snapshot is written as a base when it has no parent,
@@ -60,8 +64,8 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::error::{Result, SnapshotError};
-use crate::fingerprints::Fingerprints;
-use crate::hash::{bucket_of, key_hashes, row_hashes};
+use crate::fingerprints::{Claims, Fingerprints, check_term};
+use crate::hash::{bucket_of, key_check_hashes, key_hashes, row_hashes};
 use crate::manifest::{
     BASE_HASH_COLUMN, CHANGE_OP_COLUMN, FORMAT_VERSION, LAYER_COLUMN, OP_ADDED, OP_DELETED, OP_UPDATED,
     RESERVED_PREFIX, ROW_HASH_COLUMN, SnapshotFile, SnapshotManifest, column_infos,
@@ -156,9 +160,9 @@ pub struct SnapshotWriter {
     marked: bool,
     started: bool,
     /// The parent's rows, probed as rows stream in when this snapshot is to be its delta:
-    /// unchanged rows spill only their keys and hashes.
+    /// unchanged rows claim their parent rows and are not spilled.
     probe: Option<Probe>,
-    /// Whether rows were spilled while probing: then the snapshot must be written as a delta
+    /// Whether rows were probed: then the snapshot must be written as a delta
     /// (the values of unchanged rows were not kept).
     probed: bool,
 }
@@ -168,9 +172,6 @@ struct Spill {
     dir: tempfile::TempDir,
     /// Rows: every row, or while probing the parent only the rows it does not hold.
     partitions: Vec<SpillPartition>,
-    /// While probing: every row's key columns, row hash and position in its partition's rows
-    /// spill ([`NOT_KEPT`] for a row the parent holds unchanged). Empty otherwise.
-    key_partitions: Vec<SpillPartition>,
 }
 
 struct SpillPartition {
@@ -222,9 +223,6 @@ async fn index_columns(
         .map_err(parquet_err)
 }
 
-/// The position of a row whose values were not kept (the parent holds it unchanged).
-const NOT_KEPT: u32 = u32::MAX;
-
 /// A batch's key hashes (which bucket a row goes to) and row hashes (what the diff compares),
 /// and, once probed, which of its rows the parent does not hold unchanged.
 #[derive(Clone)]
@@ -252,13 +250,20 @@ impl BatchHashes {
         })
     }
 
-    /// Probes the hashed rows against a writer's parent ([`SnapshotWriter::probe`]), where the
-    /// batch was read rather than on the writer's task.
-    pub fn probe(&mut self, probe: &Probe) {
+    /// Probes the hashed rows of `batch` against a writer's parent ([`SnapshotWriter::probe`]),
+    /// where the batch was read rather than on the writer's task. Each row found unchanged
+    /// claims its parent row, so a batch is probed once and then written to that writer.
+    pub fn probe(&mut self, batch: &RecordBatch, probe: &Probe) -> Result<()> {
         self.kept = Some(ProbedRows {
             by: probe.clone(),
-            kept: probe.kept(&self.key, &self.row),
+            kept: probe.kept(batch, &self.key, &self.row)?,
         });
+        Ok(())
+    }
+
+    /// Once probed, which rows are new or changed (kept whole); the others the parent holds.
+    pub fn kept(&self) -> Option<&[bool]> {
+        self.kept.as_ref().map(|k| k.kept.as_slice())
     }
 }
 
@@ -276,30 +281,23 @@ impl std::fmt::Debug for BatchHashes {
 /// source: probing was half the work of the one task writing the snapshot, while the threads
 /// decoding the source idled (BENCHMARKS.md).
 #[derive(Clone)]
-pub struct Probe(Arc<Fingerprints>);
-
-impl Probe {
-    /// Which rows the parent does not hold unchanged (those to keep whole).
-    fn kept(&self, key_hashes: &[u64], row_hashes: &[u64]) -> Vec<bool> {
-        let mut kept = self.0.contains_all(key_hashes, row_hashes);
-        kept.iter_mut().for_each(|held| *held = !*held);
-        kept
-    }
+pub struct Probe {
+    fingerprints: Arc<Fingerprints>,
+    key_columns: Arc<[String]>,
 }
 
-/// The keys spill's column of positions in the rows spill.
-const SPILL_POSITION_COLUMN: &str = "__sluice_spill_position";
+impl Probe {
+    /// Which rows of `batch` (with these key and row hashes) the parent does not hold
+    /// unchanged, or held for a row that claimed it first: those to keep whole. The others
+    /// claim their parent rows.
+    fn kept(&self, batch: &RecordBatch, key_hashes: &[u64], row_hashes: &[u64]) -> Result<Vec<bool>> {
+        let key_checks = key_check_hashes(batch, &self.key_columns)?;
+        Ok(self.fingerprints.claim_all(key_hashes, row_hashes, &key_checks))
+    }
 
-/// The keys spill's schema: the key columns, the row hash and the row's spill position.
-fn spilled_keys_schema(stored: &Schema, key_columns: &[String]) -> Result<SchemaRef> {
-    let mut fields = key_fields(stored, key_columns)?;
-    fields.push(Arc::new(Field::new(ROW_HASH_COLUMN, DataType::UInt64, false)));
-    fields.push(Arc::new(Field::new(
-        SPILL_POSITION_COLUMN,
-        DataType::UInt32,
-        false,
-    )));
-    Ok(Arc::new(Schema::new(fields)))
+    fn is(&self, other: &Probe) -> bool {
+        Arc::ptr_eq(&self.fingerprints, &other.fingerprints)
+    }
 }
 
 impl SnapshotWriter {
@@ -384,7 +382,10 @@ impl SnapshotWriter {
             return Ok(());
         }
         if self.may_be_delta_of(&parent) {
-            self.probe = Some(Probe(Arc::new(self.parent_fingerprints(&parent).await?)));
+            self.probe = Some(Probe {
+                fingerprints: Arc::new(self.parent_fingerprints(&parent).await?),
+                key_columns: self.spec.key_columns.clone().into(),
+            });
         }
         Ok(())
     }
@@ -548,104 +549,57 @@ impl SnapshotWriter {
             Some(_) => return Err(SnapshotError::Task("hashes of another batch".into())),
             None => BatchHashes::of(&batch, &self.spec.key_columns)?,
         };
-        // While probing, the rows to keep whole: those the parent does not hold unchanged.
-        let kept: Option<Vec<bool>> = self.probe.as_ref().map(|probe| match probed {
-            Some(ProbedRows { by, kept }) if Arc::ptr_eq(&by.0, &probe.0) => kept,
-            _ => probe.kept(&key_hashes, &hashes),
-        });
+        // While probing, the rows to keep whole: the new and changed ones. The others claimed
+        // their parent rows, whose keys and hashes the parent's index holds.
+        let kept: Option<Vec<bool>> = match (&self.probe, probed) {
+            (None, _) => None,
+            (Some(probe), Some(ProbedRows { by, kept })) if by.is(probe) => Some(kept),
+            (Some(probe), _) => Some(probe.kept(&batch, &key_hashes, &hashes)?),
+        };
         let hashes = UInt64Array::from(hashes);
-        let hash_column: ArrayRef = Arc::new(hashes.clone());
         let mut columns = batch.columns().to_vec();
-        columns.push(hash_column.clone());
+        columns.push(Arc::new(hashes.clone()));
         let batch = RecordBatch::try_new(stored_schema, columns)?;
-        self.spill(batch, &key_hashes, hash_column, kept)?;
+        self.spill(batch, &key_hashes, kept)?;
         Ok(hashes)
     }
 
-    /// Appends a hashed batch (`hashes` is its row hash column) to the fine partitions.
-    fn spill(
-        &mut self,
-        batch: RecordBatch,
-        key_hashes: &[u64],
-        hashes: ArrayRef,
-        kept: Option<Vec<bool>>,
-    ) -> Result<()> {
-        let stored_schema = batch.schema();
-        let keys_schema = match &kept {
-            Some(_) => Some(spilled_keys_schema(&stored_schema, &self.spec.key_columns)?),
-            None => None,
-        };
+    /// Appends a hashed batch to the fine partitions: every row, or while probing the rows
+    /// `kept`.
+    fn spill(&mut self, batch: RecordBatch, key_hashes: &[u64], kept: Option<Vec<bool>>) -> Result<()> {
         let spill = match self.spill.as_mut() {
             Some(spill) => spill,
-            None => self
-                .spill
-                .insert(Spill::new(&self.store, &stored_schema, keys_schema.as_ref())?),
+            None => self.spill.insert(Spill::new(&self.store, &batch.schema())?),
         };
+        if kept.is_some() {
+            self.probed = true;
+        }
+        let keep = |row: usize| kept.as_ref().is_none_or(|kept| kept[row]);
         // Counting sort of row indices by partition, then one take per non-empty partition.
         let partitions = PARTITIONS as usize;
-        let ids: Vec<u32> = key_hashes.iter().map(|h| bucket_of(*h, PARTITIONS)).collect();
         let mut starts = vec![0usize; partitions + 1];
-        for p in &ids {
-            starts[*p as usize + 1] += 1;
+        for (row, h) in key_hashes.iter().enumerate() {
+            if keep(row) {
+                starts[bucket_of(*h, PARTITIONS) as usize + 1] += 1;
+            }
         }
         for p in 0..partitions {
             starts[p + 1] += starts[p];
         }
         let mut cursor = starts.clone();
-        let mut order = vec![0u32; ids.len()];
-        for (row, p) in ids.iter().enumerate() {
-            order[cursor[*p as usize]] = row as u32;
-            cursor[*p as usize] += 1;
-        }
-        let Some(kept) = kept else {
-            let order = UInt32Array::from(order);
-            for p in 0..partitions {
-                let (start, end) = (starts[p], starts[p + 1]);
-                if start < end {
-                    let indices = order.slice(start, end - start);
-                    spill.partitions[p].push(batch.clone(), &indices)?;
-                }
+        let mut order = vec![0u32; starts[partitions]];
+        for (row, h) in key_hashes.iter().enumerate() {
+            if keep(row) {
+                let p = bucket_of(*h, PARTITIONS) as usize;
+                order[cursor[p]] = row as u32;
+                cursor[p] += 1;
             }
-            return Ok(());
-        };
-        self.probed = true;
-        // Kept rows go to the rows spill; every row's key and hash go to the keys spill, with
-        // the row's position in its partition's rows spill (none for a row not kept).
-        let mut positions = vec![NOT_KEPT; ids.len()];
-        let mut kept_order: Vec<u32> = Vec::new();
-        let mut kept_starts = vec![0usize; partitions + 1];
-        for p in 0..partitions {
-            let mut next = spill.partitions[p].pushed as u32;
-            for &row in &order[starts[p]..starts[p + 1]] {
-                if kept[row as usize] {
-                    positions[row as usize] = next;
-                    next += 1;
-                    kept_order.push(row);
-                }
-            }
-            kept_starts[p + 1] = kept_order.len();
         }
-        let keys_schema =
-            keys_schema.ok_or_else(|| SnapshotError::Task("keys spill without a schema".into()))?;
-        let mut key_columns: Vec<ArrayRef> = self
-            .spec
-            .key_columns
-            .iter()
-            .map(|k| Ok(batch.column(batch.schema().index_of(k)?).clone()))
-            .collect::<Result<_>>()?;
-        key_columns.push(hashes);
-        key_columns.push(Arc::new(UInt32Array::from(positions)));
-        let keys_batch = RecordBatch::try_new(keys_schema, key_columns)?;
         let order = UInt32Array::from(order);
-        let kept_order = UInt32Array::from(kept_order);
         for p in 0..partitions {
             let (start, end) = (starts[p], starts[p + 1]);
             if start < end {
-                spill.key_partitions[p].push(keys_batch.clone(), &order.slice(start, end - start))?;
-            }
-            let (start, end) = (kept_starts[p], kept_starts[p + 1]);
-            if start < end {
-                spill.partitions[p].push(batch.clone(), &kept_order.slice(start, end - start))?;
+                spill.partitions[p].push(batch.clone(), &order.slice(start, end - start))?;
             }
         }
         Ok(())
@@ -733,24 +687,17 @@ impl SnapshotWriter {
             delta_of = delta.as_ref().map(|(p, _)| p.id.as_str()),
             "rows spilled; sorting and writing buckets"
         );
-        // The memory the probe held goes before the buckets are sorted.
-        self.probe = None;
+        // What the probe's claims leave: the parent's rows changed or deleted. The memory the
+        // probe held goes before the buckets are sorted.
+        let claims: Option<Arc<Claims>> = match self.probe.take() {
+            Some(probe) if self.probed => Some(Arc::new(probe.fingerprints.claims())),
+            _ => None,
+        };
         let mut bucket_inputs: Vec<Vec<PathBuf>> = vec![Vec::new(); buckets as usize];
-        // While probing, each bucket's keys spills, with the rows its earlier partitions kept
-        // (a keys spill's positions count within its own partition).
-        let mut bucket_keys: Vec<Vec<(PathBuf, u64)>> = vec![Vec::new(); buckets as usize];
         if let Some(spill) = self.spill.as_mut() {
-            let mut kept_before = vec![0u64; buckets as usize];
             for (p, partition) in spill.partitions.iter_mut().enumerate() {
-                let bucket = p % buckets as usize;
-                if let Some(keys) = spill.key_partitions.get_mut(p)
-                    && let Some(path) = keys.finish()?
-                {
-                    bucket_keys[bucket].push((path, kept_before[bucket]));
-                }
-                kept_before[bucket] += partition.pushed;
                 if let Some(path) = partition.finish()? {
-                    bucket_inputs[bucket].push(path);
+                    bucket_inputs[p % buckets as usize].push(path);
                 }
             }
         }
@@ -772,17 +719,16 @@ impl SnapshotWriter {
         );
         let jobs = bucket_inputs
             .into_iter()
-            .zip(bucket_keys)
             .enumerate()
-            // A delta's bucket the new rows left empty still has the parent's rows to delete.
-            .filter(|(bucket, (inputs, keys))| {
+            // A delta's bucket without new or changed rows still has the parent's rows to keep
+            // or delete.
+            .filter(|(bucket, inputs)| {
                 !inputs.is_empty()
-                    || !keys.is_empty()
                     || delta.as_ref().is_some_and(|(parent, _)| {
                         parent.index_covering(*bucket as u32, buckets).next().is_some()
                     })
             })
-            .map(|(bucket, (inputs, key_inputs))| BucketJob {
+            .map(|(bucket, inputs)| BucketJob {
                 in_memory_sort_bytes: self.in_memory_sort_bytes,
                 sort_memory_bytes,
                 sort_dir: sort_dir.clone(),
@@ -792,12 +738,12 @@ impl SnapshotWriter {
                 relative: format!("{data_dir}/bucket-{bucket:04}-of-{buckets:04}.parquet"),
                 bucket: bucket as u32,
                 inputs,
-                key_inputs,
                 schema: stored_schema.clone(),
                 props: props.clone(),
                 delta: delta.as_ref().map(|(parent, _)| DeltaJob {
                     parent_index: parent.index_covering(bucket as u32, buckets).next().cloned(),
                     own_layer,
+                    claims: claims.clone(),
                     index_relative: format!("{data_dir}/index-{bucket:04}-of-{buckets:04}.parquet"),
                     index_schema: index_schema.clone(),
                     index_props: index_props.clone(),
@@ -819,12 +765,29 @@ impl SnapshotWriter {
         let mut index = Vec::new();
         let mut changes = Vec::new();
         let mut duplicates = Duplicates::default();
+        let mut taken_as_claimed = ClaimCheck::default();
         for outcome in outcomes {
             let outcome = outcome?;
             duplicates.merge(outcome.duplicates);
+            taken_as_claimed.add(outcome.taken_as_claimed);
             files.extend(outcome.file);
             index.extend(outcome.index);
             changes.extend(outcome.changes);
+        }
+        // The parent's rows the merges took as unchanged must be the rows the probe found
+        // unchanged; else a row was taken for another (a collision, whatever the merges found).
+        if let Some(claims) = &claims
+            && (taken_as_claimed.rows != claims.rows || taken_as_claimed.check != claims.check)
+        {
+            tracing::warn!(
+                model = self.spec.model,
+                claimed = claims.rows,
+                taken = taken_as_claimed.rows,
+                "a delta's probe and its merge disagree on the unchanged rows"
+            );
+            return Err(SnapshotError::FingerprintCollision {
+                model: self.spec.model.clone(),
+            });
         }
         if duplicates.keys > 0 {
             return Err(SnapshotError::DuplicateKeys {
@@ -924,7 +887,7 @@ impl Spill {
             .sum()
     }
 
-    fn new(store: &SnapshotStore, schema: &SchemaRef, keys_schema: Option<&SchemaRef>) -> Result<Self> {
+    fn new(store: &SnapshotStore, schema: &SchemaRef) -> Result<Self> {
         let base = store.temp_dir();
         std::fs::create_dir_all(&base).map_err(|e| spill_error(&base, e))?;
         let dir = tempfile::Builder::new()
@@ -934,17 +897,7 @@ impl Spill {
         let partitions = (0..PARTITIONS)
             .map(|p| SpillPartition::new(schema, dir.path().join(format!("part-{p:04}.arrow"))))
             .collect();
-        let key_partitions = match keys_schema {
-            Some(keys_schema) => (0..PARTITIONS)
-                .map(|p| SpillPartition::new(keys_schema, dir.path().join(format!("keys-{p:04}.arrow"))))
-                .collect(),
-            None => Vec::new(),
-        };
-        Ok(Self {
-            dir,
-            partitions,
-            key_partitions,
-        })
+        Ok(Self { dir, partitions })
     }
 }
 
@@ -1019,9 +972,6 @@ struct BucketJob {
     bucket: u32,
     /// Spilled rows (every row, or while probing only those kept).
     inputs: Vec<PathBuf>,
-    /// While probing: the keys spills, each with the kept rows of the bucket's inputs before
-    /// its partition's.
-    key_inputs: Vec<(PathBuf, u64)>,
     schema: SchemaRef,
     props: Arc<WriterProperties>,
     /// Set when the snapshot is a delta.
@@ -1034,6 +984,9 @@ struct DeltaJob {
     parent_index: Option<SnapshotFile>,
     /// The layer ordinal of this snapshot's own rows.
     own_layer: u32,
+    /// What the probe's claims left, when it probed: the parent's rows it did not find
+    /// unchanged.
+    claims: Option<Arc<Claims>>,
     index_relative: String,
     index_schema: SchemaRef,
     index_props: Arc<WriterProperties>,
@@ -1050,6 +1003,62 @@ struct BucketOutcome {
     /// A delta's changes since its parent (none when nothing changed in the bucket).
     changes: Option<SnapshotFile>,
     duplicates: Duplicates,
+    /// The parent's rows of this bucket the merge took as claimed by the probe.
+    taken_as_claimed: ClaimCheck,
+}
+
+/// A count of rows and the wrapping sum of their check terms
+/// ([`crate::fingerprints::check_term`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct ClaimCheck {
+    rows: u64,
+    check: u64,
+}
+
+impl ClaimCheck {
+    fn add(&mut self, other: ClaimCheck) {
+        self.rows += other.rows;
+        self.check = self.check.wrapping_add(other.check);
+    }
+}
+
+/// Where a row of a delta's new index comes from: the parent's index or the spilled rows.
+#[derive(Clone, Copy, PartialEq)]
+enum IndexSource {
+    Parent,
+    New,
+}
+
+/// A delta's new index as runs of rows of the parent's index and of the spilled rows, gathered
+/// run by run: the parent's unchanged rows come in long runs, copied whole.
+#[derive(Default)]
+struct IndexRuns(Vec<(IndexSource, usize, usize)>);
+
+impl IndexRuns {
+    fn push(&mut self, source: IndexSource, at: usize) {
+        match self.0.last_mut() {
+            Some((last, _, end)) if *last == source && *end == at => *end += 1,
+            _ => self.0.push((source, at, at + 1)),
+        }
+    }
+
+    /// Each column of the index, from the same columns of the parent's rows and the new ones
+    /// (of the same types).
+    fn gather(&self, parent: &[ArrayRef], new: &[ArrayRef]) -> Result<Vec<ArrayRef>> {
+        let len = self.0.iter().map(|(_, start, end)| end - start).sum();
+        parent
+            .iter()
+            .zip(new)
+            .map(|(parent, new)| {
+                let (parent, new) = (parent.to_data(), new.to_data());
+                let mut out = arrow::array::MutableArrayData::new(vec![&parent, &new], false, len);
+                for (source, start, end) in &self.0 {
+                    out.try_extend(usize::from(*source == IndexSource::New), *start, *end)?;
+                }
+                Ok(arrow::array::make_array(out.freeze()))
+            })
+            .collect()
+    }
 }
 
 impl BucketJob {
@@ -1171,11 +1180,13 @@ impl BucketJob {
             index: None,
             changes: None,
             duplicates: detector.finish(),
+            taken_as_claimed: ClaimCheck::default(),
         })
     }
 
-    /// A delta's bucket: sorts only keys and row hashes, merges them with the parent's index,
-    /// writes the new index, and gathers the rows the parent does not hold from the spill.
+    /// A delta's bucket: sorts the keys and row hashes of its new and changed rows, merges them
+    /// with the parent's index (whose rows the probe claimed are unchanged), writes the new
+    /// index, and gathers the rows the parent does not hold from the spill.
     async fn run_delta(self, delta: DeltaJob) -> Result<BucketOutcome> {
         let key_indices: Vec<usize> = self
             .key_columns
@@ -1188,46 +1199,22 @@ impl BucketJob {
             .collect::<Result<_>>()?;
         let hash_index = self.schema.index_of(ROW_HASH_COLUMN)?;
 
-        // The bucket's keys and hashes, in spill order; while probing, with the position of
-        // each kept row among the bucket's spilled rows (without probing, a row's position is
-        // its index here).
+        // The keys and hashes of the bucket's spilled rows, in spill order: a row's position
+        // among the spilled rows is its index here.
         let mut projection = key_indices.clone();
         projection.push(hash_index);
         let mut parts = Vec::new();
-        let keys_schema = if self.key_inputs.is_empty() {
-            for path in &self.inputs {
-                let file = File::open(path).map_err(|e| spill_error(path, e))?;
-                let reader = arrow::ipc::reader::FileReader::try_new(
-                    std::io::BufReader::new(file),
-                    Some(projection.clone()),
-                )?;
-                for batch in reader {
-                    parts.push(batch?);
-                }
+        for path in &self.inputs {
+            let file = File::open(path).map_err(|e| spill_error(path, e))?;
+            let reader = arrow::ipc::reader::FileReader::try_new(
+                std::io::BufReader::new(file),
+                Some(projection.clone()),
+            )?;
+            for batch in reader {
+                parts.push(batch?);
             }
-            Arc::new(self.schema.project(&projection)?)
-        } else {
-            let schema = spilled_keys_schema(&self.schema, &self.key_columns)?;
-            for (path, kept_before) in &self.key_inputs {
-                let file = File::open(path).map_err(|e| spill_error(path, e))?;
-                let reader = arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)?;
-                for batch in reader {
-                    let batch = batch?;
-                    let mut columns = batch.columns().to_vec();
-                    let offset = *kept_before as u32;
-                    if let Some(last) = columns.last_mut()
-                        && offset > 0
-                    {
-                        let positions: &UInt32Array = last.as_primitive();
-                        *last = Arc::new(
-                            positions.unary::<_, UInt32Type>(|p| if p == NOT_KEPT { p } else { p + offset }),
-                        );
-                    }
-                    parts.push(RecordBatch::try_new(schema.clone(), columns)?);
-                }
-            }
-            schema
-        };
+        }
+        let keys_schema = Arc::new(self.schema.project(&projection)?);
         let spilled = arrow::compute::concat_batches(&keys_schema, &parts)?;
         drop(parts);
         let rows = spilled.num_rows();
@@ -1243,12 +1230,6 @@ impl BucketJob {
         drop(spilled);
         let sorted_keys: Vec<ArrayRef> = sorted.columns()[..key_count].to_vec();
         let sorted_hashes = sorted.column(key_count).as_primitive::<UInt64Type>().clone();
-        // Where each row's values are among the spilled rows.
-        let spill_positions: UInt32Array = if self.key_inputs.is_empty() {
-            order.clone()
-        } else {
-            sorted.column(key_count + 1).as_primitive::<UInt32Type>().clone()
-        };
 
         let (comparable, new_rows) = match sorted_integers {
             Some(keys) => (ComparableKeys::Integers, KeyRows::Integers(keys)),
@@ -1259,64 +1240,89 @@ impl BucketJob {
             }
         };
 
-        // The parent's keys, hashes and layers for this bucket, in key order.
+        // The parent's keys, hashes, layers and claims for this bucket, in key order.
         let parent = match &delta.parent_index {
-            Some(file) => Some(self.read_parent_index(file, &sorted_keys, &comparable).await?),
+            Some(file) => Some(
+                self.read_parent_index(file, &sorted_keys, &comparable, delta.claims.as_deref())
+                    .await?,
+            ),
             None => None,
         };
 
-        let mut layers: Vec<u32> = Vec::with_capacity(rows);
-        // Rows the parent does not hold (added or updated), with the hash it had for updated
-        // ones; and the parent's rows whose keys are gone (deleted).
+        // The new index: the parent's claimed rows (unchanged) and the spilled ones, in key
+        // order. Rows the parent does not hold (added or updated), with the hash it had for
+        // updated ones; and the parent's rows neither claimed nor matched (deleted).
+        let parent_rows = parent.as_ref().map_or(0, |p| p.rows.len());
+        let mut index_rows = IndexRuns::default();
+        let mut layers: Vec<u32> = Vec::with_capacity(parent_rows + rows);
         let mut own: Vec<u32> = Vec::new();
         let mut own_base: Vec<Option<u64>> = Vec::new();
         let mut deleted: Vec<u32> = Vec::new();
         let mut duplicates = DuplicateRuns::default();
-        let parent_rows = parent.as_ref().map_or(0, |p| p.rows.len());
-        let mut j = 0usize;
-        let mut matched: Option<usize> = None;
-        for i in 0..rows {
-            if i > 0 && new_rows.cmp(i - 1, &new_rows, i).is_eq() {
-                duplicates.repeat(i);
-            } else {
-                duplicates.start(i);
+        let (mut i, mut j) = (0usize, 0usize);
+        loop {
+            let next = match (&parent, i < rows, j < parent_rows) {
+                (_, false, false) => break,
+                (_, true, false) => std::cmp::Ordering::Greater,
+                (_, false, true) => std::cmp::Ordering::Less,
+                (Some(parent), true, true) => parent.rows.cmp(j, &new_rows, i),
+                (None, true, true) => std::cmp::Ordering::Greater,
+            };
+            if next.is_ge() {
+                if i > 0 && new_rows.cmp(i - 1, &new_rows, i).is_eq() {
+                    duplicates.repeat(i);
+                } else {
+                    duplicates.start(i);
+                }
             }
-            let mut layer = delta.own_layer;
-            let mut base_hash = None;
-            if let Some(parent) = &parent {
-                while j < parent_rows && parent.rows.cmp(j, &new_rows, i).is_lt() {
-                    if matched != Some(j) {
+            match (next, &parent) {
+                (std::cmp::Ordering::Less, Some(parent)) => {
+                    // A parent row no spilled row has: unchanged when claimed, else deleted.
+                    if parent.claimed(j) {
+                        index_rows.push(IndexSource::Parent, j);
+                        layers.push(parent.layer(j));
+                    } else {
                         deleted.push(j as u32);
                     }
                     j += 1;
                 }
-                if j < parent_rows && parent.rows.cmp(j, &new_rows, i).is_eq() {
-                    matched = Some(j);
-                    if parent.hashes.value(j) == sorted_hashes.value(i) {
-                        layer = parent.layers.as_ref().map_or(0, |l| l.value(j));
+                (std::cmp::Ordering::Equal, Some(parent)) => {
+                    if parent.claimed(j) {
+                        // Found unchanged, and spilled again: the key came twice.
+                        duplicates.repeat(i);
+                        index_rows.push(IndexSource::Parent, j);
+                        layers.push(parent.layer(j));
+                    } else if parent.hashes.value(j) == sorted_hashes.value(i) {
+                        // Unchanged, but spilled whole (a snapshot written without probing).
+                        index_rows.push(IndexSource::New, i);
+                        layers.push(parent.layer(j));
                     } else {
-                        base_hash = Some(parent.hashes.value(j));
+                        index_rows.push(IndexSource::New, i);
+                        layers.push(delta.own_layer);
+                        own.push(i as u32);
+                        own_base.push(Some(parent.hashes.value(j)));
                     }
+                    i += 1;
+                    j += 1;
                 }
-            }
-            if layer == delta.own_layer {
-                own.push(i as u32);
-                own_base.push(base_hash);
-            }
-            layers.push(layer);
-        }
-        for j in j..parent_rows {
-            if matched != Some(j) {
-                deleted.push(j as u32);
+                _ => {
+                    index_rows.push(IndexSource::New, i);
+                    layers.push(delta.own_layer);
+                    own.push(i as u32);
+                    own_base.push(None);
+                    i += 1;
+                }
             }
         }
         let duplicates = duplicates.finish(&sorted_keys, &self.key_columns)?;
+        let taken_as_claimed = parent.as_ref().map_or_else(ClaimCheck::default, |p| p.taken);
         if duplicates.keys > 0 {
             return Ok(BucketOutcome {
                 file: None,
                 index: None,
                 changes: None,
                 duplicates,
+                taken_as_claimed,
             });
         }
 
@@ -1373,11 +1379,24 @@ impl BucketJob {
             )
         };
 
-        let index = if rows == 0 {
+        let index = if layers.is_empty() {
             None
         } else {
-            let mut index_columns = sorted_keys.clone();
-            index_columns.push(Arc::new(sorted_hashes) as ArrayRef);
+            let new_columns: Vec<ArrayRef> = sorted_keys
+                .iter()
+                .cloned()
+                .chain([Arc::new(sorted_hashes) as ArrayRef])
+                .collect();
+            let parent_columns: Vec<ArrayRef> = match &parent {
+                Some(parent) => parent
+                    .keys
+                    .iter()
+                    .cloned()
+                    .chain([Arc::new(parent.hashes.clone()) as ArrayRef])
+                    .collect(),
+                None => new_columns.clone(),
+            };
+            let mut index_columns = index_rows.gather(&parent_columns, &new_columns)?;
             index_columns.push(Arc::new(UInt32Array::from(layers)) as ArrayRef);
             let index_batch = RecordBatch::try_new(delta.index_schema.clone(), index_columns)?;
             Some(
@@ -1398,14 +1417,7 @@ impl BucketJob {
             // back in key order.
             let mut wanted: Vec<(u32, u32)> = Vec::with_capacity(own.len());
             for (rank, i) in own.iter().enumerate() {
-                let position = spill_positions.value(*i as usize);
-                if position == NOT_KEPT {
-                    // The probe took this new or changed row for one the parent holds.
-                    return Err(SnapshotError::FingerprintCollision {
-                        model: self.model.clone(),
-                    });
-                }
-                wanted.push((position, rank as u32));
+                wanted.push((order.value(*i as usize), rank as u32));
             }
             wanted.sort_unstable();
             let gathered = self.gather(&wanted)?;
@@ -1429,6 +1441,7 @@ impl BucketJob {
             index,
             changes,
             duplicates,
+            taken_as_claimed,
         })
     }
 
@@ -1465,12 +1478,14 @@ impl BucketJob {
     }
 
     /// The parent's index of this bucket: keys as comparable rows (in the new snapshot's key
-    /// types), row hashes and layer ordinals (none for a base parent: all layer 0).
+    /// types), row hashes and layer ordinals (none for a base parent: all layer 0); and, when
+    /// the probe claimed rows (`claims`), which of these it claimed, with their check.
     async fn read_parent_index(
         &self,
         file: &SnapshotFile,
         new_keys: &[ArrayRef],
         comparable: &ComparableKeys,
+        claims: Option<&Claims>,
     ) -> Result<ParentIndex> {
         // One bucket's keys, hashes and layers, a few MiB: only those column chunks are read.
         let stream = index_columns(&self.store, &self.model, file, &self.key_columns, true).await?;
@@ -1520,11 +1535,33 @@ impl BucketJob {
             ),
             None => None,
         };
+        // Hashed as the probe's fingerprints were, from the index's own columns.
+        let (claimed, taken) = match claims {
+            Some(claims) => {
+                let key_hashes = key_hashes(&all, &self.key_columns)?;
+                let claimed = claims.claimed_all(&key_hashes, hashes.values());
+                drop(key_hashes);
+                let key_checks = key_check_hashes(&all, &self.key_columns)?;
+                let mut taken = ClaimCheck::default();
+                for ((claimed, key_check), hash) in claimed.iter().zip(&key_checks).zip(hashes.values()) {
+                    if *claimed {
+                        taken.add(ClaimCheck {
+                            rows: 1,
+                            check: check_term(*key_check, *hash),
+                        });
+                    }
+                }
+                (claimed, taken)
+            }
+            None => (Vec::new(), ClaimCheck::default()),
+        };
         Ok(ParentIndex {
             keys,
             rows,
             hashes,
             layers,
+            claimed,
+            taken,
         })
     }
     /// Writes `batches` as one Parquet file at `relative`.
@@ -1564,6 +1601,21 @@ struct ParentIndex {
     rows: KeyRows,
     hashes: arrow::array::UInt64Array,
     layers: Option<arrow::array::UInt32Array>,
+    /// Which rows the probe claimed (found unchanged); empty when it did not probe.
+    claimed: Vec<bool>,
+    /// The rows claimed and their check terms.
+    taken: ClaimCheck,
+}
+
+impl ParentIndex {
+    fn claimed(&self, row: usize) -> bool {
+        self.claimed.get(row).copied().unwrap_or(false)
+    }
+
+    /// The layer holding this row's values.
+    fn layer(&self, row: usize) -> u32 {
+        self.layers.as_ref().map_or(0, |l| l.value(row))
+    }
 }
 
 /// A single integer key, widened to `i64` (order-preserving): sorted and compared as plain
@@ -2352,6 +2404,101 @@ mod tests {
         assert_eq!(read_back(&store, &same).await, expected(&v3));
     }
 
+    /// Each key's change op in `manifest`'s changes files.
+    async fn changes_of(store: &SnapshotStore, manifest: &SnapshotManifest) -> Vec<(i64, u8)> {
+        let ctx = SessionContext::new();
+        let mut ops = Vec::new();
+        for file in &manifest.changes {
+            let batches = ctx
+                .read_parquet(store.url(&file.path).to_string(), ParquetReadOptions::default())
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            for batch in batches {
+                let ids = batch.column_by_name("id").unwrap().as_primitive::<Int64Type>();
+                let op = batch.column_by_name(CHANGE_OP_COLUMN).unwrap();
+                let op = op.as_primitive::<arrow::datatypes::UInt8Type>();
+                ops.extend(ids.values().iter().copied().zip(op.values().iter().copied()));
+            }
+        }
+        ops.sort_unstable();
+        ops
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Chains of deltas, each extraction in any order and cut into batches probed where they
+        /// are read or by the writer, against a reference: every row reads back, and the
+        /// changes are exactly the keys added, updated and deleted.
+        #[test]
+        fn deltas_store_exactly_what_changed(
+            versions in proptest::collection::vec(
+                proptest::collection::vec((0i64..300, 0u8..16), 0..400),
+                2..4,
+            ),
+            cuts in proptest::collection::vec(1usize..120, 1..6),
+            probed_where_read in proptest::collection::vec(proptest::bool::ANY, 6),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let store = store(&dir);
+                let key = ["id".to_string()];
+                let mut parent: Option<(SnapshotManifest, std::collections::BTreeMap<i64, u8>)> = None;
+                for version in &versions {
+                    // Distinct keys, in the order drawn: a key's version picks its value (one in
+                    // sixteen the second of two, so most rows stay and deltas chain).
+                    let mut rows = std::collections::BTreeMap::new();
+                    let mut ids = Vec::new();
+                    for (id, v) in version {
+                        if rows.insert(*id, *v / 15).is_none() {
+                            ids.push(*id);
+                        }
+                    }
+                    let batch = named(&ids, &|i| format!("user {i} v{}", rows[&i]));
+                    let mut w = SnapshotWriter::new(store.clone(), spec(Some(4)));
+                    if let Some((manifest, _)) = &parent {
+                        w = w.with_parent(manifest.clone());
+                    }
+                    w.write(RecordBatch::new_empty(batch.schema())).await.unwrap();
+                    let probe = w.probe();
+                    let (mut at, mut cut) = (0, 0);
+                    while at < batch.num_rows() {
+                        let len = cuts[cut % cuts.len()].min(batch.num_rows() - at);
+                        let part = batch.slice(at, len);
+                        let mut hashes = BatchHashes::of(&part, &key).unwrap();
+                        if let Some(probe) = &probe && probed_where_read[cut % probed_where_read.len()] {
+                            hashes.probe(&part, probe).unwrap();
+                        }
+                        w.write_hashed(part, Some(hashes)).await.unwrap();
+                        at += len;
+                        cut += 1;
+                    }
+                    let manifest = w.commit().await.unwrap();
+                    proptest::prop_assert_eq!(read_back(&store, &manifest).await, expected(&batch));
+                    if let Some((previous, before)) = &parent && !manifest.is_base() {
+                        proptest::prop_assert_eq!(manifest.parent.as_deref(), Some(previous.id.as_str()));
+                        let mut reference = Vec::new();
+                        for (id, v) in &rows {
+                            match before.get(id) {
+                                None => reference.push((*id, OP_ADDED)),
+                                Some(old) if old != v => reference.push((*id, OP_UPDATED)),
+                                Some(_) => {}
+                            }
+                        }
+                        reference.extend(before.keys().filter(|id| !rows.contains_key(id)).map(|id| (*id, OP_DELETED)));
+                        reference.sort_unstable();
+                        proptest::prop_assert_eq!(changes_of(&store, &manifest).await, reference);
+                    }
+                    parent = Some((manifest, rows));
+                }
+                Ok(())
+            })?;
+        }
+    }
+
     #[tokio::test]
     async fn a_delta_of_a_key_listed_out_of_column_order_finds_exactly_what_changed() {
         // Key (region, id) where the columns run id, region: the parent's index is read by
@@ -2437,10 +2584,12 @@ mod tests {
         w.write(v2.slice(1000, v2.num_rows() - 1000)).await.unwrap();
         assert!(w.probe.is_some(), "a delta-to-be probes its parent");
         let spill = w.spill.as_ref().unwrap();
-        let whole: u64 = spill.partitions.iter().map(|p| p.pushed).sum();
-        let keys: u64 = spill.key_partitions.iter().map(|p| p.pushed).sum();
-        assert_eq!(whole, 40 + 9, "only renamed and added rows are spilled whole");
-        assert_eq!(keys, v2.num_rows() as u64, "every row's key is spilled");
+        let spilled: u64 = spill.partitions.iter().map(|p| p.pushed).sum();
+        assert_eq!(
+            spilled,
+            40 + 9,
+            "only renamed and added rows are spilled, nothing of the others"
+        );
         let delta = w.commit().await.unwrap();
         assert!(!delta.is_base());
         assert_eq!(delta.files.iter().map(|f| f.rows).sum::<u64>(), 40 + 9);
@@ -2479,9 +2628,9 @@ mod tests {
             .zip(row_hashes(&v2, &key).unwrap())
             .map(|(k, r)| Fingerprints::of(7, *k, r))
             .collect();
-        let foreign = Probe(Arc::new(Fingerprints::new(7, everything)));
+        let foreign = test_probe(Fingerprints::new(7, everything));
         let mut hashes = BatchHashes::of(&first, &key).unwrap();
-        hashes.probe(&foreign);
+        hashes.probe(&first, &foreign).unwrap();
         assert!(hashes.kept.as_ref().unwrap().kept.iter().all(|kept| !kept));
         w.write_hashed(first, Some(hashes)).await.unwrap();
         let whole = |w: &SnapshotWriter| -> u64 {
@@ -2499,24 +2648,13 @@ mod tests {
             "the renamed rows of the first half, by the writer's own probe"
         );
 
-        // Its own probe's outcome is taken as it is: here, told to keep every row of the
-        // second half, it spills them all whole.
+        // Its own probe's outcome is taken as it is. Probed again, the rows would find their
+        // parent rows claimed already and all be spilled.
         let mut hashes = BatchHashes::of(&second, &key).unwrap();
-        hashes.probe(&probe);
-        assert_eq!(
-            hashes
-                .kept
-                .as_ref()
-                .unwrap()
-                .kept
-                .iter()
-                .filter(|kept| **kept)
-                .count(),
-            20
-        );
-        hashes.kept.as_mut().unwrap().kept.fill(true);
+        hashes.probe(&second, &probe).unwrap();
+        assert_eq!(hashes.kept().unwrap().iter().filter(|kept| **kept).count(), 20);
         w.write_hashed(second, Some(hashes)).await.unwrap();
-        assert_eq!(whole(&w), 20 + 1000);
+        assert_eq!(whole(&w), 20 + 20);
 
         // The merge at commit stays exact: only the renamed rows are stored again.
         let delta = w.commit().await.unwrap();
@@ -2524,37 +2662,55 @@ mod tests {
         assert_eq!(read_back(&store, &delta).await, expected(&v2));
     }
 
+    fn test_probe(fingerprints: Fingerprints) -> Probe {
+        Probe {
+            fingerprints: Arc::new(fingerprints),
+            key_columns: vec!["id".to_string()].into(),
+        }
+    }
+
     #[tokio::test]
-    async fn a_changed_row_the_probe_takes_for_unchanged_fails_the_snapshot() {
+    async fn a_row_the_probe_takes_for_another_fails_the_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir);
         let base = write_version(&store, users(&[1, 2, 3]), None).await;
-        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(base.clone());
-        w.write(RecordBatch::new_empty(users(&[]).schema()))
-            .await
-            .unwrap();
-        // A probe that (as a fingerprint collision would) holds the changed row 2.
-        let changed = named(&[1, 2, 3], &|i| {
+        let key = ["id".to_string()];
+        let fingerprints = |batch: &RecordBatch, seed: u64| -> Vec<u64> {
+            key_hashes(batch, &key)
+                .unwrap()
+                .iter()
+                .zip(row_hashes(batch, &key).unwrap())
+                .map(|(k, r)| Fingerprints::of(seed, *k, r))
+                .collect()
+        };
+        let renamed = |i: i64| {
             if i == 2 {
                 "renamed".into()
             } else {
                 format!("user {i}")
             }
-        });
-        let keys = key_hashes(&changed, &["id".to_string()]).unwrap();
-        let rows = row_hashes(&changed, &["id".to_string()]).unwrap();
-        let seed = 7;
-        let all = keys
-            .iter()
-            .zip(&rows)
-            .map(|(k, r)| Fingerprints::of(seed, *k, *r))
-            .collect();
-        w.probe = Some(Probe(Arc::new(Fingerprints::new(seed, all))));
-        w.write(changed).await.unwrap();
-        let err = w.commit().await.unwrap_err();
-        assert!(matches!(err, SnapshotError::FingerprintCollision { .. }), "{err}");
-        assert!(err.to_string().contains("run it again"), "{err}");
-        assert_eq!(store.list_snapshots("users").await.unwrap(), vec![base]);
+        };
+        let cases = [
+            // Row 2 changed, and its new fingerprint is what the parent held for it.
+            (named(&[1, 2, 3], &renamed), named(&[1, 2, 3], &renamed)),
+            // Row 2 deleted and row 4 added, whose fingerprint is the one row 2 had.
+            (
+                named(&[1, 3, 4], &|i| format!("user {i}")),
+                named(&[1, 3, 4], &|i| format!("user {i}")),
+            ),
+        ];
+        for (extracted, held) in cases {
+            let mut w = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(base.clone());
+            w.write(RecordBatch::new_empty(extracted.schema())).await.unwrap();
+            // A probe that (as a fingerprint collision would) holds the new row in the place
+            // of one the parent had.
+            w.probe = Some(test_probe(Fingerprints::new(7, fingerprints(&held, 7))));
+            w.write(extracted).await.unwrap();
+            let err = w.commit().await.unwrap_err();
+            assert!(matches!(err, SnapshotError::FingerprintCollision { .. }), "{err}");
+            assert!(err.to_string().contains("run it again"), "{err}");
+            assert_eq!(store.list_snapshots("users").await.unwrap(), vec![base.clone()]);
+        }
     }
 
     #[tokio::test]
@@ -2623,10 +2779,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir);
         let base = write_version(&store, users(&[1, 2, 3]), None).await;
-        let mut w = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(base.clone());
-        w.write(users(&[1, 2, 3, 3])).await.unwrap();
-        let err = w.commit().await.unwrap_err().to_string();
-        assert!(err.contains("id=3 (×2)"), "{err}");
+        let renamed = named(&[3], &|_| "renamed".into());
+        let unchanged = users(&[3]);
+        // A key found unchanged twice, found unchanged and changed (in either order), changed
+        // twice, and found unchanged then changed twice.
+        let cases = [
+            (vec![users(&[1, 2, 3, 3])], "id=3 (×2)"),
+            (vec![users(&[1, 2, 3]), renamed.clone()], "id=3 (×2)"),
+            (vec![renamed.clone(), users(&[1, 2, 3])], "id=3 (×2)"),
+            (
+                vec![users(&[1, 2]), renamed.clone(), renamed.clone()],
+                "id=3 (×2)",
+            ),
+            (
+                vec![unchanged, renamed.clone(), users(&[1, 2]), renamed],
+                "id=3 (×3)",
+            ),
+        ];
+        for (batches, expected) in cases {
+            let mut w = SnapshotWriter::new(store.clone(), spec(Some(4))).with_parent(base.clone());
+            for batch in batches {
+                w.write(batch).await.unwrap();
+            }
+            let err = w.commit().await.unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
         assert_eq!(store.list_snapshots("users").await.unwrap(), vec![base.clone()]);
         // Nothing of the failed writer stays: no data, no marker.
         let left: Vec<String> = store
