@@ -1817,10 +1817,16 @@ fn changes_schema(stored: &Schema, key_columns: &[String]) -> Result<SchemaRef> 
 }
 
 /// A delta's index files are written like own rows (the key columns' encodings, statistics and
-/// bloom filters, the plain row hash); the layer column is a handful of values, which
-/// dictionary and run-length encoding fold to almost nothing.
+/// bloom filters, the plain row hash). The layer column is a handful of values in long runs:
+/// delta-encoded, a run packs to zero bits a value. A dictionary folded it as small, but
+/// interning 10M values was a fifth of writing a 10M-row index (BENCHMARKS.md).
 fn index_properties(spec: &SnapshotSpec, id: &str, schema: &Schema) -> WriterProperties {
+    let layer = ColumnPath::from(LAYER_COLUMN);
     writer_properties(spec, id, schema)
+        .into_builder()
+        .set_column_dictionary_enabled(layer.clone(), false)
+        .set_column_encoding(layer, Encoding::DELTA_BINARY_PACKED)
+        .build()
 }
 
 fn writer_properties(spec: &SnapshotSpec, id: &str, schema: &Schema) -> WriterProperties {
@@ -2543,25 +2549,52 @@ mod tests {
         .unwrap();
         let delta = w.commit().await.unwrap();
         assert_eq!(delta.parent.as_deref(), Some(base.id.as_str()));
-        let ctx = SessionContext::new();
         let mut ops = std::collections::BTreeMap::new();
-        for file in &delta.changes {
-            let batches = ctx
-                .read_parquet(store.url(&file.path).to_string(), ParquetReadOptions::default())
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap();
-            for batch in batches {
-                let column = batch.column_by_name(CHANGE_OP_COLUMN).unwrap();
-                for op in column.as_primitive::<arrow::datatypes::UInt8Type>().values() {
-                    *ops.entry(*op).or_insert(0) += 1;
-                }
-            }
+        for (_, op) in changes_of(&store, &delta).await {
+            *ops.entry(op).or_insert(0) += 1;
         }
         let expected = [(OP_ADDED, 5), (OP_UPDATED, 10), (OP_DELETED, 10)];
         assert_eq!(ops, expected.into_iter().collect());
+    }
+
+    #[tokio::test]
+    async fn a_deltas_index_packs_its_layers_without_a_dictionary() {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let ids: Vec<i64> = (0..5000).collect();
+        let base = write_version(&store, named(&ids, &|i| format!("user {i}")), None).await;
+        let delta = write_version(
+            &store,
+            named(&ids, &|i| {
+                if i % 100 == 0 {
+                    "renamed".into()
+                } else {
+                    format!("user {i}")
+                }
+            }),
+            Some(&base),
+        )
+        .await;
+        assert!(!delta.index.is_empty());
+        for file in &delta.index {
+            let path = store.url(&file.path).to_file_path().unwrap();
+            let reader = SerializedFileReader::new(File::open(path).unwrap()).unwrap();
+            for group in reader.metadata().row_groups() {
+                let layer = group
+                    .columns()
+                    .iter()
+                    .find(|c| c.column_path().string() == LAYER_COLUMN)
+                    .unwrap();
+                let encodings: Vec<Encoding> = layer.encodings().collect();
+                assert!(layer.dictionary_page_offset().is_none(), "{encodings:?}");
+                assert!(
+                    encodings.contains(&Encoding::DELTA_BINARY_PACKED),
+                    "{encodings:?}"
+                );
+            }
+        }
+        assert_eq!(read_back(&store, &delta).await.len(), 5000);
     }
 
     #[tokio::test]
