@@ -2169,16 +2169,9 @@ mod tests {
 
     /// Checks each bucket file holds only its bucket's keys, in key order; counts its rows.
     async fn rows_in_key_order_in_their_buckets(store: &SnapshotStore, manifest: &SnapshotManifest) -> u64 {
-        let ctx = SessionContext::new();
         let mut seen = 0;
         for file in &manifest.files {
-            let batches = ctx
-                .read_parquet(store.url(&file.path).to_string(), ParquetReadOptions::default())
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap();
+            let batches = file_batches(store, file).await;
             let mut previous = i64::MIN;
             for batch in batches {
                 let keys = key_hashes(&batch, &["id".to_string()]).unwrap();
@@ -2410,19 +2403,22 @@ mod tests {
         assert_eq!(read_back(&store, &same).await, expected(&v3));
     }
 
+    /// Every row of one of a snapshot's files.
+    async fn file_batches(store: &SnapshotStore, file: &SnapshotFile) -> Vec<RecordBatch> {
+        SessionContext::new()
+            .read_parquet(store.url(&file.path).to_string(), ParquetReadOptions::default())
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap()
+    }
+
     /// Each key's change op in `manifest`'s changes files.
     async fn changes_of(store: &SnapshotStore, manifest: &SnapshotManifest) -> Vec<(i64, u8)> {
-        let ctx = SessionContext::new();
         let mut ops = Vec::new();
         for file in &manifest.changes {
-            let batches = ctx
-                .read_parquet(store.url(&file.path).to_string(), ParquetReadOptions::default())
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap();
-            for batch in batches {
+            for batch in file_batches(store, file).await {
                 let ids = batch.column_by_name("id").unwrap().as_primitive::<Int64Type>();
                 let op = batch.column_by_name(CHANGE_OP_COLUMN).unwrap();
                 let op = op.as_primitive::<arrow::datatypes::UInt8Type>();
