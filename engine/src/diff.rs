@@ -1112,7 +1112,7 @@ mod tests {
         LargeStringArray, StringArray, TimestampMicrosecondArray,
     };
     use futures::TryStreamExt;
-    use sluice_snapshots::{SnapshotSpec, SnapshotWriter};
+    use sluice_snapshots::SnapshotWriter;
 
     /// Model rows of every kind of column a source gives.
     fn rows(ids: &[i64]) -> RecordBatch {
@@ -1142,17 +1142,10 @@ mod tests {
     #[tokio::test]
     async fn extracted_rows_as_added_match_the_snapshots_own() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open("s", dir.path(), [])
-            .unwrap()
-            .with_temp_dir(dir.path().join("tmp"));
-        let spec = SnapshotSpec {
-            model: "users".into(),
-            run_id: "run-1".into(),
-            key_columns: vec!["id".into()],
-            buckets: None,
-        };
+        let store = crate::test_support::snapshot_store(&dir);
         let extracted = rows(&[5, 3, 9, 1]);
-        let mut writer = SnapshotWriter::new(store.clone(), spec);
+        let mut writer =
+            SnapshotWriter::new(store.clone(), crate::test_support::users_spec(vec!["id".into()]));
         let hashes = writer.write(extracted.clone()).await.unwrap();
         let manifest = Arc::new(writer.commit().await.unwrap());
 

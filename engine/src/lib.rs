@@ -47,6 +47,8 @@ pub mod scheduler;
 pub mod secrets;
 pub mod service;
 pub mod source;
+#[cfg(test)]
+mod test_support;
 pub mod tokens;
 pub mod triggers;
 pub mod workload;

@@ -1107,40 +1107,59 @@ impl BucketJob {
         self.write_sorted(stream).await
     }
 
-    /// A bucket that fits the budget: read whole, one argsort on the key, then gathered in
-    /// row-group-sized slices. Cheaper than sorting batch by batch and merging them.
+    /// A bucket that fits the budget: read whole, one argsort on its keys, then gathered from
+    /// the spilled batches in row-group-sized slices. Only the key columns are concatenated to
+    /// sort: the rows are copied once, into the slices, not first into one whole bucket.
     async fn sort_in_memory(self) -> Result<BucketOutcome> {
         let mut batches = Vec::new();
         for path in &self.inputs {
             let file = File::open(path).map_err(|e| spill_error(path, e))?;
             let reader = arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)?;
             for batch in reader {
-                batches.push(batch?);
+                let batch = batch?;
+                if batch.num_rows() > 0 {
+                    batches.push(batch);
+                }
             }
         }
-        let all = arrow::compute::concat_batches(&self.schema, &batches)?;
-        drop(batches);
-        let key_columns: Vec<arrow::compute::SortColumn> = self
+        let keys: Vec<ArrayRef> = self
             .key_columns
             .iter()
             .map(|k| {
-                Ok(arrow::compute::SortColumn {
-                    values: all.column(all.schema().index_of(k)?).clone(),
-                    options: None,
-                })
+                let column = self.schema.index_of(k)?;
+                let parts: Vec<&dyn arrow::array::Array> =
+                    batches.iter().map(|b| b.column(column).as_ref()).collect();
+                Ok(arrow::compute::concat(&parts)?)
             })
             .collect::<Result<_>>()?;
-        let order = if key_columns.len() == 1 {
-            arrow::compute::sort_to_indices(&key_columns[0].values, None, None)?
+        let order = if keys.first().is_some_and(|k| !k.is_empty()) {
+            sort_order(&keys)?
         } else {
-            arrow::compute::lexsort_to_indices(&key_columns, None)?
+            UInt32Array::from(Vec::<u32>::new())
         };
-        drop(key_columns);
+        drop(keys);
+        // Where each spilled batch starts in the bucket's positions.
+        let starts: Vec<u32> = batches
+            .iter()
+            .scan(0u32, |at, b| {
+                let start = *at;
+                *at += b.num_rows() as u32;
+                Some(start)
+            })
+            .collect();
         let schema = self.schema.clone();
-        // Gathered slice by slice as the writer asks: the bucket is held once, not twice.
+        // Gathered slice by slice as the writer asks.
         let slices = (0..order.len()).step_by(IN_MEMORY_SLICE_ROWS).map(move |start| {
             let len = IN_MEMORY_SLICE_ROWS.min(order.len() - start);
-            arrow::compute::take_record_batch(&all, &order.slice(start, len))
+            let rows: Vec<(usize, usize)> = order.values()[start..start + len]
+                .iter()
+                .map(|&position| {
+                    let batch = starts.partition_point(|&s| s <= position) - 1;
+                    (batch, (position - starts[batch]) as usize)
+                })
+                .collect();
+            let sources: Vec<&RecordBatch> = batches.iter().collect();
+            arrow::compute::interleave_record_batch(&sources, &rows)
                 .map_err(datafusion::error::DataFusionError::from)
         });
         let stream: datafusion::execution::SendableRecordBatchStream =
@@ -1240,19 +1259,20 @@ impl BucketJob {
             }
         };
 
-        // The parent's keys, hashes, layers and claims for this bucket, in key order.
+        // The parent's keys, hashes, layers and claims for this bucket, in key order (none when
+        // the parent had no rows in it).
         let parent = match &delta.parent_index {
-            Some(file) => Some(
+            Some(file) => {
                 self.read_parent_index(file, &sorted_keys, &comparable, delta.claims.as_deref())
-                    .await?,
-            ),
-            None => None,
+                    .await?
+            }
+            None => ParentIndex::empty(&sorted_keys, &comparable)?,
         };
 
         // The new index: the parent's claimed rows (unchanged) and the spilled ones, in key
         // order. Rows the parent does not hold (added or updated), with the hash it had for
         // updated ones; and the parent's rows neither claimed nor matched (deleted).
-        let parent_rows = parent.as_ref().map_or(0, |p| p.rows.len());
+        let parent_rows = parent.rows.len();
         let mut index_rows = IndexRuns::default();
         let mut layers: Vec<u32> = Vec::with_capacity(parent_rows + rows);
         let mut own: Vec<u32> = Vec::new();
@@ -1261,12 +1281,11 @@ impl BucketJob {
         let mut duplicates = DuplicateRuns::default();
         let (mut i, mut j) = (0usize, 0usize);
         loop {
-            let next = match (&parent, i < rows, j < parent_rows) {
-                (_, false, false) => break,
-                (_, true, false) => std::cmp::Ordering::Greater,
-                (_, false, true) => std::cmp::Ordering::Less,
-                (Some(parent), true, true) => parent.rows.cmp(j, &new_rows, i),
-                (None, true, true) => std::cmp::Ordering::Greater,
+            let next = match (i < rows, j < parent_rows) {
+                (false, false) => break,
+                (true, false) => std::cmp::Ordering::Greater,
+                (false, true) => std::cmp::Ordering::Less,
+                (true, true) => parent.rows.cmp(j, &new_rows, i),
             };
             if next.is_ge() {
                 if i > 0 && new_rows.cmp(i - 1, &new_rows, i).is_eq() {
@@ -1275,8 +1294,8 @@ impl BucketJob {
                     duplicates.start(i);
                 }
             }
-            match (next, &parent) {
-                (std::cmp::Ordering::Less, Some(parent)) => {
+            match next {
+                std::cmp::Ordering::Less => {
                     // A parent row no spilled row has: unchanged when claimed, else deleted.
                     if parent.claimed(j) {
                         index_rows.push(IndexSource::Parent, j);
@@ -1286,7 +1305,7 @@ impl BucketJob {
                     }
                     j += 1;
                 }
-                (std::cmp::Ordering::Equal, Some(parent)) => {
+                std::cmp::Ordering::Equal => {
                     if parent.claimed(j) {
                         // Found unchanged, and spilled again: the key came twice.
                         duplicates.repeat(i);
@@ -1305,7 +1324,7 @@ impl BucketJob {
                     i += 1;
                     j += 1;
                 }
-                _ => {
+                std::cmp::Ordering::Greater => {
                     index_rows.push(IndexSource::New, i);
                     layers.push(delta.own_layer);
                     own.push(i as u32);
@@ -1315,7 +1334,7 @@ impl BucketJob {
             }
         }
         let duplicates = duplicates.finish(&sorted_keys, &self.key_columns)?;
-        let taken_as_claimed = parent.as_ref().map_or_else(ClaimCheck::default, |p| p.taken);
+        let taken_as_claimed = parent.taken;
         if duplicates.keys > 0 {
             return Ok(BucketOutcome {
                 file: None,
@@ -1343,9 +1362,7 @@ impl BucketJob {
         upserts.push(Arc::new(UInt64Array::from(own_base)));
         upserts.push(Arc::new(UInt32Array::from(vec![delta.own_layer; own.len()])));
         let mut change_batches = vec![RecordBatch::try_new(delta.changes_schema.clone(), upserts)?];
-        if let Some(parent) = &parent
-            && !deleted.is_empty()
-        {
+        if !deleted.is_empty() {
             let gone = UInt32Array::from(deleted);
             let mut deletes: Vec<ArrayRef> = parent
                 .keys
@@ -1387,15 +1404,12 @@ impl BucketJob {
                 .cloned()
                 .chain([Arc::new(sorted_hashes) as ArrayRef])
                 .collect();
-            let parent_columns: Vec<ArrayRef> = match &parent {
-                Some(parent) => parent
-                    .keys
-                    .iter()
-                    .cloned()
-                    .chain([Arc::new(parent.hashes.clone()) as ArrayRef])
-                    .collect(),
-                None => new_columns.clone(),
-            };
+            let parent_columns: Vec<ArrayRef> = parent
+                .keys
+                .iter()
+                .cloned()
+                .chain([Arc::new(parent.hashes.clone()) as ArrayRef])
+                .collect();
             let mut index_columns = index_rows.gather(&parent_columns, &new_columns)?;
             index_columns.push(Arc::new(UInt32Array::from(layers)) as ArrayRef);
             let index_batch = RecordBatch::try_new(delta.index_schema.clone(), index_columns)?;
@@ -1608,6 +1622,22 @@ struct ParentIndex {
 }
 
 impl ParentIndex {
+    /// The index of a bucket the parent had no rows in, for keys like `new_keys`.
+    fn empty(new_keys: &[ArrayRef], comparable: &ComparableKeys) -> Result<Self> {
+        let keys: Vec<ArrayRef> = new_keys
+            .iter()
+            .map(|k| arrow::array::new_empty_array(k.data_type()))
+            .collect();
+        Ok(Self {
+            rows: comparable.convert(&keys)?,
+            keys,
+            hashes: UInt64Array::from(Vec::<u64>::new()),
+            layers: None,
+            claimed: Vec::new(),
+            taken: ClaimCheck::default(),
+        })
+    }
+
     fn claimed(&self, row: usize) -> bool {
         self.claimed.get(row).copied().unwrap_or(false)
     }
@@ -2167,7 +2197,8 @@ mod tests {
         assert_eq!(rows_in_key_order_in_their_buckets(&store, &manifest).await, 5000);
     }
 
-    /// Checks each bucket file holds only its bucket's keys, in key order; counts its rows.
+    /// Checks each bucket file holds only its bucket's keys, in key order, each with its own
+    /// name (`user <id>`, maybe padded); counts its rows.
     async fn rows_in_key_order_in_their_buckets(store: &SnapshotStore, manifest: &SnapshotManifest) -> u64 {
         let mut seen = 0;
         for file in &manifest.files {
@@ -2179,8 +2210,22 @@ mod tests {
                     keys.iter()
                         .all(|k| bucket_of(*k, manifest.buckets) == file.bucket)
                 );
-                for id in batch.column(0).as_primitive::<Int64Type>().values() {
+                let names = arrow::compute::cast(batch.column(1), &DataType::Utf8).unwrap();
+                let names = names.as_string::<i32>();
+                for (row, id) in batch
+                    .column(0)
+                    .as_primitive::<Int64Type>()
+                    .values()
+                    .iter()
+                    .enumerate()
+                {
                     assert!(*id > previous, "sorted by key");
+                    let name = names.value(row);
+                    let own = format!("user {id}");
+                    assert!(
+                        name == own || name.starts_with(&format!("{own} ")),
+                        "row {id} came with {name}"
+                    );
                     previous = *id;
                     seen += 1;
                 }

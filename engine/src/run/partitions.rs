@@ -227,17 +227,10 @@ mod tests {
 
     #[tokio::test]
     async fn rows_are_probed_where_they_are_read_with_the_writers_probe() {
-        use sluice_snapshots::{SnapshotSpec, SnapshotStore, SnapshotWriter};
+        use sluice_snapshots::SnapshotWriter;
         let dir = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open("s", dir.path(), [])
-            .unwrap()
-            .with_temp_dir(dir.path().join("tmp"));
-        let spec = SnapshotSpec {
-            model: "users".into(),
-            run_id: "run-1".into(),
-            key_columns: keys(),
-            buckets: None,
-        };
+        let store = crate::test_support::snapshot_store(&dir);
+        let spec = crate::test_support::users_spec(keys());
         let mut parent = SnapshotWriter::new(store.clone(), spec.clone());
         parent.write(batch(0..120)).await.unwrap();
         let parent = parent.commit().await.unwrap();
