@@ -1122,6 +1122,14 @@ impl BucketJob {
                 }
             }
         }
+        if batches.is_empty() {
+            let empty: datafusion::execution::SendableRecordBatchStream =
+                Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                    self.schema.clone(),
+                    futures::stream::empty(),
+                ));
+            return self.write_sorted(empty).await;
+        }
         let keys: Vec<ArrayRef> = self
             .key_columns
             .iter()
@@ -1132,11 +1140,7 @@ impl BucketJob {
                 Ok(arrow::compute::concat(&parts)?)
             })
             .collect::<Result<_>>()?;
-        let order = if keys.first().is_some_and(|k| !k.is_empty()) {
-            sort_order(&keys)?
-        } else {
-            UInt32Array::from(Vec::<u32>::new())
-        };
+        let order = sort_order(&keys)?;
         drop(keys);
         // Where each spilled batch starts in the bucket's positions.
         let starts: Vec<u32> = batches
