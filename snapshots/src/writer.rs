@@ -1122,26 +1122,22 @@ impl BucketJob {
                 }
             }
         }
-        if batches.is_empty() {
-            let empty: datafusion::execution::SendableRecordBatchStream =
-                Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
-                    self.schema.clone(),
-                    futures::stream::empty(),
-                ));
-            return self.write_sorted(empty).await;
-        }
-        let keys: Vec<ArrayRef> = self
-            .key_columns
-            .iter()
-            .map(|k| {
-                let column = self.schema.index_of(k)?;
-                let parts: Vec<&dyn arrow::array::Array> =
-                    batches.iter().map(|b| b.column(column).as_ref()).collect();
-                Ok(arrow::compute::concat(&parts)?)
-            })
-            .collect::<Result<_>>()?;
-        let order = sort_order(&keys)?;
-        drop(keys);
+        // (No batch, no keys to concatenate: the bucket is written empty.)
+        let order = if batches.is_empty() {
+            UInt32Array::from(Vec::<u32>::new())
+        } else {
+            let keys: Vec<ArrayRef> = self
+                .key_columns
+                .iter()
+                .map(|k| {
+                    let column = self.schema.index_of(k)?;
+                    let parts: Vec<&dyn arrow::array::Array> =
+                        batches.iter().map(|b| b.column(column).as_ref()).collect();
+                    Ok(arrow::compute::concat(&parts)?)
+                })
+                .collect::<Result<_>>()?;
+            sort_order(&keys)?
+        };
         // Where each spilled batch starts in the bucket's positions.
         let starts: Vec<u32> = batches
             .iter()
@@ -2406,6 +2402,11 @@ mod tests {
         w.commit().await.unwrap()
     }
 
+    /// A base of `ids` named `user <id>`.
+    async fn users_base(store: &SnapshotStore, ids: &[i64]) -> SnapshotManifest {
+        write_version(store, named(ids, &|i| format!("user {i}")), None).await
+    }
+
     #[tokio::test]
     async fn a_delta_stores_the_changed_rows_and_reads_back_every_row() {
         let dir = tempfile::tempdir().unwrap();
@@ -2608,7 +2609,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir);
         let ids: Vec<i64> = (0..5000).collect();
-        let base = write_version(&store, named(&ids, &|i| format!("user {i}")), None).await;
+        let base = users_base(&store, &ids).await;
         let delta = write_version(
             &store,
             named(&ids, &|i| {
@@ -2647,7 +2648,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir);
         let ids: Vec<i64> = (0..2000).collect();
-        let base = write_version(&store, named(&ids, &|i| format!("user {i}")), None).await;
+        let base = users_base(&store, &ids).await;
         // 40 renamed (i % 50 == 0), 20 deleted (i % 100 == 1), 9 added (2000..2010 but 2001).
         let next_ids: Vec<i64> = (0..2010).filter(|i| i % 100 != 1).collect();
         let v2 = named(&next_ids, &|i| {
@@ -2683,7 +2684,7 @@ mod tests {
         let store = store(&dir);
         let key = ["id".to_string()];
         let ids: Vec<i64> = (0..2000).collect();
-        let base = write_version(&store, named(&ids, &|i| format!("user {i}")), None).await;
+        let base = users_base(&store, &ids).await;
         // 40 renamed (i % 50 == 0), 20 of them in each half.
         let v2 = named(&ids, &|i| {
             if i % 50 == 0 {
